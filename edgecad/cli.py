@@ -1,0 +1,148 @@
+"""The `edgecad` command: generate, models, inspect.
+
+Every edgecad error becomes one line on stderr and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import registry
+from .errors import EdgecadError
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+# ---------------------------------------------------------------------------- generate
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    with Engine(a.target, a.draft, mode=a.mode, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
+                verbose=a.verbose) as eng:
+        last = None
+        for chunk in eng.create_completion(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
+                                           top_p=a.top_p, top_k=a.top_k, seed=a.seed, stream=True):
+            sys.stdout.write(chunk["choices"][0]["text"])
+            sys.stdout.flush()
+            last = chunk
+        sys.stdout.write("\n")
+        if a.stats:
+            st = last["edgecad"]
+            for k, v in st.items():
+                if k != "token_ids":
+                    sys.stderr.write(f"{k:>24}: {v:.4g}\n" if isinstance(v, float) else f"{k:>24}: {v}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------- models
+
+def cmd_models(a: argparse.Namespace) -> int:
+    d = registry.models_dir()
+    if a.action == "list":
+        print(f"models directory: {d}")
+        for name, sp in registry.MODELS.items():
+            path = d / sp.filename
+            state = "fetched" if path.exists() else "not fetched"
+            print(f"  {name:<20} {_mb(sp.size):>12}  {state:<12} {sp.description}")
+        return 0
+    if a.action == "path":
+        if len(a.names) != 1:
+            raise EdgecadError("`edgecad models path` takes one model name")
+        print(registry.resolve(a.names[0]))
+        return 0
+    names = a.names or ([registry.DEFAULT_DRAFT, registry.DEFAULT_TARGET] if a.action == "fetch" else
+                        [n for n, sp in registry.MODELS.items() if (d / sp.filename).exists()])
+    for name in names:
+        sp = registry.spec(name)
+        if a.action == "fetch":
+            path = registry.fetch(sp, progress=True)
+            print(f"{name}: {path} (sha256 verified)")
+        else:
+            path = registry.verify(sp, full=True, progress=True)
+            print(f"{name}: {path} OK (size and sha256 match)")
+    if not names:
+        print(f"no model is fetched in {d}: run `edgecad models fetch`")
+    return 0
+
+
+# ---------------------------------------------------------------------------- inspect
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .gguf_file import read_gguf
+
+    g = read_gguf(registry.resolve(a.model))
+    m = g.metadata
+    layers = g.layers()
+    print(f"file            {g.path} ({_mb(g.file_size)}, GGUF v{g.version})")
+    print(f"name            {m.get('general.name', '?')}")
+    print(f"architecture    {g.architecture}: {g.n_layer} layers, n_embd {g.arch_value('embedding_length')}, "
+          f"n_ff {g.arch_value('feed_forward_length')}, heads {g.arch_value('attention.head_count')}"
+          f"/{g.arch_value('attention.head_count_kv')} (q/kv), context {g.arch_value('context_length')}")
+    print(f"tokenizer       {m.get('tokenizer.ggml.model', '?')} (pre {m.get('tokenizer.ggml.pre', '?')}), "
+          f"{g.vocab_size} tokens")
+    print(f"output          {'tied to token_embd' if g.tied_output else 'own output.weight'}")
+    print("quantisation    " + ", ".join(f"{k} {_mb(v)}" for k, v in g.type_bytes().most_common()))
+    print("non-layer       " + ", ".join(f"{t.name} {t.type_name} {_mb(t.n_bytes)}" for t in g.non_layer_tensors()))
+    if layers:
+        sizes = [l.n_bytes for l in layers]
+        print(f"layers          {len(layers)} x {_mb(min(sizes))} .. {_mb(max(sizes))}, {_mb(sum(sizes))} in all")
+        for l in layers:
+            print(f"  blk.{l.index:<3} offset {l.start:>13,}  {_mb(l.n_bytes):>10}  ({l.n_tensors} tensors)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgecad", description="Run a language model larger than your device's memory.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt")
+    g.add_argument("--target", default=registry.DEFAULT_TARGET, help="target GGUF path or registry name")
+    g.add_argument("--draft", default=None, help="draft GGUF path or registry name")
+    g.add_argument("--mode", default=None, help="decoding mode: target (default without a draft)")
+    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("-n", "--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--n-ctx", type=int, default=4096)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--stats", action="store_true", help="print run statistics to stderr")
+    g.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list, fetch, verify the registry models")
+    m.add_argument("action", choices=["list", "fetch", "verify", "path"])
+    m.add_argument("names", nargs="*", help="registry names (default: the draft/target pair)")
+    m.set_defaults(func=cmd_models)
+
+    i = sub.add_parser("inspect", help="describe a GGUF model: layers, bytes, quantisation, tokenizer")
+    i.add_argument("model", help="GGUF path or registry name")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgecadError as e:
+        sys.stdout.flush()
+        sys.stderr.write(f"edgecad: error: {e}\n")
+        return 1
+    except BrokenPipeError:  # e.g. `edgecad inspect ... | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write("edgecad: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

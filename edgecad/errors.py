@@ -1,0 +1,49 @@
+"""edgecad's exceptions: each names the file or value at fault and what to do."""
+
+
+class EdgecadError(Exception):
+    """Base class of every error edgecad raises on purpose."""
+
+
+class ModelFileError(EdgecadError):
+    """A model file is missing, not GGUF, truncated, or llama.cpp refused it."""
+
+
+class UnknownModelError(EdgecadError):
+    """A registry name that edgecad does not know."""
+
+
+class ModelNotFetchedError(EdgecadError):
+    """A registry model that is not in the cache yet."""
+
+
+class FetchError(EdgecadError):
+    """Downloading or assembling a registry model failed; nothing was installed."""
+
+
+class ChecksumError(FetchError):
+    """A model's bytes do not match the registry's size or sha256."""
+
+
+class VocabularyMismatchError(EdgecadError):
+    """The draft model does not share the target's vocabulary."""
+
+
+class PromptTooLongError(EdgecadError):
+    """The prompt does not fit in the context window."""
+
+
+class LlamaError(EdgecadError):
+    """A llama.cpp call failed; `code` is its return value."""
+
+    def __init__(self, message: str, code: int = 0):
+        super().__init__(message)
+        self.code = code
+
+
+class NativeError(EdgecadError):
+    """A call into edgecad's C library failed; `code` is its EC_* status."""
+
+    def __init__(self, message: str, code: int = 0):
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,311 @@
+"""A thin wrapper over llama-cpp-python's low-level ctypes API (`llama_cpp.llama_*`).
+
+Model, Context and Batch own one C object each, free it in `close()` (they are
+context managers), and turn every failed C call into an edgecad exception
+carrying the return code and llama.cpp's last logged error. Logits come back
+as numpy views of llama.cpp's buffer (no copy): valid until the next decode.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import llama_cpp as C
+import numpy as np
+
+from .errors import LlamaError, ModelFileError
+
+# ---------------------------------------------------------------------------- logging
+
+_log = {"verbose": False, "recent": collections.deque(maxlen=8)}
+
+
+@C.llama_log_callback
+def _log_callback(level: int, text: bytes, _user_data) -> None:
+    # GGML_LOG_LEVEL: 1 info, 2 warn, 3 error, 4 debug, 5 continuation
+    msg = text.decode("utf-8", errors="replace")
+    if level in (2, 3) and msg.strip():
+        _log["recent"].append(msg.strip())
+    if _log["verbose"]:
+        sys.stderr.write(msg)
+
+
+def set_verbose(verbose: bool) -> None:
+    """Print llama.cpp's own log to stderr (quiet by default)."""
+    _log["verbose"] = bool(verbose)
+
+
+def _recent_errors() -> str:
+    lines = list(_log["recent"])
+    _log["recent"].clear()
+    return ("; llama.cpp said: " + " | ".join(lines[-3:])) if lines else ""
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        C.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        C.llama_backend_init()
+        _backend_ready = True
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------- model
+
+@dataclass(frozen=True)
+class ModelParams:
+    use_mmap: bool = True          # map the GGUF file (needed for paging) instead of reading it into RAM
+    use_extra_bufts: bool = False  # weight repacking: copies Q4_K weights into anonymous memory, defeats paging
+    n_gpu_layers: int = 0          # layers offloaded to a GPU backend (Metal, Vulkan); 0 = CPU only
+
+
+class Model:
+    """A loaded GGUF model and its vocabulary."""
+
+    def __init__(self, path: str | os.PathLike, params: ModelParams = ModelParams()):
+        from .gguf_file import check_gguf
+
+        self._ptr = None
+        _init_backend()
+        self.path = Path(path)
+        check_gguf(self.path)  # clear errors for missing, non-GGUF and truncated files
+        mp = C.llama_model_default_params()
+        mp.load_mode = C.LLAMA_LOAD_MODE_MMAP if params.use_mmap else C.LLAMA_LOAD_MODE_NONE
+        mp.lazy_mode = C.LLAMA_LAZY_MODE_OFF
+        mp.use_extra_bufts = params.use_extra_bufts
+        mp.n_gpu_layers = params.n_gpu_layers
+        self.params = params
+        _log["recent"].clear()
+        self._ptr = C.llama_model_load_from_file(os.fsencode(self.path), mp)
+        if not self._ptr:
+            raise ModelFileError(f"llama.cpp could not load {self.path}{_recent_errors()}")
+        self.vocab = C.llama_model_get_vocab(self._ptr)
+        self.n_vocab: int = C.llama_vocab_n_tokens(self.vocab)
+        self.n_layer: int = C.llama_model_n_layer(self._ptr)
+        self.n_embd: int = C.llama_model_n_embd(self._ptr)
+        self.n_ctx_train: int = C.llama_model_n_ctx_train(self._ptr)
+        self.add_bos: bool = bool(C.llama_vocab_get_add_bos(self.vocab))
+
+    @property
+    def ptr(self):
+        if not self._ptr:
+            raise LlamaError(f"model {self.path} is closed")
+        return self._ptr
+
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`, with BOS when the vocabulary asks for it (as llama-cpp-python's completion)."""
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        n_max = len(data) + 8
+        buf = (C.llama_token * n_max)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            buf = (C.llama_token * n_max)()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+            if n < 0:
+                raise LlamaError(f"llama_tokenize failed for {len(data)} bytes", n)
+        return list(buf[:n])
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Iterable[int], *, special: bool = False) -> bytes:
+        return b"".join(self.token_to_piece(t, special=special) for t in tokens)
+
+    def token_text(self, token: int) -> bytes:
+        """The vocabulary's stored text of a token (used to compare vocabularies)."""
+        return C.llama_vocab_get_text(self.vocab, token) or b""
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if self._ptr:
+            C.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+# ---------------------------------------------------------------------------- batch
+
+class Batch:
+    """A llama_batch of up to `capacity` tokens, each in up to `n_seq_max` sequences."""
+
+    def __init__(self, capacity: int, n_seq_max: int = 1):
+        self.capacity, self.n_seq_max = capacity, n_seq_max
+        self._b = None
+        self._b = C.llama_batch_init(capacity, 0, n_seq_max)
+        if not self._b.token:
+            raise LlamaError(f"llama_batch_init({capacity}, 0, {n_seq_max}) failed to allocate")
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+        self._b.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_ids: Sequence[int] = (0,), logits: bool = False) -> None:
+        i = self.n_tokens
+        if i >= self.capacity:
+            raise LlamaError(f"batch is full ({self.capacity} tokens)")
+        if not 1 <= len(seq_ids) <= self.n_seq_max:
+            raise LlamaError(f"a token needs 1..{self.n_seq_max} sequence ids, got {len(seq_ids)}")
+        b = self._b
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = len(seq_ids)
+        row = b.seq_id[i]
+        for j, s in enumerate(seq_ids):
+            row[j] = s
+        b.logits[i] = logits
+        self.n_tokens = i + 1
+        b.n_tokens = self.n_tokens
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def close(self) -> None:
+        if self._b is not None and self._b.token:
+            C.llama_batch_free(self._b)
+        self._b = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+# ---------------------------------------------------------------------------- context
+
+_DECODE_ERRORS = {
+    1: "no room in the KV cache (the context is full): use a larger n_ctx or a shorter prompt",
+    2: "aborted",
+    -1: "invalid batch",
+    -2: "memory allocation failed",
+    -3: "compute failed",
+}
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    n_ctx: int = 4096           # tokens of KV cache, shared by all sequences (kv_unified)
+    n_batch: int = 512          # largest batch one llama_decode accepts
+    n_seq_max: int = 1          # distinct sequence ids a token may carry (tree branches); <= 256
+    n_threads: int = 0          # compute threads; 0 = all cores this process may use
+    kv_unified: bool = True     # one KV buffer for all sequences: needed for multi-sequence tree tokens
+
+
+class Context:
+    """A llama_context: KV cache, decode, logits, and sequence memory ops."""
+
+    def __init__(self, model: Model, params: ContextParams = ContextParams(), *, cb_eval=None, cb_eval_user_data=None):
+        self._ptr = None
+        self.model = model
+        cp = C.llama_context_default_params()
+        cp.n_ctx = params.n_ctx
+        cp.n_batch = params.n_batch
+        cp.n_ubatch = params.n_batch
+        cp.n_seq_max = params.n_seq_max
+        cp.n_threads = cp.n_threads_batch = params.n_threads or default_threads()
+        cp.kv_unified = params.kv_unified
+        cp.no_perf = True
+        if cb_eval is not None:
+            cp.cb_eval = cb_eval
+            cp.cb_eval_user_data = cb_eval_user_data
+        self._cb_eval = cb_eval  # keep the callback alive as long as the context
+        self.params = params
+        self._ptr = C.llama_init_from_model(model.ptr, cp)
+        if not self._ptr:
+            raise LlamaError(f"llama_init_from_model failed (n_ctx={params.n_ctx}){_recent_errors()}")
+        self.n_ctx: int = C.llama_n_ctx(self._ptr)
+        self._mem = C.llama_get_memory(self._ptr)
+        self.n_vocab = model.n_vocab
+
+    @property
+    def ptr(self):
+        if not self._ptr:
+            raise LlamaError("context is closed")
+        return self._ptr
+
+    def decode(self, batch: Batch) -> None:
+        rc = C.llama_decode(self.ptr, batch._b)
+        if rc != 0:
+            why = _DECODE_ERRORS.get(rc, "error")
+            raise LlamaError(f"llama_decode of {batch.n_tokens} tokens failed ({rc}): {why}{_recent_errors()}", rc)
+
+    def logits(self, i: int) -> np.ndarray:
+        """Logits of batch token i (which was added with logits=True): a view, shape (n_vocab,)."""
+        p = C.llama_get_logits_ith(self.ptr, i)
+        if not p:
+            raise LlamaError(f"no logits for batch index {i}: add the token with logits=True")
+        return np.ctypeslib.as_array(p, shape=(self.n_vocab,))
+
+    def logits_all(self, n_outputs: int) -> np.ndarray:
+        """Logits of every output token of the last batch, in batch order: a view, shape (n_outputs, n_vocab)."""
+        p = C.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(p, shape=(n_outputs, self.n_vocab))
+
+    # KV memory, per sequence. p0/p1 are positions; -1 means "from start" / "to end".
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        if not C.llama_memory_seq_rm(self._mem, seq, p0, p1):
+            raise LlamaError(f"llama_memory_seq_rm(seq={seq}, {p0}, {p1}) failed")
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        C.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_keep(self, seq: int) -> None:
+        C.llama_memory_seq_keep(self._mem, seq)
+
+    def seq_pos_max(self, seq: int) -> int:
+        """Largest position stored for `seq`, -1 when it is empty."""
+        return C.llama_memory_seq_pos_max(self._mem, seq)
+
+    def seq_pos_min(self, seq: int) -> int:
+        return C.llama_memory_seq_pos_min(self._mem, seq)
+
+    def clear(self) -> None:
+        C.llama_memory_clear(self._mem, True)
+
+    def close(self) -> None:
+        if self._ptr:
+            C.llama_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,62 @@
+"""ctypes bindings of edgecad's C library (native/edgecad.c).
+
+The library is built by `pip install .` into this package's directory;
+EDGECAD_NATIVE_LIB=/path/to/libedgecad.so overrides where it is loaded from.
+Each binding is declared once, with its C prototype beside it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+from .errors import NativeError
+
+_NAMES = {"darwin": "libedgecad.dylib", "win32": "edgecad.dll"}
+
+
+def _load() -> ctypes.CDLL:
+    override = os.environ.get("EDGECAD_NATIVE_LIB")
+    path = Path(override) if override else Path(__file__).with_name(_NAMES.get(sys.platform, "libedgecad.so"))
+    if not path.exists():
+        raise NativeError(
+            f"edgecad's native library is missing at {path}: install edgecad with `pip install .` "
+            "(it builds native/ with CMake), or set EDGECAD_NATIVE_LIB to a built libedgecad"
+        )
+    return ctypes.CDLL(str(path))
+
+
+lib = _load()
+_u64p = ctypes.POINTER(ctypes.c_uint64)
+
+# int ec_version(void);
+lib.ec_version.argtypes, lib.ec_version.restype = [], ctypes.c_int
+# const char *ec_last_error(void);
+lib.ec_last_error.argtypes, lib.ec_last_error.restype = [], ctypes.c_char_p
+# int ec_mem_resident(const void *addr, uint64_t len, uint64_t *resident_bytes);
+lib.ec_mem_resident.argtypes, lib.ec_mem_resident.restype = [ctypes.c_void_p, ctypes.c_uint64, _u64p], ctypes.c_int
+# int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *resident_bytes);
+lib.ec_file_resident.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, _u64p]
+lib.ec_file_resident.restype = ctypes.c_int
+
+
+def check(code: int, what: str) -> None:
+    """Raise NativeError with the status code and the C library's message."""
+    if code != 0:
+        msg = lib.ec_last_error().decode(errors="replace")
+        raise NativeError(f"{what} failed (EC code {code}): {msg}", code)
+
+
+def mem_resident(addr: int, length: int) -> int:
+    """Bytes of the pages covering [addr, addr+length) that are resident in RAM."""
+    out = ctypes.c_uint64()
+    check(lib.ec_mem_resident(addr, length, ctypes.byref(out)), "ec_mem_resident")
+    return out.value
+
+
+def file_resident(path: str | os.PathLike, offset: int = 0, length: int = 1 << 62) -> int:
+    """Bytes of the file range [offset, offset+length) that are in the page cache."""
+    out = ctypes.c_uint64()
+    check(lib.ec_file_resident(os.fsencode(path), offset, length, ctypes.byref(out)), "ec_file_resident")
+    return out.value

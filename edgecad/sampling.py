@@ -1,0 +1,58 @@
+"""Turning logits into a token: greedy, or sampled with temperature, top-k and top-p.
+
+`distribution` is the one definition of "the model's sampling distribution"
+that both plain and speculative decoding use, so speculative sampling can
+preserve exactly it. Order: top-k on the logits, softmax of logits/temperature
+over the survivors, then top-p (the smallest most-likely set whose mass
+reaches top_p), renormalised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy (argmax); > 0 samples from softmax(logits / temperature)
+    top_k: int = 40           # keep only the k largest logits; <= 0 keeps all
+    top_p: float = 0.95       # keep the smallest set of tokens with this much probability; 1.0 keeps all
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def distribution(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
+    """Full-vocabulary probabilities (float64) after temperature, top-k and top-p."""
+    x = np.asarray(logits, dtype=np.float64)
+    n = x.shape[-1]
+    if 0 < sp.top_k < n:
+        idx = np.argpartition(-x, sp.top_k - 1)[: sp.top_k]
+    else:
+        idx = np.arange(n)
+    z = x[idx] / sp.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if sp.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, sp.top_p)) + 1]
+        idx, p = idx[keep], p[keep] / p[keep].sum()
+    out = np.zeros(n)
+    out[idx] = p
+    return out
+
+
+def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw from a probability vector."""
+    c = np.cumsum(p)
+    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+
+
+def pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> int:
+    """The next token: argmax when greedy, else a draw from `distribution`."""
+    if sp.greedy:
+        return int(np.argmax(logits))
+    return sample_from(distribution(logits, sp), rng)

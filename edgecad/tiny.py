@@ -1,0 +1,135 @@
+"""Tiny draft/target GGUF pairs with random weights, for tests and quick benchmarks.
+
+Both models are llama.cpp `qwen2` models (F32) over one 265-token GPT-2-style
+byte-level vocabulary (256 byte tokens, 6 merges, 3 control tokens), so they
+load, tokenize and generate on real llama.cpp in milliseconds.
+
+To make speculative decoding meaningful, draft and target share the token
+embeddings and the output matrix (a strong "bigram" signal both agree on),
+while their transformer layers are independent random weights whose residual
+contribution (`layer_scale`) makes each model depend on context in its own
+way: the draft agrees with the target often, not always. Target layers are a
+few hundred KB each (dozens of pages), so paging them is meaningful.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MERGES = ["Ġ t", "h e", "i n", "e r", "a n", "o n"]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_tokens() -> list[str]:
+    """GPT-2's byte-to-unicode mapping: the token text of each byte 0..255."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    m = dict(zip(bs, cs))
+    return [chr(m[b]) for b in range(256)]
+
+
+def vocabulary() -> tuple[list[str], list[int]]:
+    tokens = byte_tokens() + [m.replace(" ", "") for m in MERGES] + SPECIAL
+    types = [1] * (len(tokens) - len(SPECIAL)) + [3] * len(SPECIAL)  # 1 normal, 3 control
+    return tokens, types
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    n_layer: int            # transformer blocks
+    n_embd: int = 64        # hidden size (shared by draft and target: they share embeddings)
+    n_ff: int = 256         # feed-forward size
+    n_head: int = 4         # attention heads
+    n_head_kv: int = 2      # key/value heads (grouped-query attention)
+    layer_scale: float = 0.15  # std of the blocks' output projections: how much context matters
+    seed: int = 0           # seed of the layer weights
+
+
+SHARED_SEED = 1234  # seed of the embeddings and output matrix shared by draft and target
+LOGIT_SCALE = 0.6   # std of the output matrix: logits of std ~5, so top-2 gaps are rarely near-ties
+
+
+def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad-tiny",
+                vocab_tokens: list[str] | None = None) -> Path:
+    import gguf
+
+    tokens, types = vocabulary()
+    if vocab_tokens is not None:
+        tokens = vocab_tokens
+    n_vocab, d, dkv = len(tokens), spec.n_embd, spec.n_embd // spec.n_head * spec.n_head_kv
+    shared = np.random.default_rng(SHARED_SEED)
+    embd = shared.standard_normal((n_vocab, d)).astype(np.float32)
+    out = (shared.standard_normal((n_vocab, d)) * LOGIT_SCALE).astype(np.float32)
+    out[-len(SPECIAL):] = 0.0  # control tokens (EOS among them) score ~0: rarely chosen, never impossible
+    rng = np.random.default_rng(spec.seed)
+
+    def w(rows, cols, std):
+        return (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    wr = gguf.GGUFWriter(str(tmp), "qwen2")
+    wr.add_name(name)
+    wr.add_context_length(4096)
+    wr.add_embedding_length(d)
+    wr.add_block_count(spec.n_layer)
+    wr.add_feed_forward_length(spec.n_ff)
+    wr.add_head_count(spec.n_head)
+    wr.add_head_count_kv(spec.n_head_kv)
+    wr.add_rope_freq_base(10000.0)
+    wr.add_layer_norm_rms_eps(1e-6)
+    wr.add_file_type(0)  # all F32
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("qwen2")
+    wr.add_token_list(tokens)
+    wr.add_token_types(types[: len(tokens)] + [1] * max(0, len(tokens) - len(types)))
+    wr.add_token_merges(MERGES)
+    wr.add_bos_token_id(n_vocab - 3)
+    wr.add_eos_token_id(n_vocab - 3)
+    wr.add_add_bos_token(False)
+
+    wr.add_tensor("token_embd.weight", embd)
+    for i in range(spec.n_layer):
+        p = f"blk.{i}."
+        wr.add_tensor(p + "attn_norm.weight", np.ones(d, np.float32))
+        wr.add_tensor(p + "attn_q.weight", w(d, d, d ** -0.5))
+        wr.add_tensor(p + "attn_q.bias", w(1, d, 0.1)[0])
+        wr.add_tensor(p + "attn_k.weight", w(dkv, d, d ** -0.5))
+        wr.add_tensor(p + "attn_k.bias", w(1, dkv, 0.1)[0])
+        wr.add_tensor(p + "attn_v.weight", w(dkv, d, d ** -0.5))
+        wr.add_tensor(p + "attn_v.bias", w(1, dkv, 0.1)[0])
+        wr.add_tensor(p + "attn_output.weight", w(d, d, spec.layer_scale * d ** -0.5))
+        wr.add_tensor(p + "ffn_norm.weight", np.ones(d, np.float32))
+        wr.add_tensor(p + "ffn_gate.weight", w(spec.n_ff, d, d ** -0.5))
+        wr.add_tensor(p + "ffn_up.weight", w(spec.n_ff, d, d ** -0.5))
+        wr.add_tensor(p + "ffn_down.weight", w(d, spec.n_ff, spec.layer_scale * spec.n_ff ** -0.5))
+    wr.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    wr.add_tensor("output.weight", out)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    os.replace(tmp, path)
+    return path
+
+
+TINY_TARGET = TinySpec(n_layer=6, layer_scale=0.15, seed=1)  # top-1 agreement with the draft ~65%, top-3 ~89%
+TINY_DRAFT = TinySpec(n_layer=2, layer_scale=0.10, seed=2)
+
+
+def write_pair(out_dir: str | os.PathLike, *, target: TinySpec = TINY_TARGET,
+               draft: TinySpec = TINY_DRAFT) -> tuple[Path, Path]:
+    """Write tiny-draft.gguf and tiny-target.gguf into out_dir; return (draft, target)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = write_model(out_dir / "tiny-draft.gguf", draft, name="edgecad-tiny-draft")
+    t = write_model(out_dir / "tiny-target.gguf", target, name="edgecad-tiny-target")
+    return d, t
