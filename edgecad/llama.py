@@ -223,6 +223,8 @@ class ContextParams:
     n_seq_max: int = 1          # distinct sequence ids a token may carry (tree branches); <= 256
     n_threads: int = 0          # compute threads; 0 = all cores this process may use
     kv_unified: bool = True     # one KV buffer for all sequences: needed for multi-sequence tree tokens
+    flash_attn: bool = False    # llama.cpp's flash attention (its default, AUTO, turns it on for CPU; off
+                                # here as in llama-cpp-python's Llama, so greedy outputs match it exactly)
 
 
 class Context:
@@ -238,6 +240,7 @@ class Context:
         cp.n_seq_max = params.n_seq_max
         cp.n_threads = cp.n_threads_batch = params.n_threads or default_threads()
         cp.kv_unified = params.kv_unified
+        cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
         if cb_eval is not None:
             cp.cb_eval = cb_eval
