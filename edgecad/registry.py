@@ -110,6 +110,12 @@ def _stamp(path: Path) -> Path:
     return path.with_name(path.name + ".verified")
 
 
+def _stamp_key(path: Path, sp: ModelSpec) -> dict:
+    """What a stamp vouches for: this size and mtime had this sha256."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sp.sha256}
+
+
 def _sha256(path: Path, label: str | None = None) -> str:
     h, size = hashlib.sha256(), path.stat().st_size
     bar = Progress(size, label, "MB", 1e6) if label else None
@@ -132,12 +138,11 @@ def verify(sp: ModelSpec, path: Path | None = None, *, full: bool = False, progr
     path = path or models_dir() / sp.filename
     if not path.exists():
         raise ModelNotFetchedError(f"model {sp.name} is not fetched: run `edgecad models fetch {sp.name}`")
-    st = path.stat()
-    if st.st_size != sp.size:
+    key = _stamp_key(path, sp)
+    if key["size"] != sp.size:
         raise ChecksumError(
-            f"{path} has {st.st_size} bytes, {sp.name} has {sp.size}: delete it and run `edgecad models fetch {sp.name}`"
+            f"{path} has {key['size']} bytes, {sp.name} has {sp.size}: delete it and run `edgecad models fetch {sp.name}`"
         )
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sp.sha256}
     if not full:
         try:
             if json.loads(_stamp(path).read_text()) == key:
@@ -224,6 +229,5 @@ def fetch(sp: ModelSpec, dest_dir: Path | None = None, *, progress: bool = True,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    st = dest.stat()
-    _stamp(dest).write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sp.sha256}))
+    _stamp(dest).write_text(json.dumps(_stamp_key(dest, sp)))
     return dest
