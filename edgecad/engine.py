@@ -21,24 +21,36 @@ from .errors import EdgecadError, PromptTooLongError, VocabularyMismatchError
 from .gguf_file import read_gguf
 from .llama import Batch, Context, ContextParams, Model, ModelParams, default_threads, set_verbose
 from .sampling import SamplingParams, pick
+from .tree import MODE_PARAMS, Drafter, FallbackThreshold, TreeParams, keep_path
+from .verify import accept_bild, accept_greedy, accept_sampling, verify_tree
 
-MODES = ("target",)
+MODES = ("target", "tree", "linear", "bild")
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold, so leaves per tree < 256
 
 
 @dataclass
 class Stats:
     """Counters of one completion; `as_dict` is the completion's `edgecad` entry."""
     mode: str
+    lossless: bool = True
     prompt_tokens: int = 0
     token_ids: list = field(default_factory=list)
-    target_passes: int = 0      # target llama_decode calls after the prompt
+    target_passes: int = 0       # target passes that produce tokens (target mode: one per token)
+    draft_tokens: int = 0        # tree nodes drafted, roots excluded
+    accepted_tokens: int = 0     # drafted tokens accepted
+    draft_passes: int = 0        # draft llama_decode calls after the prompt
+    bild_divergent: int = 0      # bild: accepted drafted tokens that differ from the target's argmax
     prompt_seconds: float = 0.0  # prompt processing (prefill) time
-    seconds: float = 0.0        # generation time after the prompt
+    seconds: float = 0.0         # generation time after the prompt
+    seconds_draft: float = 0.0   # of which drafting
+    seconds_target: float = 0.0  # of which target passes
+    fallback: Optional[dict] = None  # summary of the fallback threshold's history
 
     def as_dict(self) -> dict:
-        n = len(self.token_ids)
-        return {
+        n, passes = len(self.token_ids), max(self.target_passes, 1)
+        d = {
             "mode": self.mode,
+            "lossless": self.lossless,
             "n_tokens": n,
             "token_ids": list(self.token_ids),
             "prompt_tokens": self.prompt_tokens,
@@ -46,7 +58,18 @@ class Stats:
             "seconds": self.seconds,
             "tokens_per_second": n / self.seconds if self.seconds > 0 else 0.0,
             "target_passes": self.target_passes,
+            "mean_accepted_per_pass": n / passes,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "tree_nodes_per_pass": self.draft_tokens / passes,
+            "draft_passes": self.draft_passes,
+            "seconds_draft": self.seconds_draft,
+            "seconds_target": self.seconds_target,
+            "fallback": self.fallback,
         }
+        if self.mode == "bild":
+            d["bild_divergent_tokens"] = self.bild_divergent
+        return d
 
 
 def check_same_vocabulary(draft: Path, target: Path, draft_model: Model, target_model: Model) -> None:
@@ -64,7 +87,10 @@ class Engine:
 
     Args (keyword-only after `draft`):
         target, draft: a GGUF path or a registry name (see `edgecad models list`).
-        mode: "target" (no draft). None picks the default for the models given.
+        mode: "tree" (edgecad: token tree + adaptive fallback), "linear" (a chain, llama.cpp's
+            speculative defaults), "bild" (Big Little Decoder; not lossless) or "target" (no draft).
+            None picks "tree" when a draft is given, else "target".
+        tree_params: override the mode's TreeParams (see edgecad.tree).
         memory_budget: bytes of the target's weights that may be resident (pager; not yet available).
         n_ctx: context length in tokens (prompt + completion).
         n_threads: compute threads; None = all cores this process may use.
@@ -79,6 +105,7 @@ class Engine:
         *,
         # decoding
         mode: Optional[str] = None,
+        tree_params: Optional[TreeParams] = None,
         # memory
         memory_budget: Union[int, str, None] = None,
         n_ctx: int = 4096,
@@ -87,13 +114,17 @@ class Engine:
         seed: Optional[int] = None,
         verbose: bool = False,
     ):
-        self._target_model = self._draft_model = None
+        self._target_model = self._draft_model = self._drafter = self._batch = None
         self._target = self._draft = None
         set_verbose(verbose)
         self.verbose = verbose
         self.mode = mode or ("tree" if draft is not None else "target")
         if self.mode not in MODES:
-            raise EdgecadError(f"mode {self.mode!r} is not available: choose one of {', '.join(MODES)}")
+            raise EdgecadError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.mode != "target" and draft is None:
+            raise EdgecadError(f"mode {self.mode!r} needs a draft model: pass draft=PATH_OR_NAME (or use mode='target')")
+        self.tree_params = tree_params or MODE_PARAMS.get(self.mode)
+        self._debug_kv = False  # tests: check both KV caches after every speculative step
         if memory_budget is not None:
             raise EdgecadError("memory_budget is not available yet in this version: leave it None")
         if n_ctx < 8:
@@ -105,10 +136,16 @@ class Engine:
         if self.draft_path is not None:
             self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True))
             check_same_vocabulary(self.draft_path, self.target_path, self._draft_model, self._target_model)
-        cp = ContextParams(n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=self.n_threads)
+        speculative = self.mode != "target"
+        n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1
+        cp = ContextParams(n_ctx=n_ctx, n_batch=min(512, n_ctx), n_seq_max=n_seq, n_threads=self.n_threads)
         self._target = Context(self._target_model, cp)
         self.n_ctx = self._target.n_ctx
-        self._batch = Batch(cp.n_batch)
+        self._batch = Batch(max(cp.n_batch, n_seq), n_seq)
+        self._drafter = None
+        if speculative:
+            self._draft = Context(self._draft_model, cp)
+            self._drafter = Drafter(self._draft, self.tree_params, n_seq, cp.n_batch)
         self._rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------------ tokens
@@ -121,17 +158,17 @@ class Engine:
 
     # ------------------------------------------------------------------ decoders
 
-    def _prefill(self, ctx: Context, tokens: Sequence[int]) -> np.ndarray:
-        """Clear the KV cache, decode the prompt in n_batch chunks; logits of its last token (a copy)."""
+    def _prefill(self, ctx: Context, tokens: Sequence[int], logits: bool = True) -> Optional[np.ndarray]:
+        """Clear the KV cache, decode the tokens in n_batch chunks; logits of the last one (a copy)."""
         ctx.clear()
         b, n = self._batch, len(tokens)
         for start in range(0, n, b.capacity):
             b.clear()
             chunk = tokens[start:start + b.capacity]
             for j, t in enumerate(chunk):
-                b.add(t, start + j, (0,), start + j == n - 1)
+                b.add(t, start + j, (0,), logits and start + j == n - 1)
             ctx.decode(b)
-        return ctx.logits(b.n_tokens - 1).copy()
+        return ctx.logits(b.n_tokens - 1).copy() if logits else None
 
     def _decode_target(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams,
                        rng: np.random.Generator, stats: Stats) -> Iterator[int]:
@@ -140,6 +177,7 @@ class Engine:
         t0 = time.perf_counter()
         logits = self._prefill(ctx, prompt)
         stats.prompt_seconds = time.perf_counter() - t0
+        stats.target_passes = 1  # the prompt's pass gives the first token
         pos = len(prompt)
         for i in range(max_tokens):
             tok = pick(logits, sp, rng)
@@ -152,6 +190,73 @@ class Engine:
             stats.target_passes += 1
             pos += 1
             logits = ctx.logits(0)
+
+    def _decode_speculative(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams,
+                            rng: np.random.Generator, stats: Stats) -> Iterator[int]:
+        """Speculative decoding, one step per target pass: the draft builds a tree from the last
+        accepted token (the root); the target verifies root and tree in one pass; the accepted
+        path plus the target's bonus token are appended; both KV caches keep only that path."""
+        p, ctx, drafter = self.tree_params, self._target, self._drafter
+        t0 = time.perf_counter()
+        self._prefill(ctx, prompt[:-1], logits=False)  # the target's KV: every accepted token but the root
+        drafter.prefill(prompt[:-1])
+        stats.prompt_seconds = time.perf_counter() - t0
+        stats.lossless = p.acceptance == "exact"
+        fallback = FallbackThreshold(p)
+        pending = [prompt[-1]]        # accepted tokens the draft has not decoded; the last is the root
+        root_pos = len(prompt) - 1
+        produced, decodes0, draft_s0 = 0, drafter.decodes, drafter.seconds
+        try:
+            while produced < max_tokens and root_pos < self.n_ctx:
+                room = self.n_ctx - root_pos - 1  # KV cells free after the root
+                step_t = time.perf_counter()
+                tree = drafter.draft(pending, min(p.max_nodes, room), min(p.max_depth, room, max_tokens - produced - 1),
+                                     sp, rng, fallback.current())
+                tv = time.perf_counter()
+                logits, leaf_seq = verify_tree(ctx, self._batch, tree)
+                if p.acceptance == "bild":
+                    path, bonus, divergent = accept_bild(tree, logits, sp, rng, p.rollback_ce)
+                    stats.bild_divergent += divergent
+                elif sp.greedy:
+                    path, bonus = accept_greedy(tree, logits)
+                else:
+                    path, bonus = accept_sampling(tree, logits, sp, rng)
+                last = path[-1] if path else 0
+                leaf = last
+                while tree.children[leaf]:
+                    leaf = next(iter(tree.children[leaf].values()))
+                keep_path(ctx, leaf_seq[leaf] if path else 0, tree.pos(last))
+                now = time.perf_counter()
+                stats.seconds_target += now - tv
+                pending = drafter.accept(tree, path, pending, bonus)
+                best = tree.path(max(tree.leaves(), key=lambda i: tree.conf[i]))
+                fallback.update(len(best), next((k for k, (a, b) in enumerate(zip(best, path)) if a != b),
+                                                min(len(best), len(path))))
+                fallback.observe_step(tree.n_drafted, now - step_t, len(path) + 1)
+                stats.target_passes += 1
+                stats.draft_tokens += tree.n_drafted
+                stats.accepted_tokens += len(path)
+                root_pos = tree.pos(last) + 1
+                if self._debug_kv:
+                    self._check_kv(root_pos)
+                for tok in [int(tree.token[i]) for i in path] + [bonus]:
+                    yield tok
+                    produced += 1
+                    if produced >= max_tokens or self._target_model.is_eog(tok):
+                        return
+        finally:
+            stats.draft_passes = drafter.decodes - decodes0
+            stats.seconds_draft = drafter.seconds - draft_s0
+            stats.fallback = fallback.summary() if p.fallback == "adaptive" else None
+
+    def _check_kv(self, root_pos: int) -> None:
+        """Both caches hold only sequence 0: the target every accepted token before the root,
+        the draft its first n_past accepted tokens. Raises AssertionError otherwise."""
+        for ctx, n in ((self._target, root_pos), (self._draft, self._drafter.n_past)):
+            assert ctx.seq_pos_min(0) == (0 if n else -1) and ctx.seq_pos_max(0) == n - 1, (
+                f"sequence 0 holds {ctx.seq_pos_min(0)}..{ctx.seq_pos_max(0)}, expected 0..{n - 1}")
+            left = [s for s in range(1, ctx.params.n_seq_max) if ctx.seq_pos_max(s) != -1]
+            assert not left, f"branch sequences {left} were left in the KV cache"
 
     # ------------------------------------------------------------------ completion
 
@@ -202,7 +307,8 @@ class Engine:
 
         raw, emitted, finish = b"", 0, "length"
         t0 = time.perf_counter()
-        decoder = self._decode_target(tokens, max_tokens, sp, rng, stats)
+        decode = self._decode_target if self.mode == "target" else self._decode_speculative
+        decoder = decode(tokens, max_tokens, sp, rng, stats)
         try:
             for tok in decoder:
                 stats.token_ids.append(tok)
@@ -232,7 +338,7 @@ class Engine:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        for name in ("_batch", "_target", "_draft", "_target_model", "_draft_model"):
+        for name in ("_drafter", "_batch", "_target", "_draft", "_target_model", "_draft_model"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()

@@ -1,0 +1,323 @@
+"""The draft side of speculative decoding: token trees, the drafter, the fallback threshold.
+
+One set of parameters (TreeParams) describes every speculative mode: edgecad's
+tree, a linear chain (llama.cpp's speculative defaults) and Big Little Decoder.
+
+Drafting grows the tree one *level* at a time: each level is one draft
+llama_decode holding every node added in that iteration, each node tagged with
+the KV sequence of its branch. A branch forks from node L by copying its
+parent branch's KV up to L's position (seq_cp over a position range), so each
+branch's sequence always holds exactly the prefix + its own path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .llama import Batch, Context
+from .sampling import SamplingParams, distribution
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    max_nodes: int = 32        # drafted tokens per tree, root excluded (the verify batch has max_nodes + 1)
+    max_depth: int = 16        # longest branch, in drafted tokens
+    max_width: int = 3         # children per node: the top-1 plus up to max_width - 1 alternatives
+    branch_p: float = 0.1      # an alternative whose draft probability is >= branch_p starts a new branch
+    fallback: str = "adaptive"  # "adaptive": verify when the best branch's cumulative confidence < threshold;
+                               # "token": verify when the next token's draft top-1 probability < p_min
+    p_min: float = 0.75        # the per-token confidence floor of fallback="token"
+    threshold_init: float = 0.3  # first value of the adaptive threshold
+    threshold_min: float = 0.02  # the adaptive threshold stays within [threshold_min, threshold_max]
+    threshold_max: float = 0.9
+    cost_aware: bool = True    # also stop at the measured break-even confidence (see FallbackThreshold)
+    acceptance: str = "exact"  # "exact": lossless (greedy match / multi-draft rejection sampling);
+                               # "bild": BiLD rollback, keeps drafted tokens unless the target's
+                               # cross-entropy on them exceeds rollback_ce (not lossless)
+    rollback_ce: float = 5.0   # BiLD's rollback threshold, in nats
+
+
+MODE_PARAMS = {
+    "tree": TreeParams(),
+    # llama.cpp common/speculative defaults: a chain of up to n_max=16 tokens while top-1 p >= p_min=0.75
+    "linear": TreeParams(max_nodes=16, max_depth=16, max_width=1, fallback="token", p_min=0.75),
+    # Big Little Decoder: fall back when the small model's top probability < 0.6, at most 10 draft steps;
+    # roll back a drafted token when the large model's cross-entropy on it > 5.0
+    "bild": TreeParams(max_nodes=10, max_depth=10, max_width=1, fallback="token", p_min=0.6,
+                       acceptance="bild", rollback_ce=5.0),
+}
+
+
+# ---------------------------------------------------------------------------- the tree
+
+class TokenTree:
+    """A token tree in flat arrays. Node 0 is the root: the last accepted token, not yet verified.
+
+    token/parent/depth/prob/conf/branch are arrays of length `capacity`; `n` nodes are in use.
+    prob[i] is the draft probability of token[i] under its parent's distribution, conf[i] the
+    product of prob along the path (the branch confidence), branch[i] the draft KV sequence.
+    """
+
+    def __init__(self, capacity: int, root_token: int, root_pos: int):
+        self.token = np.zeros(capacity, np.int32)
+        self.parent = np.full(capacity, -1, np.int32)
+        self.depth = np.zeros(capacity, np.int32)
+        self.prob = np.ones(capacity)
+        self.conf = np.ones(capacity)
+        self.branch = np.zeros(capacity, np.int32)
+        self.decoded = np.zeros(capacity, bool)  # the draft has this node in its KV cache
+        self.token[0], self.root_pos, self.n = root_token, root_pos, 1
+        self.children: list[dict[int, int]] = [{}]   # per node: token -> child node
+        self.draws: list[list[int]] = [[]]           # per node: child tokens in the order drafted
+        self.q: list[Optional[np.ndarray]] = [None]  # per node: the draft distribution its children came from
+
+    def add(self, parent: int, token: int, prob: float, branch: int) -> int:
+        i = self.n
+        self.token[i], self.parent[i], self.depth[i] = token, parent, self.depth[parent] + 1
+        self.prob[i], self.conf[i], self.branch[i] = prob, self.conf[parent] * prob, branch
+        self.children[parent][token] = i
+        self.children.append({})
+        self.draws.append([])
+        self.q.append(None)
+        self.n += 1
+        return i
+
+    def pos(self, i: int) -> int:
+        return self.root_pos + int(self.depth[i])
+
+    def path(self, i: int) -> list[int]:
+        """Nodes from the root's child down to i (the root excluded)."""
+        out = []
+        while i > 0:
+            out.append(i)
+            i = int(self.parent[i])
+        return out[::-1]
+
+    def leaves(self) -> list[int]:
+        return [i for i in range(self.n) if not self.children[i]]
+
+    @property
+    def n_drafted(self) -> int:
+        return self.n - 1
+
+
+# ---------------------------------------------------------------------------- fallback
+
+class FallbackThreshold:
+    """LLMCad's self-adjusting fallback threshold, optionally capped by a measured break-even.
+
+    Drafting stops when the best branch's cumulative confidence falls below `value`.
+    After each verification (LLMCad): if the best branch was fully accepted, the draft was
+    too cautious: halve the threshold; otherwise set it to the fraction of that branch's
+    drafted tokens that were wrong. Cost-aware cap: one more drafted node (confidence p)
+    yields p tokens in expectation and costs `node_seconds`, the slope of step time over
+    tree size (least squares over the steps so far); the run yields `rate` tokens/s.
+    Drafting deeper pays while p >= node_seconds * rate, so the threshold in force is
+    min(LLMCad's value, node_seconds * rate): when a target pass is expensive (paged
+    weights) and nodes are cheap, the draft goes deeper before falling back.
+    """
+
+    def __init__(self, params: TreeParams):
+        self.p = params
+        self.value = params.threshold_init
+        self.history = [self.value]
+        self._s = np.zeros(5)  # sums of 1, n, t, n*n, n*t over steps (n nodes, t seconds)
+        self._tokens = 0
+
+    def update(self, n_drafted: int, n_accepted: int) -> None:
+        """n_drafted tokens on the best branch, of which the first n_accepted were accepted."""
+        if n_drafted <= 0:
+            return
+        if n_accepted >= n_drafted:
+            v = self.value / 2
+        else:
+            v = (n_drafted - n_accepted) / n_drafted
+        self.value = float(min(self.p.threshold_max, max(self.p.threshold_min, v)))
+        self.history.append(self.value)
+
+    def observe_step(self, n_nodes: int, seconds: float, n_tokens: int) -> None:
+        self._s += (1, n_nodes, seconds, n_nodes * n_nodes, n_nodes * seconds)
+        self._tokens += n_tokens
+
+    def node_seconds(self) -> Optional[float]:
+        k, n, t, nn, nt = self._s
+        den = k * nn - n * n
+        if k < 3 or den <= 1e-9:
+            return None
+        return max(0.0, (k * nt - n * t) / den)
+
+    def current(self) -> float:
+        if not self.p.cost_aware:
+            return self.value
+        b = self.node_seconds()
+        if b is None or self._s[2] <= 0:
+            return self.value
+        rate = self._tokens / self._s[2]
+        return float(max(self.p.threshold_min, min(self.value, b * rate)))
+
+    def summary(self) -> dict:
+        h = np.array(self.history)
+        return {"initial": float(h[0]), "final": float(h[-1]), "mean": float(h.mean()),
+                "min": float(h.min()), "max": float(h.max()), "updates": len(h) - 1,
+                "node_seconds": self.node_seconds()}
+
+
+# ---------------------------------------------------------------------------- the drafter
+
+class Drafter:
+    """Builds token trees with the resident draft model and keeps its KV cache in step.
+
+    Invariant between steps: the draft's sequence 0 holds the first `n_past` accepted
+    tokens; the accepted tokens after them are passed to the next `draft` as `pending`.
+    """
+
+    def __init__(self, ctx: Context, params: TreeParams, n_seq_max: int, n_batch: int):
+        self.ctx, self.p = ctx, params
+        self.n_seq_max = n_seq_max
+        self.batch = Batch(max(n_batch, params.max_nodes + 1), n_seq_max)
+        self.n_past = 0
+        self.decodes = 0
+        self.seconds = 0.0
+
+    def close(self) -> None:
+        self.batch.close()
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        self.ctx.clear()
+        b = self.batch
+        for start in range(0, len(tokens), b.capacity):
+            b.clear()
+            for j, t in enumerate(tokens[start:start + b.capacity]):
+                b.add(t, start + j, (0,), False)
+            self.ctx.decode(b)
+        self.n_past = len(tokens)
+
+    def _probs(self, logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
+        """The draft's distribution at a node: raw softmax when greedy, else the sampling distribution."""
+        if sp.greedy:
+            x = logits.astype(np.float64)
+            e = np.exp(x - x.max())
+            return e / e.sum()
+        return distribution(logits, sp)
+
+    def _children(self, q: np.ndarray, k_max: int, sp: SamplingParams, rng) -> list[int]:
+        """Child tokens of a node, in draft order. Greedy: top-1 and the alternatives >= branch_p.
+        Sampling: as many i.i.d. draws from q as q has tokens above branch_p (decided before
+        drawing, so multi-draft rejection sampling stays exact); duplicates are kept."""
+        top = np.argpartition(-q, k_max)[:k_max] if k_max < len(q) else np.arange(len(q))
+        top = top[np.argsort(-q[top], kind="stable")]
+        k = 1 + int(np.sum(q[top[1:k_max]] >= self.p.branch_p))
+        if sp.greedy:
+            return [int(t) for t in top[:k]]
+        c = np.cumsum(q)
+        return [int(min(np.searchsorted(c, u * c[-1], side="right"), len(q) - 1)) for u in rng.random(k)]
+
+    def draft(self, pending: Sequence[int], max_nodes: int, max_depth: int, sp: SamplingParams,
+              rng: np.random.Generator, threshold: float) -> TokenTree:
+        """Decode `pending` (accepted tokens the draft has not seen; the last one is the root),
+        then grow a tree of at most max_nodes drafted tokens and max_depth levels."""
+        import time
+
+        p, ctx, b = self.p, self.ctx, self.batch
+        tree = TokenTree(max_nodes + 1, pending[-1], self.n_past + len(pending) - 1)
+        if max_nodes <= 0 or max_depth <= 0:
+            return tree
+        t0 = time.perf_counter()
+        ctx.seq_cp(0, 1)  # branch 1 starts as the accepted prefix
+        b.clear()
+        for j, t in enumerate(pending):
+            b.add(t, self.n_past + j, (0, 1), j == len(pending) - 1)
+        ctx.decode(b)
+        self.decodes += 1
+        tree.decoded[0] = True
+        dist = {0: self._probs(ctx.logits(len(pending) - 1), sp)}
+        leaf = {1: 0}           # branch -> its newest node
+        count = {1: 0}          # branch -> drafted tokens it owns
+        active = {1}
+        next_branch = 2
+        while active and tree.n_drafted < max_nodes:
+            budget = max_nodes - tree.n_drafted
+            total = sum(tree.conf[leaf[br]] for br in active) or 1.0
+            deficit = {br: max_nodes * tree.conf[leaf[br]] / total - count[br] for br in active}
+            order = sorted(active, key=lambda br: -deficit[br])
+            due = [br for br in order if deficit[br] > 0] or order[:1]
+            new = []
+            for br in due:
+                if budget <= 0:
+                    break
+                node = leaf[br]
+                if tree.depth[node] >= max_depth:
+                    active.discard(br)
+                    continue
+                q = dist[node]
+                if p.fallback == "token" and q.max() < p.p_min:
+                    active.discard(br)
+                    continue
+                toks = self._children(q, p.max_width, sp, rng)
+                tree.q[node] = q
+                # Draws are kept up to the first one that cannot be placed (no budget or no KV
+                # sequence left): where the list ends depends on earlier draws only, never on
+                # the cut draw itself, so rejection sampling over tree.draws stays exact.
+                for t in toks:
+                    if t in tree.children[node]:
+                        tree.draws[node].append(t)  # a repeated draw: same child node
+                        continue
+                    if budget <= 0:
+                        break
+                    if not tree.children[node]:
+                        child_branch = br  # the first child continues the branch
+                    elif next_branch < self.n_seq_max:
+                        child_branch = next_branch
+                        next_branch += 1
+                        ctx.seq_cp(br, child_branch, -1, tree.pos(node) + 1)
+                        count[child_branch] = 0
+                        active.add(child_branch)
+                    else:
+                        break
+                    tree.draws[node].append(t)
+                    c = tree.add(node, t, float(q[t]), child_branch)
+                    leaf[child_branch] = c
+                    count[child_branch] += 1
+                    budget -= 1
+                    new.append(c)
+            if not new:
+                break
+            if p.fallback == "adaptive" and max(tree.conf[leaf[br]] for br in active) < threshold:
+                break  # the tree is unsure enough: hand over to the target
+            if tree.n_drafted >= max_nodes or all(tree.depth[leaf[br]] >= max_depth for br in active):
+                break
+            b.clear()
+            for c in new:
+                b.add(int(tree.token[c]), tree.pos(c), (int(tree.branch[c]),), True)
+            ctx.decode(b)
+            self.decodes += 1
+            for j, c in enumerate(new):
+                tree.decoded[c] = True
+                dist[c] = self._probs(ctx.logits(j), sp)
+        self.seconds += time.perf_counter() - t0
+        return tree
+
+    def accept(self, tree: TokenTree, path: Sequence[int], pending: Sequence[int], bonus: int) -> list[int]:
+        """Keep the accepted path in sequence 0; return the accepted tokens the draft has yet to decode."""
+        tokens = [int(tree.token[i]) for i in path] + [bonus]
+        if not tree.decoded[0]:  # nothing was drafted: the pending tokens are still pending
+            return list(pending) + tokens
+        deepest, k = 0, 0
+        for j, i in enumerate(path):
+            if tree.decoded[i]:
+                deepest, k = i, j + 1
+        keep_path(self.ctx, int(tree.branch[deepest]) if deepest else 0, tree.pos(deepest))
+        self.n_past = tree.pos(deepest) + 1
+        return tokens[k:]
+
+
+def keep_path(ctx: Context, seq: int, last_pos: int) -> None:
+    """Make sequence 0 hold exactly `seq`'s cells up to last_pos, and drop every other sequence."""
+    if seq != 0:
+        ctx.seq_rm(seq, last_pos + 1, -1)
+    ctx.seq_keep(seq)
+    if seq != 0:
+        ctx.seq_cp(seq, 0)
+        ctx.seq_rm(seq)

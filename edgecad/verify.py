@@ -1,0 +1,96 @@
+"""The target side of speculative decoding: verify a whole token tree in one pass, then accept.
+
+Tree attention with llama.cpp's sequences: every leaf gets a sequence id (1..L),
+every node is tagged with the ids of all leaves below it and positioned at its
+depth, and the accepted prefix (sequence 0) is copied into each leaf sequence.
+Per-sequence causal masking then lets each node see exactly its ancestors.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .llama import Batch, Context
+from .sampling import SamplingParams, distribution, sample_from
+from .tree import TokenTree
+
+
+def leaf_sequences(tree: TokenTree) -> tuple[list[list[int]], dict[int, int]]:
+    """Per node, the sequence ids of the leaves below it; and leaf node -> its sequence id."""
+    seqs: list[list[int]] = [[] for _ in range(tree.n)]
+    leaf_seq = {}
+    for s, leaf in enumerate(tree.leaves(), start=1):
+        leaf_seq[leaf] = s
+        i = leaf
+        while i >= 0:
+            seqs[i].append(s)
+            i = int(tree.parent[i])
+    return seqs, leaf_seq
+
+
+def verify_tree(ctx: Context, batch: Batch, tree: TokenTree) -> tuple[np.ndarray, dict[int, int]]:
+    """One target llama_decode of the root and every node; logits per node (a view), leaf -> seq id."""
+    seqs, leaf_seq = leaf_sequences(tree)
+    for s in range(1, len(leaf_seq) + 1):
+        ctx.seq_cp(0, s)
+    batch.clear()
+    batch.add(int(tree.token[0]), tree.root_pos, [0] + seqs[0], True)
+    for i in range(1, tree.n):
+        batch.add(int(tree.token[i]), tree.pos(i), seqs[i], True)
+    ctx.decode(batch)
+    return ctx.logits_all(tree.n), leaf_seq
+
+
+def accept_greedy(tree: TokenTree, logits: np.ndarray) -> tuple[list[int], int]:
+    """Walk from the root taking the child equal to the target's argmax; the last argmax is the bonus."""
+    path, node = [], 0
+    while True:
+        t = int(np.argmax(logits[node]))
+        child = tree.children[node].get(t)
+        if child is None:
+            return path, t
+        path.append(child)
+        node = child
+
+
+def accept_sampling(tree: TokenTree, logits: np.ndarray, sp: SamplingParams,
+                    rng: np.random.Generator) -> tuple[list[int], int]:
+    """Multi-draft rejection sampling (SpecInfer). At a node with target distribution p and
+    children drawn i.i.d. from the draft distribution q: accept draw x with probability
+    min(1, p(x)/q(x)); on rejection p <- normalize(max(0, p - q)) and try the next draw; if
+    every draw is rejected, sample the residual p. Each node's output is then exactly p."""
+    path, node = [], 0
+    while True:
+        p = distribution(logits[node], sp)
+        q = tree.q[node]
+        for x in tree.draws[node]:
+            if rng.random() * q[x] < p[x]:  # accept with probability min(1, p(x)/q(x))
+                child = tree.children[node][x]
+                path.append(child)
+                node = child
+                break
+            r = np.maximum(p - q, 0.0)
+            p = r / r.sum() if r.sum() > 0 else p
+        else:
+            return path, sample_from(p, rng)
+
+
+def accept_bild(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator,
+                rollback_ce: float) -> tuple[list[int], int, int]:
+    """Big Little Decoder on a chain: keep each drafted token unless the target's cross-entropy on
+    it, -log p_target(token), exceeds rollback_ce; at the first such token, roll back and take the
+    target's own choice. Returns (path, next token, drafted tokens kept that differ from the
+    target's argmax) -- BiLD is not lossless, and the last number says by how much."""
+    path, node, divergent = [], 0, 0
+    while tree.children[node]:
+        (child,) = tree.children[node].values()
+        x = int(tree.token[child])
+        lg = logits[node].astype(np.float64)
+        logp = lg[x] - lg.max() - np.log(np.exp(lg - lg.max()).sum())
+        if -logp > rollback_ce:
+            break
+        divergent += int(np.argmax(lg) != x)
+        path.append(child)
+        node = child
+    lg = logits[node]
+    nxt = int(np.argmax(lg)) if sp.greedy else sample_from(distribution(lg, sp), rng)
+    return path, nxt, divergent

@@ -1,0 +1,127 @@
+"""Token trees, the drafter (on the real tiny draft model) and the fallback threshold."""
+import numpy as np
+import pytest
+
+from edgecad.llama import Batch, Context, ContextParams, Model
+from edgecad.sampling import SamplingParams
+from edgecad.tree import MODE_PARAMS, Drafter, FallbackThreshold, TokenTree, TreeParams
+
+
+# ---------------------------------------------------------------------------- threshold
+
+def test_threshold_halves_when_the_best_branch_is_fully_accepted():
+    f = FallbackThreshold(TreeParams(threshold_init=0.4, cost_aware=False))
+    f.update(n_drafted=5, n_accepted=5)
+    assert f.value == pytest.approx(0.2)
+    f.update(3, 3)
+    assert f.value == pytest.approx(0.1)
+    for _ in range(10):
+        f.update(4, 4)
+    assert f.value == pytest.approx(0.02)  # threshold_min
+
+
+def test_threshold_is_the_fraction_wrong_otherwise():
+    f = FallbackThreshold(TreeParams(threshold_init=0.1, cost_aware=False))
+    f.update(n_drafted=4, n_accepted=1)
+    assert f.value == pytest.approx(0.75)
+    f.update(10, 8)
+    assert f.value == pytest.approx(0.2)
+    f.update(6, 0)
+    assert f.value == pytest.approx(0.9)  # threshold_max caps "all wrong"
+    f.update(0, 0)  # nothing drafted: nothing learnt
+    assert f.value == pytest.approx(0.9)
+    assert f.summary()["updates"] == 3 and f.summary()["max"] == pytest.approx(0.9)
+
+
+def test_cost_aware_threshold_follows_the_break_even():
+    p = TreeParams(threshold_init=0.5)
+    f = FallbackThreshold(p)
+    assert f.current() == 0.5  # no measurements yet
+    # steps cost 0.6 s + 2 ms per drafted node (a paged target), each yields 3 tokens
+    for n in (4, 8, 16, 32, 8):
+        f.observe_step(n, 0.6 + 0.002 * n, 3)
+    assert f.node_seconds() == pytest.approx(0.002)
+    rate = 15 / sum(0.6 + 0.002 * n for n in (4, 8, 16, 32, 8))
+    assert f.current() == pytest.approx(max(p.threshold_min, 0.002 * rate))  # far below 0.5: draft deeper
+    # in memory, nodes cost 30 ms each and steps yield 10 tokens (32 tok/s): break-even 0.97 > 0.5
+    g = FallbackThreshold(p)
+    for n in (4, 8, 16):
+        g.observe_step(n, 0.03 + 0.03 * n, 10)
+    assert g.current() == 0.5
+    assert FallbackThreshold(TreeParams(threshold_init=0.5, cost_aware=False)).current() == 0.5
+
+
+# ---------------------------------------------------------------------------- tree
+
+def test_token_tree_bookkeeping():
+    t = TokenTree(8, root_token=5, root_pos=10)
+    a = t.add(0, 7, 0.5, 1)
+    b = t.add(a, 8, 0.5, 1)
+    c = t.add(0, 9, 0.2, 2)
+    assert t.n_drafted == 3 and t.path(b) == [a, b] and t.path(0) == []
+    assert t.pos(b) == 12 and t.conf[b] == pytest.approx(0.25)
+    assert sorted(t.leaves()) == [b, c] and t.children[0] == {7: a, 9: c}
+
+
+@pytest.fixture(scope="module")
+def draft_ctx(tiny_draft):
+    with Model(tiny_draft) as m, Context(m, ContextParams(n_ctx=512, n_seq_max=33)) as ctx:
+        yield m, ctx
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_drafter_builds_a_consistent_tree(draft_ctx, greedy):
+    m, ctx = draft_ctx
+    p = TreeParams(max_nodes=24, max_depth=6, max_width=3, branch_p=0.05, threshold_init=0.0, cost_aware=False)
+    sp = SamplingParams() if greedy else SamplingParams(temperature=1.0, top_k=20, top_p=1.0)
+    d = Drafter(ctx, p, n_seq_max=33, n_batch=64)
+    prompt = m.tokenize("hello the world")
+    d.prefill(prompt[:-1])
+    tree = d.draft([prompt[-1]], 24, 6, sp, np.random.default_rng(0), threshold=0.0)
+    assert 1 <= tree.n_drafted <= 24 and tree.depth[: tree.n].max() <= 6
+    assert len(tree.leaves()) > 1  # it branched
+    for i in range(1, tree.n):
+        par = tree.parent[i]
+        assert len(tree.children[par]) <= 3
+        assert tree.conf[i] == pytest.approx(tree.conf[par] * tree.prob[i])
+        assert tree.children[par][int(tree.token[i])] == i
+    for node in range(tree.n):  # every draw has its child node
+        assert all(x in tree.children[node] for x in tree.draws[node])
+    # each branch's KV sequence holds the prefix and exactly its path up to its newest decoded node
+    for br in set(tree.branch[1: tree.n].tolist()):
+        nodes = [i for i in range(1, tree.n) if tree.branch[i] == br and tree.decoded[i]]
+        if nodes:
+            assert ctx.seq_pos_min(br) == 0 and ctx.seq_pos_max(br) == max(tree.pos(i) for i in nodes)
+    # accepting nothing leaves sequence 0 = prefix + root, and no branch sequence
+    left = d.accept(tree, [], [prompt[-1]], bonus=42)
+    assert left == [42] and d.n_past == len(prompt)
+    assert ctx.seq_pos_max(0) == len(prompt) - 1
+    assert all(ctx.seq_pos_max(s) == -1 for s in range(1, 33))
+    d.close()
+
+
+def test_greedy_children_are_top1_and_confident_alternatives(draft_ctx):
+    m, ctx = draft_ctx
+    p = TreeParams(max_nodes=3, max_depth=1, max_width=3, branch_p=0.0, cost_aware=False)
+    d = Drafter(ctx, p, n_seq_max=33, n_batch=64)
+    prompt = m.tokenize("abc")
+    d.prefill(prompt[:-1])
+    tree = d.draft([prompt[-1]], 3, 1, SamplingParams(), np.random.default_rng(0), threshold=0.0)
+    probs = tree.prob[1: tree.n]
+    assert tree.n_drafted == 3 and list(probs) == sorted(probs, reverse=True)
+    d.close()
+    ctx.clear()  # an independent decode of the prompt: the children are the draft's top 3 at the root
+    b = Batch(16)
+    for i, t in enumerate(prompt):
+        b.add(t, i, (0,), i == len(prompt) - 1)
+    ctx.decode(b)
+    top3 = np.argsort(-ctx.logits(len(prompt) - 1))[:3]
+    assert tree.token[1: tree.n].tolist() == top3.tolist()
+    b.close()
+
+
+def test_mode_parameters():
+    assert MODE_PARAMS["linear"].max_width == 1 and MODE_PARAMS["linear"].max_nodes == 16
+    assert MODE_PARAMS["linear"].p_min == 0.75 and MODE_PARAMS["bild"].p_min == 0.6
+    assert MODE_PARAMS["bild"].max_nodes == 10 and MODE_PARAMS["bild"].rollback_ce == 5.0
+    assert MODE_PARAMS["tree"].acceptance == "exact" and MODE_PARAMS["bild"].acceptance == "bild"
