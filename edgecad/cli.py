@@ -16,12 +16,23 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
 # ---------------------------------------------------------------------------- generate
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .engine import Engine
 
-    with Engine(a.target, a.draft, mode=a.mode, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
+    draft = a.draft
+    if draft is None and a.mode != "target" and a.target == registry.DEFAULT_TARGET:
+        draft = registry.DEFAULT_DRAFT  # the default pair
+    with Engine(a.target, draft, mode=a.mode, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
                 verbose=a.verbose) as eng:
         last = None
         for chunk in eng.create_completion(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
@@ -30,11 +41,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
             sys.stdout.flush()
             last = chunk
         sys.stdout.write("\n")
+        sys.stdout.flush()
         if a.stats:
-            st = last["edgecad"]
-            for k, v in st.items():
+            for k, v in last["edgecad"].items():
                 if k != "token_ids":
-                    sys.stderr.write(f"{k:>24}: {v:.4g}\n" if isinstance(v, float) else f"{k:>24}: {v}\n")
+                    sys.stderr.write(f"{k:>24}: {_fmt(v)}\n")
     return 0
 
 
@@ -103,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete a prompt")
     g.add_argument("--target", default=registry.DEFAULT_TARGET, help="target GGUF path or registry name")
-    g.add_argument("--draft", default=None, help="draft GGUF path or registry name")
-    g.add_argument("--mode", default=None, help="decoding mode: target (default without a draft)")
+    g.add_argument("--draft", default=None,
+                   help="draft GGUF path or registry name (default: the registry draft when --target is the default)")
+    g.add_argument("--mode", default=None, choices=["tree", "linear", "bild", "target"],
+                   help="tree (default with a draft), linear, bild (not lossless) or target (no draft)")
     g.add_argument("--prompt", "-p", required=True)
     g.add_argument("-n", "--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -186,7 +186,9 @@ class Engine:
                 return
             b.clear()
             b.add(tok, pos, (0,), True)
+            td = time.perf_counter()
             ctx.decode(b)
+            stats.seconds_target += time.perf_counter() - td
             stats.target_passes += 1
             pos += 1
             logits = ctx.logits(0)

@@ -69,7 +69,9 @@ def test_stream_chunks_join_to_the_completion(engine):
 def test_stats(engine):
     st = engine.create_completion("abc", max_tokens=12)["edgecad"]
     assert st["mode"] == "target" and st["n_tokens"] == 12 and len(st["token_ids"]) == 12
-    assert st["target_passes"] == 11  # the first token comes from the prompt pass
+    assert st["target_passes"] == 12  # one per token: the prompt's pass gives the first
+    assert st["mean_accepted_per_pass"] == 1.0 and st["draft_tokens"] == 0 and st["lossless"] is True
+    assert 0 < st["seconds_target"] <= st["seconds"]
     assert st["seconds"] > 0 and st["tokens_per_second"] > 0
 
 
