@@ -8,6 +8,7 @@ stop strings, streaming chunks and statistics in one place for every mode.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from . import registry
 from .errors import EdgecadError, PromptTooLongError, VocabularyMismatchError
 from .gguf_file import read_gguf
 from .llama import Batch, Context, ContextParams, Model, ModelParams, default_threads, set_verbose
+from .pager import Pager, PagerParams, file_mappings, new_mapping, parse_budget, plan_budget
 from .sampling import SamplingParams, pick
 from .tree import MODE_PARAMS, Drafter, FallbackThreshold, TreeParams, keep_path
 from .verify import accept_bild, accept_greedy, accept_sampling, verify_tree
@@ -45,6 +47,7 @@ class Stats:
     seconds_draft: float = 0.0   # of which drafting
     seconds_target: float = 0.0  # of which target passes
     fallback: Optional[dict] = None  # summary of the fallback threshold's history
+    paging: Optional[dict] = None    # budget_bytes, peak_resident_target_bytes, bytes_read, io_wait_seconds
 
     def as_dict(self) -> dict:
         n, passes = len(self.token_ids), max(self.target_passes, 1)
@@ -69,6 +72,12 @@ class Stats:
         }
         if self.mode == "bild":
             d["bild_divergent_tokens"] = self.bild_divergent
+        pg = self.paging or {}
+        d["budget_bytes"] = pg.get("budget_bytes")
+        d["peak_resident_target_bytes"] = pg.get("peak_resident_target_bytes")
+        d["bytes_read"] = pg.get("bytes_read", 0)
+        d["io_wait_seconds"] = pg.get("io_wait_seconds", 0.0)
+        d["target_compute_seconds"] = self.seconds_target - d["io_wait_seconds"]
         return d
 
 
@@ -91,7 +100,9 @@ class Engine:
             speculative defaults), "bild" (Big Little Decoder; not lossless) or "target" (no draft).
             None picks "tree" when a draft is given, else "target".
         tree_params: override the mode's TreeParams (see edgecad.tree).
-        memory_budget: bytes of the target's weights that may be resident (pager; not yet available).
+        memory_budget: bytes of the target that may be resident: an int, "450MB", "40%" (of the target
+            file), "auto" (from available memory), or None to keep the whole target resident.
+        pager: how the target is streamed under a budget (IO mode, read-ahead, storage profile).
         n_ctx: context length in tokens (prompt + completion).
         n_threads: compute threads; None = all cores this process may use.
         seed: default random seed of sampled completions.
@@ -108,13 +119,14 @@ class Engine:
         tree_params: Optional[TreeParams] = None,
         # memory
         memory_budget: Union[int, str, None] = None,
+        pager: Optional[PagerParams] = None,
         n_ctx: int = 4096,
         # compute
         n_threads: Optional[int] = None,
         seed: Optional[int] = None,
         verbose: bool = False,
     ):
-        self._target_model = self._draft_model = self._drafter = self._batch = None
+        self._target_model = self._draft_model = self._drafter = self._batch = self._pager = None
         self._target = self._draft = None
         set_verbose(verbose)
         self.verbose = verbose
@@ -125,21 +137,39 @@ class Engine:
             raise EdgecadError(f"mode {self.mode!r} needs a draft model: pass draft=PATH_OR_NAME (or use mode='target')")
         self.tree_params = tree_params or MODE_PARAMS.get(self.mode)
         self._debug_kv = False  # tests: check both KV caches after every speculative step
-        if memory_budget is not None:
-            raise EdgecadError("memory_budget is not available yet in this version: leave it None")
         if n_ctx < 8:
             raise EdgecadError(f"n_ctx={n_ctx} is too small: use at least 8 tokens")
         self.n_threads = n_threads or default_threads()
         self.target_path = registry.resolve(target)
         self.draft_path = registry.resolve(draft) if draft is not None else None
-        self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=True))
+        plan = None
+        if memory_budget is not None:
+            info = read_gguf(self.target_path)
+            other = os.path.getsize(self.draft_path) if self.draft_path is not None else 0
+            plan = plan_budget(info, parse_budget(memory_budget, info.file_size, other_bytes=other),
+                               pager or PagerParams())
+            if plan.resident_all and verbose:
+                sys.stderr.write(f"edgecad: the budget holds the whole target, it stays resident\n{plan.describe()}\n")
+        paged = plan is not None and not plan.resident_all
+        self.budget_plan = plan
+        before = file_mappings(self.target_path) if paged else set()
+        # Weight repacking is faster when resident but copies the weights out of the mapping: off when paged.
+        self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged))
         if self.draft_path is not None:
             self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True))
             check_same_vocabulary(self.draft_path, self.target_path, self._draft_model, self._target_model)
+        if paged:
+            self._pager = Pager(self.target_path, info, plan, new_mapping(self.target_path, before))
+            if verbose:
+                sys.stderr.write(plan.describe() + "\n")
         speculative = self.mode != "target"
         n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1
         cp = ContextParams(n_ctx=n_ctx, n_batch=min(512, n_ctx), n_seq_max=n_seq, n_threads=self.n_threads)
-        self._target = Context(self._target_model, cp)
+        hooks = {}
+        if self._pager is not None:
+            hooks = dict(cb_eval=self._pager.cb_eval, cb_eval_user_data=self._pager.handle,
+                         after_decode=self._pager.check)
+        self._target = Context(self._target_model, cp, **hooks)
         self.n_ctx = self._target.n_ctx
         self._batch = Batch(max(cp.n_batch, n_seq), n_seq)
         self._drafter = None
@@ -308,6 +338,10 @@ class Engine:
                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
         raw, emitted, finish = b"", 0, "length"
+        if self._pager is not None:
+            self._pager.check_file()
+            self._pager.reset_peak()
+            before = self._pager.stats()
         t0 = time.perf_counter()
         decode = self._decode_target if self.mode == "target" else self._decode_speculative
         decoder = decode(tokens, max_tokens, sp, rng, stats)
@@ -330,6 +364,16 @@ class Engine:
         finally:
             decoder.close()
         stats.seconds = time.perf_counter() - t0 - stats.prompt_seconds
+        if self._pager is not None:
+            after = self._pager.stats()
+            stats.paging = {
+                "budget_bytes": self.budget_plan.budget,
+                "peak_resident_target_bytes": after["peak_resident"],
+                "bytes_read": after["bytes_read"] - before["bytes_read"],
+                "io_wait_seconds": (after["io_wait_ns"] - before["io_wait_ns"]) / 1e9,
+            }
+        elif self.budget_plan is not None:
+            stats.paging = {"budget_bytes": self.budget_plan.budget}
         text = raw.decode("utf-8", errors="ignore")
         last = chunk(text[emitted:], finish)
         n = len(stats.token_ids)
@@ -340,7 +384,7 @@ class Engine:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        for name in ("_drafter", "_batch", "_target", "_draft", "_target_model", "_draft_model"):
+        for name in ("_drafter", "_batch", "_target", "_draft", "_pager", "_target_model", "_draft_model"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()

@@ -230,8 +230,12 @@ class ContextParams:
 class Context:
     """A llama_context: KV cache, decode, logits, and sequence memory ops."""
 
-    def __init__(self, model: Model, params: ContextParams = ContextParams(), *, cb_eval=None, cb_eval_user_data=None):
+    def __init__(self, model: Model, params: ContextParams = ContextParams(), *, cb_eval=None, cb_eval_user_data=None,
+                 after_decode=None):
+        """cb_eval/cb_eval_user_data: llama.cpp's graph callback; after_decode(): called after every
+        successful decode (the pager raises there if it aborted the graph)."""
         self._ptr = None
+        self._after_decode = after_decode
         self.model = model
         cp = C.llama_context_default_params()
         cp.n_ctx = params.n_ctx
@@ -262,6 +266,8 @@ class Context:
 
     def decode(self, batch: Batch) -> None:
         rc = C.llama_decode(self.ptr, batch._b)
+        if self._after_decode is not None:
+            self._after_decode()
         if rc != 0:
             why = _DECODE_ERRORS.get(rc, "error")
             raise LlamaError(f"llama_decode of {batch.n_tokens} tokens failed ({rc}): {why}{_recent_errors()}", rc)

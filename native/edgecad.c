@@ -8,10 +8,14 @@
  * Sections:
  *   1. errors      status codes and the per-thread error message
  *   2. residency   how many bytes of a memory or file range are in RAM (mincore)
+ *   3. pager       stream a model's layers through a memory budget: an IO thread that reads
+ *                  ahead and evicts, driven by llama.cpp's cb_eval at every layer boundary
+ *   4. bandwidth   sequential read speed of a file after dropping it from the page cache
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -19,7 +23,12 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux >= 5.14; older kernels answer EINVAL and we pread instead */
+#endif
 
 #include "edgecad.h"
 
@@ -122,5 +131,469 @@ int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *
     close(fd);
     if (rc) return rc;
     *resident_bytes = pages * page_size();
+    return EC_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* 3. pager                                                                 */
+/* ------------------------------------------------------------------------ */
+
+enum { OP_LOAD = 1, OP_EVICT = 2, OP_EVICT_PASS = 3, OP_STOP = 4 };
+
+typedef struct {
+    int op;    /* OP_* */
+    int layer; /* layer index for OP_LOAD / OP_EVICT */
+} io_op;
+
+struct ec_pager {
+    int fd;                  /* the GGUF file: fstat, fadvise, pread */
+    uint64_t file_size;      /* size at open; a change means the file was replaced or truncated */
+    uint8_t *map;            /* llama.cpp's mapping: address of file offset map_off */
+    uint64_t map_off;        /* file offset of the mapping's first byte */
+    uint64_t map_len;        /* bytes mapped */
+    int n_layers;
+    ec_range *layers;        /* [n_layers] file range of each layer */
+    uint8_t *streamed;       /* [n_layers] 1 = streamed, 0 = pinned */
+    int n_stream;
+    int *ring;               /* [n_stream] layer index of the j-th streamed layer, in compute order */
+    int *ring_pos;           /* [n_layers] position of the layer in ring, -1 if pinned */
+    int *next_ring;          /* [n_layers] ring position of the first streamed layer after layer il */
+    ec_range *pinned;        /* [n_pinned] ranges kept resident (output, norms) */
+    int n_pinned;
+    ec_range *evict_pass;    /* [n_evict] ranges dropped once per pass (token embeddings) */
+    int n_evict;
+    ec_pager_params prm;
+    const char *(*name_fn)(const void *); /* ggml_get_name */
+
+    /* IO thread and its FIFO queue, all guarded by mu */
+    pthread_t io;
+    int io_started;
+    pthread_mutex_t mu;
+    pthread_cond_t work;     /* signalled when an op is queued */
+    pthread_cond_t done;     /* broadcast when an op completes */
+    io_op *q;                /* [q_cap] ring buffer of queued ops */
+    int q_cap, q_head, q_len;
+    uint64_t queued;         /* tickets handed out (ops queued so far) */
+    uint64_t completed;      /* ops completed; ops complete in queue order */
+    uint8_t *want;           /* [n_layers] 1 = loaded once the queue drains */
+    uint64_t *load_ticket;   /* [n_layers] ticket of the latest LOAD of the layer */
+    int error;               /* first EC_* error of the IO thread; cb_eval then aborts the graph */
+    double next_free_s;      /* throttle: when the next chunk may start (IO thread only) */
+    int use_populate;        /* 1 while MADV_POPULATE_READ works (IO thread only) */
+    uint8_t *scratch;        /* [CHUNK] pread fallback buffer (IO thread only) */
+
+    /* residency, in bytes, last measured (compute thread only) */
+    uint64_t *layer_res;     /* [n_layers] */
+    uint8_t *remeasure;      /* [n_layers] 1 = evicted since last measured (set by the IO thread, under mu) */
+    uint64_t fixed_res;      /* pinned ranges + pinned layers + evict_pass ranges */
+    ec_pager_stats st;       /* guarded by mu */
+};
+
+#define CHUNK ((uint64_t)1 << 20)
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void sleep_s(double s) {
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+static void warn_once(ec_pager *p, const char *what, int err) {
+    pthread_mutex_lock(&p->mu);
+    int first = p->st.advise_failures++ == 0;
+    pthread_mutex_unlock(&p->mu);
+    if (first) fprintf(stderr, "edgecad: warning: %s failed: %s (residency may exceed the budget)\n", what, strerror(err));
+}
+
+/* Page-aligned span of the mapping covering a file range: outward (to read) or inward (to drop). */
+static int span(const ec_pager *p, uint64_t off, uint64_t len, int outward, uint8_t **addr, size_t *n) {
+    uint64_t ps = page_size();
+    if (off < p->map_off) { len = len > p->map_off - off ? len - (p->map_off - off) : 0; off = p->map_off; }
+    if (off - p->map_off >= p->map_len) return 0;
+    if (off - p->map_off + len > p->map_len) len = p->map_len - (off - p->map_off);
+    uintptr_t a = (uintptr_t)(p->map + (off - p->map_off)), e = a + len;
+    uintptr_t lo = outward ? a & ~(ps - 1) : (a + ps - 1) & ~(ps - 1);
+    uintptr_t hi = outward ? (e + ps - 1) & ~(ps - 1) : e & ~(ps - 1);
+    uintptr_t base = (uintptr_t)p->map & ~(ps - 1);
+    uintptr_t top = ((uintptr_t)p->map + p->map_len + ps - 1) & ~(ps - 1);
+    if (lo < base) lo = base;
+    if (hi > top) hi = top;
+    if (hi <= lo) return 0;
+    *addr = (uint8_t *)lo;
+    *n = hi - lo;
+    return 1;
+}
+
+static uint64_t resident(const ec_pager *p, uint64_t off, uint64_t len) {
+    uint8_t *a;
+    size_t n;
+    uint64_t pages = 0;
+    if (!span(p, off, len, 1, &a, &n) || count_resident(a, n, &pages) != EC_OK) return 0;
+    return pages * page_size();
+}
+
+static void throttle(ec_pager *p, uint64_t n) {
+    if (p->prm.throttle_bps <= 0) return;
+    double now = now_s();
+    if (p->next_free_s < now) p->next_free_s = now; /* idle time does not bank a burst */
+    if (p->next_free_s > now) sleep_s(p->next_free_s - now);
+    p->next_free_s += (double)n / p->prm.throttle_bps;
+}
+
+/* Read a file range into RAM through the IO path: throttle, pread exactly the range (our fd is
+ * POSIX_FADV_RANDOM: no readahead past it), then map it (MADV_POPULATE_READ: minor faults only). */
+static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
+    struct stat st;
+    if (fstat(p->fd, &st) != 0) return fail(EC_ESTAT, errno, "fstat of the model file");
+    if ((uint64_t)st.st_size != p->file_size)
+        return fail(EC_ECHANGED, 0, "the model file changed size (%llu -> %llu bytes) while in use",
+                    (unsigned long long)p->file_size, (unsigned long long)st.st_size);
+    if (off + len > p->file_size) return fail(EC_EINVAL, 0, "range past the end of the model file");
+    for (uint64_t done = 0; done < len; done += CHUNK) {
+        uint64_t n = len - done < CHUNK ? len - done : CHUNK;
+        throttle(p, n);
+        for (uint64_t got = 0; got < n;) {
+            ssize_t r = pread(p->fd, p->scratch, (size_t)(n - got), (off_t)(off + done + got));
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) return fail(r == 0 ? EC_ECHANGED : EC_EIO, r < 0 ? errno : 0, "pread of the model file at %llu",
+                                    (unsigned long long)(off + done + got));
+            got += (uint64_t)r;
+        }
+        uint8_t *a;
+        size_t an;
+        if (p->use_populate && span(p, off + done, n, 1, &a, &an) && madvise(a, an, MADV_POPULATE_READ) != 0) {
+            if (errno == EINVAL || errno == ENOSYS) p->use_populate = 0; /* old kernel: compute takes minor faults */
+            else return fail(errno == EFAULT ? EC_ECHANGED : EC_EIO, errno, "madvise(MADV_POPULATE_READ)");
+        }
+        __atomic_add_fetch(&p->st.bytes_read, n, __ATOMIC_RELAXED);
+    }
+    return EC_OK;
+}
+
+/* Drop a file range from RAM: page-table entries (madvise) and page cache (fadvise). */
+static void evict_range(ec_pager *p, uint64_t off, uint64_t len) {
+    uint8_t *a;
+    size_t n;
+    if (span(p, off, len, 0, &a, &n) && madvise(a, n, MADV_DONTNEED) != 0) warn_once(p, "madvise(MADV_DONTNEED)", errno);
+    int rc = posix_fadvise(p->fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);
+    if (rc != 0) warn_once(p, "posix_fadvise(POSIX_FADV_DONTNEED)", rc);
+}
+
+static void *io_main(void *arg) {
+    ec_pager *p = arg;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (p->q_len == 0) pthread_cond_wait(&p->work, &p->mu);
+        io_op op = p->q[p->q_head];
+        p->q_head = (p->q_head + 1) % p->q_cap;
+        p->q_len--;
+        if (op.op == OP_STOP) break;
+        int failed = p->error != 0;
+        pthread_mutex_unlock(&p->mu);
+        int rc = EC_OK;
+        double t0 = now_s();
+        if (failed) {
+        } else if (op.op == OP_LOAD) {
+            rc = read_range(p, p->layers[op.layer].off, p->layers[op.layer].len);
+        } else if (op.op == OP_EVICT) {
+            evict_range(p, p->layers[op.layer].off, p->layers[op.layer].len);
+            __atomic_store_n(&p->remeasure[op.layer], 1, __ATOMIC_RELAXED);
+        } else {
+            for (int i = 0; i < p->n_evict; i++) evict_range(p, p->evict_pass[i].off, p->evict_pass[i].len);
+        }
+        double t1 = now_s();
+        pthread_mutex_lock(&p->mu);
+        p->st.io_busy_ns += (uint64_t)((t1 - t0) * 1e9);
+        if (rc && !p->error) p->error = rc;
+        p->completed++;
+        pthread_cond_broadcast(&p->done);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+static void enqueue(ec_pager *p, int op, int layer) { /* mu held */
+    while (p->q_len == p->q_cap) pthread_cond_wait(&p->done, &p->mu); /* full: wait for the IO thread */
+    p->q[(p->q_head + p->q_len) % p->q_cap] = (io_op){op, layer};
+    p->q_len++;
+    p->queued++;
+    pthread_cond_signal(&p->work);
+}
+
+static void request_load(ec_pager *p, int il) { /* mu held */
+    if (p->want[il]) return;
+    p->want[il] = 1;
+    enqueue(p, OP_LOAD, il);
+    p->load_ticket[il] = p->queued;
+}
+
+static void request_evict(ec_pager *p, int il) { /* mu held */
+    if (!p->want[il]) return;
+    p->want[il] = 0;
+    enqueue(p, OP_EVICT, il);
+}
+
+static uint64_t fixed_resident(const ec_pager *p) {
+    uint64_t r = 0;
+    for (int i = 0; i < p->n_pinned; i++) r += resident(p, p->pinned[i].off, p->pinned[i].len);
+    for (int i = 0; i < p->n_evict; i++) r += resident(p, p->evict_pass[i].off, p->evict_pass[i].len);
+    for (int il = 0; il < p->n_layers; il++)
+        if (!p->streamed[il]) r += resident(p, p->layers[il].off, p->layers[il].len);
+    return r;
+}
+
+static void measure(ec_pager *p, int j, int pass_start) {
+    if (pass_start) p->fixed_res = fixed_resident(p);
+    int lo = j - p->prm.lag - 1, hi = j + p->prm.depth;
+    if (hi - lo + 1 > p->n_stream || p->prm.measure > 1) { lo = 0; hi = p->n_stream - 1; }
+    for (int k = lo; k <= hi; k++) {
+        int il = p->ring[((k % p->n_stream) + p->n_stream) % p->n_stream];
+        __atomic_store_n(&p->remeasure[il], 0, __ATOMIC_RELAXED);
+        p->layer_res[il] = resident(p, p->layers[il].off, p->layers[il].len);
+    }
+    for (int il = 0; il < p->n_layers; il++) /* evictions that finished after their layer left the window */
+        if (__atomic_exchange_n(&p->remeasure[il], 0, __ATOMIC_RELAXED))
+            p->layer_res[il] = resident(p, p->layers[il].off, p->layers[il].len);
+    uint64_t total = p->fixed_res;
+    for (int il = 0; il < p->n_layers; il++)
+        if (p->streamed[il]) total += p->layer_res[il];
+    pthread_mutex_lock(&p->mu);
+    p->st.resident_now = total;
+    if (total > p->st.peak_resident) p->st.peak_resident = total;
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* Layer il is about to run: have it read, read ahead, evict the layer `lag` behind. */
+static int boundary(ec_pager *p, int il) {
+    int j = p->ring_pos[il];
+    int pass_start = il == 0;
+    pthread_mutex_lock(&p->mu);
+    p->st.boundaries++;
+    if (pass_start) {
+        p->st.passes++;
+        if (p->n_evict) enqueue(p, OP_EVICT_PASS, -1); /* the embedding rows of this pass are read already */
+    }
+    /* queue order: the layer compute needs now, the eviction, then the read-ahead */
+    if (j >= 0) request_load(p, il);
+    if (j >= 0 && p->n_stream > p->prm.depth + p->prm.lag)
+        request_evict(p, p->ring[(j - p->prm.lag + p->n_stream) % p->n_stream]);
+    if (p->n_stream > 0)
+        for (int k = 0, start = j >= 0 ? j + 1 : p->next_ring[il]; k < p->prm.depth; k++)
+            request_load(p, p->ring[(start + k) % p->n_stream]);
+    if (j >= 0) {
+        double t0 = now_s();
+        while (p->completed < p->load_ticket[il] && !p->error) pthread_cond_wait(&p->done, &p->mu);
+        p->st.io_wait_ns += (uint64_t)((now_s() - t0) * 1e9);
+    }
+    int err = p->error;
+    pthread_mutex_unlock(&p->mu);
+    if (!err && p->prm.measure && p->n_stream > 0) measure(p, j >= 0 ? j : p->next_ring[il], pass_start);
+    return err;
+}
+
+bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data) {
+    ec_pager *p = user_data;
+    const char *name = p->name_fn(tensor);
+    int is_boundary = name && strncmp(name, "attn_norm-", 10) == 0;
+    if (ask) return is_boundary;
+    if (!is_boundary) return true;
+    int il = atoi(name + 10);
+    if (il < 0 || il >= p->n_layers) return true;
+    return boundary(p, il) == EC_OK; /* false aborts the graph: never touch a changed file */
+}
+
+void ec_pager_close(ec_pager *p) {
+    if (!p) return;
+    if (p->io_started) {
+        pthread_mutex_lock(&p->mu);
+        p->q_len = 0; /* drop pending work */
+        enqueue(p, OP_STOP, -1);
+        pthread_mutex_unlock(&p->mu);
+        pthread_join(p->io, NULL);
+        pthread_mutex_destroy(&p->mu);
+        pthread_cond_destroy(&p->work);
+        pthread_cond_destroy(&p->done);
+    }
+    if (p->fd >= 0) close(p->fd);
+    free(p->layers); free(p->streamed); free(p->ring); free(p->ring_pos); free(p->next_ring);
+    free(p->pinned); free(p->evict_pass); free(p->q); free(p->want); free(p->load_ticket);
+    free(p->scratch); free(p->layer_res); free(p->remeasure);
+    free(p);
+}
+
+static void *dup_array(const void *src, size_t n, size_t size) {
+    void *d = calloc(n ? n : 1, size);
+    if (d && n) memcpy(d, src, n * size);
+    return d;
+}
+
+int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint64_t map_len,
+                  const ec_range *layers, const uint8_t *streamed, int n_layers,
+                  const ec_range *pinned, int n_pinned, const ec_range *evict_each_pass, int n_evict,
+                  const ec_pager_params *params, void *name_fn, ec_pager **out) {
+    if (!path || !map_addr || !layers || !streamed || n_layers <= 0 || !params || !name_fn || !out ||
+        params->depth < 0 || params->lag < 0)
+        return fail(EC_EINVAL, 0, "ec_pager_open: bad argument");
+    *out = NULL;
+    ec_pager *p = calloc(1, sizeof *p);
+    if (!p) return fail(EC_ENOMEM, errno, "calloc(ec_pager)");
+    p->fd = -1;
+    p->map = (uint8_t *)(uintptr_t)map_addr;
+    p->map_off = map_offset;
+    p->map_len = map_len;
+    p->n_layers = n_layers;
+    p->prm = *params;
+    p->name_fn = (const char *(*)(const void *))name_fn;
+    p->use_populate = 1;
+    p->n_pinned = n_pinned;
+    p->n_evict = n_evict;
+    p->q_cap = 4 * n_layers + 16;
+    p->layers = dup_array(layers, n_layers, sizeof *layers);
+    p->streamed = dup_array(streamed, n_layers, 1);
+    p->pinned = dup_array(pinned, n_pinned, sizeof *pinned);
+    p->evict_pass = dup_array(evict_each_pass, n_evict, sizeof *evict_each_pass);
+    p->ring = calloc(n_layers, sizeof *p->ring);
+    p->ring_pos = calloc(n_layers, sizeof *p->ring_pos);
+    p->next_ring = calloc(n_layers, sizeof *p->next_ring);
+    p->q = calloc(p->q_cap, sizeof *p->q);
+    p->want = calloc(n_layers, 1);
+    p->load_ticket = calloc(n_layers, sizeof *p->load_ticket);
+    p->layer_res = calloc(n_layers, sizeof *p->layer_res);
+    p->remeasure = calloc(n_layers, 1);
+    p->scratch = malloc(CHUNK);
+    if (!p->layers || !p->streamed || !p->pinned || !p->evict_pass || !p->ring || !p->ring_pos || !p->next_ring ||
+        !p->q || !p->want || !p->load_ticket || !p->layer_res || !p->remeasure || !p->scratch) {
+        ec_pager_close(p);
+        return fail(EC_ENOMEM, ENOMEM, "allocating the pager");
+    }
+    for (int il = 0; il < n_layers; il++) {
+        p->ring_pos[il] = -1;
+        if (p->streamed[il]) { p->ring_pos[il] = p->n_stream; p->ring[p->n_stream++] = il; }
+        else p->want[il] = 1; /* pinned: always wanted, never queued */
+    }
+    for (int il = n_layers - 1, next = 0; il >= 0; il--) { /* first streamed layer after il, wrapping */
+        p->next_ring[il] = next % (p->n_stream ? p->n_stream : 1);
+        if (p->streamed[il]) next = p->ring_pos[il];
+    }
+    p->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (p->fd < 0) {
+        int rc = fail(EC_EOPEN, errno, "open(%s)", path);
+        ec_pager_close(p);
+        return rc;
+    }
+    struct stat st;
+    if (fstat(p->fd, &st) != 0) {
+        int rc = fail(EC_ESTAT, errno, "fstat(%s)", path);
+        ec_pager_close(p);
+        return rc;
+    }
+    p->file_size = (uint64_t)st.st_size;
+    if (pthread_mutex_init(&p->mu, NULL) || pthread_cond_init(&p->work, NULL) || pthread_cond_init(&p->done, NULL)) {
+        ec_pager_close(p);
+        return fail(EC_ETHREAD, 0, "pthread init");
+    }
+    /* Exact IO: no readahead on our reads, no read-around on page faults in llama.cpp's mapping
+     * (read_ahead_kb can be megabytes: each fault would pull in far more than the budget). */
+    int arc = posix_fadvise(p->fd, 0, 0, POSIX_FADV_RANDOM);
+    if (arc != 0) warn_once(p, "posix_fadvise(POSIX_FADV_RANDOM)", arc);
+    uint8_t *ma;
+    size_t mn;
+    if (span(p, p->map_off, p->map_len, 1, &ma, &mn) && madvise(ma, mn, MADV_RANDOM) != 0)
+        warn_once(p, "madvise(MADV_RANDOM)", errno);
+    int rc = pthread_create(&p->io, NULL, io_main, p);
+    if (rc != 0) {
+        ec_pager_close(p);
+        return fail(EC_ETHREAD, rc, "pthread_create(IO thread)");
+    }
+    p->io_started = 1;
+    *out = p;
+    return EC_OK;
+}
+
+int ec_pager_settle(ec_pager *p) {
+    if (!p) return fail(EC_EINVAL, 0, "ec_pager_settle: NULL pager");
+    pthread_mutex_lock(&p->mu);
+    while (p->completed < p->queued) pthread_cond_wait(&p->done, &p->mu); /* no IO in flight */
+    for (int il = 0; il < p->n_layers; il++)
+        if (p->streamed[il]) p->want[il] = 0;
+    pthread_mutex_unlock(&p->mu);
+    for (int il = 0; il < p->n_layers; il++)
+        if (p->streamed[il]) evict_range(p, p->layers[il].off, p->layers[il].len);
+    for (int i = 0; i < p->n_evict; i++) evict_range(p, p->evict_pass[i].off, p->evict_pass[i].len);
+    int rc = EC_OK;
+    for (int i = 0; i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len);
+    for (int il = 0; il < p->n_layers && !rc; il++)
+        if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len);
+    p->fixed_res = fixed_resident(p);
+    for (int il = 0; il < p->n_layers; il++)
+        p->layer_res[il] = p->streamed[il] ? resident(p, p->layers[il].off, p->layers[il].len) : 0;
+    return rc;
+}
+
+int ec_pager_get_stats(ec_pager *p, ec_pager_stats *out) {
+    if (!p || !out) return fail(EC_EINVAL, 0, "ec_pager_get_stats: NULL argument");
+    pthread_mutex_lock(&p->mu);
+    *out = p->st;
+    out->bytes_read = __atomic_load_n(&p->st.bytes_read, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&p->mu);
+    return EC_OK;
+}
+
+void ec_pager_reset_peak(ec_pager *p) {
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->st.peak_resident = p->st.resident_now;
+    pthread_mutex_unlock(&p->mu);
+}
+
+int ec_pager_error(ec_pager *p) {
+    if (!p) return EC_EINVAL;
+    pthread_mutex_lock(&p->mu);
+    int e = p->error;
+    pthread_mutex_unlock(&p->mu);
+    return e;
+}
+
+/* ------------------------------------------------------------------------ */
+/* 4. bandwidth                                                             */
+/* ------------------------------------------------------------------------ */
+
+int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second) {
+    if (!path || !bytes_per_second) return fail(EC_EINVAL, 0, "ec_read_bandwidth: NULL argument");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return fail(EC_EOPEN, errno, "open(%s)", path);
+    int rc = posix_fadvise(fd, (off_t)offset, (off_t)len, POSIX_FADV_DONTNEED);
+    if (rc != 0) fprintf(stderr, "edgecad: warning: posix_fadvise(DONTNEED) failed: %s\n", strerror(rc));
+    size_t bufsz = 4u << 20;
+    uint8_t *buf = malloc(bufsz);
+    if (!buf) {
+        close(fd);
+        return fail(EC_ENOMEM, errno, "malloc(%zu)", bufsz);
+    }
+    double t0 = now_s();
+    uint64_t got = 0;
+    while (got < len) {
+        size_t want = len - got < bufsz ? (size_t)(len - got) : bufsz;
+        ssize_t r = pread(fd, buf, want, (off_t)(offset + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) {
+            int err = errno;
+            free(buf);
+            close(fd);
+            return fail(EC_EIO, err, "pread(%s)", path);
+        }
+        if (r == 0) break;
+        got += (uint64_t)r;
+    }
+    double dt = now_s() - t0;
+    posix_fadvise(fd, (off_t)offset, (off_t)len, POSIX_FADV_DONTNEED);
+    free(buf);
+    close(fd);
+    *bytes_per_second = dt > 0 ? (double)got / dt : 0.0;
     return EC_OK;
 }

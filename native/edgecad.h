@@ -2,9 +2,10 @@
 #ifndef EDGECAD_H
 #define EDGECAD_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 1
+#define EC_VERSION 2
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -15,6 +16,9 @@ enum {
     EC_EMMAP = 4,    /* mmap() failed */
     EC_EMINCORE = 5, /* mincore() failed */
     EC_ENOMEM = 6,   /* allocation failed */
+    EC_ETHREAD = 7,  /* pthread_create() failed */
+    EC_ECHANGED = 8, /* the model file changed size under the pager */
+    EC_EIO = 9,      /* reading the file failed */
 };
 
 int ec_version(void);
@@ -25,5 +29,53 @@ int ec_mem_resident(const void *addr, uint64_t len, uint64_t *resident_bytes);
 
 /* Bytes of the file range [offset, offset+len) that are in the page cache. */
 int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *resident_bytes);
+
+/* ---- pager: stream a model's layers through a memory budget ---------------------------- */
+
+typedef struct {
+    uint64_t off; /* first byte, as a file offset */
+    uint64_t len; /* bytes */
+} ec_range;
+
+typedef struct {
+    int depth;           /* read-ahead window, in streamed layers; 0 = demand: read at the boundary, compute waits */
+    int lag;             /* evict streamed layer j-lag at layer j's boundary (evicting fresh pages leaks) */
+    double throttle_bps; /* storage throttle in bytes per second; 0 = none */
+    int measure;         /* 1 = mincore residency of the window at every layer boundary; 2 = of every layer */
+} ec_pager_params;
+
+typedef struct {
+    uint64_t bytes_read;     /* bytes the IO thread read (populated) */
+    uint64_t io_wait_ns;     /* time compute waited for layers at boundaries */
+    uint64_t io_busy_ns;     /* time the IO thread spent reading (throttle sleeps included) */
+    uint64_t resident_now;   /* resident bytes of the mapping at the last measurement */
+    uint64_t peak_resident;  /* largest resident_now since the last reset */
+    uint64_t boundaries;     /* layer boundaries seen */
+    uint64_t passes;         /* passes over the layers (a pass starts at the first layer) */
+    uint64_t advise_failures;/* failed madvise/fadvise calls (each also warned once on stderr) */
+} ec_pager_stats;
+
+typedef struct ec_pager ec_pager; /* opaque */
+
+/* map_addr/map_offset: where llama.cpp mapped the file (address of file offset map_offset).
+ * layers[il]: file range of layer il; streamed[il]: 1 = stream it, 0 = pinned.
+ * pinned: extra ranges kept resident (output, norms); evict_each_pass: ranges dropped after
+ * every pass (token embeddings, read by row). name_fn: ggml_get_name. */
+int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint64_t map_len,
+                  const ec_range *layers, const uint8_t *streamed, int n_layers,
+                  const ec_range *pinned, int n_pinned, const ec_range *evict_each_pass, int n_evict,
+                  const ec_pager_params *params, void *name_fn, ec_pager **out);
+void ec_pager_close(ec_pager *p);
+/* Drop every streamed layer and the evict_each_pass ranges; read the pinned ranges. */
+int ec_pager_settle(ec_pager *p);
+/* The llama.cpp cb_eval: a layer boundary at each "attn_norm-<il>" node. */
+bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data);
+int ec_pager_get_stats(ec_pager *p, ec_pager_stats *out);
+void ec_pager_reset_peak(ec_pager *p);
+/* EC_OK, or the first error the IO thread met (then cb_eval aborts the graph). */
+int ec_pager_error(ec_pager *p);
+
+/* Sequential read bandwidth of a file range after dropping it from the page cache (bytes/s). */
+int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second);
 
 #endif

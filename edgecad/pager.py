@@ -1,0 +1,358 @@
+"""Paging the target inside a memory budget: budget parsing, the budget plan, the native pager.
+
+The target stays memory-mapped by llama.cpp (no weight repacking). The plan pins what every
+pass touches (output matrix, norms; the embeddings when the output is tied to them) and as
+many whole layers as fit; the other layers stream through a window: at each layer boundary
+(llama.cpp's cb_eval, in C) the IO thread reads ahead and evicts the layer `lag` behind.
+The loader reads the whole file at load time (mmap with MAP_POPULATE), so the streamed
+layers are evicted right after load; the budget holds from then on.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import llama_cpp as C
+
+from . import native
+from .errors import EdgecadError, ModelFileError, NativeError
+from .gguf_file import GGUFInfo
+
+STORAGE_PROFILES = {  # bytes per second the IO thread may read; 0 = as fast as the device goes
+    "native": 0.0,
+    "nvme": 2e9,   # NVMe SSD (Jetson, laptops)
+    "ufs": 1e9,    # UFS flash (phones)
+    "sd": 45e6,    # SD card (Raspberry Pi)
+}
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class PagerParams:
+    io: str = "prefetch"     # "prefetch": read `depth` streamed layers ahead; "demand": read a layer when it is needed
+    depth: int = 2           # read-ahead window, in streamed layers (prefetch only)
+    lag: int = 2             # evict the streamed layer `lag` behind the current one: evicting pages read
+                             # moments ago leaves about half of them resident (see DESIGN.md)
+    storage: str = "native"  # storage profile emulated by throttling the IO thread (STORAGE_PROFILES)
+    throttle_bps: Optional[float] = None  # explicit throttle in bytes/s; overrides the profile
+    measure: bool = True     # mincore residency at every layer boundary (peak_resident_target_bytes)
+    embd_allowance: int = 4 * MiB  # budget kept for token-embedding rows read by a pass (untied output)
+
+    def __post_init__(self):
+        if self.io not in ("prefetch", "demand"):
+            raise EdgecadError(f"unknown IO mode {self.io!r}: use 'prefetch' or 'demand'")
+        if self.storage not in STORAGE_PROFILES:
+            raise EdgecadError(f"unknown storage profile {self.storage!r}: use one of {', '.join(STORAGE_PROFILES)}")
+        if self.depth < 0 or self.lag < 0:
+            raise EdgecadError("pager depth and lag must be >= 0")
+
+    @property
+    def read_ahead(self) -> int:
+        return self.depth if self.io == "prefetch" else 0
+
+    @property
+    def window_layers(self) -> int:
+        """Streamed layers that may be resident at once: the current one, the read-ahead and the lag."""
+        return self.read_ahead + self.lag + 1
+
+    @property
+    def bytes_per_second(self) -> float:
+        return float(self.throttle_bps if self.throttle_bps is not None else STORAGE_PROFILES[self.storage])
+
+
+# ---------------------------------------------------------------------------- budget
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": MiB,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30}
+
+
+def parse_budget(value: Union[int, float, str, None], file_size: int, *, other_bytes: int = 0) -> Optional[int]:
+    """Bytes of the target that may be resident: an int, "450MB", "1.5GiB", "40%" (of the target
+    file), or "auto" (available memory less other_bytes and a 25% safety margin). None = no budget."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = int(value)
+    else:
+        s = str(value).strip().lower()
+        if s == "auto":
+            import psutil
+            n = int((psutil.virtual_memory().available - other_bytes) * 0.75)
+        elif s.endswith("%"):
+            try:
+                n = int(file_size * float(s[:-1]) / 100)
+            except ValueError:
+                n = -1
+        else:
+            m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
+            n = int(float(m.group(1)) * _UNITS[m.group(2)]) if m and m.group(2) in _UNITS else -1
+        if n == -1:
+            raise EdgecadError(f"cannot read memory budget {value!r}: give bytes, a size such as '450MB' or "
+                               "'1.5GiB', a share of the model such as '40%', or 'auto'")
+    if n <= 0:
+        raise EdgecadError(f"memory budget {value!r} is not positive")
+    return n
+
+
+@dataclass
+class BudgetPlan:
+    budget: int                 # bytes of the target that may be resident
+    file_size: int
+    pinned: list                # [(name, offset, length)] non-layer tensors kept resident
+    evict_each_pass: list       # [(name, offset, length)] dropped after every pass (embedding rows)
+    pinned_layers: list         # layer indices kept resident
+    streamed_layers: list       # layer indices read and evicted every pass
+    layer_bytes: dict           # layer index -> bytes
+    window_bytes: int           # reserved for the streaming window, and the partial pages eviction leaves
+    minimum: int                # the smallest budget that works: essentials + window
+    params: PagerParams = field(default_factory=PagerParams)
+
+    @property
+    def resident_all(self) -> bool:
+        return not self.streamed_layers
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(n for _, _, n in self.pinned) + sum(self.layer_bytes[i] for i in self.pinned_layers)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(self.layer_bytes[i] for i in self.streamed_layers)
+
+    def describe(self) -> str:
+        mb = lambda n: f"{n / 1e6:,.1f} MB"
+        lines = [f"budget          {mb(self.budget)} of a {mb(self.file_size)} model "
+                 f"({100 * self.budget / self.file_size:.0f}%), minimum {mb(self.minimum)}"]
+        if self.resident_all:
+            lines.append("plan            everything fits: the whole model stays resident, nothing is streamed")
+            return "\n".join(lines)
+        lines += [
+            "pinned          " + ", ".join(f"{n} {mb(b)}" for n, _, b in self.pinned),
+            f"pinned layers   {len(self.pinned_layers)} ({mb(sum(self.layer_bytes[i] for i in self.pinned_layers))}): "
+            f"{_ranges(self.pinned_layers)}",
+            f"streamed layers {len(self.streamed_layers)} ({mb(self.streamed_bytes)} read per pass): "
+            f"{_ranges(self.streamed_layers)}",
+            f"window          {self.params.window_layers} layers reserved ({mb(self.window_bytes)}): "
+            f"read-ahead {self.params.read_ahead}, eviction lag {self.params.lag}, IO {self.params.io}",
+        ]
+        if self.evict_each_pass:
+            lines.append("per pass        " + ", ".join(f"{n} rows (dropped after each pass, "
+                                                       f"{mb(self.params.embd_allowance)} allowed)"
+                                                       for n, _, _ in self.evict_each_pass))
+        return "\n".join(lines)
+
+
+def _ranges(idx: list) -> str:
+    if not idx:
+        return "none"
+    out, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
+
+
+def plan_budget(info: GGUFInfo, budget: int, params: PagerParams = PagerParams()) -> BudgetPlan:
+    """Pin the essentials and as many leading layers as fit; stream the rest through the window."""
+    layers = info.layers()
+    layer_bytes = {l.index: l.n_bytes for l in layers}
+    pinned, per_pass = [], []
+    for t in info.non_layer_tensors():
+        if t.name == "token_embd.weight" and not info.tied_output:
+            per_pass.append((t.name, t.offset, t.n_bytes))  # read by row: a few pages per token
+        else:
+            pinned.append((t.name, t.offset, t.n_bytes))
+    essentials = sum(n for _, _, n in pinned) + sum(min(params.embd_allowance, n) for _, _, n in per_pass)
+    total_layers = sum(layer_bytes.values())
+    plan = BudgetPlan(budget, info.file_size, pinned, per_pass, [], [], layer_bytes, 0, 0, params)
+    if essentials + total_layers + sum(n for _, _, n in per_pass) <= budget:
+        plan.pinned_layers = sorted(layer_bytes)
+        plan.minimum = essentials + params.window_layers * max(layer_bytes.values(), default=0)
+        return plan
+    # Eviction drops whole pages only: a streamed layer keeps the partial pages it shares with its
+    # neighbours in the file, at most two each.
+    slack = 2 * mmap.PAGESIZE * len(layers)
+    window = min(params.window_layers, len(layers)) * max(layer_bytes.values(), default=0) + slack
+    plan.window_bytes, plan.minimum = window, essentials + window
+    if budget < plan.minimum:
+        raise EdgecadError(
+            f"memory budget {budget / 1e6:,.1f} MB is below the minimum of {plan.minimum / 1e6:,.1f} MB for "
+            f"{info.path.name} (pinned output and norms {essentials / 1e6:,.1f} MB + a window of "
+            f"{params.window_layers} layers {window / 1e6:,.1f} MB): give at least {plan.minimum / 1e6:,.0f} MB, "
+            "or a smaller read-ahead / eviction lag"
+        )
+    room = budget - plan.minimum
+    for l in layers:  # leading layers first: their compute overlaps the reads of the streamed ones
+        if layer_bytes[l.index] <= room and len(plan.pinned_layers) < len(layers) - 1:
+            plan.pinned_layers.append(l.index)
+            room -= layer_bytes[l.index]
+        else:
+            break
+    plan.streamed_layers = [l.index for l in layers if l.index not in plan.pinned_layers]
+    return plan
+
+
+# ---------------------------------------------------------------------------- native pager
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Params(ctypes.Structure):
+    _fields_ = [("depth", ctypes.c_int), ("lag", ctypes.c_int), ("throttle_bps", ctypes.c_double),
+                ("measure", ctypes.c_int)]
+
+
+class _Stats(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("bytes_read", "io_wait_ns", "io_busy_ns", "resident_now",
+                                                "peak_resident", "boundaries", "passes", "advise_failures")]
+
+
+_lib = native.lib
+_RP, _P = ctypes.POINTER(_Range), ctypes.POINTER(_Params)
+# int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint64_t map_len,
+#                   const ec_range *layers, const uint8_t *streamed, int n_layers, const ec_range *pinned, int n_pinned,
+#                   const ec_range *evict_each_pass, int n_evict, const ec_pager_params *params, void *name_fn,
+#                   ec_pager **out);
+_lib.ec_pager_open.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, _RP,
+                               ctypes.POINTER(ctypes.c_uint8), ctypes.c_int, _RP, ctypes.c_int, _RP, ctypes.c_int,
+                               _P, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+_lib.ec_pager_open.restype = ctypes.c_int
+# void ec_pager_close(ec_pager *p);
+_lib.ec_pager_close.argtypes, _lib.ec_pager_close.restype = [ctypes.c_void_p], None
+# int ec_pager_settle(ec_pager *p);
+_lib.ec_pager_settle.argtypes, _lib.ec_pager_settle.restype = [ctypes.c_void_p], ctypes.c_int
+# int ec_pager_get_stats(ec_pager *p, ec_pager_stats *out);
+_lib.ec_pager_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Stats)]
+_lib.ec_pager_get_stats.restype = ctypes.c_int
+# void ec_pager_reset_peak(ec_pager *p);
+_lib.ec_pager_reset_peak.argtypes, _lib.ec_pager_reset_peak.restype = [ctypes.c_void_p], None
+# int ec_pager_error(ec_pager *p);
+_lib.ec_pager_error.argtypes, _lib.ec_pager_error.restype = [ctypes.c_void_p], ctypes.c_int
+# int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second);
+_lib.ec_read_bandwidth.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_double)]
+_lib.ec_read_bandwidth.restype = ctypes.c_int
+
+EC_ECHANGED = 8
+
+
+def _ggml_get_name() -> int:
+    """Address of ggml_get_name in the libggml-base that llama_cpp loaded."""
+    libdir = Path(C.__file__).parent / "lib"
+    names = {"darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+    lib = ctypes.CDLL(str(libdir / names.get(sys.platform, "libggml-base.so")))
+    return ctypes.cast(lib.ggml_get_name, ctypes.c_void_p).value
+
+
+def file_mappings(path: Path) -> set:
+    """{(address, file offset, length)} of every mapping of `path` in this process (/proc/self/maps)."""
+    st = os.stat(path)
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        raise EdgecadError("paging needs Linux (/proc/self/maps); run without memory_budget here") from None
+    out = set()
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or int(parts[4]) != st.st_ino:
+            continue
+        major, minor = (int(x, 16) for x in parts[3].split(":"))
+        if os.makedev(major, minor) == st.st_dev:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.add((lo, int(parts[2], 16), hi - lo))
+    return out
+
+
+def new_mapping(path: Path, before: set) -> tuple[int, int, int]:
+    """The mapping of `path` that appeared since `before`: the one llama.cpp just made for this
+    model (another Model of the same file, or a gguf reader, has its own)."""
+    new = file_mappings(path) - before
+    if len(new) != 1:
+        raise NativeError(f"cannot tell llama.cpp's mapping of {path} apart ({len(new)} new mappings): "
+                          "was the model loaded with mmap?")
+    return new.pop()
+
+
+def read_bandwidth(path: Path, offset: int = 0, length: Optional[int] = None) -> float:
+    """Sequential read speed of a file range after dropping it from the page cache, bytes/s."""
+    out = ctypes.c_double()
+    length = os.path.getsize(path) - offset if length is None else length
+    native.check(_lib.ec_read_bandwidth(os.fsencode(path), offset, length, ctypes.byref(out)), "ec_read_bandwidth")
+    return out.value
+
+
+class Pager:
+    """The native pager of one loaded target model; `cb_eval` goes into its context params."""
+
+    def __init__(self, path: Path, info: GGUFInfo, plan: BudgetPlan, mapping: tuple[int, int, int]):
+        """mapping: (address, file offset, length) of llama.cpp's mapping of this model (new_mapping)."""
+        self.path, self.plan, self._h = Path(path), plan, None
+        st = os.stat(self.path)
+        self._identity = (st.st_size, st.st_mtime_ns)
+        addr, map_off, map_len = mapping
+        ranges = {l.index: l for l in info.layers()}
+        n = max(ranges) + 1
+        layers = (_Range * n)(*[(ranges[i].start, ranges[i].n_bytes) if i in ranges else (0, 0) for i in range(n)])
+        streamed = (ctypes.c_uint8 * n)(*[int(i in plan.streamed_layers) for i in range(n)])
+        pinned = (_Range * max(1, len(plan.pinned)))(*[(o, b) for _, o, b in plan.pinned])
+        per_pass = (_Range * max(1, len(plan.evict_each_pass)))(*[(o, b) for _, o, b in plan.evict_each_pass])
+        pp = plan.params
+        params = _Params(pp.read_ahead, pp.lag, pp.bytes_per_second, int(pp.measure))
+        h = ctypes.c_void_p()
+        native.check(_lib.ec_pager_open(os.fsencode(self.path), addr, map_off, map_len, layers, streamed, n,
+                                        pinned, len(plan.pinned), per_pass, len(plan.evict_each_pass),
+                                        ctypes.byref(params), _ggml_get_name(), ctypes.byref(h)), "ec_pager_open")
+        self._h = h
+        self.cb_eval = C.ggml_backend_sched_eval_callback(ctypes.cast(_lib.ec_pager_cb_eval, ctypes.c_void_p).value)
+        self.settle()
+
+    @property
+    def handle(self) -> ctypes.c_void_p:
+        return self._h
+
+    def settle(self) -> None:
+        """Evict the streamed layers (the loader read them all) and read the pinned ones."""
+        native.check(_lib.ec_pager_settle(self._h), "ec_pager_settle")
+
+    def check_file(self) -> None:
+        """Raise before using a model file that changed under us (touching it could SIGBUS)."""
+        try:
+            st = os.stat(self.path)
+            same = (st.st_size, st.st_mtime_ns) == self._identity
+        except OSError:
+            same = False
+        if not same:
+            raise ModelFileError(f"{self.path} changed or vanished while the engine was using it: "
+                                 "create a new Engine once the file is complete again")
+
+    def check(self) -> None:
+        """After a decode: raise if the IO thread failed (the graph was aborted, logits are invalid)."""
+        code = _lib.ec_pager_error(self._h)
+        if code == EC_ECHANGED:
+            raise ModelFileError(f"{self.path} changed size while the engine was paging it: "
+                                 "create a new Engine once the file is complete again")
+        if code:
+            raise NativeError(f"the pager failed (EC code {code}) while reading {self.path}", code)
+
+    def stats(self) -> dict:
+        s = _Stats()
+        native.check(_lib.ec_pager_get_stats(self._h, ctypes.byref(s)), "ec_pager_get_stats")
+        return {k: getattr(s, k) for k, _ in _Stats._fields_}
+
+    def reset_peak(self) -> None:
+        _lib.ec_pager_reset_peak(self._h)
+
+    def close(self) -> None:
+        if self._h:
+            _lib.ec_pager_close(self._h)
+            self._h = None
+
+    def __del__(self):
+        self.close()
