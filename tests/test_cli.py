@@ -1,6 +1,7 @@
 """The `edgecad` command: one line and a non-zero status on bad input, never a traceback."""
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -8,7 +9,9 @@ from edgecad.cli import main
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "edgecad.cli", *map(str, args)], capture_output=True, text=True)
+    """The installed command, run from a neutral directory (not the source tree)."""
+    return subprocess.run([sys.executable, "-m", "edgecad.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())
 
 
 def test_generate_prints_the_greedy_completion(tiny_target, capsys):
