@@ -32,8 +32,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     draft = a.draft
     if draft is None and a.mode != "target" and a.target == registry.DEFAULT_TARGET:
         draft = registry.DEFAULT_DRAFT  # the default pair
-    with Engine(a.target, draft, mode=a.mode, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
-                verbose=a.verbose) as eng:
+    from .pager import PagerParams
+
+    pager = PagerParams(io=a.io, storage=a.storage)
+    with Engine(a.target, draft, mode=a.mode, memory_budget=a.memory_budget, pager=pager, n_ctx=a.n_ctx,
+                n_threads=a.threads, seed=a.seed, verbose=a.verbose) as eng:
         last = None
         for chunk in eng.create_completion(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
                                            top_p=a.top_p, top_k=a.top_k, seed=a.seed, stream=True):
@@ -86,6 +89,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from .gguf_file import read_gguf
 
     g = read_gguf(registry.resolve(a.model))
+    if a.budget is not None:
+        from .pager import PagerParams, parse_budget, plan_budget
+        print(plan_budget(g, parse_budget(a.budget, g.file_size), PagerParams(io=a.io)).describe())
+        return 0
     m = g.metadata
     layers = g.layers()
     print(f"file            {g.path} ({_mb(g.file_size)}, GGUF v{g.version})")
@@ -126,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--n-ctx", type=int, default=4096)
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--memory-budget", default=None,
+                   help="bytes of the target kept resident: 450MB, 1.5GiB, 40%% (of the target file), auto; "
+                        "default: the whole target")
+    g.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="how paged layers are read")
+    g.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"],
+                   help="emulate slower storage by throttling the pager's reads")
     g.add_argument("--stats", action="store_true", help="print run statistics to stderr")
     g.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
     g.set_defaults(func=cmd_generate)
@@ -137,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe a GGUF model: layers, bytes, quantisation, tokenizer")
     i.add_argument("model", help="GGUF path or registry name")
+    i.add_argument("--budget", default=None, help="print the paging plan for this memory budget (e.g. 40%%)")
+    i.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="IO mode of the plan")
     i.set_defaults(func=cmd_inspect)
     return p
 

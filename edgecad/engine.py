@@ -77,6 +77,7 @@ class Stats:
         d["peak_resident_target_bytes"] = pg.get("peak_resident_target_bytes")
         d["bytes_read"] = pg.get("bytes_read", 0)
         d["io_wait_seconds"] = pg.get("io_wait_seconds", 0.0)
+        d["io_busy_seconds"] = pg.get("io_busy_seconds", 0.0)  # the IO thread reading (overlaps compute)
         d["target_compute_seconds"] = self.seconds_target - d["io_wait_seconds"]
         return d
 
@@ -371,6 +372,7 @@ class Engine:
                 "peak_resident_target_bytes": after["peak_resident"],
                 "bytes_read": after["bytes_read"] - before["bytes_read"],
                 "io_wait_seconds": (after["io_wait_ns"] - before["io_wait_ns"]) / 1e9,
+                "io_busy_seconds": (after["io_busy_ns"] - before["io_busy_ns"]) / 1e9,
             }
         elif self.budget_plan is not None:
             stats.paging = {"budget_bytes": self.budget_plan.budget}

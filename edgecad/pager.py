@@ -171,16 +171,15 @@ def plan_budget(info: GGUFInfo, budget: int, params: PagerParams = PagerParams()
             pinned.append((t.name, t.offset, t.n_bytes))
     essentials = sum(n for _, _, n in pinned) + sum(min(params.embd_allowance, n) for _, _, n in per_pass)
     total_layers = sum(layer_bytes.values())
-    plan = BudgetPlan(budget, info.file_size, pinned, per_pass, [], [], layer_bytes, 0, 0, params)
-    if essentials + total_layers + sum(n for _, _, n in per_pass) <= budget:
-        plan.pinned_layers = sorted(layer_bytes)
-        plan.minimum = essentials + params.window_layers * max(layer_bytes.values(), default=0)
-        return plan
     # Eviction drops whole pages only: a streamed layer keeps the partial pages it shares with its
     # neighbours in the file, at most two each.
     slack = 2 * mmap.PAGESIZE * len(layers)
     window = min(params.window_layers, len(layers)) * max(layer_bytes.values(), default=0) + slack
-    plan.window_bytes, plan.minimum = window, essentials + window
+    plan = BudgetPlan(budget, info.file_size, pinned, per_pass, [], [], layer_bytes, window, essentials + window,
+                      params)
+    if sum(n for _, _, n in pinned + per_pass) + total_layers <= budget:  # the whole model fits
+        plan.pinned_layers = sorted(layer_bytes)
+        return plan
     if budget < plan.minimum:
         raise EdgecadError(
             f"memory budget {budget / 1e6:,.1f} MB is below the minimum of {plan.minimum / 1e6:,.1f} MB for "

@@ -117,6 +117,8 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
     wr.close()
+    with open(tmp, "rb") as f:  # clean pages: dirty ones cannot be evicted, which paging tests rely on
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 

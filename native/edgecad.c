@@ -189,7 +189,7 @@ struct ec_pager {
     ec_pager_stats st;       /* guarded by mu */
 };
 
-#define CHUNK ((uint64_t)1 << 20)
+#define CHUNK ((uint64_t)8 << 20) /* bytes per read: large enough to keep the device busy */
 
 static double now_s(void) {
     struct timespec ts;
@@ -245,8 +245,10 @@ static void throttle(ec_pager *p, uint64_t n) {
     p->next_free_s += (double)n / p->prm.throttle_bps;
 }
 
-/* Read a file range into RAM through the IO path: throttle, pread exactly the range (our fd is
- * POSIX_FADV_RANDOM: no readahead past it), then map it (MADV_POPULATE_READ: minor faults only). */
+/* Read a file range into RAM through the IO path: throttle, pread exactly the range in CHUNK
+ * pieces (large reads keep many block requests in flight; our fd is POSIX_FADV_RANDOM, so nothing
+ * past the range is read), then map it (MADV_POPULATE_READ: minor faults only, compute does not
+ * fault). Measured here: POSIX_FADV_WILLNEED of the range + MADV_POPULATE_READ ran at 0.09 GB/s. */
 static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
     struct stat st;
     if (fstat(p->fd, &st) != 0) return fail(EC_ESTAT, errno, "fstat of the model file");
@@ -378,10 +380,11 @@ static int boundary(ec_pager *p, int il) {
         p->st.passes++;
         if (p->n_evict) enqueue(p, OP_EVICT_PASS, -1); /* the embedding rows of this pass are read already */
     }
-    /* queue order: the layer compute needs now, the eviction, then the read-ahead */
-    if (j >= 0) request_load(p, il);
+    /* queue order: the eviction (so the window never holds more than it reserves), the layer
+     * compute needs now, then the read-ahead */
     if (j >= 0 && p->n_stream > p->prm.depth + p->prm.lag)
         request_evict(p, p->ring[(j - p->prm.lag + p->n_stream) % p->n_stream]);
+    if (j >= 0) request_load(p, il);
     if (p->n_stream > 0)
         for (int k = 0, start = j >= 0 ? j + 1 : p->next_ring[il]; k < p->prm.depth; k++)
             request_load(p, p->ring[(start + k) % p->n_stream]);

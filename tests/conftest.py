@@ -42,3 +42,29 @@ def empty_models_dir(tmp_path, monkeypatch) -> Path:
     d.mkdir()
     monkeypatch.setenv("EDGECAD_MODELS", str(d))
     return d
+
+
+def _is_tmpfs(path: Path) -> bool:
+    best, fstype = "", ""
+    for line in open("/proc/mounts"):
+        dev, mnt, fs = line.split()[:3]
+        if str(path).startswith(mnt) and len(mnt) > len(best):
+            best, fstype = mnt, fs
+    return fstype in ("tmpfs", "ramfs")
+
+
+@pytest.fixture(scope="session")
+def disk_dir(tmp_path_factory) -> Path:
+    """A directory on a real disk (page cache that eviction can drop), not tmpfs."""
+    d = tmp_path_factory.mktemp("disk")
+    if _is_tmpfs(d):
+        d = Path(__file__).resolve().parent.parent / ".pytest-disk"
+        d.mkdir(exist_ok=True)
+    assert not _is_tmpfs(d), f"no real-disk directory for paging tests (tried {d})"
+    return d
+
+
+@pytest.fixture(scope="session")
+def paging_pair(disk_dir):
+    """(draft, target) with a 16-layer target (~250 KB per layer) on a real disk, for the pager."""
+    return tiny.write_pair(disk_dir, target=tiny.TinySpec(n_layer=16, layer_scale=0.15, seed=1))

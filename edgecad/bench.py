@@ -1,0 +1,258 @@
+"""`edgecad bench`: every baseline side by side, in one run, with fidelity and the IO floor.
+
+Rows are interleaved per prompt (prompt 1: every row, prompt 2: every row, ...) so machine
+noise hits all rows alike. Each row loads its own engine for each prompt and closes it before
+the next row: two engines paging one file would keep each other's pages mapped. Load time is
+not counted. After all rows, one resident target scores every output teacher-forced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+from . import registry
+from .engine import Engine
+from .errors import EdgecadError
+from .fidelity import NEAR_TIE_EPS, Fidelity, teacher_forced
+from .gguf_file import read_gguf
+from .pager import PagerParams, parse_budget, plan_budget, read_bandwidth
+from .progress import Progress
+from .prompts import load_prompts
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    mode: str                 # Engine mode
+    paged: bool               # under the budget
+    io: str = "prefetch"      # pager IO mode when paged
+
+
+ROWS = {r.name: r for r in [
+    Row("target", "target", False),
+    Row("target-paged", "target", True, "demand"),
+    Row("target-prefetch", "target", True, "prefetch"),
+    Row("linear-paged", "linear", True),
+    Row("bild-paged", "bild", True),
+    Row("edgecad-paged", "tree", True),
+    Row("edgecad", "tree", False),
+]}
+LOSSLESS = {"target", "tree", "linear"}
+
+
+class _PeakRSS:
+    """Samples this process's RSS in a thread while a row runs."""
+
+    def __init__(self, every: float = 0.01):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self._proc = psutil.Process()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def machine() -> dict:
+    import llama_cpp
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "memory_bytes": psutil.virtual_memory().total, "python": platform.python_version(),
+            "llama_cpp_python": getattr(llama_cpp, "__version__", "?")}
+
+
+def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prompts=None, max_tokens=64,
+              repeat=1, temperature=0.0, n_threads=None, progress=True) -> dict:
+    target, draft = registry.resolve(target), registry.resolve(draft)
+    rows = [ROWS[m] for m in (modes or ROWS)]
+    unknown = set(modes or ()) - set(ROWS)
+    if unknown:
+        raise EdgecadError(f"unknown bench rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
+    info = read_gguf(target)
+    budget_bytes = parse_budget(budget, info.file_size, other_bytes=os.path.getsize(draft))
+    plans = {io: plan_budget(info, budget_bytes, PagerParams(io=io, storage=storage)) for io in ("demand", "prefetch")}
+    prompt_set = load_prompts(prompts)
+    seq_bw = statistics.median(read_bandwidth(target) for _ in range(3))
+    throttle = PagerParams(storage=storage).bytes_per_second
+    floor_bw = min(seq_bw, throttle) if throttle else seq_bw  # the storage being emulated caps the floor
+
+    runs = {r.name: [] for r in rows}
+    bar = Progress(len(prompt_set) * repeat * len(rows), "bench", "") if progress else None
+    for rep in range(repeat):
+        for pr in prompt_set:
+            for r in rows:
+                if bar:
+                    bar.update(0, note=f"{pr['id']} {r.name}")
+                kw = dict(memory_budget=budget_bytes, pager=PagerParams(io=r.io, storage=storage)) if r.paged else {}
+                with Engine(target, draft if r.mode != "target" else None, mode=r.mode, n_threads=n_threads,
+                            n_ctx=2048, seed=rep, **kw) as eng, _PeakRSS() as rss:
+                    out = eng.create_completion(pr["prompt"], max_tokens=max_tokens, temperature=temperature,
+                                                seed=rep)
+                st = out["edgecad"]
+                st["peak_rss_bytes"] = rss.peak
+                st["prompt"] = pr["prompt"]
+                runs[r.name].append(st)
+                if bar:
+                    bar.update(1)
+    if bar:
+        bar.close()
+
+    # fidelity: one resident target scores every output
+    fid = {r.name: Fidelity() for r in rows}
+    with Engine(target, n_ctx=2048, n_threads=n_threads) as judge:
+        for r in rows:
+            for st in runs[r.name]:
+                fid[r.name] += teacher_forced(judge._target, judge._batch, judge.tokenize(st["prompt"]),
+                                              st["token_ids"])
+
+    out_rows = []
+    for r in rows:
+        sts = runs[r.name]
+        tps = [s["n_tokens"] / (s["seconds"] + s["prompt_seconds"]) for s in sts]
+        n_tok = sum(s["n_tokens"] for s in sts)
+        passes = sum(s["target_passes"] for s in sts)
+        per_pass = n_tok / passes
+        row = {
+            "mode": r.name, "engine_mode": r.mode, "paged": r.paged, "io": r.io if r.paged else None,
+            "lossless": r.mode in LOSSLESS,
+            "tokens_per_second": statistics.median(tps), "tokens_per_second_min": min(tps),
+            "tokens_per_second_max": max(tps), "tokens": n_tok, "target_passes": passes,
+            "mean_accepted_per_pass": per_pass,
+            "peak_resident_target_bytes": max((s["peak_resident_target_bytes"] or 0) for s in sts) if r.paged else None,
+            "peak_rss_bytes": max(s["peak_rss_bytes"] for s in sts),
+            "bytes_read_per_token": sum(s["bytes_read"] for s in sts) / n_tok if r.paged else None,
+            "io_floor_seconds_per_token": None, "floor_multiple": None,
+            "fidelity": fid[r.name].fraction, "near_ties": fid[r.name].near_ties,
+            "fidelity_mismatches": fid[r.name].mismatch_clear,
+            # seconds per generated token, summed over prompts
+            "seconds_draft": sum(s["seconds_draft"] for s in sts) / n_tok,
+            "seconds_target_compute": sum(s["target_compute_seconds"] for s in sts) / n_tok,
+            "seconds_io_wait": sum(s["io_wait_seconds"] for s in sts) / n_tok if r.paged else None,
+        }
+        if r.paged:
+            floor = plans[r.io].streamed_bytes / floor_bw / per_pass
+            row["io_floor_seconds_per_token"] = floor
+            row["floor_multiple"] = (1 / row["tokens_per_second"]) / floor
+        out_rows.append(row)
+    by = {row["mode"]: row for row in out_rows}
+    for row in out_rows:
+        for base, key in (("target-paged", "speedup_vs_target_paged"), ("target", "speedup_vs_target")):
+            row[key] = row["tokens_per_second"] / by[base]["tokens_per_second"] if base in by else None
+    speedups = {}
+    for a, b in [("edgecad-paged", "target-paged"), ("edgecad-paged", "target-prefetch"),
+                 ("edgecad-paged", "linear-paged"), ("edgecad-paged", "bild-paged"), ("edgecad", "target")]:
+        if a in by and b in by:
+            speedups[f"{a}/{b}"] = by[a]["tokens_per_second"] / by[b]["tokens_per_second"]
+    return {
+        "machine": machine(),
+        "config": {"target": str(target), "draft": str(draft), "budget": budget, "budget_bytes": budget_bytes,
+                   "storage": storage, "sequential_read_bytes_per_second": seq_bw,
+                   "floor_read_bytes_per_second": floor_bw, "prompts": prompts or "builtin",
+                   "n_prompts": len(prompt_set), "max_tokens": max_tokens, "repeat": repeat,
+                   "temperature": temperature, "n_threads": n_threads, "near_tie_eps": NEAR_TIE_EPS,
+                   "streamed_bytes_per_pass": {io: p.streamed_bytes for io, p in plans.items()},
+                   "tokens_per_second": "generated tokens / (prompt + generation seconds), median over prompts",
+                   "seconds_per_token_keys": "seconds_draft, seconds_target_compute, seconds_io_wait are per token"},
+        "rows": out_rows,
+        "speedups": speedups,
+    }
+
+
+def markdown(result: dict) -> str:
+    f = lambda v, fmt: "–" if v is None else format(v, fmt)
+    lines = ["| row | tok/s (min–max) | × target-paged | × target | tok/pass | peak target MB | peak RSS MB "
+             "| MB read/tok | × IO floor | fidelity (near-ties) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['mode']} | {r['tokens_per_second']:.2f} ({r['tokens_per_second_min']:.2f}–"
+            f"{r['tokens_per_second_max']:.2f}) | {f(r['speedup_vs_target_paged'], '.2f')} | "
+            f"{f(r['speedup_vs_target'], '.2f')} | {r['mean_accepted_per_pass']:.2f} | "
+            f"{f(r['peak_resident_target_bytes'] and r['peak_resident_target_bytes'] / 1e6, '.0f')} | "
+            f"{r['peak_rss_bytes'] / 1e6:.0f} | {f(r['bytes_read_per_token'] and r['bytes_read_per_token'] / 1e6, '.1f')} | "
+            f"{f(r['floor_multiple'], '.2f')} | {r['fidelity']:.4f} ({r['near_ties']}) |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EdgecadError("--plot needs matplotlib: pip install 'edgecad[plot]' (or pip install matplotlib)") from None
+    rows = result["rows"]
+    names = [r["mode"] for r in rows]
+    tps = [r["tokens_per_second"] for r in rows]
+    err = [[t - r["tokens_per_second_min"] for t, r in zip(tps, rows)],
+           [r["tokens_per_second_max"] - t for t, r in zip(tps, rows)]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    a.bar(names, tps, yerr=err, capsize=4, color="#4c72b0")
+    a.set_ylabel("tokens / s (median, min–max)")
+    a.set_yscale("log")
+    a.set_title("Speed")
+    bottom = [0.0] * len(rows)
+    for key, label, color in (("seconds_draft", "draft", "#55a868"), ("seconds_target_compute", "target compute",
+                                                                       "#4c72b0"), ("seconds_io_wait", "IO wait", "#c44e52")):
+        vals = [(r[key] or 0.0) for r in rows]
+        b.bar(names, vals, bottom=bottom, label=label, color=color)
+        bottom = [x + v for x, v in zip(bottom, vals)]
+    b.set_ylabel("seconds per token")
+    b.set_title("Where the time goes")
+    b.legend()
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=35)
+    c = result["config"]
+    fig.suptitle(f"{Path(c['target']).name}, budget {c['budget']}, storage {c['storage']}, "
+                 f"{c['n_prompts']} prompts x {c['max_tokens']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def quick_models(directory: Optional[str] = None) -> tuple[Path, Path]:
+    """The tiny pair with a 16-layer target, for `--quick` (seconds, on real llama.cpp)."""
+    from . import tiny
+    d = Path(directory or tempfile.mkdtemp(prefix="edgecad-quick-"))
+    return tiny.write_pair(d, target=tiny.TinySpec(n_layer=16, layer_scale=0.15, seed=1))
+
+
+def main_bench(a) -> int:
+    target, draft, prompts, max_tokens = a.target, a.draft, a.prompts, a.max_tokens
+    budget = a.budget
+    if a.quick:
+        draft, target = quick_models()
+        prompts = prompts if prompts != "builtin" else None
+        max_tokens = min(max_tokens, 24)
+    result = run_bench(target, draft, modes=a.modes, budget=budget, storage=a.storage, prompts=prompts,
+                       max_tokens=max_tokens, repeat=a.repeat, temperature=a.temperature, n_threads=a.threads)
+    if a.quick and not a.prompts_given:
+        pass
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    md = markdown(result)
+    print(md if a.markdown else md)
+    print("\n" + ", ".join(f"{k}: {v:.2f}x" for k, v in result["speedups"].items()))
+    if a.plot:
+        plot(result, a.plot)
+        print(f"plot written to {a.plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,137 @@
+"""The pager on the tiny pair (16-layer target on a real disk): exactness, residency, eviction,
+budget errors, file changes, throttle."""
+import mmap
+import os
+import shutil
+
+import pytest
+
+from edgecad import Engine, native
+from edgecad.errors import EdgecadError, ModelFileError
+from edgecad.gguf_file import read_gguf
+from edgecad.pager import PagerParams, parse_budget, plan_budget, read_bandwidth
+
+PAGE = mmap.PAGESIZE
+PROMPTS = ["hello the world", "Once upon a time", "def f(x):"]
+SMALL = dict(embd_allowance=64 << 10)  # the tiny embeddings are 68 KB
+
+
+def budget_for(target, params, pinned_layers=3):
+    """A budget that pins the essentials and `pinned_layers` layers and streams the rest."""
+    info = read_gguf(target)
+    layer = max(l.n_bytes for l in info.layers())
+    return plan_budget(info, 10 ** 9, params).minimum + pinned_layers * layer
+
+
+@pytest.fixture(scope="module")
+def reference(paging_pair):
+    draft, target = paging_pair
+    with Engine(target, n_ctx=512) as e:
+        return {p: e.create_completion(p, max_tokens=40)["edgecad"]["token_ids"] for p in PROMPTS}
+
+
+def test_parse_budget():
+    assert parse_budget(None, 1000) is None
+    assert parse_budget(123, 1000) == 123
+    assert parse_budget("40%", 1000) == 400
+    assert parse_budget("450MB", 1) == 450_000_000 and parse_budget("1.5GiB", 1) == 3 << 29
+    assert parse_budget("2k", 1) == 2000 and parse_budget("auto", 1) > 0
+    for bad in ("lots", "12 parsecs", "-5", "0", "%"):
+        with pytest.raises(EdgecadError, match="budget"):
+            parse_budget(bad, 1000)
+
+
+def test_plan(paging_pair):
+    _, target = paging_pair
+    info = read_gguf(target)
+    p = PagerParams(**SMALL)
+    plan = plan_budget(info, budget_for(target, p, pinned_layers=3), p)
+    assert plan.pinned_layers == [0, 1, 2] and plan.streamed_layers == list(range(3, 16))
+    assert {n for n, _, _ in plan.pinned} == {"output.weight", "output_norm.weight"}
+    assert [n for n, _, _ in plan.evict_each_pass] == ["token_embd.weight"]
+    assert "streamed layers 13" in plan.describe()
+    with pytest.raises(EdgecadError, match=r"below the minimum of [\d.]+ MB"):
+        plan_budget(info, plan.minimum - 1, p)
+    assert plan_budget(info, info.file_size, p).resident_all
+
+
+@pytest.mark.parametrize("io", ["prefetch", "demand"])
+@pytest.mark.parametrize("mode", ["target", "tree"])
+def test_paging_never_changes_the_tokens_and_holds_the_budget(paging_pair, reference, io, mode):
+    draft, target = paging_pair
+    p = PagerParams(io=io, **SMALL)
+    budget = budget_for(target, p)
+    with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=512, memory_budget=budget, pager=p) as e:
+        plan = e.budget_plan
+        for prompt in PROMPTS:
+            st = e.create_completion(prompt, max_tokens=40)["edgecad"]
+            assert st["token_ids"] == reference[prompt]
+            assert st["budget_bytes"] == budget
+            peak = st["peak_resident_target_bytes"]
+            assert plan.pinned_bytes * 0.9 < peak <= budget + PAGE * len(plan.streamed_layers)
+            assert st["bytes_read"] >= plan.streamed_bytes  # every pass reads the streamed layers
+            assert st["io_wait_seconds"] > 0 and st["target_compute_seconds"] > 0
+        # streamed layers are really evicted: the page cache holds at most the window of them
+        info = read_gguf(target)
+        held = sum(native.file_resident(target, l.start, l.n_bytes) for l in info.layers()
+                   if l.index in plan.streamed_layers)
+        assert held <= plan.window_bytes
+        assert held < plan.streamed_bytes / 2
+
+
+def test_budget_above_the_model_keeps_it_resident(paging_pair, reference, capsys):
+    _, target = paging_pair
+    with Engine(target, n_ctx=512, memory_budget="200%", verbose=True) as e:
+        assert e.budget_plan.resident_all and e._pager is None
+        st = e.create_completion(PROMPTS[0], max_tokens=40)["edgecad"]
+    assert "stays resident" in capsys.readouterr().err
+    assert st["token_ids"] == reference[PROMPTS[0]] and st["peak_resident_target_bytes"] is None
+
+
+def test_too_small_budget(paging_pair):
+    _, target = paging_pair
+    with pytest.raises(EdgecadError, match=r"memory budget 0.1 MB is below the minimum of [\d.]+ MB"):
+        Engine(target, memory_budget=100_000)
+
+
+@pytest.mark.parametrize("change", ["grow", "truncate"])
+def test_a_changed_file_is_an_error_not_a_crash(paging_pair, disk_dir, change):
+    _, target = paging_pair
+    path = disk_dir / f"changing-{change}.gguf"
+    shutil.copy(target, path)
+    p = PagerParams(**SMALL)
+    e = Engine(path, n_ctx=512, memory_budget=budget_for(path, p), pager=p)
+    e.create_completion("abc", max_tokens=4)
+    if change == "grow":
+        with open(path, "ab") as f:
+            f.write(b"\0" * 4096)
+    else:
+        os.truncate(path, os.path.getsize(path) // 2)
+    with pytest.raises(ModelFileError, match="changed"):
+        e.create_completion("abc", max_tokens=4)
+    e.close()
+
+
+def test_throttle_limits_the_read_rate(paging_pair):
+    _, target = paging_pair
+    rate = 40e6
+    p = PagerParams(io="demand", throttle_bps=rate, **SMALL)
+    with Engine(target, n_ctx=512, memory_budget=budget_for(target, p), pager=p) as e:
+        st = e.create_completion("abc", max_tokens=6)["edgecad"]
+    # the IO thread cannot have read faster than the throttle allows (one chunk of burst)
+    assert st["io_busy_seconds"] >= (st["bytes_read"] - (1 << 20)) / rate
+
+
+def test_storage_profiles_and_bad_params():
+    assert PagerParams(storage="sd").bytes_per_second == 45e6
+    assert PagerParams(storage="sd", throttle_bps=1e6).bytes_per_second == 1e6
+    assert PagerParams(io="demand").window_layers == PagerParams().lag + 1
+    with pytest.raises(EdgecadError, match="storage profile"):
+        PagerParams(storage="floppy")
+    with pytest.raises(EdgecadError, match="IO mode"):
+        PagerParams(io="psychic")
+
+
+def test_read_bandwidth(paging_pair):
+    _, target = paging_pair
+    assert read_bandwidth(target) > 0
