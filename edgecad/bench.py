@@ -81,8 +81,8 @@ def machine() -> dict:
             "llama_cpp_python": getattr(llama_cpp, "__version__", "?")}
 
 
-def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prompts=None, max_tokens=64,
-              repeat=1, temperature=0.0, n_threads=None, progress=True) -> dict:
+def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prompts=None, n_prompts=None,
+              max_tokens=64, repeat=1, temperature=0.0, n_threads=None, progress=True) -> dict:
     target, draft = registry.resolve(target), registry.resolve(draft)
     rows = [ROWS[m] for m in (modes or ROWS)]
     unknown = set(modes or ()) - set(ROWS)
@@ -91,7 +91,7 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
     info = read_gguf(target)
     budget_bytes = parse_budget(budget, info.file_size, other_bytes=os.path.getsize(draft))
     plans = {io: plan_budget(info, budget_bytes, PagerParams(io=io, storage=storage)) for io in ("demand", "prefetch")}
-    prompt_set = load_prompts(prompts)
+    prompt_set = load_prompts(prompts)[:n_prompts]
     seq_bw = statistics.median(read_bandwidth(target) for _ in range(3))
     throttle = PagerParams(storage=storage).bytes_per_second
     floor_bw = min(seq_bw, throttle) if throttle else seq_bw  # the storage being emulated caps the floor
@@ -144,6 +144,7 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
             "io_floor_seconds_per_token": None, "floor_multiple": None,
             "fidelity": fid[r.name].fraction, "near_ties": fid[r.name].near_ties,
             "fidelity_mismatches": fid[r.name].mismatch_clear,
+            "max_mismatch_gap": fid[r.name].max_mismatch_gap,
             # seconds per generated token, summed over prompts
             "seconds_draft": sum(s["seconds_draft"] for s in sts) / n_tok,
             "seconds_target_compute": sum(s["target_compute_seconds"] for s in sts) / n_tok,
@@ -236,21 +237,33 @@ def quick_models(directory: Optional[str] = None) -> tuple[Path, Path]:
     return tiny.write_pair(d, target=tiny.TinySpec(n_layer=16, layer_scale=0.15, seed=1))
 
 
+def text_table(result: dict) -> str:
+    head = f"{'row':<16} {'tok/s':>7} {'min':>6} {'max':>6} {'x tgt-pg':>8} {'x tgt':>6} {'tok/pass':>8} " \
+           f"{'peak MB':>8} {'RSS MB':>7} {'MB/tok':>7} {'x floor':>7} {'fidelity':>8} {'ties':>5}"
+    f = lambda v, fmt, w: f"{'-':>{w}}" if v is None else f"{v:>{w}{fmt}}"
+    lines = [head]
+    for r in result["rows"]:
+        pk = r["peak_resident_target_bytes"]
+        bpt = r["bytes_read_per_token"]
+        lines.append(f"{r['mode']:<16} {r['tokens_per_second']:>7.2f} {r['tokens_per_second_min']:>6.2f} "
+                     f"{r['tokens_per_second_max']:>6.2f} {f(r['speedup_vs_target_paged'], '.2f', 8)} "
+                     f"{f(r['speedup_vs_target'], '.2f', 6)} {r['mean_accepted_per_pass']:>8.2f} "
+                     f"{f(pk and pk / 1e6, '.0f', 8)} {r['peak_rss_bytes'] / 1e6:>7.0f} {f(bpt and bpt / 1e6, '.1f', 7)} "
+                     f"{f(r['floor_multiple'], '.2f', 7)} {r['fidelity']:>8.4f} {r['near_ties']:>5}")
+    return "\n".join(lines)
+
+
 def main_bench(a) -> int:
-    target, draft, prompts, max_tokens = a.target, a.draft, a.prompts, a.max_tokens
-    budget = a.budget
-    if a.quick:
+    target, draft, n_prompts, max_tokens = a.target, a.draft, None, a.max_tokens
+    if a.quick:  # the tiny pair, a few prompts: seconds, on real llama.cpp (CI)
         draft, target = quick_models()
-        prompts = prompts if prompts != "builtin" else None
-        max_tokens = min(max_tokens, 24)
-    result = run_bench(target, draft, modes=a.modes, budget=budget, storage=a.storage, prompts=prompts,
-                       max_tokens=max_tokens, repeat=a.repeat, temperature=a.temperature, n_threads=a.threads)
-    if a.quick and not a.prompts_given:
-        pass
+        n_prompts, max_tokens = 3, min(max_tokens, 24)
+    result = run_bench(target, draft, modes=a.modes, budget=a.budget, storage=a.storage, prompts=a.prompts,
+                       n_prompts=n_prompts, max_tokens=max_tokens, repeat=a.repeat, temperature=a.temperature,
+                       n_threads=a.threads, progress=not a.no_progress)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
-    md = markdown(result)
-    print(md if a.markdown else md)
+    print(markdown(result) if a.markdown else text_table(result))
     print("\n" + ", ".join(f"{k}: {v:.2f}x" for k, v in result["speedups"].items()))
     if a.plot:
         plot(result, a.plot)

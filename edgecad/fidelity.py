@@ -15,7 +15,8 @@ import numpy as np
 
 from .llama import Batch, Context
 
-NEAR_TIE_EPS = 0.1  # logits; batched vs sequential decodes of the Q4 models differ by up to ~0.3 at worst
+NEAR_TIE_EPS = 0.3  # logits: batched and sequential passes of the Q4 models differ by up to ~0.3 (DESIGN.md);
+                    # at 0.1 the target's own greedy output scored 0.9972 against a batched pass
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Fidelity:
     match: int = 0      # equal to the target's argmax
     near_ties: int = 0  # top-2 gap < eps (scored apart)
     mismatch_clear: int = 0  # differ from the argmax where the gap is clear: a lossless mode must have 0
+    max_mismatch_gap: float = 0.0  # largest top-2 gap at a token that differs from the argmax
 
     @property
     def fraction(self) -> float:
@@ -36,6 +38,7 @@ class Fidelity:
         self.match += o.match
         self.near_ties += o.near_ties
         self.mismatch_clear += o.mismatch_clear
+        self.max_mismatch_gap = max(self.max_mismatch_gap, o.max_mismatch_gap)
         return self
 
 
@@ -63,6 +66,8 @@ def teacher_forced(ctx: Context, batch: Batch, prompt: Sequence[int], generated:
             out.n += 1
             if tok == best:
                 out.match += 1
+            if tok != best:
+                out.max_mismatch_gap = max(out.max_mismatch_gap, float(top2[1] - top2[0]))
             if top2[1] - top2[0] < eps:
                 out.near_ties += 1
             elif tok != best:

@@ -1,0 +1,56 @@
+"""`edgecad bench --quick`: the JSON schema, and lossless rows faithful to the target (real llama.cpp)."""
+import json
+
+from edgecad.cli import main
+
+ROW_KEYS = {"mode", "tokens_per_second", "tokens_per_second_min", "tokens_per_second_max", "speedup_vs_target_paged",
+            "speedup_vs_target", "mean_accepted_per_pass", "peak_resident_target_bytes", "peak_rss_bytes",
+            "bytes_read_per_token", "io_floor_seconds_per_token", "floor_multiple", "fidelity", "near_ties",
+            "seconds_draft", "seconds_target_compute", "seconds_io_wait"}
+
+
+def test_bench_quick(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out), "--markdown", "--no-progress", "--threads", "2"]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert set(r) == {"machine", "config", "rows", "speedups"}
+    names = [row["mode"] for row in r["rows"]]
+    assert names == ["target", "target-paged", "target-prefetch", "linear-paged", "bild-paged", "edgecad-paged",
+                     "edgecad"]
+    for row in r["rows"]:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["tokens_per_second_min"] <= row["tokens_per_second"] <= row["tokens_per_second_max"]
+        if row["paged"]:
+            assert row["peak_resident_target_bytes"] <= r["config"]["budget_bytes"] * 1.05
+            assert row["bytes_read_per_token"] > 0 and row["floor_multiple"] > 0
+        else:
+            assert row["peak_resident_target_bytes"] is None and row["seconds_io_wait"] is None
+        if row["lossless"]:  # lossless rows are the target's greedy choice wherever the choice is clear
+            assert row["fidelity"] == 1.0 and row["fidelity_mismatches"] == 0, row
+    by = {row["mode"]: row for row in r["rows"]}
+    assert by["target"]["mean_accepted_per_pass"] == 1.0
+    assert by["edgecad-paged"]["mean_accepted_per_pass"] > by["linear-paged"]["mean_accepted_per_pass"]
+    assert by["target-paged"]["speedup_vs_target_paged"] == 1.0
+    assert "edgecad-paged/target-paged" in r["speedups"]
+    assert "| edgecad-paged |" in printed
+
+
+def test_plot_needs_matplotlib_or_writes_png(tmp_path):
+    from edgecad.bench import plot
+    from edgecad.errors import EdgecadError
+    result = {"rows": [{"mode": "target", "tokens_per_second": 2.0, "tokens_per_second_min": 1.5,
+                        "tokens_per_second_max": 2.5, "seconds_draft": 0.0, "seconds_target_compute": 0.4,
+                        "seconds_io_wait": None}],
+              "config": {"target": "t.gguf", "budget": "40%", "storage": "native", "n_prompts": 1, "max_tokens": 8}}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        try:
+            plot(result, str(tmp_path / "p.png"))
+        except EdgecadError as e:
+            assert "pip install" in str(e)
+            return
+        raise AssertionError("plot without matplotlib must raise EdgecadError")
+    plot(result, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
