@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -153,6 +153,10 @@ class Engine:
                 sys.stderr.write(f"edgecad: the budget holds the whole target, it stays resident\n{plan.describe()}\n")
         paged = plan is not None and not plan.resident_all
         self.budget_plan = plan
+        if tree_params is None and self.tree_params is not None and not paged:
+            # The cost-aware cap measured +13% tok/s paged but -7% resident (scripts/eval_fallback.py):
+            # a resident target's passes are cheap, LLMCad's threshold alone does better there.
+            self.tree_params = replace(self.tree_params, cost_aware=False)
         before = file_mappings(self.target_path) if paged else set()
         # Weight repacking is faster when resident but copies the weights out of the mapping: off when paged.
         self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged))
@@ -265,7 +269,8 @@ class Engine:
                 best = tree.path(max(tree.leaves(), key=lambda i: tree.conf[i]))
                 fallback.update(len(best), next((k for k, (a, b) in enumerate(zip(best, path)) if a != b),
                                                 min(len(best), len(path))))
-                fallback.observe_step(tree.n_drafted, now - step_t, len(path) + 1)
+                fallback.observe_step(tree.n_drafted, now - step_t, len(path) + 1,
+                                      float(tree.conf[1:tree.n].sum()), len(path))
                 stats.target_passes += 1
                 stats.draft_tokens += tree.n_drafted
                 stats.accepted_tokens += len(path)

@@ -112,10 +112,11 @@ class FallbackThreshold:
     After each verification (LLMCad): if the best branch was fully accepted, the draft was
     too cautious: halve the threshold; otherwise set it to the fraction of that branch's
     drafted tokens that were wrong. Cost-aware cap: one more drafted node (confidence p)
-    yields p tokens in expectation and costs `node_seconds`, the slope of step time over
-    tree size (least squares over the steps so far); the run yields `rate` tokens/s.
-    Drafting deeper pays while p >= node_seconds * rate, so the threshold in force is
-    min(LLMCad's value, node_seconds * rate): when a target pass is expensive (paged
+    yields c * p tokens in expectation, c the measured calibration (accepted tokens per unit
+    of drafted confidence), and costs `node_seconds`, the slope of step time over tree size
+    (least squares over the steps so far); the run yields `rate` tokens/s. Drafting deeper
+    pays while c * p >= node_seconds * rate, so the threshold in force is
+    min(LLMCad's value, node_seconds * rate / c): when a target pass is expensive (paged
     weights) and nodes are cheap, the draft goes deeper before falling back.
     """
 
@@ -125,6 +126,8 @@ class FallbackThreshold:
         self.history = [self.value]
         self._s = np.zeros(5)  # sums of 1, n, t, n*n, n*t over steps (n nodes, t seconds)
         self._tokens = 0
+        self._conf = 0.0       # summed confidence of drafted nodes
+        self._accepted = 0     # drafted tokens accepted
 
     def update(self, n_drafted: int, n_accepted: int) -> None:
         """n_drafted tokens on the best branch, of which the first n_accepted were accepted."""
@@ -137,9 +140,18 @@ class FallbackThreshold:
         self.value = float(min(self.p.threshold_max, max(self.p.threshold_min, v)))
         self.history.append(self.value)
 
-    def observe_step(self, n_nodes: int, seconds: float, n_tokens: int) -> None:
+    def observe_step(self, n_nodes: int, seconds: float, n_tokens: int, conf_sum: float = 0.0,
+                     accepted: int = 0) -> None:
+        """One step: n_nodes drafted (confidences summing to conf_sum, `accepted` of them accepted)
+        in `seconds`, adding n_tokens to the output."""
         self._s += (1, n_nodes, seconds, n_nodes * n_nodes, n_nodes * seconds)
         self._tokens += n_tokens
+        self._conf += conf_sum
+        self._accepted += accepted
+
+    def calibration(self) -> float:
+        """Accepted tokens per unit of draft confidence: the draft's confidence is optimistic."""
+        return self._accepted / self._conf if self._conf > 0 and self._accepted > 0 else 1.0
 
     def node_seconds(self) -> Optional[float]:
         k, n, t, nn, nt = self._s
@@ -155,7 +167,7 @@ class FallbackThreshold:
         if b is None or self._s[2] <= 0:
             return self.value
         rate = self._tokens / self._s[2]
-        return float(max(self.p.threshold_min, min(self.value, b * rate)))
+        return float(max(self.p.threshold_min, min(self.value, b * rate / self.calibration())))
 
     def summary(self) -> dict:
         h = np.array(self.history)

@@ -51,6 +51,17 @@ def test_cost_aware_threshold_follows_the_break_even():
     assert FallbackThreshold(TreeParams(threshold_init=0.5, cost_aware=False)).current() == 0.5
 
 
+def test_cost_aware_threshold_is_calibrated_by_measured_acceptance():
+    """A draft whose confidence is twice its real yield halves what a node is worth: the break-even doubles."""
+    p = TreeParams(threshold_init=0.5)
+    f = FallbackThreshold(p)
+    for n in (4, 8, 16, 32, 8):
+        f.observe_step(n, 0.6 + 0.002 * n, 3, conf_sum=4.0, accepted=2)
+    assert f.calibration() == pytest.approx(0.5)
+    rate = 15 / sum(0.6 + 0.002 * n for n in (4, 8, 16, 32, 8))
+    assert f.current() == pytest.approx(max(p.threshold_min, 0.002 * rate / 0.5))
+
+
 # ---------------------------------------------------------------------------- tree
 
 def test_token_tree_bookkeeping():
