@@ -82,13 +82,13 @@ class Stats:
         return d
 
 
-def check_same_vocabulary(draft: Path, target: Path, draft_model: Model, target_model: Model) -> None:
+def check_same_vocabulary(draft_model: Model, target_model: Model) -> None:
     """Speculative decoding compares token ids: the draft must use the target's vocabulary exactly."""
-    dv, tv = read_gguf(draft).vocab_digest, read_gguf(target).vocab_digest
-    if draft_model.n_vocab != target_model.n_vocab or dv != tv:
+    if draft_model.n_vocab != target_model.n_vocab or draft_model.info.vocab_digest != target_model.info.vocab_digest:
         raise VocabularyMismatchError(
-            f"draft {draft} ({draft_model.n_vocab} tokens) does not share the vocabulary of target {target} "
-            f"({target_model.n_vocab} tokens): pick a draft model of the same family (same tokenizer)"
+            f"draft {draft_model.path} ({draft_model.n_vocab} tokens) does not share the vocabulary of target "
+            f"{target_model.path} ({target_model.n_vocab} tokens): pick a draft model of the same family "
+            "(same tokenizer)"
         )
 
 
@@ -143,7 +143,7 @@ class Engine:
         self.n_threads = n_threads or default_threads()
         self.target_path = registry.resolve(target)
         self.draft_path = registry.resolve(draft) if draft is not None else None
-        plan = None
+        plan = info = None
         if memory_budget is not None:
             info = read_gguf(self.target_path)
             other = os.path.getsize(self.draft_path) if self.draft_path is not None else 0
@@ -159,10 +159,10 @@ class Engine:
             self.tree_params = replace(self.tree_params, cost_aware=False)
         before = file_mappings(self.target_path) if paged else set()
         # Weight repacking is faster when resident but copies the weights out of the mapping: off when paged.
-        self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged))
+        self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged), info)
         if self.draft_path is not None:
             self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True))
-            check_same_vocabulary(self.draft_path, self.target_path, self._draft_model, self._target_model)
+            check_same_vocabulary(self._draft_model, self._target_model)
         if paged:
             self._pager = Pager(self.target_path, info, plan, new_mapping(self.target_path, before))
             if verbose:

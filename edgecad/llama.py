@@ -76,13 +76,15 @@ class ModelParams:
 class Model:
     """A loaded GGUF model and its vocabulary."""
 
-    def __init__(self, path: str | os.PathLike, params: ModelParams = ModelParams()):
-        from .gguf_file import check_gguf
+    def __init__(self, path: str | os.PathLike, params: ModelParams = ModelParams(), info=None):
+        """info: the file's GGUFInfo when already read (else it is read here: clear errors for
+        missing, non-GGUF and truncated files before llama.cpp sees the file)."""
+        from .gguf_file import read_gguf
 
         self._ptr = None
         _init_backend()
         self.path = Path(path)
-        check_gguf(self.path)  # clear errors for missing, non-GGUF and truncated files
+        self.info = info if info is not None else read_gguf(self.path)
         mp = C.llama_model_default_params()
         mp.load_mode = C.LLAMA_LOAD_MODE_MMAP if params.use_mmap else C.LLAMA_LOAD_MODE_NONE
         mp.lazy_mode = C.LLAMA_LAZY_MODE_OFF
