@@ -48,7 +48,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         if a.stats:
             for k, v in last["edgecad"].items():
                 if k != "token_ids":
-                    sys.stderr.write(f"{k:>24}: {_fmt(v)}\n")
+                    sys.stderr.write(f"{k:>28}: {_fmt(v)}\n")
     return 0
 
 
