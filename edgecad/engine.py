@@ -193,24 +193,12 @@ class Engine:
 
     # ------------------------------------------------------------------ decoders
 
-    def _prefill(self, ctx: Context, tokens: Sequence[int], logits: bool = True) -> Optional[np.ndarray]:
-        """Clear the KV cache, decode the tokens in n_batch chunks; logits of the last one (a copy)."""
-        ctx.clear()
-        b, n = self._batch, len(tokens)
-        for start in range(0, n, b.capacity):
-            b.clear()
-            chunk = tokens[start:start + b.capacity]
-            for j, t in enumerate(chunk):
-                b.add(t, start + j, (0,), logits and start + j == n - 1)
-            ctx.decode(b)
-        return ctx.logits(b.n_tokens - 1).copy() if logits else None
-
     def _decode_target(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams,
                        rng: np.random.Generator, stats: Stats) -> Iterator[int]:
         """Plain decoding: one target pass per token."""
         ctx, b = self._target, self._batch
         t0 = time.perf_counter()
-        logits = self._prefill(ctx, prompt)
+        logits = ctx.prefill(self._batch, prompt, logits=True)
         stats.prompt_seconds = time.perf_counter() - t0
         stats.target_passes = 1  # the prompt's pass gives the first token
         pos = len(prompt)
@@ -235,7 +223,7 @@ class Engine:
         path plus the target's bonus token are appended; both KV caches keep only that path."""
         p, ctx, drafter = self.tree_params, self._target, self._drafter
         t0 = time.perf_counter()
-        self._prefill(ctx, prompt[:-1], logits=False)  # the target's KV: every accepted token but the root
+        ctx.prefill(self._batch, prompt[:-1])  # the target's KV: every accepted token but the root
         drafter.prefill(prompt[:-1])
         stats.prompt_seconds = time.perf_counter() - t0
         stats.lossless = p.acceptance == "exact"

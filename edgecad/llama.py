@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import llama_cpp as C
 import numpy as np
@@ -273,6 +273,18 @@ class Context:
         if rc != 0:
             why = _DECODE_ERRORS.get(rc, "error")
             raise LlamaError(f"llama_decode of {batch.n_tokens} tokens failed ({rc}): {why}{_recent_errors()}", rc)
+
+    def prefill(self, batch: Batch, tokens: Sequence[int], *, logits: bool = False) -> Optional[np.ndarray]:
+        """Clear the KV cache and decode `tokens` into sequence 0 at positions 0.., in chunks of the
+        batch's capacity; with logits=True, return the logits after the last token (a copy)."""
+        self.clear()
+        n = len(tokens)
+        for start in range(0, n, batch.capacity):
+            batch.clear()
+            for j, t in enumerate(tokens[start:start + batch.capacity]):
+                batch.add(t, start + j, (0,), logits and start + j == n - 1)
+            self.decode(batch)
+        return self.logits(batch.n_tokens - 1).copy() if logits and n else None
 
     def logits(self, i: int) -> np.ndarray:
         """Logits of batch token i (which was added with logits=True): a view, shape (n_vocab,)."""

@@ -197,13 +197,7 @@ class Drafter:
         self.batch.close()
 
     def prefill(self, tokens: Sequence[int]) -> None:
-        self.ctx.clear()
-        b = self.batch
-        for start in range(0, len(tokens), b.capacity):
-            b.clear()
-            for j, t in enumerate(tokens[start:start + b.capacity]):
-                b.add(t, start + j, (0,), False)
-            self.ctx.decode(b)
+        self.ctx.prefill(self.batch, tokens)
         self.n_past = len(tokens)
 
     def _probs(self, logits: np.ndarray, sp: SamplingParams) -> np.ndarray:

@@ -113,3 +113,15 @@ def test_batch_bounds_and_closed_objects(tiny_target):
     m.close()
     with pytest.raises(LlamaError, match="closed"):
         Context(m)
+
+
+def test_prefill_in_chunks_equals_one_batch(model):
+    """Context.prefill splits long inputs by the batch's capacity; the result is the same state."""
+    toks = model.tokenize("a prompt long enough to need several chunks of eight tokens, twice over")
+    with Context(model, ContextParams(n_ctx=256)) as ctx, Batch(8) as small, Batch(128) as big:
+        chunked = ctx.prefill(small, toks, logits=True)
+        assert ctx.seq_pos_max(0) == len(toks) - 1
+        whole = ctx.prefill(big, toks, logits=True)
+        assert ctx.seq_pos_max(0) == len(toks) - 1  # cleared first, not appended
+        assert ctx.prefill(big, [], logits=True) is None and ctx.seq_pos_max(0) == -1
+    np.testing.assert_allclose(chunked, whole, atol=1e-3, rtol=1e-3)

@@ -121,14 +121,9 @@ def test_greedy_children_are_top1_and_confident_alternatives(draft_ctx):
     probs = tree.prob[1: tree.n]
     assert tree.n_drafted == 3 and list(probs) == sorted(probs, reverse=True)
     d.close()
-    ctx.clear()  # an independent decode of the prompt: the children are the draft's top 3 at the root
-    b = Batch(16)
-    for i, t in enumerate(prompt):
-        b.add(t, i, (0,), i == len(prompt) - 1)
-    ctx.decode(b)
-    top3 = np.argsort(-ctx.logits(len(prompt) - 1))[:3]
+    with Batch(16) as b:  # an independent decode of the prompt: the children are the draft's top 3 at the root
+        top3 = np.argsort(-ctx.prefill(b, prompt, logits=True))[:3]
     assert tree.token[1: tree.n].tolist() == top3.tolist()
-    b.close()
 
 
 def test_mode_parameters():

@@ -22,10 +22,7 @@ def target_engine(tiny_target):
 def top2_gap(model_path, tokens):
     """The target's top-2 logit gap after `tokens`, from a plain sequential context."""
     with Model(model_path) as m, Context(m, ContextParams(n_ctx=512)) as ctx, Batch(512) as b:
-        for i, t in enumerate(tokens):
-            b.add(t, i, (0,), i == len(tokens) - 1)
-        ctx.decode(b)
-        s = np.sort(ctx.logits(len(tokens) - 1))
+        s = np.sort(ctx.prefill(b, tokens, logits=True))
         return float(s[-1] - s[-2])
 
 
@@ -74,10 +71,7 @@ def test_sampling_keeps_the_target_distribution(tiny_pair):
         dists = []
         for m in (tm, dm):
             with Context(m, ContextParams(n_ctx=256)) as ctx, Batch(64) as b:
-                for i, t in enumerate(toks):
-                    b.add(t, i, (0,), i == len(toks) - 1)
-                ctx.decode(b)
-                dists.append(distribution(ctx.logits(len(toks) - 1), sp))
+                dists.append(distribution(ctx.prefill(b, toks, logits=True), sp))
     p, q = dists
     tv_pq = 0.5 * np.abs(p - q).sum()
     assert tv_pq > 0.15  # a sampler that leaked the draft's choices would fail below
