@@ -24,6 +24,9 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
+RAW = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)  # the model's own probabilities: a plain softmax
+
+
 def distribution(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
     """Full-vocabulary probabilities (float64) after temperature, top-k and top-p."""
     x = np.asarray(logits, dtype=np.float64)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .llama import Batch, Context
-from .sampling import SamplingParams, distribution
+from .sampling import RAW, SamplingParams, distribution
 
 
 @dataclass(frozen=True)
@@ -201,12 +201,8 @@ class Drafter:
         self.n_past = len(tokens)
 
     def _probs(self, logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
-        """The draft's distribution at a node: raw softmax when greedy, else the sampling distribution."""
-        if sp.greedy:
-            x = logits.astype(np.float64)
-            e = np.exp(x - x.max())
-            return e / e.sum()
-        return distribution(logits, sp)
+        """The draft's distribution at a node: its own probabilities when greedy, else the sampling one."""
+        return distribution(logits, RAW if sp.greedy else sp)
 
     def _children(self, q: np.ndarray, k_max: int, sp: SamplingParams, rng) -> list[int]:
         """Child tokens of a node, in draft order. Greedy: top-1 and the alternatives >= branch_p.

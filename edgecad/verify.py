@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .llama import Batch, Context
-from .sampling import SamplingParams, distribution, sample_from
+from .sampling import RAW, SamplingParams, distribution, sample_from
 from .tree import TokenTree
 
 
@@ -84,11 +84,10 @@ def accept_bild(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: np
     while tree.children[node]:
         (child,) = tree.children[node].values()
         x = int(tree.token[child])
-        lg = logits[node].astype(np.float64)
-        logp = lg[x] - lg.max() - np.log(np.exp(lg - lg.max()).sum())
-        if -logp > rollback_ce:
+        p = distribution(logits[node], RAW)
+        if p[x] < np.exp(-rollback_ce):  # cross-entropy -log p(x) above the threshold
             break
-        divergent += int(np.argmax(lg) != x)
+        divergent += int(np.argmax(p) != x)
         path.append(child)
         node = child
     lg = logits[node]
