@@ -21,12 +21,14 @@ from . import registry
 from .errors import EdgecadError, PromptTooLongError, VocabularyMismatchError
 from .gguf_file import read_gguf
 from .llama import Batch, Context, ContextParams, Model, ModelParams, default_threads, set_verbose
-from .pager import Pager, PagerParams, file_mappings, new_mapping, parse_budget, plan_budget
+from .memory import CONFIGS, load_costs, observe, parse_memory, plan_memory, save_costs
+from .pager import Pager, PagerParams, file_mappings, new_mapping, parse_budget, read_bandwidth
 from .sampling import SamplingParams, pick
 from .tree import MODE_PARAMS, Drafter, FallbackThreshold, TreeParams, keep_path
 from .verify import accept_bild, accept_greedy, accept_sampling, verify_tree
 
 MODES = ("target", "tree", "linear", "bild")
+_UNBOUNDED = 1 << 62  # memory_budget=None: no limit, everything resident
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold, so leaves per tree < 256
 
 
@@ -47,7 +49,8 @@ class Stats:
     seconds_draft: float = 0.0   # of which drafting
     seconds_target: float = 0.0  # of which target passes
     fallback: Optional[dict] = None  # summary of the fallback threshold's history
-    paging: Optional[dict] = None    # budget_bytes, peak_resident_target_bytes, bytes_read, io_wait_seconds
+    paging: Optional[dict] = None    # target_budget_bytes, peak_resident_target_bytes, bytes_read, io_wait_seconds
+    memory: Optional[object] = None  # the engine's MemoryPlan (edgecad.memory)
 
     def as_dict(self) -> dict:
         n, passes = len(self.token_ids), max(self.target_passes, 1)
@@ -72,8 +75,12 @@ class Stats:
         }
         if self.mode == "bild":
             d["bild_divergent_tokens"] = self.bild_divergent
-        pg = self.paging or {}
-        d["budget_bytes"] = pg.get("budget_bytes")
+        pg, mem = self.paging or {}, self.memory
+        d["config"] = mem.config if mem else self.mode
+        d["config_reason"] = mem.reason if mem else ""
+        d["budget_bytes"] = mem.budget if mem and mem.budget < (1 << 62) else None
+        d["memory_plan"] = {k: v for k, v in mem.parts.items()} if mem and mem.budget < (1 << 62) else None
+        d["target_budget_bytes"] = pg.get("target_budget_bytes")
         d["peak_resident_target_bytes"] = pg.get("peak_resident_target_bytes")
         d["bytes_read"] = pg.get("bytes_read", 0)
         d["io_wait_seconds"] = pg.get("io_wait_seconds", 0.0)
@@ -99,10 +106,14 @@ class Engine:
         target, draft: a GGUF path or a registry name (see `edgecad models list`).
         mode: "tree" (edgecad: token tree + adaptive fallback), "linear" (a chain, llama.cpp's
             speculative defaults), "bild" (Big Little Decoder; not lossless) or "target" (no draft).
-            None picks "tree" when a draft is given, else "target".
+            None: the automatic configuration picks the fastest of target-only and draft + tree, the
+            target resident or paged, inside memory_budget (see edgecad.memory; stats say which and why).
         tree_params: override the mode's TreeParams (see edgecad.tree).
-        memory_budget: bytes of the target that may be resident: an int, "450MB", "40%" (of the target
-            file), "auto" (from available memory), or None to keep the whole target resident.
+        memory_budget: everything the engine may hold resident (both models' weights, KV caches, compute
+            buffers, the process itself): an int, "1.5GB", "60%" (of the draft + target files), "auto"
+            (available memory or the cgroup limit, less a margin), or None for no limit.
+        target_budget: fix the target's share instead: bytes of the target file kept resident ("450MB",
+            "40%" of the target); the rest of the engine comes on top. For experiments and tests.
         pager: how the target is streamed under a budget (IO mode, read-ahead, storage profile).
         n_ctx: context length in tokens (prompt + completion).
         n_threads: compute threads; None = all cores this process may use.
@@ -119,7 +130,8 @@ class Engine:
         mode: Optional[str] = None,
         tree_params: Optional[TreeParams] = None,
         # memory
-        memory_budget: Union[int, str, None] = None,
+        memory_budget: Union[int, str, None] = "auto",
+        target_budget: Union[int, str, None] = None,
         pager: Optional[PagerParams] = None,
         n_ctx: int = 4096,
         # compute
@@ -131,45 +143,63 @@ class Engine:
         self._target = self._draft = None
         set_verbose(verbose)
         self.verbose = verbose
-        self.mode = mode or ("tree" if draft is not None else "target")
-        if self.mode not in MODES:
-            raise EdgecadError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.mode != "target" and draft is None:
-            raise EdgecadError(f"mode {self.mode!r} needs a draft model: pass draft=PATH_OR_NAME (or use mode='target')")
-        self.tree_params = tree_params or MODE_PARAMS.get(self.mode)
-        self._debug_kv = False  # tests: check both KV caches after every speculative step
+        if mode is not None and mode not in MODES:
+            raise EdgecadError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        if mode not in (None, "target") and draft is None:
+            raise EdgecadError(f"mode {mode!r} needs a draft model: pass draft=PATH_OR_NAME (or use mode='target')")
         if n_ctx < 8:
             raise EdgecadError(f"n_ctx={n_ctx} is too small: use at least 8 tokens")
         self.n_threads = n_threads or default_threads()
         self.target_path = registry.resolve(target)
         self.draft_path = registry.resolve(draft) if draft is not None else None
-        plan = info = None
-        if memory_budget is not None:
-            info = read_gguf(self.target_path)
-            other = os.path.getsize(self.draft_path) if self.draft_path is not None else 0
-            plan = plan_budget(info, parse_budget(memory_budget, info.file_size, other_bytes=other),
-                               pager or PagerParams())
-            if plan.resident_all and verbose:
-                sys.stderr.write(f"edgecad: the budget holds the whole target, it stays resident\n{plan.describe()}\n")
-        paged = plan is not None and not plan.resident_all
-        self.budget_plan = plan
+        t_info = read_gguf(self.target_path)
+        d_info = read_gguf(self.draft_path) if self.draft_path is not None else None
+        pager = pager or PagerParams()
+        self._infos = (t_info, d_info)  # the cost cache's key: the pair given, whatever runs
+
+        # The memory plan: which configuration runs, and how the budget is split (edgecad.memory).
+        t0 = time.perf_counter()
+        self._costs = load_costs(t_info, d_info, self.n_threads)
+        configs = None if mode is None else (CONFIGS[:2] if mode == "target" else CONFIGS[2:])
+        n_batch = min(512, n_ctx)
+        nodes = (tree_params or MODE_PARAMS.get(mode if mode not in (None, "target") else "tree")).max_nodes
+        budget = _UNBOUNDED if memory_budget is None else parse_memory(
+            memory_budget, t_info.file_size + (d_info.file_size if d_info else 0))
+        if target_budget is not None:
+            target_budget = parse_budget(target_budget, t_info.file_size)
+            budget = _UNBOUNDED
+        plan_args = dict(n_ctx=n_ctx, n_batch=n_batch, tree_nodes=nodes, pager=pager, target_budget=target_budget)
+        plan = plan_memory(budget, t_info, d_info, costs=self._costs, configs=configs, **plan_args)
+        if plan.paged and not self._costs.read_measured:  # calibrate the storage once per device and model
+            self._costs.read_bps = read_bandwidth(self.target_path, t_info.data_offset,
+                                                  min(256 * 1_000_000, t_info.file_size - t_info.data_offset))
+            self._costs.read_measured = True
+            save_costs(self._costs, t_info, d_info, self.n_threads)
+            plan = plan_memory(budget, t_info, d_info, costs=self._costs, configs=configs, runtime=plan.runtime,
+                               **plan_args)
+        self.memory_plan = plan
+        self.budget_plan = plan.paging
+        self.mode = mode or ("tree" if plan.speculative else "target")
+        self.tree_params = tree_params or MODE_PARAMS.get(self.mode)
+        self._debug_kv = False  # tests: check both KV caches after every speculative step
+        if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
+            sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
+        paged = plan.paged
         if tree_params is None and self.tree_params is not None and not paged:
             # The cost-aware cap measured +13% tok/s paged but -7% resident (scripts/eval_fallback.py):
             # a resident target's passes are cheap, LLMCad's threshold alone does better there.
             self.tree_params = replace(self.tree_params, cost_aware=False)
         before = file_mappings(self.target_path) if paged else set()
         # Weight repacking is faster when resident but copies the weights out of the mapping: off when paged.
-        self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged), info)
-        if self.draft_path is not None:
-            self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True))
+        self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged), t_info)
+        speculative = self.mode != "target"
+        if speculative:
+            self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True), d_info)
             check_same_vocabulary(self._draft_model, self._target_model)
         if paged:
-            self._pager = Pager(self.target_path, info, plan, new_mapping(self.target_path, before))
-            if verbose:
-                sys.stderr.write(plan.describe() + "\n")
-        speculative = self.mode != "target"
+            self._pager = Pager(self.target_path, t_info, plan.paging, new_mapping(self.target_path, before))
         n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1
-        cp = ContextParams(n_ctx=n_ctx, n_batch=min(512, n_ctx), n_seq_max=n_seq, n_threads=self.n_threads)
+        cp = ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq, n_threads=self.n_threads)
         hooks = {}
         if self._pager is not None:
             hooks = dict(cb_eval=self._pager.cb_eval, cb_eval_user_data=self._pager.handle,
@@ -361,20 +391,28 @@ class Engine:
         if self._pager is not None:
             after = self._pager.stats()
             stats.paging = {
-                "budget_bytes": self.budget_plan.budget,
+                "target_budget_bytes": self.budget_plan.budget,
                 "peak_resident_target_bytes": after["peak_resident"],
                 "bytes_read": after["bytes_read"] - before["bytes_read"],
                 "io_wait_seconds": (after["io_wait_ns"] - before["io_wait_ns"]) / 1e9,
                 "io_busy_seconds": (after["io_busy_ns"] - before["io_busy_ns"]) / 1e9,
             }
-        elif self.budget_plan is not None:
-            stats.paging = {"budget_bytes": self.budget_plan.budget}
+        stats.memory = self.memory_plan
         text = raw.decode("utf-8", errors="ignore")
         last = chunk(text[emitted:], finish)
         n = len(stats.token_ids)
         last["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
         last["edgecad"] = stats.as_dict()
+        self._learn(last["edgecad"])
         yield last
+
+    def _learn(self, st: dict) -> None:
+        """Correct the device's measured costs with this completion (edgecad.memory.observe)."""
+        t, d = self._infos
+        costs = observe(self._costs, self.memory_plan, st, t.file_size, d.file_size if d else 0)
+        if costs is not self._costs:
+            self._costs = costs
+            save_costs(costs, t, d, self.n_threads)
 
     # ------------------------------------------------------------------ lifetime
 

@@ -34,6 +34,7 @@ class ModelSpec:
     packages: tuple[str, ...]      # pip requirement per part, in part order ("pkg==1.0")
     size: int                      # bytes of the assembled GGUF
     sha256: str                    # hex digest of the assembled GGUF
+    derived_from: str = ""         # registry name this model is computed from (packages then empty)
 
 
 def _parts(stem: str, version: str, n: int) -> tuple[str, ...]:
@@ -58,6 +59,15 @@ MODELS: dict[str, ModelSpec] = {
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
+MODELS["qwen2.5-coder-1.5b-f16"] = ModelSpec(
+    name="qwen2.5-coder-1.5b-f16",
+    filename="qwen2.5-coder-1.5b-instruct-f16.gguf",
+    description="the 1.5B target re-encoded to F16 locally (big-target workload)",
+    packages=(),
+    size=3_560_416_320,  # written by edgecad.convert with gguf 0.19.0
+    sha256="d69c866df2cc8b0a84b4e54d5e9382a4bb2087397129be4f23545baa7f5b6cc9",
+    derived_from="qwen2.5-coder-1.5b",
+)
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 
@@ -189,6 +199,8 @@ def fetch(sp: ModelSpec, dest_dir: Path | None = None, *, progress: bool = True,
             return verify(sp, dest, progress=progress)
         except ChecksumError:
             pass  # a bad file is replaced below, only once a good one is assembled
+    if sp.derived_from:
+        return _derive(sp, dest_dir, progress=progress, pip_args=pip_args)
     if pip_args is None:
         pip_args = shlex.split(os.environ.get("EDGECAD_PIP_ARGS", ""))
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -224,6 +236,34 @@ def fetch(sp: ModelSpec, dest_dir: Path | None = None, *, progress: bool = True,
             raise ChecksumError(
                 f"downloaded {sp.name} does not match the registry ({n} bytes, sha256 {h.hexdigest()}; "
                 f"expected {sp.size} bytes, sha256 {sp.sha256}): nothing was installed; run the fetch again"
+            )
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _stamp(dest).write_text(json.dumps(_stamp_key(dest, sp)))
+    return dest
+
+
+def _derive(sp: ModelSpec, dest_dir: Path, *, progress: bool, pip_args) -> Path:
+    """Compute a derived model from its (fetched, verified) source into a temporary file, check size
+    and sha256 like a download, then rename it into place."""
+    from .convert import to_f16
+
+    src = fetch(spec(sp.derived_from), dest_dir, progress=progress, pip_args=pip_args)
+    dest = dest_dir / sp.filename
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{sp.filename}.", suffix=".partial", dir=dest_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        to_f16(src, tmp, progress=progress)
+        n, digest = tmp.stat().st_size, _sha256(tmp, f"hashing {sp.name}" if progress else None)
+        if n != sp.size or digest != sp.sha256:
+            import gguf
+            raise ChecksumError(
+                f"re-encoding {sp.derived_from} gave {n} bytes, sha256 {digest}; the registry expects {sp.size} "
+                f"bytes, sha256 {sp.sha256} (gguf package {getattr(gguf, '__version__', '?')}): nothing was "
+                "installed; install the gguf version in edgecad's requirements and fetch again"
             )
         os.replace(tmp, dest)
     except BaseException:

@@ -1,0 +1,335 @@
+"""One memory budget for the whole engine, and the configuration that runs fastest inside it.
+
+The budget is everything the engine keeps resident: the process itself (Python, numpy, llama.cpp's
+libraries), the draft's weights, the target's weights kept resident and its streaming window, both
+KV caches, llama.cpp's compute buffers and the engine's own arrays. `plan_memory` splits it for each
+configuration that could run (target resident, target paged, draft + tree with the target resident
+or paged), predicts each one's speed from measured costs (`Costs`: storage read bandwidth, target
+pass time against batch size, draft time, acceptance; cached per device and model and corrected after
+every completion) and keeps the fastest. A budget that runs nothing raises with the smallest that does.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Union
+
+from .errors import EdgecadError
+from .gguf_file import GGUFInfo
+from .pager import BudgetPlan, PagerParams, plan_budget
+
+MB = 1_000_000
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30}
+_UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number
+
+
+# ---------------------------------------------------------------------------- device memory
+
+def _cgroup_files() -> list[Path]:
+    """The memory limit files of this process's cgroup and its ancestors (v2 and v1)."""
+    out = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        hid, ctrls, path = line.split(":", 2)
+        if hid == "0" and ctrls == "":
+            root, name = Path("/sys/fs/cgroup"), "memory.max"
+            if not (root / "cgroup.controllers").exists():
+                root = Path("/sys/fs/cgroup/unified")
+        elif "memory" in ctrls.split(","):
+            root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for k in range(len(parts), -1, -1):
+            out.append(root.joinpath(*parts[:k], name))
+    return out
+
+
+def cgroup_limit() -> Optional[int]:
+    """The smallest memory limit of this process's cgroups (v1 or v2), or None if there is none."""
+    best = None
+    for f in _cgroup_files():
+        try:
+            s = f.read_text().strip()
+        except OSError:
+            continue
+        if s and s != "max" and int(s) < _UNLIMITED:
+            best = int(s) if best is None else min(best, int(s))
+    return best
+
+
+def process_rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def auto_budget() -> int:
+    """The memory this engine may use: the smaller of what the system has available (plus what this
+    process already holds) and the process's cgroup limit, less a margin of 5% (at least 64 MB)."""
+    import psutil
+    avail = psutil.virtual_memory().available + process_rss()
+    limit = cgroup_limit()
+    n = min(avail, limit) if limit else avail
+    return int(n - max(64 * MB, 0.05 * n))
+
+
+def parse_memory(value: Union[int, float, str], model_bytes: int) -> int:
+    """Bytes of the engine's budget: an int, "1.5GB", "900MiB", "40%" (of the model files, draft +
+    target), or "auto" (auto_budget)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = int(value)
+    else:
+        s = str(value).strip().lower()
+        n = -1
+        if s == "auto":
+            n = auto_budget()
+        elif s.endswith("%"):
+            try:
+                pct = float(s[:-1])
+                n = int(model_bytes * pct / 100) if 0 < pct and math.isfinite(pct) else -1
+            except ValueError:
+                pass
+        else:
+            m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
+            n = int(float(m.group(1)) * _UNITS[m.group(2)]) if m and m.group(2) in _UNITS else -1
+        if n == -1:
+            raise EdgecadError(f"cannot read memory budget {value!r}: give bytes, a size such as '1.5GB' or "
+                               "'900MiB', a share of the model files such as '60%', or 'auto'")
+    if n <= 0:
+        raise EdgecadError(f"memory budget {value!r} is not positive: give a size such as '1.5GB' or 'auto'")
+    return n
+
+
+# ---------------------------------------------------------------------------- what a context costs
+
+def kv_bytes(info: GGUFInfo, n_ctx: int) -> int:
+    """llama.cpp's F16 KV cache of one context (n_ctx padded to 256 cells); llama.cpp clears it at
+    creation, so all of it is resident from the start."""
+    n_head = int(info.arch_value("attention.head_count", 1))
+    n_head_kv = int(info.arch_value("attention.head_count_kv", n_head))
+    n_embd = int(info.arch_value("embedding_length", 0))
+    k = int(info.arch_value("attention.key_length", n_embd // max(n_head, 1)))
+    v = int(info.arch_value("attention.value_length", k))
+    cells = -(-max(n_ctx, 1) // 256) * 256
+    return cells * info.n_layer * n_head_kv * (k + v) * 2
+
+
+def compute_bytes(info: GGUFInfo, n_batch: int, n_outputs: int) -> int:
+    """Resident part of llama.cpp's compute buffer and logits for our batches: a batch of n_batch
+    tokens (prompt chunks, one output) and tree passes of n_outputs tokens with logits for each.
+    Estimated from the model's sizes (fp32 activations), not llama.cpp's worst-case reservation."""
+    n_embd = int(info.arch_value("embedding_length", 0))
+    n_ff = int(info.arch_value("feed_forward_length", 4 * n_embd))
+    n_head = int(info.arch_value("attention.head_count", 1))
+    acts = n_batch * (4 * n_embd + 3 * n_ff) * 4 + n_batch * 512 * n_head * 4  # layer activations, KQ
+    logits = 3 * n_outputs * info.vocab_size * 4  # graph output, llama.cpp's copy, our copy
+    return acts + logits + 24 * MB
+
+
+# ---------------------------------------------------------------------------- measured costs
+
+def _cache_path() -> Path:
+    d = os.environ.get("EDGECAD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                         os.path.expanduser("~/.cache"), "edgecad")
+    return Path(d) / "costs.json"
+
+
+@dataclass
+class Costs:
+    """What one device measured for one target (and draft): the inputs of the speed predictions.
+    Priors come from this project's measurements (2 x86 cores); every completion corrects them."""
+    read_bps: float = 1.2e9          # storage read bandwidth of the model's directory, bytes/s (measured)
+    target_byte_s: float = 3.3e-11   # resident target: seconds of a 1-token pass per byte of weights
+    batch_slope: float = 0.45        # a k-token pass costs (1 + batch_slope * (k - 1)) 1-token passes
+    paged_factor: float = 1.6        # compute of a paged pass over a resident one (no repacking, IO thread)
+    draft_node_s: float = 0.016      # drafting: seconds per drafted node (per GB of draft weights)
+    tree_nodes: float = 17.0         # drafted nodes per pass
+    tree_tokens: float = 4.0         # tokens per pass of a tree (accepted + bonus)
+    observed: int = 0                # completions folded in
+    read_measured: bool = False      # read_bps was measured on this device (not the prior)
+
+    def target_pass(self, weight_bytes: int, k: int, paged: bool) -> float:
+        c = self.target_byte_s * weight_bytes * (1 + self.batch_slope * (k - 1))
+        return c * (self.paged_factor if paged else 1.0)
+
+    def draft_time(self, draft_bytes: int) -> float:
+        return self.draft_node_s * self.tree_nodes * draft_bytes / 1e9
+
+
+def _cache_key(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> str:
+    name = lambda i: f"{i.path.name}:{i.file_size}" if i is not None else "-"
+    return f"{name(target)}|{name(draft)}|{os.cpu_count()}cpu|{n_threads}t"
+
+
+def load_costs(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> Costs:
+    try:
+        d = json.loads(_cache_path().read_text()).get(_cache_key(target, draft, n_threads), {})
+        return Costs(**{k: v for k, v in d.items() if k in Costs.__dataclass_fields__})
+    except (OSError, ValueError, TypeError):
+        return Costs()
+
+
+def save_costs(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> None:
+    """Best effort: a read-only cache directory only loses the calibration."""
+    p = _cache_path()
+    try:
+        data = json.loads(p.read_text()) if p.exists() else {}
+    except (OSError, ValueError):
+        data = {}
+    data[_cache_key(target, draft, n_threads)] = asdict(costs)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, p)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------- the plan
+
+CONFIGS = ("target", "target-paged", "tree", "tree-paged")
+
+
+@dataclass
+class MemoryPlan:
+    """How the budget is split for one configuration, and its predicted speed."""
+    config: str                  # one of CONFIGS ("tree" stands for any speculative mode)
+    budget: int                  # bytes the whole engine may hold resident
+    runtime: int                 # the process before any model: Python, numpy, llama.cpp's libraries (measured)
+    draft_weights: int           # the resident draft (its file), 0 without a draft
+    kv: int                      # KV caches of both contexts
+    compute: int                 # compute buffers, logits and the engine's arrays (estimated)
+    target: int                  # bytes of the target kept resident: its file, or the paging plan's budget
+    paging: Optional[BudgetPlan] # the target's paging plan when paged
+    tokens_per_second: float = 0.0  # predicted
+    reason: str = ""
+    alternatives: dict = field(default_factory=dict)  # config -> predicted tok/s, or why it cannot run
+
+    @property
+    def paged(self) -> bool:
+        return self.paging is not None
+
+    @property
+    def speculative(self) -> bool:
+        return self.config.startswith("tree")
+
+    @property
+    def parts(self) -> dict:
+        return {"runtime": self.runtime, "draft_weights": self.draft_weights, "kv_caches": self.kv,
+                "compute_buffers": self.compute, "target": self.target,
+                "spare": self.budget - self.runtime - self.draft_weights - self.kv - self.compute - self.target}
+
+    def describe(self) -> str:
+        mb = lambda n: f"{n / MB:,.0f} MB"
+        lines = [f"memory budget   {mb(self.budget)} for the whole engine: configuration {self.config} "
+                 f"(predicted {self.tokens_per_second:.2f} tok/s): {self.reason}",
+                 "  split         " + ", ".join(f"{k} {mb(v)}" for k, v in self.parts.items())]
+        alts = ", ".join(f"{k} {v if isinstance(v, str) else f'{v:.2f} tok/s'}" for k, v in self.alternatives.items())
+        lines.append(f"  considered    {alts}")
+        if self.paging is not None:
+            lines += ["  " + l for l in self.paging.describe().splitlines()]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"config": self.config, "reason": self.reason, "budget_bytes": self.budget,
+                "predicted_tokens_per_second": self.tokens_per_second, "parts": self.parts,
+                "alternatives": self.alternatives}
+
+
+def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_ctx: int, n_batch: int,
+                tree_nodes: int, costs: Costs, pager: PagerParams = PagerParams(), runtime: Optional[int] = None,
+                configs: Optional[tuple] = None, target_budget: Optional[int] = None) -> MemoryPlan:
+    """The fastest configuration among `configs` (default: all that the models allow) inside `budget`.
+    target_budget fixes the target's share instead (bytes of its file kept resident): the budget is
+    then whatever the rest needs plus that share."""
+    runtime = process_rss() + 16 * MB if runtime is None else runtime
+    configs = configs or (CONFIGS if draft is not None else CONFIGS[:2])
+    bps = min(costs.read_bps, pager.bytes_per_second) if pager.bytes_per_second else costs.read_bps
+    plans, why_not, smallest = {}, {}, None
+    for cfg in configs:
+        spec = cfg.startswith("tree")
+        kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if spec else 0)
+        outs = tree_nodes + 1 if spec else 1
+        compute = compute_bytes(target, n_batch, outs) + (compute_bytes(draft, n_batch, outs) if spec else 0)
+        compute += outs * target.vocab_size * 8 * (2 if spec else 0)  # the drafter's and verifier's distributions
+        dw = draft.file_size if spec else 0
+        fixed = runtime + kv + compute + dw
+        room = budget - fixed if target_budget is None else target_budget
+        paging = None
+        if cfg.endswith("paged"):
+            if target_budget is not None:
+                paging = plan_budget(target, target_budget, pager)  # too small: its own clear error
+            try:
+                paging = paging or plan_budget(target, max(room, 0), pager)
+            except EdgecadError:
+                need = fixed + plan_budget(target, 1 << 62, pager).minimum
+                why_not[cfg] = f"needs {need / MB:,.0f} MB"
+                smallest = need if smallest is None else min(smallest, need)
+                continue
+            if paging.resident_all:
+                why_not[cfg] = "the target fits: not paged"
+                continue
+            tgt = paging.budget
+        else:
+            tgt = target.file_size
+            if room < tgt:
+                need = fixed + tgt
+                why_not[cfg] = f"needs {need / MB:,.0f} MB"
+                smallest = need if smallest is None else min(smallest, need)
+                continue
+        k = round(costs.tree_nodes) + 1 if spec else 1
+        sec = costs.target_pass(target.file_size, k, paging is not None)
+        if paging is not None:
+            sec += paging.streamed_bytes / bps
+        if spec:
+            sec += costs.draft_time(draft.file_size)
+        tps = (costs.tree_tokens if spec else 1.0) / sec
+        total = budget if target_budget is None else fixed + tgt
+        plans[cfg] = MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging, tps)
+    if not plans:
+        raise EdgecadError(
+            f"memory budget {budget / MB:,.0f} MB cannot run {target.path.name}"
+            + (f" (with draft {draft.path.name})" if draft is not None else "")
+            + f": the smallest configuration needs {smallest / MB:,.0f} MB; give a larger budget"
+            " (--memory-budget / memory_budget=) or a smaller context (--n-ctx / n_ctx=)")
+    best = max(plans.values(), key=lambda p: p.tokens_per_second)
+    best.alternatives = {**{c: round(p.tokens_per_second, 3) for c, p in plans.items()}, **why_not}
+    others = [f"{c} {p.tokens_per_second:.2f}" for c, p in plans.items() if p is not best]
+    best.reason = ("the only configuration that fits" if not others else
+                   "fastest predicted (vs " + ", ".join(others) + " tok/s)")
+    return best
+
+
+def observe(costs: Costs, plan: MemoryPlan, stats: dict, target_bytes: int, draft_bytes: int) -> Costs:
+    """Fold one completion's measurements into the costs (exponential average, weight 1/3 once
+    warmed up): acceptance and tree size, per-node draft time, target pass time, read bandwidth."""
+    passes = stats.get("target_passes") or 0
+    if passes < 2:
+        return costs
+    w = 1.0 / min(costs.observed + 1, 3)
+    mix = lambda old, new: (1 - w) * old + w * new
+    c = replace(costs, observed=costs.observed + 1)
+    if plan.speculative and stats.get("draft_tokens"):
+        c.tree_tokens = mix(c.tree_tokens, stats["n_tokens"] / passes)
+        c.tree_nodes = mix(c.tree_nodes, max(1.0, stats["draft_tokens"] / passes))
+        c.draft_node_s = mix(c.draft_node_s, stats["seconds_draft"] / stats["draft_tokens"] / (draft_bytes / 1e9))
+    k = (stats["draft_tokens"] / passes + 1) if plan.speculative else 1
+    per_pass = max(stats.get("target_compute_seconds", 0.0), 1e-6) / passes
+    resident = c.target_pass(target_bytes, k, paged=False)
+    if plan.paged:  # a paged pass calibrates the paged factor, a resident one the compute speed
+        c.paged_factor = mix(c.paged_factor, max(1.0, per_pass / resident))
+    else:
+        c.target_byte_s = mix(c.target_byte_s, c.target_byte_s * per_pass / resident)
+    busy, read = stats.get("io_busy_seconds") or 0.0, stats.get("bytes_read") or 0
+    if plan.paged and busy > 0 and read > 64 * MB:
+        c.read_bps = mix(c.read_bps, read / busy)
+    return c
