@@ -13,6 +13,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -103,7 +104,8 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
             for r in rows:
                 if bar:
                     bar.update(0, note=f"{pr['id']} {r.name}")
-                kw = dict(memory_budget=budget_bytes, pager=PagerParams(io=r.io, storage=storage)) if r.paged else {}
+                kw = (dict(target_budget=budget_bytes, pager=PagerParams(io=r.io, storage=storage)) if r.paged
+                      else dict(memory_budget=None))
                 with Engine(target, draft if r.mode != "target" else None, mode=r.mode, n_threads=n_threads,
                             n_ctx=2048, seed=rep, **kw) as eng, _PeakRSS() as rss:
                     out = eng.create_completion(pr["prompt"], max_tokens=max_tokens, temperature=temperature,
@@ -119,7 +121,7 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
 
     # fidelity: one resident target scores every output
     fid = {r.name: Fidelity() for r in rows}
-    with Engine(target, n_ctx=2048, n_threads=n_threads) as judge:
+    with Engine(target, n_ctx=2048, n_threads=n_threads, memory_budget=None) as judge:
         for r in rows:
             for st in runs[r.name]:
                 fid[r.name] += teacher_forced(judge._target, judge._batch, judge.tokenize(st["prompt"]),
@@ -254,10 +256,22 @@ def text_table(result: dict) -> str:
 
 
 def main_bench(a) -> int:
-    target, draft, n_prompts, max_tokens = a.target, a.draft, None, a.max_tokens
+    target, draft, n_prompts, max_tokens = a.target, a.draft, a.n_prompts, a.max_tokens
     if a.quick:  # the tiny pair, a few prompts: seconds, on real llama.cpp (CI)
         draft, target = quick_models()
         n_prompts, max_tokens = 3, min(max_tokens, 24)
+    if a.memory_limit:
+        from .memory import parse_memory
+        limits = [parse_memory(x, 0) for x in a.memory_limit.split(",") if x.strip()]
+        result = run_limits(target, draft, limits, rows=a.modes, prompts=a.prompts, n_prompts=n_prompts or 3,
+                            max_tokens=max_tokens, n_threads=a.threads, n_ctx=a.n_ctx, progress=not a.no_progress)
+        if a.json:
+            Path(a.json).write_text(json.dumps(result, indent=2))
+        print(limits_table(result))
+        if a.plot:
+            plot_limits(result, a.plot)
+            print(f"plot written to {a.plot}", file=sys.stderr)
+        return 0
     result = run_bench(target, draft, modes=a.modes, budget=a.budget, storage=a.storage, prompts=a.prompts,
                        n_prompts=n_prompts, max_tokens=max_tokens, repeat=a.repeat, temperature=a.temperature,
                        n_threads=a.threads, progress=not a.no_progress)
@@ -269,3 +283,167 @@ def main_bench(a) -> int:
         plot(result, a.plot)
         print(f"plot written to {a.plot}", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------------------- equal device memory
+
+LIMIT_ROWS = {  # row -> what its process runs inside the memory cgroup
+    "llama-cpp-python": "llama_cpp.Llama with default settings (the peer)",
+    "target-paged": "edgecad, target only (mode='target'), memory_budget='auto'",
+    "tree-paged": "edgecad, draft + tree (mode='tree'), memory_budget='auto'",
+    "edgecad": "edgecad's automatic configuration, memory_budget='auto'",
+}
+
+
+def _worker(spec: dict) -> dict:
+    """One row in this process (inside the cgroup): load, then each prompt; tok/s includes the prompt."""
+    t0 = time.perf_counter()
+    row, runs, info = spec["row"], [], {}
+    if row == "llama-cpp-python":
+        import llama_cpp
+        llm = llama_cpp.Llama(model_path=spec["target"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
+                              verbose=False)
+        load = time.perf_counter() - t0
+        for pr in spec["prompts"]:
+            t = time.perf_counter()
+            out = llm.create_completion(pr, max_tokens=spec["max_tokens"], temperature=0.0)
+            runs.append({"seconds": time.perf_counter() - t, "tokens": out["usage"]["completion_tokens"],
+                         "text": out["choices"][0]["text"]})
+        llm.close()
+    else:
+        mode = {"target-paged": "target", "tree-paged": "tree", "edgecad": None}[row]
+        with Engine(spec["target"], spec["draft"] if mode != "target" else None, mode=mode, memory_budget="auto",
+                    n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as eng:
+            load = time.perf_counter() - t0
+            info = eng.memory_plan.as_dict()
+            for pr in spec["prompts"]:
+                t = time.perf_counter()
+                out = eng.create_completion(pr, max_tokens=spec["max_tokens"], temperature=0.0)
+                st = out["edgecad"]
+                runs.append({"seconds": time.perf_counter() - t, "tokens": st["n_tokens"],
+                             "text": out["choices"][0]["text"], "tokens_per_pass": st["mean_accepted_per_pass"],
+                             "peak_resident_target_bytes": st["peak_resident_target_bytes"]})
+    return {"load_seconds": load, "runs": runs, "plan": info}
+
+
+def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, max_tokens=24, n_threads=None,
+               n_ctx=512, progress=True, timeout=3600) -> dict:
+    """Each row in its own process, alone in a memory cgroup of each size, model files dropped from the
+    page cache first. Without cgroups, says so in one line and runs every row without a limit."""
+    from . import cgroup
+
+    target, draft = registry.resolve(target), registry.resolve(draft)
+    rows = list(rows or LIMIT_ROWS)
+    unknown = set(rows) - set(LIMIT_ROWS)
+    if unknown:
+        raise EdgecadError(f"unknown rows {sorted(unknown)} for --memory-limit: choose from {', '.join(LIMIT_ROWS)}")
+    ok, why = cgroup.available()
+    if not ok:
+        print(f"edgecad bench: {why}; running every row without a memory limit", file=sys.stderr)
+        limits = [None]
+    texts = [p["prompt"] for p in load_prompts(prompts)[:n_prompts]]
+    results = []
+    bar = Progress(len(limits) * len(rows), "bench", "") if progress else None
+    for limit in limits:
+        for row in rows:
+            if bar:
+                bar.update(0, note=f"{row} @ {limit / 1e6:,.0f} MB" if limit else row)
+            spec = {"row": row, "target": str(target), "draft": str(draft), "prompts": texts,
+                    "max_tokens": max_tokens, "n_threads": n_threads or os.cpu_count(), "n_ctx": n_ctx}
+            cgroup.drop_file_cache([target, draft])
+            cmd = [sys.executable, "-m", "edgecad.bench", "--worker", json.dumps(spec)]
+            kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if limit:
+                with cgroup.MemoryCgroup(limit) as cg:
+                    r = cg.run(cmd, timeout=timeout, **kw)
+                    peak, killed = cg.peak, cgroup.killed_by_limit(r.returncode, cg)
+            else:
+                r = subprocess.run(cmd, timeout=timeout, **kw)
+                peak, killed = None, False
+            res = {"limit_bytes": limit, "row": row, "peak_bytes": peak, "killed": killed, "returncode": r.returncode}
+            if r.returncode == 0:
+                w = json.loads(r.stdout.strip().splitlines()[-1])
+                tps = [x["tokens"] / x["seconds"] for x in w["runs"] if x["seconds"] > 0]
+                res.update(tokens_per_second=statistics.median(tps), tokens_per_second_min=min(tps),
+                           tokens_per_second_max=max(tps), load_seconds=w["load_seconds"],
+                           config=w["plan"].get("config", "llama.cpp defaults"), plan=w["plan"],
+                           texts=[x["text"] for x in w["runs"]],
+                           tokens_per_pass=statistics.mean(x.get("tokens_per_pass") or 1.0 for x in w["runs"]))
+            else:
+                res.update(tokens_per_second=None, error=("killed by the memory limit" if killed else
+                                                          (r.stderr.strip().splitlines() or ["?"])[-1][:300].replace("edgecad: error: ", "")))
+            results.append(res)
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    peer = {r["limit_bytes"]: r["tokens_per_second"] for r in results if r["row"] == "llama-cpp-python"}
+    for r in results:
+        p = peer.get(r["limit_bytes"])
+        r["x_peer"] = r["tokens_per_second"] / p if p and r["tokens_per_second"] else None
+        r["same_text_as_peer"] = None
+    texts_peer = {r["limit_bytes"]: r.get("texts") for r in results if r["row"] == "llama-cpp-python"}
+    for r in results:
+        tp = texts_peer.get(r["limit_bytes"])
+        if tp and r.get("texts"):
+            r["same_text_as_peer"] = sum(a == b for a, b in zip(tp, r["texts"]))
+    return {"machine": machine(),
+            "config": {"target": str(target), "draft": str(draft), "limits": limits, "rows": rows,
+                       "rows_meaning": {k: LIMIT_ROWS[k] for k in rows}, "n_prompts": len(texts),
+                       "max_tokens": max_tokens, "n_ctx": n_ctx, "n_threads": n_threads,
+                       "cgroups": ok, "tokens_per_second": "completion tokens / (prompt + generation seconds), "
+                       "median over prompts; load not counted"},
+            "results": results}
+
+
+def limits_table(result: dict) -> str:
+    lines = ["| device memory | row | tok/s (min–max) | × llama-cpp-python | cgroup peak MB | configuration | "
+             "tok/pass | load s | same text as peer |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        lim = f"{r['limit_bytes'] / 1e6:,.0f} MB" if r["limit_bytes"] else "no limit"
+        if r["tokens_per_second"] is None:
+            lines.append(f"| {lim} | {r['row']} | {r['error']} | – | "
+                         f"{r['peak_bytes'] / 1e6 if r['peak_bytes'] else 0:,.0f} | – | – | – | – |")
+            continue
+        n = result["config"]["n_prompts"]
+        xp = "–" if r["x_peer"] is None else f"{r['x_peer']:.2f}"
+        same = "–" if r["same_text_as_peer"] is None else f"{r['same_text_as_peer']}/{n}"
+        lines.append(
+            f"| {lim} | {r['row']} | {r['tokens_per_second']:.2f} ({r['tokens_per_second_min']:.2f}–"
+            f"{r['tokens_per_second_max']:.2f}) | {xp} | {(r['peak_bytes'] or 0) / 1e6:,.0f} | {r['config']} | "
+            f"{r['tokens_per_pass']:.2f} | {r['load_seconds']:.1f} | {same} |")
+    return "\n".join(lines)
+
+
+def plot_limits(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EdgecadError("--plot needs matplotlib: pip install 'edgecad[plot]' (or pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in result["config"]["rows"]:
+        pts = [(r["limit_bytes"] / 1e6, r["tokens_per_second"]) for r in result["results"]
+               if r["row"] == row and r["limit_bytes"] and r["tokens_per_second"]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=row)
+    ax.set_xlabel("device memory (cgroup limit), MB")
+    ax.set_ylabel("tokens / s (median over prompts)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    c = result["config"]
+    ax.set_title(f"{Path(c['target']).name}: speed at equal device memory\n"
+                 f"{c['n_prompts']} prompts x {c['max_tokens']} greedy tokens, model files dropped from the cache")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":  # the bench's row worker: python -m edgecad.bench --worker JSON
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        try:
+            print(json.dumps(_worker(json.loads(sys.argv[2]))))
+        except EdgecadError as e:
+            sys.stderr.write(f"edgecad: error: {e}\n")
+            sys.exit(1)

@@ -153,7 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--draft", default=registry.DEFAULT_DRAFT)
     b.add_argument("--modes", nargs="+", default=None,
                    help="rows: target target-paged target-prefetch linear-paged bild-paged edgecad-paged edgecad")
-    b.add_argument("--budget", default="40%", help="memory budget of the paged rows (default 40%%)")
+    b.add_argument("--budget", default="40%", help="target share kept resident in the paged rows (default 40%%)")
+    b.add_argument("--memory-limit", default=None, metavar="SIZES",
+                   help="equal device memory: run each row as its own process in a memory cgroup of each size "
+                        "(e.g. 800MB,1GB,1.25GB), model files dropped from the page cache first; rows "
+                        "llama-cpp-python target-paged tree-paged edgecad")
+    b.add_argument("--n-ctx", type=int, default=512, help="context of every --memory-limit row (llama-cpp-python's "
+                                                          "default, 512)")
+    b.add_argument("--n-prompts", type=int, default=None, help="use the first N prompts (default: all; 3 with "
+                                                               "--memory-limit)")
     b.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"])
     b.add_argument("--prompts", default="builtin", help="builtin or a .jsonl file of {\"prompt\": ...}")
     b.add_argument("-n", "--max-tokens", type=int, default=64)

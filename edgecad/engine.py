@@ -19,7 +19,7 @@ import numpy as np
 
 from . import registry
 from .errors import EdgecadError, PromptTooLongError, VocabularyMismatchError
-from .gguf_file import read_gguf
+from .gguf_file import GGUFInfo, read_gguf
 from .llama import Batch, Context, ContextParams, Model, ModelParams, default_threads, set_verbose
 from .memory import CONFIGS, load_costs, observe, parse_memory, plan_memory, save_costs
 from .pager import Pager, PagerParams, file_mappings, new_mapping, parse_budget, read_bandwidth
@@ -89,12 +89,12 @@ class Stats:
         return d
 
 
-def check_same_vocabulary(draft_model: Model, target_model: Model) -> None:
+def check_same_vocabulary(draft: GGUFInfo, target: GGUFInfo) -> None:
     """Speculative decoding compares token ids: the draft must use the target's vocabulary exactly."""
-    if draft_model.n_vocab != target_model.n_vocab or draft_model.info.vocab_digest != target_model.info.vocab_digest:
+    if draft.vocab_size != target.vocab_size or draft.vocab_digest != target.vocab_digest:
         raise VocabularyMismatchError(
-            f"draft {draft_model.path} ({draft_model.n_vocab} tokens) does not share the vocabulary of target "
-            f"{target_model.path} ({target_model.n_vocab} tokens): pick a draft model of the same family "
+            f"draft {draft.path} ({draft.vocab_size} tokens) does not share the vocabulary of target "
+            f"{target.path} ({target.vocab_size} tokens): pick a draft model of the same family "
             "(same tokenizer)"
         )
 
@@ -154,6 +154,8 @@ class Engine:
         self.draft_path = registry.resolve(draft) if draft is not None else None
         t_info = read_gguf(self.target_path)
         d_info = read_gguf(self.draft_path) if self.draft_path is not None else None
+        if d_info is not None:
+            check_same_vocabulary(d_info, t_info)
         pager = pager or PagerParams()
         self._infos = (t_info, d_info)  # the cost cache's key: the pair given, whatever runs
 
@@ -195,7 +197,6 @@ class Engine:
         speculative = self.mode != "target"
         if speculative:
             self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True), d_info)
-            check_same_vocabulary(self._draft_model, self._target_model)
         if paged:
             self._pager = Pager(self.target_path, t_info, plan.paging, new_mapping(self.target_path, before))
         n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1

@@ -130,7 +130,7 @@ def compute_bytes(info: GGUFInfo, n_batch: int, n_outputs: int) -> int:
     n_ff = int(info.arch_value("feed_forward_length", 4 * n_embd))
     n_head = int(info.arch_value("attention.head_count", 1))
     acts = n_batch * (4 * n_embd + 3 * n_ff) * 4 + n_batch * 512 * n_head * 4  # layer activations, KQ
-    logits = 3 * n_outputs * info.vocab_size * 4  # graph output, llama.cpp's copy, our copy
+    logits = 2 * n_outputs * info.vocab_size * 4  # graph output and llama.cpp's copy
     return acts + logits + 24 * MB
 
 
@@ -260,7 +260,7 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
         kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if spec else 0)
         outs = tree_nodes + 1 if spec else 1
         compute = compute_bytes(target, n_batch, outs) + (compute_bytes(draft, n_batch, outs) if spec else 0)
-        compute += outs * target.vocab_size * 8 * (2 if spec else 0)  # the drafter's and verifier's distributions
+        compute += outs * target.vocab_size * 8 if spec else 0  # the drafter's distributions (float64)
         dw = draft.file_size if spec else 0
         fixed = runtime + kv + compute + dw
         room = budget - fixed if target_budget is None else target_budget

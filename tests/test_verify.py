@@ -147,7 +147,7 @@ def test_bild_says_it_is_not_lossless(tiny_pair):
 
 def test_stats_of_speculative_modes(tiny_pair):
     draft, target = tiny_pair
-    with Engine(target, draft, n_ctx=512) as e:
+    with Engine(target, draft, mode="tree", n_ctx=512) as e:
         assert e.mode == "tree" and e.tree_params.cost_aware is False  # resident target: LLMCad's rule alone
         r = e.create_completion("abc", max_tokens=40)
         st = r["edgecad"]

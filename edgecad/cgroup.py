@@ -1,0 +1,130 @@
+"""Run a command alone in a memory cgroup of a given size: the bench's equal-device-memory rows.
+
+`MemoryCgroup(limit)` makes a cgroup (v1 `memory` hierarchy, or v2 with the memory controller),
+`run(cmd)` starts the command inside it (the child joins before it execs), and after it exits
+gives the cgroup's peak memory (page cache included, as the kernel charges it) and whether the
+limit killed it. `drop_file_cache(paths)` evicts model files from the page cache first, so every
+row starts cold. Where no cgroup can be made (no permission, no controller), `available()` says why.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+V1 = Path("/sys/fs/cgroup/memory")
+V2 = Path("/sys/fs/cgroup")
+
+
+def _v2_root() -> Optional[Path]:
+    """A v2 directory where children get the memory controller, or None."""
+    try:
+        if "memory" in (V2 / "cgroup.subtree_control").read_text().split():
+            return V2
+    except OSError:
+        pass
+    return None
+
+
+def available() -> tuple[bool, str]:
+    """(memory cgroups can be made here, and if not, why)."""
+    try:
+        MemoryCgroup(1 << 30, "probe").close()
+        return True, ""
+    except OSError as e:
+        return False, (f"cannot create a memory cgroup ({e.strerror or e}): run as root, or where the cgroup v2 "
+                       "memory controller is delegated to you")
+
+
+class MemoryCgroup:
+    """One memory cgroup with a hard limit; `close()` removes it."""
+
+    def __init__(self, limit_bytes: int, name: str = "bench"):
+        self.limit = int(limit_bytes)
+        self.v1 = V1.is_dir() and os.access(V1, os.W_OK)
+        root = V1 if self.v1 else _v2_root()
+        if root is None:
+            raise OSError("no writable cgroup memory controller")
+        self.path = root / f"edgecad-{name}-{os.getpid()}-{time.monotonic_ns()}"
+        self.path.mkdir()
+        try:
+            if self.v1:
+                (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
+                try:  # no swap beyond the limit either (absent when swap accounting is off)
+                    (self.path / "memory.memsw.limit_in_bytes").write_text(str(self.limit))
+                except OSError:
+                    pass
+            else:
+                (self.path / "memory.max").write_text(str(self.limit))
+                (self.path / "memory.swap.max").write_text("0")
+        except OSError:
+            self.close()
+            raise
+
+    def _join(self) -> None:  # runs in the child between fork and exec
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def run(self, cmd: Sequence[str], timeout: Optional[float] = None, **kw) -> subprocess.CompletedProcess:
+        p = subprocess.Popen(list(cmd), preexec_fn=self._join, **kw)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+    @property
+    def peak(self) -> int:
+        name = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
+        try:
+            return int((self.path / name).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    @property
+    def oom_kills(self) -> int:
+        try:
+            if self.v1:
+                text = (self.path / "memory.oom_control").read_text()
+            else:
+                text = (self.path / "memory.events").read_text()
+            for line in text.splitlines():
+                k, _, v = line.partition(" ")
+                if k == "oom_kill":
+                    return int(v)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def close(self) -> None:
+        for _ in range(50):  # the exited child may take a moment to leave
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def killed_by_limit(returncode: int, cg: MemoryCgroup) -> bool:
+    return cg.oom_kills > 0 or returncode == -signal.SIGKILL
+
+
+def drop_file_cache(paths: Sequence[os.PathLike]) -> None:
+    """Evict files from the page cache (pages mapped by a running process stay)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
