@@ -297,6 +297,8 @@ LIMIT_ROWS = {  # row -> what its process runs inside the memory cgroup
 
 def _worker(spec: dict) -> dict:
     """One row in this process (inside the cgroup): load, then each prompt; tok/s includes the prompt."""
+    from . import cgroup
+
     t0 = time.perf_counter()
     row, runs, info = spec["row"], [], {}
     if row == "llama-cpp-python":
@@ -304,6 +306,7 @@ def _worker(spec: dict) -> dict:
         llm = llama_cpp.Llama(model_path=spec["target"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
                               verbose=False)
         load = time.perf_counter() - t0
+        reset = cgroup.reset_own_peak()  # the peak from here on: generating, not loading
         for pr in spec["prompts"]:
             t = time.perf_counter()
             out = llm.create_completion(pr, max_tokens=spec["max_tokens"], temperature=0.0)
@@ -316,6 +319,7 @@ def _worker(spec: dict) -> dict:
                     n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as eng:
             load = time.perf_counter() - t0
             info = eng.memory_plan.as_dict()
+            reset = cgroup.reset_own_peak()
             for pr in spec["prompts"]:
                 t = time.perf_counter()
                 out = eng.create_completion(pr, max_tokens=spec["max_tokens"], temperature=0.0)
@@ -323,7 +327,8 @@ def _worker(spec: dict) -> dict:
                 runs.append({"seconds": time.perf_counter() - t, "tokens": st["n_tokens"],
                              "text": out["choices"][0]["text"], "tokens_per_pass": st["mean_accepted_per_pass"],
                              "peak_resident_target_bytes": st["peak_resident_target_bytes"]})
-    return {"load_seconds": load, "runs": runs, "plan": info}
+    return {"load_seconds": load, "runs": runs, "plan": info,
+            "peak_generating_bytes": cgroup.own_peak() if reset else None}
 
 
 def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, max_tokens=24, n_threads=None,
@@ -364,7 +369,8 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
             if r.returncode == 0:
                 w = json.loads(r.stdout.strip().splitlines()[-1])
                 tps = [x["tokens"] / x["seconds"] for x in w["runs"] if x["seconds"] > 0]
-                res.update(tokens_per_second=statistics.median(tps), tokens_per_second_min=min(tps),
+                res.update(peak_generating_bytes=w["peak_generating_bytes"],
+                           tokens_per_second=statistics.median(tps), tokens_per_second_min=min(tps),
                            tokens_per_second_max=max(tps), load_seconds=w["load_seconds"],
                            config=w["plan"].get("config", "llama.cpp defaults"), plan=w["plan"],
                            texts=[x["text"] for x in w["runs"]],
@@ -397,8 +403,8 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
 
 
 def limits_table(result: dict) -> str:
-    lines = ["| device memory | row | tok/s (min–max) | × llama-cpp-python | cgroup peak MB | configuration | "
-             "tok/pass | load s | same text as peer |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device memory | row | tok/s (min–max) | × llama-cpp-python | cgroup peak MB (generating) | "
+             "configuration | tok/pass | load s | same text as peer |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         lim = f"{r['limit_bytes'] / 1e6:,.0f} MB" if r["limit_bytes"] else "no limit"
         if r["tokens_per_second"] is None:
@@ -408,9 +414,10 @@ def limits_table(result: dict) -> str:
         n = result["config"]["n_prompts"]
         xp = "–" if r["x_peer"] is None else f"{r['x_peer']:.2f}"
         same = "–" if r["same_text_as_peer"] is None else f"{r['same_text_as_peer']}/{n}"
+        gen = "–" if not r.get("peak_generating_bytes") else f"{r['peak_generating_bytes'] / 1e6:,.0f}"
         lines.append(
             f"| {lim} | {r['row']} | {r['tokens_per_second']:.2f} ({r['tokens_per_second_min']:.2f}–"
-            f"{r['tokens_per_second_max']:.2f}) | {xp} | {(r['peak_bytes'] or 0) / 1e6:,.0f} | {r['config']} | "
+            f"{r['tokens_per_second_max']:.2f}) | {xp} | {(r['peak_bytes'] or 0) / 1e6:,.0f} ({gen}) | {r['config']} | "
             f"{r['tokens_per_pass']:.2f} | {r['load_seconds']:.1f} | {same} |")
     return "\n".join(lines)
 

@@ -128,3 +128,36 @@ def drop_file_cache(paths: Sequence[os.PathLike]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def _own_dir() -> Optional[Path]:
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hid, ctrls, path = line.split(":", 2)
+            if "memory" in ctrls.split(",") and V1.is_dir():
+                return V1 / path.lstrip("/")
+            if hid == "0" and ctrls == "" and _v2_root():
+                return V2 / path.lstrip("/")
+    except OSError:
+        pass
+    return None
+
+
+def reset_own_peak() -> bool:
+    """Restart this process's cgroup peak (v1), e.g. after a load; False where it cannot."""
+    d = _own_dir()
+    try:
+        (d / "memory.max_usage_in_bytes").write_text("0")
+        return True
+    except (OSError, TypeError):
+        return False
+
+
+def own_peak() -> Optional[int]:
+    d = _own_dir()
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        try:
+            return int((d / name).read_text())
+        except (OSError, TypeError, ValueError):
+            continue
+    return None

@@ -35,7 +35,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .pager import PagerParams
 
     pager = PagerParams(io=a.io, storage=a.storage)
-    with Engine(a.target, draft, mode=a.mode, memory_budget=a.memory_budget, pager=pager, n_ctx=a.n_ctx,
+    budget = None if str(a.memory_budget).lower() == "none" else a.memory_budget
+    with Engine(a.target, draft, mode=a.mode, memory_budget=budget, pager=pager, n_ctx=a.n_ctx,
                 n_threads=a.threads, seed=a.seed, verbose=a.verbose) as eng:
         last = None
         for chunk in eng.create_completion(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
@@ -90,8 +91,19 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     g = read_gguf(registry.resolve(a.model))
     if a.budget is not None:
-        from .pager import PagerParams, parse_budget, plan_budget
-        print(plan_budget(g, parse_budget(a.budget, g.file_size), PagerParams(io=a.io)).describe())
+        from .memory import Costs, load_costs, parse_memory, plan_memory
+        from .pager import PagerParams
+        from .tree import MODE_PARAMS
+        from .llama import default_threads
+
+        d = read_gguf(registry.resolve(a.draft)) if a.draft else None
+        costs = load_costs(g, d, a.threads or default_threads())
+        budget = parse_memory(a.budget, g.file_size + (d.file_size if d else 0))
+        plan = plan_memory(budget, g, d, n_ctx=a.n_ctx, n_batch=min(512, a.n_ctx),
+                           tree_nodes=MODE_PARAMS["tree"].max_nodes, costs=costs, pager=PagerParams(io=a.io))
+        print(plan.describe())
+        print(f"  costs         {'measured on this device' if costs.observed or costs.read_measured else 'priors'}: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in vars(costs).items() if isinstance(v, float)))
         return 0
     m = g.metadata
     layers = g.layers()
@@ -133,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--n-ctx", type=int, default=4096)
     g.add_argument("--threads", type=int, default=None)
-    g.add_argument("--memory-budget", default=None,
-                   help="bytes of the target kept resident: 450MB, 1.5GiB, 40%% (of the target file), auto; "
-                        "default: the whole target")
+    g.add_argument("--memory-budget", default="auto",
+                   help="memory for the whole engine (both models, caches, buffers): 1.5GB, 900MiB, 60%% (of the "
+                        "model files), auto (available memory or the cgroup limit, less a margin; the default), "
+                        "none (no limit)")
     g.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="how paged layers are read")
     g.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"],
                    help="emulate slower storage by throttling the pager's reads")
@@ -177,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe a GGUF model: layers, bytes, quantisation, tokenizer")
     i.add_argument("model", help="GGUF path or registry name")
-    i.add_argument("--budget", default=None, help="print the paging plan for this memory budget (e.g. 40%%)")
+    i.add_argument("--budget", default=None,
+                   help="print the memory plan for this whole-engine budget (1.5GB, 60%%, auto): the configuration "
+                        "edgecad would choose, how the budget is split, and the target's paging plan")
+    i.add_argument("--draft", default=None, help="with --budget: the draft model of the pair")
+    i.add_argument("--n-ctx", type=int, default=4096, help="with --budget: context length")
+    i.add_argument("--threads", type=int, default=None, help="with --budget: compute threads (for the costs)")
     i.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="IO mode of the plan")
     i.set_defaults(func=cmd_inspect)
     return p

@@ -7,6 +7,19 @@ import pytest
 from edgecad import tiny
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cost_cache(tmp_path_factory):
+    """Engines learn device costs into a cache file: tests use their own, never the user's."""
+    d = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("EDGECAD_CACHE")
+    os.environ["EDGECAD_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("EDGECAD_CACHE", None)
+    else:
+        os.environ["EDGECAD_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
