@@ -256,10 +256,10 @@ def text_table(result: dict) -> str:
 
 
 def main_bench(a) -> int:
-    target, draft, n_prompts, max_tokens = a.target, a.draft, a.n_prompts, a.max_tokens
+    target, draft, n_prompts, max_tokens, budget = a.target, a.draft, a.n_prompts, a.max_tokens, a.budget
     if a.quick:  # the tiny pair, a few prompts: seconds, on real llama.cpp (CI)
         draft, target = quick_models()
-        n_prompts, max_tokens = 3, min(max_tokens, 24)
+        n_prompts, max_tokens, budget = 3, min(max_tokens, 24), "50%"
     if a.memory_limit:
         from .memory import parse_memory
         limits = [parse_memory(x, 0) for x in a.memory_limit.split(",") if x.strip()]
@@ -272,7 +272,7 @@ def main_bench(a) -> int:
             plot_limits(result, a.plot)
             print(f"plot written to {a.plot}", file=sys.stderr)
         return 0
-    result = run_bench(target, draft, modes=a.modes, budget=a.budget, storage=a.storage, prompts=a.prompts,
+    result = run_bench(target, draft, modes=a.modes, budget=budget, storage=a.storage, prompts=a.prompts,
                        n_prompts=n_prompts, max_tokens=max_tokens, repeat=a.repeat, temperature=a.temperature,
                        n_threads=a.threads, progress=not a.no_progress)
     if a.json:

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="write the results as JSON")
     b.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    b.add_argument("--quick", action="store_true", help="tiny generated models, 3 prompts (seconds; for CI)")
+    b.add_argument("--quick", action="store_true", help="tiny generated models, 3 prompts, a 50%% target share (seconds; for CI)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=lambda a: __import__("edgecad.bench", fromlist=["main_bench"]).main_bench(a))
 

@@ -296,8 +296,8 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
                 continue
         k = round(costs.tree_nodes) + 1 if spec else 1
         sec = costs.target_pass(target.file_size, k, paging is not None)
-        if paging is not None:
-            sec += paging.streamed_bytes / bps
+        if paging is not None and len(paging.streamed_layers) > pager.read_ahead + pager.lag:
+            sec += paging.streamed_bytes / bps  # (a window as large as the streamed layers keeps them all)
         if spec:
             sec += costs.draft_time(draft.file_size)
         tps = (costs.tree_tokens if spec else 1.0) / sec

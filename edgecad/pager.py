@@ -112,6 +112,7 @@ class BudgetPlan:
     window_bytes: int           # reserved for the streaming window, and the partial pages eviction leaves
     minimum: int                # the smallest budget that works: essentials + window
     params: PagerParams = field(default_factory=PagerParams)
+    readahead_bytes: int = 0    # kernel readahead kept on the pager's reads (reserved in the window); 0 = exact
 
     @property
     def resident_all(self) -> bool:
@@ -139,7 +140,8 @@ class BudgetPlan:
             f"streamed layers {len(self.streamed_layers)} ({mb(self.streamed_bytes)} read per pass): "
             f"{_ranges(self.streamed_layers)}",
             f"window          {self.params.window_layers} layers reserved ({mb(self.window_bytes)}): "
-            f"read-ahead {self.params.read_ahead}, eviction lag {self.params.lag}, IO {self.params.io}",
+            f"read-ahead {self.params.read_ahead}, eviction lag {self.params.lag}, IO {self.params.io}, "
+            + (f"kernel readahead {mb(self.readahead_bytes)}" if self.readahead_bytes else "exact reads"),
         ]
         if self.evict_each_pass:
             lines.append("per pass        " + ", ".join(f"{n} rows (dropped after each pass, "
@@ -159,6 +161,19 @@ def _ranges(idx: list) -> str:
     return ", ".join(out)
 
 
+def read_ahead_bytes(path: Path) -> int:
+    """The kernel's readahead window for the device holding `path` (read_ahead_kb), 8 MiB if unknown."""
+    try:
+        dev = os.stat(path).st_dev
+        q = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        f = q / "queue" / "read_ahead_kb"
+        if not f.exists():
+            f = q.resolve().parent / "queue" / "read_ahead_kb"  # a partition: its disk's queue
+        return int(f.read_text()) * 1024
+    except (OSError, ValueError):
+        return 8 * MiB
+
+
 def plan_budget(info: GGUFInfo, budget: int, params: PagerParams = PagerParams()) -> BudgetPlan:
     """Pin the essentials and as many leading layers as fit; stream the rest through the window."""
     layers = info.layers()
@@ -172,11 +187,15 @@ def plan_budget(info: GGUFInfo, budget: int, params: PagerParams = PagerParams()
     essentials = sum(n for _, _, n in pinned) + sum(min(params.embd_allowance, n) for _, _, n in per_pass)
     total_layers = sum(layer_bytes.values())
     # Eviction drops whole pages only: a streamed layer keeps the partial pages it shares with its
-    # neighbours in the file, at most two each.
-    slack = 2 * mmap.PAGESIZE * len(layers)
-    window = min(params.window_layers, len(layers)) * max(layer_bytes.values(), default=0) + slack
+    # neighbours in the file, at most two each; and the kernel's readahead on the pager's reads may
+    # bring in up to read_ahead_kb past a range.
+    largest = max(layer_bytes.values(), default=0)
+    ra = read_ahead_bytes(info.path)
+    ra = ra if largest >= 4 * ra else 0  # small layers: exact reads, no readahead (see native/edgecad.c)
+    slack = 2 * mmap.PAGESIZE * len(layers) + ra
+    window = min(params.window_layers, len(layers)) * largest + slack
     plan = BudgetPlan(budget, info.file_size, pinned, per_pass, [], [], layer_bytes, window, essentials + window,
-                      params)
+                      params, ra)
     if sum(n for _, _, n in pinned + per_pass) + total_layers <= budget:  # the whole model fits
         plan.pinned_layers = sorted(layer_bytes)
         return plan
@@ -206,7 +225,7 @@ class _Range(ctypes.Structure):
 
 class _Params(ctypes.Structure):
     _fields_ = [("depth", ctypes.c_int), ("lag", ctypes.c_int), ("throttle_bps", ctypes.c_double),
-                ("measure", ctypes.c_int)]
+                ("measure", ctypes.c_int), ("readahead", ctypes.c_int)]
 
 
 class _Stats(ctypes.Structure):
@@ -303,7 +322,7 @@ class Pager:
         pinned = (_Range * max(1, len(plan.pinned)))(*[(o, b) for _, o, b in plan.pinned])
         per_pass = (_Range * max(1, len(plan.evict_each_pass)))(*[(o, b) for _, o, b in plan.evict_each_pass])
         pp = plan.params
-        params = _Params(pp.read_ahead, pp.lag, pp.bytes_per_second, int(pp.measure))
+        params = _Params(pp.read_ahead, pp.lag, pp.bytes_per_second, int(pp.measure), int(plan.readahead_bytes > 0))
         h = ctypes.c_void_p()
         native.check(_lib.ec_pager_open(os.fsencode(self.path), addr, map_off, map_len, layers, streamed, n,
                                         pinned, len(plan.pinned), per_pass, len(plan.evict_each_pass),

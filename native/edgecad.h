@@ -5,7 +5,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 2
+#define EC_VERSION 3
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -42,6 +42,8 @@ typedef struct {
     int lag;             /* evict streamed layer j-lag at layer j's boundary (evicting fresh pages leaks) */
     double throttle_bps; /* storage throttle in bytes per second; 0 = none */
     int measure;         /* 1 = mincore residency of the window at every layer boundary; 2 = of every layer */
+    int readahead;       /* 1 = the kernel's readahead on the pager's reads (fast; reads up to read_ahead_kb past
+                            a range); 0 = exact reads (POSIX_FADV_RANDOM) */
 } ec_pager_params;
 
 typedef struct {

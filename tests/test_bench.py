@@ -54,3 +54,32 @@ def test_plot_needs_matplotlib_or_writes_png(tmp_path):
         raise AssertionError("plot without matplotlib must raise EdgecadError")
     plot(result, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_bench_at_equal_device_memory(tmp_path, capsys):
+    """--memory-limit: each row its own process (in a cgroup where one can be made), the peer included."""
+    from edgecad import cgroup
+
+    out = tmp_path / "limits.json"
+    assert main(["bench", "--quick", "--memory-limit", "400MB", "--modes", "llama-cpp-python", "target-paged", "edgecad",
+                 "--json", str(out), "--no-progress", "--threads", "2"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(out.read_text())
+    ok, why = cgroup.available()
+    assert r["config"]["cgroups"] == ok
+    if not ok:
+        assert why in captured.err
+    rows = {x["row"]: x for x in r["results"]}
+    assert set(rows) == {"llama-cpp-python", "target-paged", "edgecad"}
+    for x in rows.values():
+        assert x["returncode"] == 0 and not x["killed"] and x["tokens_per_second"] > 0, x
+        if ok:
+            assert x["limit_bytes"] == 400_000_000 and 0 < x["peak_bytes"] <= 400_000_000
+    assert rows["llama-cpp-python"]["x_peer"] == 1.0 and rows["edgecad"]["x_peer"] > 0
+    assert rows["edgecad"]["config"] in ("target", "target-paged", "tree", "tree-paged")
+    assert rows["target-paged"]["plan"]["config"].startswith("target")
+    assert "| llama-cpp-python |" in captured.out
+
+
+def test_bench_rejects_unknown_limit_rows():
+    assert main(["bench", "--quick", "--memory-limit", "400MB", "--modes", "nonsense", "--no-progress"]) == 1
