@@ -358,13 +358,19 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
             cgroup.drop_file_cache([target, draft])
             cmd = [sys.executable, "-m", "edgecad.bench", "--worker", json.dumps(spec)]
             kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            if limit:
-                with cgroup.MemoryCgroup(limit) as cg:
-                    r = cg.run(cmd, timeout=timeout, **kw)
-                    peak, killed = cg.peak, cgroup.killed_by_limit(r.returncode, cg)
-            else:
-                r = subprocess.run(cmd, timeout=timeout, **kw)
-                peak, killed = None, False
+            try:
+                if limit:
+                    with cgroup.MemoryCgroup(limit) as cg:
+                        r = cg.run(cmd, timeout=timeout, **kw)
+                        peak, killed = cg.peak, cgroup.killed_by_limit(r.returncode, cg)
+                else:
+                    r = subprocess.run(cmd, timeout=timeout, **kw)
+                    peak, killed = None, False
+            except subprocess.TimeoutExpired:
+                r, peak, killed = subprocess.CompletedProcess(cmd, -9, "", f"timed out after {timeout} s"), None, False
+            except (OSError, subprocess.SubprocessError) as e:
+                raise EdgecadError(f"cannot run a bench row in a memory cgroup ({e}): run without --memory-limit, "
+                                   "or as a user who may create and join cgroups") from None
             res = {"limit_bytes": limit, "row": row, "peak_bytes": peak, "killed": killed, "returncode": r.returncode}
             if r.returncode == 0:
                 w = json.loads(r.stdout.strip().splitlines()[-1])

@@ -59,7 +59,10 @@ class MemoryCgroup:
                     pass
             else:
                 (self.path / "memory.max").write_text(str(self.limit))
-                (self.path / "memory.swap.max").write_text("0")
+                try:  # absent without swap accounting
+                    (self.path / "memory.swap.max").write_text("0")
+                except OSError:
+                    pass
         except OSError:
             self.close()
             raise
@@ -68,10 +71,12 @@ class MemoryCgroup:
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
     def run(self, cmd: Sequence[str], timeout: Optional[float] = None, **kw) -> subprocess.CompletedProcess:
+        self.timed_out = False
         p = subprocess.Popen(list(cmd), preexec_fn=self._join, **kw)
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            self.timed_out = True
             p.kill()
             out, err = p.communicate()
         return subprocess.CompletedProcess(p.args, p.returncode, out, err)
@@ -117,7 +122,8 @@ class MemoryCgroup:
 
 
 def killed_by_limit(returncode: int, cg: MemoryCgroup) -> bool:
-    return cg.oom_kills > 0 or returncode == -signal.SIGKILL
+    """The memory limit killed the command (not a timeout)."""
+    return cg.oom_kills > 0 or (returncode == -signal.SIGKILL and not getattr(cg, "timed_out", False))
 
 
 def drop_file_cache(paths: Sequence[os.PathLike]) -> None:

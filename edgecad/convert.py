@@ -47,15 +47,19 @@ def to_f16(src: os.PathLike, dst: os.PathLike, *, progress: bool = True) -> Path
     w.write_ti_data_to_file()
     total = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in plan)
     bar = Progress(total, f"re-encoding {Path(src).name} to F16", "MB", 1e6) if progress else None
-    for t, shape, dtype in plan:
-        data = t.data if t.tensor_type in (F32, gguf.GGMLQuantizationType.F16) else \
-            gguf.quants.dequantize(t.data, t.tensor_type)
-        out = np.ascontiguousarray(np.asarray(data).reshape(shape), dtype=dtype)
-        w.write_tensor_data(out)
+    try:
+        for t, shape, dtype in plan:
+            data = t.data if t.tensor_type in (F32, gguf.GGMLQuantizationType.F16) else \
+                gguf.quants.dequantize(t.data, t.tensor_type)
+            out = np.ascontiguousarray(np.asarray(data).reshape(shape), dtype=dtype)
+            w.write_tensor_data(out)
+            if bar:
+                bar.update(out.nbytes)
+        w.fout[0].flush()
+        os.fsync(w.fout[0].fileno())
+    finally:
+        w.close()
         if bar:
-            bar.update(out.nbytes)
-    w.close()
-    if bar:
-        bar.close()
+            bar.close()
     del reader
     return Path(dst)

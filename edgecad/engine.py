@@ -409,6 +409,8 @@ class Engine:
 
     def _learn(self, st: dict) -> None:
         """Correct the device's measured costs with this completion (edgecad.memory.observe)."""
+        if self.mode in ("linear", "bild"):
+            return  # other trees: their acceptance is not the tree mode's
         t, d = self._infos
         costs = observe(self._costs, self.memory_plan, st, t.file_size, d.file_size if d else 0)
         if costs is not self._costs:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .llama import Batch, Context
 
-NEAR_TIE_EPS = 0.3  # logits: batched and sequential passes of the Q4 models differ by up to ~0.3 (DESIGN.md);
+NEAR_TIE_EPS = 0.3  # logits: batched and sequential passes of the Q4 models differ by up to ~0.3 (docs/paging.md);
                     # at 0.1 the target's own greedy output scored 0.9972 against a batched pass
 
 

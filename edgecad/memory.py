@@ -123,14 +123,15 @@ def kv_bytes(info: GGUFInfo, n_ctx: int) -> int:
     return cells * info.n_layer * n_head_kv * (k + v) * 2
 
 
-def compute_bytes(info: GGUFInfo, n_batch: int, n_outputs: int) -> int:
+def compute_bytes(info: GGUFInfo, n_batch: int, n_outputs: int, n_ctx: int = 512) -> int:
     """Resident part of llama.cpp's compute buffer and logits for our batches: a batch of n_batch
     tokens (prompt chunks, one output) and tree passes of n_outputs tokens with logits for each.
     Estimated from the model's sizes (fp32 activations), not llama.cpp's worst-case reservation."""
     n_embd = int(info.arch_value("embedding_length", 0))
     n_ff = int(info.arch_value("feed_forward_length", 4 * n_embd))
     n_head = int(info.arch_value("attention.head_count", 1))
-    acts = n_batch * (4 * n_embd + 3 * n_ff) * 4 + n_batch * 512 * n_head * 4  # layer activations, KQ
+    cells = -(-max(n_ctx, 1) // 256) * 256
+    acts = n_batch * (4 * n_embd + 3 * n_ff) * 4 + n_batch * cells * n_head * 4  # layer activations, KQ scores
     logits = 2 * n_outputs * info.vocab_size * 4  # graph output and llama.cpp's copy
     return acts + logits + 24 * MB
 
@@ -172,9 +173,12 @@ def _cache_key(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> s
 
 def load_costs(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> Costs:
     try:
-        d = json.loads(_cache_path().read_text()).get(_cache_key(target, draft, n_threads), {})
+        d = json.loads(_cache_path().read_text())
+        d = d.get(_cache_key(target, draft, n_threads)) if isinstance(d, dict) else None
+        if not isinstance(d, dict):
+            return Costs()
         return Costs(**{k: v for k, v in d.items() if k in Costs.__dataclass_fields__})
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):
         return Costs()
 
 
@@ -184,6 +188,8 @@ def save_costs(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_thre
     try:
         data = json.loads(p.read_text()) if p.exists() else {}
     except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict):
         data = {}
     data[_cache_key(target, draft, n_threads)] = asdict(costs)
     try:
@@ -198,7 +204,7 @@ def save_costs(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_thre
 # ---------------------------------------------------------------------------- the plan
 
 CONFIGS = ("target", "target-paged", "tree", "tree-paged")
-RESIDENT_SLACK = 64 * MB  # overflow a kernel-managed resident target absorbs, at most 5% of it (bench
+RESIDENT_SLACK = 64 * MB  # overflow a kernel-managed resident target absorbs, at most 10% of it (bench
                           # --memory-limit: the peer loses 10% at 1,250 MB against 1,600 MB for the 1.5B
                           # Q4_K_M, ~30-90 MB over)
 
@@ -249,6 +255,14 @@ class MemoryPlan:
                 "alternatives": self.alternatives}
 
 
+def _holds_whole(target: GGUFInfo, room: int, pager: PagerParams) -> bool:
+    """The target's tensors fit in `room` (its file also has a header, which is never read again)."""
+    try:
+        return plan_budget(target, max(room, 1), pager).resident_all
+    except EdgecadError:
+        return False
+
+
 def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_ctx: int, n_batch: int,
                 tree_nodes: int, costs: Costs, pager: PagerParams = PagerParams(), runtime: Optional[int] = None,
                 configs: Optional[tuple] = None, target_budget: Optional[int] = None) -> MemoryPlan:
@@ -263,7 +277,8 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
         spec = cfg.startswith("tree")
         kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if spec else 0)
         outs = tree_nodes + 1 if spec else 1
-        compute = compute_bytes(target, n_batch, outs) + (compute_bytes(draft, n_batch, outs) if spec else 0)
+        compute = compute_bytes(target, n_batch, outs, n_ctx) + (compute_bytes(draft, n_batch, outs, n_ctx)
+                                                                  if spec else 0)
         compute += outs * target.vocab_size * 8 if spec else 0  # the drafter's distributions (float64)
         dw = draft.file_size if spec else 0
         fixed = runtime + kv + compute + dw
@@ -288,8 +303,9 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
             # Resident, the kernel manages the mapping (as for llama.cpp's defaults): a small overflow
             # lands on pages that are never touched again (load-time reads, the file pages of repacked
             # tensors) and costs nothing measurable; a larger one thrashes, so page instead.
-            slack = min(RESIDENT_SLACK, tgt // 20) if target_budget is None else 0
-            if room + slack < tgt:
+            slack = min(RESIDENT_SLACK, tgt // 10) if target_budget is None else 0
+            fits = room + slack >= tgt or _holds_whole(target, room, pager)
+            if not fits:
                 need = fixed + tgt
                 why_not[cfg] = f"needs {need / MB:,.0f} MB"
                 smallest = need if smallest is None else min(smallest, need)
@@ -306,7 +322,8 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
         plans[cfg] = MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging, tps)
     if not plans:
         raise EdgecadError(
-            f"memory budget {budget / MB:,.0f} MB cannot run {target.path.name}"
+            (f"memory budget {budget / MB:,.0f} MB" if target_budget is None else
+             f"target budget {target_budget / MB:,.0f} MB") + f" cannot run {target.path.name}"
             + (f" (with draft {draft.path.name})" if draft is not None else "")
             + f": the smallest configuration needs {smallest / MB:,.0f} MB; give a larger budget"
             " (--memory-budget / memory_budget=) or a smaller context (--n-ctx / n_ctx=)")
@@ -321,7 +338,8 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
 def observe(costs: Costs, plan: MemoryPlan, stats: dict, target_bytes: int, draft_bytes: int) -> Costs:
     """Fold one completion's measurements into the costs (exponential average, weight 1/3 once
     warmed up): acceptance and tree size, per-node draft time, target pass time, read bandwidth."""
-    passes = stats.get("target_passes") or 0
+    # target mode counts the prompt's pass, whose time is in prompt_seconds, not seconds_target
+    passes = (stats.get("target_passes") or 0) - (0 if plan.speculative else 1)
     if passes < 2:
         return costs
     w = 1.0 / min(costs.observed + 1, 3)

@@ -33,9 +33,13 @@ _u64p = ctypes.POINTER(ctypes.c_uint64)
 
 # int ec_version(void);
 lib.ec_version.argtypes, lib.ec_version.restype = [], ctypes.c_int
-if lib.ec_version() != EC_VERSION:
-    raise NativeError(f"edgecad's native library has interface {lib.ec_version()}, this Python code needs {EC_VERSION}: "
-                      "reinstall edgecad (`pip install .`) so both come from the same source")
+
+
+def check_version() -> None:
+    """Raise if the loaded library was built from another version of native/edgecad.h."""
+    if lib.ec_version() != EC_VERSION:
+        raise NativeError(f"edgecad's native library has interface {lib.ec_version()}, this Python code needs "
+                          f"{EC_VERSION}: reinstall edgecad (`pip install .`) so both come from the same source")
 # const char *ec_last_error(void);
 lib.ec_last_error.argtypes, lib.ec_last_error.restype = [], ctypes.c_char_p
 # int ec_mem_resident(const void *addr, uint64_t len, uint64_t *resident_bytes);

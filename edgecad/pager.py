@@ -38,7 +38,7 @@ class PagerParams:
     io: str = "prefetch"     # "prefetch": read `depth` streamed layers ahead; "demand": read a layer when it is needed
     depth: int = 2           # read-ahead window, in streamed layers (prefetch only)
     lag: int = 2             # evict the streamed layer `lag` behind the current one: evicting pages read
-                             # moments ago leaves about half of them resident (see DESIGN.md)
+                             # moments ago leaves about half of them resident (docs/paging.md)
     storage: str = "native"  # storage profile emulated by throttling the IO thread (STORAGE_PROFILES)
     throttle_bps: Optional[float] = None  # explicit throttle in bytes/s; overrides the profile
     measure: bool = True     # mincore residency at every layer boundary (peak_resident_target_bytes)
@@ -191,7 +191,7 @@ def plan_budget(info: GGUFInfo, budget: int, params: PagerParams = PagerParams()
     # bring in up to read_ahead_kb past a range.
     largest = max(layer_bytes.values(), default=0)
     ra = read_ahead_bytes(info.path)
-    ra = ra if largest >= 4 * ra else 0  # small layers: exact reads, no readahead (see native/edgecad.c)
+    ra = ra if largest >= 2 * ra else 0  # small layers: exact reads, no readahead (see docs/paging.md)
     slack = 2 * mmap.PAGESIZE * len(layers) + ra
     window = min(params.window_layers, len(layers)) * largest + slack
     plan = BudgetPlan(budget, info.file_size, pinned, per_pass, [], [], layer_bytes, window, essentials + window,
@@ -312,6 +312,7 @@ class Pager:
     def __init__(self, path: Path, info: GGUFInfo, plan: BudgetPlan, mapping: tuple[int, int, int]):
         """mapping: (address, file offset, length) of llama.cpp's mapping of this model (new_mapping)."""
         self.path, self.plan, self._h = Path(path), plan, None
+        native.check_version()
         st = os.stat(self.path)
         self._identity = (st.st_size, st.st_mtime_ns)
         addr, map_off, map_len = mapping
