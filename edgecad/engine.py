@@ -200,7 +200,7 @@ class Engine:
         if paged:
             self._pager = Pager(self.target_path, t_info, plan.paging, new_mapping(self.target_path, before))
         n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1
-        cp = ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq, n_threads=self.n_threads)
+        cp = ContextParams(n_ctx=n_ctx, n_batch=plan.n_batch, n_seq_max=n_seq, n_threads=self.n_threads)
         hooks = {}
         if self._pager is not None:
             hooks = dict(cb_eval=self._pager.cb_eval, cb_eval_user_data=self._pager.handle,

@@ -223,6 +223,7 @@ class MemoryPlan:
     tokens_per_second: float = 0.0  # predicted
     reason: str = ""
     alternatives: dict = field(default_factory=dict)  # config -> predicted tok/s, or why it cannot run
+    n_batch: int = 512           # tokens per prompt batch (smaller when that lets a resident config fit)
 
     @property
     def paged(self) -> bool:
@@ -241,7 +242,7 @@ class MemoryPlan:
     def describe(self) -> str:
         mb = lambda n: f"{n / MB:,.0f} MB"
         lines = [f"memory budget   {mb(self.budget)} for the whole engine: configuration {self.config} "
-                 f"(predicted {self.tokens_per_second:.2f} tok/s): {self.reason}",
+                 f"(predicted {self.tokens_per_second:.2f} tok/s, prompt batches of {self.n_batch}): {self.reason}",
                  "  split         " + ", ".join(f"{k} {mb(v)}" for k, v in self.parts.items())]
         alts = ", ".join(f"{k} {v if isinstance(v, str) else f'{v:.2f} tok/s'}" for k, v in self.alternatives.items())
         lines.append(f"  considered    {alts}")
@@ -250,7 +251,7 @@ class MemoryPlan:
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"config": self.config, "reason": self.reason, "budget_bytes": self.budget,
+        return {"config": self.config, "reason": self.reason, "budget_bytes": self.budget, "n_batch": self.n_batch,
                 "predicted_tokens_per_second": self.tokens_per_second, "parts": self.parts,
                 "alternatives": self.alternatives}
 
@@ -277,12 +278,17 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
         spec = cfg.startswith("tree")
         kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if spec else 0)
         outs = tree_nodes + 1 if spec else 1
-        compute = compute_bytes(target, n_batch, outs, n_ctx) + (compute_bytes(draft, n_batch, outs, n_ctx)
-                                                                  if spec else 0)
-        compute += outs * target.vocab_size * 8 if spec else 0  # the drafter's distributions (float64)
         dw = draft.file_size if spec else 0
-        fixed = runtime + kv + compute + dw
-        room = budget - fixed if target_budget is None else target_budget
+
+        def fixed_for(nb: int) -> tuple[int, int, int]:
+            """(compute, fixed, room) with prompt batches of nb tokens."""
+            c = compute_bytes(target, nb, outs, n_ctx) + (compute_bytes(draft, nb, outs, n_ctx) if spec else 0)
+            c += outs * target.vocab_size * 8 if spec else 0  # the drafter's distributions (float64)
+            f = runtime + kv + c + dw
+            return c, f, (budget - f if target_budget is None else target_budget)
+
+        nb = n_batch
+        compute, fixed, room = fixed_for(nb)
         paging = None
         if cfg.endswith("paged"):
             if target_budget is not None:
@@ -304,8 +310,13 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
             # lands on pages that are never touched again (load-time reads, the file pages of repacked
             # tensors) and costs nothing measurable; a larger one thrashes, so page instead.
             slack = min(RESIDENT_SLACK, tgt // 10) if target_budget is None else 0
-            fits = room + slack >= tgt or _holds_whole(target, room, pager)
-            if not fits:
+            fits = lambda: room + slack >= tgt or _holds_whole(target, room, pager)
+            while not fits() and nb > 64:  # smaller prompt batches touch fewer activations: the same
+                nb //= 2                   # output, prompts longer than nb take more (cheap, resident) passes
+                compute, fixed, room = fixed_for(nb)
+            if not fits():
+                nb = n_batch
+                compute, fixed, room = fixed_for(nb)
                 need = fixed + tgt
                 why_not[cfg] = f"needs {need / MB:,.0f} MB"
                 smallest = need if smallest is None else min(smallest, need)
@@ -319,7 +330,7 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
         tps = (costs.tree_tokens if spec else 1.0) / sec
         total = budget if target_budget is None else fixed + tgt
         tgt = min(tgt, total - fixed)  # a resident target over by the slack: the parts still add up
-        plans[cfg] = MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging, tps)
+        plans[cfg] = MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging, tps, n_batch=nb)
     if not plans:
         raise EdgecadError(
             (f"memory budget {budget / MB:,.0f} MB" if target_budget is None else
