@@ -357,7 +357,8 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
                     "max_tokens": max_tokens, "n_threads": n_threads or os.cpu_count(), "n_ctx": n_ctx}
             cgroup.drop_file_cache([target, draft])
             cmd = [sys.executable, "-m", "edgecad.bench", "--worker", json.dumps(spec)]
-            kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            # cwd elsewhere: from a source checkout, `-m edgecad.bench` would import the unbuilt sources
+            kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
             try:
                 if limit:
                     with cgroup.MemoryCgroup(limit) as cg:

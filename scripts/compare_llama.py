@@ -33,7 +33,7 @@ def main():
     a = ap.parse_args()
     for name in a.models:
         path = registry.resolve(name)
-        eng = Engine(path, n_ctx=4096, n_threads=a.threads)
+        eng = Engine(path, n_ctx=4096, n_threads=a.threads, memory_budget=None)
         ref = Llama(str(path), n_ctx=4096, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
         ours, theirs, same = [], [], 0
         for _, prompt in itertools.product(range(a.repeat), PROMPTS):

@@ -25,7 +25,7 @@ def main():
         res = {True: [], False: []}
         for pr in prompts:
             for cost_aware in (True, False):
-                with Engine(target, draft, memory_budget=budget, n_threads=2,
+                with Engine(target, draft, mode="tree", target_budget=budget, memory_budget=None, n_threads=2,
                             tree_params=TreeParams(cost_aware=cost_aware)) as e:
                     res[cost_aware].append(e.create_completion(pr["prompt"], max_tokens=a.n)["edgecad"])
         for cost_aware, sts in res.items():

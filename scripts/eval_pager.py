@@ -48,9 +48,9 @@ def main():
     a = ap.parse_args()
     path = registry.resolve(registry.DEFAULT_TARGET)
     bw = statistics.median(read_bandwidth(path) for _ in range(3))
-    rows = [run("unbudgeted", a.n),
-            run("demand", a.n, memory_budget=a.budget, pager=PagerParams(io="demand", storage=a.storage)),
-            run("prefetch", a.n, memory_budget=a.budget, pager=PagerParams(io="prefetch", storage=a.storage))]
+    rows = [run("unbudgeted", a.n, memory_budget=None),
+            run("demand", a.n, target_budget=a.budget, pager=PagerParams(io="demand", storage=a.storage)),
+            run("prefetch", a.n, target_budget=a.budget, pager=PagerParams(io="prefetch", storage=a.storage))]
     print(f"sequential read after eviction: {bw / 1e9:.2f} GB/s; budget {a.budget}, storage {a.storage}, "
           f"{len(PROMPTS)} prompts x {a.n} tokens, target mode, 2 threads")
     base = rows[0]

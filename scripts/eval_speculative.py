@@ -23,8 +23,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     target, draft = registry.resolve(registry.DEFAULT_TARGET), registry.resolve(registry.DEFAULT_DRAFT)
-    ref = Engine(target, n_ctx=4096, n_threads=a.threads)
-    engines = {m: Engine(target, draft, mode=m, n_ctx=4096, n_threads=a.threads) for m in a.modes}
+    ref = Engine(target, n_ctx=4096, n_threads=a.threads, memory_budget=None)
+    engines = {m: Engine(target, draft, mode=m, n_ctx=4096, n_threads=a.threads, memory_budget=None) for m in a.modes}
     agg = {m: {"tokens": 0, "passes": 0, "nodes": 0, "seconds": 0.0, "identical": 0, "fid": Fidelity()}
            for m in ["target", *a.modes]}
     prompts = load_prompts(a.prompts)

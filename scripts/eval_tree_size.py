@@ -13,7 +13,7 @@ cfgs = {"32 nodes (default)": TreeParams(), "64 nodes, depth 24": TreeParams(max
 res = {k: [] for k in cfgs}
 for pr in prompts:
     for k, tp in cfgs.items():
-        with Engine(t, d, memory_budget="40%", n_threads=2, tree_params=tp) as e:
+        with Engine(t, d, mode="tree", target_budget="40%", n_threads=2, tree_params=tp) as e:
             res[k].append(e.create_completion(pr["prompt"], max_tokens=32)["edgecad"])
 for k, sts in res.items():
     tps = [s["n_tokens"] / (s["seconds"] + s["prompt_seconds"]) for s in sts]
