@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -415,7 +416,9 @@ def limits_table(result: dict) -> str:
     for r in result["results"]:
         lim = f"{r['limit_bytes'] / 1e6:,.0f} MB" if r["limit_bytes"] else "no limit"
         if r["tokens_per_second"] is None:
-            lines.append(f"| {lim} | {r['row']} | {r['error']} | – | "
+            m = re.search(r"needs ([\d,]+ MB)", r["error"])
+            err = f"does not fit (the smallest configuration needs {m.group(1)})" if m else r["error"]
+            lines.append(f"| {lim} | {r['row']} | {err} | – | "
                          f"{r['peak_bytes'] / 1e6 if r['peak_bytes'] else 0:,.0f} | – | – | – | – |")
             continue
         n = result["config"]["n_prompts"]
