@@ -30,8 +30,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .engine import Engine
 
     draft = a.draft
-    if draft is None and a.mode != "target" and a.target == registry.DEFAULT_TARGET:
-        draft = registry.DEFAULT_DRAFT  # the default pair
+    if draft is None and a.mode != "target" and registry.is_model_name(a.target) and a.target != registry.DEFAULT_DRAFT:
+        draft = registry.DEFAULT_DRAFT  # registry models share one tokenizer: the default draft serves them all
     from .pager import PagerParams
 
     pager = PagerParams(io=a.io, storage=a.storage)
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="complete a prompt")
     g.add_argument("--target", default=registry.DEFAULT_TARGET, help="target GGUF path or registry name")
     g.add_argument("--draft", default=None,
-                   help="draft GGUF path or registry name (default: the registry draft when --target is the default)")
+                   help="draft GGUF path or registry name (default: the registry draft when --target is a registry model)")
     g.add_argument("--mode", default=None, choices=["tree", "linear", "bild", "target"],
                    help="tree (default with a draft), linear, bild (not lossless) or target (no draft)")
     g.add_argument("--prompt", "-p", required=True)
