@@ -13,8 +13,8 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -198,13 +198,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> None:
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise EdgecadError("--plot needs matplotlib: pip install 'edgecad[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def plot(result: dict, path: str) -> None:
+    plt = _pyplot()
     rows = result["rows"]
     names = [r["mode"] for r in rows]
     tps = [r["tokens_per_second"] for r in rows]
@@ -391,16 +396,12 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
                 bar.update(1)
     if bar:
         bar.close()
-    peer = {r["limit_bytes"]: r["tokens_per_second"] for r in results if r["row"] == "llama-cpp-python"}
+    peers = {r["limit_bytes"]: r for r in results if r["row"] == "llama-cpp-python"}
     for r in results:
-        p = peer.get(r["limit_bytes"])
-        r["x_peer"] = r["tokens_per_second"] / p if p and r["tokens_per_second"] else None
-        r["same_text_as_peer"] = None
-    texts_peer = {r["limit_bytes"]: r.get("texts") for r in results if r["row"] == "llama-cpp-python"}
-    for r in results:
-        tp = texts_peer.get(r["limit_bytes"])
-        if tp and r.get("texts"):
-            r["same_text_as_peer"] = sum(a == b for a, b in zip(tp, r["texts"]))
+        p = peers.get(r["limit_bytes"], {})
+        tps, texts = p.get("tokens_per_second"), p.get("texts")
+        r["x_peer"] = r["tokens_per_second"] / tps if tps and r["tokens_per_second"] else None
+        r["same_text_as_peer"] = sum(a == b for a, b in zip(texts, r["texts"])) if texts and r.get("texts") else None
     return {"machine": machine(),
             "config": {"target": str(target), "draft": str(draft), "limits": limits, "rows": rows,
                        "rows_meaning": {k: LIMIT_ROWS[k] for k in rows}, "n_prompts": len(texts),
@@ -433,12 +434,7 @@ def limits_table(result: dict) -> str:
 
 
 def plot_limits(result: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise EdgecadError("--plot needs matplotlib: pip install 'edgecad[plot]' (or pip install matplotlib)") from None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in result["config"]["rows"]:
         pts = [(r["limit_bytes"] / 1e6, r["tokens_per_second"]) for r in result["results"]

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 V1 = Path("/sys/fs/cgroup/memory")
 V2 = Path("/sys/fs/cgroup")
+_UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number
 
 
 def _v2_root() -> Optional[Path]:
@@ -136,17 +137,40 @@ def drop_file_cache(paths: Sequence[os.PathLike]) -> None:
             os.close(fd)
 
 
-def _own_dir() -> Optional[Path]:
+def _own_cgroups() -> list[tuple[Path, list[str], bool]]:
+    """(hierarchy root, path parts, is v1) of this process's memory cgroups, from /proc/self/cgroup."""
+    out = []
     try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            hid, ctrls, path = line.split(":", 2)
-            if "memory" in ctrls.split(",") and V1.is_dir():
-                return V1 / path.lstrip("/")
-            if hid == "0" and ctrls == "" and _v2_root():
-                return V2 / path.lstrip("/")
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        pass
-    return None
+        return out
+    for line in lines:
+        hid, ctrls, path = line.split(":", 2)
+        parts = [p for p in path.split("/") if p]
+        if "memory" in ctrls.split(","):
+            out.append((V1, parts, True))
+        elif hid == "0" and ctrls == "":
+            out.append((V2 if (V2 / "cgroup.controllers").exists() else V2 / "unified", parts, False))
+    return out
+
+
+def limit() -> Optional[int]:
+    """The smallest memory limit of this process's cgroups and their ancestors (v1 or v2), or None."""
+    best = None
+    for root, parts, v1 in _own_cgroups():
+        for k in range(len(parts), -1, -1):
+            try:
+                s = root.joinpath(*parts[:k], "memory.limit_in_bytes" if v1 else "memory.max").read_text().strip()
+            except OSError:
+                continue
+            if s and s != "max" and int(s) < _UNLIMITED:
+                best = int(s) if best is None else min(best, int(s))
+    return best
+
+
+def _own_dir() -> Optional[Path]:
+    cgs = _own_cgroups()
+    return cgs[0][0].joinpath(*cgs[0][1]) if cgs else None
 
 
 def reset_own_peak() -> bool:

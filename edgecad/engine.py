@@ -78,8 +78,9 @@ class Stats:
         pg, mem = self.paging or {}, self.memory
         d["config"] = mem.config if mem else self.mode
         d["config_reason"] = mem.reason if mem else ""
-        d["budget_bytes"] = mem.budget if mem and mem.budget < (1 << 62) else None
-        d["memory_plan"] = {k: v for k, v in mem.parts.items()} if mem and mem.budget < (1 << 62) else None
+        bounded = mem is not None and mem.budget < _UNBOUNDED
+        d["budget_bytes"] = mem.budget if bounded else None
+        d["memory_plan"] = mem.parts if bounded else None
         d["target_budget_bytes"] = pg.get("target_budget_bytes")
         d["peak_resident_target_bytes"] = pg.get("peak_resident_target_bytes")
         d["bytes_read"] = pg.get("bytes_read", 0)

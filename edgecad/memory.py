@@ -13,58 +13,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
+from . import cgroup
 from .errors import EdgecadError
 from .gguf_file import GGUFInfo
-from .pager import BudgetPlan, PagerParams, plan_budget
+from .pager import BudgetPlan, PagerParams, parse_size, plan_budget
 
 MB = 1_000_000
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
-          "g": 1e9, "gb": 1e9, "gib": 1 << 30}
-_UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number
 
 
 # ---------------------------------------------------------------------------- device memory
-
-def _cgroup_files() -> list[Path]:
-    """The memory limit files of this process's cgroup and its ancestors (v2 and v1)."""
-    out = []
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        hid, ctrls, path = line.split(":", 2)
-        if hid == "0" and ctrls == "":
-            root, name = Path("/sys/fs/cgroup"), "memory.max"
-            if not (root / "cgroup.controllers").exists():
-                root = Path("/sys/fs/cgroup/unified")
-        elif "memory" in ctrls.split(","):
-            root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
-        else:
-            continue
-        parts = [p for p in path.split("/") if p]
-        for k in range(len(parts), -1, -1):
-            out.append(root.joinpath(*parts[:k], name))
-    return out
-
-
-def cgroup_limit() -> Optional[int]:
-    """The smallest memory limit of this process's cgroups (v1 or v2), or None if there is none."""
-    best = None
-    for f in _cgroup_files():
-        try:
-            s = f.read_text().strip()
-        except OSError:
-            continue
-        if s and s != "max" and int(s) < _UNLIMITED:
-            best = int(s) if best is None else min(best, int(s))
-    return best
-
 
 def process_rss() -> int:
     import psutil
@@ -77,7 +38,7 @@ def auto_budget() -> int:
     the kernel's own charges (page tables, slab)."""
     import psutil
     avail = psutil.virtual_memory().available + process_rss()
-    limit = cgroup_limit()
+    limit = cgroup.limit()
     n = min(avail, limit) if limit else avail
     return int(n - max(32 * MB, 0.02 * n))
 
@@ -99,9 +60,8 @@ def parse_memory(value: Union[int, float, str], model_bytes: int) -> int:
             except ValueError:
                 pass
         else:
-            m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
-            n = int(float(m.group(1)) * _UNITS[m.group(2)]) if m and m.group(2) in _UNITS else -1
-        if n == -1:
+            n = parse_size(s)
+        if n is None or n == -1:
             raise EdgecadError(f"cannot read memory budget {value!r}: give bytes, a size such as '1.5GB' or "
                                "'900MiB', a share of the model files such as '60%', or 'auto'")
     if n <= 0:
@@ -111,6 +71,11 @@ def parse_memory(value: Union[int, float, str], model_bytes: int) -> int:
 
 # ---------------------------------------------------------------------------- what a context costs
 
+def _cells(n_ctx: int) -> int:
+    """KV cells llama.cpp allocates for a context of n_ctx tokens (padded to 256)."""
+    return -(-max(n_ctx, 1) // 256) * 256
+
+
 def kv_bytes(info: GGUFInfo, n_ctx: int) -> int:
     """llama.cpp's F16 KV cache of one context (n_ctx padded to 256 cells); llama.cpp clears it at
     creation, so all of it is resident from the start."""
@@ -119,8 +84,7 @@ def kv_bytes(info: GGUFInfo, n_ctx: int) -> int:
     n_embd = int(info.arch_value("embedding_length", 0))
     k = int(info.arch_value("attention.key_length", n_embd // max(n_head, 1)))
     v = int(info.arch_value("attention.value_length", k))
-    cells = -(-max(n_ctx, 1) // 256) * 256
-    return cells * info.n_layer * n_head_kv * (k + v) * 2
+    return _cells(n_ctx) * info.n_layer * n_head_kv * (k + v) * 2
 
 
 def compute_bytes(info: GGUFInfo, n_batch: int, n_outputs: int, n_ctx: int = 512) -> int:
@@ -130,8 +94,7 @@ def compute_bytes(info: GGUFInfo, n_batch: int, n_outputs: int, n_ctx: int = 512
     n_embd = int(info.arch_value("embedding_length", 0))
     n_ff = int(info.arch_value("feed_forward_length", 4 * n_embd))
     n_head = int(info.arch_value("attention.head_count", 1))
-    cells = -(-max(n_ctx, 1) // 256) * 256
-    acts = n_batch * (4 * n_embd + 3 * n_ff) * 4 + n_batch * cells * n_head * 4  # layer activations, KQ scores
+    acts = n_batch * (4 * n_embd + 3 * n_ff) * 4 + n_batch * _cells(n_ctx) * n_head * 4  # layer activations, KQ scores
     logits = 2 * n_outputs * info.vocab_size * 4  # graph output and llama.cpp's copy
     return acts + logits + 24 * MB
 

