@@ -152,6 +152,9 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
             "seconds_draft": sum(s["seconds_draft"] for s in sts) / n_tok,
             "seconds_target_compute": sum(s["target_compute_seconds"] for s in sts) / n_tok,
             "seconds_io_wait": sum(s["io_wait_seconds"] for s in sts) / n_tok if r.paged else None,
+            # the pager's IO thread: bytes read per second it was busy (reads, evictions, throttle sleeps)
+            "pager_read_bytes_per_second": (sum(s["bytes_read"] for s in sts) / busy
+                                            if r.paged and (busy := sum(s["io_busy_seconds"] for s in sts)) else None),
         }
         if r.paged:
             floor = plans[r.io].streamed_bytes / floor_bw / per_pass
@@ -285,6 +288,11 @@ def main_bench(a) -> int:
         Path(a.json).write_text(json.dumps(result, indent=2))
     print(markdown(result) if a.markdown else text_table(result))
     print("\n" + ", ".join(f"{k}: {v:.2f}x" for k, v in result["speedups"].items()))
+    seq = result["config"]["sequential_read_bytes_per_second"]
+    rates = [f"{r['mode']} {r['pager_read_bytes_per_second'] / 1e9:.2f}" for r in result["rows"]
+             if r["pager_read_bytes_per_second"]]
+    if rates:
+        print(f"pager read GB/s: {', '.join(rates)}; a plain sequential read of the file: {seq / 1e9:.2f}")
     if a.plot:
         plot(result, a.plot)
         print(f"plot written to {a.plot}", file=sys.stderr)

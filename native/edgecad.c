@@ -158,6 +158,8 @@ struct ec_pager {
     int *ring;               /* [n_stream] layer index of the j-th streamed layer, in compute order */
     int *ring_pos;           /* [n_layers] position of the layer in ring, -1 if pinned */
     int *next_ring;          /* [n_layers] ring position of the first streamed layer after layer il */
+    int *file_prev;          /* [n_layers] the streamed layer just before layer il in the file, -1 if none */
+    int *file_next;          /* [n_layers] the streamed layer just after layer il in the file, -1 if none */
     ec_range *pinned;        /* [n_pinned] ranges kept resident (output, norms) */
     int n_pinned;
     ec_range *evict_pass;    /* [n_evict] ranges dropped once per pass (token embeddings) */
@@ -245,14 +247,41 @@ static void throttle(ec_pager *p, uint64_t n) {
     p->next_free_s += (double)n / p->prm.throttle_bps;
 }
 
-/* Read a file range into RAM through the IO path: throttle, pread the range in CHUNK pieces (with
- * the kernel's readahead on our fd unless prm.readahead is 0: then POSIX_FADV_RANDOM, nothing past
- * the range is read), then map it (MADV_POPULATE_READ: minor faults only, compute does not fault).
- * Measured here (F16 target, 2 GB cgroup): 8 MB preads with readahead 1.42 GB/s, exact 0.79 GB/s,
- * exact with a readahead(2) of the next chunk issued ahead 0.84 GB/s. Measured here: POSIX_FADV_WILLNEED
- * + populate 0.09 GB/s; readahead(2) + populate inside a 1 GB cgroup 14x slower than pread (pages read
- * ahead are reclaimed before they are mapped); a second, plain mapping populated instead of pread: no
- * gain. */
+/* Read a file range into RAM through the IO path. Two ways, by prm.readahead:
+ *  1 (layers large next to read_ahead_kb): fault the range into llama.cpp's mapping directly
+ *    (MADV_POPULATE_READ on a MADV_NORMAL span): the kernel's read-around keeps ~read_ahead_kb of IO in
+ *    flight and maps the pages without a copy. Measured here (1 GB of the F16 target, cache dropped):
+ *    2.1-2.5 GB/s at 0.03 CPU-s/GB, against 0.9-2.0 GB/s at 0.2-0.9 CPU-s/GB for 8 MB preads + populate
+ *    and 0.6-1.1 GB/s for plain 4 MB preads (the copy to user space is the cost on this machine).
+ *  0 (exact): pread in CHUNK pieces on a POSIX_FADV_RANDOM fd (nothing past the range is read), then
+ *    populate (minor faults only). Measured: POSIX_FADV_WILLNEED + populate 0.09 GB/s; readahead(2) +
+ *    populate inside a 1 GB cgroup 14x slower than pread (pages read ahead are reclaimed before use).
+ * Both throttle per chunk (storage emulation); compute never faults on a loaded layer. */
+/* Bring [off, off+n) into the mapping: populate directly (readahead mode), else pread then populate. */
+static int read_chunk(ec_pager *p, uint64_t off, uint64_t n) {
+    uint8_t *a;
+    size_t an;
+    int mapped = span(p, off, n, 1, &a, &an);
+    if (p->prm.readahead && p->use_populate && mapped) {
+        if (madvise(a, an, MADV_POPULATE_READ) == 0) return EC_OK;
+        if (errno != EINVAL && errno != ENOSYS)
+            return fail(errno == EFAULT ? EC_ECHANGED : EC_EIO, errno, "madvise(MADV_POPULATE_READ)");
+        p->use_populate = 0; /* old kernel: pread, and compute takes minor faults */
+    }
+    for (uint64_t got = 0; got < n;) {
+        ssize_t r = pread(p->fd, p->scratch, (size_t)(n - got), (off_t)(off + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return fail(r == 0 ? EC_ECHANGED : EC_EIO, r < 0 ? errno : 0, "pread of the model file at %llu",
+                                (unsigned long long)(off + got));
+        got += (uint64_t)r;
+    }
+    if (p->use_populate && mapped && madvise(a, an, MADV_POPULATE_READ) != 0) {
+        if (errno == EINVAL || errno == ENOSYS) p->use_populate = 0;
+        else return fail(errno == EFAULT ? EC_ECHANGED : EC_EIO, errno, "madvise(MADV_POPULATE_READ)");
+    }
+    return EC_OK;
+}
+
 static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
     struct stat st;
     if (fstat(p->fd, &st) != 0) return fail(EC_ESTAT, errno, "fstat of the model file");
@@ -263,19 +292,8 @@ static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
     for (uint64_t done = 0; done < len; done += CHUNK) {
         uint64_t n = len - done < CHUNK ? len - done : CHUNK;
         throttle(p, n);
-        for (uint64_t got = 0; got < n;) {
-            ssize_t r = pread(p->fd, p->scratch, (size_t)(n - got), (off_t)(off + done + got));
-            if (r < 0 && errno == EINTR) continue;
-            if (r <= 0) return fail(r == 0 ? EC_ECHANGED : EC_EIO, r < 0 ? errno : 0, "pread of the model file at %llu",
-                                    (unsigned long long)(off + done + got));
-            got += (uint64_t)r;
-        }
-        uint8_t *a;
-        size_t an;
-        if (p->use_populate && span(p, off + done, n, 1, &a, &an) && madvise(a, an, MADV_POPULATE_READ) != 0) {
-            if (errno == EINVAL || errno == ENOSYS) p->use_populate = 0; /* old kernel: compute takes minor faults */
-            else return fail(errno == EFAULT ? EC_ECHANGED : EC_EIO, errno, "madvise(MADV_POPULATE_READ)");
-        }
+        int rc = read_chunk(p, off + done, n);
+        if (rc) return rc;
         __atomic_add_fetch(&p->st.bytes_read, n, __ATOMIC_RELAXED);
     }
     return EC_OK;
@@ -288,6 +306,25 @@ static void evict_range(ec_pager *p, uint64_t off, uint64_t len) {
     if (span(p, off, len, 0, &a, &n) && madvise(a, n, MADV_DONTNEED) != 0) warn_once(p, "madvise(MADV_DONTNEED)", errno);
     int rc = posix_fadvise(p->fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);
     if (rc != 0) warn_once(p, "posix_fadvise(POSIX_FADV_DONTNEED)", rc);
+}
+
+/* The page cache holds a file in folios of up to 2 MiB (PMD size with 4 KiB pages) that can straddle two
+ * layers; eviction drops only folios wholly inside its range, so each evicted layer kept 0.6-3.3 MB of its
+ * edges (measured on the 1.5B Q4_K_M target: ~40 MB over 25 streamed layers). A layer's eviction therefore
+ * reaches up to FOLIO_MAX into a file neighbour that is streamed and not wanted (evicted, or not yet read). */
+#define FOLIO_MAX ((uint64_t)2 << 20)
+
+static void evict_layer(ec_pager *p, int il) {
+    uint64_t lo = p->layers[il].off, hi = lo + p->layers[il].len;
+    int a = p->file_prev[il], b = p->file_next[il];
+    pthread_mutex_lock(&p->mu);
+    if (a >= 0 && !p->want[a]) lo = lo - p->layers[a].off > FOLIO_MAX ? lo - FOLIO_MAX : p->layers[a].off;
+    if (b >= 0 && !p->want[b]) {
+        uint64_t end = p->layers[b].off + p->layers[b].len;
+        hi = end - hi > FOLIO_MAX ? hi + FOLIO_MAX : end;
+    }
+    pthread_mutex_unlock(&p->mu);
+    evict_range(p, lo, hi - lo);
 }
 
 static void *io_main(void *arg) {
@@ -307,7 +344,7 @@ static void *io_main(void *arg) {
         } else if (op.op == OP_LOAD) {
             rc = read_range(p, p->layers[op.layer].off, p->layers[op.layer].len);
         } else if (op.op == OP_EVICT) {
-            evict_range(p, p->layers[op.layer].off, p->layers[op.layer].len);
+            evict_layer(p, op.layer);
             __atomic_store_n(&p->remeasure[op.layer], 1, __ATOMIC_RELAXED);
         } else {
             for (int i = 0; i < p->n_evict; i++) evict_range(p, p->evict_pass[i].off, p->evict_pass[i].len);
@@ -428,6 +465,7 @@ void ec_pager_close(ec_pager *p) {
     }
     if (p->fd >= 0) close(p->fd);
     free(p->layers); free(p->streamed); free(p->ring); free(p->ring_pos); free(p->next_ring);
+    free(p->file_prev); free(p->file_next);
     free(p->pinned); free(p->evict_pass); free(p->q); free(p->want); free(p->load_ticket);
     free(p->scratch); free(p->layer_res); free(p->remeasure);
     free(p);
@@ -467,13 +505,15 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
     p->ring = calloc(n_layers, sizeof *p->ring);
     p->ring_pos = calloc(n_layers, sizeof *p->ring_pos);
     p->next_ring = calloc(n_layers, sizeof *p->next_ring);
+    p->file_prev = calloc(n_layers, sizeof *p->file_prev);
+    p->file_next = calloc(n_layers, sizeof *p->file_next);
     p->q = calloc(p->q_cap, sizeof *p->q);
     p->want = calloc(n_layers, 1);
     p->load_ticket = calloc(n_layers, sizeof *p->load_ticket);
     p->layer_res = calloc(n_layers, sizeof *p->layer_res);
     p->remeasure = calloc(n_layers, 1);
     p->scratch = malloc(CHUNK);
-    if (!p->layers || !p->streamed || !p->pinned || !p->evict_pass || !p->ring || !p->ring_pos || !p->next_ring ||
+    if (!p->layers || !p->streamed || !p->pinned || !p->evict_pass || !p->ring || !p->ring_pos || !p->next_ring || !p->file_prev || !p->file_next ||
         !p->q || !p->want || !p->load_ticket || !p->layer_res || !p->remeasure || !p->scratch) {
         ec_pager_close(p);
         return fail(EC_ENOMEM, ENOMEM, "allocating the pager");
@@ -483,6 +523,19 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
         if (p->streamed[il]) { p->ring_pos[il] = p->n_stream; p->ring[p->n_stream++] = il; }
         else p->want[il] = 1; /* pinned: always wanted, never queued */
     }
+    for (int il = 0; il < n_layers; il++) p->file_prev[il] = p->file_next[il] = -1;
+    for (int il = 0; il < n_layers; il++) /* streamed file neighbours: less than a page apart, nothing between */
+        for (int k = 0; k < n_layers; k++) {
+            uint64_t end = p->layers[k].off + p->layers[k].len, start = p->layers[il].off;
+            if (k == il || !p->streamed[k] || !p->streamed[il] || !p->layers[k].len || end > start ||
+                start - end >= page_size())
+                continue;
+            int between = 0;
+            for (int i = 0; i < n_pinned; i++) between |= pinned[i].off < start && pinned[i].off + pinned[i].len > end;
+            for (int i = 0; i < n_evict; i++)
+                between |= evict_each_pass[i].off < start && evict_each_pass[i].off + evict_each_pass[i].len > end;
+            if (!between) { p->file_prev[il] = k; p->file_next[k] = il; }
+        }
     for (int il = n_layers - 1, next = 0; il >= 0; il--) { /* first streamed layer after il, wrapping */
         p->next_ring[il] = next % (p->n_stream ? p->n_stream : 1);
         if (p->streamed[il]) next = p->ring_pos[il];
@@ -504,20 +557,24 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
         ec_pager_close(p);
         return fail(EC_ETHREAD, 0, "pthread init");
     }
-    /* No read-around on page faults in llama.cpp's mapping (read_ahead_kb can be megabytes: each
-     * fault would pull in far more than the budget). On our own reads, the kernel's readahead keeps
-     * the device busy while a chunk is copied and mapped: measured here (F16 target, 2 GB cgroup)
-     * 1.42 GB/s against 0.79 GB/s with POSIX_FADV_RANDOM (2.18 -> 3.85 tok/s); so it stays on unless
-     * the caller asks for exact reads (layers small next to read_ahead_kb), and the budget plan
-     * reserves read_ahead_kb for what it reads past a range. */
+    /* Exact mode (layers small next to read_ahead_kb: read-around would pull in far more than the budget):
+     * no readahead on the pager's fd nor on faults in llama.cpp's mapping. Readahead mode: the kernel's
+     * read-around (up to read_ahead_kb around each fault, reserved by the budget plan) keeps the device
+     * busy; see read_range for the measurements. */
     if (!p->prm.readahead) {
         int arc = posix_fadvise(p->fd, 0, 0, POSIX_FADV_RANDOM);
         if (arc != 0) warn_once(p, "posix_fadvise(POSIX_FADV_RANDOM)", arc);
     }
+    /* The mapping: read-around (MADV_NORMAL) where the pager reads by populating (readahead mode), none
+     * (MADV_RANDOM) where compute itself faults: token-embedding rows, and everything in exact mode. */
     uint8_t *ma;
     size_t mn;
-    if (span(p, p->map_off, p->map_len, 1, &ma, &mn) && madvise(ma, mn, MADV_RANDOM) != 0)
-        warn_once(p, "madvise(MADV_RANDOM)", errno);
+    if (span(p, p->map_off, p->map_len, 1, &ma, &mn) &&
+        madvise(ma, mn, p->prm.readahead ? MADV_NORMAL : MADV_RANDOM) != 0)
+        warn_once(p, "madvise(MADV_NORMAL / MADV_RANDOM)", errno);
+    for (int i = 0; p->prm.readahead && i < p->n_evict; i++)
+        if (span(p, p->evict_pass[i].off, p->evict_pass[i].len, 1, &ma, &mn) && madvise(ma, mn, MADV_RANDOM) != 0)
+            warn_once(p, "madvise(MADV_RANDOM)", errno);
     int rc = pthread_create(&p->io, NULL, io_main, p);
     if (rc != 0) {
         ec_pager_close(p);
