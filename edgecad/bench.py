@@ -39,6 +39,7 @@ class Row:
     mode: str                 # Engine mode
     paged: bool               # under the budget
     io: str = "prefetch"      # pager IO mode when paged
+    pipeline: bool = True     # draft while the paged target waits on storage (Engine(pipeline=...))
 
 
 ROWS = {r.name: r for r in [
@@ -48,6 +49,7 @@ ROWS = {r.name: r for r in [
     Row("linear-paged", "linear", True),
     Row("bild-paged", "bild", True),
     Row("edgecad-paged", "tree", True),
+    Row("edgecad-paged-serial", "tree", True, pipeline=False),
     Row("edgecad", "tree", False),
 ]}
 LOSSLESS = {"target", "tree", "linear"}
@@ -108,7 +110,7 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
                 kw = (dict(target_budget=budget_bytes, pager=PagerParams(io=r.io, storage=storage)) if r.paged
                       else dict(memory_budget=None))
                 with Engine(target, draft if r.mode != "target" else None, mode=r.mode, n_threads=n_threads,
-                            n_ctx=2048, seed=rep, **kw) as eng, _PeakRSS() as rss:
+                            n_ctx=2048, seed=rep, pipeline=r.pipeline, **kw) as eng, _PeakRSS() as rss:
                     out = eng.create_completion(pr["prompt"], max_tokens=max_tokens, temperature=temperature,
                                                 seed=rep)
                 st = out["edgecad"]
@@ -152,6 +154,10 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
             "seconds_draft": sum(s["seconds_draft"] for s in sts) / n_tok,
             "seconds_target_compute": sum(s["target_compute_seconds"] for s in sts) / n_tok,
             "seconds_io_wait": sum(s["io_wait_seconds"] for s in sts) / n_tok if r.paged else None,
+            # the pipeline: chain drafting beside target passes (overlapped with them), and what it gave
+            "seconds_chain": sum(s["seconds_chain"] for s in sts) / n_tok,
+            "chain_tokens": sum(s["chain_tokens"] for s in sts),
+            "reused_tokens": sum(s["reused_tokens"] for s in sts),
             # the pager's IO thread: bytes read per second it was busy (reads, evictions, throttle sleeps)
             "pager_read_bytes_per_second": (sum(s["bytes_read"] for s in sts) / busy
                                             if r.paged and (busy := sum(s["io_busy_seconds"] for s in sts)) else None),
@@ -166,7 +172,8 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
         for base, key in (("target-paged", "speedup_vs_target_paged"), ("target", "speedup_vs_target")):
             row[key] = row["tokens_per_second"] / by[base]["tokens_per_second"] if base in by else None
     speedups = {}
-    for a, b in [("edgecad-paged", "target-paged"), ("edgecad-paged", "target-prefetch"),
+    for a, b in [("edgecad-paged", "target-paged"), ("edgecad-paged", "edgecad-paged-serial"),
+                 ("edgecad-paged", "target-prefetch"),
                  ("edgecad-paged", "linear-paged"), ("edgecad-paged", "bild-paged"), ("edgecad", "target")]:
         if a in by and b in by:
             speedups[f"{a}/{b}"] = by[a]["tokens_per_second"] / by[b]["tokens_per_second"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -24,8 +25,8 @@ from .llama import Batch, Context, ContextParams, Model, ModelParams, default_th
 from .memory import CONFIGS, load_costs, observe, parse_memory, plan_memory, save_costs
 from .pager import Pager, PagerParams, file_mappings, new_mapping, parse_budget, read_bandwidth
 from .sampling import SamplingParams, pick
-from .tree import MODE_PARAMS, Drafter, FallbackThreshold, TreeParams, keep_path
-from .verify import accept_bild, accept_greedy, accept_sampling, verify_tree
+from .tree import MODE_PARAMS, Drafter, FallbackThreshold, TokenTree, TreeParams
+from .verify import Verdict, accept_bild, accept_greedy, accept_sampling, keep_accepted, verify_tree
 
 MODES = ("target", "tree", "linear", "bild")
 _UNBOUNDED = 1 << 62  # memory_budget=None: no limit, everything resident
@@ -48,6 +49,9 @@ class Stats:
     seconds: float = 0.0         # generation time after the prompt
     seconds_draft: float = 0.0   # of which drafting
     seconds_target: float = 0.0  # of which target passes
+    seconds_chain: float = 0.0   # drafting chains beside target passes (pipeline; overlaps seconds_target)
+    chain_tokens: int = 0        # tokens drafted into chains beside target passes
+    reused_tokens: int = 0       # chain tokens the next tree started from (drafted during a pass, kept)
     fallback: Optional[dict] = None  # summary of the fallback threshold's history
     paging: Optional[dict] = None    # target_budget_bytes, peak_resident_target_bytes, bytes_read, io_wait_seconds
     memory: Optional[object] = None  # the engine's MemoryPlan (edgecad.memory)
@@ -71,6 +75,9 @@ class Stats:
             "draft_passes": self.draft_passes,
             "seconds_draft": self.seconds_draft,
             "seconds_target": self.seconds_target,
+            "seconds_chain": self.seconds_chain,
+            "chain_tokens": self.chain_tokens,
+            "reused_tokens": self.reused_tokens,
             "fallback": self.fallback,
         }
         if self.mode == "bild":
@@ -86,6 +93,8 @@ class Stats:
         d["bytes_read"] = pg.get("bytes_read", 0)
         d["io_wait_seconds"] = pg.get("io_wait_seconds", 0.0)
         d["io_busy_seconds"] = pg.get("io_busy_seconds", 0.0)  # the IO thread reading (overlaps compute)
+        d["draft_layers_in_pass"] = pg.get("draft_layers_in_pass", 0)  # draft layers run while a pass waited on IO
+        d["gate_wait_seconds"] = pg.get("gate_wait_seconds", 0.0)  # chain drafting held while the target computed
         d["target_compute_seconds"] = self.seconds_target - d["io_wait_seconds"]
         return d
 
@@ -116,6 +125,8 @@ class Engine:
         target_budget: fix the target's share instead: bytes of the target file kept resident ("450MB",
             "40%" of the target); the rest of the engine comes on top. For experiments and tests.
         pager: how the target is streamed under a budget (IO mode, read-ahead, storage profile).
+        pipeline: with a paged target and a draft, draft on while the target's pass waits on storage
+            (a chain past the tree's best leaf, kept when the target accepts that branch).
         n_ctx: context length in tokens (prompt + completion).
         n_threads: compute threads; None = all cores this process may use.
         seed: default random seed of sampled completions.
@@ -134,6 +145,7 @@ class Engine:
         memory_budget: Union[int, str, None] = "auto",
         target_budget: Union[int, str, None] = None,
         pager: Optional[PagerParams] = None,
+        pipeline: bool = True,
         n_ctx: int = 4096,
         # compute
         n_threads: Optional[int] = None,
@@ -205,13 +217,15 @@ class Engine:
         hooks = {}
         if self._pager is not None:
             hooks = dict(cb_eval=self._pager.cb_eval, cb_eval_user_data=self._pager.handle,
-                         after_decode=self._pager.check)
+                         after_decode=self._pager.after_pass)
+        self.pipeline = bool(pipeline and speculative and self._pager is not None)
         self._target = Context(self._target_model, cp, **hooks)
         self.n_ctx = self._target.n_ctx
         self._batch = Batch(max(cp.n_batch, n_seq), n_seq)
         self._drafter = None
         if speculative:
-            self._draft = Context(self._draft_model, cp)
+            gate = dict(cb_eval=self._pager.gate_cb_eval, cb_eval_user_data=self._pager.handle) if self.pipeline else {}
+            self._draft = Context(self._draft_model, cp, **gate)
             self._drafter = Drafter(self._draft, self.tree_params, n_seq, cp.n_batch)
         self._rng = np.random.default_rng(seed)
 
@@ -248,69 +262,100 @@ class Engine:
             pos += 1
             logits = ctx.logits(0)
 
+    def _acceptance(self, sp: SamplingParams):
+        """The acceptance rule of this engine and completion: (tree, logits, rng) -> (path, bonus, divergent)."""
+        p = self.tree_params
+        if p.acceptance == "bild":
+            return lambda tree, logits, rng: accept_bild(tree, logits, sp, rng, p.rollback_ce)
+        if sp.greedy:
+            return lambda tree, logits, rng: (*accept_greedy(tree, logits), 0)
+        return lambda tree, logits, rng: (*accept_sampling(tree, logits, sp, rng), 0)
+
+    def _verify(self, tree: TokenTree, accept, sp: SamplingParams, rng: np.random.Generator,
+                chain_rng: np.random.Generator, chain_len: int) -> Verdict:
+        """The target's half of a step: one pass over the root and every node, the acceptance rule,
+        the target's KV cut to the accepted path. With the pipeline, the draft drafts a chain past the
+        tree's best leaf meanwhile (its decodes run while the pass waits on storage: ec_pager_gate)."""
+        if not self.pipeline or chain_len < 2:
+            t0 = time.perf_counter()
+            logits, leaf_seq = verify_tree(self._target, self._batch, tree)
+            seconds = time.perf_counter() - t0
+        else:
+            box = {}
+
+            def run():
+                t0 = time.perf_counter()
+                try:
+                    box["out"] = verify_tree(self._target, self._batch, tree)
+                except BaseException as e:  # re-raised in the caller's thread
+                    box["err"] = e
+                box["seconds"] = time.perf_counter() - t0
+
+            th = threading.Thread(target=run, name="edgecad-verify")
+            self._pager.begin_pass()
+            th.start()
+            try:
+                self._drafter.extend(tree, sp, chain_rng, chain_len, done=lambda: not th.is_alive())
+            finally:
+                th.join()
+            if "err" in box:
+                raise box["err"]
+            (logits, leaf_seq), seconds = box["out"], box["seconds"]
+        path, bonus, divergent = accept(tree, logits, rng)
+        keep_accepted(self._target, tree, leaf_seq, path)
+        return Verdict(path, bonus, divergent, seconds)
+
     def _decode_speculative(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams,
                             rng: np.random.Generator, stats: Stats) -> Iterator[int]:
         """Speculative decoding, one step per target pass: the draft builds a tree from the last
-        accepted token (the root); the target verifies root and tree in one pass; the accepted
-        path plus the target's bonus token are appended; both KV caches keep only that path."""
-        p, ctx, drafter = self.tree_params, self._target, self._drafter
+        accepted token (the root) -> the target verifies root and tree in one pass -> a verdict
+        (accepted path, bonus token) -> both caches keep that path -> the threshold adapts."""
+        p, drafter = self.tree_params, self._drafter
         t0 = time.perf_counter()
-        ctx.prefill(self._batch, prompt[:-1])  # the target's KV: every accepted token but the root
-        drafter.prefill(prompt[:-1])
+        self._target.prefill(self._batch, prompt[:-1])  # the target's KV: every accepted token but the root
+        drafter.start(prompt)
         stats.prompt_seconds = time.perf_counter() - t0
         stats.lossless = p.acceptance == "exact"
-        fallback = FallbackThreshold(p)
-        pending = [prompt[-1]]        # accepted tokens the draft has not decoded; the last is the root
-        root_pos = len(prompt) - 1
-        produced, decodes0, draft_s0 = 0, drafter.decodes, drafter.seconds
+        accept, fallback = self._acceptance(sp), FallbackThreshold(p)
+        chain_rng = np.random.default_rng(rng.integers(1 << 63)) if self.pipeline else None
+        root_pos, produced = len(prompt) - 1, 0
+        d0 = (drafter.decodes, drafter.seconds, drafter.seconds_extend, drafter.chain_tokens, drafter.reused_tokens)
         try:
             while produced < max_tokens and root_pos < self.n_ctx:
-                room = self.n_ctx - root_pos - 1  # KV cells free after the root
-                step_t = time.perf_counter()
-                tree = drafter.draft(pending, min(p.max_nodes, room), min(p.max_depth, room, max_tokens - produced - 1),
-                                     sp, rng, fallback.current())
-                tv = time.perf_counter()
-                logits, leaf_seq = verify_tree(ctx, self._batch, tree)
-                if p.acceptance == "bild":
-                    path, bonus, divergent = accept_bild(tree, logits, sp, rng, p.rollback_ce)
-                    stats.bild_divergent += divergent
-                elif sp.greedy:
-                    path, bonus = accept_greedy(tree, logits)
-                else:
-                    path, bonus = accept_sampling(tree, logits, sp, rng)
-                last = path[-1] if path else 0
-                leaf = last
-                while tree.children[leaf]:
-                    leaf = next(iter(tree.children[leaf].values()))
-                keep_path(ctx, leaf_seq[leaf] if path else 0, tree.pos(last))
-                now = time.perf_counter()
-                stats.seconds_target += now - tv
-                pending = drafter.accept(tree, path, pending, bonus)
-                best = tree.path(max(tree.leaves(), key=lambda i: tree.conf[i]))
-                fallback.update(len(best), next((k for k, (a, b) in enumerate(zip(best, path)) if a != b),
-                                                min(len(best), len(path))))
-                fallback.observe_step(tree.n_drafted, now - step_t, len(path) + 1,
-                                      float(tree.conf[1:tree.n].sum()), len(path))
+                room, left = self.n_ctx - root_pos - 1, max_tokens - produced - 1  # KV cells, tokens after the root
+                t_step = time.perf_counter()
+                tree = drafter.draft(min(p.max_nodes, room), min(p.max_depth, room, left), sp, rng, fallback.current())
+                depth = int(tree.depth[: tree.n].max())
+                verdict = self._verify(tree, accept, sp, rng, chain_rng,
+                                       min(p.max_depth + 1, room - depth - 1, left - depth))
+                drafter.accept(tree, verdict.path, verdict.bonus)
+                fallback.step(tree, verdict.path, time.perf_counter() - t_step)
+                stats.seconds_target += verdict.seconds
                 stats.target_passes += 1
                 stats.draft_tokens += tree.n_drafted
-                stats.accepted_tokens += len(path)
-                root_pos = tree.pos(last) + 1
+                stats.accepted_tokens += len(verdict.path)
+                stats.bild_divergent += verdict.divergent
+                root_pos = tree.pos(verdict.path[-1] if verdict.path else 0) + 1
                 if self._debug_kv:
                     self._check_kv(root_pos)
-                for tok in [int(tree.token[i]) for i in path] + [bonus]:
+                for tok in [int(tree.token[i]) for i in verdict.path] + [verdict.bonus]:
                     yield tok
                     produced += 1
                     if produced >= max_tokens or self._target_model.is_eog(tok):
                         return
         finally:
-            stats.draft_passes = drafter.decodes - decodes0
-            stats.seconds_draft = drafter.seconds - draft_s0
+            n, s, se, ct, rt = d0
+            stats.draft_passes = drafter.decodes - n
+            stats.seconds_draft = drafter.seconds - s
+            stats.seconds_chain = drafter.seconds_extend - se
+            stats.chain_tokens = drafter.chain_tokens - ct
+            stats.reused_tokens = drafter.reused_tokens - rt
             stats.fallback = fallback.summary() if p.fallback == "adaptive" else None
 
     def _check_kv(self, root_pos: int) -> None:
         """Both caches hold only sequence 0: the target every accepted token before the root,
-        the draft its first n_past accepted tokens. Raises AssertionError otherwise."""
-        for ctx, n in ((self._target, root_pos), (self._draft, self._drafter.n_past)):
+        the draft its first n_past accepted tokens (and a kept chain). Raises AssertionError otherwise."""
+        for ctx, n in ((self._target, root_pos), (self._draft, self._drafter.kv_end + 1)):
             assert ctx.seq_pos_min(0) == (0 if n else -1) and ctx.seq_pos_max(0) == n - 1, (
                 f"sequence 0 holds {ctx.seq_pos_min(0)}..{ctx.seq_pos_max(0)}, expected 0..{n - 1}")
             left = [s for s in range(1, ctx.params.n_seq_max) if ctx.seq_pos_max(s) != -1]
@@ -398,6 +443,8 @@ class Engine:
                 "bytes_read": after["bytes_read"] - before["bytes_read"],
                 "io_wait_seconds": (after["io_wait_ns"] - before["io_wait_ns"]) / 1e9,
                 "io_busy_seconds": (after["io_busy_ns"] - before["io_busy_ns"]) / 1e9,
+                "draft_layers_in_pass": after["draft_layers_in_pass"] - before["draft_layers_in_pass"],
+                "gate_wait_seconds": (after["gate_wait_ns"] - before["gate_wait_ns"]) / 1e9,
             }
         stats.memory = self.memory_plan
         text = raw.decode("utf-8", errors="ignore")

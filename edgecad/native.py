@@ -27,7 +27,7 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(path))
 
 
-EC_VERSION = 3  # native/edgecad.h: the interface these bindings are written for
+EC_VERSION = 4  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 

@@ -235,7 +235,8 @@ class _Params(ctypes.Structure):
 
 class _Stats(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in ("bytes_read", "io_wait_ns", "io_busy_ns", "resident_now",
-                                                "peak_resident", "boundaries", "passes", "advise_failures")]
+                                                "peak_resident", "boundaries", "passes", "advise_failures",
+                                                "gate_wait_ns", "draft_layers_in_pass")]
 
 
 _lib = native.lib
@@ -257,6 +258,10 @@ _lib.ec_pager_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Stats)]
 _lib.ec_pager_get_stats.restype = ctypes.c_int
 # void ec_pager_reset_peak(ec_pager *p);
 _lib.ec_pager_reset_peak.argtypes, _lib.ec_pager_reset_peak.restype = [ctypes.c_void_p], None
+# int ec_pager_pass_begin(ec_pager *p);
+_lib.ec_pager_pass_begin.argtypes, _lib.ec_pager_pass_begin.restype = [ctypes.c_void_p], ctypes.c_int
+# int ec_pager_pass_end(ec_pager *p);
+_lib.ec_pager_pass_end.argtypes, _lib.ec_pager_pass_end.restype = [ctypes.c_void_p], ctypes.c_int
 # int ec_pager_error(ec_pager *p);
 _lib.ec_pager_error.argtypes, _lib.ec_pager_error.restype = [ctypes.c_void_p], ctypes.c_int
 # int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second);
@@ -335,6 +340,9 @@ class Pager:
                                         ctypes.byref(params), _ggml_get_name(), ctypes.byref(h)), "ec_pager_open")
         self._h = h
         self.cb_eval = C.ggml_backend_sched_eval_callback(ctypes.cast(_lib.ec_pager_cb_eval, ctypes.c_void_p).value)
+        # the draft context's cb_eval when it drafts during target passes (with user data `handle`)
+        self.gate_cb_eval = C.ggml_backend_sched_eval_callback(
+            ctypes.cast(_lib.ec_pager_gate_cb_eval, ctypes.c_void_p).value)
         self.settle()
 
     @property
@@ -356,8 +364,18 @@ class Pager:
             raise ModelFileError(f"{self.path} changed or vanished while the engine was using it: "
                                  "create a new Engine once the file is complete again")
 
+    def begin_pass(self) -> None:
+        """Before a target decode the draft runs beside: the gate holds the draft until the pass waits."""
+        native.check(_lib.ec_pager_pass_begin(self._h), "ec_pager_pass_begin")
+
+    def after_pass(self) -> None:
+        """After every target decode: release a gated draft, read the next pass's first window early,
+        and raise if the IO thread failed (the graph was aborted, logits are invalid)."""
+        _lib.ec_pager_pass_end(self._h)
+        self.check()
+
     def check(self) -> None:
-        """After a decode: raise if the IO thread failed (the graph was aborted, logits are invalid)."""
+        """Raise if the IO thread failed."""
         code = _lib.ec_pager_error(self._h)
         if code == EC_ECHANGED:
             raise ModelFileError(f"{self.path} changed size while the engine was paging it: "

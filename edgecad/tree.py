@@ -12,12 +12,12 @@ branch's sequence always holds exactly the prefix + its own path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from .llama import Batch, Context
-from .sampling import RAW, SamplingParams, distribution
+from .sampling import RAW, SamplingParams, distribution, sample_from
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,14 @@ class FallbackThreshold:
         rate = self._tokens / self._s[2]
         return float(max(self.p.threshold_min, min(self.value, b * rate / self.calibration())))
 
+    def step(self, tree: TokenTree, path: Sequence[int], seconds: float) -> None:
+        """After a step of `seconds` whose target accepted `path`: adapt to how much of the tree's
+        best branch was taken, and record the step's cost."""
+        best = tree.path(max(tree.leaves(), key=lambda i: tree.conf[i]))
+        agree = next((k for k, (a, b) in enumerate(zip(best, path)) if a != b), min(len(best), len(path)))
+        self.update(len(best), agree)
+        self.observe_step(tree.n_drafted, seconds, len(path) + 1, float(tree.conf[1:tree.n].sum()), len(path))
+
     def summary(self) -> dict:
         h = np.array(self.history)
         return {"initial": float(h[0]), "final": float(h[-1]), "mean": float(h.mean()),
@@ -178,11 +186,23 @@ class FallbackThreshold:
 
 # ---------------------------------------------------------------------------- the drafter
 
+@dataclass
+class Chain:
+    """Tokens drafted past a tree's most likely leaf while the target verified the tree (Drafter.extend)."""
+    leaf: int      # the tree node the chain continues
+    branch: int    # the draft KV sequence holding the leaf and the decoded chain
+    tokens: list   # x1..xm; x1..x(m-1) are decoded, at positions pos(leaf)+1..
+    qs: list       # [m] the draft distribution each token was chosen from (after the leaf, x1, ...)
+
+
 class Drafter:
     """Builds token trees with the resident draft model and keeps its KV cache in step.
 
-    Invariant between steps: the draft's sequence 0 holds the first `n_past` accepted
-    tokens; the accepted tokens after them are passed to the next `draft` as `pending`.
+    The drafter owns its cache: `start(prompt)`, then per step `draft` -> (the target verifies) ->
+    `accept(tree, path, bonus)`. Between steps, sequence 0 holds the first `n_past` accepted tokens
+    and `pending` are the accepted tokens after them (the last is the next root); or, when the target
+    accepted a chain pre-drafted by `extend`, `seed` is that chain: its first token is the next root
+    (decoded, n_past counts it) and sequence 0 also holds the chain's decoded tokens after it.
     """
 
     def __init__(self, ctx: Context, params: TreeParams, n_seq_max: int, n_batch: int):
@@ -190,15 +210,28 @@ class Drafter:
         self.n_seq_max = n_seq_max
         self.batch = Batch(max(n_batch, params.max_nodes + 1), n_seq_max)
         self.n_past = 0
+        self.pending: list[int] = []
+        self.seed: Optional[Chain] = None   # a kept chain: the start of the next tree
+        self.chain: Optional[Chain] = None  # the chain drafted beside the current tree's verification
+        self._dist: dict[int, np.ndarray] = {}  # node -> draft distribution after it, for the current tree
         self.decodes = 0
-        self.seconds = 0.0
+        self.seconds = 0.0         # drafting trees (the target waits)
+        self.seconds_extend = 0.0  # drafting chains beside target passes (overlapped)
+        self.chain_tokens = 0      # tokens drafted into chains
+        self.reused_tokens = 0     # chain tokens the next tree started from
 
     def close(self) -> None:
         self.batch.close()
 
-    def prefill(self, tokens: Sequence[int]) -> None:
-        self.ctx.prefill(self.batch, tokens)
-        self.n_past = len(tokens)
+    def start(self, prompt: Sequence[int]) -> None:
+        """A new sequence: decode all of `prompt` but its last token (the first root)."""
+        self.ctx.prefill(self.batch, prompt[:-1])
+        self.n_past, self.pending, self.seed, self.chain = len(prompt) - 1, [prompt[-1]], None, None
+
+    @property
+    def kv_end(self) -> int:
+        """Last position sequence 0 holds between steps."""
+        return self.n_past - 1 + (len(self.seed.tokens) - 2 if self.seed else 0)
 
     def _probs(self, logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
         """The draft's distribution at a node: its own probabilities when greedy, else the sampling one."""
@@ -213,30 +246,71 @@ class Drafter:
         k = 1 + int(np.sum(q[top[1:k_max]] >= self.p.branch_p))
         if sp.greedy:
             return [int(t) for t in top[:k]]
-        c = np.cumsum(q)
-        return [int(min(np.searchsorted(c, u * c[-1], side="right"), len(q) - 1)) for u in rng.random(k)]
+        return [sample_from(q, rng) for _ in range(k)]
 
-    def draft(self, pending: Sequence[int], max_nodes: int, max_depth: int, sp: SamplingParams,
-              rng: np.random.Generator, threshold: float) -> TokenTree:
-        """Decode `pending` (accepted tokens the draft has not seen; the last one is the root),
-        then grow a tree of at most max_nodes drafted tokens and max_depth levels."""
+    def _start_tree(self, max_nodes: int, max_depth: int, sp: SamplingParams) -> tuple[TokenTree, list[int]]:
+        """The tree's root, and the kept chain's tokens as its first branch (sequence 1). Decodes what
+        the draft has not seen yet (pending tokens, the chain's last token) in one batch; returns the
+        tree and the branch-1 nodes whose distribution that batch gives."""
+        ctx, b, seed = self.ctx, self.batch, self.seed
+        self.seed = None
+        if seed is None:
+            tree = TokenTree(max_nodes + 1, self.pending[-1], self.n_past + len(self.pending) - 1)
+            if max_nodes <= 0 or max_depth <= 0:
+                return tree, []
+        else:  # a pre-drafted chain x1..xm: x1 is the root, x2.. its first nodes (each x(i+1) drawn from qs[i])
+            root_pos = self.n_past - 1
+            keep = max(0, min(len(seed.tokens) - 1, max_nodes, max_depth))
+            ctx.seq_rm(0, root_pos + keep + 1, -1)  # decoded chain tokens past what this tree can hold
+            tree = TokenTree(max_nodes + 1, seed.tokens[0], root_pos)
+            tree.decoded[0] = True
+            node = 0
+            for i in range(1, keep + 1):
+                t, q = seed.tokens[i], seed.qs[i]
+                self._dist[node] = tree.q[node] = q
+                tree.draws[node].append(t)
+                node = tree.add(node, t, float(q[t]), 1)
+                tree.decoded[node] = i < len(seed.tokens) - 1
+            self.reused_tokens += 1 + keep
+            if node and tree.decoded[node]:
+                self._dist[node] = seed.qs[keep + 1]
+            elif not node:
+                self._dist[0] = seed.qs[1]
+            if max_nodes <= 0 or max_depth <= 0:
+                return tree, []
+        ctx.seq_cp(0, 1)  # branch 1 starts as the accepted prefix (and the kept chain)
+        b.clear()
+        for j, t in enumerate(self.pending if seed is None else []):
+            b.add(t, self.n_past + j, (0, 1), j == len(self.pending) - 1)
+        out = [0] if b.n_tokens else []
+        last = tree.n - 1
+        if last and not tree.decoded[last]:
+            b.add(int(tree.token[last]), tree.pos(last), (1,), True)
+            out = [last]
+        if b.n_tokens:
+            ctx.decode(b)
+            self.decodes += 1
+            tree.decoded[out[0]] = True
+            self._dist[out[0]] = self._probs(ctx.logits(b.n_tokens - 1), sp)
+        return tree, out
+
+    def draft(self, max_nodes: int, max_depth: int, sp: SamplingParams, rng: np.random.Generator,
+              threshold: float) -> TokenTree:
+        """Decode what the draft has not seen, then grow a tree of at most max_nodes drafted tokens
+        and max_depth levels from the root (the last accepted token)."""
         import time
 
         p, ctx, b = self.p, self.ctx, self.batch
-        tree = TokenTree(max_nodes + 1, pending[-1], self.n_past + len(pending) - 1)
-        if max_nodes <= 0 or max_depth <= 0:
-            return tree
         t0 = time.perf_counter()
-        ctx.seq_cp(0, 1)  # branch 1 starts as the accepted prefix
-        b.clear()
-        for j, t in enumerate(pending):
-            b.add(t, self.n_past + j, (0, 1), j == len(pending) - 1)
-        ctx.decode(b)
-        self.decodes += 1
-        tree.decoded[0] = True
-        dist = {0: self._probs(ctx.logits(len(pending) - 1), sp)}
-        leaf = {1: 0}           # branch -> its newest node
-        count = {1: 0}          # branch -> drafted tokens it owns
+        self._dist = {}
+        tree, _ = self._start_tree(max_nodes, max_depth, sp)
+        if max_nodes <= 0 or max_depth <= 0:
+            self.seconds += time.perf_counter() - t0
+            return tree
+        dist = self._dist
+        last = tree.n - 1
+        leaf = {1: last}        # branch -> its newest node
+        count = {1: last}       # branch -> drafted tokens it owns
         active = {1}
         next_branch = 2
         while active and tree.n_drafted < max_nodes:
@@ -301,24 +375,67 @@ class Drafter:
         self.seconds += time.perf_counter() - t0
         return tree
 
-    def accept(self, tree: TokenTree, path: Sequence[int], pending: Sequence[int], bonus: int) -> list[int]:
-        """Keep the accepted path in sequence 0; return the accepted tokens the draft has yet to decode."""
+    def extend(self, tree: TokenTree, sp: SamplingParams, rng: np.random.Generator, max_len: int,
+               done: Callable[[], bool]) -> None:
+        """While the target verifies `tree` (until done()), draft on past its most likely leaf: a chain
+        of the draft's top-1 (greedy) or of single draws (sampling), one token per decode. `accept`
+        keeps it as the start of the next tree when the target takes that whole branch and its bonus
+        token is the chain's first (a draw of x(i+1) from q(. | ..., xi) is a valid single draft
+        draw at that node, so the sampling acceptance stays exact)."""
+        import time
+
+        self.chain = None
+        if max_len < 2 or not tree.decoded[0]:
+            return
+        t0 = time.perf_counter()
+        leaf = max(tree.leaves(), key=lambda i: tree.conf[i])
+        br, pos, tok = int(tree.branch[leaf]), tree.pos(leaf), int(tree.token[leaf])
+        if leaf == 0:  # nothing drafted: the root is in sequence 0 (accepted); draft the chain in branch 1
+            self.ctx.seq_cp(0, 1)
+            br = 1
+        q = self._dist.get(leaf)  # known when the leaf is decoded
+        chain = Chain(leaf, br, [], [])
+        while len(chain.tokens) < max_len and not done():
+            if q is None:  # decode `tok` (the leaf, then each chain token) at `pos` in the branch
+                self.batch.clear()
+                self.batch.add(tok, pos, (br,), True)
+                self.ctx.decode(self.batch)
+                self.decodes += 1
+                tree.decoded[leaf] = True
+                q = self._probs(self.ctx.logits(0), sp)
+            tok = int(np.argmax(q)) if sp.greedy else sample_from(q, rng)
+            chain.tokens.append(tok)
+            chain.qs.append(q)
+            pos, q = pos + 1, None
+        if chain.tokens:
+            self.chain = chain
+            self.chain_tokens += len(chain.tokens)
+        self.seconds_extend += time.perf_counter() - t0
+
+    def accept(self, tree: TokenTree, path: Sequence[int], bonus: int) -> None:
+        """The target took `path` (tree nodes) and then `bonus`: keep that in sequence 0."""
         tokens = [int(tree.token[i]) for i in path] + [bonus]
+        chain, self.chain = self.chain, None
         if not tree.decoded[0]:  # nothing was drafted: the pending tokens are still pending
-            return list(pending) + tokens
+            self.pending = self.pending + tokens
+            return
+        if chain and (path[-1] if path else 0) == chain.leaf and bonus == chain.tokens[0] and len(chain.tokens) >= 2:
+            # the target took the chain's branch and its first token: keep the decoded chain
+            keep_path(self.ctx, chain.branch, tree.pos(chain.leaf) + len(chain.tokens) - 1)
+            self.n_past, self.pending, self.seed = tree.pos(chain.leaf) + 2, [], chain
+            return
         deepest, k = 0, 0
         for j, i in enumerate(path):
             if tree.decoded[i]:
                 deepest, k = i, j + 1
         keep_path(self.ctx, int(tree.branch[deepest]) if deepest else 0, tree.pos(deepest))
         self.n_past = tree.pos(deepest) + 1
-        return tokens[k:]
+        self.pending = tokens[k:]
 
 
 def keep_path(ctx: Context, seq: int, last_pos: int) -> None:
     """Make sequence 0 hold exactly `seq`'s cells up to last_pos, and drop every other sequence."""
-    if seq != 0:
-        ctx.seq_rm(seq, last_pos + 1, -1)
+    ctx.seq_rm(seq, last_pos + 1, -1)
     ctx.seq_keep(seq)
     if seq != 0:
         ctx.seq_cp(seq, 0)

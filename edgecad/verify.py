@@ -7,11 +7,22 @@ Per-sequence causal masking then lets each node see exactly its ancestors.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .llama import Batch, Context
 from .sampling import RAW, SamplingParams, distribution, sample_from
-from .tree import TokenTree
+from .tree import TokenTree, keep_path
+
+
+@dataclass
+class Verdict:
+    """What the target made of one tree: one speculative step's result."""
+    path: list        # accepted tree nodes from the root's child down (the root excluded)
+    bonus: int        # the target's own token after the path
+    divergent: int = 0    # bild: accepted drafted tokens that differ from the target's argmax
+    seconds: float = 0.0  # the target's pass
 
 
 def leaf_sequences(tree: TokenTree) -> tuple[list[list[int]], dict[int, int]]:
@@ -38,6 +49,16 @@ def verify_tree(ctx: Context, batch: Batch, tree: TokenTree) -> tuple[np.ndarray
         batch.add(int(tree.token[i]), tree.pos(i), seqs[i], True)
     ctx.decode(batch)
     return ctx.logits_all(tree.n), leaf_seq
+
+
+def keep_accepted(ctx: Context, tree: TokenTree, leaf_seq: dict, path: list) -> None:
+    """Cut the target's KV to the accepted path: any leaf below the path's last node has a sequence
+    holding that path; it becomes sequence 0, up to the last accepted node."""
+    last = path[-1] if path else 0
+    leaf = last
+    while tree.children[leaf]:
+        leaf = next(iter(tree.children[leaf].values()))
+    keep_path(ctx, leaf_seq[leaf] if path else 0, tree.pos(last))
 
 
 def accept_greedy(tree: TokenTree, logits: np.ndarray) -> tuple[list[int], int]:

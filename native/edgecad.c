@@ -173,6 +173,9 @@ struct ec_pager {
     pthread_mutex_t mu;
     pthread_cond_t work;     /* signalled when an op is queued */
     pthread_cond_t done;     /* broadcast when an op completes */
+    pthread_cond_t gate;     /* broadcast when the target starts waiting on IO or its pass ends */
+    int in_pass;             /* 1 from the target's first layer boundary until ec_pager_pass_end */
+    int waiting;             /* 1 while the target waits at a boundary for a layer to be read */
     io_op *q;                /* [q_cap] ring buffer of queued ops */
     int q_cap, q_head, q_len;
     uint64_t queued;         /* tickets handed out (ops queued so far) */
@@ -392,7 +395,7 @@ static uint64_t fixed_resident(const ec_pager *p) {
 
 static void measure(ec_pager *p, int j, int pass_start) {
     if (pass_start) p->fixed_res = fixed_resident(p);
-    int lo = j - p->prm.lag - 1, hi = j + p->prm.depth;
+    int lo = j - p->prm.lag - 1, hi = j + p->prm.depth + p->prm.lag; /* + lag: ec_pager_pass_end reads a whole window */
     if (hi - lo + 1 > p->n_stream || p->prm.measure > 1) { lo = 0; hi = p->n_stream - 1; }
     for (int k = lo; k <= hi; k++) {
         int il = p->ring[((k % p->n_stream) + p->n_stream) % p->n_stream];
@@ -419,6 +422,7 @@ static int boundary(ec_pager *p, int il) {
     p->st.boundaries++;
     if (pass_start) {
         p->st.passes++;
+        p->in_pass = 1;
         if (p->n_evict) enqueue(p, OP_EVICT_PASS, -1); /* the embedding rows of this pass are read already */
     }
     /* queue order: the eviction (so the window never holds more than it reserves), the layer
@@ -431,7 +435,12 @@ static int boundary(ec_pager *p, int il) {
             request_load(p, p->ring[(start + k) % p->n_stream]);
     if (j >= 0) {
         double t0 = now_s();
-        while (p->completed < p->load_ticket[il] && !p->error) pthread_cond_wait(&p->done, &p->mu);
+        if (p->completed < p->load_ticket[il] && !p->error) {
+            p->waiting = 1; /* the cores are free: let a gated draft run */
+            pthread_cond_broadcast(&p->gate);
+            while (p->completed < p->load_ticket[il] && !p->error) pthread_cond_wait(&p->done, &p->mu);
+            p->waiting = 0;
+        }
         p->st.io_wait_ns += (uint64_t)((now_s() - t0) * 1e9);
     }
     int err = p->error;
@@ -451,6 +460,53 @@ bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data) {
     return boundary(p, il) == EC_OK; /* false aborts the graph: never touch a changed file */
 }
 
+/* Before a target pass the draft may run beside: hold the draft until the pass waits on storage. */
+int ec_pager_pass_begin(ec_pager *p) {
+    if (!p) return fail(EC_EINVAL, 0, "ec_pager_pass_begin: NULL pager");
+    pthread_mutex_lock(&p->mu);
+    p->in_pass = 1;
+    pthread_mutex_unlock(&p->mu);
+    return EC_OK;
+}
+
+/* After the target's pass: release a gated draft; then, while the caller drafts the next tree, evict
+ * the layers the pass left in the window and read the next pass's first window (read-ahead only). */
+int ec_pager_pass_end(ec_pager *p) {
+    if (!p) return fail(EC_EINVAL, 0, "ec_pager_pass_end: NULL pager");
+    pthread_mutex_lock(&p->mu);
+    p->in_pass = p->waiting = 0;
+    pthread_cond_broadcast(&p->gate);
+    int w = p->prm.depth + p->prm.lag + 1; /* the window the budget plan reserves, in streamed layers */
+    if (p->prm.depth > 0 && p->n_stream > w && !p->error) {
+        for (int k = w; k < p->n_stream; k++) request_evict(p, p->ring[k]);
+        for (int k = 0; k < w; k++) request_load(p, p->ring[k]);
+    }
+    int err = p->error;
+    pthread_mutex_unlock(&p->mu);
+    return err;
+}
+
+/* The draft's cb_eval while it drafts beside a paged target: at each draft layer boundary, hold while
+ * the target computes (two models computing at once on the same cores slow both), go on while the
+ * target waits for storage or between its passes. */
+bool ec_pager_gate_cb_eval(void *tensor, bool ask, void *user_data) {
+    ec_pager *p = user_data;
+    const char *name = p->name_fn(tensor);
+    int is_boundary = name && strncmp(name, "attn_norm-", 10) == 0;
+    /* Split the draft's graph at its layers only while a target pass runs: serial drafting runs whole. */
+    if (ask) return is_boundary && __atomic_load_n(&p->in_pass, __ATOMIC_RELAXED);
+    if (!is_boundary) return true;
+    pthread_mutex_lock(&p->mu);
+    if (p->in_pass && !p->waiting) {
+        double t0 = now_s();
+        while (p->in_pass && !p->waiting) pthread_cond_wait(&p->gate, &p->mu);
+        p->st.gate_wait_ns += (uint64_t)((now_s() - t0) * 1e9);
+    }
+    if (p->in_pass) p->st.draft_layers_in_pass++;
+    pthread_mutex_unlock(&p->mu);
+    return true;
+}
+
 void ec_pager_close(ec_pager *p) {
     if (!p) return;
     if (p->io_started) {
@@ -462,6 +518,7 @@ void ec_pager_close(ec_pager *p) {
         pthread_mutex_destroy(&p->mu);
         pthread_cond_destroy(&p->work);
         pthread_cond_destroy(&p->done);
+        pthread_cond_destroy(&p->gate);
     }
     if (p->fd >= 0) close(p->fd);
     free(p->layers); free(p->streamed); free(p->ring); free(p->ring_pos); free(p->next_ring);
@@ -553,7 +610,8 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
         return rc;
     }
     p->file_size = (uint64_t)st.st_size;
-    if (pthread_mutex_init(&p->mu, NULL) || pthread_cond_init(&p->work, NULL) || pthread_cond_init(&p->done, NULL)) {
+    if (pthread_mutex_init(&p->mu, NULL) || pthread_cond_init(&p->work, NULL) || pthread_cond_init(&p->done, NULL) ||
+        pthread_cond_init(&p->gate, NULL)) {
         ec_pager_close(p);
         return fail(EC_ETHREAD, 0, "pthread init");
     }

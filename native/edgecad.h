@@ -5,7 +5,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 3
+#define EC_VERSION 4
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -55,6 +55,8 @@ typedef struct {
     uint64_t boundaries;     /* layer boundaries seen */
     uint64_t passes;         /* passes over the layers (a pass starts at the first layer) */
     uint64_t advise_failures;/* failed madvise/fadvise calls (each also warned once on stderr) */
+    uint64_t gate_wait_ns;   /* time a gated draft held while the target computed */
+    uint64_t draft_layers_in_pass; /* draft layers computed during a target pass (while it waited on IO) */
 } ec_pager_stats;
 
 typedef struct ec_pager ec_pager; /* opaque */
@@ -74,6 +76,12 @@ int ec_pager_settle(ec_pager *p);
 bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data);
 int ec_pager_get_stats(ec_pager *p, ec_pager_stats *out);
 void ec_pager_reset_peak(ec_pager *p);
+/* Before a target decode beside which the draft runs: the gate holds the draft from the start. */
+int ec_pager_pass_begin(ec_pager *p);
+/* After every target decode: release the gated draft, start reading the next pass's first window. */
+int ec_pager_pass_end(ec_pager *p);
+/* The draft context's cb_eval (user_data: the target's pager): holds the draft while the target computes. */
+bool ec_pager_gate_cb_eval(void *tensor, bool ask, void *user_data);
 /* EC_OK, or the first error the IO thread met (then cb_eval aborts the graph). */
 int ec_pager_error(ec_pager *p);
 

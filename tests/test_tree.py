@@ -87,8 +87,8 @@ def test_drafter_builds_a_consistent_tree(draft_ctx, greedy):
     sp = SamplingParams() if greedy else SamplingParams(temperature=1.0, top_k=20, top_p=1.0)
     d = Drafter(ctx, p, n_seq_max=33, n_batch=64)
     prompt = m.tokenize("hello the world")
-    d.prefill(prompt[:-1])
-    tree = d.draft([prompt[-1]], 24, 6, sp, np.random.default_rng(0), threshold=0.0)
+    d.start(prompt)
+    tree = d.draft(24, 6, sp, np.random.default_rng(0), threshold=0.0)
     assert 1 <= tree.n_drafted <= 24 and tree.depth[: tree.n].max() <= 6
     assert len(tree.leaves()) > 1  # it branched
     for i in range(1, tree.n):
@@ -104,8 +104,8 @@ def test_drafter_builds_a_consistent_tree(draft_ctx, greedy):
         if nodes:
             assert ctx.seq_pos_min(br) == 0 and ctx.seq_pos_max(br) == max(tree.pos(i) for i in nodes)
     # accepting nothing leaves sequence 0 = prefix + root, and no branch sequence
-    left = d.accept(tree, [], [prompt[-1]], bonus=42)
-    assert left == [42] and d.n_past == len(prompt)
+    d.accept(tree, [], bonus=42)
+    assert d.pending == [42] and d.n_past == len(prompt)
     assert ctx.seq_pos_max(0) == len(prompt) - 1
     assert all(ctx.seq_pos_max(s) == -1 for s in range(1, 33))
     d.close()
@@ -116,8 +116,8 @@ def test_greedy_children_are_top1_and_confident_alternatives(draft_ctx):
     p = TreeParams(max_nodes=3, max_depth=1, max_width=3, branch_p=0.0, cost_aware=False)
     d = Drafter(ctx, p, n_seq_max=33, n_batch=64)
     prompt = m.tokenize("abc")
-    d.prefill(prompt[:-1])
-    tree = d.draft([prompt[-1]], 3, 1, SamplingParams(), np.random.default_rng(0), threshold=0.0)
+    d.start(prompt)
+    tree = d.draft(3, 1, SamplingParams(), np.random.default_rng(0), threshold=0.0)
     probs = tree.prob[1: tree.n]
     assert tree.n_drafted == 3 and list(probs) == sorted(probs, reverse=True)
     d.close()
