@@ -6,7 +6,8 @@ from edgecad.cli import main
 ROW_KEYS = {"mode", "tokens_per_second", "tokens_per_second_min", "tokens_per_second_max", "speedup_vs_target_paged",
             "speedup_vs_target", "mean_accepted_per_pass", "peak_resident_target_bytes", "peak_rss_bytes",
             "bytes_read_per_token", "io_floor_seconds_per_token", "floor_multiple", "fidelity", "near_ties",
-            "seconds_draft", "seconds_target_compute", "seconds_io_wait"}
+            "seconds_draft", "seconds_target_compute", "seconds_io_wait", "seconds_chain", "chain_tokens", "reused_tokens",
+            "pager_read_bytes_per_second"}
 
 
 def test_bench_quick(tmp_path, capsys):
@@ -17,7 +18,7 @@ def test_bench_quick(tmp_path, capsys):
     assert set(r) == {"machine", "config", "rows", "speedups"}
     names = [row["mode"] for row in r["rows"]]
     assert names == ["target", "target-paged", "target-prefetch", "linear-paged", "bild-paged", "edgecad-paged",
-                     "edgecad"]
+                     "edgecad-paged-serial", "edgecad"]
     for row in r["rows"]:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["tokens_per_second_min"] <= row["tokens_per_second"] <= row["tokens_per_second_max"]
@@ -32,7 +33,8 @@ def test_bench_quick(tmp_path, capsys):
     assert by["target"]["mean_accepted_per_pass"] == 1.0
     assert by["edgecad-paged"]["mean_accepted_per_pass"] > by["linear-paged"]["mean_accepted_per_pass"]
     assert by["target-paged"]["speedup_vs_target_paged"] == 1.0
-    assert "edgecad-paged/target-paged" in r["speedups"]
+    assert "edgecad-paged/target-paged" in r["speedups"] and "edgecad-paged/edgecad-paged-serial" in r["speedups"]
+    assert by["edgecad-paged-serial"]["chain_tokens"] == 0  # the pipeline off: no drafting beside passes
     assert "| edgecad-paged |" in printed
 
 
