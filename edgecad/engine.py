@@ -281,26 +281,30 @@ class Engine:
             logits, leaf_seq = verify_tree(self._target, self._batch, tree)
             seconds = time.perf_counter() - t0
         else:
-            box = {}
+            # The chain is drafted in a second thread; the target runs in this one, as the tree drafting
+            # does: llama.cpp's OpenMP team belongs to the calling thread, and one team's threads spinning
+            # after its decode slow the other team's next decode on small core counts.
+            done, box = threading.Event(), {}
 
-            def run():
-                t0 = time.perf_counter()
+            def chain():
                 try:
-                    box["out"] = verify_tree(self._target, self._batch, tree)
-                except BaseException as e:  # re-raised in the caller's thread
+                    self._drafter.extend(tree, sp, chain_rng, chain_len, done.is_set)
+                except BaseException as e:  # re-raised in this thread
                     box["err"] = e
-                box["seconds"] = time.perf_counter() - t0
 
-            th = threading.Thread(target=run, name="edgecad-verify")
+            th = threading.Thread(target=chain, name="edgecad-chain")
             self._pager.begin_pass()
             th.start()
+            t0 = time.perf_counter()
             try:
-                self._drafter.extend(tree, sp, chain_rng, chain_len, done=lambda: not th.is_alive())
+                logits, leaf_seq = verify_tree(self._target, self._batch, tree)
             finally:
+                seconds = time.perf_counter() - t0
+                done.set()
+                self._pager.end_pass()  # never leave the draft gated (the decode may not have run)
                 th.join()
             if "err" in box:
                 raise box["err"]
-            (logits, leaf_seq), seconds = box["out"], box["seconds"]
         path, bonus, divergent = accept(tree, logits, rng)
         keep_accepted(self._target, tree, leaf_seq, path)
         return Verdict(path, bonus, divergent, seconds)

@@ -368,10 +368,14 @@ class Pager:
         """Before a target decode the draft runs beside: the gate holds the draft until the pass waits."""
         native.check(_lib.ec_pager_pass_begin(self._h), "ec_pager_pass_begin")
 
-    def after_pass(self) -> None:
-        """After every target decode: release a gated draft, read the next pass's first window early,
-        and raise if the IO thread failed (the graph was aborted, logits are invalid)."""
+    def end_pass(self) -> None:
+        """Release a gated draft; read the next pass's first window early (idempotent)."""
         _lib.ec_pager_pass_end(self._h)
+
+    def after_pass(self) -> None:
+        """After every target decode: end_pass, and raise if the IO thread failed (the graph was
+        aborted, logits are invalid)."""
+        self.end_pass()
         self.check()
 
     def check(self) -> None:

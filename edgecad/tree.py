@@ -237,80 +237,59 @@ class Drafter:
         """The draft's distribution at a node: its own probabilities when greedy, else the sampling one."""
         return distribution(logits, RAW if sp.greedy else sp)
 
-    def _children(self, q: np.ndarray, k_max: int, sp: SamplingParams, rng) -> list[int]:
+    def _children(self, q: np.ndarray, k_max: int, sp: SamplingParams, rng, first: Optional[int] = None) -> list[int]:
         """Child tokens of a node, in draft order. Greedy: top-1 and the alternatives >= branch_p.
         Sampling: as many i.i.d. draws from q as q has tokens above branch_p (decided before
-        drawing, so multi-draft rejection sampling stays exact); duplicates are kept."""
+        drawing, so multi-draft rejection sampling stays exact); duplicates are kept. `first`: a draw
+        from q made earlier (a kept chain's token), used as the first draw."""
         top = np.argpartition(-q, k_max)[:k_max] if k_max < len(q) else np.arange(len(q))
         top = top[np.argsort(-q[top], kind="stable")]
         k = 1 + int(np.sum(q[top[1:k_max]] >= self.p.branch_p))
         if sp.greedy:
             return [int(t) for t in top[:k]]
-        return [sample_from(q, rng) for _ in range(k)]
-
-    def _start_tree(self, max_nodes: int, max_depth: int, sp: SamplingParams) -> tuple[TokenTree, list[int]]:
-        """The tree's root, and the kept chain's tokens as its first branch (sequence 1). Decodes what
-        the draft has not seen yet (pending tokens, the chain's last token) in one batch; returns the
-        tree and the branch-1 nodes whose distribution that batch gives."""
-        ctx, b, seed = self.ctx, self.batch, self.seed
-        self.seed = None
-        if seed is None:
-            tree = TokenTree(max_nodes + 1, self.pending[-1], self.n_past + len(self.pending) - 1)
-            if max_nodes <= 0 or max_depth <= 0:
-                return tree, []
-        else:  # a pre-drafted chain x1..xm: x1 is the root, x2.. its first nodes (each x(i+1) drawn from qs[i])
-            root_pos = self.n_past - 1
-            keep = max(0, min(len(seed.tokens) - 1, max_nodes, max_depth))
-            ctx.seq_rm(0, root_pos + keep + 1, -1)  # decoded chain tokens past what this tree can hold
-            tree = TokenTree(max_nodes + 1, seed.tokens[0], root_pos)
-            tree.decoded[0] = True
-            node = 0
-            for i in range(1, keep + 1):
-                t, q = seed.tokens[i], seed.qs[i]
-                self._dist[node] = tree.q[node] = q
-                tree.draws[node].append(t)
-                node = tree.add(node, t, float(q[t]), 1)
-                tree.decoded[node] = i < len(seed.tokens) - 1
-            self.reused_tokens += 1 + keep
-            if node and tree.decoded[node]:
-                self._dist[node] = seed.qs[keep + 1]
-            elif not node:
-                self._dist[0] = seed.qs[1]
-            if max_nodes <= 0 or max_depth <= 0:
-                return tree, []
-        ctx.seq_cp(0, 1)  # branch 1 starts as the accepted prefix (and the kept chain)
-        b.clear()
-        for j, t in enumerate(self.pending if seed is None else []):
-            b.add(t, self.n_past + j, (0, 1), j == len(self.pending) - 1)
-        out = [0] if b.n_tokens else []
-        last = tree.n - 1
-        if last and not tree.decoded[last]:
-            b.add(int(tree.token[last]), tree.pos(last), (1,), True)
-            out = [last]
-        if b.n_tokens:
-            ctx.decode(b)
-            self.decodes += 1
-            tree.decoded[out[0]] = True
-            self._dist[out[0]] = self._probs(ctx.logits(b.n_tokens - 1), sp)
-        return tree, out
+        draws = [first] if first is not None else []
+        return draws + [sample_from(q, rng) for _ in range(k - len(draws))]
 
     def draft(self, max_nodes: int, max_depth: int, sp: SamplingParams, rng: np.random.Generator,
               threshold: float) -> TokenTree:
         """Decode what the draft has not seen, then grow a tree of at most max_nodes drafted tokens
-        and max_depth levels from the root (the last accepted token)."""
+        and max_depth levels from the root (the last accepted token). With a kept chain (`seed`), the
+        tree grows exactly as it would without it, but a child that is the chain's next token on
+        branch 1 reuses the chain's decode instead of decoding again."""
         import time
 
         p, ctx, b = self.p, self.ctx, self.batch
         t0 = time.perf_counter()
-        self._dist = {}
-        tree, _ = self._start_tree(max_nodes, max_depth, sp)
+        seed, self.seed = self.seed, None
+        if seed is None:
+            tree = TokenTree(max_nodes + 1, self.pending[-1], self.n_past + len(self.pending) - 1)
+        else:  # the chain's first token is the root; its decoded tokens follow in sequence 0
+            tree = TokenTree(max_nodes + 1, seed.tokens[0], self.n_past - 1)
+            tree.decoded[0] = True
+            self.reused_tokens += 1
+        self._dist = {0: seed.qs[1]} if seed is not None else {}
         if max_nodes <= 0 or max_depth <= 0:
+            if seed is not None:
+                ctx.seq_rm(0, tree.root_pos + 1, -1)
             self.seconds += time.perf_counter() - t0
             return tree
+        ctx.seq_cp(0, 1)  # branch 1 starts as the accepted prefix (and the kept chain)
         dist = self._dist
-        last = tree.n - 1
-        leaf = {1: last}        # branch -> its newest node
-        count = {1: last}       # branch -> drafted tokens it owns
+        seeded = {}             # tree node -> its index in seed.tokens, while branch 1 follows the chain
+        if seed is None:
+            b.clear()
+            for j, t in enumerate(self.pending):
+                b.add(t, self.n_past + j, (0, 1), j == len(self.pending) - 1)
+            ctx.decode(b)
+            self.decodes += 1
+            tree.decoded[0] = True
+            dist[0] = self._probs(ctx.logits(len(self.pending) - 1), sp)
+        else:
+            ctx.seq_rm(0, tree.root_pos + 1, -1)  # sequence 0: accepted tokens only
+            dist[0], seeded[0] = seed.qs[1], 0
+        seed_end = tree.root_pos + (len(seed.tokens) - 2 if seed else 0)  # last chain cell in branch 1
+        leaf = {1: 0}           # branch -> its newest node
+        count = {1: 0}          # branch -> drafted tokens it owns
         active = {1}
         next_branch = 2
         while active and tree.n_drafted < max_nodes:
@@ -331,8 +310,13 @@ class Drafter:
                 if p.fallback == "token" and q.max() < p.p_min:
                     active.discard(br)
                     continue
-                toks = self._children(q, p.max_width, sp, rng)
+                i = seeded.get(node)
+                nxt = seed.tokens[i + 1] if i is not None and i + 1 < len(seed.tokens) else None
+                toks = self._children(q, p.max_width, sp, rng, nxt)
                 tree.q[node] = q
+                if nxt is not None and toks[0] != nxt:  # the chain stops here: drop its cells past `node`
+                    ctx.seq_rm(1, tree.pos(node) + 1, -1)
+                    seed_end = tree.pos(node)
                 # Draws are kept up to the first one that cannot be placed (no budget or no KV
                 # sequence left): where the list ends depends on earlier draws only, never on
                 # the cut draw itself, so rejection sampling over tree.draws stays exact.
@@ -354,6 +338,12 @@ class Drafter:
                         break
                     tree.draws[node].append(t)
                     c = tree.add(node, t, float(q[t]), child_branch)
+                    if t == nxt and child_branch == 1:  # the chain's next token: already drafted
+                        seeded[c] = i + 1
+                        self.reused_tokens += 1
+                        if tree.pos(c) <= seed_end:  # and decoded
+                            tree.decoded[c] = True
+                            dist[c] = seed.qs[i + 2]
                     leaf[child_branch] = c
                     count[child_branch] += 1
                     budget -= 1
@@ -364,14 +354,20 @@ class Drafter:
                 break  # the tree is unsure enough: hand over to the target
             if tree.n_drafted >= max_nodes or all(tree.depth[leaf[br]] >= max_depth for br in active):
                 break
-            b.clear()
-            for c in new:
-                b.add(int(tree.token[c]), tree.pos(c), (int(tree.branch[c]),), True)
-            ctx.decode(b)
-            self.decodes += 1
-            for j, c in enumerate(new):
-                tree.decoded[c] = True
-                dist[c] = self._probs(ctx.logits(j), sp)
+            fresh = [c for c in new if not tree.decoded[c]]
+            if fresh:
+                b.clear()
+                for c in fresh:
+                    b.add(int(tree.token[c]), tree.pos(c), (int(tree.branch[c]),), True)
+                ctx.decode(b)
+                self.decodes += 1
+                for j, c in enumerate(fresh):
+                    tree.decoded[c] = True
+                    dist[c] = self._probs(ctx.logits(j), sp)
+        if seed is not None:  # chain cells past the tree's last use of them
+            used = max((tree.pos(c) for c in seeded if tree.decoded[c]), default=tree.root_pos)
+            if seed_end > used:
+                ctx.seq_rm(1, used + 1, -1)
         self.seconds += time.perf_counter() - t0
         return tree
 
