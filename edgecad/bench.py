@@ -39,7 +39,7 @@ class Row:
     mode: str                 # Engine mode
     paged: bool               # under the budget
     io: str = "prefetch"      # pager IO mode when paged
-    pipeline: bool = True     # draft while the paged target waits on storage (Engine(pipeline=...))
+    pipeline: bool = False    # draft while the paged target waits on storage (Engine(pipeline=...))
 
 
 ROWS = {r.name: r for r in [
@@ -49,7 +49,7 @@ ROWS = {r.name: r for r in [
     Row("linear-paged", "linear", True),
     Row("bild-paged", "bild", True),
     Row("edgecad-paged", "tree", True),
-    Row("edgecad-paged-serial", "tree", True, pipeline=False),
+    Row("edgecad-paged-pipeline", "tree", True, pipeline=True),
     Row("edgecad", "tree", False),
 ]}
 LOSSLESS = {"target", "tree", "linear"}
@@ -172,7 +172,7 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
         for base, key in (("target-paged", "speedup_vs_target_paged"), ("target", "speedup_vs_target")):
             row[key] = row["tokens_per_second"] / by[base]["tokens_per_second"] if base in by else None
     speedups = {}
-    for a, b in [("edgecad-paged", "target-paged"), ("edgecad-paged", "edgecad-paged-serial"),
+    for a, b in [("edgecad-paged", "target-paged"), ("edgecad-paged-pipeline", "edgecad-paged"),
                  ("edgecad-paged", "target-prefetch"),
                  ("edgecad-paged", "linear-paged"), ("edgecad-paged", "bild-paged"), ("edgecad", "target")]:
         if a in by and b in by:

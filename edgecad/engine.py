@@ -126,7 +126,8 @@ class Engine:
             "40%" of the target); the rest of the engine comes on top. For experiments and tests.
         pager: how the target is streamed under a budget (IO mode, read-ahead, storage profile).
         pipeline: with a paged target and a draft, draft on while the target's pass waits on storage
-            (a chain past the tree's best leaf, kept when the target accepts that branch).
+            (a chain past the tree's best leaf, kept when the target accepts that branch). Off by
+            default: measured 0.89-0.97x on 2 cores (docs/paging.md, "The pipeline").
         n_ctx: context length in tokens (prompt + completion).
         n_threads: compute threads; None = all cores this process may use.
         seed: default random seed of sampled completions.
@@ -145,7 +146,7 @@ class Engine:
         memory_budget: Union[int, str, None] = "auto",
         target_budget: Union[int, str, None] = None,
         pager: Optional[PagerParams] = None,
-        pipeline: bool = True,
+        pipeline: bool = False,
         n_ctx: int = 4096,
         # compute
         n_threads: Optional[int] = None,

@@ -18,7 +18,7 @@ def test_bench_quick(tmp_path, capsys):
     assert set(r) == {"machine", "config", "rows", "speedups"}
     names = [row["mode"] for row in r["rows"]]
     assert names == ["target", "target-paged", "target-prefetch", "linear-paged", "bild-paged", "edgecad-paged",
-                     "edgecad-paged-serial", "edgecad"]
+                     "edgecad-paged-pipeline", "edgecad"]
     for row in r["rows"]:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["tokens_per_second_min"] <= row["tokens_per_second"] <= row["tokens_per_second_max"]
@@ -33,8 +33,8 @@ def test_bench_quick(tmp_path, capsys):
     assert by["target"]["mean_accepted_per_pass"] == 1.0
     assert by["edgecad-paged"]["mean_accepted_per_pass"] > by["linear-paged"]["mean_accepted_per_pass"]
     assert by["target-paged"]["speedup_vs_target_paged"] == 1.0
-    assert "edgecad-paged/target-paged" in r["speedups"] and "edgecad-paged/edgecad-paged-serial" in r["speedups"]
-    assert by["edgecad-paged-serial"]["chain_tokens"] == 0  # the pipeline off: no drafting beside passes
+    assert "edgecad-paged/target-paged" in r["speedups"] and "edgecad-paged-pipeline/edgecad-paged" in r["speedups"]
+    assert by["edgecad-paged"]["chain_tokens"] == 0  # the pipeline off (the default): no drafting beside passes
     assert "| edgecad-paged |" in printed
 
 

@@ -138,3 +138,31 @@ def test_storage_profiles_and_bad_params():
 def test_read_bandwidth(paging_pair):
     _, target = paging_pair
     assert read_bandwidth(target) > 0
+
+
+def test_the_pipeline_drafts_during_passes_and_keeps_chains(paging_pair, reference):
+    """While the target waits on (throttled) storage the draft drafts chains during its passes, and
+    later trees start from them: outputs stay the target's and both KV caches stay clean."""
+    draft, target = paging_pair
+    p = PagerParams(io="demand", throttle_bps=50e6, **SMALL)
+    budget = budget_for(target, p)
+    totals = {}
+    for pipeline in (True, False):
+        with Engine(target, draft, mode="tree", n_ctx=512, target_budget=budget, pager=p, pipeline=pipeline) as e:
+            assert e.pipeline == pipeline
+            e._debug_kv = True  # after every step: only sequence 0 left, holding what each side should
+            sts = [e.create_completion(prompt, max_tokens=40)["edgecad"] for prompt in PROMPTS]
+        assert [st["token_ids"] for st in sts] == [reference[prompt] for prompt in PROMPTS]
+        totals[pipeline] = {k: sum(st[k] for st in sts) for k in ("draft_layers_in_pass", "chain_tokens", "reused_tokens")}
+    on, off = totals[True], totals[False]
+    assert on["draft_layers_in_pass"] > 0 and on["chain_tokens"] > 0  # drafting happened during target passes
+    assert on["reused_tokens"] > 0  # and trees started from what was drafted then
+    assert off == {"draft_layers_in_pass": 0, "chain_tokens": 0, "reused_tokens": 0}
+
+
+def test_the_pipeline_is_off_for_a_resident_target(paging_pair):
+    draft, target = paging_pair
+    with Engine(target, draft, mode="tree", n_ctx=256, memory_budget=None, pipeline=True) as e:
+        assert not e.pipeline  # nothing to wait for: drafting beside the target would only slow it
+        st = e.create_completion("hello", max_tokens=8)["edgecad"]
+        assert st["chain_tokens"] == 0 and st["draft_layers_in_pass"] == 0

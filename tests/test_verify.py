@@ -165,3 +165,56 @@ def test_speculative_mode_needs_a_draft(tiny_target):
         Engine(tiny_target, mode="tree")
     with pytest.raises(EdgecadError, match="unknown mode"):
         Engine(tiny_target, mode="fast")
+
+
+def test_sampling_from_kept_chains_keeps_the_target_distribution(paging_pair, tmp_path):
+    """With the pipeline, a tree can start from a chain the draft drew during the previous target pass.
+    Among completions where that happened, the token verified from such a tree follows the target's own
+    distribution given the tokens before it: pooled chi-square of observed against expected counts.
+    The target drafts for itself here: with the tiny pair's draft a chain is rarely kept (its first token
+    must equal the target's bonus), and the test is about the kept chain's KV, positions and draws."""
+    from edgecad.gguf_file import read_gguf
+    from edgecad.pager import PagerParams, plan_budget
+
+    import shutil
+
+    _, target = paging_pair
+    draft = shutil.copy(target, tmp_path / "self-draft.gguf")  # a file of its own: the pager finds one mapping
+    info = read_gguf(target)
+    pp = PagerParams(io="demand", throttle_bps=100e6, embd_allowance=64 << 10)  # the target waits: chains get drafted
+    budget = plan_budget(info, 10 ** 9, pp).minimum + 12 * max(l.n_bytes for l in info.layers())
+    params = TreeParams(max_nodes=1, max_depth=1, max_width=1)  # step 1: one node a; its chain x1, x2
+    sp = SamplingParams(temperature=1.0, top_k=3, top_p=1.0)  # few candidates: chains are often kept
+    prompt, n = "hello the world", 600
+    kept = []
+    with Engine(target, draft, mode="tree", tree_params=params, n_ctx=256, target_budget=budget, pager=pp,
+                pipeline=True) as e:
+        assert e.pipeline
+        for seed in range(n):
+            st = e.create_completion(prompt, max_tokens=4, temperature=1.0, top_k=3, top_p=1.0, seed=seed)["edgecad"]
+            if st["reused_tokens"] >= 2 and st["n_tokens"] >= 3:  # the second tree was the kept chain x1, x2
+                kept.append(st["token_ids"][:3])
+        toks = e.tokenize(prompt)
+    assert len(kept) >= 100, f"only {len(kept)} completions went through a kept chain"
+    observed, expected = {}, {}
+    with Model(target) as tm, Context(tm, ContextParams(n_ctx=256)) as ctx, Batch(64) as b:
+        cache = {}
+        for t1, t2, t3 in kept:
+            if (t1, t2) not in cache:
+                cache[(t1, t2)] = distribution(ctx.prefill(b, toks + [t1, t2], logits=True), sp)
+            p = cache[(t1, t2)]
+            for t in np.flatnonzero(p):
+                expected[int(t)] = expected.get(int(t), 0.0) + p[t]
+            observed[t3] = observed.get(t3, 0) + 1
+    assert set(observed) <= set(expected)  # never a token outside the target's top-3
+    keys = sorted(expected)
+    obs, exp = np.array([observed.get(k, 0) for k in keys], float), np.array([expected[k] for k in keys])
+    big = exp >= 5
+    obs, exp = np.append(obs[big], obs[~big].sum()), np.append(exp[big], exp[~big].sum())
+    if exp[-1] < 1e-9:
+        obs, exp = obs[:-1], exp[:-1]
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(obs) - 1
+    limit = dof + 4.0 * np.sqrt(2 * dof)  # ~ p < 0.001
+    print(f"{len(kept)} kept-chain completions: chi2 {chi2:.1f} (dof {dof}, limit {limit:.1f})")
+    assert chi2 < limit
