@@ -294,16 +294,17 @@ class Engine:
                     box["err"] = e
 
             th = threading.Thread(target=chain, name="edgecad-chain")
-            self._pager.begin_pass()
-            th.start()
             t0 = time.perf_counter()
             try:
+                self._pager.begin_pass()
+                th.start()
                 logits, leaf_seq = verify_tree(self._target, self._batch, tree)
             finally:
                 seconds = time.perf_counter() - t0
                 done.set()
                 self._pager.end_pass()  # never leave the draft gated (the decode may not have run)
-                th.join()
+                if th.ident is not None:
+                    th.join()
             if "err" in box:
                 raise box["err"]
         path, bonus, divergent = accept(tree, logits, rng)
@@ -331,8 +332,9 @@ class Engine:
                 t_step = time.perf_counter()
                 tree = drafter.draft(min(p.max_nodes, room), min(p.max_depth, room, left), sp, rng, fallback.current())
                 depth = int(tree.depth[: tree.n].max())
+                # chain tokens: useful up to the next tree's depth, and the draft's KV cells free beside the tree
                 verdict = self._verify(tree, accept, sp, rng, chain_rng,
-                                       min(p.max_depth + 1, room - depth - 1, left - depth))
+                                       min(p.max_depth + 1, room - tree.n_drafted - 1, left - depth))
                 drafter.accept(tree, verdict.path, verdict.bonus)
                 fallback.step(tree, verdict.path, time.perf_counter() - t_step)
                 stats.seconds_target += verdict.seconds

@@ -286,8 +286,12 @@ class Drafter:
             dist[0] = self._probs(ctx.logits(len(self.pending) - 1), sp)
         else:
             ctx.seq_rm(0, tree.root_pos + 1, -1)  # sequence 0: accepted tokens only
-            dist[0], seeded[0] = seed.qs[1], 0
-        seed_end = tree.root_pos + (len(seed.tokens) - 2 if seed else 0)  # last chain cell in branch 1
+            dist[0] = seed.qs[1]
+            if tree.root_pos + len(seed.tokens) - 1 + max_nodes <= ctx.n_ctx:
+                seeded[0] = 0
+            else:  # no KV cells for the chain beside a full tree: drop it
+                ctx.seq_rm(1, tree.root_pos + 1, -1)
+        seed_end = tree.root_pos + (len(seed.tokens) - 2 if seeded else 0)  # last chain cell in branch 1
         leaf = {1: 0}           # branch -> its newest node
         count = {1: 0}          # branch -> drafted tokens it owns
         active = {1}
@@ -340,10 +344,10 @@ class Drafter:
                     c = tree.add(node, t, float(q[t]), child_branch)
                     if t == nxt and child_branch == 1:  # the chain's next token: already drafted
                         seeded[c] = i + 1
-                        self.reused_tokens += 1
                         if tree.pos(c) <= seed_end:  # and decoded
                             tree.decoded[c] = True
                             dist[c] = seed.qs[i + 2]
+                            self.reused_tokens += 1
                     leaf[child_branch] = c
                     count[child_branch] += 1
                     budget -= 1

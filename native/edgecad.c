@@ -311,20 +311,24 @@ static void evict_range(ec_pager *p, uint64_t off, uint64_t len) {
     if (rc != 0) warn_once(p, "posix_fadvise(POSIX_FADV_DONTNEED)", rc);
 }
 
-/* The page cache holds a file in folios of up to 2 MiB (PMD size with 4 KiB pages) that can straddle two
+/* The page cache holds a file in folios of up to PMD size (2 MiB with 4 KiB pages) that can straddle two
  * layers; eviction drops only folios wholly inside its range, so each evicted layer kept 0.6-3.3 MB of its
  * edges (measured on the 1.5B Q4_K_M target: ~40 MB over 25 streamed layers). A layer's eviction therefore
- * reaches up to FOLIO_MAX into a file neighbour that is streamed and not wanted (evicted, or not yet read). */
-#define FOLIO_MAX ((uint64_t)2 << 20)
+ * reaches up to folio_max() into a file neighbour that is streamed and not wanted (evicted, or not yet read). */
+static uint64_t folio_max(void) { return (uint64_t)page_size() * (page_size() / 8); } /* PMD: a page of 8-byte entries */
 
 static void evict_layer(ec_pager *p, int il) {
-    uint64_t lo = p->layers[il].off, hi = lo + p->layers[il].len;
+    uint64_t lo = p->layers[il].off, hi = lo + p->layers[il].len, fm = folio_max();
     int a = p->file_prev[il], b = p->file_next[il];
     pthread_mutex_lock(&p->mu);
-    if (a >= 0 && !p->want[a]) lo = lo - p->layers[a].off > FOLIO_MAX ? lo - FOLIO_MAX : p->layers[a].off;
+    if (a >= 0 && !p->want[a]) {
+        lo = lo - p->layers[a].off > fm ? lo - fm : p->layers[a].off;
+        __atomic_store_n(&p->remeasure[a], 1, __ATOMIC_RELAXED);
+    }
     if (b >= 0 && !p->want[b]) {
         uint64_t end = p->layers[b].off + p->layers[b].len;
-        hi = end - hi > FOLIO_MAX ? hi + FOLIO_MAX : end;
+        hi = end - hi > fm ? hi + fm : end;
+        __atomic_store_n(&p->remeasure[b], 1, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&p->mu);
     evict_range(p, lo, hi - lo);
@@ -422,7 +426,7 @@ static int boundary(ec_pager *p, int il) {
     p->st.boundaries++;
     if (pass_start) {
         p->st.passes++;
-        p->in_pass = 1;
+        __atomic_store_n(&p->in_pass, 1, __ATOMIC_RELAXED);
         if (p->n_evict) enqueue(p, OP_EVICT_PASS, -1); /* the embedding rows of this pass are read already */
     }
     /* queue order: the eviction (so the window never holds more than it reserves), the layer
@@ -464,7 +468,7 @@ bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data) {
 int ec_pager_pass_begin(ec_pager *p) {
     if (!p) return fail(EC_EINVAL, 0, "ec_pager_pass_begin: NULL pager");
     pthread_mutex_lock(&p->mu);
-    p->in_pass = 1;
+    __atomic_store_n(&p->in_pass, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&p->mu);
     return EC_OK;
 }
@@ -474,7 +478,8 @@ int ec_pager_pass_begin(ec_pager *p) {
 int ec_pager_pass_end(ec_pager *p) {
     if (!p) return fail(EC_EINVAL, 0, "ec_pager_pass_end: NULL pager");
     pthread_mutex_lock(&p->mu);
-    p->in_pass = p->waiting = 0;
+    __atomic_store_n(&p->in_pass, 0, __ATOMIC_RELAXED);
+    p->waiting = 0;
     pthread_cond_broadcast(&p->gate);
     int w = p->prm.depth + p->prm.lag + 1; /* the window the budget plan reserves, in streamed layers */
     if (p->prm.depth > 0 && p->n_stream > w && !p->error) {

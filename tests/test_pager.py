@@ -166,3 +166,15 @@ def test_the_pipeline_is_off_for_a_resident_target(paging_pair):
         assert not e.pipeline  # nothing to wait for: drafting beside the target would only slow it
         st = e.create_completion("hello", max_tokens=8)["edgecad"]
         assert st["chain_tokens"] == 0 and st["draft_layers_in_pass"] == 0
+
+
+def test_the_pipeline_runs_to_the_end_of_a_small_context(paging_pair):
+    """Chains and kept chains never take more draft KV cells than the context has left."""
+    draft, target = paging_pair
+    p = PagerParams(io="demand", throttle_bps=50e6, **SMALL)
+    with Engine(target, draft, mode="tree", n_ctx=64, target_budget=budget_for(target, p), pager=p,
+                pipeline=True) as e:
+        e._debug_kv = True
+        for prompt in PROMPTS:
+            st = e.create_completion(prompt, max_tokens=0)["edgecad"]  # until the context is full
+            assert st["prompt_tokens"] + st["n_tokens"] >= 63
