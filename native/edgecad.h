@@ -85,7 +85,8 @@ bool ec_pager_gate_cb_eval(void *tensor, bool ask, void *user_data);
 /* EC_OK, or the first error the IO thread met (then cb_eval aborts the graph). */
 int ec_pager_error(ec_pager *p);
 
-/* Sequential read bandwidth of a file range after dropping it from the page cache (bytes/s). */
+/* Sequential read bandwidth of a file range after dropping it from the page cache (bytes/s), read the way
+ * the pager reads large layers: mapped and faulted in with MADV_POPULATE_READ (4 MB preads without it). */
 int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second);
 
 #endif
