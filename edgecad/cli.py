@@ -1,4 +1,4 @@
-"""The `edgecad` command: generate, models, inspect.
+"""The `edgecad` command: generate, chat, models, bench, inspect.
 
 Every edgecad error becomes one line on stderr and a non-zero exit status.
 """
@@ -51,6 +51,52 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 if k != "token_ids":
                     sys.stderr.write(f"{k:>28}: {_fmt(v)}\n")
     return 0
+
+
+# ---------------------------------------------------------------------------- chat
+
+def _default_transcript() -> Path:
+    import os
+    import time
+
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "edgecad" / "chats"
+    base.mkdir(parents=True, exist_ok=True)
+    return base / time.strftime("%Y-%m-%d-%H%M%S.jsonl")
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    import time
+
+    from . import chat
+    from .engine import Engine
+
+    tty = sys.stdin.isatty()
+    draft = a.draft
+    if draft is None and registry.is_model_name(a.target) and a.target != registry.DEFAULT_DRAFT:
+        draft = registry.DEFAULT_DRAFT
+    transcript = Path(a.resume) if a.resume else (Path(a.transcript) if a.transcript else
+                                                  (_default_transcript() if tty else None))
+    if a.resume:
+        chat.read_transcript(transcript)  # a bad file: one line, before loading models
+    budget = None if str(a.memory_budget).lower() == "none" else a.memory_budget
+    if tty:
+        sys.stderr.write(f"loading {a.target}" + (f" + {draft}" if draft else "") + f" (memory budget {a.memory_budget})...\n")
+    t0 = time.perf_counter()
+    from .pager import PagerParams
+
+    with Engine(a.target, draft, memory_budget=budget, target_budget=a.target_budget,
+                pager=PagerParams(storage=a.storage), n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
+                verbose=a.verbose) as eng:
+        if tty:
+            plan = eng.memory_plan
+            sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {plan.config} ({plan.reason})"
+                             + (f"; transcript {transcript}" if transcript else "") + "\n")
+        sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens)
+        conv = chat.Conversation(eng, transcript, system=a.system, resume=bool(a.resume), sampling=sampling)
+        try:
+            return chat.run(conv, tty=tty)
+        finally:
+            conv.close()
 
 
 # ---------------------------------------------------------------------------- models
@@ -155,6 +201,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print run statistics to stderr")
     g.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="an offline chat in the terminal (the default pair, automatic configuration)")
+    c.add_argument("--target", default=registry.DEFAULT_TARGET, help="target GGUF path or registry name")
+    c.add_argument("--draft", default=None, help="draft GGUF path or registry name (default: the registry draft "
+                                                 "when --target is a registry model)")
+    c.add_argument("--system", default=None, help="a system message that opens the conversation")
+    c.add_argument("--resume", default=None, metavar="FILE", help="continue the conversation in this transcript "
+                                                                  "(and append to it)")
+    c.add_argument("--transcript", default=None, metavar="FILE",
+                   help="append the conversation to FILE as JSONL (default on a terminal: a new file in "
+                        "~/.local/share/edgecad/chats)")
+    c.add_argument("-n", "--max-tokens", type=int, default=None, help="longest answer (default: until the context "
+                                                                      "is full)")
+    c.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2, as llama-cpp-python's chat)")
+    c.add_argument("--top-k", type=int, default=40)
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (the whole conversation)")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--memory-budget", default="auto", help="memory for the whole engine: 1.5GB, 60%%, auto "
+                                                           "(the default), none")
+    c.add_argument("--target-budget", default=None, help="instead of --memory-budget: the target's share kept "
+                                                         "resident (450MB, 40%%), the rest on top; for experiments")
+    c.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"],
+                   help="emulate slower storage by throttling the pager's reads")
+    c.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
+    c.set_defaults(func=cmd_chat)
 
     m = sub.add_parser("models", help="list, fetch, verify the registry models")
     m.add_argument("action", choices=["list", "fetch", "verify", "path"])

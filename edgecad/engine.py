@@ -8,6 +8,7 @@ stop strings, streaming chunks and statistics in one place for every mode.
 from __future__ import annotations
 
 import os
+import codecs
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ class Stats:
     mode: str
     lossless: bool = True
     prompt_tokens: int = 0
+    prompt_reused: int = 0       # prompt tokens the target's cache already held (not decoded again)
     token_ids: list = field(default_factory=list)
     target_passes: int = 0       # target passes that produce tokens (target mode: one per token)
     draft_tokens: int = 0        # tree nodes drafted, roots excluded
@@ -64,6 +66,7 @@ class Stats:
             "n_tokens": n,
             "token_ids": list(self.token_ids),
             "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_reused": self.prompt_reused,
             "prompt_seconds": self.prompt_seconds,
             "seconds": self.seconds,
             "tokens_per_second": n / self.seconds if self.seconds > 0 else 0.0,
@@ -113,7 +116,8 @@ class Engine:
     """Run a target model, optionally sped up by a resident draft model.
 
     Args (keyword-only after `draft`):
-        target, draft: a GGUF path or a registry name (see `edgecad models list`).
+        target, draft: a GGUF path or a registry name (see `edgecad models list`); no target: the
+            default pair (qwen2.5-coder 1.5B + 0.5B), once fetched with `edgecad models fetch`.
         mode: "tree" (edgecad: token tree + adaptive fallback), "linear" (a chain, llama.cpp's
             speculative defaults), "bild" (Big Little Decoder; not lossless) or "target" (no draft).
             None: the automatic configuration picks the fastest of target-only and draft + tree, the
@@ -136,7 +140,7 @@ class Engine:
 
     def __init__(
         self,
-        target: Union[str, os.PathLike],
+        target: Union[str, os.PathLike, None] = None,
         draft: Union[str, os.PathLike, None] = None,
         *,
         # decoding
@@ -157,6 +161,8 @@ class Engine:
         self._target = self._draft = None
         set_verbose(verbose)
         self.verbose = verbose
+        if target is None:  # the default pair (`edgecad models fetch` brings it)
+            target, draft = registry.DEFAULT_TARGET, draft or registry.DEFAULT_DRAFT
         if mode is not None and mode not in MODES:
             raise EdgecadError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if mode not in (None, "target") and draft is None:
@@ -229,11 +235,14 @@ class Engine:
             self._draft = Context(self._draft_model, cp, **gate)
             self._drafter = Drafter(self._draft, self.tree_params, n_seq, cp.n_batch)
         self._rng = np.random.default_rng(seed)
+        self._chat_format = None  # the model's chat template, compiled on first use
 
     # ------------------------------------------------------------------ tokens
 
-    def tokenize(self, text: Union[str, bytes], add_special: bool = True, parse_special: bool = True) -> list[int]:
-        return self._target_model.tokenize(text, add_special=add_special, parse_special=parse_special)
+    def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of `text` (llama-cpp-python's `Llama.tokenize`): BOS when the vocabulary uses one and
+        add_bos; special-token texts parsed as special tokens when `special`."""
+        return self._target_model.tokenize(text, add_special=add_bos, parse_special=special)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         return self._target_model.detokenize(tokens, special=special)
@@ -245,8 +254,8 @@ class Engine:
         """Plain decoding: one target pass per token."""
         ctx, b = self._target, self._batch
         t0 = time.perf_counter()
-        logits = ctx.prefill(self._batch, prompt, logits=True)
-        stats.prompt_seconds = time.perf_counter() - t0
+        logits = ctx.sync(self._batch, prompt, logits=True)
+        stats.prompt_seconds, stats.prompt_reused = time.perf_counter() - t0, ctx.reused
         stats.target_passes = 1  # the prompt's pass gives the first token
         pos = len(prompt)
         for i in range(max_tokens):
@@ -258,6 +267,7 @@ class Engine:
             b.add(tok, pos, (0,), True)
             td = time.perf_counter()
             ctx.decode(b)
+            ctx.tokens.append(tok)
             stats.seconds_target += time.perf_counter() - td
             stats.target_passes += 1
             pos += 1
@@ -318,9 +328,9 @@ class Engine:
         (accepted path, bonus token) -> both caches keep that path -> the threshold adapts."""
         p, drafter = self.tree_params, self._drafter
         t0 = time.perf_counter()
-        self._target.prefill(self._batch, prompt[:-1])  # the target's KV: every accepted token but the root
+        self._target.sync(self._batch, prompt[:-1])  # the target's KV: every accepted token but the root
         drafter.start(prompt)
-        stats.prompt_seconds = time.perf_counter() - t0
+        stats.prompt_seconds, stats.prompt_reused = time.perf_counter() - t0, self._target.reused
         stats.lossless = p.acceptance == "exact"
         accept, fallback = self._acceptance(sp), FallbackThreshold(p)
         chain_rng = np.random.default_rng(rng.integers(1 << 63)) if self.pipeline else None
@@ -342,7 +352,7 @@ class Engine:
                 stats.draft_tokens += tree.n_drafted
                 stats.accepted_tokens += len(verdict.path)
                 stats.bild_divergent += verdict.divergent
-                root_pos = tree.pos(verdict.path[-1] if verdict.path else 0) + 1
+                root_pos = len(self._target.tokens)
                 if self._debug_kv:
                     self._check_kv(root_pos)
                 for tok in [int(tree.token[i]) for i in verdict.path] + [verdict.bonus]:
@@ -369,33 +379,107 @@ class Engine:
             assert not left, f"branch sequences {left} were left in the KV cache"
 
     # ------------------------------------------------------------------ completion
+    # llama-cpp-python's `Llama` surface: same names, defaults and result shapes. Arguments that
+    # edgecad does not implement are accepted at their defaults and refused otherwise (_unsupported).
 
     def create_completion(
         self,
-        prompt: str,
-        max_tokens: int = 128,
-        temperature: float = 0.0,
+        prompt: Union[str, Sequence[int]],
+        suffix: Optional[str] = None,
+        max_tokens: Optional[int] = 16,
+        temperature: float = 0.8,
         top_p: float = 0.95,
-        top_k: int = 40,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        logprobs: Optional[int] = None,
+        echo: bool = False,
         stop: Union[str, Sequence[str], None] = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
         stream: bool = False,
         seed: Optional[int] = None,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: Optional[str] = None,
+        stopping_criteria=None,
+        logits_processor=None,
+        grammar=None,
+        logit_bias=None,
     ):
-        """Complete `prompt`; a dict shaped like llama-cpp-python's completion, or an iterator of chunks if stream."""
-        chunks = self._completion_chunks(prompt, max_tokens, temperature, top_p, top_k, stop, seed)
-        if stream:
-            return chunks
-        text, last = [], None
-        for chunk in chunks:
-            text.append(chunk["choices"][0]["text"])
-            last = chunk
-        last["choices"][0]["text"] = "".join(text)
-        return last
+        """Complete `prompt` (text or token ids): a `text_completion` dict, or an iterator of chunks
+        if stream. The dict's `edgecad` entry holds the statistics (configuration, speed, paging)."""
+        _unsupported(suffix=suffix, typical_p=typical_p, logprobs=logprobs, echo=echo,
+                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                     repeat_penalty=repeat_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                     stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar,
+                     logit_bias=logit_bias)
+        tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else [int(t) for t in prompt]
+        chunks = self._completion_chunks(tokens, max_tokens, _sampling(temperature, top_k, top_p, min_p),
+                                         _stops(stop), seed)
+        return chunks if stream else _join(chunks)
 
     __call__ = create_completion
 
-    def _completion_chunks(self, prompt, max_tokens, temperature, top_p, top_k, stop, seed) -> Iterator[dict]:
-        tokens = self.tokenize(prompt)
+    def create_chat_completion(
+        self,
+        messages: Sequence[dict],
+        functions=None,
+        function_call=None,
+        tools=None,
+        tool_choice=None,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        stream: bool = False,
+        stop: Union[str, Sequence[str], None] = None,
+        seed: Optional[int] = None,
+        response_format=None,
+        max_tokens: Optional[int] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: Optional[str] = None,
+        logits_processor=None,
+        grammar=None,
+        logit_bias=None,
+        logprobs: Optional[bool] = None,
+        top_logprobs: Optional[int] = None,
+    ):
+        """Answer a conversation rendered with the model's own chat template (the GGUF's
+        tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter): a
+        `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream."""
+        _unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
+                     typical_p=typical_p, response_format=response_format, presence_penalty=presence_penalty,
+                     frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, tfs_z=tfs_z,
+                     mirostat_mode=mirostat_mode, logits_processor=logits_processor, grammar=grammar,
+                     logit_bias=logit_bias, logprobs=logprobs, top_logprobs=top_logprobs)
+        tokens, stops = self.chat_tokens(messages)
+        chunks = self._completion_chunks(tokens, max_tokens, _sampling(temperature, top_k, top_p, min_p),
+                                         stops + _stops(stop), seed)
+        return _chat_chunks(chunks) if stream else _chat_message(_join(chunks))
+
+    def chat_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
+        """The conversation as prompt tokens (ending with the assistant's turn opened), and the
+        template's stop strings."""
+        if self._chat_format is None:
+            self._chat_format = self._target_model.chat_formatter()
+        r = self._chat_format(messages=list(messages))
+        tokens = self.tokenize(r.prompt, add_bos=not r.added_special, special=True)
+        rstop = r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else []
+        return tokens, [s for s in rstop if s]
+
+    def _completion_chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams,
+                           stops: list[str], seed: Optional[int]) -> Iterator[dict]:
         if not tokens:
             raise EdgecadError("the prompt is empty: give at least one character of text")
         if len(tokens) >= self.n_ctx:
@@ -405,8 +489,6 @@ class Engine:
             )
         if max_tokens is None or max_tokens <= 0:
             max_tokens = self.n_ctx - len(tokens)
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        sp = SamplingParams(temperature=max(0.0, float(temperature)), top_k=int(top_k), top_p=float(top_p))
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens))
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
@@ -415,7 +497,11 @@ class Engine:
             return {"id": cid, "object": "text_completion", "created": created, "model": str(self.target_path),
                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
-        raw, emitted, finish = b"", 0, "length"
+        # text: everything decoded so far (whole UTF-8 characters only); text[:emitted] is streamed.
+        # A stop string can only start at or after `emitted` (a possible start is held back), so each
+        # token costs a search over the unstreamed tail, not over the whole text.
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as llama-cpp-python
+        text, emitted, finish, cut = "", 0, "length", None
         if self._pager is not None:
             self._pager.check_file()
             self._pager.reset_peak()
@@ -429,18 +515,20 @@ class Engine:
                 if self._target_model.is_eog(tok):
                     finish = "stop"
                     break
-                raw += self._target_model.token_to_piece(tok)
-                text = raw.decode("utf-8", errors="ignore")
-                hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if hit >= 0:
-                    finish, raw = "stop", text[:hit].encode()
+                text += utf8.decode(self._target_model.token_to_piece(tok))
+                hits = [i for i in (text.find(s, emitted) for s in stops) if i >= 0]
+                if hits:
+                    finish, cut = "stop", min(hits)
                     break
-                safe = len(text) - _held_back(text, stops, raw)
+                safe = len(text) - _held_back(text, stops, emitted)
                 if safe > emitted:
                     yield chunk(text[emitted:safe], None)
                     emitted = safe
         finally:
             decoder.close()
+        if cut is None:
+            text += utf8.decode(b"", final=True)
+            cut = len(text)
         stats.seconds = time.perf_counter() - t0 - stats.prompt_seconds
         if self._pager is not None:
             after = self._pager.stats()
@@ -454,8 +542,7 @@ class Engine:
                 "gate_wait_seconds": (after["gate_wait_ns"] - before["gate_wait_ns"]) / 1e9,
             }
         stats.memory = self.memory_plan
-        text = raw.decode("utf-8", errors="ignore")
-        last = chunk(text[emitted:], finish)
+        last = chunk(text[emitted:cut], finish)
         n = len(stats.token_ids)
         last["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
         last["edgecad"] = stats.as_dict()
@@ -491,13 +578,79 @@ class Engine:
         self.close()
 
 
-def _held_back(text: str, stops: Sequence[str], raw: bytes) -> int:
-    """Characters at the end of `text` not to stream yet: a possible start of a stop string
-    (or, when the bytes end mid-character, nothing more is known to be final)."""
+def _held_back(text: str, stops: Sequence[str], start: int) -> int:
+    """Characters at the end of `text` (after `start`) not to stream yet: a possible start of a stop string."""
     n = 0
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
+        for k in range(min(len(s) - 1, len(text) - start), 0, -1):
             if text.endswith(s[:k]):
                 n = max(n, k)
                 break
     return n
+
+
+_DEFAULTS = {"suffix": None, "typical_p": 1.0, "logprobs": None, "top_logprobs": None, "echo": False,
+             "frequency_penalty": 0.0, "presence_penalty": 0.0, "repeat_penalty": 1.0, "tfs_z": 1.0,
+             "mirostat_mode": 0}
+
+
+def _unsupported(**given) -> None:
+    """Refuse, in one line, an argument of llama-cpp-python's API that edgecad does not implement."""
+    for name, value in given.items():
+        default = _DEFAULTS.get(name)
+        if value is not None and value != default and not (value is False and default is None):
+            raise EdgecadError(f"{name}={value!r} is not supported by edgecad: leave {name} at its default "
+                               f"({default!r})")
+
+
+def _sampling(temperature, top_k, top_p, min_p) -> SamplingParams:
+    """SamplingParams from llama-cpp-python's arguments, with the valid range named when one is off."""
+    checks = [("temperature", temperature, 0.0, float("inf")), ("top_p", top_p, 0.0, 1.0),
+              ("min_p", min_p, 0.0, 1.0)]
+    for name, v, lo, hi in checks:
+        if not lo <= float(v) <= hi or (name == "top_p" and float(v) == 0.0):
+            rng = "> 0 and <= 1" if name == "top_p" else f">= {lo}" + ("" if hi == float("inf") else f" and <= {hi}")
+            raise EdgecadError(f"{name}={v!r} is out of range: use a value {rng}")
+    return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p))
+
+
+def _stops(stop) -> list[str]:
+    return [stop] if isinstance(stop, str) and stop else [s for s in (stop or []) if s and isinstance(s, str)]
+
+
+def _join(chunks: Iterator[dict]) -> dict:
+    """The completion of a stream of chunks: the last chunk, with all the text."""
+    text, last = [], None
+    for chunk in chunks:
+        text.append(chunk["choices"][0]["text"])
+        last = chunk
+    last["choices"][0]["text"] = "".join(text)
+    return last
+
+
+def _chat_message(c: dict) -> dict:
+    """A text completion as llama-cpp-python's chat.completion."""
+    ch = c["choices"][0]
+    return {"id": "chat" + c["id"], "object": "chat.completion", "created": c["created"], "model": c["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ch["text"]}, "logprobs": None,
+                         "finish_reason": ch["finish_reason"]}],
+            "usage": c["usage"], "edgecad": c["edgecad"]}
+
+
+def _chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
+    """Text completion chunks as llama-cpp-python's chat.completion.chunk stream: a role delta first,
+    then content deltas, then an empty delta with the finish reason."""
+    for i, c in enumerate(chunks):
+        head = {"id": "chat" + c["id"], "model": c["model"], "created": c["created"], "object": "chat.completion.chunk"}
+        if i == 0:
+            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                        "finish_reason": None}]}
+        ch = c["choices"][0]
+        if ch["finish_reason"] is not None and ch["text"]:  # the final chunk's text, as a content delta
+            yield {**head, "choices": [{"index": 0, "delta": {"content": ch["text"]}, "logprobs": None,
+                                        "finish_reason": None}]}
+        out = {**head, "choices": [{"index": 0, "delta": {"content": ch["text"]} if ch["finish_reason"] is None
+                                    else {}, "logprobs": None, "finish_reason": ch["finish_reason"]}]}
+        if "edgecad" in c:
+            out["usage"], out["edgecad"] = c["usage"], c["edgecad"]
+        yield out

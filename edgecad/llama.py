@@ -140,6 +140,21 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 
+    def chat_formatter(self):
+        """llama-cpp-python's Jinja2 chat formatter (a sandboxed environment) over the model's own
+        template, as `Llama` builds it from the GGUF's tokenizer.chat_template."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        # const char * llama_model_chat_template(const struct llama_model * model, const char * name);
+        template = C.llama_model_chat_template(self.ptr, None)
+        if not template:
+            raise ModelFileError(f"{self.path} has no chat template (tokenizer.chat_template): use "
+                                 "create_completion with a prompt in the model's own format")
+        eos, bos = C.llama_vocab_eos(self.vocab), C.llama_vocab_bos(self.vocab)
+        text = lambda t: self.token_text(t).decode("utf-8", "replace") if t >= 0 else ""
+        return Jinja2ChatFormatter(template.decode("utf-8"), eos_token=text(eos), bos_token=text(bos),
+                                   stop_token_ids=[eos] if eos >= 0 else None)
+
     def close(self) -> None:
         if self._ptr:
             C.llama_model_free(self._ptr)
@@ -259,6 +274,9 @@ class Context:
         self.n_ctx: int = C.llama_n_ctx(self._ptr)
         self._mem = C.llama_get_memory(self._ptr)
         self.n_vocab = model.n_vocab
+        # The one record of what sequence 0 holds: tokens[i] at position i. Whoever changes sequence 0
+        # (sync, or a decoder committing accepted tokens) keeps it true; other sequences are scratch.
+        self.tokens: list[int] = []
 
     @property
     def ptr(self):
@@ -274,17 +292,40 @@ class Context:
             why = _DECODE_ERRORS.get(rc, "error")
             raise LlamaError(f"llama_decode of {batch.n_tokens} tokens failed ({rc}): {why}{_recent_errors()}", rc)
 
-    def prefill(self, batch: Batch, tokens: Sequence[int], *, logits: bool = False) -> Optional[np.ndarray]:
-        """Clear the KV cache and decode `tokens` into sequence 0 at positions 0.., in chunks of the
-        batch's capacity; with logits=True, return the logits after the last token (a copy)."""
-        self.clear()
-        n = len(tokens)
-        for start in range(0, n, batch.capacity):
+    def sync(self, batch: Batch, tokens: Sequence[int], *, logits: bool = False) -> Optional[np.ndarray]:
+        """Make sequence 0 hold exactly `tokens`: keep the longest common prefix with what it holds,
+        drop the rest (and every other sequence), decode only the new suffix, in chunks of the batch's
+        capacity. With logits=True the last token is decoded even if held (its logits are needed) and
+        they are returned (a copy). `reused` is then the number of tokens kept."""
+        n = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            n += 1
+        if logits and n == len(tokens):
+            n -= 1
+        n = max(n, 0)
+        if n == 0:
+            self.clear()
+        else:
+            self.seq_keep(0)
+            self.seq_rm(0, n, -1)
+        del self.tokens[n:]
+        self.reused = n
+        total = len(tokens)
+        for start in range(n, total, batch.capacity):
+            chunk = list(tokens[start:start + batch.capacity])
             batch.clear()
-            for j, t in enumerate(tokens[start:start + batch.capacity]):
-                batch.add(t, start + j, (0,), logits and start + j == n - 1)
+            for j, t in enumerate(chunk):
+                batch.add(t, start + j, (0,), logits and start + j == total - 1)
             self.decode(batch)
-        return self.logits(batch.n_tokens - 1).copy() if logits and n else None
+            self.tokens += chunk
+        return self.logits(batch.n_tokens - 1).copy() if logits and total else None
+
+    def prefill(self, batch: Batch, tokens: Sequence[int], *, logits: bool = False) -> Optional[np.ndarray]:
+        """Clear the KV cache, then `sync` to `tokens` (all decoded)."""
+        self.clear()
+        return self.sync(batch, tokens, logits=logits)
 
     def logits(self, i: int) -> np.ndarray:
         """Logits of batch token i (which was added with logits=True): a view, shape (n_vocab,)."""
@@ -318,6 +359,7 @@ class Context:
 
     def clear(self) -> None:
         C.llama_memory_clear(self._mem, True)
+        self.tokens = []
 
     def close(self) -> None:
         if self._ptr:

@@ -16,15 +16,30 @@ from .errors import NativeError
 _NAMES = {"darwin": "libedgecad.dylib", "win32": "edgecad.dll"}
 
 
+def _candidates() -> list[Path]:
+    """Where the library may be: beside this file (an installed package), else in the installed
+    distribution (Python started inside a source checkout imports the sources, which have none)."""
+    name = _NAMES.get(sys.platform, "libedgecad.so")
+    out = [Path(__file__).with_name(name)]
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        out.append(Path(distribution("edgecad").locate_file(f"edgecad/{name}")))
+    except (ImportError, PackageNotFoundError):
+        pass
+    return out
+
+
 def _load() -> ctypes.CDLL:
     override = os.environ.get("EDGECAD_NATIVE_LIB")
-    path = Path(override) if override else Path(__file__).with_name(_NAMES.get(sys.platform, "libedgecad.so"))
-    if not path.exists():
+    paths = [Path(override)] if override else _candidates()
+    found = [p for p in paths if p.exists()]
+    if not found:
         raise NativeError(
-            f"edgecad's native library is missing at {path}: install edgecad with `pip install .` "
+            f"edgecad's native library is missing at {paths[0]}: install edgecad with `pip install .` "
             "(it builds native/ with CMake), or set EDGECAD_NATIVE_LIB to a built libedgecad"
         )
-    return ctypes.CDLL(str(path))
+    return ctypes.CDLL(str(found[0]))
 
 
 EC_VERSION = 4  # native/edgecad.h: the interface these bindings are written for

@@ -4,7 +4,8 @@
 that both plain and speculative decoding use, so speculative sampling can
 preserve exactly it. Order: top-k on the logits, softmax of logits/temperature
 over the survivors, then top-p (the smallest most-likely set whose mass
-reaches top_p), renormalised.
+reaches top_p), then min-p (tokens at least min_p times as likely as the
+most likely one), renormalised.
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy (argmax); > 0 samples from softmax(logits / temperature)
     top_k: int = 40           # keep only the k largest logits; <= 0 keeps all
     top_p: float = 0.95       # keep the smallest set of tokens with this much probability; 1.0 keeps all
+    min_p: float = 0.0        # keep tokens with probability >= min_p x the largest; 0 keeps all
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
 
-RAW = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)  # the model's own probabilities: a plain softmax
+RAW = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # the model's own probabilities: a plain softmax
 
 
 def distribution(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
@@ -42,6 +44,9 @@ def distribution(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
         keep = order[: int(np.searchsorted(cum, sp.top_p)) + 1]
+        idx, p = idx[keep], p[keep] / p[keep].sum()
+    if sp.min_p > 0.0:
+        keep = p >= sp.min_p * p.max()
         idx, p = idx[keep], p[keep] / p[keep].sum()
     out = np.zeros(n)
     out[idx] = p

@@ -21,6 +21,8 @@ import numpy as np
 
 MERGES = ["Ġ t", "h e", "i n", "e r", "a n", "o n"]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's turn format, short
 
 
 def byte_tokens() -> list[str]:
@@ -95,6 +97,7 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     wr.add_bos_token_id(n_vocab - 3)
     wr.add_eos_token_id(n_vocab - 3)
     wr.add_add_bos_token(False)
+    wr.add_chat_template(CHATML)
 
     wr.add_tensor("token_embd.weight", embd)
     for i in range(spec.n_layer):

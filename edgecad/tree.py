@@ -199,17 +199,17 @@ class Drafter:
     """Builds token trees with the resident draft model and keeps its KV cache in step.
 
     The drafter owns its cache: `start(prompt)`, then per step `draft` -> (the target verifies) ->
-    `accept(tree, path, bonus)`. Between steps, sequence 0 holds the first `n_past` accepted tokens
-    and `pending` are the accepted tokens after them (the last is the next root); or, when the target
-    accepted a chain pre-drafted by `extend`, `seed` is that chain: its first token is the next root
-    (decoded, n_past counts it) and sequence 0 also holds the chain's decoded tokens after it.
+    `accept(tree, path, bonus)`. Between steps, sequence 0 holds the accepted tokens `ctx.tokens`
+    (n_past of them) and `pending` are the accepted tokens after them (the last is the next root); or,
+    when the target accepted a chain pre-drafted by `extend`, `seed` is that chain: its first token is
+    the next root (decoded, in ctx.tokens) and sequence 0 also holds the chain's decoded tokens after
+    it. `start` reconciles the cache with a new prompt by longest common prefix.
     """
 
     def __init__(self, ctx: Context, params: TreeParams, n_seq_max: int, n_batch: int):
         self.ctx, self.p = ctx, params
         self.n_seq_max = n_seq_max
         self.batch = Batch(max(n_batch, params.max_nodes + 1), n_seq_max)
-        self.n_past = 0
         self.pending: list[int] = []
         self.seed: Optional[Chain] = None   # a kept chain: the start of the next tree
         self.chain: Optional[Chain] = None  # the chain drafted beside the current tree's verification
@@ -224,9 +224,15 @@ class Drafter:
         self.batch.close()
 
     def start(self, prompt: Sequence[int]) -> None:
-        """A new sequence: decode all of `prompt` but its last token (the first root)."""
-        self.ctx.prefill(self.batch, prompt[:-1])
-        self.n_past, self.pending, self.seed, self.chain = len(prompt) - 1, [prompt[-1]], None, None
+        """A new sequence: the cache holds all of `prompt` but its last token (the first root); what it
+        already held in common with it is kept."""
+        self.ctx.sync(self.batch, prompt[:-1])
+        self.pending, self.seed, self.chain = [prompt[-1]], None, None
+
+    @property
+    def n_past(self) -> int:
+        """Accepted tokens in sequence 0."""
+        return len(self.ctx.tokens)
 
     @property
     def kv_end(self) -> int:
@@ -281,6 +287,7 @@ class Drafter:
             for j, t in enumerate(self.pending):
                 b.add(t, self.n_past + j, (0, 1), j == len(self.pending) - 1)
             ctx.decode(b)
+            ctx.tokens += self.pending
             self.decodes += 1
             tree.decoded[0] = True
             dist[0] = self._probs(ctx.logits(len(self.pending) - 1), sp)
@@ -422,14 +429,15 @@ class Drafter:
         if chain and (path[-1] if path else 0) == chain.leaf and bonus == chain.tokens[0] and len(chain.tokens) >= 2:
             # the target took the chain's branch and its first token: keep the decoded chain
             keep_path(self.ctx, chain.branch, tree.pos(chain.leaf) + len(chain.tokens) - 1)
-            self.n_past, self.pending, self.seed = tree.pos(chain.leaf) + 2, [], chain
+            self.ctx.tokens += tokens  # the path, then x1: sequence 0 also holds x2.. (the seed)
+            self.pending, self.seed = [], chain
             return
         deepest, k = 0, 0
         for j, i in enumerate(path):
             if tree.decoded[i]:
                 deepest, k = i, j + 1
         keep_path(self.ctx, int(tree.branch[deepest]) if deepest else 0, tree.pos(deepest))
-        self.n_past = tree.pos(deepest) + 1
+        self.ctx.tokens += tokens[:k]
         self.pending = tokens[k:]
 
 

@@ -53,12 +53,13 @@ def verify_tree(ctx: Context, batch: Batch, tree: TokenTree) -> tuple[np.ndarray
 
 def keep_accepted(ctx: Context, tree: TokenTree, leaf_seq: dict, path: list) -> None:
     """Cut the target's KV to the accepted path: any leaf below the path's last node has a sequence
-    holding that path; it becomes sequence 0, up to the last accepted node."""
+    holding that path; it becomes sequence 0, up to the last accepted node (root and path committed)."""
     last = path[-1] if path else 0
     leaf = last
     while tree.children[leaf]:
         leaf = next(iter(tree.children[leaf].values()))
     keep_path(ctx, leaf_seq[leaf] if path else 0, tree.pos(last))
+    ctx.tokens += [int(tree.token[i]) for i in [0, *path]]
 
 
 def accept_greedy(tree: TokenTree, logits: np.ndarray) -> tuple[list[int], int]:

@@ -38,7 +38,7 @@ def main():
         ours, theirs, same = [], [], 0
         for _, prompt in itertools.product(range(a.repeat), PROMPTS):
             t = time.perf_counter()
-            r = eng.create_completion(prompt, max_tokens=a.n)
+            r = eng.create_completion(prompt, temperature=0.0, max_tokens=a.n)
             ours.append(r["usage"]["completion_tokens"] / (time.perf_counter() - t))
             ref.reset()
             t = time.perf_counter()

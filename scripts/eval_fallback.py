@@ -27,7 +27,7 @@ def main():
             for cost_aware in (True, False):
                 with Engine(target, draft, mode="tree", target_budget=budget, memory_budget=None, n_threads=2,
                             tree_params=TreeParams(cost_aware=cost_aware)) as e:
-                    res[cost_aware].append(e.create_completion(pr["prompt"], max_tokens=a.n)["edgecad"])
+                    res[cost_aware].append(e.create_completion(pr["prompt"], temperature=0.0, max_tokens=a.n)["edgecad"])
         for cost_aware, sts in res.items():
             tps = [s["n_tokens"] / (s["seconds"] + s["prompt_seconds"]) for s in sts]
             n, passes = sum(s["n_tokens"] for s in sts), sum(s["target_passes"] for s in sts)

@@ -25,7 +25,7 @@ def run(label, n, **kw):
     load = time.perf_counter() - t
     out, tps, peak, read, wait, busy, passes = [], [], 0, 0, 0.0, 0.0, 0
     for p in PROMPTS:
-        st = e.create_completion(p, max_tokens=n)["edgecad"]
+        st = e.create_completion(p, temperature=0.0, max_tokens=n)["edgecad"]
         out.append(st["token_ids"])
         tps.append(st["n_tokens"] / (st["seconds"] + st["prompt_seconds"]))
         peak = max(peak, st["peak_resident_target_bytes"] or 0)

@@ -34,7 +34,7 @@ def main():
         for m in ["target", *a.modes]:
             eng = ref if m == "target" else engines[m]
             t = time.perf_counter()
-            st = eng.create_completion(pr["prompt"], max_tokens=a.n)["edgecad"]
+            st = eng.create_completion(pr["prompt"], temperature=0.0, max_tokens=a.n)["edgecad"]
             g = agg[m]
             g["seconds"] += time.perf_counter() - t
             g["tokens"] += st["n_tokens"]

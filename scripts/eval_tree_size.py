@@ -14,7 +14,7 @@ res = {k: [] for k in cfgs}
 for pr in prompts:
     for k, tp in cfgs.items():
         with Engine(t, d, mode="tree", target_budget="40%", n_threads=2, tree_params=tp) as e:
-            res[k].append(e.create_completion(pr["prompt"], max_tokens=32)["edgecad"])
+            res[k].append(e.create_completion(pr["prompt"], temperature=0.0, max_tokens=32)["edgecad"])
 for k, sts in res.items():
     tps = [s["n_tokens"] / (s["seconds"] + s["prompt_seconds"]) for s in sts]
     n, p = sum(s["n_tokens"] for s in sts), sum(s["target_passes"] for s in sts)

@@ -17,7 +17,7 @@ def run(*args):
 def test_generate_prints_the_greedy_completion(tiny_target, capsys):
     from edgecad import Engine
     with Engine(tiny_target, n_threads=2) as e:
-        expected = e.create_completion("hello", max_tokens=16)["choices"][0]["text"]
+        expected = e.create_completion("hello", temperature=0.0, max_tokens=16)["choices"][0]["text"]
     assert main(["generate", "--target", str(tiny_target), "-p", "hello", "-n", "16", "--threads", "2", "--stats"]) == 0
     out, err = capsys.readouterr()
     assert out == expected + "\n"

@@ -26,10 +26,10 @@ def reference(tiny_target):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_equals_llama_cpp_python(engine, reference, prompt):
-    ours = engine.create_completion(prompt, max_tokens=40)
+    ours = engine.create_completion(prompt, temperature=0.0, max_tokens=40)
     reference.reset()
     toks = reference.tokenize(prompt.encode(), add_bos=False, special=True)
-    assert toks == engine.tokenize(prompt)
+    assert toks == engine.tokenize(prompt, special=True)
     theirs = list(itertools.islice(reference.generate(toks, temp=0.0), 40))
     assert ours["edgecad"]["token_ids"] == theirs
     assert ours["usage"] == {"prompt_tokens": len(toks), "completion_tokens": 40, "total_tokens": len(toks) + 40}
@@ -43,22 +43,22 @@ def test_sampling_is_reproducible_by_seed(engine):
     a, b, c = run(7), run(7), run(8)
     assert a == b
     assert a != c
-    greedy = engine.create_completion("Once", max_tokens=30)["edgecad"]["token_ids"]
+    greedy = engine.create_completion("Once", max_tokens=30, temperature=0.0)["edgecad"]["token_ids"]
     assert a != greedy  # temperature 1 over 265 tokens does not follow the argmax for 30 tokens
 
 
 def test_stop_string_cuts_text(engine):
-    full = engine.create_completion("hello the world", max_tokens=40)["choices"][0]["text"]
+    full = engine.create_completion("hello the world", temperature=0.0, max_tokens=40)["choices"][0]["text"]
     stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full.find(full[i:i + 2]) == i)
-    out = engine.create_completion("hello the world", max_tokens=40, stop=[stop, "\x00never"])
+    out = engine.create_completion("hello the world", temperature=0.0, max_tokens=40, stop=[stop, "\x00never"])
     assert out["choices"][0]["text"] == full[:full.find(stop)]
     assert out["choices"][0]["finish_reason"] == "stop"
     assert out["usage"]["completion_tokens"] < 40
 
 
 def test_stream_chunks_join_to_the_completion(engine):
-    full = engine.create_completion("in an inner", max_tokens=30)
-    chunks = list(engine.create_completion("in an inner", max_tokens=30, stream=True))
+    full = engine.create_completion("in an inner", temperature=0.0, max_tokens=30)
+    chunks = list(engine.create_completion("in an inner", temperature=0.0, max_tokens=30, stream=True))
     assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     last = chunks[-1]
@@ -67,7 +67,7 @@ def test_stream_chunks_join_to_the_completion(engine):
 
 
 def test_stats(engine):
-    st = engine.create_completion("abc", max_tokens=12)["edgecad"]
+    st = engine.create_completion("abc", temperature=0.0, max_tokens=12)["edgecad"]
     assert st["mode"] == "target" and st["n_tokens"] == 12 and len(st["token_ids"]) == 12
     assert st["target_passes"] == 12  # one per token: the prompt's pass gives the first
     assert st["mean_accepted_per_pass"] == 1.0 and st["draft_tokens"] == 0 and st["lossless"] is True
@@ -78,8 +78,8 @@ def test_stats(engine):
 def test_generation_stops_at_the_end_of_the_context(tiny_target):
     with Engine(tiny_target, n_ctx=256) as e:
         prompt = "x" * 200
-        n_prompt = len(e.tokenize(prompt))
-        out = e.create_completion(prompt, max_tokens=500)
+        n_prompt = len(e.tokenize(prompt, special=True))
+        out = e.create_completion(prompt, temperature=0.0, max_tokens=500)
         assert out["choices"][0]["finish_reason"] == "length"
         assert n_prompt + out["usage"]["completion_tokens"] <= e.n_ctx + 1
 
@@ -87,12 +87,12 @@ def test_generation_stops_at_the_end_of_the_context(tiny_target):
 def test_prompt_too_long(tiny_target):
     with Engine(tiny_target, n_ctx=256) as e:
         with pytest.raises(PromptTooLongError, match=r"prompt has \d+ tokens but the context holds 256"):
-            e.create_completion("y" * 400)
+            e.create_completion("y" * 400, temperature=0.0)
 
 
 def test_empty_prompt(engine):
     with pytest.raises(EdgecadError, match="empty"):
-        engine.create_completion("")
+        engine.create_completion("", temperature=0.0)
 
 
 def test_missing_file(tmp_path):
@@ -134,3 +134,67 @@ def test_draft_with_another_vocabulary(tiny_target, other_vocab_model):
 def test_errors_are_edgecad_errors():
     for cls in (ModelFileError, UnknownModelError, PromptTooLongError, VocabularyMismatchError):
         assert issubclass(cls, edgecad.EdgecadError)
+
+
+def llama_program(llm) -> dict:
+    """A program written against llama-cpp-python's `Llama`: completion, streaming, chat, tokens."""
+    out = {"call": llm("Once upon a time", max_tokens=12, temperature=0.0)["choices"][0]["text"]}
+    out["stream"] = "".join(c["choices"][0]["text"] for c in llm.create_completion(
+        "hello the world", max_tokens=12, temperature=0.0, stream=True))
+    out["stop"] = llm.create_completion("hello the world", max_tokens=12, temperature=0.0, stop=["e"])
+    out["stop"] = (out["stop"]["choices"][0]["text"], out["stop"]["choices"][0]["finish_reason"])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]
+    r = llm.create_chat_completion(messages=messages, max_tokens=10, temperature=0.0)
+    out["chat"] = (r["object"], r["choices"][0]["message"]["role"], r["choices"][0]["message"]["content"],
+                   r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"])
+    chunks = list(llm.create_chat_completion(messages=messages, max_tokens=10, temperature=0.0, stream=True))
+    out["chat_stream"] = ([c["object"] for c in chunks][:1], chunks[0]["choices"][0]["delta"],
+                          "".join(c["choices"][0]["delta"].get("content", "") for c in chunks),
+                          chunks[-1]["choices"][0]["finish_reason"])
+    toks = llm.tokenize(b"hello the world")
+    out["tokens"] = (toks, llm.detokenize(toks))
+    return out
+
+
+def test_a_llama_cpp_python_program_runs_unchanged(tiny_target):
+    ref = llama_program(Llama(str(tiny_target), n_ctx=256, n_threads=2, verbose=False))
+    with Engine(tiny_target, mode="target", n_ctx=256, n_threads=2, memory_budget=None) as e:
+        ours = llama_program(e)
+    # llama-cpp-python generates one token past max_tokens when the text so far ends in bytes that are
+    # not valid UTF-8 (the tiny models emit random bytes): its text may then be ours plus that token
+    for k in ("stream", "stop"):
+        a, b = (ours[k][0], ref[k][0]) if k == "stop" else (ours[k], ref[k])
+        assert b.startswith(a) and len(b.encode()) - len(a.encode()) <= 4, (k, a, b)
+        ours[k] = ref[k]
+    assert ours == ref
+    assert ours["chat"][2] == ours["chat_stream"][2] and ours["chat_stream"][1] == {"role": "assistant"}
+
+
+def test_unsupported_arguments_are_refused_by_name(engine):
+    with pytest.raises(EdgecadError, match=r"logit_bias=.* is not supported by edgecad: leave logit_bias"):
+        engine.create_completion("hi", logit_bias={1: 2.0})
+    with pytest.raises(EdgecadError, match=r"tools=.* not supported"):
+        engine.create_chat_completion([{"role": "user", "content": "hi"}], tools=[{"type": "function"}])
+    with pytest.raises(EdgecadError, match=r"top_p=5 is out of range: use a value > 0 and <= 1"):
+        engine.create_completion("hi", top_p=5)
+
+
+@pytest.mark.parametrize("mode", ["target", "tree"])
+def test_a_second_call_sharing_a_prefix_decodes_only_the_new_tokens(tiny_pair, mode):
+    draft, target = tiny_pair
+    first = "Once upon a time, in an inner"
+    with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=512, memory_budget=None) as e:
+        a = e.create_completion(first, max_tokens=16, temperature=0.0)
+        second = first + a["choices"][0]["text"] + " and then"
+        b = e.create_completion(second, max_tokens=16, temperature=0.0)
+        n_first = len(e.tokenize(first, special=True))
+    with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=512, memory_budget=None) as fresh:
+        c = fresh.create_completion(second, max_tokens=16, temperature=0.0)
+    assert a["edgecad"]["prompt_tokens_reused"] == 0 and c["edgecad"]["prompt_tokens_reused"] == 0
+    assert b["edgecad"]["prompt_tokens_reused"] >= n_first  # the first prompt (and some answer) was kept
+    assert b["edgecad"]["token_ids"] == c["edgecad"]["token_ids"]
+
+
+def test_no_target_means_the_default_pair(empty_models_dir):
+    with pytest.raises(ModelNotFetchedError, match="edgecad models fetch qwen2.5-coder"):
+        Engine()

@@ -58,7 +58,7 @@ def test_engine_reports_its_configuration(paging_pair, monkeypatch, tmp_path):
     monkeypatch.setenv("EDGECAD_CACHE", str(tmp_path))
     draft, target = paging_pair
     with Engine(target, draft, memory_budget="2GB", n_ctx=512) as e:
-        st = e.create_completion("abc", max_tokens=8)["edgecad"]
+        st = e.create_completion("abc", temperature=0.0, max_tokens=8)["edgecad"]
     assert st["config"] == e.memory_plan.config and st["config_reason"]
     assert st["budget_bytes"] == 2 * 10 ** 9 and sum(st["memory_plan"].values()) == st["budget_bytes"]
     cached = json.loads((tmp_path / "costs.json").read_text())
@@ -82,7 +82,7 @@ def test_generation_inside_a_cgroup_of_the_plans_size(paging_pair, tmp_path):
     budget = 400 * MB
     code = ("import json, sys; from edgecad import Engine\n"
             f"e = Engine({str(target)!r}, {str(draft)!r}, memory_budget='auto', n_ctx=512)\n"
-            "st = e.create_completion('Once upon a time', max_tokens=24)['edgecad']\n"
+            "st = e.create_completion('Once upon a time', temperature=0.0, max_tokens=24)['edgecad']\n"
             "print(json.dumps({'budget': st['budget_bytes'], 'config': st['config'], 'n': st['n_tokens']}))\n")
     with cgroup.MemoryCgroup(budget, "test") as cg:
         r = cg.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -27,7 +27,7 @@ def budget_for(target, params, pinned_layers=3):
 def reference(paging_pair):
     draft, target = paging_pair
     with Engine(target, n_ctx=512) as e:
-        return {p: e.create_completion(p, max_tokens=40)["edgecad"]["token_ids"] for p in PROMPTS}
+        return {p: e.create_completion(p, temperature=0.0, max_tokens=40)["edgecad"]["token_ids"] for p in PROMPTS}
 
 
 def test_parse_budget():
@@ -64,7 +64,7 @@ def test_paging_never_changes_the_tokens_and_holds_the_budget(paging_pair, refer
     with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=512, target_budget=budget, pager=p) as e:
         plan = e.budget_plan
         for prompt in PROMPTS:
-            st = e.create_completion(prompt, max_tokens=40)["edgecad"]
+            st = e.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]
             assert st["token_ids"] == reference[prompt]
             assert st["target_budget_bytes"] == budget
             peak = st["peak_resident_target_bytes"]
@@ -83,7 +83,7 @@ def test_budget_above_the_model_keeps_it_resident(paging_pair, reference, capsys
     _, target = paging_pair
     with Engine(target, n_ctx=512, target_budget="200%", verbose=True) as e:
         assert e.budget_plan is None and e._pager is None and e.memory_plan.config == "target"
-        st = e.create_completion(PROMPTS[0], max_tokens=40)["edgecad"]
+        st = e.create_completion(PROMPTS[0], temperature=0.0, max_tokens=40)["edgecad"]
     assert "configuration target " in capsys.readouterr().err
     assert st["token_ids"] == reference[PROMPTS[0]] and st["peak_resident_target_bytes"] is None
 
@@ -101,14 +101,14 @@ def test_a_changed_file_is_an_error_not_a_crash(paging_pair, disk_dir, change):
     shutil.copy(target, path)
     p = PagerParams(**SMALL)
     e = Engine(path, n_ctx=512, target_budget=budget_for(path, p), pager=p)
-    e.create_completion("abc", max_tokens=4)
+    e.create_completion("abc", temperature=0.0, max_tokens=4)
     if change == "grow":
         with open(path, "ab") as f:
             f.write(b"\0" * 4096)
     else:
         os.truncate(path, os.path.getsize(path) // 2)
     with pytest.raises(ModelFileError, match="changed"):
-        e.create_completion("abc", max_tokens=4)
+        e.create_completion("abc", temperature=0.0, max_tokens=4)
     e.close()
 
 
@@ -117,7 +117,7 @@ def test_throttle_limits_the_read_rate(paging_pair):
     rate = 40e6
     p = PagerParams(io="demand", throttle_bps=rate, **SMALL)
     with Engine(target, n_ctx=512, target_budget=budget_for(target, p), pager=p) as e:
-        st = e.create_completion("abc", max_tokens=6)["edgecad"]
+        st = e.create_completion("abc", temperature=0.0, max_tokens=6)["edgecad"]
     # The throttle spaces the starts of consecutive reads by their size / rate, so the completion
     # lasts at least (bytes read - the last read) / rate. A lower bound: a slow machine only adds time.
     layer = max(read_gguf(target).layers(), key=lambda l: l.n_bytes).n_bytes
@@ -151,7 +151,7 @@ def test_the_pipeline_drafts_during_passes_and_keeps_chains(paging_pair, referen
         with Engine(target, draft, mode="tree", n_ctx=512, target_budget=budget, pager=p, pipeline=pipeline) as e:
             assert e.pipeline == pipeline
             e._debug_kv = True  # after every step: only sequence 0 left, holding what each side should
-            sts = [e.create_completion(prompt, max_tokens=40)["edgecad"] for prompt in PROMPTS]
+            sts = [e.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"] for prompt in PROMPTS]
         assert [st["token_ids"] for st in sts] == [reference[prompt] for prompt in PROMPTS]
         totals[pipeline] = {k: sum(st[k] for st in sts) for k in ("draft_layers_in_pass", "chain_tokens", "reused_tokens")}
     on, off = totals[True], totals[False]
@@ -164,7 +164,7 @@ def test_the_pipeline_is_off_for_a_resident_target(paging_pair):
     draft, target = paging_pair
     with Engine(target, draft, mode="tree", n_ctx=256, memory_budget=None, pipeline=True) as e:
         assert not e.pipeline  # nothing to wait for: drafting beside the target would only slow it
-        st = e.create_completion("hello", max_tokens=8)["edgecad"]
+        st = e.create_completion("hello", temperature=0.0, max_tokens=8)["edgecad"]
         assert st["chain_tokens"] == 0 and st["draft_layers_in_pass"] == 0
 
 
@@ -176,5 +176,5 @@ def test_the_pipeline_runs_to_the_end_of_a_small_context(paging_pair):
                 pipeline=True) as e:
         e._debug_kv = True
         for prompt in PROMPTS:
-            st = e.create_completion(prompt, max_tokens=0)["edgecad"]  # until the context is full
+            st = e.create_completion(prompt, temperature=0.0, max_tokens=0)["edgecad"]  # until the context is full
             assert st["prompt_tokens"] + st["n_tokens"] >= 63

@@ -33,13 +33,13 @@ def test_greedy_speculative_equals_target(tiny_pair, target_engine, mode):
     with Engine(target, draft, mode=mode, n_ctx=512, n_threads=2) as e:
         e._debug_kv = True  # also: no branch left in either KV cache after any step
         for prompt in PROMPTS:
-            ours = e.create_completion(prompt, max_tokens=80)["edgecad"]
-            ref = target_engine.create_completion(prompt, max_tokens=80)["edgecad"]["token_ids"]
+            ours = e.create_completion(prompt, temperature=0.0, max_tokens=80)["edgecad"]
+            ref = target_engine.create_completion(prompt, temperature=0.0, max_tokens=80)["edgecad"]["token_ids"]
             if ours["token_ids"] == ref:
                 exact += 1
                 continue
             k = next(i for i, (a, b) in enumerate(zip(ours["token_ids"], ref)) if a != b)
-            gap = top2_gap(target, e.tokenize(prompt) + ref[:k])
+            gap = top2_gap(target, e.tokenize(prompt, special=True) + ref[:k])
             assert gap < NEAR_TIE, f"{mode} differs from target at token {k} of {prompt!r} (top-2 gap {gap:.4f})"
             near_ties.append((prompt, k, gap))
     print(f"{mode}: {exact}/{len(PROMPTS)} identical, near-ties: {near_ties}")
@@ -51,7 +51,7 @@ def test_tree_makes_fewer_target_passes_than_linear(tiny_pair):
     per_pass = {}
     for mode in ("tree", "linear", "target"):
         with Engine(target, draft if mode != "target" else None, mode=mode, n_ctx=512) as e:
-            st = [e.create_completion(p, max_tokens=60)["edgecad"] for p in PROMPTS]
+            st = [e.create_completion(p, temperature=0.0, max_tokens=60)["edgecad"] for p in PROMPTS]
         per_pass[mode] = sum(s["n_tokens"] for s in st) / sum(s["target_passes"] for s in st)
         if mode != "target":
             assert all(s["draft_tokens"] >= s["accepted_tokens"] for s in st)
@@ -82,7 +82,8 @@ def test_sampling_keeps_the_target_distribution(tiny_pair):
     with Engine(target, draft, mode="tree", tree_params=params, n_ctx=256) as e:
         e._debug_kv = True
         for seed in range(n):
-            st = e.create_completion(prompt, max_tokens=2, temperature=1.0, top_k=20, top_p=0.95, seed=seed)["edgecad"]
+            st = e.create_completion(prompt, max_tokens=2, temperature=1.0, top_k=20, top_p=0.95, min_p=0.0,
+                                    seed=seed)["edgecad"]
             counts[st["token_ids"][0]] += 1
             accepted += st["accepted_tokens"] > 0
     assert 0.1 * n < accepted < 0.95 * n  # both accepted draws and residual samples were exercised
@@ -140,7 +141,7 @@ def test_bild_says_it_is_not_lossless(tiny_pair):
     draft, target = tiny_pair
     with Engine(target, draft, mode="bild", n_ctx=512) as e:
         e._debug_kv = True
-        st = e.create_completion("Once upon a time", max_tokens=60)["edgecad"]
+        st = e.create_completion("Once upon a time", temperature=0.0, max_tokens=60)["edgecad"]
     assert st["lossless"] is False and st["bild_divergent_tokens"] >= 0
     assert st["mean_accepted_per_pass"] > 1.0
 
@@ -149,7 +150,7 @@ def test_stats_of_speculative_modes(tiny_pair):
     draft, target = tiny_pair
     with Engine(target, draft, mode="tree", n_ctx=512) as e:
         assert e.mode == "tree" and e.tree_params.cost_aware is False  # resident target: LLMCad's rule alone
-        r = e.create_completion("abc", max_tokens=40)
+        r = e.create_completion("abc", temperature=0.0, max_tokens=40)
         st = r["edgecad"]
     assert st["lossless"] is True and st["n_tokens"] == 40 and r["usage"]["completion_tokens"] == 40
     assert st["mean_accepted_per_pass"] == pytest.approx(40 / st["target_passes"])
@@ -191,10 +192,11 @@ def test_sampling_from_kept_chains_keeps_the_target_distribution(paging_pair, tm
                 pipeline=True) as e:
         assert e.pipeline
         for seed in range(n):
-            st = e.create_completion(prompt, max_tokens=4, temperature=1.0, top_k=3, top_p=1.0, seed=seed)["edgecad"]
+            st = e.create_completion(prompt, max_tokens=4, temperature=1.0, top_k=3, top_p=1.0, min_p=0.0,
+                                    seed=seed)["edgecad"]
             if st["reused_tokens"] >= 1 and st["n_tokens"] >= 3:  # the second tree started from the kept chain x1, x2
                 kept.append(st["token_ids"][:3])
-        toks = e.tokenize(prompt)
+        toks = e.tokenize(prompt, special=True)
     assert len(kept) >= 50, f"only {len(kept)} completions went through a kept chain"
     observed, expected = {}, {}
     with Model(target) as tm, Context(tm, ContextParams(n_ctx=256)) as ctx, Batch(64) as b:

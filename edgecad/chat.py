@@ -1,0 +1,195 @@
+"""`edgecad chat`: an offline terminal chat with an Engine.
+
+A Conversation holds the messages and appends each one to a JSONL transcript as
+soon as it is complete (flushed: a crash loses at most the answer being
+written). Every turn renders the whole conversation with the model's chat
+template; the engine's KV caches keep the longest common prefix, so a turn
+decodes only what is new. The loop reads lines, runs slash commands, streams
+answers, and stops an answer on Ctrl-C with the engine still usable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import EdgecadError
+
+HELP = """commands:
+  /reset        forget the conversation (the transcript file keeps it)
+  /save FILE    write the conversation so far to FILE (JSONL, one message per line)
+  /stats        the last answer's statistics
+  /help         this help
+  /quit         leave (or Ctrl-D); Ctrl-C stops an answer"""
+
+
+def read_transcript(path: Path) -> list[dict]:
+    """Messages of a JSONL transcript ({"role", "content"} per line; a "reset" line starts over)."""
+    messages = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise EdgecadError(f"cannot read transcript {path}: {e.strerror}: give an existing file to --resume") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # a last line cut short by a crash: the messages before it stand
+                break
+            raise EdgecadError(f"{path}:{n} is not a JSON line: give a transcript written by `edgecad chat`") from None
+        if rec.get("event") == "reset":
+            messages = []
+        elif rec.get("role") in ("system", "user", "assistant") and isinstance(rec.get("content"), str):
+            messages.append({"role": rec["role"], "content": rec["content"]})
+    return messages
+
+
+class Conversation:
+    """Messages, and the transcript file they are appended to as they complete."""
+
+    def __init__(self, engine, transcript: Optional[Path] = None, *, system: Optional[str] = None,
+                 resume: bool = False, sampling: Optional[dict] = None):
+        self.engine, self.transcript = engine, transcript
+        self.sampling = sampling or {}
+        self.messages: list[dict] = read_transcript(transcript) if resume and transcript else []
+        self.last_stats: Optional[dict] = None
+        self._file = open(transcript, "a", encoding="utf-8") if transcript else None
+        if system and not self.messages:
+            self._add({"role": "system", "content": system})
+
+    def _write(self, rec: dict) -> None:
+        if self._file:
+            self._file.write(json.dumps({**rec, "time": round(time.time(), 3)}, ensure_ascii=False) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def _add(self, message: dict, **extra) -> None:
+        self.messages.append(message)
+        self._write({**message, **extra})
+
+    def ask(self, text: str, on_text: Callable[[str], None]) -> str:
+        """Add the user's message, stream the answer through on_text, add it; return it. On Ctrl-C the
+        answer so far is kept (marked interrupted) and KeyboardInterrupt propagates."""
+        parts, interrupted, stream = [], False, None
+        try:
+            self._add({"role": "user", "content": text})
+            stream = self.engine.create_chat_completion(self.messages, stream=True, **self.sampling)
+            for chunk in stream:
+                delta = chunk["choices"][0]["delta"].get("content")
+                if delta:
+                    parts.append(delta)
+                    on_text(delta)
+                if "edgecad" in chunk:
+                    self.last_stats = chunk["edgecad"]
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            if stream is not None:
+                stream.close()  # ends the decoder: the engine's caches stay consistent
+            answer = "".join(parts)
+            if self.messages and self.messages[-1]["role"] == "user":  # an answer follows every question
+                self._add({"role": "assistant", "content": answer}, **({"interrupted": True} if interrupted else {}))
+        return answer
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+        self._write({"event": "reset"})
+        for m in self.messages:
+            self._write(m)
+
+    def save(self, path: Path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for m in self.messages:
+                f.write(json.dumps(m, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def stats_line(st: dict) -> str:
+    """One line after an answer: speed, tokens per target pass, resident memory."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    tps = st["n_tokens"] / (st["seconds"] + st["prompt_seconds"]) if st["seconds"] + st["prompt_seconds"] > 0 else 0
+    return (f"{tps:.1f} tok/s · {st['mean_accepted_per_pass']:.1f} tokens/pass · {st['prompt_tokens_reused']}/"
+            f"{st['prompt_tokens']} prompt tokens reused · {rss / 1e9:.2f} GB resident · {st['config']}")
+
+
+def run(conv: Conversation, *, tty: bool, out=sys.stdout, err=sys.stderr) -> int:
+    """The chat loop over stdin. Returns the exit status."""
+    dim = (lambda s: f"\x1b[2m{s}\x1b[0m") if tty else (lambda s: s)
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        err.write(dim("edgecad chat: /help for commands, Ctrl-D to leave") + "\n")
+        for m in conv.messages[-6:]:
+            if m["role"] != "system":
+                err.write(dim(f"[{m['role']}] {m['content']}") + "\n")
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except EOFError:
+            if tty:
+                err.write("\n")
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
+            err.write("\n")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/help":
+                err.write(HELP + "\n")
+            elif cmd == "/reset":
+                conv.reset()
+                err.write(dim("conversation reset") + "\n")
+            elif cmd == "/save":
+                if not arg.strip():
+                    err.write("usage: /save FILE\n")
+                    continue
+                try:
+                    conv.save(Path(arg.strip()).expanduser())
+                    err.write(dim(f"saved {len(conv.messages)} messages to {arg.strip()}") + "\n")
+                except OSError as e:
+                    err.write(f"cannot save to {arg.strip()}: {e.strerror}\n")
+            elif cmd == "/stats":
+                st = conv.last_stats
+                err.write(("no answer yet" if st is None else "\n".join(
+                    f"{k:>28}: {v}" for k, v in st.items() if k not in ("token_ids", "memory_plan"))) + "\n")
+            else:
+                err.write(f"unknown command {cmd}: /help lists them\n")
+            continue
+
+        def show(s: str) -> None:
+            out.write(s)
+            out.flush()
+
+        try:
+            conv.ask(text, show)
+            out.write("\n")
+        except KeyboardInterrupt:
+            out.write("\n")
+            err.write(dim("(stopped)") + "\n")
+            continue
+        if tty and conv.last_stats:
+            err.write(dim(stats_line(conv.last_stats)) + "\n")
+        out.flush()

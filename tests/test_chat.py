@@ -1,0 +1,113 @@
+"""`edgecad chat` under a pseudo-terminal (real llama.cpp on the tiny pair): turns, streaming, Ctrl-C
+during an answer, /save, /reset, --resume, piped stdin; and the transcript format."""
+import json
+import sys
+
+import pytest
+
+from edgecad.chat import read_transcript
+from edgecad.errors import EdgecadError
+
+pexpect = pytest.importorskip("pexpect", reason="the chat tests drive a pseudo-terminal with pexpect "
+                                                "(pip install 'edgecad[test]')")
+
+
+def chat_cmd(pair, *extra):
+    draft, target = pair
+    return [sys.executable, "-m", "edgecad.cli", "chat", "--target", str(target), "--draft", str(draft),
+            "--memory-budget", "none", "--temperature", "0", *extra]
+
+
+def spawn(args, tmp_path):
+    return pexpect.spawn(args[0], args[1:], cwd=str(tmp_path), encoding="utf-8", timeout=60,
+                         env={"XDG_DATA_HOME": str(tmp_path / "data"), "EDGECAD_CACHE": str(tmp_path / "cache"),
+                              "PATH": "/usr/bin:/bin"})
+
+
+def test_chat_in_a_terminal(tiny_pair, tmp_path):
+    log = tmp_path / "t.jsonl"
+    p = spawn(chat_cmd(tiny_pair, "--transcript", str(log), "--n-ctx", "4096", "-n", "12"), tmp_path)
+    p.expect("ready in")
+    p.expect("> ")
+    p.sendline("hello there")
+    p.expect(r"tok/s .* tokens/pass")  # the answer streamed, then the dim stats line
+    p.expect("> ")
+    p.sendline("/save saved.jsonl")
+    p.expect("saved 2 messages")
+    p.expect("> ")
+    p.sendline("/stats")
+    p.expect("prompt_tokens_reused")
+    p.expect("> ")
+    p.sendline("and again")
+    p.expect(r"(\d+)/(\d+) prompt tokens reused")  # turn 2 kept turn 1 in the KV caches
+    assert int(p.match.group(1)) > 0
+    p.expect("> ")
+    p.sendeof()
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    msgs = read_transcript(log)
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[0]["content"] == "hello there" and msgs[2]["content"] == "and again"
+    assert read_transcript(tmp_path / "saved.jsonl") == msgs[:2]
+
+    # --resume: the conversation continues (shown dimmed), and is appended to the same file
+    p = spawn(chat_cmd(tiny_pair, "--resume", str(log), "-n", "8"), tmp_path)
+    p.expect(r"\[user\] and again")
+    p.expect("> ")
+    p.sendline("/reset")
+    p.expect("conversation reset")
+    p.sendline("/quit")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0 and read_transcript(log) == []  # the reset is in the transcript
+
+
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(paging_pair, tmp_path):
+    log = tmp_path / "t.jsonl"
+    # a paged target on emulated SD-card storage: answers take seconds, until the end of the context
+    p = spawn(chat_cmd(paging_pair, "--transcript", str(log), "--n-ctx", "2048", "-n", "200",
+                       "--target-budget", "60%", "--storage", "sd"), tmp_path)
+    for attempt in range(3):  # an answer can end by itself (end-of-text) before the interrupt lands
+        p.expect("> ")
+        p.sendline(f"tell me everything, take {attempt}")
+        p.expect_exact(f"take {attempt}\r\n")  # the echo of the line
+        p.expect(r"[^\r\n]{4}")  # some of the answer has streamed
+        p.sendintr()
+        if p.expect([r"\(stopped\)", r"tok/s"]) == 0:
+            break
+    else:
+        pytest.fail("three answers ended before Ctrl-C could stop one")
+    p.expect("> ")
+    p.sendline("and now?")
+    p.expect(r"tok/s")  # the engine still answers after an interrupted answer
+    p.expect("> ")
+    p.sendline("/quit")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    lines = [json.loads(l) for l in log.read_text().splitlines()]
+    stopped = [l for l in lines if l.get("interrupted")]
+    assert len(stopped) == 1 and stopped[0]["role"] == "assistant" and stopped[0]["content"]
+    assert lines[-1]["role"] == "assistant" and "interrupted" not in lines[-1]
+
+
+def test_piped_stdin_has_no_decorations(tiny_pair, tmp_path):
+    import subprocess
+
+    r = subprocess.run(chat_cmd(tiny_pair, "-n", "6"), input="hello\nhow are you\n", capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "> " not in r.stdout and "tok/s" not in r.stderr and "loading" not in r.stderr
+    assert len(r.stdout.splitlines()) == 2  # one line per answer
+
+
+def test_bad_transcripts(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"role": "user", "content": "a"}\n{"role": "assis')  # cut short by a crash: kept up to it
+    assert read_transcript(f) == [{"role": "user", "content": "a"}]
+    f.write_text('not json\n{"role": "user", "content": "a"}\n')
+    with pytest.raises(EdgecadError, match=r"t.jsonl:1 is not a JSON line"):
+        read_transcript(f)
+    with pytest.raises(EdgecadError, match="cannot read transcript"):
+        read_transcript(tmp_path / "missing.jsonl")
