@@ -86,7 +86,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     with Engine(a.target, draft, memory_budget=budget, target_budget=a.target_budget,
                 pager=PagerParams(storage=a.storage), n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
-                verbose=a.verbose) as eng:
+                verbose=a.verbose, progress=tty) as eng:
         if tty:
             plan = eng.memory_plan
             sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {plan.config} ({plan.reason})"

@@ -136,6 +136,7 @@ class Engine:
         n_threads: compute threads; None = all cores this process may use.
         seed: default random seed of sampled completions.
         verbose: print llama.cpp's log.
+        progress: show the models' load progress on stderr.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class Engine:
         n_threads: Optional[int] = None,
         seed: Optional[int] = None,
         verbose: bool = False,
+        progress: bool = False,
     ):
         self._target_model = self._draft_model = self._drafter = self._batch = self._pager = None
         self._target = self._draft = None
@@ -213,10 +215,12 @@ class Engine:
             self.tree_params = replace(self.tree_params, cost_aware=False)
         before = file_mappings(self.target_path) if paged else set()
         # Weight repacking is faster when resident but copies the weights out of the mapping: off when paged.
-        self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged), t_info)
+        self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged), t_info,
+                                   progress=f"loading {self.target_path.name}" if progress else None)
         speculative = self.mode != "target"
         if speculative:
-            self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True), d_info)
+            self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True), d_info,
+                                      progress=f"loading {self.draft_path.name}" if progress else None)
         if paged:
             self._pager = Pager(self.target_path, t_info, plan.paging, new_mapping(self.target_path, before))
         n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1

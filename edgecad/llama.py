@@ -19,6 +19,7 @@ import llama_cpp as C
 import numpy as np
 
 from .errors import LlamaError, ModelFileError
+from .progress import Progress
 
 # ---------------------------------------------------------------------------- logging
 
@@ -76,9 +77,11 @@ class ModelParams:
 class Model:
     """A loaded GGUF model and its vocabulary."""
 
-    def __init__(self, path: str | os.PathLike, params: ModelParams = ModelParams(), info=None):
+    def __init__(self, path: str | os.PathLike, params: ModelParams = ModelParams(), info=None,
+                 progress: Optional[str] = None):
         """info: the file's GGUFInfo when already read (else it is read here: clear errors for
-        missing, non-GGUF and truncated files before llama.cpp sees the file)."""
+        missing, non-GGUF and truncated files before llama.cpp sees the file). progress: a label
+        for a load progress bar on stderr. Ctrl-C during the load stops it (KeyboardInterrupt)."""
         from .gguf_file import read_gguf
 
         self._ptr = None
@@ -91,8 +94,30 @@ class Model:
         mp.use_extra_bufts = params.use_extra_bufts
         mp.n_gpu_layers = params.n_gpu_layers
         self.params = params
+        # llama.cpp calls this during the load; an exception raised in a ctypes callback would be
+        # printed and lost, so a Ctrl-C here is noted and the load told to stop (return False).
+        bar, stop = (Progress(100, progress, "%") if progress else None), []
+
+        def on_progress(fraction: float, _user_data) -> bool:
+            try:
+                if bar is not None:
+                    bar.update(fraction * 100 - bar.done)
+                return True
+            except KeyboardInterrupt:
+                stop.append(True)
+                return False
+
+        callback = C.llama_progress_callback(on_progress)
+        mp.progress_callback = callback
         _log["recent"].clear()
         self._ptr = C.llama_model_load_from_file(os.fsencode(self.path), mp)
+        if bar is not None:
+            bar.close()
+        if stop:
+            if self._ptr:
+                C.llama_model_free(self._ptr)
+                self._ptr = None
+            raise KeyboardInterrupt
         if not self._ptr:
             raise ModelFileError(f"llama.cpp could not load {self.path}{_recent_errors()}")
         self.vocab = C.llama_model_get_vocab(self._ptr)
