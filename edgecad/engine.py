@@ -25,7 +25,7 @@ from .gguf_file import GGUFInfo, read_gguf
 from .llama import Batch, Context, ContextParams, Model, ModelParams, default_threads, set_verbose
 from .memory import CONFIGS, load_costs, observe, parse_memory, plan_memory, save_costs
 from .pager import Pager, PagerParams, file_mappings, new_mapping, parse_budget, read_bandwidth
-from .sampling import SamplingParams, pick
+from .sampling import SamplingParams, penalize, pick
 from .tree import MODE_PARAMS, Drafter, FallbackThreshold, TokenTree, TreeParams
 from .verify import Verdict, accept_bild, accept_greedy, accept_sampling, keep_accepted, verify_tree
 
@@ -262,8 +262,10 @@ class Engine:
         stats.prompt_seconds, stats.prompt_reused = time.perf_counter() - t0, ctx.reused
         stats.target_passes = 1  # the prompt's pass gives the first token
         pos = len(prompt)
+        generated = []
         for i in range(max_tokens):
-            tok = pick(logits, sp, rng)
+            tok = pick(penalize(logits, generated, sp.repeat_penalty), sp, rng)
+            generated.append(tok)
             yield tok
             if self._target_model.is_eog(tok) or i + 1 == max_tokens or pos >= self.n_ctx:
                 return
@@ -278,16 +280,17 @@ class Engine:
             logits = ctx.logits(0)
 
     def _acceptance(self, sp: SamplingParams):
-        """The acceptance rule of this engine and completion: (tree, logits, rng) -> (path, bonus, divergent)."""
+        """The acceptance rule of this engine and completion: (tree, logits, rng, recent) -> (path, bonus,
+        divergent); `recent`: the tokens generated before the root (the repeat penalty's history)."""
         p = self.tree_params
         if p.acceptance == "bild":
-            return lambda tree, logits, rng: accept_bild(tree, logits, sp, rng, p.rollback_ce)
+            return lambda tree, logits, rng, recent: accept_bild(tree, logits, sp, rng, p.rollback_ce, recent)
         if sp.greedy:
-            return lambda tree, logits, rng: (*accept_greedy(tree, logits), 0)
-        return lambda tree, logits, rng: (*accept_sampling(tree, logits, sp, rng), 0)
+            return lambda tree, logits, rng, recent: (*accept_greedy(tree, logits, recent, sp.repeat_penalty), 0)
+        return lambda tree, logits, rng, recent: (*accept_sampling(tree, logits, sp, rng, recent), 0)
 
     def _verify(self, tree: TokenTree, accept, sp: SamplingParams, rng: np.random.Generator,
-                chain_rng: np.random.Generator, chain_len: int) -> Verdict:
+                chain_rng: np.random.Generator, chain_len: int, recent: Sequence[int] = ()) -> Verdict:
         """The target's half of a step: one pass over the root and every node, the acceptance rule,
         the target's KV cut to the accepted path. With the pipeline, the draft drafts a chain past the
         tree's best leaf meanwhile (its decodes run while the pass waits on storage: ec_pager_gate)."""
@@ -321,7 +324,7 @@ class Engine:
                     th.join()
             if "err" in box:
                 raise box["err"]
-        path, bonus, divergent = accept(tree, logits, rng)
+        path, bonus, divergent = accept(tree, logits, rng, recent)
         keep_accepted(self._target, tree, leaf_seq, path)
         return Verdict(path, bonus, divergent, seconds)
 
@@ -338,7 +341,7 @@ class Engine:
         stats.lossless = p.acceptance == "exact"
         accept, fallback = self._acceptance(sp), FallbackThreshold(p)
         chain_rng = np.random.default_rng(rng.integers(1 << 63)) if self.pipeline else None
-        root_pos, produced = len(prompt) - 1, 0
+        root_pos, produced, generated = len(prompt) - 1, 0, []
         d0 = (drafter.decodes, drafter.seconds, drafter.seconds_extend, drafter.chain_tokens, drafter.reused_tokens)
         try:
             while produced < max_tokens and root_pos < self.n_ctx:
@@ -348,7 +351,7 @@ class Engine:
                 depth = int(tree.depth[: tree.n].max())
                 # chain tokens: useful up to the next tree's depth, and the draft's KV cells free beside the tree
                 verdict = self._verify(tree, accept, sp, rng, chain_rng,
-                                       min(p.max_depth + 1, room - tree.n_drafted - 1, left - depth))
+                                       min(p.max_depth + 1, room - tree.n_drafted - 1, left - depth), generated)
                 drafter.accept(tree, verdict.path, verdict.bonus)
                 fallback.step(tree, verdict.path, time.perf_counter() - t_step)
                 stats.seconds_target += verdict.seconds
@@ -360,6 +363,7 @@ class Engine:
                 if self._debug_kv:
                     self._check_kv(root_pos)
                 for tok in [int(tree.token[i]) for i in verdict.path] + [verdict.bonus]:
+                    generated.append(tok)
                     yield tok
                     produced += 1
                     if produced >= max_tokens or self._target_model.is_eog(tok):
@@ -418,12 +422,12 @@ class Engine:
         if stream. The dict's `edgecad` entry holds the statistics (configuration, speed, paging)."""
         _unsupported(suffix=suffix, typical_p=typical_p, logprobs=logprobs, echo=echo,
                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                     repeat_penalty=repeat_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                     tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                      stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar,
                      logit_bias=logit_bias)
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else [int(t) for t in prompt]
-        chunks = self._completion_chunks(tokens, max_tokens, _sampling(temperature, top_k, top_p, min_p),
-                                         _stops(stop), seed)
+        chunks = self._completion_chunks(tokens, max_tokens, _sampling(temperature, top_k, top_p, min_p,
+                                                                       repeat_penalty), _stops(stop), seed)
         return chunks if stream else _join(chunks)
 
     __call__ = create_completion
@@ -464,12 +468,12 @@ class Engine:
         `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream."""
         _unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
                      typical_p=typical_p, response_format=response_format, presence_penalty=presence_penalty,
-                     frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, tfs_z=tfs_z,
+                     frequency_penalty=frequency_penalty, tfs_z=tfs_z,
                      mirostat_mode=mirostat_mode, logits_processor=logits_processor, grammar=grammar,
                      logit_bias=logit_bias, logprobs=logprobs, top_logprobs=top_logprobs)
         tokens, stops = self.chat_tokens(messages)
-        chunks = self._completion_chunks(tokens, max_tokens, _sampling(temperature, top_k, top_p, min_p),
-                                         stops + _stops(stop), seed)
+        chunks = self._completion_chunks(tokens, max_tokens, _sampling(temperature, top_k, top_p, min_p,
+                                                                       repeat_penalty), stops + _stops(stop), seed)
         return _chat_chunks(chunks) if stream else _chat_message(_join(chunks))
 
     def chat_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
@@ -607,15 +611,18 @@ def _unsupported(**given) -> None:
                                f"({default!r})")
 
 
-def _sampling(temperature, top_k, top_p, min_p) -> SamplingParams:
+def _sampling(temperature, top_k, top_p, min_p, repeat_penalty=1.0) -> SamplingParams:
     """SamplingParams from llama-cpp-python's arguments, with the valid range named when one is off."""
     checks = [("temperature", temperature, 0.0, float("inf")), ("top_p", top_p, 0.0, 1.0),
-              ("min_p", min_p, 0.0, 1.0)]
+              ("min_p", min_p, 0.0, 1.0), ("repeat_penalty", repeat_penalty, 0.0, float("inf"))]
     for name, v, lo, hi in checks:
         if not lo <= float(v) <= hi or (name == "top_p" and float(v) == 0.0):
             rng = "> 0 and <= 1" if name == "top_p" else f">= {lo}" + ("" if hi == float("inf") else f" and <= {hi}")
             raise EdgecadError(f"{name}={v!r} is out of range: use a value {rng}")
-    return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p))
+    if float(repeat_penalty) == 0.0:
+        raise EdgecadError("repeat_penalty=0 is out of range: use a value > 0 (1.0 = no penalty)")
+    return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
+                          repeat_penalty=float(repeat_penalty))
 
 
 def _stops(stop) -> list[str]:

@@ -20,6 +20,7 @@ class SamplingParams:
     top_k: int = 40           # keep only the k largest logits; <= 0 keeps all
     top_p: float = 0.95       # keep the smallest set of tokens with this much probability; 1.0 keeps all
     min_p: float = 0.0        # keep tokens with probability >= min_p x the largest; 0 keeps all
+    repeat_penalty: float = 1.0  # llama.cpp's repeat penalty over the last PENALTY_LAST_N generated tokens
 
     @property
     def greedy(self) -> bool:
@@ -27,6 +28,22 @@ class SamplingParams:
 
 
 RAW = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # the model's own probabilities: a plain softmax
+
+
+PENALTY_LAST_N = 64  # llama-cpp-python's last_n_tokens_size: the penalty's window
+
+
+def penalize(logits: np.ndarray, recent, penalty: float) -> np.ndarray:
+    """llama.cpp's repeat penalty, applied before everything else (as llama-cpp-python's sampler chain):
+    each distinct token among the last PENALTY_LAST_N generated ones has its logit divided by the penalty
+    when positive, multiplied when negative. `recent`: tokens generated so far in this completion."""
+    if penalty == 1.0 or not len(recent):
+        return logits
+    x = np.array(logits, dtype=np.float32)
+    idx = np.unique(np.asarray(recent[-PENALTY_LAST_N:], dtype=np.int64))
+    v = x[idx]
+    x[idx] = np.where(v > 0, v / penalty, v * penalty)
+    return x
 
 
 def distribution(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .llama import Batch, Context
-from .sampling import RAW, SamplingParams, distribution, sample_from
+from .sampling import RAW, SamplingParams, distribution, penalize, sample_from
 from .tree import TokenTree, keep_path
 
 
@@ -62,11 +62,19 @@ def keep_accepted(ctx: Context, tree: TokenTree, leaf_seq: dict, path: list) -> 
     ctx.tokens += [int(tree.token[i]) for i in [0, *path]]
 
 
-def accept_greedy(tree: TokenTree, logits: np.ndarray) -> tuple[list[int], int]:
+def node_logits(tree: TokenTree, logits: np.ndarray, node: int, recent, penalty: float) -> np.ndarray:
+    """The target's logits after `node`, with the repeat penalty of that node's own history: the tokens
+    generated before the root, then the path down to the node."""
+    if penalty == 1.0:
+        return logits[node]
+    return penalize(logits[node], list(recent) + [int(tree.token[i]) for i in tree.path(node)], penalty)
+
+
+def accept_greedy(tree: TokenTree, logits: np.ndarray, recent=(), penalty: float = 1.0) -> tuple[list[int], int]:
     """Walk from the root taking the child equal to the target's argmax; the last argmax is the bonus."""
     path, node = [], 0
     while True:
-        t = int(np.argmax(logits[node]))
+        t = int(np.argmax(node_logits(tree, logits, node, recent, penalty)))
         child = tree.children[node].get(t)
         if child is None:
             return path, t
@@ -75,14 +83,14 @@ def accept_greedy(tree: TokenTree, logits: np.ndarray) -> tuple[list[int], int]:
 
 
 def accept_sampling(tree: TokenTree, logits: np.ndarray, sp: SamplingParams,
-                    rng: np.random.Generator) -> tuple[list[int], int]:
+                    rng: np.random.Generator, recent=()) -> tuple[list[int], int]:
     """Multi-draft rejection sampling (SpecInfer). At a node with target distribution p and
     children drawn i.i.d. from the draft distribution q: accept draw x with probability
     min(1, p(x)/q(x)); on rejection p <- normalize(max(0, p - q)) and try the next draw; if
     every draw is rejected, sample the residual p. Each node's output is then exactly p."""
     path, node = [], 0
     while True:
-        p = distribution(logits[node], sp)
+        p = distribution(node_logits(tree, logits, node, recent, sp.repeat_penalty), sp)
         q = tree.q[node]
         for x in tree.draws[node]:
             if rng.random() * q[x] < p[x]:  # accept with probability min(1, p(x)/q(x))
@@ -97,7 +105,7 @@ def accept_sampling(tree: TokenTree, logits: np.ndarray, sp: SamplingParams,
 
 
 def accept_bild(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator,
-                rollback_ce: float) -> tuple[list[int], int, int]:
+                rollback_ce: float, recent=()) -> tuple[list[int], int, int]:
     """Big Little Decoder on a chain: keep each drafted token unless the target's cross-entropy on
     it, -log p_target(token), exceeds rollback_ce; at the first such token, roll back and take the
     target's own choice. Returns (path, next token, drafted tokens kept that differ from the
@@ -106,12 +114,12 @@ def accept_bild(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: np
     while tree.children[node]:
         (child,) = tree.children[node].values()
         x = int(tree.token[child])
-        p = distribution(logits[node], RAW)
+        p = distribution(node_logits(tree, logits, node, recent, sp.repeat_penalty), RAW)
         if p[x] < np.exp(-rollback_ce):  # cross-entropy -log p(x) above the threshold
             break
         divergent += int(np.argmax(p) != x)
         path.append(child)
         node = child
-    lg = logits[node]
+    lg = node_logits(tree, logits, node, recent, sp.repeat_penalty)
     nxt = int(np.argmax(lg)) if sp.greedy else sample_from(distribution(lg, sp), rng)
     return path, nxt, divergent

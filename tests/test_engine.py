@@ -198,3 +198,19 @@ def test_a_second_call_sharing_a_prefix_decodes_only_the_new_tokens(tiny_pair, m
 def test_no_target_means_the_default_pair(empty_models_dir):
     with pytest.raises(ModelNotFetchedError, match="edgecad models fetch qwen2.5-coder"):
         Engine()
+
+
+@pytest.mark.parametrize("mode", ["target", "tree"])
+def test_repeat_penalty_matches_llama_cpp_python(tiny_pair, mode):
+    """Greedy with a repeat penalty gives Llama's tokens; in a tree each node is penalized by its own path."""
+    draft, target = tiny_pair
+    ref = Llama(str(target), n_ctx=256, n_threads=2, verbose=False)
+    with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=256, memory_budget=None) as e:
+        for prompt in PROMPTS[:3]:
+            toks = e.tokenize(prompt, special=True)
+            ref.reset()
+            theirs = list(itertools.islice(ref.generate(toks, temp=0.0, repeat_penalty=1.5), 30))
+            plain = e.create_completion(prompt, max_tokens=30, temperature=0.0)["edgecad"]["token_ids"]
+            ours = e.create_completion(prompt, max_tokens=30, temperature=0.0, repeat_penalty=1.5)["edgecad"]
+            assert ours["token_ids"] == theirs
+            assert ours["token_ids"] != plain or len(set(plain)) == len(plain)  # the penalty changed something
