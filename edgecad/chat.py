@@ -41,11 +41,17 @@ def read_transcript(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             if n == len(lines):  # a last line cut short by a crash: the messages before it stand
                 break
-            raise EdgecadError(f"{path}:{n} is not a JSON line: give a transcript written by `edgecad chat`") from None
+            rec = None
+        if not isinstance(rec, dict):
+            raise EdgecadError(f"{path}:{n} is not a JSON line: give a transcript written by `edgecad chat`")
         if rec.get("event") == "reset":
             messages = []
+        elif rec.get("event") == "withdrawn" and messages and messages[-1]["role"] == "user":
+            messages.pop()
         elif rec.get("role") in ("system", "user", "assistant") and isinstance(rec.get("content"), str):
             messages.append({"role": rec["role"], "content": rec["content"]})
+    if messages and messages[-1]["role"] == "user":  # a question whose answer was never written (a crash)
+        messages.pop()
     return messages
 
 
@@ -75,7 +81,7 @@ class Conversation:
     def ask(self, text: str, on_text: Callable[[str], None]) -> str:
         """Add the user's message, stream the answer through on_text, add it; return it. On Ctrl-C the
         answer so far is kept (marked interrupted) and KeyboardInterrupt propagates."""
-        parts, interrupted, stream = [], False, None
+        parts, interrupted, stream, failed = [], False, None, False
         try:
             self._add({"role": "user", "content": text})
             stream = self.engine.create_chat_completion(self.messages, stream=True, **self.sampling)
@@ -89,11 +95,17 @@ class Conversation:
         except KeyboardInterrupt:
             interrupted = True
             raise
+        except EdgecadError:  # e.g. the conversation no longer fits the context: the question is withdrawn
+            failed = True
+            raise
         finally:
             if stream is not None:
                 stream.close()  # ends the decoder: the engine's caches stay consistent
             answer = "".join(parts)
-            if self.messages and self.messages[-1]["role"] == "user":  # an answer follows every question
+            if failed and not parts and self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()
+                self._write({"event": "withdrawn"})
+            elif self.messages and self.messages[-1]["role"] == "user":  # an answer follows every question
                 self._add({"role": "assistant", "content": answer}, **({"interrupted": True} if interrupted else {}))
         return answer
 
@@ -111,6 +123,9 @@ class Conversation:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if self._file and self.transcript and Path(path).resolve() == Path(self.transcript).resolve():
+            self._file.close()  # the transcript itself was replaced: append to the new file
+            self._file = open(self.transcript, "a", encoding="utf-8")
 
     def close(self) -> None:
         if self._file:
@@ -189,6 +204,11 @@ def run(conv: Conversation, *, tty: bool, out=sys.stdout, err=sys.stderr) -> int
         except KeyboardInterrupt:
             out.write("\n")
             err.write(dim("(stopped)") + "\n")
+            continue
+        except EdgecadError as e:  # one line, and the chat goes on
+            out.write("\n")
+            hint = " (/reset starts a new conversation)" if "context" in str(e) else ""
+            err.write(f"edgecad: {e}{hint}\n")
             continue
         if tty and conv.last_stats:
             err.write(dim(stats_line(conv.last_stats)) + "\n")

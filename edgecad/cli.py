@@ -91,6 +91,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
             plan = eng.memory_plan
             sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {plan.config} ({plan.reason})"
                              + (f"; transcript {transcript}" if transcript else "") + "\n")
+        eng.chat_tokens([{"role": "user", "content": "hi"}])  # a model without a chat template: say so now
         sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens)
         conv = chat.Conversation(eng, transcript, system=a.system, resume=bool(a.resume), sampling=sampling)
         try:

@@ -481,7 +481,10 @@ class Engine:
         template's stop strings."""
         if self._chat_format is None:
             self._chat_format = self._target_model.chat_formatter()
-        r = self._chat_format(messages=list(messages))
+        try:
+            r = self._chat_format(messages=list(messages))
+        except Exception as e:  # the template's own checks (roles must alternate, ...): jinja2 raises
+            raise EdgecadError(f"the model's chat template refused these messages: {e}") from None
         tokens = self.tokenize(r.prompt, add_bos=not r.added_special, special=True)
         rstop = r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else []
         return tokens, [s for s in rstop if s]
@@ -551,7 +554,8 @@ class Engine:
             }
         stats.memory = self.memory_plan
         last = chunk(text[emitted:cut], finish)
-        n = len(stats.token_ids)
+        n = len(stats.token_ids) - (finish == "stop" and bool(stats.token_ids)
+                                    and self._target_model.is_eog(stats.token_ids[-1]))
         last["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
         last["edgecad"] = stats.as_dict()
         self._learn(last["edgecad"])
@@ -651,6 +655,13 @@ def _chat_message(c: dict) -> dict:
 def _chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
     """Text completion chunks as llama-cpp-python's chat.completion.chunk stream: a role delta first,
     then content deltas, then an empty delta with the finish reason."""
+    try:
+        yield from _chat_chunk_stream(chunks)
+    finally:
+        chunks.close()  # closing the chat stream ends the decoder
+
+
+def _chat_chunk_stream(chunks: Iterator[dict]) -> Iterator[dict]:
     for i, c in enumerate(chunks):
         head = {"id": "chat" + c["id"], "model": c["model"], "created": c["created"], "object": "chat.completion.chunk"}
         if i == 0:

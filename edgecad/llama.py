@@ -302,6 +302,7 @@ class Context:
         # The one record of what sequence 0 holds: tokens[i] at position i. Whoever changes sequence 0
         # (sync, or a decoder committing accepted tokens) keeps it true; other sequences are scratch.
         self.tokens: list[int] = []
+        self.reused = 0  # tokens the last sync kept
 
     @property
     def ptr(self):
@@ -329,13 +330,16 @@ class Context:
             n += 1
         if logits and n == len(tokens):
             n -= 1
-        n = max(n, 0)
+        if self.seq_pos_min(0) != 0:  # the record can only claim what the cache holds (after an interrupt)
+            n = 0
+        n = max(0, min(n, self.seq_pos_max(0) + 1))
+        del self.tokens[n:]
+        if n:
+            self.seq_keep(0)
+            if not C.llama_memory_seq_rm(self._mem, 0, n, -1):  # a cache that cannot be cut part-way
+                n = 0
         if n == 0:
             self.clear()
-        else:
-            self.seq_keep(0)
-            self.seq_rm(0, n, -1)
-        del self.tokens[n:]
         self.reused = n
         total = len(tokens)
         for start in range(n, total, batch.capacity):

@@ -2,10 +2,11 @@
 
 `distribution` is the one definition of "the model's sampling distribution"
 that both plain and speculative decoding use, so speculative sampling can
-preserve exactly it. Order: top-k on the logits, softmax of logits/temperature
-over the survivors, then top-p (the smallest most-likely set whose mass
-reaches top_p), then min-p (tokens at least min_p times as likely as the
-most likely one), renormalised.
+preserve exactly it. Order, as llama-cpp-python's sampler chain: top-k on the
+logits; top-p (the smallest most-likely set whose mass reaches top_p) and
+min-p (tokens at least min_p times as likely as the most likely one) on the
+survivors' softmax at temperature 1; then softmax of logits/temperature over
+what is left.
 """
 from __future__ import annotations
 
@@ -54,17 +55,20 @@ def distribution(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
         idx = np.argpartition(-x, sp.top_k - 1)[: sp.top_k]
     else:
         idx = np.arange(n)
-    z = x[idx] / sp.temperature
+    z = x[idx]
     p = np.exp(z - z.max())
     p /= p.sum()
     if sp.top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
         keep = order[: int(np.searchsorted(cum, sp.top_p)) + 1]
-        idx, p = idx[keep], p[keep] / p[keep].sum()
+        idx, z, p = idx[keep], z[keep], p[keep] / p[keep].sum()
     if sp.min_p > 0.0:
         keep = p >= sp.min_p * p.max()
-        idx, p = idx[keep], p[keep] / p[keep].sum()
+        idx, z = idx[keep], z[keep]
+    z = z / sp.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
     out = np.zeros(n)
     out[idx] = p
     return out

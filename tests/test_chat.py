@@ -104,10 +104,31 @@ def test_piped_stdin_has_no_decorations(tiny_pair, tmp_path):
 
 def test_bad_transcripts(tmp_path):
     f = tmp_path / "t.jsonl"
-    f.write_text('{"role": "user", "content": "a"}\n{"role": "assis')  # cut short by a crash: kept up to it
-    assert read_transcript(f) == [{"role": "user", "content": "a"}]
+    pair = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    f.write_text('{"role": "user", "content": "a"}\n{"role": "assistant", "content": "b"}\n{"role": "us')
+    assert read_transcript(f) == pair  # cut short by a crash: kept up to it
+    f.write_text('{"role": "user", "content": "a"}\n{"role": "assistant", "content": "b"}\n'
+                 '{"role": "user", "content": "c"}\n')
+    assert read_transcript(f) == pair  # a question never answered is dropped: turns keep alternating
     f.write_text('not json\n{"role": "user", "content": "a"}\n')
     with pytest.raises(EdgecadError, match=r"t.jsonl:1 is not a JSON line"):
         read_transcript(f)
     with pytest.raises(EdgecadError, match="cannot read transcript"):
         read_transcript(tmp_path / "missing.jsonl")
+
+
+def test_a_full_context_is_one_line_and_the_chat_goes_on(tiny_pair, tmp_path):
+    log = tmp_path / "t.jsonl"
+    p = spawn(chat_cmd(tiny_pair, "--transcript", str(log), "--n-ctx", "64", "-n", "8"), tmp_path)
+    p.expect("> ")
+    p.sendline("x" * 600)  # longer than the whole context (n_ctx is padded to 256)
+    p.expect("edgecad: .*context.*/reset")
+    p.expect("> ")
+    p.sendline("hi")
+    p.expect("tok/s")
+    p.expect("> ")
+    p.sendline("/quit")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    assert [m["content"] for m in read_transcript(log) if m["role"] == "user"] == ["hi"]  # the first was withdrawn
