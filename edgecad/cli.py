@@ -61,7 +61,7 @@ def _default_transcript() -> Path:
 
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "edgecad" / "chats"
     base.mkdir(parents=True, exist_ok=True)
-    return base / time.strftime("%Y-%m-%d-%H%M%S.jsonl")
+    return base / time.strftime(f"%Y-%m-%d-%H%M%S-{os.getpid()}.jsonl")
 
 
 def cmd_chat(a: argparse.Namespace) -> int:

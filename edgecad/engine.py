@@ -164,7 +164,8 @@ class Engine:
         set_verbose(verbose)
         self.verbose = verbose
         if target is None:  # the default pair (`edgecad models fetch` brings it)
-            target, draft = registry.DEFAULT_TARGET, draft or registry.DEFAULT_DRAFT
+            target = registry.DEFAULT_TARGET
+            draft = draft or (registry.DEFAULT_DRAFT if mode != "target" else None)
         if mode is not None and mode not in MODES:
             raise EdgecadError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if mode not in (None, "target") and draft is None:
@@ -610,7 +611,8 @@ def _unsupported(**given) -> None:
     """Refuse, in one line, an argument of llama-cpp-python's API that edgecad does not implement."""
     for name, value in given.items():
         default = _DEFAULTS.get(name)
-        if value is not None and value != default and not (value is False and default is None):
+        empty = value is None or (isinstance(value, (str, list, dict, tuple)) and not value) or value is False
+        if value != default and not (empty and not default):
             raise EdgecadError(f"{name}={value!r} is not supported by edgecad: leave {name} at its default "
                                f"({default!r})")
 
