@@ -7,8 +7,8 @@ stop strings, streaming chunks and statistics in one place for every mode.
 """
 from __future__ import annotations
 
-import os
 import codecs
+import os
 import sys
 import threading
 import time
@@ -262,22 +262,20 @@ class Engine:
         logits = ctx.sync(self._batch, prompt, logits=True)
         stats.prompt_seconds, stats.prompt_reused = time.perf_counter() - t0, ctx.reused
         stats.target_passes = 1  # the prompt's pass gives the first token
-        pos = len(prompt)
         generated = []
         for i in range(max_tokens):
             tok = pick(penalize(logits, generated, sp.repeat_penalty), sp, rng)
             generated.append(tok)
             yield tok
-            if self._target_model.is_eog(tok) or i + 1 == max_tokens or pos >= self.n_ctx:
+            if self._target_model.is_eog(tok) or i + 1 == max_tokens or len(ctx.tokens) >= self.n_ctx:
                 return
             b.clear()
-            b.add(tok, pos, (0,), True)
+            b.add(tok, len(ctx.tokens), (0,), True)
             td = time.perf_counter()
             ctx.decode(b)
             ctx.tokens.append(tok)
             stats.seconds_target += time.perf_counter() - td
             stats.target_passes += 1
-            pos += 1
             logits = ctx.logits(0)
 
     def _acceptance(self, sp: SamplingParams):
@@ -342,7 +340,7 @@ class Engine:
         stats.lossless = p.acceptance == "exact"
         accept, fallback = self._acceptance(sp), FallbackThreshold(p)
         chain_rng = np.random.default_rng(rng.integers(1 << 63)) if self.pipeline else None
-        root_pos, produced, generated = len(prompt) - 1, 0, []
+        root_pos, produced, generated = len(self._target.tokens), 0, []  # the root's position
         d0 = (drafter.decodes, drafter.seconds, drafter.seconds_extend, drafter.chain_tokens, drafter.reused_tokens)
         try:
             while produced < max_tokens and root_pos < self.n_ctx:
