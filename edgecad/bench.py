@@ -299,7 +299,7 @@ def main_bench(a) -> int:
     rates = [f"{r['mode']} {r['pager_read_bytes_per_second'] / 1e9:.2f}" for r in result["rows"]
              if r["pager_read_bytes_per_second"]]
     if rates:
-        print(f"pager read GB/s: {', '.join(rates)}; a plain sequential read of the file: {seq / 1e9:.2f}")
+        print(f"pager read GB/s: {', '.join(rates)}; the storage's sequential read (ec_read_bandwidth): {seq / 1e9:.2f}")
     if a.plot:
         plot(result, a.plot)
         print(f"plot written to {a.plot}", file=sys.stderr)
