@@ -1,9 +1,11 @@
 """`edgecad bench`: every baseline side by side, in one run, with fidelity and the IO floor.
 
 Rows are interleaved per prompt (prompt 1: every row, prompt 2: every row, ...) so machine
-noise hits all rows alike. Each row loads its own engine for each prompt and closes it before
-the next row: two engines paging one file would keep each other's pages mapped. Load time is
-not counted. After all rows, one resident target scores every output teacher-forced.
+noise hits all rows alike. Each row loads its own engine for each prompt, with the model files
+dropped from the page cache first, and closes it before the next row: two engines paging one file
+would keep each other's pages mapped. Load time is reported per row, not counted in tok/s (under
+--storage, what the load reads takes the emulated storage's time). After all rows, one resident
+target scores every output teacher-forced.
 """
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ from typing import Optional
 
 import psutil
 
-from . import registry
+from . import cgroup, registry
 from .engine import Engine
 from .errors import EdgecadError
 from .fidelity import NEAR_TIE_EPS, Fidelity, teacher_forced
 from .gguf_file import read_gguf
-from .pager import PagerParams, parse_budget, plan_budget, read_bandwidth
+from .pager import PagerParams, parse_budget, plan_budget, read_bandwidth, storage_bytes_read
 from .progress import Progress
 from .prompts import load_prompts
 
@@ -108,13 +110,15 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
                 if bar:
                     bar.update(0, note=f"{pr['id']} {r.name}")
                 kw = (dict(target_budget=budget_bytes, pager=PagerParams(io=r.io, storage=storage)) if r.paged
-                      else dict(memory_budget=None))
+                      else dict(memory_budget=None, pager=PagerParams(storage=storage)))
+                cgroup.drop_file_cache([target, draft])
                 with Engine(target, draft if r.mode != "target" else None, mode=r.mode, n_threads=n_threads,
                             n_ctx=2048, seed=rep, pipeline=r.pipeline, **kw) as eng, _PeakRSS() as rss:
                     out = eng.create_completion(pr["prompt"], max_tokens=max_tokens, temperature=temperature,
                                                 seed=rep)
                 st = out["edgecad"]
                 st["peak_rss_bytes"] = rss.peak
+                st["load_seconds"], st["load_bytes_read"] = eng.load_seconds, eng.load_bytes_read
                 st["prompt"] = pr["prompt"]
                 runs[r.name].append(st)
                 if bar:
@@ -145,6 +149,10 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
             "mean_accepted_per_pass": per_pass,
             "peak_resident_target_bytes": max((s["peak_resident_target_bytes"] or 0) for s in sts) if r.paged else None,
             "peak_rss_bytes": max(s["peak_rss_bytes"] for s in sts),
+            # loading the engine (models, pinned layers), files dropped from the page cache first; median
+            "load_seconds": statistics.median(s["load_seconds"] for s in sts),
+            "load_bytes_read": (statistics.median(s["load_bytes_read"] for s in sts)
+                                if all(s["load_bytes_read"] is not None for s in sts) else None),
             "bytes_read_per_token": sum(s["bytes_read"] for s in sts) / n_tok if r.paged else None,
             "io_floor_seconds_per_token": None, "floor_multiple": None,
             "fidelity": fid[r.name].fraction, "near_ties": fid[r.name].near_ties,
@@ -195,8 +203,8 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
 def markdown(result: dict) -> str:
     f = lambda v, fmt: "–" if v is None else format(v, fmt)
     lines = ["| row | tok/s (min–max) | × target-paged | × target | tok/pass | peak target MB | peak RSS MB "
-             "| MB read/tok | × IO floor | fidelity (near-ties) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| MB read/tok | × IO floor | fidelity (near-ties) | load s (MB read) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
             f"| {r['mode']} | {r['tokens_per_second']:.2f} ({r['tokens_per_second_min']:.2f}–"
@@ -204,8 +212,14 @@ def markdown(result: dict) -> str:
             f"{f(r['speedup_vs_target'], '.2f')} | {r['mean_accepted_per_pass']:.2f} | "
             f"{f(r['peak_resident_target_bytes'] and r['peak_resident_target_bytes'] / 1e6, '.0f')} | "
             f"{r['peak_rss_bytes'] / 1e6:.0f} | {f(r['bytes_read_per_token'] and r['bytes_read_per_token'] / 1e6, '.1f')} | "
-            f"{f(r['floor_multiple'], '.2f')} | {r['fidelity']:.4f} ({r['near_ties']}) |")
+            f"{f(r['floor_multiple'], '.2f')} | {r['fidelity']:.4f} ({r['near_ties']}) | {_load(r)} |")
     return "\n".join(lines)
+
+
+def _load(r: dict) -> str:
+    """Load seconds (MB read from storage at load)."""
+    mb = "" if r.get("load_bytes_read") is None else f" ({r['load_bytes_read'] / 1e6:,.0f})"
+    return f"{r['load_seconds']:.1f}{mb}"
 
 
 def _pyplot():
@@ -257,7 +271,7 @@ def quick_models(directory: Optional[str] = None) -> tuple[Path, Path]:
 
 def text_table(result: dict) -> str:
     head = f"{'row':<16} {'tok/s':>7} {'min':>6} {'max':>6} {'x tgt-pg':>8} {'x tgt':>6} {'tok/pass':>8} " \
-           f"{'peak MB':>8} {'RSS MB':>7} {'MB/tok':>7} {'x floor':>7} {'fidelity':>8} {'ties':>5}"
+           f"{'peak MB':>8} {'RSS MB':>7} {'MB/tok':>7} {'x floor':>7} {'fidelity':>8} {'ties':>5}  load s (MB read)"
     f = lambda v, fmt, w: f"{'-':>{w}}" if v is None else f"{v:>{w}{fmt}}"
     lines = [head]
     for r in result["rows"]:
@@ -267,7 +281,7 @@ def text_table(result: dict) -> str:
                      f"{r['tokens_per_second_max']:>6.2f} {f(r['speedup_vs_target_paged'], '.2f', 8)} "
                      f"{f(r['speedup_vs_target'], '.2f', 6)} {r['mean_accepted_per_pass']:>8.2f} "
                      f"{f(pk and pk / 1e6, '.0f', 8)} {r['peak_rss_bytes'] / 1e6:>7.0f} {f(bpt and bpt / 1e6, '.1f', 7)} "
-                     f"{f(r['floor_multiple'], '.2f', 7)} {r['fidelity']:>8.4f} {r['near_ties']:>5}")
+                     f"{f(r['floor_multiple'], '.2f', 7)} {r['fidelity']:>8.4f} {r['near_ties']:>5}  {_load(r)}")
     return "\n".join(lines)
 
 
@@ -318,15 +332,14 @@ LIMIT_ROWS = {  # row -> what its process runs inside the memory cgroup
 
 def _worker(spec: dict) -> dict:
     """One row in this process (inside the cgroup): load, then each prompt; tok/s includes the prompt."""
-    from . import cgroup
-
-    t0 = time.perf_counter()
+    t0, read0 = time.perf_counter(), storage_bytes_read()
     row, runs, info = spec["row"], [], {}
     if row == "llama-cpp-python":
         import llama_cpp
         llm = llama_cpp.Llama(model_path=spec["target"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
                               verbose=False)
         load = time.perf_counter() - t0
+        load_read = storage_bytes_read() - read0 if read0 is not None else None
         reset = cgroup.reset_own_peak()  # the peak from here on: generating, not loading
         for pr in spec["prompts"]:
             t = time.perf_counter()
@@ -338,7 +351,7 @@ def _worker(spec: dict) -> dict:
         mode = {"target-paged": "target", "tree-paged": "tree", "edgecad": None}[row]
         with Engine(spec["target"], spec["draft"] if mode != "target" else None, mode=mode, memory_budget="auto",
                     n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as eng:
-            load = time.perf_counter() - t0
+            load, load_read = time.perf_counter() - t0, eng.load_bytes_read
             info = eng.memory_plan.as_dict()
             reset = cgroup.reset_own_peak()
             for pr in spec["prompts"]:
@@ -348,7 +361,7 @@ def _worker(spec: dict) -> dict:
                 runs.append({"seconds": time.perf_counter() - t, "tokens": st["n_tokens"],
                              "text": out["choices"][0]["text"], "tokens_per_pass": st["mean_accepted_per_pass"],
                              "peak_resident_target_bytes": st["peak_resident_target_bytes"]})
-    return {"load_seconds": load, "runs": runs, "plan": info,
+    return {"load_seconds": load, "load_bytes_read": load_read, "runs": runs, "plan": info,
             "peak_generating_bytes": cgroup.own_peak() if reset else None}
 
 
@@ -356,7 +369,6 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
                n_ctx=512, progress=True, timeout=3600) -> dict:
     """Each row in its own process, alone in a memory cgroup of each size, model files dropped from the
     page cache first. Without cgroups, says so in one line and runs every row without a limit."""
-    from . import cgroup
 
     target, draft = registry.resolve(target), registry.resolve(draft)
     rows = list(rows or LIMIT_ROWS)
@@ -400,6 +412,7 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
                 res.update(peak_generating_bytes=w["peak_generating_bytes"],
                            tokens_per_second=statistics.median(tps), tokens_per_second_min=min(tps),
                            tokens_per_second_max=max(tps), load_seconds=w["load_seconds"],
+                           load_bytes_read=w["load_bytes_read"],
                            config=w["plan"].get("config", "llama.cpp defaults"), plan=w["plan"],
                            texts=[x["text"] for x in w["runs"]],
                            tokens_per_pass=statistics.mean(x.get("tokens_per_pass") or 1.0 for x in w["runs"]))
@@ -428,7 +441,7 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
 
 def limits_table(result: dict) -> str:
     lines = ["| device memory | row | tok/s (min–max) | × llama-cpp-python | cgroup peak MB (generating) | "
-             "configuration | tok/pass | load s | same text as peer |", "|---|---|---|---|---|---|---|---|---|"]
+             "configuration | tok/pass | load s (MB read) | same text as peer |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         lim = f"{r['limit_bytes'] / 1e6:,.0f} MB" if r["limit_bytes"] else "no limit"
         if r["tokens_per_second"] is None:
@@ -444,7 +457,7 @@ def limits_table(result: dict) -> str:
         lines.append(
             f"| {lim} | {r['row']} | {r['tokens_per_second']:.2f} ({r['tokens_per_second_min']:.2f}–"
             f"{r['tokens_per_second_max']:.2f}) | {xp} | {(r['peak_bytes'] or 0) / 1e6:,.0f} ({gen}) | {r['config']} | "
-            f"{r['tokens_per_pass']:.2f} | {r['load_seconds']:.1f} | {same} |")
+            f"{r['tokens_per_pass']:.2f} | {_load(r)} | {same} |")
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ from .errors import EdgecadError, PromptTooLongError, VocabularyMismatchError
 from .gguf_file import GGUFInfo, read_gguf
 from .llama import Batch, Context, ContextParams, Model, ModelParams, default_threads, set_verbose
 from .memory import CONFIGS, load_costs, observe, parse_memory, plan_memory, save_costs
-from .pager import Pager, PagerParams, file_mappings, new_mapping, parse_budget, read_bandwidth
+from .pager import (Pager, PagerParams, emulate_storage, file_mappings, lazy_load, new_mapping, parse_budget,
+                    read_bandwidth, storage_bytes_read)
 from .sampling import SamplingParams, penalize, pick
 from .tree import MODE_PARAMS, Drafter, FallbackThreshold, TokenTree, TreeParams
 from .verify import Verdict, accept_bild, accept_greedy, accept_sampling, keep_accepted, verify_tree
@@ -214,16 +215,28 @@ class Engine:
             # The cost-aware cap measured +13% tok/s paged but -7% resident (scripts/eval_fallback.py):
             # a resident target's passes are cheap, LLMCad's threshold alone does better there.
             self.tree_params = replace(self.tree_params, cost_aware=False)
+        # Load: a paged target is mapped without being read (lazy_load); the pager reads what the plan keeps.
+        # Under a --storage profile, what the loads read from storage takes that storage's time.
+        t_load, read0 = time.perf_counter(), storage_bytes_read()
         before = file_mappings(self.target_path) if paged else set()
-        # Weight repacking is faster when resident but copies the weights out of the mapping: off when paged.
-        self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged), t_info,
-                                   progress=f"loading {self.target_path.name}" if progress else None)
+        with lazy_load(self.target_path, enabled=paged) as lazy:
+            # Weight repacking is faster resident but copies the weights out of the mapping: off when paged.
+            self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged),
+                                       t_info, progress=f"loading {self.target_path.name}" if progress else None)
+        if paged and not lazy.applied and verbose:
+            sys.stderr.write(f"edgecad: the target is read whole at load, then evicted ({lazy.reason})\n")
         speculative = self.mode != "target"
         if speculative:
             self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True), d_info,
                                       progress=f"loading {self.draft_path.name}" if progress else None)
-        if paged:
+        read1 = storage_bytes_read()
+        emulate_storage(read1 - read0 if read0 is not None else None, t_load, pager.bytes_per_second)
+        if paged:  # its reads are throttled by the pager itself
             self._pager = Pager(self.target_path, t_info, plan.paging, new_mapping(self.target_path, before))
+        self.lazy_load = lazy
+        self.load_seconds = time.perf_counter() - t_load  # models loaded, pinned layers read
+        read2 = storage_bytes_read()
+        self.load_bytes_read = read2 - read0 if read0 is not None else None  # from storage (page-cache hits: 0)
         n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1
         cp = ContextParams(n_ctx=n_ctx, n_batch=plan.n_batch, n_seq_max=n_seq, n_threads=self.n_threads)
         hooks = {}

@@ -4,8 +4,9 @@ The target stays memory-mapped by llama.cpp (no weight repacking). The plan pins
 pass touches (output matrix, norms; the embeddings when the output is tied to them) and as
 many whole layers as fit; the other layers stream through a window: at each layer boundary
 (llama.cpp's cb_eval, in C) the IO thread reads ahead and evicts the layer `lag` behind.
-The loader reads the whole file at load time (mmap with MAP_POPULATE), so the streamed
-layers are evicted right after load; the budget holds from then on.
+llama.cpp's loader would read the whole file (mmap with MAP_POPULATE, then POSIX_MADV_WILLNEED):
+`lazy_load` turns both off for the paged target while it loads (native/edgecad.c, "load guard"),
+so a load reads the header and the pager then reads what the plan keeps.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import mmap
 import os
 import re
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -264,6 +268,17 @@ _lib.ec_pager_pass_begin.argtypes, _lib.ec_pager_pass_begin.restype = [ctypes.c_
 _lib.ec_pager_pass_end.argtypes, _lib.ec_pager_pass_end.restype = [ctypes.c_void_p], ctypes.c_int
 # int ec_pager_error(ec_pager *p);
 _lib.ec_pager_error.argtypes, _lib.ec_pager_error.restype = [ctypes.c_void_p], ctypes.c_int
+# int ec_load_guard_begin(const char *path, const char *lib_name);
+_lib.ec_load_guard_begin.argtypes, _lib.ec_load_guard_begin.restype = [ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int
+
+
+class _GuardStats(ctypes.Structure):
+    _fields_ = [("populate_dropped", ctypes.c_uint64), ("willneed_dropped", ctypes.c_uint64),
+                ("mapped_bytes", ctypes.c_uint64), ("slots", ctypes.c_int)]
+
+
+# int ec_load_guard_end(ec_load_guard_stats *out);
+_lib.ec_load_guard_end.argtypes, _lib.ec_load_guard_end.restype = [ctypes.POINTER(_GuardStats)], ctypes.c_int
 # int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second);
 _lib.ec_read_bandwidth.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_double)]
 _lib.ec_read_bandwidth.restype = ctypes.c_int
@@ -314,6 +329,73 @@ def read_bandwidth(path: Path, offset: int = 0, length: Optional[int] = None) ->
     length = os.path.getsize(path) - offset if length is None else length
     native.check(_lib.ec_read_bandwidth(os.fsencode(path), offset, length, ctypes.byref(out)), "ec_read_bandwidth")
     return out.value
+
+
+@dataclass
+class LazyLoad:
+    """What `lazy_load` did."""
+    applied: bool = False       # llama.cpp mapped the file without reading it
+    reason: str = ""            # why not, when not applied
+    populate_dropped: int = 0   # mmap calls whose MAP_POPULATE was dropped
+    willneed_dropped: int = 0   # bytes of POSIX_MADV_WILLNEED advice not given
+
+
+_guard_lock = threading.Lock()  # the C guard is process-wide: one load at a time under it
+
+
+@contextmanager
+def lazy_load(path: Path, enabled: bool = True):
+    """While llama.cpp loads `path` in this block, it maps the file without reading it: llama.cpp would
+    read a model whole at load (MAP_POPULATE, POSIX_MADV_WILLNEED; hard-coded on), the pager reads only
+    what the plan keeps. libllama's mmap/posix_madvise import slots are patched for the block and restored
+    after. Where that cannot apply (not Linux, a libllama without those slots), or with EDGECAD_LOAD_GUARD=0,
+    the load reads the file whole as before and `.reason` says why. Yields a LazyLoad."""
+    out = LazyLoad()
+    if not enabled:
+        out.reason = "not paged"
+    elif os.environ.get("EDGECAD_LOAD_GUARD", "1") == "0":
+        out.reason = "EDGECAD_LOAD_GUARD=0"
+    if out.reason:
+        yield out
+        return
+    with _guard_lock:
+        code = _lib.ec_load_guard_begin(os.fsencode(path), os.fsencode(C.llama_cpp._lib._name))
+        if code:
+            out.reason = _lib.ec_last_error().decode(errors="replace")
+            yield out
+            return
+        out.applied = True
+        try:
+            yield out
+        finally:
+            st = _GuardStats()
+            native.check(_lib.ec_load_guard_end(ctypes.byref(st)), "ec_load_guard_end")
+            out.populate_dropped, out.willneed_dropped = st.populate_dropped, st.willneed_dropped
+
+
+def storage_bytes_read() -> Optional[int]:
+    """Bytes this process has read from storage so far (/proc/self/io read_bytes: page-cache hits do not
+    count); None where the kernel does not say."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def emulate_storage(bytes_read: Optional[int], since: float, bytes_per_second: float) -> float:
+    """Sleep until `bytes_read` bytes read from storage since perf_counter() `since` have taken as long as
+    at `bytes_per_second` (a --storage profile, for reads the throttled pager does not make: model loads).
+    Returns the seconds slept."""
+    if not bytes_per_second or not bytes_read:
+        return 0.0
+    wait = bytes_read / bytes_per_second - (time.perf_counter() - since)
+    if wait > 0:
+        time.sleep(wait)
+    return max(wait, 0.0)
 
 
 class Pager:

@@ -5,7 +5,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 4
+#define EC_VERSION 5
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -19,6 +19,7 @@ enum {
     EC_ETHREAD = 7,  /* pthread_create() failed */
     EC_ECHANGED = 8, /* the model file changed size under the pager */
     EC_EIO = 9,      /* reading the file failed */
+    EC_EUNSUPPORTED = 10, /* the load guard cannot apply in this process (no patchable libllama) */
 };
 
 int ec_version(void);
@@ -70,7 +71,8 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
                   const ec_range *pinned, int n_pinned, const ec_range *evict_each_pass, int n_evict,
                   const ec_pager_params *params, void *name_fn, ec_pager **out);
 void ec_pager_close(ec_pager *p);
-/* Drop every streamed layer and the evict_each_pass ranges; read the pinned ranges. */
+/* Drop every streamed layer and the evict_each_pass ranges; read the pinned ranges; start reading the
+ * first pass's window (read-ahead mode). */
 int ec_pager_settle(ec_pager *p);
 /* The llama.cpp cb_eval: a layer boundary at each "attn_norm-<il>" node. */
 bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data);
@@ -88,5 +90,20 @@ int ec_pager_error(ec_pager *p);
 /* Sequential read bandwidth of a file range after dropping it from the page cache (bytes/s), read the way
  * the pager reads large layers: mapped and faulted in with MADV_POPULATE_READ (4 MB preads without it). */
 int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second);
+
+/* ---- load guard: llama.cpp maps a paged model without reading it all ------------------ */
+
+typedef struct {
+    uint64_t populate_dropped; /* libllama mmap calls of the guarded file whose MAP_POPULATE was dropped */
+    uint64_t willneed_dropped; /* bytes of POSIX_MADV_WILLNEED advice on that mapping not given */
+    uint64_t mapped_bytes;     /* bytes of the guarded file libllama mapped */
+    int slots;                 /* libllama import slots patched */
+} ec_load_guard_stats;
+
+/* Patch the mmap / mmap64 / posix_madvise import slots of the one loaded object whose path contains
+ * lib_name so that mapping `path` reads nothing; EC_EUNSUPPORTED when that cannot apply. */
+int ec_load_guard_begin(const char *path, const char *lib_name);
+/* Restore the slots; *out (may be NULL) gets what the guard dropped. */
+int ec_load_guard_end(ec_load_guard_stats *out);
 
 #endif

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from edgecad import Engine, native
+from edgecad.cgroup import drop_file_cache
 from edgecad.errors import EdgecadError, ModelFileError
 from edgecad.gguf_file import read_gguf
 from edgecad.pager import PagerParams, parse_budget, plan_budget, read_bandwidth
@@ -178,3 +179,58 @@ def test_the_pipeline_runs_to_the_end_of_a_small_context(paging_pair):
         for prompt in PROMPTS:
             st = e.create_completion(prompt, temperature=0.0, max_tokens=0)["edgecad"]  # until the context is full
             assert st["prompt_tokens"] + st["n_tokens"] >= 63
+
+
+def _load_model(target, lazy: bool):
+    """Load `target` as the engine loads a paged target, under lazy_load or not."""
+    from edgecad.llama import Model, ModelParams
+    from edgecad.pager import lazy_load
+    with lazy_load(target, enabled=lazy) as how:
+        model = Model(target, ModelParams(use_mmap=True, use_extra_bufts=False))
+    return model, how
+
+
+def test_a_lazy_load_maps_the_model_without_reading_it(paging_pair):
+    """By mincore on the file, right after llama.cpp's load returns: lazy, the header and what the kernel
+    reads ahead of it; not lazy (the control), the whole file."""
+    _, target = paging_pair
+    info = read_gguf(target)
+    slack = 1 << 20  # the kernel's read-ahead past the header llama.cpp parses with fread
+    drop_file_cache([target])
+    model, how = _load_model(target, lazy=True)
+    assert how.applied, how.reason
+    assert how.populate_dropped == 1 and how.willneed_dropped > info.file_size - info.data_offset
+    assert native.file_resident(target) <= info.data_offset + slack
+    model.close()
+    drop_file_cache([target])
+    model, how = _load_model(target, lazy=False)  # the slots are restored: llama.cpp reads it all again
+    assert not how.applied and native.file_resident(target) >= info.file_size - PAGE
+    model.close()
+
+
+@pytest.mark.parametrize("mode", ["target", "tree"])
+def test_a_paged_load_reads_only_what_the_plan_keeps(paging_pair, reference, mode, monkeypatch):
+    draft, target = paging_pair
+    info = read_gguf(target)
+    p = PagerParams(**SMALL)
+    budget = budget_for(target, p)
+    slack = 1 << 20
+    read = {}
+    for guard in ("0", "1"):
+        monkeypatch.setenv("EDGECAD_LOAD_GUARD", guard)
+        drop_file_cache([target, draft])
+        with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=512, target_budget=budget,
+                    pager=p) as e:
+            plan = e.budget_plan
+            kept = info.data_offset + plan.pinned_bytes + plan.window_bytes
+            assert e.lazy_load.applied == (guard == "1")
+            assert native.file_resident(target) <= kept + slack  # the budget holds from the start
+            read[guard] = e.load_bytes_read
+            st = e.create_completion(PROMPTS[0], temperature=0.0, max_tokens=40)["edgecad"]
+            assert st["token_ids"] == reference[PROMPTS[0]]
+            assert st["peak_resident_target_bytes"] <= budget + PAGE * len(plan.streamed_layers)
+    if read["1"] is None:
+        pytest.skip("this kernel does not count the bytes a process reads (/proc/self/io)")
+    draft_bytes = os.path.getsize(draft) if mode == "tree" else 0
+    assert read["0"] >= info.file_size + draft_bytes - slack  # llama.cpp reads the whole target
+    assert read["1"] <= kept + draft_bytes + slack  # lazily: what the plan keeps
