@@ -89,11 +89,11 @@ def machine() -> dict:
 
 def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prompts=None, n_prompts=None,
               max_tokens=64, repeat=1, temperature=0.0, n_threads=None, progress=True) -> dict:
-    target, draft = registry.resolve(target), registry.resolve(draft)
-    rows = [ROWS[m] for m in (modes or ROWS)]
     unknown = set(modes or ()) - set(ROWS)
     if unknown:
         raise EdgecadError(f"unknown bench rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
+    target, draft = registry.resolve(target), registry.resolve(draft)
+    rows = [ROWS[m] for m in (modes or ROWS)]
     info = read_gguf(target)
     budget_bytes = parse_budget(budget, info.file_size, other_bytes=os.path.getsize(draft))
     plans = {io: plan_budget(info, budget_bytes, PagerParams(io=io, storage=storage)) for io in ("demand", "prefetch")}
@@ -286,14 +286,15 @@ def text_table(result: dict) -> str:
 
 
 def main_bench(a) -> int:
-    target, draft, n_prompts, max_tokens, budget = a.target, a.draft, a.n_prompts, a.max_tokens, a.budget
+    target, draft, n_prompts, max_tokens, budget = a.target, a.draft, a.n_prompts, a.max_tokens, a.target_budget
+    modes = [m for x in a.modes for m in x.split(",") if m] if a.modes else None
     if a.quick:  # the tiny pair, a few prompts: seconds, on real llama.cpp (CI)
         draft, target = quick_models()
         n_prompts, max_tokens, budget = 3, min(max_tokens, 24), "50%"
     if a.memory_limit:
         from .memory import parse_memory
         limits = [parse_memory(x, 0) for x in a.memory_limit.split(",") if x.strip()]
-        result = run_limits(target, draft, limits, rows=a.modes, prompts=a.prompts, n_prompts=n_prompts or 3,
+        result = run_limits(target, draft, limits, rows=modes, prompts=a.prompts, n_prompts=n_prompts or 3,
                             max_tokens=max_tokens, n_threads=a.threads, n_ctx=a.n_ctx, progress=not a.no_progress)
         if a.json:
             Path(a.json).write_text(json.dumps(result, indent=2))
@@ -302,7 +303,7 @@ def main_bench(a) -> int:
             plot_limits(result, a.plot)
             print(f"plot written to {a.plot}", file=sys.stderr)
         return 0
-    result = run_bench(target, draft, modes=a.modes, budget=budget, storage=a.storage, prompts=a.prompts,
+    result = run_bench(target, draft, modes=modes, budget=budget, storage=a.storage, prompts=a.prompts,
                        n_prompts=n_prompts, max_tokens=max_tokens, repeat=a.repeat, temperature=a.temperature,
                        n_threads=a.threads, progress=not a.no_progress)
     if a.json:
@@ -370,11 +371,11 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
     """Each row in its own process, alone in a memory cgroup of each size, model files dropped from the
     page cache first. Without cgroups, says so in one line and runs every row without a limit."""
 
-    target, draft = registry.resolve(target), registry.resolve(draft)
     rows = list(rows or LIMIT_ROWS)
     unknown = set(rows) - set(LIMIT_ROWS)
     if unknown:
         raise EdgecadError(f"unknown rows {sorted(unknown)} for --memory-limit: choose from {', '.join(LIMIT_ROWS)}")
+    target, draft = registry.resolve(target), registry.resolve(draft)
     ok, why = cgroup.available()
     if not ok:
         print(f"edgecad bench: {why}; running every row without a memory limit", file=sys.stderr)

@@ -1,10 +1,12 @@
 """The `edgecad` command: generate, chat, models, bench, inspect.
 
-Every edgecad error becomes one line on stderr and a non-zero exit status.
+Every edgecad error becomes one line on stderr and a non-zero exit status; errors written for API users
+(`n_ctx=...`) name the command's flags instead (`--n-ctx ...`).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +26,52 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# API argument -> the flag that sets it, for error messages (edgecad's errors name API arguments)
+FLAGS = {"n_ctx": "--n-ctx", "memory_budget": "--memory-budget", "target_budget": "--target-budget",
+         "max_tokens": "-n", "n_threads": "--threads", "top_k": "--top-k", "top_p": "--top-p",
+         "temperature": "--temperature", "seed": "--seed", "draft": "--draft", "mode": "--mode"}
+
+
+def for_cli(message: str) -> str:
+    """An error message with API arguments named as this command's flags: `top_p=5.0` -> `--top-p 5.0`,
+    `a larger n_ctx` -> `a larger --n-ctx`; `mode='target'` -> `--mode target`."""
+    def flag(m):
+        name, eq, value = m.group(1), m.group(2), m.group(3) or ""
+        if not eq and "_" not in name:  # plain words (mode, seed, draft...) only as `name=`
+            return m.group(0)
+        return FLAGS[name] + (" " + value.strip("'") if eq else "")
+    return re.sub(r"\b(" + "|".join(FLAGS) + r")\b(=)?('[^']*'|[^\s,;:)]*)?", flag, message)
+
+
+def _max_tokens(s: str) -> int:
+    """-n: a positive count, or -1 for "until the context is full" (llama.cpp's convention)."""
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1 and n != -1:
+        raise argparse.ArgumentTypeError(f"{s} is not a token count: use a positive number, or -1 for "
+                                         "\"until the context is full\"")
+    return n
+
+
+def _positive(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{s} is not a positive integer")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line naming the fix (`edgecad CMD --help` for the rest)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 # ---------------------------------------------------------------------------- generate
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -36,7 +84,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     pager = PagerParams(io=a.io, storage=a.storage)
     budget = None if str(a.memory_budget).lower() == "none" else a.memory_budget
-    with Engine(a.target, draft, mode=a.mode, memory_budget=budget, pager=pager, n_ctx=a.n_ctx,
+    with Engine(a.target, draft, mode=a.mode, memory_budget=budget, target_budget=a.target_budget, pager=pager,
+                n_ctx=a.n_ctx,
                 n_threads=a.threads, seed=a.seed, verbose=a.verbose) as eng:
         last = None
         for chunk in eng.create_completion(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
@@ -137,7 +186,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from .gguf_file import read_gguf
 
     g = read_gguf(registry.resolve(a.model))
-    if a.budget is not None:
+    if a.memory_budget is not None:
         from .memory import Costs, load_costs, parse_memory, plan_memory
         from .pager import PagerParams
         from .tree import MODE_PARAMS
@@ -145,7 +194,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
         d = read_gguf(registry.resolve(a.draft)) if a.draft else None
         costs = load_costs(g, d, a.threads or default_threads())
-        budget = parse_memory(a.budget, g.file_size + (d.file_size if d else 0))
+        budget = parse_memory(a.memory_budget, g.file_size + (d.file_size if d else 0))
         plan = plan_memory(budget, g, d, n_ctx=a.n_ctx, n_batch=min(512, a.n_ctx),
                            tree_nodes=MODE_PARAMS["tree"].max_nodes, costs=costs, pager=PagerParams(io=a.io))
         print(plan.describe())
@@ -175,8 +224,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgecad", description="Run a language model larger than your device's memory.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="edgecad", description="Run a language model larger than your device's memory.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="complete a prompt")
     g.add_argument("--target", default=registry.DEFAULT_TARGET, help="target GGUF path or registry name")
@@ -185,17 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default=None, choices=["tree", "linear", "bild", "target"],
                    help="tree (default with a draft), linear, bild (not lossless) or target (no draft)")
     g.add_argument("--prompt", "-p", required=True)
-    g.add_argument("-n", "--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--n-ctx", type=int, default=4096)
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("-n", "--max-tokens", type=_max_tokens, default=128,
+                   help="tokens to generate (default 128; -1 = until the context is full)")
+    g.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=40, help=">= 0; 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="0 < p <= 1; 1 = off (default 0.95)")
+    g.add_argument("--seed", type=int, default=None, help=">= 0; -1 = random (the default)")
+    g.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens, >= 8 (default 4096)")
+    g.add_argument("--threads", type=int, default=None, help="compute threads, 1..512 (default: the cores)")
     g.add_argument("--memory-budget", default="auto",
                    help="memory for the whole engine (both models, caches, buffers): 1.5GB, 900MiB, 60%% (of the "
                         "model files), auto (available memory or the cgroup limit, less a margin; the default), "
                         "none (no limit)")
+    g.add_argument("--target-budget", default=None, help="instead of --memory-budget: the target's share kept "
+                                                         "resident (450MB, 40%%), the rest on top; for experiments")
     g.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="how paged layers are read")
     g.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"],
                    help="emulate slower storage by throttling the pager's reads")
@@ -213,14 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--transcript", default=None, metavar="FILE",
                    help="append the conversation to FILE as JSONL (default on a terminal: a new file in "
                         "~/.local/share/edgecad/chats)")
-    c.add_argument("-n", "--max-tokens", type=int, default=None, help="longest answer (default: until the context "
-                                                                      "is full)")
-    c.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2, as llama-cpp-python's chat)")
-    c.add_argument("--top-k", type=int, default=40)
-    c.add_argument("--top-p", type=float, default=0.95)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (the whole conversation)")
-    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("-n", "--max-tokens", type=_max_tokens, default=None,
+                   help="longest answer (default, or -1: until the context is full)")
+    c.add_argument("--temperature", type=float, default=0.2, help=">= 0; 0 = greedy (default 0.2, as "
+                                                                  "llama-cpp-python's chat)")
+    c.add_argument("--top-k", type=int, default=40, help=">= 0; 0 = off (default 40)")
+    c.add_argument("--top-p", type=float, default=0.95, help="0 < p <= 1; 1 = off (default 0.95)")
+    c.add_argument("--seed", type=int, default=None, help=">= 0; -1 = random (the default)")
+    c.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens, the whole conversation "
+                                                           "(>= 8, default 4096)")
+    c.add_argument("--threads", type=int, default=None, help="compute threads, 1..512 (default: the cores)")
     c.add_argument("--memory-budget", default="auto", help="memory for the whole engine: 1.5GB, 60%%, auto "
                                                            "(the default), none")
     c.add_argument("--target-budget", default=None, help="instead of --memory-budget: the target's share kept "
@@ -239,22 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", default=registry.DEFAULT_TARGET)
     b.add_argument("--draft", default=registry.DEFAULT_DRAFT)
     b.add_argument("--modes", nargs="+", default=None,
-                   help="rows: target target-paged target-prefetch linear-paged bild-paged edgecad-paged edgecad")
-    b.add_argument("--budget", default="40%", help="target share kept resident in the paged rows (default 40%%)")
+                   help="rows (spaces or commas): target target-paged target-prefetch linear-paged bild-paged "
+                        "edgecad-paged edgecad-paged-pipeline edgecad; with --memory-limit: llama-cpp-python "
+                        "target-paged tree-paged edgecad")
+    b.add_argument("--target-budget", default="40%", help="target share kept resident in the paged rows "
+                                                          "(default 40%%)")
     b.add_argument("--memory-limit", default=None, metavar="SIZES",
                    help="equal device memory: run each row as its own process in a memory cgroup of each size "
                         "(e.g. 800MB,1GB,1.25GB), model files dropped from the page cache first; rows "
                         "llama-cpp-python target-paged tree-paged edgecad")
-    b.add_argument("--n-ctx", type=int, default=512, help="context of every --memory-limit row (llama-cpp-python's "
+    b.add_argument("--n-ctx", type=_positive, default=512, help="context of every --memory-limit row (llama-cpp-python's "
                                                           "default, 512)")
-    b.add_argument("--n-prompts", type=int, default=None, help="use the first N prompts (default: all; 3 with "
+    b.add_argument("--n-prompts", type=_positive, default=None, help="use the first N prompts (default: all; 3 with "
                                                                "--memory-limit)")
     b.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"])
     b.add_argument("--prompts", default="builtin", help="builtin or a .jsonl file of {\"prompt\": ...}")
-    b.add_argument("-n", "--max-tokens", type=int, default=64)
-    b.add_argument("--repeat", type=int, default=1)
-    b.add_argument("--temperature", type=float, default=0.0)
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("-n", "--max-tokens", type=_positive, default=64)
+    b.add_argument("--repeat", type=_positive, default=1)
+    b.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default)")
+    b.add_argument("--threads", type=_positive, default=None)
     b.add_argument("--json", default=None, help="write the results as JSON")
     b.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -264,12 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe a GGUF model: layers, bytes, quantisation, tokenizer")
     i.add_argument("model", help="GGUF path or registry name")
-    i.add_argument("--budget", default=None,
+    i.add_argument("--memory-budget", default=None,
                    help="print the memory plan for this whole-engine budget (1.5GB, 60%%, auto): the configuration "
                         "edgecad would choose, how the budget is split, and the target's paging plan")
-    i.add_argument("--draft", default=None, help="with --budget: the draft model of the pair")
-    i.add_argument("--n-ctx", type=int, default=4096, help="with --budget: context length")
-    i.add_argument("--threads", type=int, default=None, help="with --budget: compute threads (for the costs)")
+    i.add_argument("--draft", default=None, help="with --memory-budget: the draft model of the pair")
+    i.add_argument("--n-ctx", type=_positive, default=4096, help="with --memory-budget: context length")
+    i.add_argument("--threads", type=_positive, default=None, help="with --memory-budget: compute threads (for "
+                                                                    "the costs)")
     i.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="IO mode of the plan")
     i.set_defaults(func=cmd_inspect)
     return p
@@ -281,7 +339,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except EdgecadError as e:
         sys.stdout.flush()
-        sys.stderr.write(f"edgecad: error: {e}\n")
+        sys.stderr.write(f"edgecad: error: {for_cli(str(e))}\n")
         return 1
     except BrokenPipeError:  # e.g. `edgecad inspect ... | head`
         sys.stderr.close()

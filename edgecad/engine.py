@@ -21,6 +21,7 @@ import numpy as np
 
 from . import registry
 from .errors import EdgecadError, PromptTooLongError, VocabularyMismatchError
+from .fidelity import NEAR_TIE_EPS, top2_gap
 from .gguf_file import GGUFInfo, read_gguf
 from .llama import Batch, Context, ContextParams, Model, ModelParams, default_threads, set_verbose
 from .memory import CONFIGS, load_costs, observe, parse_memory, plan_memory, save_costs
@@ -55,6 +56,8 @@ class Stats:
     seconds_chain: float = 0.0   # drafting chains beside target passes (pipeline; overlaps seconds_target)
     chain_tokens: int = 0        # tokens drafted into chains beside target passes
     reused_tokens: int = 0       # chain tokens the next tree started from (drafted during a pass, kept)
+    near_ties: int = 0           # emitted tokens where the target's top-2 logits were within NEAR_TIE_EPS:
+                                 # where another mode's numerics (batched vs single token) may choose the other
     fallback: Optional[dict] = None  # summary of the fallback threshold's history
     paging: Optional[dict] = None    # target_budget_bytes, peak_resident_target_bytes, bytes_read, io_wait_seconds
     memory: Optional[object] = None  # the engine's MemoryPlan (edgecad.memory)
@@ -82,6 +85,7 @@ class Stats:
             "seconds_chain": self.seconds_chain,
             "chain_tokens": self.chain_tokens,
             "reused_tokens": self.reused_tokens,
+            "near_ties": self.near_ties,
             "fallback": self.fallback,
         }
         if self.mode == "bild":
@@ -171,8 +175,9 @@ class Engine:
             raise EdgecadError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if mode not in (None, "target") and draft is None:
             raise EdgecadError(f"mode {mode!r} needs a draft model: pass draft=PATH_OR_NAME (or use mode='target')")
-        if n_ctx < 8:
-            raise EdgecadError(f"n_ctx={n_ctx} is too small: use at least 8 tokens")
+        _check_int("n_ctx", n_ctx, 8, None, "tokens")
+        if n_threads is not None:
+            _check_int("n_threads", n_threads, 1, MAX_THREADS, f"this device has {os.cpu_count()} cores")
         self.n_threads = n_threads or default_threads()
         self.target_path = registry.resolve(target)
         self.draft_path = registry.resolve(draft) if draft is not None else None
@@ -237,8 +242,11 @@ class Engine:
         self.load_seconds = time.perf_counter() - t_load  # models loaded, pinned layers read
         read2 = storage_bytes_read()
         self.load_bytes_read = read2 - read0 if read0 is not None else None  # from storage (page-cache hits: 0)
+        if speculative and self.tree_params.max_nodes + 1 > n_ctx // 2:  # a tree's sequences and outputs fit n_ctx
+            self.tree_params = replace(self.tree_params, max_nodes=max(1, n_ctx // 2 - 1))
         n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1
-        cp = ContextParams(n_ctx=n_ctx, n_batch=plan.n_batch, n_seq_max=n_seq, n_threads=self.n_threads)
+        # llama.cpp reserves max(outputs, sequences) logit rows and allows n_batch outputs: n_batch >= n_seq
+        cp = ContextParams(n_ctx=n_ctx, n_batch=max(plan.n_batch, n_seq), n_seq_max=n_seq, n_threads=self.n_threads)
         hooks = {}
         if self._pager is not None:
             hooks = dict(cb_eval=self._pager.cb_eval, cb_eval_user_data=self._pager.handle,
@@ -252,7 +260,7 @@ class Engine:
             gate = dict(cb_eval=self._pager.gate_cb_eval, cb_eval_user_data=self._pager.handle) if self.pipeline else {}
             self._draft = Context(self._draft_model, cp, **gate)
             self._drafter = Drafter(self._draft, self.tree_params, n_seq, cp.n_batch)
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(_seed(seed))
         self._chat_format = None  # the model's chat template, compiled on first use
 
     # ------------------------------------------------------------------ tokens
@@ -278,6 +286,7 @@ class Engine:
         generated = []
         for i in range(max_tokens):
             tok = pick(penalize(logits, generated, sp.repeat_penalty), sp, rng)
+            stats.near_ties += top2_gap(logits) < NEAR_TIE_EPS
             generated.append(tok)
             yield tok
             if self._target_model.is_eog(tok) or i + 1 == max_tokens or len(ctx.tokens) >= self.n_ctx:
@@ -337,8 +346,9 @@ class Engine:
             if "err" in box:
                 raise box["err"]
         path, bonus, divergent = accept(tree, logits, rng, recent)
+        ties = tuple(top2_gap(logits[i]) < NEAR_TIE_EPS for i in [0, *path])  # the rows that chose each token
         keep_accepted(self._target, tree, leaf_seq, path)
-        return Verdict(path, bonus, divergent, seconds)
+        return Verdict(path, bonus, divergent, seconds, ties)
 
     def _decode_speculative(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams,
                             rng: np.random.Generator, stats: Stats) -> Iterator[int]:
@@ -374,7 +384,8 @@ class Engine:
                 root_pos = len(self._target.tokens)
                 if self._debug_kv:
                     self._check_kv(root_pos)
-                for tok in [int(tree.token[i]) for i in verdict.path] + [verdict.bonus]:
+                for tok, tie in zip([int(tree.token[i]) for i in verdict.path] + [verdict.bonus], verdict.ties):
+                    stats.near_ties += tie
                     generated.append(tok)
                     yield tok
                     produced += 1
@@ -508,11 +519,11 @@ class Engine:
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(
                 f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}: "
-                f"shorten the prompt or create the Engine with n_ctx > {len(tokens)}"
+                f"shorten the prompt or raise n_ctx above {len(tokens)}"
             )
         if max_tokens is None or max_tokens <= 0:
             max_tokens = self.n_ctx - len(tokens)
-        rng = np.random.default_rng(seed) if seed is not None else self._rng
+        rng = np.random.default_rng(_seed(seed)) if _seed(seed) is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens))
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
 
@@ -628,6 +639,25 @@ def _unsupported(**given) -> None:
                                f"({default!r})")
 
 
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: more aborts inside llama.cpp
+
+
+def _check_int(name: str, value, lo: int, hi: Optional[int], note: str = "") -> None:
+    """Raise unless `value` is an integer in [lo, hi] (hi None: no upper bound), naming the range."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and lo <= value and (hi is None or value <= hi)
+    if not ok:
+        rng = f">= {lo}" if hi is None else f"{lo}..{hi}"
+        raise EdgecadError(f"{name}={value!r} is out of range: use an integer {rng}" + (f" ({note})" if note else ""))
+
+
+def _seed(seed) -> Optional[int]:
+    """llama.cpp's convention: -1 (or None) = a random seed."""
+    if seed is None or seed == -1:
+        return None
+    _check_int("seed", seed, 0, None, "or -1 for a random seed")
+    return int(seed)
+
+
 def _sampling(temperature, top_k, top_p, min_p, repeat_penalty=1.0) -> SamplingParams:
     """SamplingParams from llama-cpp-python's arguments, with the valid range named when one is off."""
     checks = [("temperature", temperature, 0.0, float("inf")), ("top_p", top_p, 0.0, 1.0),
@@ -638,6 +668,7 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty=1.0) -> SamplingP
             raise EdgecadError(f"{name}={v!r} is out of range: use a value {rng}")
     if float(repeat_penalty) == 0.0:
         raise EdgecadError("repeat_penalty=0 is out of range: use a value > 0 (1.0 = no penalty)")
+    _check_int("top_k", top_k, 0, None, "0 = off")
     return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
                           repeat_penalty=float(repeat_penalty))
 

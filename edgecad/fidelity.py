@@ -19,6 +19,12 @@ NEAR_TIE_EPS = 0.3  # logits: batched and sequential passes of the Q4 models dif
                     # at 0.1 the target's own greedy output scored 0.9972 against a batched pass
 
 
+def top2_gap(logits: np.ndarray) -> float:
+    """The gap between the two largest logits."""
+    top2 = np.partition(logits, -2)[-2:]
+    return float(top2[1] - top2[0])
+
+
 @dataclass
 class Fidelity:
     n: int = 0          # generated tokens scored
@@ -61,14 +67,14 @@ def teacher_forced(ctx: Context, batch: Batch, prompt: Sequence[int], generated:
         logits = ctx.logits_all(len(rows))
         for r, i in enumerate(rows):
             lg = logits[r]
-            top2 = np.partition(lg, -2)[-2:]
+            gap = top2_gap(lg)
             tok, best = toks[i + 1], int(np.argmax(lg))
             out.n += 1
             if tok == best:
                 out.match += 1
             if tok != best:
-                out.max_mismatch_gap = max(out.max_mismatch_gap, float(top2[1] - top2[0]))
-            if top2[1] - top2[0] < eps:
+                out.max_mismatch_gap = max(out.max_mismatch_gap, gap)
+            if gap < eps:
                 out.near_ties += 1
             elif tok != best:
                 out.mismatch_clear += 1

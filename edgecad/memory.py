@@ -299,8 +299,8 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
             (f"memory budget {budget / MB:,.0f} MB" if target_budget is None else
              f"target budget {target_budget / MB:,.0f} MB") + f" cannot run {target.path.name}"
             + (f" (with draft {draft.path.name})" if draft is not None else "")
-            + f": the smallest configuration needs {smallest / MB:,.0f} MB; give a larger budget"
-            " (--memory-budget / memory_budget=) or a smaller context (--n-ctx / n_ctx=)")
+            + f": the smallest configuration needs {smallest / MB:,.0f} MB; give a larger "
+            + ("memory_budget" if target_budget is None else "target_budget") + " or a smaller n_ctx")
     best = max(plans.values(), key=lambda p: p.tokens_per_second)
     best.alternatives = {**{c: round(p.tokens_per_second, 3) for c, p in plans.items()}, **why_not}
     others = [f"{c} {p.tokens_per_second:.2f}" for c, p in plans.items() if p is not best]

@@ -210,10 +210,10 @@ def plan_budget(info: GGUFInfo, budget: int, params: PagerParams = PagerParams()
         return plan
     if budget < plan.minimum:
         raise EdgecadError(
-            f"memory budget {budget / 1e6:,.1f} MB is below the minimum of {plan.minimum / 1e6:,.1f} MB for "
+            f"target budget {budget / 1e6:,.1f} MB is below the minimum of {plan.minimum / 1e6:,.1f} MB for "
             f"{info.path.name} (pinned output and norms {essentials / 1e6:,.1f} MB + a window of "
-            f"{params.window_layers} layers {window / 1e6:,.1f} MB): give at least {plan.minimum / 1e6:,.0f} MB, "
-            "or a smaller read-ahead / eviction lag"
+            f"{params.window_layers} layers {window / 1e6:,.1f} MB): give a target_budget of at least "
+            f"{plan.minimum / 1e6:,.0f} MB"
         )
     room = budget - plan.minimum
     for l in layers:  # leading layers first: their compute overlaps the reads of the streamed ones
@@ -444,7 +444,7 @@ class Pager:
             same = False
         if not same:
             raise ModelFileError(f"{self.path} changed or vanished while the engine was using it: "
-                                 "create a new Engine once the file is complete again")
+                                 "load it again once the file is complete")
 
     def begin_pass(self) -> None:
         """Before a target decode the draft runs beside: the gate holds the draft until the pass waits."""
@@ -465,7 +465,7 @@ class Pager:
         code = _lib.ec_pager_error(self._h)
         if code == EC_ECHANGED:
             raise ModelFileError(f"{self.path} changed size while the engine was paging it: "
-                                 "create a new Engine once the file is complete again")
+                                 "load it again once the file is complete")
         if code:
             raise NativeError(f"the pager failed (EC code {code}) while reading {self.path}", code)
 

@@ -23,6 +23,7 @@ class Verdict:
     bonus: int        # the target's own token after the path
     divergent: int = 0    # bild: accepted drafted tokens that differ from the target's argmax
     seconds: float = 0.0  # the target's pass
+    ties: tuple = ()      # per emitted token (path, then bonus): the target's top-2 logits there were a near-tie
 
 
 def leaf_sequences(tree: TokenTree) -> tuple[list[list[int]], dict[int, int]]:

@@ -91,7 +91,7 @@ def test_budget_above_the_model_keeps_it_resident(paging_pair, reference, capsys
 
 def test_too_small_budget(paging_pair):
     _, target = paging_pair
-    with pytest.raises(EdgecadError, match=r"memory budget 0.1 MB is below the minimum of [\d.]+ MB"):
+    with pytest.raises(EdgecadError, match=r"target budget 0.1 MB is below the minimum of [\d.]+ MB"):
         Engine(target, target_budget=100_000)
 
 
