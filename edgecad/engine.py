@@ -261,6 +261,7 @@ class Engine:
             self._draft = Context(self._draft_model, cp, **gate)
             self._drafter = Drafter(self._draft, self.tree_params, n_seq, cp.n_batch)
         self._rng = np.random.default_rng(_seed(seed))
+        self._lock, self._owner = threading.Lock(), None  # one completion at a time (its thread)
         self._chat_format = None  # the model's chat template, compiled on first use
 
     # ------------------------------------------------------------------ tokens
@@ -512,8 +513,22 @@ class Engine:
         rstop = r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else []
         return tokens, [s for s in rstop if s]
 
-    def _completion_chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams,
-                           stops: list[str], seed: Optional[int]) -> Iterator[dict]:
+    def _completion_chunks(self, *args) -> Iterator[dict]:
+        """One completion at a time per Engine (both contexts' KV is one state): another thread waits for
+        the running one to finish; the same thread starting a second while streaming the first is refused."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise EdgecadError("this thread is still streaming another completion of this Engine: read that "
+                               "stream to its end (or close it) before starting the next")
+        with self._lock:
+            self._owner = me
+            try:
+                yield from self._chunks(*args)
+            finally:
+                self._owner = None
+
+    def _chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams,
+                stops: list[str], seed: Optional[int]) -> Iterator[dict]:
         if not tokens:
             raise EdgecadError("the prompt is empty: give at least one character of text")
         if len(tokens) >= self.n_ctx:
@@ -536,8 +551,11 @@ class Engine:
         # token costs a search over the unstreamed tail, not over the whole text.
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as llama-cpp-python
         text, emitted, finish, cut = "", 0, "length", None
+        for m in (self._target_model, self._draft_model):
+            if m is not None:
+                m.check_file()
         if self._pager is not None:
-            self._pager.check_file()
+            self._pager.recover()
             self._pager.reset_peak()
             before = self._pager.stats()
         t0 = time.perf_counter()

@@ -74,6 +74,15 @@ class ModelParams:
     n_gpu_layers: int = 0          # layers offloaded to a GPU backend (Metal, Vulkan); 0 = CPU only
 
 
+def _identity(path: Path):
+    """What changes when a file is replaced, truncated or rewritten: (device, inode, size, mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class Model:
     """A loaded GGUF model and its vocabulary."""
 
@@ -88,6 +97,7 @@ class Model:
         _init_backend()
         self.path = Path(path)
         self.info = info if info is not None else read_gguf(self.path)
+        self._identity = _identity(self.path)
         mp = C.llama_model_default_params()
         mp.load_mode = C.LLAMA_LOAD_MODE_MMAP if params.use_mmap else C.LLAMA_LOAD_MODE_NONE
         mp.lazy_mode = C.LLAMA_LAZY_MODE_OFF
@@ -132,6 +142,13 @@ class Model:
         if not self._ptr:
             raise LlamaError(f"model {self.path} is closed")
         return self._ptr
+
+    def check_file(self) -> None:
+        """Raise before using a model whose file changed or vanished since the load: llama.cpp maps it, and
+        touching a page past a truncated end would kill the process (SIGBUS)."""
+        if _identity(self.path) != self._identity:
+            raise ModelFileError(f"{self.path} changed or vanished while loaded: load it again once the file "
+                                 "is complete")
 
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`, with BOS when the vocabulary asks for it (as llama-cpp-python's completion)."""

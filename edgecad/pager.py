@@ -266,6 +266,8 @@ _lib.ec_pager_reset_peak.argtypes, _lib.ec_pager_reset_peak.restype = [ctypes.c_
 _lib.ec_pager_pass_begin.argtypes, _lib.ec_pager_pass_begin.restype = [ctypes.c_void_p], ctypes.c_int
 # int ec_pager_pass_end(ec_pager *p);
 _lib.ec_pager_pass_end.argtypes, _lib.ec_pager_pass_end.restype = [ctypes.c_void_p], ctypes.c_int
+# int ec_pager_inject_fault(ec_pager *p, int code);
+_lib.ec_pager_inject_fault.argtypes, _lib.ec_pager_inject_fault.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
 # int ec_pager_error(ec_pager *p);
 _lib.ec_pager_error.argtypes, _lib.ec_pager_error.restype = [ctypes.c_void_p], ctypes.c_int
 # int ec_load_guard_begin(const char *path, const char *lib_name);
@@ -284,6 +286,7 @@ _lib.ec_read_bandwidth.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_ui
 _lib.ec_read_bandwidth.restype = ctypes.c_int
 
 EC_ECHANGED = 8
+EC_EIO = 9
 
 
 def _ggml_get_name() -> int:
@@ -405,8 +408,6 @@ class Pager:
         """mapping: (address, file offset, length) of llama.cpp's mapping of this model (new_mapping)."""
         self.path, self.plan, self._h = Path(path), plan, None
         native.check_version()
-        st = os.stat(self.path)
-        self._identity = (st.st_size, st.st_mtime_ns)
         addr, map_off, map_len = mapping
         ranges = {l.index: l for l in info.layers()}
         n = max(ranges) + 1
@@ -432,19 +433,18 @@ class Pager:
         return self._h
 
     def settle(self) -> None:
-        """Evict the streamed layers (the loader read them all) and read the pinned ones."""
+        """Back to the state after load: read the pinned layers, evict the streamed ones (and whatever a
+        whole-file load read), start reading the first window. Also clears an IO error."""
         native.check(_lib.ec_pager_settle(self._h), "ec_pager_settle")
 
-    def check_file(self) -> None:
-        """Raise before using a model file that changed under us (touching it could SIGBUS)."""
-        try:
-            st = os.stat(self.path)
-            same = (st.st_size, st.st_mtime_ns) == self._identity
-        except OSError:
-            same = False
-        if not same:
-            raise ModelFileError(f"{self.path} changed or vanished while the engine was using it: "
-                                 "load it again once the file is complete")
+    def recover(self) -> None:
+        """Before a completion: after an IO error (raised by the pass that met it), settle again."""
+        if _lib.ec_pager_error(self._h):
+            self.settle()
+
+    def inject_fault(self, code: int = EC_EIO) -> None:
+        """Tests: make the next read fail as a failing storage would."""
+        native.check(_lib.ec_pager_inject_fault(self._h, code), "ec_pager_inject_fault")
 
     def begin_pass(self) -> None:
         """Before a target decode the draft runs beside: the gate holds the draft until the pass waits."""

@@ -187,6 +187,7 @@ struct ec_pager {
     uint8_t *want;           /* [n_layers] 1 = loaded once the queue drains */
     uint64_t *load_ticket;   /* [n_layers] ticket of the latest LOAD of the layer */
     int error;               /* first EC_* error of the IO thread; cb_eval then aborts the graph */
+    int inject;              /* tests: the next read fails with this EC_* code (ec_pager_inject_fault) */
     double next_free_s;      /* throttle: when the next chunk may start (IO thread only) */
     int use_populate;        /* 1 while MADV_POPULATE_READ works (IO thread only) */
     uint8_t *scratch;        /* [CHUNK] pread fallback buffer (IO thread only) */
@@ -304,6 +305,8 @@ static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
         return fail(EC_ECHANGED, 0, "the model file changed size (%llu -> %llu bytes) while in use",
                     (unsigned long long)p->file_size, (unsigned long long)st.st_size);
     if (off + len > p->file_size) return fail(EC_EINVAL, 0, "range past the end of the model file");
+    int injected = __atomic_exchange_n(&p->inject, 0, __ATOMIC_ACQ_REL);
+    if (injected) return fail(injected, EIO, "injected fault reading the model file at %llu", (unsigned long long)off);
     for (uint64_t done = 0; done < len; done += CHUNK) {
         uint64_t n = len - done < CHUNK ? len - done : CHUNK;
         throttle(p, n);
@@ -664,6 +667,7 @@ int ec_pager_settle(ec_pager *p) {
     if (!p) return fail(EC_EINVAL, 0, "ec_pager_settle: NULL pager");
     pthread_mutex_lock(&p->mu);
     while (p->completed < p->queued) pthread_cond_wait(&p->done, &p->mu); /* no IO in flight */
+    p->error = 0; /* settle is also the recovery after an IO error: back to the state after load */
     for (int il = 0; il < p->n_layers; il++)
         if (p->streamed[il]) p->want[il] = 0;
     pthread_mutex_unlock(&p->mu);
@@ -701,6 +705,12 @@ void ec_pager_reset_peak(ec_pager *p) {
     pthread_mutex_lock(&p->mu);
     p->st.peak_resident = p->st.resident_now;
     pthread_mutex_unlock(&p->mu);
+}
+
+int ec_pager_inject_fault(ec_pager *p, int code) {
+    if (!p) return fail(EC_EINVAL, 0, "ec_pager_inject_fault: NULL pager");
+    __atomic_store_n(&p->inject, code, __ATOMIC_RELEASE);
+    return EC_OK;
 }
 
 int ec_pager_error(ec_pager *p) {

@@ -71,8 +71,8 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
                   const ec_range *pinned, int n_pinned, const ec_range *evict_each_pass, int n_evict,
                   const ec_pager_params *params, void *name_fn, ec_pager **out);
 void ec_pager_close(ec_pager *p);
-/* Drop every streamed layer and the evict_each_pass ranges; read the pinned ranges; start reading the
- * first pass's window (read-ahead mode). */
+/* Back to the state after load (and clear an IO error): read the pinned ranges, drop every streamed layer
+ * and the evict_each_pass ranges, start reading the first pass's window (read-ahead mode). */
 int ec_pager_settle(ec_pager *p);
 /* The llama.cpp cb_eval: a layer boundary at each "attn_norm-<il>" node. */
 bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data);
@@ -84,7 +84,9 @@ int ec_pager_pass_begin(ec_pager *p);
 int ec_pager_pass_end(ec_pager *p);
 /* The draft context's cb_eval (user_data: the target's pager): holds the draft while the target computes. */
 bool ec_pager_gate_cb_eval(void *tensor, bool ask, void *user_data);
-/* EC_OK, or the first error the IO thread met (then cb_eval aborts the graph). */
+/* Tests: the pager's next read fails with `code` (an EC_* error), as a failing storage would. */
+int ec_pager_inject_fault(ec_pager *p, int code);
+/* EC_OK, or the first error the IO thread met (then cb_eval aborts the graph; ec_pager_settle recovers). */
 int ec_pager_error(ec_pager *p);
 
 /* Sequential read bandwidth of a file range after dropping it from the page cache (bytes/s), read the way

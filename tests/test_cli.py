@@ -54,3 +54,72 @@ def test_models_list_and_path(empty_models_dir, capsys):
     assert str(empty_models_dir) in out and "qwen2.5-coder-1.5b" in out and "not fetched" in out
     assert main(["models", "path", "qwen2.5-coder-0.5b"]) == 1
     assert "edgecad models fetch qwen2.5-coder-0.5b" in capsys.readouterr().err
+
+
+LONG = "hello the world " * 40  # ~500 tokens
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--top-p", "5"], "--top-p 5.0 is out of range: use a value > 0 and <= 1"),
+    (["--top-p", "0"], "--top-p 0.0 is out of range"),
+    (["--top-k", "-3"], "--top-k -3 is out of range: use an integer >= 0 (0 = off)"),
+    (["--temperature", "-1"], "--temperature -1.0 is out of range: use a value >= 0"),
+    (["--threads", "0"], "--threads 0 is out of range: use an integer 1..512"),
+    (["--threads", "1000"], "--threads 1000 is out of range: use an integer 1..512"),
+    (["--n-ctx", "0"], "--n-ctx 0 is out of range: use an integer >= 8"),
+    (["--seed", "-7"], "--seed -7 is out of range: use an integer >= 0 (or -1 for a random seed)"),
+    (["--memory-budget=-5%"], "cannot read memory budget '-5%'"),
+    (["--memory-budget", "lots"], "cannot read memory budget 'lots'"),
+    (["--memory-budget", "1MB"], "give a larger --memory-budget or a smaller --n-ctx"),
+    (["--target-budget", "1KB"], "give a --target-budget of at least"),
+    (["--mode", "tree", "--n-ctx", "32", "-p", LONG], "shorten the prompt or raise --n-ctx above"),
+    (["--mode", "target", "-p", ""], "the prompt is empty"),
+])
+def test_nonsense_values_get_one_line_naming_the_flag(tiny_pair, args, message):
+    draft, target = tiny_pair
+    r = run("generate", "--target", target, "--draft", draft, "-p", "hello", "-n", "4", *args)
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr.startswith("edgecad: error: ") and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "-p", "hi", "-n", "0"], "argument -n/--max-tokens: 0 is not a token count: use a positive number, "
+                                          "or -1"),
+    (["generate", "-p", "hi", "-n", "-5"], "-5 is not a token count"),
+    (["generate", "-p", "hi", "--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
+    (["generate", "-p", "hi", "--top-p", "high"], "argument --top-p: invalid float value: 'high'"),
+    (["bench", "--n-prompts", "0"], "argument --n-prompts: 0 is not a positive integer"),
+    (["bench", "--repeat", "-1"], "argument --repeat: -1 is not a positive integer"),
+    (["chat", "-n", "0"], "0 is not a token count"),
+    (["inspect"], "the following arguments are required: model"),
+])
+def test_bad_arguments_are_one_line_with_the_help_to_read(args, message):
+    r = run(*args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--help" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "--modes", "nonsense"], "unknown bench rows ['nonsense']: choose from target, "),
+    (["bench", "--modes", "target,bogus"], "unknown bench rows ['bogus']"),
+    (["bench", "--memory-limit", "1GB", "--modes", "bogus"], "unknown rows ['bogus'] for --memory-limit"),
+])
+def test_unknown_bench_rows(args, message):
+    r = run(*args)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_minus_one_tokens_runs_to_the_end_of_the_context(tiny_target):
+    r = run("generate", "--target", tiny_target, "--mode", "target", "-p", "hello", "-n", "-1", "--n-ctx", "64",
+            "--stats")
+    assert r.returncode == 0, r.stderr
+    n = int(next(l for l in r.stderr.splitlines() if l.strip().startswith("n_tokens:")).split(":")[1])
+    prompt = int(next(l for l in r.stderr.splitlines() if l.strip().startswith("prompt_tokens:")).split(":")[1])
+    assert "near_ties" in r.stderr and n > 0 and n + prompt >= 250  # llama.cpp pads a context to 256 cells
+
+
+def test_inspect_budget_flag(tiny_pair):
+    draft, target = tiny_pair
+    r = run("inspect", target, "--draft", draft, "--memory-budget", "1GB")
+    assert r.returncode == 0 and "configuration" in r.stdout, r.stderr
