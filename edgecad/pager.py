@@ -467,7 +467,8 @@ class Pager:
             raise ModelFileError(f"{self.path} changed size while the engine was paging it: "
                                  "load it again once the file is complete")
         if code:
-            raise NativeError(f"the pager failed (EC code {code}) while reading {self.path}", code)
+            why = _lib.ec_last_error().decode(errors="replace")
+            raise NativeError(f"the pager failed (EC code {code}) while reading {self.path}: {why}", code)
 
     def stats(self) -> dict:
         s = _Stats()

@@ -187,6 +187,7 @@ struct ec_pager {
     uint8_t *want;           /* [n_layers] 1 = loaded once the queue drains */
     uint64_t *load_ticket;   /* [n_layers] ticket of the latest LOAD of the layer */
     int error;               /* first EC_* error of the IO thread; cb_eval then aborts the graph */
+    char error_text[512];    /* the IO thread's message for `error` */
     int inject;              /* tests: the next read fails with this EC_* code (ec_pager_inject_fault) */
     double next_free_s;      /* throttle: when the next chunk may start (IO thread only) */
     int use_populate;        /* 1 while MADV_POPULATE_READ works (IO thread only) */
@@ -374,7 +375,10 @@ static void *io_main(void *arg) {
         double t1 = now_s();
         pthread_mutex_lock(&p->mu);
         p->st.io_busy_ns += (uint64_t)((t1 - t0) * 1e9);
-        if (rc && !p->error) p->error = rc;
+        if (rc && !p->error) {
+            p->error = rc;
+            snprintf(p->error_text, sizeof p->error_text, "%s", ec_errbuf); /* this thread's message */
+        }
         p->completed++;
         pthread_cond_broadcast(&p->done);
     }
@@ -709,7 +713,10 @@ void ec_pager_reset_peak(ec_pager *p) {
 
 int ec_pager_inject_fault(ec_pager *p, int code) {
     if (!p) return fail(EC_EINVAL, 0, "ec_pager_inject_fault: NULL pager");
+    pthread_mutex_lock(&p->mu);
+    while (p->completed < p->queued) pthread_cond_wait(&p->done, &p->mu); /* the next read is the caller's */
     __atomic_store_n(&p->inject, code, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&p->mu);
     return EC_OK;
 }
 
@@ -717,6 +724,7 @@ int ec_pager_error(ec_pager *p) {
     if (!p) return EC_EINVAL;
     pthread_mutex_lock(&p->mu);
     int e = p->error;
+    if (e) snprintf(ec_errbuf, sizeof ec_errbuf, "%s", p->error_text); /* for ec_last_error() in this thread */
     pthread_mutex_unlock(&p->mu);
     return e;
 }

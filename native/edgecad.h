@@ -84,9 +84,10 @@ int ec_pager_pass_begin(ec_pager *p);
 int ec_pager_pass_end(ec_pager *p);
 /* The draft context's cb_eval (user_data: the target's pager): holds the draft while the target computes. */
 bool ec_pager_gate_cb_eval(void *tensor, bool ask, void *user_data);
-/* Tests: the pager's next read fails with `code` (an EC_* error), as a failing storage would. */
+/* Tests: once the reads in flight are done, the pager's next read fails with `code` (an EC_* error). */
 int ec_pager_inject_fault(ec_pager *p, int code);
-/* EC_OK, or the first error the IO thread met (then cb_eval aborts the graph; ec_pager_settle recovers). */
+/* EC_OK, or the first error the IO thread met (then cb_eval aborts the graph; ec_pager_settle recovers);
+ * ec_last_error() then gives the IO thread's message. */
 int ec_pager_error(ec_pager *p);
 
 /* Sequential read bandwidth of a file range after dropping it from the page cache (bytes/s), read the way

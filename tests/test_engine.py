@@ -214,3 +214,141 @@ def test_repeat_penalty_matches_llama_cpp_python(tiny_pair, mode):
             ours = e.create_completion(prompt, max_tokens=30, temperature=0.0, repeat_penalty=1.5)["edgecad"]
             assert ours["token_ids"] == theirs
             assert ours["token_ids"] != plain or len(set(plain)) == len(plain)  # the penalty changed something
+
+
+# ---------------------------------------------------------------------------- reliability
+
+def _gguf_cuts(data: bytes) -> list[int]:
+    """Points to truncate a GGUF at: in the magic, the header, the metadata, the tensor index, the data."""
+    return [3, 20, 200, 5000, len(data) // 2, len(data) - 1]
+
+
+@pytest.mark.parametrize("case", ["empty", "random", "random-after-magic", "wrong-architecture", "directory",
+                                  *[f"cut-{i}" for i in range(6)]])
+def test_bad_model_files_are_one_clear_error(tmp_path, tiny_target, case):
+    data = tiny_target.read_bytes()
+    p = tmp_path / "bad.gguf"
+    if case == "empty":
+        p.write_bytes(b"")
+    elif case == "random":
+        p.write_bytes(os.urandom(100_000))
+    elif case == "random-after-magic":
+        p.write_bytes(data[:8] + os.urandom(100_000))
+    elif case == "wrong-architecture":
+        p.write_bytes(data.replace(b"qwen2", b"zzzz9"))
+    elif case == "directory":
+        p.mkdir()
+    else:
+        p.write_bytes(data[:_gguf_cuts(data)[int(case.split("-")[1])]])
+    with pytest.raises(ModelFileError) as e:
+        Engine(p, n_ctx=64)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_model(tmp_path, tiny_target):
+    p = tmp_path / "locked.gguf"
+    p.write_bytes(tiny_target.read_bytes())
+    p.chmod(0)
+    with pytest.raises(ModelFileError, match="permission"):
+        Engine(p)
+
+
+@pytest.mark.parametrize("change", ["truncate", "replace"])
+def test_a_resident_model_changed_on_disk_is_an_error_not_a_crash(tmp_path, tiny_pair, change):
+    draft, target = tiny_pair
+    t, d = tmp_path / "t.gguf", tmp_path / "d.gguf"
+    t.write_bytes(target.read_bytes())
+    d.write_bytes(draft.read_bytes())
+    with Engine(t, d, mode="tree", n_ctx=256, memory_budget=None) as e:
+        e.create_completion("hello", temperature=0.0, max_tokens=4)
+        victim = d if change == "truncate" else t
+        if change == "truncate":
+            os.truncate(victim, victim.stat().st_size // 3)
+        else:
+            (tmp_path / "new.gguf").write_bytes(victim.read_bytes())
+            os.replace(tmp_path / "new.gguf", victim)
+        with pytest.raises(ModelFileError, match="changed or vanished"):
+            e.create_completion("hello", temperature=0.0, max_tokens=4)
+
+
+def test_two_threads_share_one_engine_one_completion_at_a_time(tiny_pair):
+    import threading
+    draft, target = tiny_pair
+    prompts = ["hello the world", "Once upon a time", "def f(x):", "abc abc abc"]
+    with Engine(target, draft, mode="tree", n_ctx=512, memory_budget=None) as e:
+        ref = {p: e.create_completion(p, temperature=0.0, max_tokens=24)["edgecad"]["token_ids"] for p in prompts}
+        got, errors = {}, []
+
+        def worker(i):
+            try:
+                for k in range(6):
+                    p = prompts[(i + k) % len(prompts)]
+                    got.setdefault(p, []).append(e.create_completion(p, temperature=0.0, max_tokens=24)
+                                                 ["edgecad"]["token_ids"])
+            except Exception as x:  # noqa: BLE001 (reported below)
+                errors.append(x)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors
+        assert all(ids == ref[p] for p, runs in got.items() for ids in runs)
+        first = e.create_completion("hello the world", max_tokens=8, stream=True)
+        next(first)
+        with pytest.raises(EdgecadError, match="still streaming another completion"):
+            list(e.create_completion("abc", max_tokens=4, stream=True))
+        first.close()
+        assert e.create_completion("hello the world", temperature=0.0, max_tokens=24)["edgecad"]["token_ids"] == \
+            ref["hello the world"]
+
+
+def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pair):
+    """SIGINT at random moments of completions (mid target pass, mid draft, between): each time the
+    engine stays usable, both caches consistent, and the next completion is the target's own."""
+    import random
+    import signal
+    from edgecad.pager import PagerParams
+    draft, target = paging_pair
+    p = PagerParams(throttle_bps=40e6, embd_allowance=64 << 10)
+    with Engine(target, draft, mode="tree", n_ctx=512, target_budget="50%", pager=p) as e:
+        ref = e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"]
+        e._debug_kv = True  # check both KV caches after every step
+        rnd, interrupted = random.Random(0), 0
+
+        def handler(*_):
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGALRM, handler)
+        try:
+            for _ in range(12):
+                signal.setitimer(signal.ITIMER_REAL, rnd.uniform(0.005, ref["seconds"] + ref["prompt_seconds"]))
+                try:
+                    e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)
+                except KeyboardInterrupt:
+                    interrupted += 1
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                st = e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"]
+                assert st["token_ids"] == ref["token_ids"]
+        finally:
+            signal.signal(signal.SIGALRM, old)
+        assert interrupted >= 6
+
+
+def test_generation_needs_no_network(tiny_pair, monkeypatch):
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError("edgecad opened a network connection at run time")
+
+    for name in ("connect", "connect_ex", "sendto"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    draft, target = tiny_pair
+    with Engine(target, draft, mode="tree", n_ctx=256) as e:
+        assert e.create_completion("hello", temperature=0.0, max_tokens=8)["usage"]["completion_tokens"] == 8
+        e.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4)

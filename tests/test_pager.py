@@ -234,3 +234,18 @@ def test_a_paged_load_reads_only_what_the_plan_keeps(paging_pair, reference, mod
     draft_bytes = os.path.getsize(draft) if mode == "tree" else 0
     assert read["0"] >= info.file_size + draft_bytes - slack  # llama.cpp reads the whole target
     assert read["1"] <= kept + draft_bytes + slack  # lazily: what the plan keeps
+
+
+def test_an_io_error_surfaces_and_the_next_completion_works(paging_pair, reference):
+    from edgecad.errors import NativeError
+    draft, target = paging_pair
+    p = PagerParams(**SMALL)
+    with Engine(target, draft, mode="tree", n_ctx=512, target_budget=budget_for(target, p), pager=p) as e:
+        e._debug_kv = True
+        for _ in range(2):
+            e._pager.inject_fault()
+            with pytest.raises(NativeError, match="injected fault"):
+                e.create_completion(PROMPTS[1], temperature=0.0, max_tokens=40)
+            st = e.create_completion(PROMPTS[1], temperature=0.0, max_tokens=40)["edgecad"]
+            assert st["token_ids"] == reference[PROMPTS[1]]
+            assert st["peak_resident_target_bytes"] <= e.budget_plan.budget + PAGE * len(e.budget_plan.streamed_layers)
