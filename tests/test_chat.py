@@ -167,7 +167,7 @@ def test_chat_templates_render_in_a_sandbox(tiny_target, tmp_path):
     from jinja2.sandbox import SandboxedEnvironment
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     with Engine(tiny_target, n_ctx=256) as e:
-        assert isinstance(e._target_model.chat_formatter()._environment, SandboxedEnvironment)  # the GGUF's own
+        assert isinstance(e._target_model.chat_formatter()._environment.environment, SandboxedEnvironment)  # GGUF
         e._chat_format = Jinja2ChatFormatter("{{ ''.__class__.__mro__[1].__subclasses__() }}", eos_token="",
                                              bos_token="")
         with pytest.raises(EdgecadError, match="chat template refused"):
