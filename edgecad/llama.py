@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence
 import llama_cpp as C
 import numpy as np
 
+from . import native
 from .errors import LlamaError, ModelFileError
 from .progress import Progress
 
@@ -275,6 +276,9 @@ _DECODE_ERRORS = {
 }
 
 
+_ABORT = C.ggml_abort_callback(native.abort_callback_address)  # edgecad's C: stop a graph on Ctrl-C
+
+
 @dataclass(frozen=True)
 class ContextParams:
     n_ctx: int = 4096           # tokens of KV cache, shared by all sequences (kv_unified)
@@ -313,6 +317,8 @@ class Context:
         self._ptr = C.llama_init_from_model(model.ptr, cp)
         if not self._ptr:
             raise LlamaError(f"llama_init_from_model failed (n_ctx={params.n_ctx}){_recent_errors()}")
+        native.install_interrupt()
+        C.llama_set_abort_callback(self._ptr, _ABORT, None)  # Ctrl-C stops a graph between nodes
         self.n_ctx: int = C.llama_n_ctx(self._ptr)
         self._mem = C.llama_get_memory(self._ptr)
         self.n_vocab = model.n_vocab
@@ -328,9 +334,12 @@ class Context:
         return self._ptr
 
     def decode(self, batch: Batch) -> None:
+        native.lib.ec_interrupt_clear()
         rc = C.llama_decode(self.ptr, batch._b)
         if self._after_decode is not None:
             self._after_decode()
+        if rc != 0 and native.lib.ec_interrupt_pending():
+            raise KeyboardInterrupt  # the graph stopped for a Ctrl-C (Python raises it too, maybe later)
         if rc != 0:
             why = _DECODE_ERRORS.get(rc, "error")
             raise LlamaError(f"llama_decode of {batch.n_tokens} tokens failed ({rc}): {why}{_recent_errors()}", rc)

@@ -42,7 +42,7 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(found[0]))
 
 
-EC_VERSION = 5  # native/edgecad.h: the interface these bindings are written for
+EC_VERSION = 6  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -62,6 +62,22 @@ lib.ec_mem_resident.argtypes, lib.ec_mem_resident.restype = [ctypes.c_void_p, ct
 # int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *resident_bytes);
 lib.ec_file_resident.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, _u64p]
 lib.ec_file_resident.restype = ctypes.c_int
+
+
+# int ec_interrupt_install(void); void ec_interrupt_clear(void); int ec_interrupt_pending(void);
+lib.ec_interrupt_install.argtypes, lib.ec_interrupt_install.restype = [], ctypes.c_int
+lib.ec_interrupt_clear.argtypes, lib.ec_interrupt_clear.restype = [], None
+lib.ec_interrupt_pending.argtypes, lib.ec_interrupt_pending.restype = [], ctypes.c_int
+# bool ec_abort_callback(void *data);  (llama.cpp's abort callback, passed by address)
+abort_callback_address = ctypes.cast(lib.ec_abort_callback, ctypes.c_void_p).value
+
+
+def install_interrupt() -> None:
+    """Let Ctrl-C stop C code that waits (a pass waiting on storage, the pinned reads, a llama.cpp graph):
+    only while Ctrl-C means KeyboardInterrupt (Python's default handler), which it still raises."""
+    import signal
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        lib.ec_interrupt_install()
 
 
 def check(code: int, what: str) -> None:

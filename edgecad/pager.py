@@ -287,6 +287,7 @@ _lib.ec_read_bandwidth.restype = ctypes.c_int
 
 EC_ECHANGED = 8
 EC_EIO = 9
+EC_ECANCELED = 11
 
 
 def _ggml_get_name() -> int:
@@ -435,7 +436,11 @@ class Pager:
     def settle(self) -> None:
         """Back to the state after load: read the pinned layers, evict the streamed ones (and whatever a
         whole-file load read), start reading the first window. Also clears an IO error."""
-        native.check(_lib.ec_pager_settle(self._h), "ec_pager_settle")
+        _lib.ec_interrupt_clear()
+        code = _lib.ec_pager_settle(self._h)
+        if code == EC_ECANCELED:
+            raise KeyboardInterrupt
+        native.check(code, "ec_pager_settle")
 
     def recover(self) -> None:
         """Before a completion: after an IO error (raised by the pass that met it), settle again."""

@@ -12,6 +12,7 @@
  *                  ahead and evicts, driven by llama.cpp's cb_eval at every layer boundary
  *   4. bandwidth   sequential read speed of a file after dropping it from the page cache
  *   5. load guard  llama.cpp's load of a paged model maps it without reading it all (PLT hooks)
+ *   6. interrupt   Ctrl-C reaches C code that waits (a pass waiting on storage, the pinned reads)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -20,6 +21,7 @@
 #include <link.h>
 #endif
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -137,6 +139,9 @@ int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *
     *resident_bytes = pages * page_size();
     return EC_OK;
 }
+
+/* Set by the SIGINT handler (section 6); read where C code waits. */
+static volatile sig_atomic_t ec_interrupted;
 
 /* ------------------------------------------------------------------------ */
 /* 3. pager                                                                 */
@@ -299,7 +304,8 @@ static int read_chunk(ec_pager *p, uint64_t off, uint64_t n) {
     return mapped ? populate(p, a, an, &done) : EC_OK;
 }
 
-static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
+/* cancellable: the caller's thread stops between chunks on Ctrl-C (EC_ECANCELED); the IO thread never does. */
+static int read_range(ec_pager *p, uint64_t off, uint64_t len, int cancellable) {
     struct stat st;
     if (fstat(p->fd, &st) != 0) return fail(EC_ESTAT, errno, "fstat of the model file");
     if ((uint64_t)st.st_size != p->file_size)
@@ -310,6 +316,7 @@ static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
     if (injected) return fail(injected, EIO, "injected fault reading the model file at %llu", (unsigned long long)off);
     for (uint64_t done = 0; done < len; done += CHUNK) {
         uint64_t n = len - done < CHUNK ? len - done : CHUNK;
+        if (cancellable && ec_interrupted) return fail(EC_ECANCELED, 0, "interrupted");
         throttle(p, n);
         int rc = read_chunk(p, off + done, n);
         if (rc) return rc;
@@ -365,7 +372,7 @@ static void *io_main(void *arg) {
         double t0 = now_s();
         if (failed) {
         } else if (op.op == OP_LOAD) {
-            rc = read_range(p, p->layers[op.layer].off, p->layers[op.layer].len);
+            rc = read_range(p, p->layers[op.layer].off, p->layers[op.layer].len, 0);
         } else if (op.op == OP_EVICT) {
             evict_layer(p, op.layer);
             __atomic_store_n(&p->remeasure[op.layer], 1, __ATOMIC_RELAXED);
@@ -461,12 +468,18 @@ static int boundary(ec_pager *p, int il) {
         if (p->completed < p->load_ticket[il] && !p->error) {
             p->waiting = 1; /* the cores are free: let a gated draft run */
             pthread_cond_broadcast(&p->gate);
-            while (p->completed < p->load_ticket[il] && !p->error) pthread_cond_wait(&p->done, &p->mu);
+            while (p->completed < p->load_ticket[il] && !p->error && !ec_interrupted) {
+                struct timespec ts; /* wake every 20 ms to see a Ctrl-C (signals cannot signal a condvar) */
+                clock_gettime(CLOCK_REALTIME, &ts);
+                ts.tv_nsec += 20000000;
+                if (ts.tv_nsec >= 1000000000) ts.tv_sec++, ts.tv_nsec -= 1000000000;
+                pthread_cond_timedwait(&p->done, &p->mu, &ts);
+            }
             p->waiting = 0;
         }
         p->st.io_wait_ns += (uint64_t)((now_s() - t0) * 1e9);
     }
-    int err = p->error;
+    int err = p->error ? p->error : ec_interrupted ? EC_ECANCELED : EC_OK;
     pthread_mutex_unlock(&p->mu);
     if (!err && p->prm.measure && p->n_stream > 0) measure(p, j >= 0 ? j : p->next_ring[il], pass_start);
     return err;
@@ -676,9 +689,9 @@ int ec_pager_settle(ec_pager *p) {
         if (p->streamed[il]) p->want[il] = 0;
     pthread_mutex_unlock(&p->mu);
     int rc = EC_OK;
-    for (int i = 0; i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len);
+    for (int i = 0; i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len, 1);
     for (int il = 0; il < p->n_layers && !rc; il++)
-        if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len);
+        if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len, 1);
     /* then drop the rest: what a whole-file load read, and what the kernel read ahead past the pinned ranges */
     for (int il = 0; il < p->n_layers; il++)
         if (p->streamed[il]) evict_range(p, p->layers[il].off, p->layers[il].len);
@@ -1025,3 +1038,50 @@ int ec_load_guard_end(ec_load_guard_stats *out) {
 }
 
 #endif
+
+/* ------------------------------------------------------------------------ */
+/* 6. interrupt                                                             */
+/* ------------------------------------------------------------------------ */
+
+/* Python sees Ctrl-C only between bytecodes: while a llama_decode waits on storage for seconds (an SD
+ * card), or the pinned layers are read, it would not stop. A SIGINT handler chained in front of Python's
+ * sets ec_interrupted, which the waits above and llama.cpp's abort callback read; then Python's own
+ * handler runs as before and raises KeyboardInterrupt once the call returns. */
+
+static struct sigaction prev_sigint;
+
+static void on_sigint(int sig, siginfo_t *info, void *uc) {
+    ec_interrupted = 1;
+    if (prev_sigint.sa_flags & SA_SIGINFO) {
+        if (prev_sigint.sa_sigaction) prev_sigint.sa_sigaction(sig, info, uc);
+    } else if (prev_sigint.sa_handler == SIG_DFL) {
+        sigaction(sig, &prev_sigint, NULL); /* no handler before us: die of SIGINT as before */
+        raise(sig);
+    } else if (prev_sigint.sa_handler != SIG_IGN) {
+        prev_sigint.sa_handler(sig);
+    }
+}
+
+int ec_interrupt_install(void) {
+    struct sigaction cur;
+    if (sigaction(SIGINT, NULL, &cur) != 0) return fail(EC_EINVAL, errno, "sigaction(SIGINT)");
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_sigint) return EC_OK; /* installed already */
+    if (!(cur.sa_flags & SA_SIGINFO) && cur.sa_handler == SIG_IGN) return EC_OK;  /* Ctrl-C is ignored */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigint;
+    sa.sa_flags = SA_SIGINFO | (cur.sa_flags & SA_RESTART);
+    sigemptyset(&sa.sa_mask);
+    prev_sigint = cur;
+    if (sigaction(SIGINT, &sa, NULL) != 0) return fail(EC_EINVAL, errno, "sigaction(SIGINT)");
+    return EC_OK;
+}
+
+void ec_interrupt_clear(void) { ec_interrupted = 0; }
+
+int ec_interrupt_pending(void) { return ec_interrupted; }
+
+bool ec_abort_callback(void *data) {
+    (void)data;
+    return ec_interrupted != 0;
+}

@@ -5,7 +5,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 5
+#define EC_VERSION 6
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -20,6 +20,7 @@ enum {
     EC_ECHANGED = 8, /* the model file changed size under the pager */
     EC_EIO = 9,      /* reading the file failed */
     EC_EUNSUPPORTED = 10, /* the load guard cannot apply in this process (no patchable libllama) */
+    EC_ECANCELED = 11,    /* interrupted by Ctrl-C (SIGINT, see ec_interrupt_install) */
 };
 
 int ec_version(void);
@@ -108,5 +109,15 @@ typedef struct {
 int ec_load_guard_begin(const char *path, const char *lib_name);
 /* Restore the slots; *out (may be NULL) gets what the guard dropped. */
 int ec_load_guard_end(ec_load_guard_stats *out);
+
+/* ---- interrupt: Ctrl-C reaches C code that waits --------------------------------------- */
+
+/* Chain a SIGINT handler in front of the current one (Python's): it sets a flag that the pager's waits,
+ * the pinned reads (EC_ECANCELED) and ec_abort_callback read, then runs the previous handler. */
+int ec_interrupt_install(void);
+void ec_interrupt_clear(void);   /* before a call that a Ctrl-C should stop */
+int ec_interrupt_pending(void);  /* 1 once a SIGINT came since the last clear */
+/* llama.cpp's abort callback (llama_set_abort_callback): stop the graph on Ctrl-C. */
+bool ec_abort_callback(void *data);
 
 #endif

@@ -123,3 +123,30 @@ def test_inspect_budget_flag(tiny_pair):
     draft, target = tiny_pair
     r = run("inspect", target, "--draft", draft, "--memory-budget", "1GB")
     assert r.returncode == 0 and "configuration" in r.stdout, r.stderr
+
+
+def test_ctrl_c_while_the_models_load_exits_130(disk_dir):
+    """SIGINT once llama.cpp has mapped the target (a 64 MB model whose pinned 90% load from emulated SD-card
+    storage, dropped from the page cache first: about a second): exit 130, one line, nothing generated."""
+    import os
+    import signal
+    import time
+    from edgecad import tiny
+    from edgecad.cgroup import drop_file_cache
+    target = disk_dir / "wide-target.gguf"
+    if not target.exists():
+        tiny.write_model(target, tiny.TinySpec(n_layer=16, n_embd=256, n_ff=1024, seed=3))
+    drop_file_cache([target])
+    p = subprocess.Popen([sys.executable, "-m", "edgecad.cli", "generate", "--target", str(target), "--mode", "target",
+                          "--target-budget", "90%", "--storage", "sd", "-p", "hello", "-n", "50"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+    def llama_mapped():  # llama.cpp maps from the data offset (edgecad's own GGUF reader maps from 0)
+        return any(str(target) in l and int(l.split()[2], 16) > 0 for l in open(f"/proc/{p.pid}/maps"))
+
+    deadline = time.monotonic() + 60
+    while not llama_mapped() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.002)
+    os.kill(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    assert out == "" and err.strip() == "edgecad: interrupted"

@@ -50,7 +50,7 @@ def test_parts_add_up_and_the_fastest_fitting_config_wins(paging_pair):
 def test_budget_too_small_names_the_smallest(paging_pair):
     draft, target = paging_pair
     with pytest.raises(EdgecadError, match=r"memory budget 10 MB cannot run .* the smallest configuration needs "
-                                           r"[\d,]+ MB; give a larger budget \(--memory-budget / memory_budget=\)"):
+                                           r"[\d,]+ MB; give a larger memory_budget or a smaller n_ctx"):
         Engine(target, draft, memory_budget="10MB", n_ctx=512)
 
 

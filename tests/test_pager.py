@@ -249,3 +249,24 @@ def test_an_io_error_surfaces_and_the_next_completion_works(paging_pair, referen
             st = e.create_completion(PROMPTS[1], temperature=0.0, max_tokens=40)["edgecad"]
             assert st["token_ids"] == reference[PROMPTS[1]]
             assert st["peak_resident_target_bytes"] <= e.budget_plan.budget + PAGE * len(e.budget_plan.streamed_layers)
+
+
+def test_ctrl_c_stops_a_pass_that_waits_on_storage(paging_pair, reference):
+    """A SIGINT while a paged pass waits for its layers (storage throttled to 5 MB/s: a pass takes ~0.7 s)
+    stops the pass there, not at its end: fewer layer boundaries than a whole pass; the engine goes on."""
+    import os
+    import signal
+    import threading
+    _, target = paging_pair
+    p = PagerParams(io="demand", throttle_bps=5e6, **SMALL)
+    with Engine(target, n_ctx=512, target_budget=budget_for(target, p), pager=p) as e:
+        n_layers = read_gguf(target).n_layer
+        before = e._pager.stats()["boundaries"]
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=40)
+        timer.join()
+        assert e._pager.stats()["boundaries"] - before < n_layers  # the prompt's pass did not run to its end
+        st = e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=4)["edgecad"]
+        assert st["token_ids"] == reference[PROMPTS[2]][:4]
