@@ -28,6 +28,7 @@ def _fmt(v) -> str:
 
 # API argument -> the flag that sets it, for error messages (edgecad's errors name API arguments)
 FLAGS = {"n_ctx": "--n-ctx", "memory_budget": "--memory-budget", "target_budget": "--target-budget",
+         "backend": "--backend", "draft_gpu_layers": "--draft-gpu-layers", "target_gpu_layers": "--target-gpu-layers",
          "max_tokens": "-n", "n_threads": "--threads", "top_k": "--top-k", "top_p": "--top-p",
          "temperature": "--temperature", "seed": "--seed", "draft": "--draft", "mode": "--mode"}
 
@@ -85,6 +86,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     pager = PagerParams(io=a.io, storage=a.storage)
     budget = None if str(a.memory_budget).lower() == "none" else a.memory_budget
     with Engine(a.target, draft, mode=a.mode, memory_budget=budget, target_budget=a.target_budget, pager=pager,
+                backend=a.backend, draft_gpu_layers=a.draft_gpu_layers, target_gpu_layers=a.target_gpu_layers,
                 n_ctx=a.n_ctx,
                 n_threads=a.threads, seed=a.seed, verbose=a.verbose) as eng:
         last = None
@@ -134,7 +136,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from .pager import PagerParams
 
     with Engine(a.target, draft, memory_budget=budget, target_budget=a.target_budget,
-                pager=PagerParams(storage=a.storage), n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
+                pager=PagerParams(storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
+                target_gpu_layers=a.target_gpu_layers, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
                 verbose=a.verbose, progress=tty) as eng:
         if tty:
             plan = eng.memory_plan
@@ -221,7 +224,27 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- doctor
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from .doctor import report
+
+    budget = None if str(a.memory_budget).lower() == "none" else a.memory_budget
+    report(a.target, a.draft, budget, n_ctx=a.n_ctx, measure=not a.no_measure)
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu"],
+                   help="auto (default): the draft on a GPU when this llama.cpp has one (Metal, Vulkan), the "
+                        "target on the CPU; cpu: no GPU")
+    p.add_argument("--draft-gpu-layers", type=int, default=None, help="draft layers on the GPU (default: all "
+                                                                      "when a GPU is used; -1 = all)")
+    p.add_argument("--target-gpu-layers", type=int, default=0, help="target layers on the GPU (default 0; only "
+                                                                    "with a resident target, except on Metal)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgecad", description="Run a language model larger than your device's memory.")
@@ -251,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="how paged layers are read")
     g.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"],
                    help="emulate slower storage by throttling the pager's reads")
+    _add_device_flags(g)
     g.add_argument("--stats", action="store_true", help="print run statistics to stderr")
     g.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
     g.set_defaults(func=cmd_generate)
@@ -281,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "resident (450MB, 40%%), the rest on top; for experiments")
     c.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"],
                    help="emulate slower storage by throttling the pager's reads")
+    _add_device_flags(c)
     c.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
     c.set_defaults(func=cmd_chat)
 
@@ -330,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "the costs)")
     i.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="IO mode of the plan")
     i.set_defaults(func=cmd_inspect)
+
+    dr = sub.add_parser("doctor", help="what this device can do: cores, memory, storage speed, backends, and the "
+                                       "plan edgecad would run for a model pair")
+    dr.add_argument("--target", default=None, help="target GGUF path or registry name (default: the default pair)")
+    dr.add_argument("--draft", default=None, help="draft GGUF path or registry name")
+    dr.add_argument("--memory-budget", default="auto", help="the budget to plan for (default auto)")
+    dr.add_argument("--n-ctx", type=_positive, default=4096, help="context length to plan for (default 4096)")
+    dr.add_argument("--no-measure", action="store_true", help="do not measure the storage's read speed")
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 

@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import registry
+from .devices import placement
 from .errors import EdgecadError, PromptTooLongError, VocabularyMismatchError
 from .fidelity import NEAR_TIE_EPS, top2_gap
 from .gguf_file import GGUFInfo, read_gguf
@@ -138,6 +139,11 @@ class Engine:
             (a chain past the tree's best leaf, kept when the target accepts that branch). Off by
             default: measured 0.89-0.97x on 2 cores (docs/paging.md, "The pipeline").
         n_ctx: context length in tokens (prompt + completion).
+        backend: "auto" (the draft on a GPU when this llama.cpp has one: Metal, Vulkan, CUDA; the target on
+            the CPU) or "cpu". See edgecad.devices and docs/devices.md.
+        draft_gpu_layers: draft layers on the GPU; None = all when a GPU is used (-1 = all, llama.cpp's way).
+        target_gpu_layers: target layers on the GPU (default 0): only with a resident target, except on
+            Metal (unproven): CUDA and Vulkan copy offloaded weights, which then cannot be paged.
         n_threads: compute threads; None = all cores this process may use.
         seed: default random seed of sampled completions.
         verbose: print llama.cpp's log.
@@ -159,6 +165,9 @@ class Engine:
         pipeline: bool = False,
         n_ctx: int = 4096,
         # compute
+        backend: str = "auto",
+        draft_gpu_layers: Optional[int] = None,
+        target_gpu_layers: int = 0,
         n_threads: Optional[int] = None,
         seed: Optional[int] = None,
         verbose: bool = False,
@@ -220,19 +229,26 @@ class Engine:
             # The cost-aware cap measured +13% tok/s paged but -7% resident (scripts/eval_fallback.py):
             # a resident target's passes are cheap, LLMCad's threshold alone does better there.
             self.tree_params = replace(self.tree_params, cost_aware=False)
+        # Where each model computes: the draft on a GPU when there is one, the target on the CPU (edgecad.devices)
+        self.device, d_gpu, t_gpu = placement(backend, draft_gpu_layers, target_gpu_layers, paged)
+        if self.device is not None and (verbose or os.environ.get("EDGECAD_SHOW_PLAN")):
+            sys.stderr.write(f"  device        {self.device.name} ({self.device.description}): draft layers "
+                             f"{'all' if d_gpu < 0 else d_gpu}, target layers {'all' if t_gpu < 0 else t_gpu}"
+                             + (" (paging offloaded layers on Metal is unproven)" if t_gpu and paged else "") + "\n")
         # Load: a paged target is mapped without being read (lazy_load); the pager reads what the plan keeps.
         # Under a --storage profile, what the loads read from storage takes that storage's time.
         t_load, read0 = time.perf_counter(), storage_bytes_read()
         before = file_mappings(self.target_path) if paged else set()
         with lazy_load(self.target_path, enabled=paged) as lazy:
             # Weight repacking is faster resident but copies the weights out of the mapping: off when paged.
-            self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged),
-                                       t_info, progress=f"loading {self.target_path.name}" if progress else None)
+            self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged,
+                                                                     n_gpu_layers=t_gpu), t_info, progress=f"loading {self.target_path.name}" if progress else None)
         if paged and not lazy.applied and verbose:
             sys.stderr.write(f"edgecad: the target is read whole at load, then evicted ({lazy.reason})\n")
         speculative = self.mode != "target"
         if speculative:
-            self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True), d_info,
+            self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True,
+                                                                   n_gpu_layers=d_gpu), d_info,
                                       progress=f"loading {self.draft_path.name}" if progress else None)
         read1 = storage_bytes_read()
         emulate_storage(read1 - read0 if read0 is not None else None, t_load, pager.bytes_per_second)
@@ -246,7 +262,8 @@ class Engine:
             self.tree_params = replace(self.tree_params, max_nodes=max(1, n_ctx // 2 - 1))
         n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1
         # llama.cpp reserves max(outputs, sequences) logit rows and allows n_batch outputs: n_batch >= n_seq
-        cp = ContextParams(n_ctx=n_ctx, n_batch=max(plan.n_batch, n_seq), n_seq_max=n_seq, n_threads=self.n_threads)
+        cp = ContextParams(n_ctx=n_ctx, n_batch=max(plan.n_batch, n_seq), n_seq_max=n_seq, n_threads=self.n_threads,
+                           op_offload=t_gpu != 0)
         hooks = {}
         if self._pager is not None:
             hooks = dict(cb_eval=self._pager.cb_eval, cb_eval_user_data=self._pager.handle,
@@ -258,7 +275,7 @@ class Engine:
         self._drafter = None
         if speculative:
             gate = dict(cb_eval=self._pager.gate_cb_eval, cb_eval_user_data=self._pager.handle) if self.pipeline else {}
-            self._draft = Context(self._draft_model, cp, **gate)
+            self._draft = Context(self._draft_model, replace(cp, op_offload=d_gpu != 0), **gate)
             self._drafter = Drafter(self._draft, self.tree_params, n_seq, cp.n_batch)
         self._rng = np.random.default_rng(_seed(seed))
         self._lock, self._owner = threading.Lock(), None  # one completion at a time (its thread)

@@ -286,6 +286,8 @@ class ContextParams:
     n_seq_max: int = 1          # distinct sequence ids a token may carry (tree branches); <= 256
     n_threads: int = 0          # compute threads; 0 = all cores this process may use
     kv_unified: bool = True     # one KV buffer for all sequences: needed for multi-sequence tree tokens
+    op_offload: bool = False    # let llama.cpp run this context's big batches on a GPU (copying CPU weights
+                                # there per batch); off: a model kept on the CPU computes on the CPU
     flash_attn: bool = False    # llama.cpp's flash attention (its default, AUTO, turns it on for CPU; off
                                 # here as in llama-cpp-python's Llama, so greedy outputs match it exactly)
 
@@ -309,6 +311,7 @@ class Context:
         cp.kv_unified = params.kv_unified
         cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
+        cp.op_offload = params.op_offload
         if cb_eval is not None:
             cp.cb_eval = cb_eval
             cp.cb_eval_user_data = cb_eval_user_data

@@ -25,6 +25,7 @@ from typing import Optional, Union
 import llama_cpp as C
 
 from . import native
+from .devices import ggml_lib
 from .errors import EdgecadError, ModelFileError, NativeError
 from .gguf_file import GGUFInfo
 
@@ -292,10 +293,7 @@ EC_ECANCELED = 11
 
 def _ggml_get_name() -> int:
     """Address of ggml_get_name in the libggml-base that llama_cpp loaded."""
-    libdir = Path(C.__file__).parent / "lib"
-    names = {"darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
-    lib = ctypes.CDLL(str(libdir / names.get(sys.platform, "libggml-base.so")))
-    return ctypes.cast(lib.ggml_get_name, ctypes.c_void_p).value
+    return ctypes.cast(ggml_lib("ggml-base").ggml_get_name, ctypes.c_void_p).value
 
 
 def file_mappings(path: Path) -> set:

@@ -150,3 +150,23 @@ def test_ctrl_c_while_the_models_load_exits_130(disk_dir):
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
     assert out == "" and err.strip() == "edgecad: interrupted"
+
+
+def test_doctor_on_the_tiny_pair(tiny_pair):
+    draft, target = tiny_pair
+    r = run("doctor", "--target", target, "--draft", draft, "--memory-budget", "1GB")
+    assert r.returncode == 0, r.stderr
+    keys = [l.split()[0] for l in r.stdout.splitlines() if l and not l.startswith(" ")]
+    assert keys == ["machine", "memory", "backends", "placement", "models", "storage", "plan", "expected"], r.stdout
+    assert "GB/s sequential read (measured)" in r.stdout and "measuring the read speed" in r.stderr
+    assert "CPU" in r.stdout and "configuration" in r.stdout and "tokens/s" in r.stdout
+
+
+def test_gpu_flags_without_a_gpu_are_one_line(tiny_pair):
+    from edgecad import devices
+    if devices.gpu() is not None:
+        pytest.skip(f"this llama.cpp has a GPU ({devices.gpu().name}): the flags are valid here")
+    draft, target = tiny_pair
+    r = run("generate", "--target", target, "--draft", draft, "-p", "hi", "--draft-gpu-layers", "4")
+    assert r.returncode == 1 and "--draft-gpu-layers" in r.stderr and "no GPU" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

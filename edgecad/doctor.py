@@ -1,0 +1,97 @@
+"""`edgecad doctor`: what this device can do, and what edgecad would run on it.
+
+Cores, memory (the process's cgroup limit too), the storage read speed of the models' directory
+(measured), the llama.cpp backends and devices of this build, and the plan the automatic configuration
+makes for a model pair inside a budget, with its predicted speed.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+from . import cgroup, devices, registry
+from .errors import EdgecadError
+from .gguf_file import read_gguf
+from .llama import default_threads
+from .memory import MB, auto_budget, load_costs, parse_memory, plan_memory, save_costs
+from .pager import PagerParams, read_bandwidth
+from .tree import MODE_PARAMS
+
+READ_SAMPLE = 256 * 1_000_000  # bytes read to measure the storage (the pager's own calibration reads as much)
+
+
+def _mount(path: Path) -> tuple[str, str]:
+    """(mount point, filesystem type) holding `path`, from /proc/mounts."""
+    best = ("", "?")
+    try:
+        for line in open("/proc/mounts"):
+            dev, mnt, fs = line.split()[:3]
+            if str(path).startswith(mnt) and len(mnt) >= len(best[0]):
+                best = (mnt, fs)
+    except OSError:
+        pass
+    return best
+
+
+def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, measure: bool = True,
+           out=sys.stdout) -> None:
+    import psutil
+    import llama_cpp
+
+    say = lambda k, v: out.write(f"{k:<13} {v}\n")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    say("machine", f"{platform.platform()} ({platform.machine()}), {os.cpu_count()} cores ({cpus} usable), "
+                   f"Python {platform.python_version()}, llama-cpp-python {getattr(llama_cpp, '__version__', '?')}")
+    vm, limit = psutil.virtual_memory(), cgroup.limit()
+    say("memory", f"{vm.total / 1e9:.1f} GB RAM, {vm.available / 1e9:.1f} GB available; cgroup limit "
+                  + (f"{limit / 1e9:.2f} GB" if limit else "none") + f"; memory_budget 'auto' = "
+                  f"{auto_budget() / 1e9:.2f} GB")
+    devs = devices.devices()
+    gpu = devices.gpu()
+    say("backends", ", ".join(devices.backends()) + "; devices: "
+        + ", ".join(f"{d.name} ({d.description}, {d.kind})" for d in devs))
+    say("placement", f"draft on {gpu.name}, target on the CPU" if gpu else
+        "draft and target on the CPU (no GPU backend in this llama.cpp: docs/devices.md)")
+
+    try:
+        t_path = registry.resolve(target or registry.DEFAULT_TARGET)
+        d_path = registry.resolve(draft or registry.DEFAULT_DRAFT)
+    except EdgecadError as e:
+        say("models", f"{e}")
+        return
+    t, d = read_gguf(t_path), read_gguf(d_path)
+    mnt, fs = _mount(t_path.resolve().parent)
+    say("models", f"target {t_path.name} ({t.file_size / MB:,.0f} MB), draft {d_path.name} "
+                  f"({d.file_size / MB:,.0f} MB) in {t_path.parent} ({fs} on {mnt or '?'})")
+    if fs.startswith("fuse") or str(t_path.resolve()).startswith(("/storage/emulated", "/sdcard")):
+        say("  warning", "a FUSE-mounted shared folder reads slowly and cannot be paged well: keep models on "
+                         "internal storage (e.g. Termux's $HOME)")
+    n_threads = default_threads()
+    costs = load_costs(t, d, n_threads)
+    if measure:
+        sys.stderr.write(f"measuring the read speed of {t_path.parent} ({min(READ_SAMPLE, t.file_size) / MB:,.0f} "
+                         "MB, dropped from the page cache first)...\n")
+        costs.read_bps = read_bandwidth(t_path, t.data_offset, min(READ_SAMPLE, t.file_size - t.data_offset))
+        costs.read_measured = True
+        save_costs(costs, t, d, n_threads)  # the engine's own calibration, done once
+    say("storage", f"{costs.read_bps / 1e9:.2f} GB/s sequential read"
+                   + (" (measured)" if costs.read_measured else " (a prior: run without --no-measure)"))
+    budget = parse_memory(memory_budget, t.file_size + d.file_size)
+    tree = MODE_PARAMS["tree"]
+    try:
+        plan = plan_memory(budget, t, d, n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=tree.max_nodes,
+                           costs=costs, pager=PagerParams())
+    except EdgecadError as e:
+        say("plan", str(e))
+        return
+    for i, line in enumerate(plan.describe().splitlines()):
+        say("plan" if i == 0 else "", line.strip() if i == 0 else line)
+    if plan.speculative:
+        say("tree", f"up to {tree.max_nodes} nodes, depth {tree.max_depth}, {tree.max_width} branches per node, "
+                    f"{tree.fallback} fallback threshold from {tree.threshold_init} in [{tree.threshold_min}, "
+                    f"{tree.threshold_max}]")
+    basis = "measured on this device" if costs.observed else "priors (corrected after every completion)"
+    say("expected", f"{plan.tokens_per_second:.2f} tokens/s ({plan.config}; costs: {basis})")
