@@ -37,11 +37,12 @@ def for_cli(message: str) -> str:
     """An error message with API arguments named as this command's flags: `top_p=5.0` -> `--top-p 5.0`,
     `a larger n_ctx` -> `a larger --n-ctx`; `mode='target'` -> `--mode target`."""
     def flag(m):
-        name, eq, value = m.group(1), m.group(2), m.group(3) or ""
-        if not eq and "_" not in name:  # plain words (mode, seed, draft...) only as `name=`
+        name, value = m.group(1), m.group(2)
+        if value is None and "_" not in name:  # plain words (mode, seed, draft...) only as `name=`
             return m.group(0)
-        return FLAGS[name] + (" " + value.strip("'") if eq else "")
-    return re.sub(r"\b(" + "|".join(FLAGS) + r")\b(=)?('[^']*'|[^\s,;:)]*)?", flag, message)
+        return FLAGS[name] + ("" if value is None else " " + value.strip("'"))
+    # not inside a path or a longer name; `name=value` or a bare `name` (then only names with an underscore)
+    return re.sub(r"(?<![/\w.-])(" + "|".join(FLAGS) + r")\b(?![\w-]|\.\w)(?:=('[^']*'|[^\s,;:)]*))?", flag, message)
 
 
 def _max_tokens(s: str) -> int:

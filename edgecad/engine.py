@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from . import registry
+from . import native, registry
 from .devices import placement
 from .errors import EdgecadError, PromptTooLongError, VocabularyMismatchError
 from .fidelity import NEAR_TIE_EPS, top2_gap
@@ -278,7 +278,7 @@ class Engine:
             self._draft = Context(self._draft_model, replace(cp, op_offload=d_gpu != 0), **gate)
             self._drafter = Drafter(self._draft, self.tree_params, n_seq, cp.n_batch)
         self._rng = np.random.default_rng(_seed(seed))
-        self._lock, self._owner = threading.Lock(), None  # one completion at a time (its thread)
+        self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
         self._chat_format = None  # the model's chat template, compiled on first use
 
     # ------------------------------------------------------------------ tokens
@@ -467,8 +467,8 @@ class Engine:
                      stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar,
                      logit_bias=logit_bias)
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else [int(t) for t in prompt]
-        chunks = self._completion_chunks(tokens, max_tokens, _sampling(temperature, top_k, top_p, min_p,
-                                                                       repeat_penalty), _stops(stop), seed)
+        sp = _sampling(temperature, top_k, top_p, min_p, repeat_penalty)
+        chunks = self._completion_chunks(tokens, max_tokens, sp, _stops(stop), seed, stream=stream)
         return chunks if stream else _join(chunks)
 
     __call__ = create_completion
@@ -513,8 +513,8 @@ class Engine:
                      mirostat_mode=mirostat_mode, logits_processor=logits_processor, grammar=grammar,
                      logit_bias=logit_bias, logprobs=logprobs, top_logprobs=top_logprobs)
         tokens, stops = self.chat_tokens(messages)
-        chunks = self._completion_chunks(tokens, max_tokens, _sampling(temperature, top_k, top_p, min_p,
-                                                                       repeat_penalty), stops + _stops(stop), seed)
+        sp = _sampling(temperature, top_k, top_p, min_p, repeat_penalty)
+        chunks = self._completion_chunks(tokens, max_tokens, sp, stops + _stops(stop), seed, stream=stream)
         return _chat_chunks(chunks) if stream else _chat_message(_join(chunks))
 
     def chat_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
@@ -530,19 +530,21 @@ class Engine:
         rstop = r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else []
         return tokens, [s for s in rstop if s]
 
-    def _completion_chunks(self, *args) -> Iterator[dict]:
-        """One completion at a time per Engine (both contexts' KV is one state): another thread waits for
-        the running one to finish; the same thread starting a second while streaming the first is refused."""
-        me = threading.get_ident()
-        if self._owner == me:
-            raise EdgecadError("this thread is still streaming another completion of this Engine: read that "
-                               "stream to its end (or close it) before starting the next")
-        with self._lock:
-            self._owner = me
-            try:
-                yield from self._chunks(*args)
-            finally:
-                self._owner = None
+    def _completion_chunks(self, *args, stream: bool) -> Iterator[dict]:
+        """One completion at a time per Engine (both contexts' KV is one state): a call waits while another
+        completion computes, and is refused while a stream is open (waiting for its reader could deadlock:
+        the reader may be the caller, or need the caller's thread)."""
+        while not self._lock.acquire(timeout=0.02):
+            if self._streaming:
+                raise EdgecadError("another completion of this Engine is still streaming: read that stream to its "
+                                   "end (or close it) first, or use one Engine per concurrent stream")
+        self._streaming = stream
+        try:
+            native.lib.ec_interrupt_clear()  # a Ctrl-C before this completion is not this one's
+            yield from self._chunks(*args)
+        finally:
+            self._streaming = False
+            self._lock.release()
 
     def _chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams,
                 stops: list[str], seed: Optional[int]) -> Iterator[dict]:
@@ -632,11 +634,20 @@ class Engine:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        for name in ("_drafter", "_batch", "_target", "_draft", "_pager", "_target_model", "_draft_model"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.close()
-                setattr(self, name, None)
+        """Free both models and contexts, once a completion computing in another thread is done (an open
+        stream paused between chunks does not hold it up: its next chunk then fails, the engine closed)."""
+        lock, held = getattr(self, "_lock", None), False
+        while lock is not None and not (held := lock.acquire(timeout=0.02)) and not self._streaming:
+            pass
+        try:
+            for name in ("_drafter", "_batch", "_target", "_draft", "_pager", "_target_model", "_draft_model"):
+                obj = getattr(self, name, None)
+                if obj is not None:
+                    obj.close()
+                    setattr(self, name, None)
+        finally:
+            if held:
+                lock.release()
 
     def __enter__(self):
         return self

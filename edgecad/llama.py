@@ -337,12 +337,15 @@ class Context:
         return self._ptr
 
     def decode(self, batch: Batch) -> None:
-        native.lib.ec_interrupt_clear()
+        """One llama_decode. Raises KeyboardInterrupt after a Ctrl-C (the flag is cleared when a completion
+        starts): the graph may have stopped part-way with rc 0 (ggml ends an aborted graph quietly), so its
+        logits and this batch's KV cells are garbage; callers commit tokens only after decode returns, and
+        the next sync drops the cells."""
         rc = C.llama_decode(self.ptr, batch._b)
         if self._after_decode is not None:
             self._after_decode()
-        if rc != 0 and native.lib.ec_interrupt_pending():
-            raise KeyboardInterrupt  # the graph stopped for a Ctrl-C (Python raises it too, maybe later)
+        if native.lib.ec_interrupt_pending():
+            raise KeyboardInterrupt
         if rc != 0:
             why = _DECODE_ERRORS.get(rc, "error")
             raise LlamaError(f"llama_decode of {batch.n_tokens} tokens failed ({rc}): {why}{_recent_errors()}", rc)

@@ -367,12 +367,14 @@ def lazy_load(path: Path, enabled: bool = True):
             yield out
             return
         out.applied = True
+        st = _GuardStats()
         try:
             yield out
-        finally:
-            st = _GuardStats()
-            native.check(_lib.ec_load_guard_end(ctypes.byref(st)), "ec_load_guard_end")
-            out.populate_dropped, out.willneed_dropped = st.populate_dropped, st.willneed_dropped
+        except BaseException:
+            _lib.ec_load_guard_end(ctypes.byref(st))  # restore the slots; the load's own error is the one raised
+            raise
+        native.check(_lib.ec_load_guard_end(ctypes.byref(st)), "ec_load_guard_end")
+        out.populate_dropped, out.willneed_dropped = st.populate_dropped, st.willneed_dropped
 
 
 def storage_bytes_read() -> Optional[int]:

@@ -699,6 +699,14 @@ int ec_pager_settle(ec_pager *p) {
     p->fixed_res = fixed_resident(p);
     for (int il = 0; il < p->n_layers; il++)
         p->layer_res[il] = p->streamed[il] ? resident(p, p->layers[il].off, p->layers[il].len) : 0;
+    if (rc) { /* a failed settle (EIO, Ctrl-C) is the pager's error until a settle succeeds: recover again */
+        pthread_mutex_lock(&p->mu);
+        if (!p->error) {
+            p->error = rc;
+            snprintf(p->error_text, sizeof p->error_text, "%s", ec_errbuf);
+        }
+        pthread_mutex_unlock(&p->mu);
+    }
     if (!rc && p->prm.depth > 0) { /* start reading the first pass's window (what the plan reserves) */
         pthread_mutex_lock(&p->mu);
         int w = p->prm.depth + p->prm.lag + 1;
@@ -919,8 +927,10 @@ static void scan_relocs(uintptr_t base, const void *tab, size_t size, int rela, 
             plt_patch *pp = &guard.patch[guard.n_patch++];
             pp->slot = (void **)(base + r->r_offset);
             pp->saved = (void *)hooks[h].hook; /* the hook to write; swapped with the old value when patched */
-            pp->relro = relro && base + r->r_offset >= base + relro->p_vaddr &&
-                        base + r->r_offset < base + relro->p_vaddr + relro->p_memsz;
+            /* the loader write-protects RELRO's whole pages only: [align_down(start), align_down(end)) */
+            uintptr_t ps = page_size(), slot = base + r->r_offset;
+            pp->relro = relro && slot >= ((base + relro->p_vaddr) & ~(ps - 1)) &&
+                        slot < ((base + relro->p_vaddr + relro->p_memsz) & ~(ps - 1));
         }
     }
 }
@@ -1070,7 +1080,7 @@ int ec_interrupt_install(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_sigint;
-    sa.sa_flags = SA_SIGINFO | (cur.sa_flags & SA_RESTART);
+    sa.sa_flags = SA_SIGINFO | (cur.sa_flags & (SA_RESTART | SA_ONSTACK));
     sigemptyset(&sa.sa_mask);
     prev_sigint = cur;
     if (sigaction(SIGINT, &sa, NULL) != 0) return fail(EC_EINVAL, errno, "sigaction(SIGINT)");

@@ -298,7 +298,7 @@ def test_two_threads_share_one_engine_one_completion_at_a_time(tiny_pair):
         assert all(ids == ref[p] for p, runs in got.items() for ids in runs)
         first = e.create_completion("hello the world", max_tokens=8, stream=True)
         next(first)
-        with pytest.raises(EdgecadError, match="still streaming another completion"):
+        with pytest.raises(EdgecadError, match="another completion of this Engine is still streaming"):
             list(e.create_completion("abc", max_tokens=4, stream=True))
         first.close()
         assert e.create_completion("hello the world", temperature=0.0, max_tokens=24)["edgecad"]["token_ids"] == \
