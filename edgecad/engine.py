@@ -175,6 +175,7 @@ class Engine:
     ):
         self._target_model = self._draft_model = self._drafter = self._batch = self._pager = None
         self._target = self._draft = None
+        native.lib.ec_interrupt_clear()
         set_verbose(verbose)
         self.verbose = verbose
         if target is None:  # the default pair (`edgecad models fetch` brings it)
@@ -277,6 +278,9 @@ class Engine:
             gate = dict(cb_eval=self._pager.gate_cb_eval, cb_eval_user_data=self._pager.handle) if self.pipeline else {}
             self._draft = Context(self._draft_model, replace(cp, op_offload=d_gpu != 0), **gate)
             self._drafter = Drafter(self._draft, self.tree_params, n_seq, cp.n_batch)
+        if native.lib.ec_interrupt_pending():  # a Ctrl-C while C code ran (a log callback may have eaten it)
+            self.close()
+            raise KeyboardInterrupt
         self._rng = np.random.default_rng(_seed(seed))
         self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
         self._chat_format = None  # the model's chat template, compiled on first use

@@ -30,11 +30,14 @@ _log = {"verbose": False, "recent": collections.deque(maxlen=8)}
 @C.llama_log_callback
 def _log_callback(level: int, text: bytes, _user_data) -> None:
     # GGML_LOG_LEVEL: 1 info, 2 warn, 3 error, 4 debug, 5 continuation
-    msg = text.decode("utf-8", errors="replace")
-    if level == 3 and msg.strip():
-        _log["recent"].append(msg.strip())
-    if _log["verbose"]:
-        sys.stderr.write(msg)
+    try:
+        msg = text.decode("utf-8", errors="replace")
+        if level == 3 and msg.strip():
+            _log["recent"].append(msg.strip())
+        if _log["verbose"]:
+            sys.stderr.write(msg)
+    except KeyboardInterrupt:  # lost in a ctypes callback: the C flag has it (raised after the call)
+        pass
 
 
 def set_verbose(verbose: bool) -> None:
@@ -276,6 +279,7 @@ _DECODE_ERRORS = {
 }
 
 
+native.install_interrupt()  # at import, in the main thread: Ctrl-C then also reaches waiting C code
 _ABORT = C.ggml_abort_callback(native.abort_callback_address)  # edgecad's C: stop a graph on Ctrl-C
 
 
@@ -320,7 +324,6 @@ class Context:
         self._ptr = C.llama_init_from_model(model.ptr, cp)
         if not self._ptr:
             raise LlamaError(f"llama_init_from_model failed (n_ctx={params.n_ctx}){_recent_errors()}")
-        native.install_interrupt()
         C.llama_set_abort_callback(self._ptr, _ABORT, None)  # Ctrl-C stops a graph between nodes
         self.n_ctx: int = C.llama_n_ctx(self._ptr)
         self._mem = C.llama_get_memory(self._ptr)

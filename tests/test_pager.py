@@ -190,10 +190,13 @@ def _load_model(target, lazy: bool):
     return model, how
 
 
-def test_a_lazy_load_maps_the_model_without_reading_it(paging_pair):
+def test_a_lazy_load_maps_the_model_without_reading_it(paging_pair, disk_dir):
     """By mincore on the file, right after llama.cpp's load returns: lazy, the header and what the kernel
     reads ahead of it; not lazy (the control), the whole file."""
-    _, target = paging_pair
+    target = disk_dir / "lazy-target.gguf"  # a file of its own: no other test's mapping or read in flight
+    shutil.copy(paging_pair[1], target)
+    with open(target, "rb+") as f:
+        os.fsync(f.fileno())  # written back, so that dropping it from the page cache can succeed
     info = read_gguf(target)
     slack = 1 << 20  # the kernel's read-ahead past the header llama.cpp parses with fread
     drop_file_cache([target])
