@@ -867,22 +867,21 @@ static void note_mapping(void *r, size_t len, int fd) {
     guard.st.mapped_bytes += len;
 }
 
+/* The flags to map with: MAP_POPULATE dropped for the guarded file. */
+static int guard_flags(int flags, int fd) {
+    if (!__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE) || !(flags & MAP_POPULATE) || !guarded_fd(fd)) return flags;
+    guard.st.populate_dropped++;
+    return flags & ~MAP_POPULATE;
+}
+
 static void *hook_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
-    if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE) && (flags & MAP_POPULATE) && guarded_fd(fd)) {
-        flags &= ~MAP_POPULATE;
-        guard.st.populate_dropped++;
-    }
-    void *r = mmap(addr, len, prot, flags, fd, off);
+    void *r = mmap(addr, len, prot, guard_flags(flags, fd), fd, off);
     if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE)) note_mapping(r, len, fd);
     return r;
 }
 
 static void *hook_mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t off) {
-    if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE) && (flags & MAP_POPULATE) && guarded_fd(fd)) {
-        flags &= ~MAP_POPULATE;
-        guard.st.populate_dropped++;
-    }
-    void *r = mmap64(addr, len, prot, flags, fd, off);
+    void *r = mmap64(addr, len, prot, guard_flags(flags, fd), fd, off);
     if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE)) note_mapping(r, len, fd);
     return r;
 }
