@@ -7,7 +7,6 @@ as numpy views of llama.cpp's buffer (no copy): valid until the next decode.
 """
 from __future__ import annotations
 
-import collections
 import ctypes
 import os
 import sys
@@ -24,31 +23,17 @@ from .progress import Progress
 
 # ---------------------------------------------------------------------------- logging
 
-_log = {"verbose": False, "recent": collections.deque(maxlen=8)}
-
-
-@C.llama_log_callback
-def _log_callback(level: int, text: bytes, _user_data) -> None:
-    # GGML_LOG_LEVEL: 1 info, 2 warn, 3 error, 4 debug, 5 continuation
-    try:
-        msg = text.decode("utf-8", errors="replace")
-        if level == 3 and msg.strip():
-            _log["recent"].append(msg.strip())
-        if _log["verbose"]:
-            sys.stderr.write(msg)
-    except KeyboardInterrupt:  # lost in a ctypes callback: the C flag has it (raised after the call)
-        pass
+_LOG = C.llama_log_callback(native.log_callback_address)  # in C: no Python runs inside llama.cpp's calls
 
 
 def set_verbose(verbose: bool) -> None:
     """Print llama.cpp's own log to stderr (quiet by default)."""
-    _log["verbose"] = bool(verbose)
+    native.lib.ec_log_set_verbose(int(bool(verbose)))
 
 
 def _recent_errors() -> str:
-    lines = list(_log["recent"])
-    _log["recent"].clear()
-    return ("; llama.cpp said: " + " | ".join(lines[-3:])) if lines else ""
+    said = native.take_log_errors()
+    return f"; llama.cpp said: {said}" if said else ""
 
 
 _backend_ready = False
@@ -57,7 +42,7 @@ _backend_ready = False
 def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
-        C.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        C.llama_log_set(_LOG, ctypes.c_void_p(0))
         C.llama_backend_init()
         _backend_ready = True
 
@@ -108,12 +93,17 @@ class Model:
         mp.use_extra_bufts = params.use_extra_bufts
         mp.n_gpu_layers = params.n_gpu_layers
         self.params = params
-        # llama.cpp calls this during the load; an exception raised in a ctypes callback would be
-        # printed and lost, so a Ctrl-C here is noted and the load told to stop (return False).
+        # llama.cpp calls this during the load. A Ctrl-C raised inside a ctypes callback is printed and lost,
+        # so the load stops on the C library's Ctrl-C flag (section 6 of native/edgecad.c) or on a
+        # KeyboardInterrupt caught here, and the interrupt is raised once llama.cpp has returned.
         bar, stop = (Progress(100, progress, "%") if progress else None), []
+        native.lib.ec_interrupt_clear()
 
         def on_progress(fraction: float, _user_data) -> bool:
             try:
+                if native.lib.ec_interrupt_pending():
+                    stop.append(True)
+                    return False
                 if bar is not None:
                     bar.update(fraction * 100 - bar.done)
                 return True
@@ -123,11 +113,11 @@ class Model:
 
         callback = C.llama_progress_callback(on_progress)
         mp.progress_callback = callback
-        _log["recent"].clear()
+        native.take_log_errors()  # forget older errors
         self._ptr = C.llama_model_load_from_file(os.fsencode(self.path), mp)
         if bar is not None:
             bar.close()
-        if stop:
+        if stop or native.lib.ec_interrupt_pending():
             if self._ptr:
                 C.llama_model_free(self._ptr)
                 self._ptr = None

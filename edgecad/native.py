@@ -42,7 +42,7 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(found[0]))
 
 
-EC_VERSION = 6  # native/edgecad.h: the interface these bindings are written for
+EC_VERSION = 7  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -70,6 +70,21 @@ lib.ec_interrupt_clear.argtypes, lib.ec_interrupt_clear.restype = [], None
 lib.ec_interrupt_pending.argtypes, lib.ec_interrupt_pending.restype = [], ctypes.c_int
 # bool ec_abort_callback(void *data);  (llama.cpp's abort callback, passed by address)
 abort_callback_address = ctypes.cast(lib.ec_abort_callback, ctypes.c_void_p).value
+
+
+# void ec_log_set_verbose(int verbose); int ec_log_take_errors(char *out, size_t cap, int last);
+lib.ec_log_set_verbose.argtypes, lib.ec_log_set_verbose.restype = [ctypes.c_int], None
+lib.ec_log_take_errors.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+lib.ec_log_take_errors.restype = ctypes.c_int
+# void ec_log_callback(int level, const char *text, void *user_data);  (passed to llama_log_set by address)
+log_callback_address = ctypes.cast(lib.ec_log_callback, ctypes.c_void_p).value
+
+
+def take_log_errors(last: int = 3) -> str:
+    """The last error lines llama.cpp logged since the previous call."""
+    buf = ctypes.create_string_buffer(1024)
+    lib.ec_log_take_errors(buf, len(buf), last)
+    return buf.value.decode(errors="replace")
 
 
 def install_interrupt() -> None:

@@ -13,6 +13,7 @@
  *   4. bandwidth   sequential read speed of a file after dropping it from the page cache
  *   5. load guard  llama.cpp's load of a paged model maps it without reading it all (PLT hooks)
  *   6. interrupt   Ctrl-C reaches C code that waits (a pass waiting on storage, the pinned reads)
+ *   7. log         llama.cpp's log callback, in C: Python run inside a llama.cpp call would lose a Ctrl-C
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -1094,3 +1095,51 @@ bool ec_abort_callback(void *data) {
     (void)data;
     return ec_interrupted != 0;
 }
+
+/* ------------------------------------------------------------------------ */
+/* 7. log                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* llama.cpp calls its log callback from inside its own calls. A Python callback there is where a Ctrl-C
+ * lands and is lost ("Exception ignored on calling ctypes callback function"), so the callback is C: it
+ * prints when verbose and keeps the last error lines for exception messages. */
+
+#define LOG_KEEP 8
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static char log_lines[LOG_KEEP][256]; /* ring of the last error lines */
+static int log_n, log_next;
+static int log_verbose;
+
+void ec_log_callback(int level, const char *text, void *user_data) {
+    (void)user_data;
+    if (!text) return;
+    if (__atomic_load_n(&log_verbose, __ATOMIC_RELAXED)) fputs(text, stderr);
+    if (level != 3) return; /* GGML_LOG_LEVEL_ERROR */
+    while (*text == ' ' || *text == '\n') text++;
+    size_t n = strlen(text);
+    while (n && (text[n - 1] == '\n' || text[n - 1] == ' ')) n--;
+    if (!n) return;
+    pthread_mutex_lock(&log_mu);
+    snprintf(log_lines[log_next], sizeof log_lines[0], "%.*s", (int)n, text);
+    log_next = (log_next + 1) % LOG_KEEP;
+    if (log_n < LOG_KEEP) log_n++;
+    pthread_mutex_unlock(&log_mu);
+}
+
+void ec_log_set_verbose(int verbose) { __atomic_store_n(&log_verbose, verbose, __ATOMIC_RELAXED); }
+
+int ec_log_take_errors(char *out, size_t cap, int last) {
+    if (!out || !cap) return fail(EC_EINVAL, 0, "ec_log_take_errors: no buffer");
+    out[0] = 0;
+    pthread_mutex_lock(&log_mu);
+    int k = last < log_n ? last : log_n;
+    for (int i = 0; i < k; i++) {
+        const char *line = log_lines[(log_next - k + i + LOG_KEEP) % LOG_KEEP];
+        size_t used = strlen(out);
+        snprintf(out + used, cap - used, "%s%s", i ? " | " : "", line);
+    }
+    log_n = 0;
+    pthread_mutex_unlock(&log_mu);
+    return EC_OK;
+}
+

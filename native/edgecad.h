@@ -5,7 +5,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 6
+#define EC_VERSION 7
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -119,5 +119,12 @@ void ec_interrupt_clear(void);   /* before a call that a Ctrl-C should stop */
 int ec_interrupt_pending(void);  /* 1 once a SIGINT came since the last clear */
 /* llama.cpp's abort callback (llama_set_abort_callback): stop the graph on Ctrl-C. */
 bool ec_abort_callback(void *data);
+
+/* ---- log: llama.cpp's log callback (llama_log_set), in C ------------------------------- */
+
+void ec_log_callback(int level, const char *text, void *user_data); /* level: enum ggml_log_level */
+void ec_log_set_verbose(int verbose);  /* 1 = print llama.cpp's log to stderr */
+/* The last `last` error lines logged since the previous call, joined by " | " into out; then forgotten. */
+int ec_log_take_errors(char *out, size_t cap, int last);
 
 #endif
