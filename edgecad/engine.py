@@ -230,35 +230,10 @@ class Engine:
             # The cost-aware cap measured +13% tok/s paged but -7% resident (scripts/eval_fallback.py):
             # a resident target's passes are cheap, LLMCad's threshold alone does better there.
             self.tree_params = replace(self.tree_params, cost_aware=False)
-        # Where each model computes: the draft on a GPU when there is one, the target on the CPU (edgecad.devices)
-        self.device, d_gpu, t_gpu = placement(backend, draft_gpu_layers, target_gpu_layers, paged)
-        if self.device is not None and (verbose or os.environ.get("EDGECAD_SHOW_PLAN")):
-            sys.stderr.write(f"  device        {self.device.name} ({self.device.description}): draft layers "
-                             f"{'all' if d_gpu < 0 else d_gpu}, target layers {'all' if t_gpu < 0 else t_gpu}"
-                             + (" (paging offloaded layers on Metal is unproven)" if t_gpu and paged else "") + "\n")
-        # Load: a paged target is mapped without being read (lazy_load); the pager reads what the plan keeps.
-        # Under a --storage profile, what the loads read from storage takes that storage's time.
-        t_load, read0 = time.perf_counter(), storage_bytes_read()
-        before = file_mappings(self.target_path) if paged else set()
-        with lazy_load(self.target_path, enabled=paged) as lazy:
-            # Weight repacking is faster resident but copies the weights out of the mapping: off when paged.
-            self._target_model = Model(self.target_path, ModelParams(use_mmap=True, use_extra_bufts=not paged,
-                                                                     n_gpu_layers=t_gpu), t_info, progress=f"loading {self.target_path.name}" if progress else None)
-        if paged and not lazy.applied and verbose:
-            sys.stderr.write(f"edgecad: the target is read whole at load, then evicted ({lazy.reason})\n")
         speculative = self.mode != "target"
-        if speculative:
-            self._draft_model = Model(self.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True,
-                                                                   n_gpu_layers=d_gpu), d_info,
-                                      progress=f"loading {self.draft_path.name}" if progress else None)
-        read1 = storage_bytes_read()
-        emulate_storage(read1 - read0 if read0 is not None else None, t_load, pager.bytes_per_second)
-        if paged:  # its reads are throttled by the pager itself
-            self._pager = Pager(self.target_path, t_info, plan.paging, new_mapping(self.target_path, before))
-        self.lazy_load = lazy
-        self.load_seconds = time.perf_counter() - t_load  # models loaded, pinned layers read
-        read2 = storage_bytes_read()
-        self.load_bytes_read = read2 - read0 if read0 is not None else None  # from storage (page-cache hits: 0)
+        t_gpu, d_gpu = self._load(plan, t_info, d_info, pager, speculative, backend=backend,
+                                  draft_gpu_layers=draft_gpu_layers, target_gpu_layers=target_gpu_layers,
+                                  progress=progress)
         if speculative and self.tree_params.max_nodes + 1 > n_ctx // 2:  # a tree's sequences and outputs fit n_ctx
             self.tree_params = replace(self.tree_params, max_nodes=max(1, n_ctx // 2 - 1))
         n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1
@@ -284,6 +259,40 @@ class Engine:
         self._rng = np.random.default_rng(_seed(seed))
         self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
         self._chat_format = None  # the model's chat template, compiled on first use
+
+    def _load(self, plan, t_info: GGUFInfo, d_info: Optional[GGUFInfo], pager: PagerParams, speculative: bool, *,
+              backend: str, draft_gpu_layers: Optional[int], target_gpu_layers: int, progress: bool) -> tuple[int, int]:
+        """Load the models where they compute (edgecad.devices) and, when paged, the pager. A paged target is
+        mapped without being read (lazy_load); the pager reads what the plan keeps. Under a --storage profile,
+        what the loads read from storage takes that storage's time. Returns (target, draft) GPU layers."""
+        paged, verbose = plan.paged, self.verbose
+        self.device, d_gpu, t_gpu = placement(backend, draft_gpu_layers, target_gpu_layers, paged)
+        if self.device is not None and (verbose or os.environ.get("EDGECAD_SHOW_PLAN")):
+            sys.stderr.write(f"  device        {self.device.name} ({self.device.description}): draft layers "
+                             f"{'all' if d_gpu < 0 else d_gpu}, target layers {'all' if t_gpu < 0 else t_gpu}"
+                             + (" (paging offloaded layers on Metal is unproven)" if t_gpu and paged else "") + "\n")
+        t_load, read0 = time.perf_counter(), storage_bytes_read()
+        before = file_mappings(self.target_path) if paged else set()
+        with lazy_load(self.target_path, enabled=paged) as lazy:
+            # Weight repacking is faster resident but copies the weights out of the mapping: off when paged.
+            params = ModelParams(use_mmap=True, use_extra_bufts=not paged, n_gpu_layers=t_gpu)
+            self._target_model = Model(self.target_path, params, t_info,
+                                       progress=f"loading {self.target_path.name}" if progress else None)
+        if paged and not lazy.applied and verbose:
+            sys.stderr.write(f"edgecad: the target is read whole at load, then evicted ({lazy.reason})\n")
+        if speculative:
+            params = ModelParams(use_mmap=True, use_extra_bufts=True, n_gpu_layers=d_gpu)
+            self._draft_model = Model(self.draft_path, params, d_info,
+                                      progress=f"loading {self.draft_path.name}" if progress else None)
+        read1 = storage_bytes_read()
+        emulate_storage(read1 - read0 if read0 is not None else None, t_load, pager.bytes_per_second)
+        if paged:  # its reads are throttled by the pager itself
+            self._pager = Pager(self.target_path, t_info, plan.paging, new_mapping(self.target_path, before))
+        self.lazy_load = lazy
+        self.load_seconds = time.perf_counter() - t_load  # models loaded, pinned layers read
+        read2 = storage_bytes_read()
+        self.load_bytes_read = read2 - read0 if read0 is not None else None  # from storage (page-cache hits: 0)
+        return t_gpu, d_gpu
 
     # ------------------------------------------------------------------ tokens
 
