@@ -191,7 +191,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     g = read_gguf(registry.resolve(a.model))
     if a.memory_budget is not None:
-        from .memory import Costs, load_costs, parse_memory, plan_memory
+        from .memory import load_costs, parse_memory, plan_memory
         from .pager import PagerParams
         from .tree import MODE_PARAMS
         from .llama import default_threads

@@ -10,7 +10,6 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Optional
 
 from . import cgroup, devices, registry
 from .errors import EdgecadError

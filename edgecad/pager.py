@@ -14,7 +14,6 @@ import ctypes
 import mmap
 import os
 import re
-import sys
 import threading
 import time
 from contextlib import contextmanager
