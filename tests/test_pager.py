@@ -273,3 +273,19 @@ def test_ctrl_c_stops_a_pass_that_waits_on_storage(paging_pair, reference):
         assert e._pager.stats()["boundaries"] - before < n_layers  # the prompt's pass did not run to its end
         st = e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=4)["edgecad"]
         assert st["token_ids"] == reference[PROMPTS[2]][:4]
+
+
+def test_a_load_under_a_storage_profile_takes_that_storage_s_time(paging_pair, monkeypatch):
+    """What a load reads from storage (here llama.cpp's whole-file read, the lazy load off) is charged at the
+    profile's rate: a lower bound, which a slow machine only exceeds."""
+    _, target = paging_pair
+    rate = 20e6
+    monkeypatch.setenv("EDGECAD_LOAD_GUARD", "0")
+    drop_file_cache([target])
+    p = PagerParams(throttle_bps=rate, **SMALL)
+    with Engine(target, mode="target", n_ctx=256, target_budget=budget_for(target, p), pager=p) as e:
+        if e.load_bytes_read is None:
+            pytest.skip("this kernel does not count the bytes a process reads (/proc/self/io)")
+        size = read_gguf(target).file_size  # (a few pages may stay cached: another test's engine maps them)
+        assert e.load_bytes_read >= 0.9 * size
+        assert e.load_seconds >= 0.9 * size / rate
