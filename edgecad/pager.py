@@ -434,8 +434,8 @@ class Pager:
 
     def settle(self) -> None:
         """Back to the state after load: read the pinned layers, evict the streamed ones (and whatever a
-        whole-file load read), start reading the first window. Also clears an IO error."""
-        _lib.ec_interrupt_clear()
+        whole-file load read), start reading the first window. Also clears an IO error. (The Ctrl-C flag is
+        cleared by whoever starts the work: an Engine's load, a completion.)"""
         code = _lib.ec_pager_settle(self._h)
         if code == EC_ECANCELED:
             raise KeyboardInterrupt
