@@ -358,6 +358,18 @@ static void evict_layer(ec_pager *p, int il) {
     evict_range(p, lo, hi - lo);
 }
 
+/* The pager's first error and this thread's message for it: cb_eval then aborts the graph. (mu held) */
+static void record_error(ec_pager *p, int rc) {
+    if (!rc || p->error) return;
+    p->error = rc;
+    snprintf(p->error_text, sizeof p->error_text, "%s", ec_errbuf);
+}
+
+/* Wait until the IO thread has done every queued op. (mu held) */
+static void drain(ec_pager *p) {
+    while (p->completed < p->queued) pthread_cond_wait(&p->done, &p->mu);
+}
+
 static void *io_main(void *arg) {
     ec_pager *p = arg;
     pthread_mutex_lock(&p->mu);
@@ -383,10 +395,7 @@ static void *io_main(void *arg) {
         double t1 = now_s();
         pthread_mutex_lock(&p->mu);
         p->st.io_busy_ns += (uint64_t)((t1 - t0) * 1e9);
-        if (rc && !p->error) {
-            p->error = rc;
-            snprintf(p->error_text, sizeof p->error_text, "%s", ec_errbuf); /* this thread's message */
-        }
+        record_error(p, rc);
         p->completed++;
         pthread_cond_broadcast(&p->done);
     }
@@ -684,7 +693,7 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
 int ec_pager_settle(ec_pager *p) {
     if (!p) return fail(EC_EINVAL, 0, "ec_pager_settle: NULL pager");
     pthread_mutex_lock(&p->mu);
-    while (p->completed < p->queued) pthread_cond_wait(&p->done, &p->mu); /* no IO in flight */
+    drain(p); /* no IO in flight */
     p->error = 0; /* settle is also the recovery after an IO error: back to the state after load */
     for (int il = 0; il < p->n_layers; il++)
         if (p->streamed[il]) p->want[il] = 0;
@@ -702,10 +711,7 @@ int ec_pager_settle(ec_pager *p) {
         p->layer_res[il] = p->streamed[il] ? resident(p, p->layers[il].off, p->layers[il].len) : 0;
     if (rc) { /* a failed settle (EIO, Ctrl-C) is the pager's error until a settle succeeds: recover again */
         pthread_mutex_lock(&p->mu);
-        if (!p->error) {
-            p->error = rc;
-            snprintf(p->error_text, sizeof p->error_text, "%s", ec_errbuf);
-        }
+        record_error(p, rc);
         pthread_mutex_unlock(&p->mu);
     }
     if (!rc && p->prm.depth > 0) { /* start reading the first pass's window (what the plan reserves) */
@@ -736,7 +742,7 @@ void ec_pager_reset_peak(ec_pager *p) {
 int ec_pager_inject_fault(ec_pager *p, int code) {
     if (!p) return fail(EC_EINVAL, 0, "ec_pager_inject_fault: NULL pager");
     pthread_mutex_lock(&p->mu);
-    while (p->completed < p->queued) pthread_cond_wait(&p->done, &p->mu); /* the next read is the caller's */
+    drain(p); /* the next read is the caller's */
     __atomic_store_n(&p->inject, code, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&p->mu);
     return EC_OK;
