@@ -340,7 +340,7 @@ def _worker(spec: dict) -> dict:
         llm = llama_cpp.Llama(model_path=spec["target"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
                               verbose=False)
         load = time.perf_counter() - t0
-        load_read = storage_bytes_read() - read0 if read0 is not None else None
+        load_read = storage_bytes_read(since=read0)
         reset = cgroup.reset_own_peak()  # the peak from here on: generating, not loading
         for pr in spec["prompts"]:
             t = time.perf_counter()

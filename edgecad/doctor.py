@@ -15,11 +15,9 @@ from . import cgroup, devices, registry
 from .errors import EdgecadError
 from .gguf_file import read_gguf
 from .llama import default_threads
-from .memory import MB, auto_budget, load_costs, parse_memory, plan_memory, save_costs
-from .pager import PagerParams, read_bandwidth
+from .memory import MB, READ_SAMPLE, auto_budget, load_costs, measure_read, parse_memory, plan_memory
+from .pager import PagerParams
 from .tree import MODE_PARAMS
-
-READ_SAMPLE = 256 * 1_000_000  # bytes read to measure the storage (the pager's own calibration reads as much)
 
 
 def _mount(path: Path) -> tuple[str, str]:
@@ -73,9 +71,7 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
     if measure:
         sys.stderr.write(f"measuring the read speed of {t_path.parent} ({min(READ_SAMPLE, t.file_size) / MB:,.0f} "
                          "MB, dropped from the page cache first)...\n")
-        costs.read_bps = read_bandwidth(t_path, t.data_offset, min(READ_SAMPLE, t.file_size - t.data_offset))
-        costs.read_measured = True
-        save_costs(costs, t, d, n_threads)  # the engine's own calibration, done once
+        measure_read(costs, t, d, n_threads)  # the engine's own calibration, done once
     say("storage", f"{costs.read_bps / 1e9:.2f} GB/s sequential read"
                    + (" (measured)" if costs.read_measured else " (a prior: run without --no-measure)"))
     budget = parse_memory(memory_budget, t.file_size + d.file_size)

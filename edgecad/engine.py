@@ -24,9 +24,9 @@ from .errors import EdgecadError, PromptTooLongError, VocabularyMismatchError
 from .fidelity import NEAR_TIE_EPS, top2_gap
 from .gguf_file import GGUFInfo, read_gguf
 from .llama import Batch, Context, ContextParams, Model, ModelParams, default_threads, set_verbose
-from .memory import CONFIGS, load_costs, observe, parse_memory, plan_memory, save_costs
+from .memory import CONFIGS, load_costs, measure_read, observe, parse_memory, plan_memory, save_costs
 from .pager import (Pager, PagerParams, emulate_storage, file_mappings, lazy_load, new_mapping, parse_budget,
-                    read_bandwidth, storage_bytes_read)
+                    storage_bytes_read)
 from .sampling import SamplingParams, penalize, pick
 from .tree import MODE_PARAMS, Drafter, FallbackThreshold, TokenTree, TreeParams
 from .verify import Verdict, accept_bild, accept_greedy, accept_sampling, keep_accepted, verify_tree
@@ -211,10 +211,7 @@ class Engine:
         plan_args = dict(n_ctx=n_ctx, n_batch=n_batch, tree_nodes=nodes, pager=pager, target_budget=target_budget)
         plan = plan_memory(budget, t_info, d_info, costs=self._costs, configs=configs, **plan_args)
         if plan.paged and not self._costs.read_measured:  # calibrate the storage once per device and model
-            self._costs.read_bps = read_bandwidth(self.target_path, t_info.data_offset,
-                                                  min(256 * 1_000_000, t_info.file_size - t_info.data_offset))
-            self._costs.read_measured = True
-            save_costs(self._costs, t_info, d_info, self.n_threads)
+            measure_read(self._costs, t_info, d_info, self.n_threads)
             plan = plan_memory(budget, t_info, d_info, costs=self._costs, configs=configs, runtime=plan.runtime,
                                **plan_args)
         self.memory_plan = plan
@@ -283,14 +280,12 @@ class Engine:
             params = ModelParams(use_mmap=True, use_extra_bufts=True, n_gpu_layers=d_gpu)
             self._draft_model = Model(self.draft_path, params, d_info,
                                       progress=f"loading {self.draft_path.name}" if progress else None)
-        read1 = storage_bytes_read()
-        emulate_storage(read1 - read0 if read0 is not None else None, t_load, pager.bytes_per_second)
+        emulate_storage(storage_bytes_read(since=read0), t_load, pager.bytes_per_second)
         if paged:  # its reads are throttled by the pager itself
             self._pager = Pager(self.target_path, t_info, plan.paging, new_mapping(self.target_path, before))
         self.lazy_load = lazy
         self.load_seconds = time.perf_counter() - t_load  # models loaded, pinned layers read
-        read2 = storage_bytes_read()
-        self.load_bytes_read = read2 - read0 if read0 is not None else None  # from storage (page-cache hits: 0)
+        self.load_bytes_read = storage_bytes_read(since=read0)  # from storage (page-cache hits: 0)
         return t_gpu, d_gpu
 
     # ------------------------------------------------------------------ tokens
@@ -569,7 +564,8 @@ class Engine:
             )
         if max_tokens is None or max_tokens <= 0:
             max_tokens = self.n_ctx - len(tokens)
-        rng = np.random.default_rng(_seed(seed)) if _seed(seed) is not None else self._rng
+        seed = _seed(seed)
+        rng = np.random.default_rng(seed) if seed is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens))
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
 
@@ -718,14 +714,13 @@ def _seed(seed) -> Optional[int]:
 
 def _sampling(temperature, top_k, top_p, min_p, repeat_penalty=1.0) -> SamplingParams:
     """SamplingParams from llama-cpp-python's arguments, with the valid range named when one is off."""
-    checks = [("temperature", temperature, 0.0, float("inf")), ("top_p", top_p, 0.0, 1.0),
-              ("min_p", min_p, 0.0, 1.0), ("repeat_penalty", repeat_penalty, 0.0, float("inf"))]
-    for name, v, lo, hi in checks:
-        if not lo <= float(v) <= hi or (name == "top_p" and float(v) == 0.0):
-            rng = "> 0 and <= 1" if name == "top_p" else f">= {lo}" + ("" if hi == float("inf") else f" and <= {hi}")
+    checks = [("temperature", temperature, lambda v: v >= 0, ">= 0.0"),
+              ("top_p", top_p, lambda v: 0 < v <= 1, "> 0 and <= 1"),
+              ("min_p", min_p, lambda v: 0 <= v <= 1, ">= 0.0 and <= 1.0"),
+              ("repeat_penalty", repeat_penalty, lambda v: v > 0, "> 0 (1.0 = no penalty)")]
+    for name, v, ok, rng in checks:
+        if not ok(float(v)):
             raise EdgecadError(f"{name}={v!r} is out of range: use a value {rng}")
-    if float(repeat_penalty) == 0.0:
-        raise EdgecadError("repeat_penalty=0 is out of range: use a value > 0 (1.0 = no penalty)")
     _check_int("top_k", top_k, 0, None, "0 = off")
     return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
                           repeat_penalty=float(repeat_penalty))

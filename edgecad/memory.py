@@ -20,7 +20,7 @@ from typing import Optional, Union
 from . import cgroup
 from .errors import EdgecadError
 from .gguf_file import GGUFInfo
-from .pager import BudgetPlan, PagerParams, parse_size, plan_budget
+from .pager import BudgetPlan, PagerParams, parse_size, plan_budget, read_bandwidth
 
 MB = 1_000_000
 
@@ -162,6 +162,18 @@ def save_costs(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_thre
         os.replace(tmp, p)
     except OSError:
         pass
+
+
+READ_SAMPLE = 256 * 1_000_000  # bytes of the target read to measure the storage
+
+
+def measure_read(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> None:
+    """Measure the storage's read bandwidth on the target's tensor data (dropped from the page cache first)
+    and keep it in this device's costs: done once per device and model (the engine, `edgecad doctor`)."""
+    costs.read_bps = read_bandwidth(target.path, target.data_offset,
+                                    min(READ_SAMPLE, target.file_size - target.data_offset))
+    costs.read_measured = True
+    save_costs(costs, target, draft, n_threads)
 
 
 # ---------------------------------------------------------------------------- the plan

@@ -376,14 +376,14 @@ def lazy_load(path: Path, enabled: bool = True):
         out.populate_dropped, out.willneed_dropped = st.populate_dropped, st.willneed_dropped
 
 
-def storage_bytes_read() -> Optional[int]:
-    """Bytes this process has read from storage so far (/proc/self/io read_bytes: page-cache hits do not
-    count); None where the kernel does not say."""
+def storage_bytes_read(since: Optional[int] = None) -> Optional[int]:
+    """Bytes this process has read from storage so far, or since an earlier reading `since`
+    (/proc/self/io read_bytes: page-cache hits do not count); None where the kernel does not say."""
     try:
         with open("/proc/self/io") as f:
             for line in f:
                 if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
+                    return int(line.split()[1]) - (since or 0)
     except (OSError, ValueError):
         pass
     return None
