@@ -9,6 +9,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 from . import registry
 from .errors import EdgecadError
@@ -74,19 +75,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _draft(a: argparse.Namespace) -> Optional[str]:
+    """--draft, or the registry's draft when --target is another registry model (they share one tokenizer:
+    the default draft serves them all); none for --mode target."""
+    if a.draft is None and getattr(a, "mode", None) != "target" and registry.is_model_name(a.target) \
+            and a.target != registry.DEFAULT_DRAFT:
+        return registry.DEFAULT_DRAFT
+    return a.draft
+
+
+def _budget(a: argparse.Namespace) -> Optional[str]:
+    """--memory-budget, with "none" meaning no limit (the Engine's None)."""
+    return None if str(a.memory_budget).lower() == "none" else a.memory_budget
+
+
 # ---------------------------------------------------------------------------- generate
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .engine import Engine
 
-    draft = a.draft
-    if draft is None and a.mode != "target" and registry.is_model_name(a.target) and a.target != registry.DEFAULT_DRAFT:
-        draft = registry.DEFAULT_DRAFT  # registry models share one tokenizer: the default draft serves them all
     from .pager import PagerParams
 
     pager = PagerParams(io=a.io, storage=a.storage)
-    budget = None if str(a.memory_budget).lower() == "none" else a.memory_budget
-    with Engine(a.target, draft, mode=a.mode, memory_budget=budget, target_budget=a.target_budget, pager=pager,
+    with Engine(a.target, _draft(a), mode=a.mode, memory_budget=_budget(a), target_budget=a.target_budget, pager=pager,
                 backend=a.backend, draft_gpu_layers=a.draft_gpu_layers, target_gpu_layers=a.target_gpu_layers,
                 n_ctx=a.n_ctx,
                 n_threads=a.threads, seed=a.seed, verbose=a.verbose) as eng:
@@ -123,20 +134,17 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from .engine import Engine
 
     tty = sys.stdin.isatty()
-    draft = a.draft
-    if draft is None and registry.is_model_name(a.target) and a.target != registry.DEFAULT_DRAFT:
-        draft = registry.DEFAULT_DRAFT
+    draft = _draft(a)
     transcript = Path(a.resume) if a.resume else (Path(a.transcript) if a.transcript else
                                                   (_default_transcript() if tty else None))
     if a.resume:
         chat.read_transcript(transcript)  # a bad file: one line, before loading models
-    budget = None if str(a.memory_budget).lower() == "none" else a.memory_budget
     if tty:
         sys.stderr.write(f"loading {a.target}" + (f" + {draft}" if draft else "") + f" (memory budget {a.memory_budget})...\n")
     t0 = time.perf_counter()
     from .pager import PagerParams
 
-    with Engine(a.target, draft, memory_budget=budget, target_budget=a.target_budget,
+    with Engine(a.target, draft, memory_budget=_budget(a), target_budget=a.target_budget,
                 pager=PagerParams(storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
                 target_gpu_layers=a.target_gpu_layers, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
                 verbose=a.verbose, progress=tty) as eng:
@@ -230,8 +238,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_doctor(a: argparse.Namespace) -> int:
     from .doctor import report
 
-    budget = None if str(a.memory_budget).lower() == "none" else a.memory_budget
-    report(a.target, a.draft, budget, n_ctx=a.n_ctx, measure=not a.no_measure)
+    report(a.target, a.draft, _budget(a), n_ctx=a.n_ctx, measure=not a.no_measure)
     return 0
 
 
