@@ -24,6 +24,14 @@ def spawn(args, tmp_path):
                               "PATH": "/usr/bin:/bin"})
 
 
+def quit_chat(p) -> None:
+    """/quit, then the chat ends by itself with status 0."""
+    p.sendline("/quit")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+
+
 def test_chat_in_a_terminal(tiny_pair, tmp_path):
     log = tmp_path / "t.jsonl"
     p = spawn(chat_cmd(tiny_pair, "--transcript", str(log), "--n-ctx", "4096", "-n", "12"), tmp_path)
@@ -57,10 +65,8 @@ def test_chat_in_a_terminal(tiny_pair, tmp_path):
     p.expect("> ")
     p.sendline("/reset")
     p.expect("conversation reset")
-    p.sendline("/quit")
-    p.expect(pexpect.EOF)
-    p.close()
-    assert p.exitstatus == 0 and read_transcript(log) == []  # the reset is in the transcript
+    quit_chat(p)
+    assert read_transcript(log) == []  # the reset is in the transcript
 
 
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(paging_pair, tmp_path):
@@ -82,10 +88,7 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(paging_pair, tmp_path):
     p.sendline("and now?")
     p.expect(r"tok/s")  # the engine still answers after an interrupted answer
     p.expect("> ")
-    p.sendline("/quit")
-    p.expect(pexpect.EOF)
-    p.close()
-    assert p.exitstatus == 0
+    quit_chat(p)
     lines = [json.loads(l) for l in log.read_text().splitlines()]
     stopped = [l for l in lines if l.get("interrupted")]
     assert len(stopped) == 1 and stopped[0]["role"] == "assistant" and stopped[0]["content"]
@@ -127,10 +130,7 @@ def test_a_full_context_is_one_line_and_the_chat_goes_on(tiny_pair, tmp_path):
     p.sendline("hi")
     p.expect("tok/s")
     p.expect("> ")
-    p.sendline("/quit")
-    p.expect(pexpect.EOF)
-    p.close()
-    assert p.exitstatus == 0
+    quit_chat(p)
     assert [m["content"] for m in read_transcript(log) if m["role"] == "user"] == ["hi"]  # the first was withdrawn
 
 
@@ -155,10 +155,7 @@ def test_kill_9_in_the_middle_of_an_answer_leaves_a_valid_transcript(paging_pair
     p = spawn([*args, "--resume", str(log)], tmp_path)  # and the chat resumes from it
     p.expect("> ")
     p.sendline("/stats")
-    p.sendline("/quit")
-    p.expect(pexpect.EOF)
-    p.close()
-    assert p.exitstatus == 0
+    quit_chat(p)
 
 
 def test_chat_templates_render_in_a_sandbox(tiny_target, tmp_path):
