@@ -131,7 +131,7 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
     with Engine(target, n_ctx=2048, n_threads=n_threads, memory_budget=None) as judge:
         for r in rows:
             for st in runs[r.name]:
-                fid[r.name] += teacher_forced(judge._target, judge._batch, judge.tokenize(st["prompt"], special=True),
+                fid[r.name] += teacher_forced(judge.target_context, judge._batch, judge.tokenize(st["prompt"], special=True),
                                               st["token_ids"])
 
     out_rows = []

@@ -172,7 +172,7 @@ class Engine:
         verbose: bool = False,
         progress: bool = False,
     ):
-        self._target_model = self._draft_model = self._drafter = self._batch = self._pager = None
+        self._target_model = self._draft_model = self._drafter = self._batch = self._pager = self._chain = None
         self._target = self._draft = None
         native.lib.ec_interrupt_clear()
         set_verbose(verbose)
@@ -218,7 +218,7 @@ class Engine:
         self.budget_plan = plan.paging
         self.mode = mode or ("tree" if plan.speculative else "target")
         self.tree_params = tree_params or MODE_PARAMS.get(self.mode)
-        self._debug_kv = False  # tests: check both KV caches after every speculative step
+        self.check_kv = False  # tests: assert both KV caches hold only the accepted path after every step
         if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
             sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
         paged = plan.paged
@@ -282,7 +282,7 @@ class Engine:
                                       progress=f"loading {self.draft_path.name}" if progress else None)
         emulate_storage(storage_bytes_read(since=read0), t_load, pager.bytes_per_second)
         if paged:  # its reads are throttled by the pager itself
-            self._pager = Pager(self.target_path, t_info, plan.paging, new_mapping(self.target_path, before))
+            self._pager = Pager(self._target_model, t_info, plan.paging, new_mapping(self.target_path, before))
         self.lazy_load = lazy
         self.load_seconds = time.perf_counter() - t_load  # models loaded, pinned layers read
         self.load_bytes_read = storage_bytes_read(since=read0)  # from storage (page-cache hits: 0)
@@ -356,7 +356,7 @@ class Engine:
                 except BaseException as e:  # re-raised in this thread
                     box["err"] = e
 
-            th = threading.Thread(target=chain, name="edgecad-chain")
+            th = self._chain = threading.Thread(target=chain, name="edgecad-chain")
             t0 = time.perf_counter()
             try:
                 self._pager.begin_pass()
@@ -365,9 +365,10 @@ class Engine:
             finally:
                 seconds = time.perf_counter() - t0
                 done.set()
-                self._pager.end_pass()  # never leave the draft gated (the decode may not have run)
-                if th.ident is not None:
-                    th.join()
+                try:
+                    self._pager.end_pass()  # never leave the draft gated (the decode may not have run)
+                finally:
+                    self._join_chain()
             if "err" in box:
                 raise box["err"]
         path, bonus, divergent = accept(tree, logits, rng, recent)
@@ -407,7 +408,7 @@ class Engine:
                 stats.accepted_tokens += len(verdict.path)
                 stats.bild_divergent += verdict.divergent
                 root_pos = len(self._target.tokens)
-                if self._debug_kv:
+                if self.check_kv:
                     self._check_kv(root_pos)
                 for tok, tie in zip([int(tree.token[i]) for i in verdict.path] + [verdict.bonus], verdict.ties):
                     stats.near_ties += tie
@@ -424,6 +425,14 @@ class Engine:
             stats.chain_tokens = drafter.chain_tokens - ct
             stats.reused_tokens = drafter.reused_tokens - rt
             stats.fallback = fallback.summary() if p.fallback == "adaptive" else None
+
+    def _join_chain(self) -> None:
+        """Wait for the pipeline's chain thread, if one was started: it drafts in the draft's context and passes
+        the pager's gate, so it must be gone before either is freed (close joins it too, should a Ctrl-C have
+        landed between its start and the join in _verify)."""
+        th, self._chain = self._chain, None
+        if th is not None and th.ident is not None:
+            th.join()
 
     def _check_kv(self, root_pos: int) -> None:
         """Both caches hold only sequence 0: the target every accepted token before the root,
@@ -648,6 +657,7 @@ class Engine:
         while lock is not None and not (held := lock.acquire(timeout=0.02)) and not self._streaming:
             pass
         try:
+            self._join_chain()
             for name in ("_drafter", "_batch", "_target", "_draft", "_pager", "_target_model", "_draft_model"):
                 obj = getattr(self, name, None)
                 if obj is not None:
@@ -665,6 +675,26 @@ class Engine:
 
     def __del__(self):
         self.close()
+
+    # ------------------------------------------------------------------ test hooks
+    # Documented and kept stable for tests and measurement scripts (they are not needed to generate):
+    # `check_kv` (set True: after every speculative step, assert both KV caches hold only the accepted
+    # path), and the parts below.
+
+    @property
+    def pager(self) -> Optional[Pager]:
+        """The target's native pager when the target is paged (stats, inject_fault, set_throttle), else None."""
+        return self._pager
+
+    @property
+    def target_context(self) -> Optional[Context]:
+        """The target's llama.cpp context (KV cache, logits)."""
+        return self._target
+
+    @property
+    def draft_context(self) -> Optional[Context]:
+        """The draft's llama.cpp context, None without a draft."""
+        return self._draft
 
 
 def _held_back(text: str, stops: Sequence[str], start: int) -> int:

@@ -82,6 +82,7 @@ class Model:
         from .gguf_file import read_gguf
 
         self._ptr = None
+        self._dependents = []  # objects using this model's mapping: closed before it is freed
         _init_backend()
         self.path = Path(path)
         self.info = info if info is not None else read_gguf(self.path)
@@ -190,7 +191,16 @@ class Model:
         return Jinja2ChatFormatter(template.decode("utf-8"), eos_token=text(eos), bos_token=text(bos),
                                    stop_token_ids=[eos] if eos >= 0 else None)
 
+    def close_first(self, dependent) -> None:
+        """Close `dependent` (anything with close()) before this model is freed, whatever order a garbage
+        collector finalizes them in: the pager's IO thread advises addresses of this model's mapping."""
+        self._dependents.append(dependent)
+
     def close(self) -> None:
+        for d in getattr(self, "_dependents", ()):
+            d.close()
+        if getattr(self, "_dependents", None):
+            self._dependents = []
         if self._ptr:
             C.llama_model_free(self._ptr)
             self._ptr = None
@@ -333,9 +343,11 @@ class Context:
         starts): the graph may have stopped part-way with rc 0 (ggml ends an aborted graph quietly), so its
         logits and this batch's KV cells are garbage; callers commit tokens only after decode returns, and
         the next sync drops the cells."""
-        rc = C.llama_decode(self.ptr, batch._b)
-        if self._after_decode is not None:
-            self._after_decode()
+        try:
+            rc = C.llama_decode(self.ptr, batch._b)
+        finally:  # also when a KeyboardInterrupt lands right after the call: the pager's pass must end
+            if self._after_decode is not None:
+                self._after_decode()
         if native.lib.ec_interrupt_pending():
             raise KeyboardInterrupt
         if rc != 0:

@@ -41,8 +41,9 @@ MiB = 1 << 20
 class PagerParams:
     io: str = "prefetch"     # "prefetch": read `depth` streamed layers ahead; "demand": read a layer when it is needed
     depth: int = 2           # read-ahead window, in streamed layers (prefetch only)
-    lag: int = 2             # evict the streamed layer `lag` behind the current one: evicting pages read
-                             # moments ago leaves about half of them resident (docs/paging.md)
+    lag: int = 2             # evict the streamed layer `lag` (>= 1) behind the current one: evicting pages read
+                             # moments ago leaves about half of them resident (docs/paging.md); 0 would evict
+                             # the layer about to run
     storage: str = "native"  # storage profile emulated by throttling the IO thread (STORAGE_PROFILES)
     throttle_bps: Optional[float] = None  # explicit throttle in bytes/s; overrides the profile
     measure: bool = True     # mincore residency at every layer boundary (peak_resident_target_bytes)
@@ -53,8 +54,11 @@ class PagerParams:
             raise EdgecadError(f"unknown IO mode {self.io!r}: use 'prefetch' or 'demand'")
         if self.storage not in STORAGE_PROFILES:
             raise EdgecadError(f"unknown storage profile {self.storage!r}: use one of {', '.join(STORAGE_PROFILES)}")
-        if self.depth < 0 or self.lag < 0:
-            raise EdgecadError("pager depth and lag must be >= 0")
+        if self.depth < 0:
+            raise EdgecadError(f"pager depth={self.depth} is out of range: use 0 (demand) or more layers of read-ahead")
+        if self.lag < 1:
+            raise EdgecadError(f"pager lag={self.lag} is out of range: use 1 or more (lag 0 would evict the layer "
+                               "about to run)")
 
     @property
     def read_ahead(self) -> int:
@@ -268,6 +272,9 @@ _lib.ec_pager_pass_begin.argtypes, _lib.ec_pager_pass_begin.restype = [ctypes.c_
 _lib.ec_pager_pass_end.argtypes, _lib.ec_pager_pass_end.restype = [ctypes.c_void_p], ctypes.c_int
 # int ec_pager_inject_fault(ec_pager *p, int code);
 _lib.ec_pager_inject_fault.argtypes, _lib.ec_pager_inject_fault.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+# int ec_pager_set_throttle(ec_pager *p, double bytes_per_second);
+_lib.ec_pager_set_throttle.argtypes = [ctypes.c_void_p, ctypes.c_double]
+_lib.ec_pager_set_throttle.restype = ctypes.c_int
 # int ec_pager_error(ec_pager *p);
 _lib.ec_pager_error.argtypes, _lib.ec_pager_error.restype = [ctypes.c_void_p], ctypes.c_int
 # int ec_load_guard_begin(const char *path, const char *lib_name);
@@ -404,9 +411,11 @@ def emulate_storage(bytes_read: Optional[int], since: float, bytes_per_second: f
 class Pager:
     """The native pager of one loaded target model; `cb_eval` goes into its context params."""
 
-    def __init__(self, path: Path, info: GGUFInfo, plan: BudgetPlan, mapping: tuple[int, int, int]):
-        """mapping: (address, file offset, length) of llama.cpp's mapping of this model (new_mapping)."""
-        self.path, self.plan, self._h = Path(path), plan, None
+    def __init__(self, model, info: GGUFInfo, plan: BudgetPlan, mapping: tuple[int, int, int]):
+        """model: the loaded edgecad.llama.Model whose file this pager streams; it closes the pager before it
+        frees its mapping (the IO thread must never advise an address llama.cpp no longer maps).
+        mapping: (address, file offset, length) of llama.cpp's mapping of this model (new_mapping)."""
+        self.path, self.plan, self._h = Path(model.path), plan, None
         native.check_version()
         addr, map_off, map_len = mapping
         ranges = {l.index: l for l in info.layers()}
@@ -422,6 +431,7 @@ class Pager:
                                         pinned, len(plan.pinned), per_pass, len(plan.evict_each_pass),
                                         ctypes.byref(params), _ggml_get_name(), ctypes.byref(h)), "ec_pager_open")
         self._h = h
+        model.close_first(self)
         self.cb_eval = C.ggml_backend_sched_eval_callback(ctypes.cast(_lib.ec_pager_cb_eval, ctypes.c_void_p).value)
         # the draft context's cb_eval when it drafts during target passes (with user data `handle`)
         self.gate_cb_eval = C.ggml_backend_sched_eval_callback(
@@ -442,13 +452,19 @@ class Pager:
         native.check(code, "ec_pager_settle")
 
     def recover(self) -> None:
-        """Before a completion: after an IO error (raised by the pass that met it), settle again."""
+        """Before a completion: end a pass that a Ctrl-C left open (a gated draft would wait for its end), and
+        after an IO error or an interrupted read (raised by the pass that met it), settle again."""
+        self.end_pass()
         if _lib.ec_pager_error(self._h):
             self.settle()
 
     def inject_fault(self, code: int = EC_EIO) -> None:
         """Tests: make the next read fail as a failing storage would."""
         native.check(_lib.ec_pager_inject_fault(self._h, code), "ec_pager_inject_fault")
+
+    def set_throttle(self, bytes_per_second: float) -> None:
+        """Change the storage throttle now (0 = none). Tests stall the storage with it."""
+        native.check(_lib.ec_pager_set_throttle(self._h, bytes_per_second), "ec_pager_set_throttle")
 
     def begin_pass(self) -> None:
         """Before a target decode the draft runs beside: the gate holds the draft until the pass waits."""
@@ -467,6 +483,8 @@ class Pager:
     def check(self) -> None:
         """Raise if the IO thread failed."""
         code = _lib.ec_pager_error(self._h)
+        if code == EC_ECANCELED:  # a Ctrl-C stopped a read: the next completion settles again
+            raise KeyboardInterrupt
         if code == EC_ECHANGED:
             raise ModelFileError(f"{self.path} changed size while the engine was paging it: "
                                  "load it again once the file is complete")

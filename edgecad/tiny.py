@@ -1,8 +1,13 @@
 """Tiny draft/target GGUF pairs with random weights, for tests and quick benchmarks.
 
-Both models are llama.cpp `qwen2` models (F32) over one 265-token GPT-2-style
+Both models are llama.cpp `qwen2` models over one 265-token GPT-2-style
 byte-level vocabulary (256 byte tokens, 6 merges, 3 control tokens), so they
-load, tokenize and generate on real llama.cpp in milliseconds.
+load, tokenize and generate on real llama.cpp in milliseconds. The F32 pair
+(`write_pair`) gives control tokens near-zero logits: generation never ends
+early, and exact equality is the point. The quantized pair (`write_quantized_pair`:
+Q4_0 target layers, which llama.cpp repacks, and a Q8_0 draft) has larger layers
+and an end-of-generation token that wins wherever one ordinary token would: its
+outputs end, and Q4 numerics meet near-ties as real models do.
 
 To make speculative decoding meaningful, draft and target share the token
 embeddings and the output matrix (a strong "bigram" signal both agree on),
@@ -53,14 +58,21 @@ class TinySpec:
     n_head_kv: int = 2      # key/value heads (grouped-query attention)
     layer_scale: float = 0.15  # std of the blocks' output projections: how much context matters
     seed: int = 0           # seed of the layer weights
+    qtype: str = "F32"      # type of every matrix: "F32", or "Q4_0" / "Q8_0" (layers; embeddings and output Q8_0)
 
 
 SHARED_SEED = 1234  # seed of the embeddings and output matrix shared by draft and target
 LOGIT_SCALE = 0.6   # std of the output matrix: logits of std ~5, so top-2 gaps are rarely near-ties
 
 
+_FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7}  # llama.cpp's general.file_type (LLAMA_FTYPE_ALL_F32, MOSTLY_*)
+EOG_TOKEN = "<|im_end|>"  # the end-of-turn token: llama.cpp counts it as end of generation
+
+
 def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad-tiny",
-                vocab_tokens: list[str] | None = None) -> Path:
+                vocab_tokens: list[str] | None = None, eog_like: int | None = None) -> Path:
+    """eog_like: a token id whose output row, x 1.2, becomes EOG_TOKEN's: the model then ends its output
+    wherever it would have chosen that token with a positive logit (a margin of 20% of that logit)."""
     import gguf
 
     tokens, types = vocabulary()
@@ -71,7 +83,18 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     embd = shared.standard_normal((n_vocab, d)).astype(np.float32)
     out = (shared.standard_normal((n_vocab, d)) * LOGIT_SCALE).astype(np.float32)
     out[-len(SPECIAL):] = 0.0  # control tokens (EOS among them) score ~0: rarely chosen, never impossible
+    if eog_like is not None:
+        out[tokens.index(EOG_TOKEN)] = 1.2 * out[eog_like]
     rng = np.random.default_rng(spec.seed)
+    qt = gguf.GGMLQuantizationType[spec.qtype]
+    qt_io = gguf.GGMLQuantizationType.F32 if spec.qtype == "F32" else gguf.GGMLQuantizationType.Q8_0
+
+    def add(name, x, t=qt):
+        """A matrix in type t (vectors stay F32, as llama.cpp's quantizer leaves them)."""
+        if x.ndim == 1 or t == gguf.GGMLQuantizationType.F32:
+            wr.add_tensor(name, x)
+        else:
+            wr.add_tensor(name, gguf.quants.quantize(x, t), raw_dtype=t)
 
     def w(rows, cols, std):
         return (rng.standard_normal((rows, cols)) * std).astype(np.float32)
@@ -88,7 +111,7 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     wr.add_head_count_kv(spec.n_head_kv)
     wr.add_rope_freq_base(10000.0)
     wr.add_layer_norm_rms_eps(1e-6)
-    wr.add_file_type(0)  # all F32
+    wr.add_file_type(_FILE_TYPES[spec.qtype])
     wr.add_tokenizer_model("gpt2")
     wr.add_tokenizer_pre("qwen2")
     wr.add_token_list(tokens)
@@ -99,23 +122,23 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     wr.add_add_bos_token(False)
     wr.add_chat_template(CHATML)
 
-    wr.add_tensor("token_embd.weight", embd)
+    add("token_embd.weight", embd, qt_io)
     for i in range(spec.n_layer):
         p = f"blk.{i}."
-        wr.add_tensor(p + "attn_norm.weight", np.ones(d, np.float32))
-        wr.add_tensor(p + "attn_q.weight", w(d, d, d ** -0.5))
-        wr.add_tensor(p + "attn_q.bias", w(1, d, 0.1)[0])
-        wr.add_tensor(p + "attn_k.weight", w(dkv, d, d ** -0.5))
-        wr.add_tensor(p + "attn_k.bias", w(1, dkv, 0.1)[0])
-        wr.add_tensor(p + "attn_v.weight", w(dkv, d, d ** -0.5))
-        wr.add_tensor(p + "attn_v.bias", w(1, dkv, 0.1)[0])
-        wr.add_tensor(p + "attn_output.weight", w(d, d, spec.layer_scale * d ** -0.5))
-        wr.add_tensor(p + "ffn_norm.weight", np.ones(d, np.float32))
-        wr.add_tensor(p + "ffn_gate.weight", w(spec.n_ff, d, d ** -0.5))
-        wr.add_tensor(p + "ffn_up.weight", w(spec.n_ff, d, d ** -0.5))
-        wr.add_tensor(p + "ffn_down.weight", w(d, spec.n_ff, spec.layer_scale * spec.n_ff ** -0.5))
-    wr.add_tensor("output_norm.weight", np.ones(d, np.float32))
-    wr.add_tensor("output.weight", out)
+        add(p + "attn_norm.weight", np.ones(d, np.float32))
+        add(p + "attn_q.weight", w(d, d, d ** -0.5))
+        add(p + "attn_q.bias", w(1, d, 0.1)[0])
+        add(p + "attn_k.weight", w(dkv, d, d ** -0.5))
+        add(p + "attn_k.bias", w(1, dkv, 0.1)[0])
+        add(p + "attn_v.weight", w(dkv, d, d ** -0.5))
+        add(p + "attn_v.bias", w(1, dkv, 0.1)[0])
+        add(p + "attn_output.weight", w(d, d, spec.layer_scale * d ** -0.5))
+        add(p + "ffn_norm.weight", np.ones(d, np.float32))
+        add(p + "ffn_gate.weight", w(spec.n_ff, d, d ** -0.5))
+        add(p + "ffn_up.weight", w(spec.n_ff, d, d ** -0.5))
+        add(p + "ffn_down.weight", w(d, spec.n_ff, spec.layer_scale * spec.n_ff ** -0.5))
+    add("output_norm.weight", np.ones(d, np.float32))
+    add("output.weight", out, qt_io)
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
@@ -137,4 +160,19 @@ def write_pair(out_dir: str | os.PathLike, *, target: TinySpec = TINY_TARGET,
     out_dir.mkdir(parents=True, exist_ok=True)
     d = write_model(out_dir / "tiny-draft.gguf", draft, name="edgecad-tiny-draft")
     t = write_model(out_dir / "tiny-target.gguf", target, name="edgecad-tiny-target")
+    return d, t
+
+
+Q_TARGET = TinySpec(n_layer=8, n_embd=128, n_ff=768, layer_scale=0.15, seed=11, qtype="Q4_0")  # ~190 KB layers
+Q_DRAFT = TinySpec(n_layer=2, n_embd=128, n_ff=512, layer_scale=0.10, seed=12, qtype="Q8_0")
+EOG_LIKE = None  # set below: the token whose choice becomes the end of generation
+
+
+def write_quantized_pair(out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write tiny-q-draft.gguf (Q8_0) and tiny-q-target.gguf (Q4_0 layers) into out_dir, with an end of
+    generation reachable (EOG_LIKE); return (draft, target)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = write_model(out_dir / "tiny-q-draft.gguf", Q_DRAFT, name="edgecad-tiny-q-draft", eog_like=EOG_LIKE)
+    t = write_model(out_dir / "tiny-q-target.gguf", Q_TARGET, name="edgecad-tiny-q-target", eog_like=EOG_LIKE)
     return d, t

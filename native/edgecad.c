@@ -63,10 +63,40 @@ static int fail(int code, int err, const char *fmt, ...) {
     return code;
 }
 
-static size_t page_size(void) {
+static size_t page_size(void) { /* any thread may ask first: the cache is an atomic */
     static size_t ps;
-    if (!ps) ps = (size_t)sysconf(_SC_PAGESIZE);
-    return ps;
+    size_t v = __atomic_load_n(&ps, __ATOMIC_RELAXED);
+    if (!v) __atomic_store_n(&ps, v = (size_t)sysconf(_SC_PAGESIZE), __ATOMIC_RELAXED);
+    return v;
+}
+
+/* Condition variables whose timed waits use CLOCK_MONOTONIC: a clock step (a Pi without an RTC syncing its
+ * time) must not stretch or shorten a wait. Returns 0 or the pthread error. */
+static int cond_init(pthread_cond_t *c) {
+#if defined(__APPLE__)
+    return pthread_cond_init(c, NULL); /* timed waits use the relative form there */
+#else
+    pthread_condattr_t a;
+    int rc = pthread_condattr_init(&a);
+    if (!rc) rc = pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    if (!rc) rc = pthread_cond_init(c, &a);
+    pthread_condattr_destroy(&a);
+    return rc;
+#endif
+}
+
+/* Wait on c for at most ms milliseconds (mu held): callers loop on their condition and on Ctrl-C. */
+static void cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *mu, long ms) {
+    struct timespec ts;
+#if defined(__APPLE__)
+    ts.tv_sec = ms / 1000, ts.tv_nsec = (ms % 1000) * 1000000L;
+    pthread_cond_timedwait_relative_np(c, mu, &ts);
+#else
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000, ts.tv_nsec += (ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+    pthread_cond_timedwait(c, mu, &ts);
+#endif
 }
 
 /* ------------------------------------------------------------------------ */
@@ -141,8 +171,10 @@ int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *
     return EC_OK;
 }
 
-/* Set by the SIGINT handler (section 6); read where C code waits. */
-static volatile sig_atomic_t ec_interrupted;
+/* Set by the SIGINT handler (section 6), read by every thread where C code waits: an atomic int (lock-free,
+ * so async-signal-safe), never a plain volatile shared across threads. */
+static int ec_interrupted_flag;
+static int interrupted(void) { return __atomic_load_n(&ec_interrupted_flag, __ATOMIC_ACQUIRE); }
 
 /* ------------------------------------------------------------------------ */
 /* 3. pager                                                                 */
@@ -185,6 +217,8 @@ struct ec_pager {
     pthread_cond_t done;     /* broadcast when an op completes */
     pthread_cond_t gate;     /* broadcast when the target starts waiting on IO or its pass ends */
     int in_pass;             /* 1 from the target's first layer boundary until ec_pager_pass_end */
+    int closing;             /* 1 once ec_pager_close started: reads stop, the gate lets go (atomic) */
+    int gate_users;          /* draft threads inside ec_pager_gate_cb_eval (close waits for them to leave) */
     int waiting;             /* 1 while the target waits at a boundary for a layer to be read */
     io_op *q;                /* [q_cap] ring buffer of queued ops */
     int q_cap, q_head, q_len;
@@ -196,6 +230,7 @@ struct ec_pager {
     char error_text[512];    /* the IO thread's message for `error` */
     int inject;              /* tests: the next read fails with this EC_* code (ec_pager_inject_fault) */
     double next_free_s;      /* throttle: when the next chunk may start (IO thread only) */
+    double throttle_bps;     /* the throttle now: prm.throttle_bps, or what ec_pager_set_throttle set (atomic) */
     int use_populate;        /* 1 while MADV_POPULATE_READ works (IO thread only) */
     uint8_t *scratch;        /* [CHUNK] pread fallback buffer (IO thread only) */
 
@@ -254,12 +289,24 @@ static uint64_t resident(const ec_pager *p, uint64_t off, uint64_t len) {
     return pages * page_size();
 }
 
-static void throttle(ec_pager *p, uint64_t n) {
-    if (p->prm.throttle_bps <= 0) return;
+/* A read stops (EC_ECANCELED) on Ctrl-C, in any thread, and in the IO thread when the pager closes: no wait
+ * for a whole queued read (seconds on an SD card) stands between Ctrl-C or close and its effect. */
+static int stopped(ec_pager *p) { return interrupted() || __atomic_load_n(&p->closing, __ATOMIC_ACQUIRE); }
+
+/* Storage emulation: chunk starts are spaced by size / rate. Sleeps in 20 ms slices to see a stop. */
+static int throttle(ec_pager *p, uint64_t n) {
+    double bps;
+    __atomic_load(&p->throttle_bps, &bps, __ATOMIC_RELAXED);
+    if (bps <= 0) return EC_OK;
     double now = now_s();
     if (p->next_free_s < now) p->next_free_s = now; /* idle time does not bank a burst */
-    if (p->next_free_s > now) sleep_s(p->next_free_s - now);
-    p->next_free_s += (double)n / p->prm.throttle_bps;
+    while (p->next_free_s > (now = now_s())) {
+        if (stopped(p)) return fail(EC_ECANCELED, 0, "interrupted");
+        double left = p->next_free_s - now;
+        sleep_s(left < 0.02 ? left : 0.02);
+    }
+    p->next_free_s += (double)n / bps;
+    return EC_OK;
 }
 
 /* Read a file range into RAM through the IO path. Two ways, by prm.readahead:
@@ -305,8 +352,8 @@ static int read_chunk(ec_pager *p, uint64_t off, uint64_t n) {
     return mapped ? populate(p, a, an, &done) : EC_OK;
 }
 
-/* cancellable: the caller's thread stops between chunks on Ctrl-C (EC_ECANCELED); the IO thread never does. */
-static int read_range(ec_pager *p, uint64_t off, uint64_t len, int cancellable) {
+/* Stops between chunks on Ctrl-C or close (EC_ECANCELED), in the caller's thread and in the IO thread. */
+static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
     struct stat st;
     if (fstat(p->fd, &st) != 0) return fail(EC_ESTAT, errno, "fstat of the model file");
     if ((uint64_t)st.st_size != p->file_size)
@@ -317,9 +364,9 @@ static int read_range(ec_pager *p, uint64_t off, uint64_t len, int cancellable) 
     if (injected) return fail(injected, EIO, "injected fault reading the model file at %llu", (unsigned long long)off);
     for (uint64_t done = 0; done < len; done += CHUNK) {
         uint64_t n = len - done < CHUNK ? len - done : CHUNK;
-        if (cancellable && ec_interrupted) return fail(EC_ECANCELED, 0, "interrupted");
-        throttle(p, n);
-        int rc = read_chunk(p, off + done, n);
+        if (stopped(p)) return fail(EC_ECANCELED, 0, "interrupted");
+        int rc = throttle(p, n);
+        if (!rc) rc = read_chunk(p, off + done, n);
         if (rc) return rc;
         __atomic_add_fetch(&p->st.bytes_read, n, __ATOMIC_RELAXED);
     }
@@ -330,6 +377,7 @@ static int read_range(ec_pager *p, uint64_t off, uint64_t len, int cancellable) 
 static void evict_range(ec_pager *p, uint64_t off, uint64_t len) {
     uint8_t *a;
     size_t n;
+    if (len == 0) return; /* posix_fadvise reads a length of 0 as "to the end of the file" */
     if (span(p, off, len, 0, &a, &n) && madvise(a, n, MADV_DONTNEED) != 0) warn_once(p, "madvise(MADV_DONTNEED)", errno);
     int rc = posix_fadvise(p->fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);
     if (rc != 0) warn_once(p, "posix_fadvise(POSIX_FADV_DONTNEED)", rc);
@@ -385,7 +433,7 @@ static void *io_main(void *arg) {
         double t0 = now_s();
         if (failed) {
         } else if (op.op == OP_LOAD) {
-            rc = read_range(p, p->layers[op.layer].off, p->layers[op.layer].len, 0);
+            rc = read_range(p, p->layers[op.layer].off, p->layers[op.layer].len);
         } else if (op.op == OP_EVICT) {
             evict_layer(p, op.layer);
             __atomic_store_n(&p->remeasure[op.layer], 1, __ATOMIC_RELAXED);
@@ -478,18 +526,13 @@ static int boundary(ec_pager *p, int il) {
         if (p->completed < p->load_ticket[il] && !p->error) {
             p->waiting = 1; /* the cores are free: let a gated draft run */
             pthread_cond_broadcast(&p->gate);
-            while (p->completed < p->load_ticket[il] && !p->error && !ec_interrupted) {
-                struct timespec ts; /* wake every 20 ms to see a Ctrl-C (signals cannot signal a condvar) */
-                clock_gettime(CLOCK_REALTIME, &ts);
-                ts.tv_nsec += 20000000;
-                if (ts.tv_nsec >= 1000000000) ts.tv_sec++, ts.tv_nsec -= 1000000000;
-                pthread_cond_timedwait(&p->done, &p->mu, &ts);
-            }
+            while (p->completed < p->load_ticket[il] && !p->error && !interrupted())
+                cond_wait_ms(&p->done, &p->mu, 20); /* wake to see a Ctrl-C (signals cannot signal a condvar) */
             p->waiting = 0;
         }
         p->st.io_wait_ns += (uint64_t)((now_s() - t0) * 1e9);
     }
-    int err = p->error ? p->error : ec_interrupted ? EC_ECANCELED : EC_OK;
+    int err = p->error ? p->error : interrupted() ? EC_ECANCELED : EC_OK;
     pthread_mutex_unlock(&p->mu);
     if (!err && p->prm.measure && p->n_stream > 0) measure(p, j >= 0 ? j : p->next_ring[il], pass_start);
     return err;
@@ -544,22 +587,32 @@ bool ec_pager_gate_cb_eval(void *tensor, bool ask, void *user_data) {
     if (ask) return is_boundary && __atomic_load_n(&p->in_pass, __ATOMIC_RELAXED);
     if (!is_boundary) return true;
     pthread_mutex_lock(&p->mu);
+    p->gate_users++;
+    int stop = 0;
     if (p->in_pass && !p->waiting) {
         double t0 = now_s();
-        while (p->in_pass && !p->waiting) pthread_cond_wait(&p->gate, &p->mu);
+        while (p->in_pass && !p->waiting && !(stop = stopped(p))) cond_wait_ms(&p->gate, &p->mu, 20);
         p->st.gate_wait_ns += (uint64_t)((now_s() - t0) * 1e9);
     }
-    if (p->in_pass) p->st.draft_layers_in_pass++;
+    if (p->in_pass && !stop) p->st.draft_layers_in_pass++;
+    p->gate_users--;
+    pthread_cond_broadcast(&p->gate); /* close may wait for the last user to leave */
     pthread_mutex_unlock(&p->mu);
-    return true;
+    return !stop; /* Ctrl-C or close: abort the draft's graph */
 }
 
 void ec_pager_close(ec_pager *p) {
     if (!p) return;
     if (p->io_started) {
         pthread_mutex_lock(&p->mu);
-        p->q_len = 0; /* drop pending work */
+        __atomic_store_n(&p->closing, 1, __ATOMIC_RELEASE); /* a read in flight stops at its next chunk */
+        p->completed += (uint64_t)p->q_len; /* drop pending work */
+        p->q_len = 0;
         enqueue(p, OP_STOP, -1);
+        while (p->gate_users) { /* a draft held by the gate sees `closing` and leaves */
+            pthread_cond_broadcast(&p->gate);
+            cond_wait_ms(&p->gate, &p->mu, 20);
+        }
         pthread_mutex_unlock(&p->mu);
         pthread_join(p->io, NULL);
         pthread_mutex_destroy(&p->mu);
@@ -586,8 +639,9 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
                   const ec_range *pinned, int n_pinned, const ec_range *evict_each_pass, int n_evict,
                   const ec_pager_params *params, void *name_fn, ec_pager **out) {
     if (!path || !map_addr || !layers || !streamed || n_layers <= 0 || !params || !name_fn || !out ||
-        params->depth < 0 || params->lag < 0)
-        return fail(EC_EINVAL, 0, "ec_pager_open: bad argument");
+        params->depth < 0 || params->lag < 1)
+        return fail(EC_EINVAL, 0, "ec_pager_open: bad argument%s",
+                    params && params->lag < 1 ? " (lag must be >= 1: lag 0 evicts the layer about to run)" : "");
     *out = NULL;
     ec_pager *p = calloc(1, sizeof *p);
     if (!p) return fail(EC_ENOMEM, errno, "calloc(ec_pager)");
@@ -597,6 +651,9 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
     p->map_len = map_len;
     p->n_layers = n_layers;
     p->prm = *params;
+    if (p->prm.depth > n_layers) p->prm.depth = n_layers; /* a window never holds more than every layer */
+    if (p->prm.lag > n_layers) p->prm.lag = n_layers;
+    p->throttle_bps = p->prm.throttle_bps;
     p->name_fn = (const char *(*)(const void *))name_fn;
     p->use_populate = 1;
     p->n_pinned = n_pinned;
@@ -657,10 +714,13 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
         return rc;
     }
     p->file_size = (uint64_t)st.st_size;
-    if (pthread_mutex_init(&p->mu, NULL) || pthread_cond_init(&p->work, NULL) || pthread_cond_init(&p->done, NULL) ||
-        pthread_cond_init(&p->gate, NULL)) {
+    int prc = pthread_mutex_init(&p->mu, NULL);
+    if (!prc) prc = cond_init(&p->work);
+    if (!prc) prc = cond_init(&p->done);
+    if (!prc) prc = cond_init(&p->gate);
+    if (prc) {
         ec_pager_close(p);
-        return fail(EC_ETHREAD, 0, "pthread init");
+        return fail(EC_ETHREAD, prc, "initialising the pager's mutex and condition variables");
     }
     /* Exact mode (layers small next to read_ahead_kb: read-around would pull in far more than the budget):
      * no readahead on the pager's fd nor on faults in llama.cpp's mapping. Readahead mode: the kernel's
@@ -699,9 +759,11 @@ int ec_pager_settle(ec_pager *p) {
         if (p->streamed[il]) p->want[il] = 0;
     pthread_mutex_unlock(&p->mu);
     int rc = EC_OK;
-    for (int i = 0; i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len, 1);
+    for (int i = 0; i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len);
     for (int il = 0; il < p->n_layers && !rc; il++)
-        if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len, 1);
+        if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len);
+    char why[sizeof ec_errbuf]; /* the failure's message, before the evictions below can overwrite it */
+    snprintf(why, sizeof why, "%s", rc ? ec_errbuf : "");
     /* then drop the rest: what a whole-file load read, and what the kernel read ahead past the pinned ranges */
     for (int il = 0; il < p->n_layers; il++)
         if (p->streamed[il]) evict_range(p, p->layers[il].off, p->layers[il].len);
@@ -710,6 +772,7 @@ int ec_pager_settle(ec_pager *p) {
     for (int il = 0; il < p->n_layers; il++)
         p->layer_res[il] = p->streamed[il] ? resident(p, p->layers[il].off, p->layers[il].len) : 0;
     if (rc) { /* a failed settle (EIO, Ctrl-C) is the pager's error until a settle succeeds: recover again */
+        snprintf(ec_errbuf, sizeof ec_errbuf, "%s", why);
         pthread_mutex_lock(&p->mu);
         record_error(p, rc);
         pthread_mutex_unlock(&p->mu);
@@ -745,6 +808,12 @@ int ec_pager_inject_fault(ec_pager *p, int code) {
     drain(p); /* the next read is the caller's */
     __atomic_store_n(&p->inject, code, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&p->mu);
+    return EC_OK;
+}
+
+int ec_pager_set_throttle(ec_pager *p, double bytes_per_second) {
+    if (!p || !(bytes_per_second >= 0)) return fail(EC_EINVAL, 0, "ec_pager_set_throttle: bad argument");
+    __atomic_store(&p->throttle_bps, &bytes_per_second, __ATOMIC_RELAXED);
     return EC_OK;
 }
 
@@ -1061,19 +1130,22 @@ int ec_load_guard_end(ec_load_guard_stats *out) {
 
 /* Python sees Ctrl-C only between bytecodes: while a llama_decode waits on storage for seconds (an SD
  * card), or the pinned layers are read, it would not stop. A SIGINT handler chained in front of Python's
- * sets ec_interrupted, which the waits above and llama.cpp's abort callback read; then Python's own
+ * sets ec_interrupted_flag, which the waits above and llama.cpp's abort callback read; then Python's own
  * handler runs as before and raises KeyboardInterrupt once the call returns. */
 
 static struct sigaction prev_sigint;
 
 static void on_sigint(int sig, siginfo_t *info, void *uc) {
-    ec_interrupted = 1;
-    if (prev_sigint.sa_flags & SA_SIGINFO) {
-        if (prev_sigint.sa_sigaction) prev_sigint.sa_sigaction(sig, info, uc);
-    } else if (prev_sigint.sa_handler == SIG_DFL) {
+    __atomic_store_n(&ec_interrupted_flag, 1, __ATOMIC_RELEASE);
+    /* SIG_DFL and SIG_IGN are values of the handler whatever the flags say (SA_SIGINFO may be set with them):
+     * test them first, call a function only when there is one */
+    if (prev_sigint.sa_handler == SIG_DFL) {
         sigaction(sig, &prev_sigint, NULL); /* no handler before us: die of SIGINT as before */
         raise(sig);
-    } else if (prev_sigint.sa_handler != SIG_IGN) {
+    } else if (prev_sigint.sa_handler == SIG_IGN) {
+    } else if (prev_sigint.sa_flags & SA_SIGINFO) {
+        prev_sigint.sa_sigaction(sig, info, uc);
+    } else {
         prev_sigint.sa_handler(sig);
     }
 }
@@ -1082,7 +1154,7 @@ int ec_interrupt_install(void) {
     struct sigaction cur;
     if (sigaction(SIGINT, NULL, &cur) != 0) return fail(EC_EINVAL, errno, "sigaction(SIGINT)");
     if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_sigint) return EC_OK; /* installed already */
-    if (!(cur.sa_flags & SA_SIGINFO) && cur.sa_handler == SIG_IGN) return EC_OK;  /* Ctrl-C is ignored */
+    if (cur.sa_handler == SIG_IGN) return EC_OK;  /* Ctrl-C is ignored (with or without SA_SIGINFO) */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_sigint;
@@ -1093,13 +1165,13 @@ int ec_interrupt_install(void) {
     return EC_OK;
 }
 
-void ec_interrupt_clear(void) { ec_interrupted = 0; }
+void ec_interrupt_clear(void) { __atomic_store_n(&ec_interrupted_flag, 0, __ATOMIC_RELEASE); }
 
-int ec_interrupt_pending(void) { return ec_interrupted; }
+int ec_interrupt_pending(void) { return interrupted(); }
 
 bool ec_abort_callback(void *data) {
     (void)data;
-    return ec_interrupted != 0;
+    return interrupted() != 0;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1115,12 +1187,17 @@ static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
 static char log_lines[LOG_KEEP][256]; /* ring of the last error lines */
 static int log_n, log_next;
 static int log_verbose;
+static int log_last_level; /* level of the previous message: GGML_LOG_LEVEL_CONT continues it */
+
+enum { LOG_WARN = 3, LOG_ERROR = 4, LOG_CONT = 5 }; /* ggml/include/ggml.h: enum ggml_log_level */
 
 void ec_log_callback(int level, const char *text, void *user_data) {
     (void)user_data;
     if (!text) return;
     if (__atomic_load_n(&log_verbose, __ATOMIC_RELAXED)) fputs(text, stderr);
-    if (level != 3) return; /* GGML_LOG_LEVEL_ERROR */
+    if (level == LOG_CONT) level = __atomic_load_n(&log_last_level, __ATOMIC_RELAXED);
+    __atomic_store_n(&log_last_level, level, __ATOMIC_RELAXED);
+    if (level != LOG_ERROR) return; /* the reason a call failed; warnings are not it */
     while (*text == ' ' || *text == '\n') text++;
     size_t n = strlen(text);
     while (n && (text[n - 1] == '\n' || text[n - 1] == ' ')) n--;

@@ -5,7 +5,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 7
+#define EC_VERSION 8
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -40,8 +40,10 @@ typedef struct {
 } ec_range;
 
 typedef struct {
-    int depth;           /* read-ahead window, in streamed layers; 0 = demand: read at the boundary, compute waits */
-    int lag;             /* evict streamed layer j-lag at layer j's boundary (evicting fresh pages leaks) */
+    int depth;           /* read-ahead window, in streamed layers; 0 = demand: read at the boundary, compute waits
+                            (depth and lag above the layer count are clamped to it) */
+    int lag;             /* evict streamed layer j-lag at layer j's boundary, >= 1 (evicting fresh pages leaks;
+                            0 would evict the layer about to run) */
     double throttle_bps; /* storage throttle in bytes per second; 0 = none */
     int measure;         /* 1 = mincore residency of the window at every layer boundary; 2 = of every layer */
     int readahead;       /* 1 = the kernel's readahead on the pager's reads (fast; reads up to read_ahead_kb past
@@ -87,6 +89,8 @@ int ec_pager_pass_end(ec_pager *p);
 bool ec_pager_gate_cb_eval(void *tensor, bool ask, void *user_data);
 /* Tests: once the reads in flight are done, the pager's next read fails with `code` (an EC_* error). */
 int ec_pager_inject_fault(ec_pager *p, int code);
+/* Change the storage throttle of an open pager (bytes per second, 0 = none): tests stall the storage with it. */
+int ec_pager_set_throttle(ec_pager *p, double bytes_per_second);
 /* EC_OK, or the first error the IO thread met (then cb_eval aborts the graph; ec_pager_settle recovers);
  * ec_last_error() then gives the IO thread's message. */
 int ec_pager_error(ec_pager *p);
@@ -113,7 +117,8 @@ int ec_load_guard_end(ec_load_guard_stats *out);
 /* ---- interrupt: Ctrl-C reaches C code that waits --------------------------------------- */
 
 /* Chain a SIGINT handler in front of the current one (Python's): it sets a flag that the pager's waits,
- * the pinned reads (EC_ECANCELED) and ec_abort_callback read, then runs the previous handler. */
+ * its reads in every thread (EC_ECANCELED), the draft's gate and ec_abort_callback read, then runs the
+ * previous handler (or SIG_DFL's action; nothing for SIG_IGN). */
 int ec_interrupt_install(void);
 void ec_interrupt_clear(void);   /* before a call that a Ctrl-C should stop */
 int ec_interrupt_pending(void);  /* 1 once a SIGINT came since the last clear */

@@ -315,7 +315,7 @@ def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pa
     p = PagerParams(throttle_bps=40e6, embd_allowance=64 << 10)
     with Engine(target, draft, mode="tree", n_ctx=512, target_budget="50%", pager=p) as e:
         ref = e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"]
-        e._debug_kv = True  # check both KV caches after every step
+        e.check_kv = True  # check both KV caches after every step
         rnd, interrupted = random.Random(0), 0
 
         def handler(*_):
@@ -377,7 +377,7 @@ def test_300_generations_do_not_leak(tiny_pair, paging_pair):
                 list(e.create_completion(p, max_tokens=12, temperature=0.7, seed=i, stop=["e"], stream=True))
             else:
                 e.create_completion(p, max_tokens=12, temperature=0.0 if i % 2 else 0.8, seed=i)
-            for ctx in (e._target, e._draft):
+            for ctx in (e.target_context, e.draft_context):
                 if ctx is not None:
                     assert all(ctx.seq_pos_max(s) == -1 for s in range(1, ctx.params.n_seq_max))
             if i in (59, 299):
@@ -406,7 +406,7 @@ def test_near_ties_are_counted_where_the_target_met_them(tiny_target):
         for prompt in ("hello the world", "Once upon a time", "def f(x):"):
             st = e.create_completion(prompt, temperature=0.0, max_tokens=120)["edgecad"]
             with Batch(1) as b:
-                fid = teacher_forced(e._target, b, e.tokenize(prompt, special=True), st["token_ids"])
+                fid = teacher_forced(e.target_context, b, e.tokenize(prompt, special=True), st["token_ids"])
             assert st["near_ties"] == fid.near_ties
             total += st["near_ties"]
         assert total > 0  # the tiny models do meet near-ties: the count is not trivially zero

@@ -125,3 +125,17 @@ def test_prefill_in_chunks_equals_one_batch(model):
         assert ctx.seq_pos_max(0) == len(toks) - 1  # cleared first, not appended
         assert ctx.prefill(big, [], logits=True) is None and ctx.seq_pos_max(0) == -1
     np.testing.assert_allclose(chunked, whole, atol=1e-3, rtol=1e-3)
+
+
+def test_a_model_llama_cpp_refuses_names_llama_cpp_s_reason(tiny_target, tmp_path):
+    """A file that passes edgecad's header checks but lacks a tensor llama.cpp needs: the error carries
+    llama.cpp's own reason, logged at GGML_LOG_LEVEL_ERROR (4), not the warnings logged before it (3)."""
+    from edgecad.errors import ModelFileError
+    data = tiny_target.read_bytes()
+    assert data.count(b"output_norm.weight") == 1
+    p = tmp_path / "no-output-norm.gguf"
+    p.write_bytes(data.replace(b"output_norm.weight", b"output_nrm2.weight"))  # same length: offsets hold
+    with pytest.raises(ModelFileError) as e:
+        Model(p)
+    msg = str(e.value)
+    assert "llama.cpp said:" in msg and "output_norm" in msg, msg

@@ -44,3 +44,198 @@ def test_errors_carry_code_and_message(tmp_path):
     with pytest.raises(NativeError) as e:
         native.file_resident(tmp_path / "missing")
     assert e.value.code == 2 and "open(" in str(e.value) and "No such file" in str(e.value)
+
+
+# ---------------------------------------------------------------------------- the pager's C side, driven directly
+# A real file mapped by this process stands for llama.cpp's mapping of a model, and the layer boundaries that
+# llama.cpp's cb_eval would report are reported by calling ec_pager_cb_eval with a name: each wait, stop and
+# close path of the IO thread is then reached on purpose, not by luck of timing.
+
+import ctypes
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from edgecad import pager as pg
+
+LAYER = 64 << 10
+N_LAYERS = 8
+NAME_FN = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(lambda t: t)  # a "tensor" here is its name
+
+
+native.install_interrupt()  # as edgecad.llama does at import: Ctrl-C also sets the C flag
+
+
+def tensor(name: str):
+    return ctypes.create_string_buffer(name.encode())
+
+
+class Harness:
+    """A pager over `path` whose layers are LAYER bytes each, all streamed unless `pinned` says otherwise."""
+
+    def __init__(self, path, *, throttle=0.0, depth=2, lag=2, evict_pass=(), map_len=None, streamed=None):
+        self.f = open(path, "rb")
+        size = os.path.getsize(path)
+        self.map = mmap.mmap(self.f.fileno(), size if map_len is None else map_len, prot=mmap.PROT_READ)
+        self.addr = _address(self.map)
+        layers = (pg._Range * N_LAYERS)(*[(i * LAYER, LAYER) for i in range(N_LAYERS)])
+        flags = (ctypes.c_uint8 * N_LAYERS)(*(streamed or [1] * N_LAYERS))
+        ev = (pg._Range * max(1, len(evict_pass)))(*evict_pass)
+        params = pg._Params(depth, lag, throttle, 1, 0)
+        self.h = ctypes.c_void_p()
+        self.code = pg._lib.ec_pager_open(os.fsencode(path), self.addr, 0, len(self.map), layers, flags, N_LAYERS,
+                                          None, 0, ev, len(evict_pass), ctypes.byref(params),
+                                          ctypes.cast(NAME_FN, ctypes.c_void_p), ctypes.byref(self.h))
+
+    def boundary(self, il: int) -> bool:
+        return pg._lib.ec_pager_cb_eval(tensor(f"attn_norm-{il}"), False, self.h)
+
+    def close(self):
+        pg._lib.ec_pager_close(self.h)
+        self.map.close()
+        self.f.close()
+
+
+def _address(m: mmap.mmap) -> int:
+    import numpy as np
+    return np.frombuffer(m, dtype=np.uint8).ctypes.data
+
+
+pg._lib.ec_pager_cb_eval.argtypes = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p]
+pg._lib.ec_pager_cb_eval.restype = ctypes.c_bool
+pg._lib.ec_pager_gate_cb_eval.argtypes = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p]
+pg._lib.ec_pager_gate_cb_eval.restype = ctypes.c_bool
+
+
+@pytest.fixture
+def layer_file(disk_dir):
+    p = disk_dir / "layers.bin"
+    p.write_bytes(os.urandom(N_LAYERS * LAYER))
+    with open(p, "rb") as f:
+        os.fsync(f.fileno())
+    return p
+
+
+def _sigint_soon(delay: float = 0.3) -> threading.Timer:
+    t = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+    t.start()
+    return t
+
+
+def test_lag_0_is_refused(layer_file):
+    h = Harness(layer_file, lag=0)
+    assert h.code == 1  # EC_EINVAL
+    assert "lag must be >= 1" in native.lib.ec_last_error().decode()
+    h.map.close(), h.f.close()
+    from edgecad.errors import EdgecadError
+    from edgecad.pager import PagerParams
+    with pytest.raises(EdgecadError, match=r"lag=0 is out of range: use 1 or more"):
+        PagerParams(lag=0)
+
+
+def test_close_stops_a_read_the_storage_stalls(layer_file):
+    """Storage at 1 byte/s: the IO thread's second read would take days. Closing the pager stops it at once
+    (before: close joined the IO thread, which finished its queued read first; this test's timeout caught it)."""
+    h = Harness(layer_file, throttle=1.0)
+    assert h.code == 0
+    assert pg._lib.ec_pager_settle(h.h) == 0  # queues the first window: the second of its reads stalls
+    s = pg._Stats()
+    while pg._lib.ec_pager_get_stats(h.h, ctypes.byref(s)) == 0 and s.bytes_read < LAYER:
+        time.sleep(0.01)  # the first read is done (it set the throttle's next slot days ahead)
+    time.sleep(0.1)  # and the IO thread sleeps in the second
+    h.close()
+
+
+def test_ctrl_c_stops_a_settle_waiting_for_stalled_reads(layer_file):
+    """A settle drains the IO queue first; a Ctrl-C stops the stalled read it waits for, and the settle ends."""
+    h = Harness(layer_file, throttle=1.0)
+    try:
+        assert pg._lib.ec_pager_settle(h.h) == 0  # a read now stalls in the IO thread
+        t = _sigint_soon()
+        with pytest.raises(KeyboardInterrupt):
+            while True:  # Python's handler raises here; the C handler set the flag the IO thread reads
+                time.sleep(0.01)
+        t.join()
+        assert pg._lib.ec_pager_settle(h.h) == 0  # drains: the stalled read stopped
+        assert pg._lib.ec_pager_error(h.h) in (0, pg.EC_ECANCELED)
+    finally:
+        native.lib.ec_interrupt_clear()
+        h.close()
+
+
+def test_a_gated_draft_leaves_on_ctrl_c_and_on_close(layer_file):
+    """The pipeline's draft waits at the gate while a target pass computes. A pass whose end never came (a
+    Ctrl-C between the decode and its end) must not hold the draft forever: Ctrl-C and close release it."""
+    for release in ("ctrl-c", "close"):
+        h = Harness(layer_file)
+        assert pg._lib.ec_pager_settle(h.h) == 0 and pg._lib.ec_pager_pass_begin(h.h) == 0
+        out = []
+        th = threading.Thread(target=lambda: out.append(pg._lib.ec_pager_gate_cb_eval(tensor("attn_norm-0"), False,
+                                                                                        h.h)))
+        th.start()
+        th.join(0.3)
+        assert th.is_alive()  # held: the "target" is computing
+        try:
+            if release == "ctrl-c":
+                t = _sigint_soon(0.1)
+                with pytest.raises(KeyboardInterrupt):
+                    while True:
+                        time.sleep(0.01)
+                t.join()
+                th.join()
+                assert out == [False]  # the draft's graph is aborted
+            else:
+                h.close()
+                th.join()
+                assert out == [False]
+        finally:
+            native.lib.ec_interrupt_clear()
+            if release == "ctrl-c":
+                h.close()
+
+
+def test_an_empty_range_evicts_nothing(layer_file):
+    """posix_fadvise reads a length of 0 as 'to the end of the file': an empty per-pass range must not drop
+    the page cache of everything after it. (The layers lie outside the mapping here, so they are read into
+    the page cache only, where DONTNEED would drop them.)"""
+    fd = os.open(layer_file, os.O_RDONLY)  # cold: the settle's reads make page-cache folios within each layer
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    h = Harness(layer_file, evict_pass=[(LAYER, 0)], map_len=mmap.PAGESIZE, streamed=[0] * N_LAYERS)
+    try:
+        assert h.code == 0 and pg._lib.ec_pager_settle(h.h) == 0  # reads every (pinned) layer
+        assert native.file_resident(layer_file, LAYER) == (N_LAYERS - 1) * LAYER
+    finally:
+        h.close()
+
+
+SIGACTION_CHILD = """
+import ctypes, os, signal, sys
+class SigAction(ctypes.Structure):  # glibc's struct sigaction on Linux (x86_64, aarch64)
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong))),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+SA_SIGINFO = 4
+sa = SigAction(handler=int(sys.argv[1]), flags=SA_SIGINFO)  # 0 = SIG_DFL, 1 = SIG_IGN, with SA_SIGINFO set
+assert ctypes.CDLL(None, use_errno=True).sigaction(signal.SIGINT, ctypes.byref(sa), None) == 0
+from edgecad import native
+native.lib.ec_interrupt_install()  # an embedding program's handler, whatever Python thinks it is
+os.kill(os.getpid(), signal.SIGINT)
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine not in ("x86_64", "aarch64"),
+                    reason="the child sets SIGINT's action with glibc's struct sigaction layout of 64-bit Linux")
+@pytest.mark.parametrize("previous", ["SIG_DFL", "SIG_IGN"])
+def test_ctrl_c_chains_to_sig_dfl_and_sig_ign_even_with_sa_siginfo(previous):
+    """A program embedding Python may leave SIGINT at SIG_DFL or SIG_IGN with SA_SIGINFO set. The chained
+    handler must do what that action says (die of SIGINT; nothing), not call the value 0 or 1 as a function
+    (before: SIG_IGN crashed with SIGSEGV, SIG_DFL swallowed the Ctrl-C)."""
+    r = subprocess.run([sys.executable, "-c", SIGACTION_CHILD, "0" if previous == "SIG_DFL" else "1"],
+                       capture_output=True, text=True, timeout=120)
+    if previous == "SIG_DFL":
+        assert r.returncode == -signal.SIGINT and "survived" not in r.stdout, (r.returncode, r.stderr)
+    else:
+        assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stderr)

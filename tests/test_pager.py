@@ -12,16 +12,11 @@ from edgecad.errors import EdgecadError, ModelFileError
 from edgecad.gguf_file import read_gguf
 from edgecad.pager import PagerParams, parse_budget, plan_budget, read_bandwidth
 
+from helpers import PROMPTS as ALL_PROMPTS, budget_for
+
 PAGE = mmap.PAGESIZE
-PROMPTS = ["hello the world", "Once upon a time", "def f(x):"]
+PROMPTS = ALL_PROMPTS[:3]
 SMALL = dict(embd_allowance=64 << 10)  # the tiny embeddings are 68 KB
-
-
-def budget_for(target, params, pinned_layers=3):
-    """A budget that pins the essentials and `pinned_layers` layers and streams the rest."""
-    info = read_gguf(target)
-    layer = max(l.n_bytes for l in info.layers())
-    return plan_budget(info, 10 ** 9, params).minimum + pinned_layers * layer
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +78,7 @@ def test_paging_never_changes_the_tokens_and_holds_the_budget(paging_pair, refer
 def test_budget_above_the_model_keeps_it_resident(paging_pair, reference, capsys):
     _, target = paging_pair
     with Engine(target, n_ctx=512, target_budget="200%", verbose=True) as e:
-        assert e.budget_plan is None and e._pager is None and e.memory_plan.config == "target"
+        assert e.budget_plan is None and e.pager is None and e.memory_plan.config == "target"
         st = e.create_completion(PROMPTS[0], temperature=0.0, max_tokens=40)["edgecad"]
     assert "configuration target " in capsys.readouterr().err
     assert st["token_ids"] == reference[PROMPTS[0]] and st["peak_resident_target_bytes"] is None
@@ -151,7 +146,7 @@ def test_the_pipeline_drafts_during_passes_and_keeps_chains(paging_pair, referen
     for pipeline in (True, False):
         with Engine(target, draft, mode="tree", n_ctx=512, target_budget=budget, pager=p, pipeline=pipeline) as e:
             assert e.pipeline == pipeline
-            e._debug_kv = True  # after every step: only sequence 0 left, holding what each side should
+            e.check_kv = True  # after every step: only sequence 0 left, holding what each side should
             sts = [e.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"] for prompt in PROMPTS]
         assert [st["token_ids"] for st in sts] == [reference[prompt] for prompt in PROMPTS]
         totals[pipeline] = {k: sum(st[k] for st in sts) for k in ("draft_layers_in_pass", "chain_tokens", "reused_tokens")}
@@ -175,7 +170,7 @@ def test_the_pipeline_runs_to_the_end_of_a_small_context(paging_pair):
     p = PagerParams(io="demand", throttle_bps=50e6, **SMALL)
     with Engine(target, draft, mode="tree", n_ctx=64, target_budget=budget_for(target, p), pager=p,
                 pipeline=True) as e:
-        e._debug_kv = True
+        e.check_kv = True
         for prompt in PROMPTS:
             st = e.create_completion(prompt, temperature=0.0, max_tokens=0)["edgecad"]  # until the context is full
             assert st["prompt_tokens"] + st["n_tokens"] >= 63
@@ -244,9 +239,9 @@ def test_an_io_error_surfaces_and_the_next_completion_works(paging_pair, referen
     draft, target = paging_pair
     p = PagerParams(**SMALL)
     with Engine(target, draft, mode="tree", n_ctx=512, target_budget=budget_for(target, p), pager=p) as e:
-        e._debug_kv = True
+        e.check_kv = True
         for _ in range(2):
-            e._pager.inject_fault()
+            e.pager.inject_fault()
             with pytest.raises(NativeError, match="injected fault"):
                 e.create_completion(PROMPTS[1], temperature=0.0, max_tokens=40)
             st = e.create_completion(PROMPTS[1], temperature=0.0, max_tokens=40)["edgecad"]
@@ -264,13 +259,13 @@ def test_ctrl_c_stops_a_pass_that_waits_on_storage(paging_pair, reference):
     p = PagerParams(io="demand", throttle_bps=5e6, **SMALL)
     with Engine(target, n_ctx=512, target_budget=budget_for(target, p), pager=p) as e:
         n_layers = read_gguf(target).n_layer
-        before = e._pager.stats()["boundaries"]
+        before = e.pager.stats()["boundaries"]
         timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
         with pytest.raises(KeyboardInterrupt):
             e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=40)
         timer.join()
-        assert e._pager.stats()["boundaries"] - before < n_layers  # the prompt's pass did not run to its end
+        assert e.pager.stats()["boundaries"] - before < n_layers  # the prompt's pass did not run to its end
         st = e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=4)["edgecad"]
         assert st["token_ids"] == reference[PROMPTS[2]][:4]
 
@@ -289,3 +284,100 @@ def test_a_load_under_a_storage_profile_takes_that_storage_s_time(paging_pair, m
         size = read_gguf(target).file_size  # (a few pages may stay cached: another test's engine maps them)
         assert e.load_bytes_read >= 0.9 * size
         assert e.load_seconds >= 0.9 * size / rate
+
+
+def test_a_pass_whose_end_a_ctrl_c_skipped_does_not_hold_the_pipeline_s_draft(paging_pair, reference):
+    """A Ctrl-C landing between a paged decode and its end left the pager "in a pass"; the pipeline's draft
+    then waited at the gate forever on the next completion (before: this test hung until its timeout).
+    begin_pass() without an end stands for that skipped end."""
+    draft, target = paging_pair
+    p = PagerParams(io="demand", throttle_bps=50e6, **SMALL)
+    with Engine(target, draft, mode="tree", n_ctx=512, target_budget=budget_for(target, p), pager=p,
+                pipeline=True) as e:
+        e.check_kv = True
+        e.create_completion(PROMPTS[0], temperature=0.0, max_tokens=4)  # the prompt is cached: no target decode
+        e.pager.begin_pass()                                              # comes before the draft's
+        st = e.create_completion(PROMPTS[0], temperature=0.0, max_tokens=40)["edgecad"]
+        assert st["token_ids"] == reference[PROMPTS[0]]
+
+
+def test_freeing_the_model_closes_its_pager_first(paging_pair):
+    """The IO thread advises addresses of llama.cpp's mapping: whatever order a garbage collector finalizes
+    them in, the model closes its pager before the mapping goes (before: the pager outlived it)."""
+    from edgecad.pager import Pager, file_mappings, new_mapping
+    _, target = paging_pair
+    p = PagerParams(**SMALL)
+    info = read_gguf(target)
+    before = file_mappings(target)
+    model, _ = _load_model(target, lazy=True)
+    pager = Pager(model, info, plan_budget(info, budget_for(target, p), p), new_mapping(target, before))
+    assert pager.handle
+    model.close()
+    assert not pager.handle
+
+
+def _sigint_after(seconds: float):
+    import signal
+    import threading
+    t = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("mode", ["target", "tree"])
+def test_ctrl_c_while_the_storage_stalls_stops_the_pass_and_the_engine_goes_on(paging_pair, reference, mode):
+    """Storage stalls (1 byte/s) mid-completion: a real SIGINT stops the pass that waits for it and the read
+    the IO thread is stuck in; the next completion settles again (before: its settle waited for the stuck
+    read, for days) and gives the target's tokens, both caches holding only the accepted path."""
+    draft, target = paging_pair
+    p = PagerParams(**SMALL)
+    with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=512,
+                target_budget=budget_for(target, p), pager=p) as e:
+        e.check_kv = True
+        assert e.create_completion(PROMPTS[1], temperature=0.0, max_tokens=40)["edgecad"]["token_ids"] == \
+            reference[PROMPTS[1]]
+        e.pager.set_throttle(1.0)
+        t = _sigint_after(0.5)
+        with pytest.raises(KeyboardInterrupt):
+            e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=40)
+        t.join()
+        e.pager.set_throttle(0.0)
+        st = e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=40)["edgecad"]
+        assert st["token_ids"] == reference[PROMPTS[2]]
+    # (the engine closed without waiting for a read: see test_native.py for close during a stalled read)
+
+
+TRUNCATE_CHILD = """
+import os, sys, threading
+from edgecad import Engine
+from edgecad.errors import ModelFileError
+from edgecad.pager import PagerParams
+path, budget, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+p = PagerParams(io="demand", throttle_bps=2e6, embd_allowance=64 << 10)  # a pass reads ~3 MB: ~1.5 s
+e = Engine(path, sys.argv[4] if mode == "tree" else None, mode=mode, n_ctx=512, target_budget=budget, pager=p)
+e.create_completion("abc", temperature=0.0, max_tokens=2)
+size = os.path.getsize(path)
+threading.Timer(0.5, os.truncate, (path, size - 4096)).start()  # the output matrix's last page: read last
+try:
+    e.create_completion("Once upon a time", temperature=0.0, max_tokens=200)
+    print("no error")
+except ModelFileError as x:
+    print("error:", x)
+"""
+
+
+@pytest.mark.parametrize("mode", ["target", "tree"])
+def test_a_file_truncated_while_a_pass_streams_it_stops_that_pass(paging_pair, disk_dir, mode):
+    """The completion's own check passed before the file changed; the IO thread's check (fstat before every
+    read) finds the change mid-pass and aborts the graph before it touches a page past the new end (SIGBUS).
+    In a child process: a SIGBUS there fails this test instead of killing the suite."""
+    import subprocess
+    import sys
+    draft, target = paging_pair
+    path = disk_dir / f"truncated-mid-pass-{mode}.gguf"
+    shutil.copy(target, path)
+    budget = budget_for(path, PagerParams(**SMALL))
+    r = subprocess.run([sys.executable, "-c", TRUNCATE_CHILD, str(path), str(budget), mode, str(draft)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "changed size while the engine was paging it" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -1,0 +1,50 @@
+"""Helpers shared by the tests: the prompt set, the pager's budget for a tiny target, the one chi-square test."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# The prompts the tests complete: plain words, code, repetition (several tests take a prefix of this list).
+PROMPTS = ["hello the world", "Once upon a time", "def f(x):\n    return", "in an inner on", "abc abc abc"]
+
+
+def budget_for(target, params, pinned_layers: int = 3) -> int:
+    """A target budget that pins the essentials and `pinned_layers` layers and streams the rest."""
+    from edgecad.gguf_file import read_gguf
+    from edgecad.pager import plan_budget
+    info = read_gguf(target)
+    layer = max(l.n_bytes for l in info.layers())
+    return plan_budget(info, 10 ** 9, params).minimum + pinned_layers * layer
+
+
+def _chi2_quantile(dof: int, p: float = 0.999) -> float:
+    """The chi-square distribution's p-quantile (Wilson-Hilferty: within 1% for dof >= 3)."""
+    z = {0.999: 3.0902, 0.99: 2.3263}[p]
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def chi_square(observed, expected, *, tv: float, min_power: float = 0.9) -> str:
+    """Pearson's test of observed counts against expected counts (same support; bins expected below 5 are
+    pooled). Fails when the counts are off at p < 0.001, and fails the test's design when its draws are too
+    few to see a bias of total variation `tv` with probability min_power: the statistic is then a
+    non-central chi-square whose non-centrality n * chi2(p'||p) is at least 4 n tv^2 (Cauchy-Schwarz).
+    Returns a summary to print."""
+    obs, exp = np.asarray(observed, float), np.asarray(expected, float)
+    n = obs.sum()
+    assert abs(exp.sum() - n) < 1e-6 * n, "expected counts must add up to the observed total"
+    assert obs[exp == 0].sum() == 0, f"{obs[exp == 0].sum():.0f} draws of tokens the target never gives"
+    big = exp >= 5
+    o, e = np.append(obs[big], obs[~big].sum()), np.append(exp[big], exp[~big].sum())
+    if e[-1] < 1e-9:
+        o, e = o[:-1], e[:-1]
+    dof = len(o) - 1
+    assert dof >= 2, "too few bins for a chi-square test"
+    chi2, limit = float(((o - e) ** 2 / e).sum()), _chi2_quantile(dof)
+    rng = np.random.default_rng(0)
+    power = float((rng.noncentral_chisquare(dof, 4 * n * tv ** 2, 20000) > limit).mean())
+    summary = (f"chi2 {chi2:.1f} (dof {dof}, limit {limit:.1f} at p=0.001), n {n:.0f}, "
+               f"power {power:.2f} against TV {tv}")
+    assert power >= min_power, f"the test is too weak: {summary}"
+    assert chi2 < limit, f"the draws do not follow the expected distribution: {summary}"
+    return summary
