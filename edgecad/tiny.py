@@ -165,7 +165,7 @@ def write_pair(out_dir: str | os.PathLike, *, target: TinySpec = TINY_TARGET,
 
 Q_TARGET = TinySpec(n_layer=8, n_embd=128, n_ff=768, layer_scale=0.15, seed=11, qtype="Q4_0")  # ~190 KB layers
 Q_DRAFT = TinySpec(n_layer=2, n_embd=128, n_ff=512, layer_scale=0.10, seed=12, qtype="Q8_0")
-EOG_LIKE = None  # set below: the token whose choice becomes the end of generation
+EOG_LIKE = 160  # a byte the quantized target often picks greedily within 40 tokens: its choice ends the output
 
 
 def write_quantized_pair(out_dir: str | os.PathLike) -> tuple[Path, Path]:

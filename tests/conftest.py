@@ -81,3 +81,18 @@ def disk_dir(tmp_path_factory) -> Path:
 def paging_pair(disk_dir):
     """(draft, target) with a 16-layer target (~250 KB per layer) on a real disk, for the pager."""
     return tiny.write_pair(disk_dir, target=tiny.TinySpec(n_layer=16, layer_scale=0.15, seed=1))
+
+
+@pytest.fixture(scope="session")
+def quantized_pair(disk_dir):
+    """(draft, target): a Q8_0 draft and a Q4_0 target (8 layers of ~190 KB, repacked by llama.cpp when
+    resident) whose outputs end: an end-of-generation token wins where one ordinary token would."""
+    return tiny.write_quantized_pair(disk_dir)
+
+
+@pytest.fixture(scope="session")
+def budget_pair(disk_dir):
+    """(draft, target) where the target's weights (95 MB, 24 layers of 3.8 MB) outweigh llama.cpp's buffers, so
+    a whole-engine memory_budget a little below what the resident target needs makes the plan page it."""
+    return tiny.write_pair(disk_dir / "budget", target=tiny.TinySpec(n_layer=24, n_embd=256, n_ff=1024, seed=21),
+                           draft=tiny.TinySpec(n_layer=2, n_embd=256, n_ff=512, seed=22))

@@ -5,6 +5,7 @@ import pytest
 
 from edgecad import Engine, devices
 from edgecad.errors import EdgecadError
+from helpers import PROMPTS
 
 
 def test_this_build_lists_its_cpu():
@@ -40,7 +41,7 @@ def test_the_draft_on_vulkan_gives_the_cpu_tokens(tiny_pair):
     gpu = devices.gpu()
     assert gpu is not None and gpu.name.startswith("Vulkan"), devices.devices()
     draft, target = tiny_pair
-    prompts = ["hello the world", "Once upon a time", "def f(x):"]
+    prompts = PROMPTS[:3]
     out = {}
     for backend in ("cpu", "auto"):
         with Engine(target, draft, mode="tree", n_ctx=512, backend=backend, memory_budget=None) as e:

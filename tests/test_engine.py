@@ -10,7 +10,7 @@ from edgecad import Engine
 from edgecad.errors import (EdgecadError, ModelFileError, ModelNotFetchedError, PromptTooLongError,
                             UnknownModelError, VocabularyMismatchError)
 
-PROMPTS = ["hello the world", "def f(x):\n    return", "Once upon a time", "in an inner"]
+from helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def test_a_resident_model_changed_on_disk_is_an_error_not_a_crash(tmp_path, tiny
 def test_two_threads_share_one_engine_one_completion_at_a_time(tiny_pair):
     import threading
     draft, target = tiny_pair
-    prompts = ["hello the world", "Once upon a time", "def f(x):", "abc abc abc"]
+    prompts = PROMPTS[:4]
     with Engine(target, draft, mode="tree", n_ctx=512, memory_budget=None) as e:
         ref = {p: e.create_completion(p, temperature=0.0, max_tokens=24)["edgecad"]["token_ids"] for p in prompts}
         got, errors = {}, []
@@ -360,7 +360,7 @@ def test_300_generations_do_not_leak(tiny_pair, paging_pair):
     import psutil
     from edgecad.pager import PagerParams
     draft, target = tiny_pair
-    proc, prompts = psutil.Process(), ["hello the world", "Once upon a time", "def f(x):", "abc"]
+    proc, prompts = psutil.Process(), PROMPTS[:4]
     engines = [Engine(target, mode="target", n_ctx=256, memory_budget=None),
                Engine(target, draft, mode="tree", n_ctx=512, memory_budget=None),
                Engine(paging_pair[1], paging_pair[0], mode="tree", n_ctx=512, target_budget="50%",
@@ -403,10 +403,127 @@ def test_near_ties_are_counted_where_the_target_met_them(tiny_target):
     from edgecad.llama import Batch
     with Engine(tiny_target, mode="target", n_ctx=512) as e:
         total = 0
-        for prompt in ("hello the world", "Once upon a time", "def f(x):"):
+        for prompt in PROMPTS[:3]:
             st = e.create_completion(prompt, temperature=0.0, max_tokens=120)["edgecad"]
             with Batch(1) as b:
                 fid = teacher_forced(e.target_context, b, e.tokenize(prompt, special=True), st["token_ids"])
             assert st["near_ties"] == fid.near_ties
             total += st["near_ties"]
         assert total > 0  # the tiny models do meet near-ties: the count is not trivially zero
+
+
+# ---------------------------------------------------------------------------- end of generation, stop strings
+# On the quantized pair: Q4 numerics, weight repacking, and outputs that end with an end-of-generation token.
+
+@pytest.fixture(scope="module")
+def q_judge(quantized_pair):
+    """The quantized target alone: its greedy tokens, and its logits to tell a near-tie."""
+    with Engine(quantized_pair[1], mode="target", n_ctx=512, memory_budget=None) as e:
+        yield e
+
+
+def _same_or_near_tie(judge, prompt, ours, ref):
+    """ours equals ref, or they part where the target's top-2 logits are within NEAR_TIE_EPS (the README's
+    guarantee: batched and one-token numerics may order a near-tie differently)."""
+    from edgecad.fidelity import NEAR_TIE_EPS, top2_gap
+    from edgecad.llama import Batch
+    if ours == ref:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+    with Batch(512) as b:
+        gap = top2_gap(judge.target_context.prefill(b, judge.tokenize(prompt, special=True) + ref[:k], logits=True))
+    assert gap < NEAR_TIE_EPS, f"{prompt!r}: parts from the target at token {k} where its top-2 gap is {gap:.3f}"
+
+
+def test_a_quantized_target_ends_where_llama_cpp_python_ends(quantized_pair, q_judge):
+    """Greedy on a Q4_0 target (repacked weights): the same text, finish_reason 'stop' at the end-of-generation
+    token, and usage without it, as llama-cpp-python's Llama."""
+    ref = Llama(str(quantized_pair[1]), n_ctx=512, n_threads=2, verbose=False)
+    ended = 0
+    for prompt in PROMPTS:
+        ours = q_judge.create_completion(prompt, temperature=0.0, max_tokens=60)
+        theirs = ref.create_completion(prompt, temperature=0.0, max_tokens=60)
+        if theirs["choices"][0]["finish_reason"] != "stop":
+            continue  # (past max_tokens Llama may add a token to complete UTF-8: compared elsewhere)
+        ended += 1
+        assert ours["choices"][0]["finish_reason"] == "stop"
+        assert ours["choices"][0]["text"] == theirs["choices"][0]["text"]
+        assert ours["usage"] == theirs["usage"]
+        assert q_judge.target_context.model.is_eog(ours["edgecad"]["token_ids"][-1])
+        assert ours["usage"]["completion_tokens"] == ours["edgecad"]["n_tokens"] - 1  # the end token not counted
+    assert ended >= 3
+
+
+def _complete(e, prompt, stream, **kw):
+    """A completion, joined from its chunks when streamed (checking the chunks' shape on the way)."""
+    if not stream:
+        return e.create_completion(prompt, **kw)
+    chunks = list(e.create_completion(prompt, stream=True, **kw))
+    assert all(c["choices"][0]["finish_reason"] is None and "usage" not in c for c in chunks[:-1])
+    out = chunks[-1]
+    out["choices"][0]["text"] = "".join(c["choices"][0]["text"] for c in chunks)
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("mode", ["target", "tree", "linear", "bild"])
+def test_end_of_generation_in_every_mode(quantized_pair, q_judge, mode, stream):
+    """Every mode stops at the end-of-generation token (in tree modes it may sit inside an accepted path or be
+    the bonus token): finish_reason 'stop', the end token last in token_ids and not in usage or text; the
+    lossless modes emit the target's tokens (up to a near-tie)."""
+    draft, target = quantized_pair
+    ended = 0
+    with Engine(target, draft if mode != "target" else None, mode=mode, n_ctx=512, memory_budget=None) as e:
+        e.check_kv = mode != "target"
+        for prompt in PROMPTS:
+            ref = q_judge.create_completion(prompt, temperature=0.0, max_tokens=60)["edgecad"]["token_ids"]
+            out = _complete(e, prompt, stream, temperature=0.0, max_tokens=60)
+            ids, ch = out["edgecad"]["token_ids"], out["choices"][0]
+            if mode != "bild":
+                _same_or_near_tie(q_judge, prompt, ids, ref)
+            if ch["finish_reason"] == "length":
+                assert len(ids) == 60 and not any(map(e.target_context.model.is_eog, ids))
+                continue
+            ended += 1
+            assert ch["finish_reason"] == "stop" and e.target_context.model.is_eog(ids[-1])
+            assert not any(map(e.target_context.model.is_eog, ids[:-1]))
+            assert out["usage"]["completion_tokens"] == len(ids) - 1
+            assert ch["text"] == e.detokenize(ids[:-1]).decode("utf-8", errors="ignore")
+    assert ended >= 3
+
+
+@pytest.mark.parametrize("mode", ["target", "tree", "linear", "bild"])
+def test_stop_strings_are_never_streamed(quantized_pair, mode):
+    """A stop string ends the output before it: no chunk ever carries any of its text (a possible start is
+    held back until the next token rules it out), the chunks join to the text before it, in every mode."""
+    draft, target = quantized_pair
+    with Engine(target, draft if mode != "target" else None, mode=mode, n_ctx=512, memory_budget=None) as e:
+        full = e.create_completion("Once upon a time", temperature=0.0, max_tokens=60)["choices"][0]["text"]
+        assert len(full) > 12
+        for start in (3, len(full) // 2):
+            stop = full[start:start + 3]
+            cut = full.find(stop)
+            chunks = list(e.create_completion("Once upon a time", temperature=0.0, max_tokens=60, stop=[stop, "\x00x"],
+                                              stream=True))
+            texts = [c["choices"][0]["text"] for c in chunks]
+            assert "".join(texts) == full[:cut]
+            assert all(stop not in t for t in texts)
+            assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+            assert chunks[-1]["usage"]["completion_tokens"] < 60
+
+
+def test_a_chat_ends_at_the_template_s_end_of_turn_as_llama_cpp_python(quantized_pair):
+    """The chat template's end of turn (<|im_end|>, an end-of-generation token) ends the answer: the same
+    message, finish_reason and usage as llama-cpp-python's create_chat_completion, streamed or not."""
+    draft, target = quantized_pair
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]
+    ref = Llama(str(target), n_ctx=512, n_threads=2, verbose=False).create_chat_completion(
+        messages, temperature=0.0, max_tokens=80)
+    assert ref["choices"][0]["finish_reason"] == "stop"
+    with Engine(target, draft, mode="tree", n_ctx=512, memory_budget=None) as e:
+        ours = e.create_chat_completion(messages, temperature=0.0, max_tokens=80)
+        chunks = list(e.create_chat_completion(messages, temperature=0.0, max_tokens=80, stream=True))
+    assert ours["choices"][0]["message"] == ref["choices"][0]["message"]
+    assert ours["choices"][0]["finish_reason"] == "stop" and ours["usage"] == ref["usage"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ref["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"

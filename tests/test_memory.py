@@ -65,13 +65,20 @@ def test_engine_reports_its_configuration(paging_pair, monkeypatch, tmp_path):
     assert len(cached) == 1  # the completion's costs were written for the next engine
 
 
-def test_observe_learns_from_a_paged_tree(paging_pair):
-    draft, target = paging_pair
-    p = _plan(target, draft, 10 ** 10, configs=("tree",))
+def test_observe_learns_the_paged_factor_from_a_paged_tree(budget_pair):
+    """A paged completion calibrates the paged factor (and the acceptance); a resident one the compute speed."""
+    draft, target = budget_pair
+    t_bytes, d_bytes = read_gguf(target).file_size, read_gguf(draft).file_size
+    p = _plan(target, draft, 10 ** 10, configs=("tree-paged",), target_budget=t_bytes // 2)
+    assert p.paged and p.config == "tree-paged"
     st = {"target_passes": 10, "n_tokens": 50, "draft_tokens": 100, "seconds_draft": 0.5,
-          "target_compute_seconds": 1.0, "io_busy_seconds": 0.0, "bytes_read": 0}
-    c = observe(Costs(), p, st, read_gguf(target).file_size, read_gguf(draft).file_size)
+          "target_compute_seconds": 2.0, "io_busy_seconds": 0.0, "bytes_read": 0}
+    c = observe(Costs(), p, st, t_bytes, d_bytes)
     assert c.observed == 1 and c.tree_tokens == pytest.approx(5.0) and c.tree_nodes == pytest.approx(10.0)
+    resident = Costs().target_pass(t_bytes, 11, paged=False)
+    assert c.paged_factor == pytest.approx(0.2 / resident) and c.target_byte_s == Costs().target_byte_s
+    r = observe(Costs(), _plan(target, draft, 10 ** 10, configs=("tree",)), st, t_bytes, d_bytes)
+    assert r.paged_factor == Costs().paged_factor and r.target_byte_s != Costs().target_byte_s
 
 
 @pytest.mark.skipif(not CAN_CGROUP, reason=f"no memory cgroup: {WHY_NOT}")
@@ -92,3 +99,66 @@ def test_generation_inside_a_cgroup_of_the_plans_size(paging_pair, tmp_path):
     assert not killed and r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] == 24 and 0 < out["budget"] <= budget and 0 < peak <= budget
+
+
+BUDGET_CHILD = """
+import json, sys
+from edgecad import Engine
+target, draft, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with Engine(target, draft, memory_budget=budget, n_ctx=512, verbose=True) as e:
+    sts = [e.create_completion(p, temperature=0.0, max_tokens=24)["edgecad"] for p in ("hello the world", "Once upon a time")]
+    print(json.dumps({"config": sts[0]["config"], "parts": sts[0]["memory_plan"], "n": [s["n_tokens"] for s in sts],
+                      "peak_target": max(s["peak_resident_target_bytes"] or 0 for s in sts),
+                      "target_budget": sts[0]["target_budget_bytes"],
+                      "max_rss": [int(l.split()[1]) * 1024 for l in open("/proc/self/status")  # peak RSS of this
+                                  if l.startswith("VmHWM:")][0]}))  # program (ru_maxrss counts the parent's at fork)
+"""
+
+
+def _llama_buffers(log: str, what: str) -> float:
+    """Bytes of the buffers llama.cpp reported in its log ("CPU KV buffer size = 4.00 MiB")."""
+    import re
+    return sum(float(m) for m in re.findall(rf"{what} buffer size = +([\d.]+) MiB", log)) * (1 << 20)
+
+
+def test_a_whole_engine_budget_that_pages_the_target_holds_inside_a_cgroup_of_its_size(budget_pair):
+    """memory_budget B a little below what a resident target needs: the plan pages the target, and
+    - alone (no cgroup), the process's peak RSS stays within B: edgecad holds the budget, not the kernel;
+    - in a memory cgroup of exactly B (where one can be made), it runs to the end and is not killed;
+    - the plan's parts match what llama.cpp and the pager report: the KV caches within 5%; the compute part
+      covers llama.cpp's compute and output buffers, over by at most its fixed 24 MB allowance plus 8 MB; the
+      target's peak residency within its share."""
+    draft, target = budget_pair
+    rss = subprocess.run([sys.executable, "-c", "import edgecad.engine; from edgecad.memory import process_rss; "
+                          "print(process_rss())"], capture_output=True, text=True, check=True)
+    runtime = int(rss.stdout)  # what the engine will measure as its runtime part
+    t_info, d_info = read_gguf(target), read_gguf(draft)
+    config = {}
+    for mb in range(60, 300):
+        try:
+            config[mb] = plan_memory(mb * MB, t_info, d_info, n_ctx=512, n_batch=512, tree_nodes=32, costs=Costs(),
+                                     runtime=runtime).config
+        except EdgecadError:
+            config[mb] = None
+    paged = min(mb for mb, c in config.items() if c and c.endswith("paged"))
+    resident = min(mb for mb, c in config.items() if c and not c.endswith("paged"))
+    budget = (paged + resident) // 2 * MB
+    cmd = [sys.executable, "-c", BUDGET_CHILD, str(target), str(draft), str(budget)]
+    alone = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    out = json.loads(alone.stdout.strip().splitlines()[-1])
+    assert out["config"].endswith("paged") and out["n"] == [24, 24]
+    assert sum(out["parts"].values()) == budget
+    assert out["max_rss"] <= budget, f"peak RSS {out['max_rss'] / MB:.1f} MB over the {budget / MB:.0f} MB budget: {out}"
+    assert 0 < out["peak_target"] <= out["target_budget"] + 64 * 4096
+    kv = _llama_buffers(alone.stderr, "KV")
+    assert kv > 0 and abs(out["parts"]["kv_caches"] - kv) <= 0.05 * kv, (out["parts"], kv)
+    compute = _llama_buffers(alone.stderr, "compute") + _llama_buffers(alone.stderr, "output")
+    assert compute > 0 and compute <= out["parts"]["compute_buffers"] <= compute + 32 * MB, (out["parts"], compute)
+    if not CAN_CGROUP:
+        pytest.skip(f"the budget held alone; no memory cgroup to run it inside one: {WHY_NOT}")
+    with cgroup.MemoryCgroup(budget, "test") as cg:
+        r = cg.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+        killed = cgroup.killed_by_limit(r.returncode, cg)
+    assert not killed and r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == [24, 24]
