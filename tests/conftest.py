@@ -20,9 +20,6 @@ def private_cost_cache(tmp_path_factory):
         os.environ["EDGECAD_CACHE"] = old
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tiny")
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +71,15 @@ def disk_dir(tmp_path_factory) -> Path:
         d = Path(__file__).resolve().parent.parent / ".pytest-disk"
         d.mkdir(exist_ok=True)
     assert not _is_tmpfs(d), f"no real-disk directory for paging tests (tried {d})"
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(disk_dir) -> Path:
+    """Where the tiny models live: real storage, like every model file of the tests (tmpfs pages cannot be
+    dropped from the page cache, which paging and the load tests rely on)."""
+    d = disk_dir / "tiny"
+    d.mkdir(exist_ok=True)
     return d
 
 

@@ -152,20 +152,29 @@ def test_kill_9_in_the_middle_of_an_answer_leaves_a_valid_transcript(paging_pair
     lines = [json.loads(l) for l in log.read_text().splitlines()]  # every line is whole JSON
     assert [l["role"] for l in lines] == ["user", "assistant", "user"]
     assert read_transcript(log) == [{"role": l["role"], "content": l["content"]} for l in lines[:2]]
-    p = spawn([*args, "--resume", str(log)], tmp_path)  # and the chat resumes from it
+    p = spawn([*args[:-4], "--resume", str(log)], tmp_path)  # and the chat resumes from it, with its history:
     p.expect("> ")
     p.sendline("/stats")
+    p.expect("no answer yet")
+    p.expect("> ")
+    p.sendline("and then?")
+    p.expect("tok/s")
+    p.expect("> ")
+    p.sendline("/stats")
+    p.expect(r"prompt_tokens: (\d+)")
+    history = len(b"first question") + len(lines[1]["content"].encode()) + len(b"and then?")
+    assert int(p.match.group(1)) >= history / 2  # (a token is at most 2 bytes in the tiny vocabulary)
+    p.expect("> ")
     quit_chat(p)
 
 
-def test_chat_templates_render_in_a_sandbox(tiny_target, tmp_path):
-    """A template that reaches for Python internals is refused in one line, not run."""
-    from edgecad import Engine
-    from jinja2.sandbox import SandboxedEnvironment
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-    with Engine(tiny_target, n_ctx=256) as e:
-        assert isinstance(e._target_model.chat_formatter()._environment.environment, SandboxedEnvironment)  # GGUF
-        e._chat_format = Jinja2ChatFormatter("{{ ''.__class__.__mro__[1].__subclasses__() }}", eos_token="",
-                                             bos_token="")
-        with pytest.raises(EdgecadError, match="chat template refused"):
+def test_chat_templates_render_in_a_sandbox(disk_dir):
+    """A model file whose chat template reaches for Python internals: refused in one line, not run (the
+    template renders in llama-cpp-python's sandboxed Jinja2 environment)."""
+    from edgecad import Engine, tiny
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    path = tiny.write_model(disk_dir / "hostile-template.gguf", tiny.TinySpec(n_layer=1), chat_template=hostile)
+    with Engine(path, n_ctx=256) as e:
+        with pytest.raises(EdgecadError, match="chat template refused these messages: .*unsafe") as x:
             e.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2)
+    assert "\n" not in str(x.value)

@@ -255,8 +255,10 @@ def test_unreadable_model(tmp_path, tiny_target):
 
 
 @pytest.mark.parametrize("change", ["truncate", "replace"])
-def test_a_resident_model_changed_on_disk_is_an_error_not_a_crash(tmp_path, tiny_pair, change):
+def test_a_resident_model_changed_on_disk_is_an_error_not_a_crash(disk_dir, tiny_pair, change):
     draft, target = tiny_pair
+    tmp_path = disk_dir / f"changed-{change}"
+    tmp_path.mkdir(exist_ok=True)
     t, d = tmp_path / "t.gguf", tmp_path / "d.gguf"
     t.write_bytes(target.read_bytes())
     d.write_bytes(draft.read_bytes())
@@ -305,36 +307,35 @@ def test_two_threads_share_one_engine_one_completion_at_a_time(tiny_pair):
             ref["hello the world"]
 
 
-def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pair):
-    """SIGINT at random moments of completions (mid target pass, mid draft, between): each time the
-    engine stays usable, both caches consistent, and the next completion is the target's own."""
+@pytest.mark.parametrize("storage", ["throttled", "native"])
+def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pair, storage):
+    """A real SIGINT (the C flag and Python's KeyboardInterrupt, as a terminal's Ctrl-C) at random moments of
+    paged tree completions: throttled, most land while a pass waits on storage; native, while the target or the
+    draft computes. Each time the engine stays usable, both caches hold only the accepted path, and the next
+    completion is the target's own."""
     import random
     import signal
+    import threading
     from edgecad.pager import PagerParams
     draft, target = paging_pair
-    p = PagerParams(throttle_bps=40e6, embd_allowance=64 << 10)
+    p = PagerParams(throttle_bps=40e6 if storage == "throttled" else None, embd_allowance=64 << 10)
     with Engine(target, draft, mode="tree", n_ctx=512, target_budget="50%", pager=p) as e:
         ref = e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"]
         e.check_kv = True  # check both KV caches after every step
         rnd, interrupted = random.Random(0), 0
-
-        def handler(*_):
-            raise KeyboardInterrupt
-
-        old = signal.signal(signal.SIGALRM, handler)
-        try:
-            for _ in range(12):
-                signal.setitimer(signal.ITIMER_REAL, rnd.uniform(0.005, ref["seconds"] + ref["prompt_seconds"]))
-                try:
-                    e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)
-                except KeyboardInterrupt:
-                    interrupted += 1
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                st = e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"]
-                assert st["token_ids"] == ref["token_ids"]
-        finally:
-            signal.signal(signal.SIGALRM, old)
+        for _ in range(12):
+            t = threading.Timer(rnd.uniform(0.002, ref["seconds"] + ref["prompt_seconds"]), os.kill,
+                                (os.getpid(), signal.SIGINT))
+            try:
+                t.start()
+                e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)
+                t.cancel()
+                t.join()
+            except KeyboardInterrupt:
+                interrupted += 1
+                t.join()
+            st = e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"]
+            assert st["token_ids"] == ref["token_ids"]
         assert interrupted >= 6
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 
 from edgecad.sampling import SamplingParams, distribution, pick, sample_from
+from helpers import chi_square
 
 
 def test_distribution_filters():
@@ -27,6 +28,4 @@ def test_draws_follow_the_distribution():
     rng = np.random.default_rng(1)
     counts = np.bincount([sample_from(p, rng) for _ in range(8000)], minlength=5)
     assert counts[4] == 0
-    expected = p[:4] * 8000
-    chi2 = (((counts[:4] - expected) ** 2) / expected).sum()
-    assert chi2 < 16.27  # chi-square, 3 degrees of freedom, p = 0.001
+    chi_square(counts, p * 8000, tv=0.03)

@@ -201,7 +201,7 @@ def test_speculative_mode_needs_a_draft(tiny_target):
         Engine(tiny_target, mode="fast")
 
 
-def test_sampling_from_kept_chains_keeps_the_target_distribution(paging_pair, tmp_path):
+def test_sampling_from_kept_chains_keeps_the_target_distribution(paging_pair, disk_dir):
     """With the pipeline, a tree can start from a chain the draft drew during the previous target pass.
     Among completions where that happened, the token verified from such a tree follows the target's own
     distribution given the tokens before it: pooled chi-square of observed against expected counts.
@@ -213,7 +213,7 @@ def test_sampling_from_kept_chains_keeps_the_target_distribution(paging_pair, tm
     import shutil
 
     _, target = paging_pair
-    draft = shutil.copy(target, tmp_path / "self-draft.gguf")  # a file of its own: the pager finds one mapping
+    draft = shutil.copy(target, disk_dir / "self-draft.gguf")  # a file of its own: the pager finds one mapping
     info = read_gguf(target)
     pp = PagerParams(io="demand", throttle_bps=100e6, embd_allowance=64 << 10)  # the target waits: chains get drafted
     budget = plan_budget(info, 10 ** 9, pp).minimum + 12 * max(l.n_bytes for l in info.layers())
