@@ -405,13 +405,14 @@ class Engine:
                 stats.seconds_target += verdict.seconds
                 stats.target_passes += 1
                 stats.draft_tokens += tree.n_drafted
-                stats.accepted_tokens += len(verdict.path)
                 stats.bild_divergent += verdict.divergent
                 root_pos = len(self._target.tokens)
                 if self.check_kv:
                     self._check_kv(root_pos)
-                for tok, tie in zip([int(tree.token[i]) for i in verdict.path] + [verdict.bonus], verdict.ties):
+                for j, (tok, tie) in enumerate(zip([int(tree.token[i]) for i in verdict.path] + [verdict.bonus],
+                                                   verdict.ties)):
                     stats.near_ties += tie
+                    stats.accepted_tokens += j < len(verdict.path)  # drafted tokens emitted (none past an end)
                     generated.append(tok)
                     yield tok
                     produced += 1

@@ -314,8 +314,8 @@ class Drafter:
                 if budget <= 0:
                     break
                 node = leaf[br]
-                if tree.depth[node] >= max_depth:
-                    active.discard(br)
+                if tree.depth[node] >= max_depth or (node and ctx.model.is_eog(int(tree.token[node]))):
+                    active.discard(br)  # (nothing follows an end of generation: no node is drafted past it)
                     continue
                 q = dist[node]
                 if p.fallback == "token" and q.max() < p.p_min:

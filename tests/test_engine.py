@@ -473,7 +473,7 @@ def test_end_of_generation_in_every_mode(quantized_pair, q_judge, mode, stream):
     the bonus token): finish_reason 'stop', the end token last in token_ids and not in usage or text; the
     lossless modes emit the target's tokens (up to a near-tie)."""
     draft, target = quantized_pair
-    ended = 0
+    ended, where = 0, set()
     with Engine(target, draft if mode != "target" else None, mode=mode, n_ctx=512, memory_budget=None) as e:
         e.check_kv = mode != "target"
         for prompt in PROMPTS:
@@ -490,7 +490,14 @@ def test_end_of_generation_in_every_mode(quantized_pair, q_judge, mode, stream):
             assert not any(map(e.target_context.model.is_eog, ids[:-1]))
             assert out["usage"]["completion_tokens"] == len(ids) - 1
             assert ch["text"] == e.detokenize(ids[:-1]).decode("utf-8", errors="ignore")
+            if mode != "target":  # each pass emits its accepted drafted tokens, then the target's bonus token,
+                st = out["edgecad"]  # unless the end token was a drafted one: then nothing after it
+                bonuses = len(ids) - st["accepted_tokens"]
+                assert bonuses in (st["target_passes"], st["target_passes"] - 1), st
+                where.add("in the path" if bonuses < st["target_passes"] else "the bonus")
     assert ended >= 3
+    if mode == "tree":
+        assert where == {"in the path", "the bonus"}  # both ways of ending, with this pair and these prompts
 
 
 @pytest.mark.parametrize("mode", ["target", "tree", "linear", "bild"])

@@ -82,9 +82,9 @@ def test_observe_learns_the_paged_factor_from_a_paged_tree(budget_pair):
 
 
 @pytest.mark.skipif(not CAN_CGROUP, reason=f"no memory cgroup: {WHY_NOT}")
-def test_generation_inside_a_cgroup_of_the_plans_size(paging_pair, tmp_path):
-    """The engine, alone in a cgroup exactly as large as its budget, runs to the end and is not killed;
-    with memory_budget='auto' it reads the cgroup's limit."""
+def test_auto_budget_reads_the_cgroup_limit(paging_pair, tmp_path):
+    """With memory_budget='auto' the engine reads its cgroup's limit and runs inside it (the budget then holds
+    everything resident: see the next test for a budget that pages)."""
     draft, target = paging_pair
     budget = 400 * MB
     code = ("import json, sys; from edgecad import Engine\n"
@@ -125,7 +125,8 @@ def test_a_whole_engine_budget_that_pages_the_target_holds_inside_a_cgroup_of_it
     """memory_budget B a little below what a resident target needs: the plan pages the target, and
     - alone (no cgroup), the process's peak RSS stays within B: edgecad holds the budget, not the kernel;
     - in a memory cgroup of exactly B (where one can be made), it runs to the end and is not killed;
-    - the plan's parts match what llama.cpp and the pager report: the KV caches within 5%; the compute part
+    - the plan's parts match what llama.cpp and the pager report: the runtime within 10 MB of a bare process's
+      RSS; the KV caches within 5%; the compute part
       covers llama.cpp's compute and output buffers, over by at most its fixed 24 MB allowance plus 8 MB; the
       target's peak residency within its share."""
     draft, target = budget_pair
@@ -149,6 +150,7 @@ def test_a_whole_engine_budget_that_pages_the_target_holds_inside_a_cgroup_of_it
     out = json.loads(alone.stdout.strip().splitlines()[-1])
     assert out["config"].endswith("paged") and out["n"] == [24, 24]
     assert sum(out["parts"].values()) == budget
+    assert abs(out["parts"]["runtime"] - runtime) <= 10 * MB  # the process before any model, as measured here
     assert out["max_rss"] <= budget, f"peak RSS {out['max_rss'] / MB:.1f} MB over the {budget / MB:.0f} MB budget: {out}"
     assert 0 < out["peak_target"] <= out["target_budget"] + 64 * 4096
     kv = _llama_buffers(alone.stderr, "KV")
