@@ -431,9 +431,18 @@ class Engine:
         """Wait for the pipeline's chain thread, if one was started: it drafts in the draft's context and passes
         the pager's gate, so it must be gone before either is freed (close joins it too, should a Ctrl-C have
         landed between its start and the join in _verify)."""
-        th, self._chain = self._chain, None
+        th = self._chain
         if th is not None and th.ident is not None:
-            th.join()
+            interrupted = False
+            while th.is_alive():  # a Ctrl-C inside the join must not leave the thread running
+                try:
+                    th.join()
+                except KeyboardInterrupt:
+                    interrupted = True
+            self._chain = None
+            if interrupted:
+                raise KeyboardInterrupt
+        self._chain = None
 
     def _check_kv(self, root_pos: int) -> None:
         """Both caches hold only sequence 0: the target every accepted token before the root,

@@ -73,30 +73,21 @@ static size_t page_size(void) { /* any thread may ask first: the cache is an ato
 /* Condition variables whose timed waits use CLOCK_MONOTONIC: a clock step (a Pi without an RTC syncing its
  * time) must not stretch or shorten a wait. Returns 0 or the pthread error. */
 static int cond_init(pthread_cond_t *c) {
-#if defined(__APPLE__)
-    return pthread_cond_init(c, NULL); /* timed waits use the relative form there */
-#else
     pthread_condattr_t a;
     int rc = pthread_condattr_init(&a);
     if (!rc) rc = pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
     if (!rc) rc = pthread_cond_init(c, &a);
     pthread_condattr_destroy(&a);
     return rc;
-#endif
 }
 
 /* Wait on c for at most ms milliseconds (mu held): callers loop on their condition and on Ctrl-C. */
 static void cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *mu, long ms) {
     struct timespec ts;
-#if defined(__APPLE__)
-    ts.tv_sec = ms / 1000, ts.tv_nsec = (ms % 1000) * 1000000L;
-    pthread_cond_timedwait_relative_np(c, mu, &ts);
-#else
     clock_gettime(CLOCK_MONOTONIC, &ts);
     ts.tv_sec += ms / 1000, ts.tv_nsec += (ms % 1000) * 1000000L;
     if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
     pthread_cond_timedwait(c, mu, &ts);
-#endif
 }
 
 /* ------------------------------------------------------------------------ */
@@ -291,21 +282,29 @@ static uint64_t resident(const ec_pager *p, uint64_t off, uint64_t len) {
 
 /* A read stops (EC_ECANCELED) on Ctrl-C, in any thread, and in the IO thread when the pager closes: no wait
  * for a whole queued read (seconds on an SD card) stands between Ctrl-C or close and its effect. */
-static int stopped(ec_pager *p) { return interrupted() || __atomic_load_n(&p->closing, __ATOMIC_ACQUIRE); }
+static int stopped(ec_pager *p) {
+    return interrupted() || __atomic_load_n(&p->closing, __ATOMIC_ACQUIRE) || __atomic_load_n(&p->error, __ATOMIC_ACQUIRE);
+}
 
-/* Storage emulation: chunk starts are spaced by size / rate. Sleeps in 20 ms slices to see a stop. */
-static int throttle(ec_pager *p, uint64_t n) {
+/* Storage emulation: chunk starts are spaced by size / rate. Sleeps in 20 ms slices to see a stop, or the
+ * throttle lifted (ec_pager_set_throttle 0). */
+static double throttle_bps(ec_pager *p) {
     double bps;
     __atomic_load(&p->throttle_bps, &bps, __ATOMIC_RELAXED);
-    if (bps <= 0) return EC_OK;
+    return bps;
+}
+
+static int throttle(ec_pager *p, uint64_t n) {
+    if (throttle_bps(p) <= 0) return EC_OK;
     double now = now_s();
     if (p->next_free_s < now) p->next_free_s = now; /* idle time does not bank a burst */
-    while (p->next_free_s > (now = now_s())) {
+    while (p->next_free_s > (now = now_s()) && throttle_bps(p) > 0) {
         if (stopped(p)) return fail(EC_ECANCELED, 0, "interrupted");
         double left = p->next_free_s - now;
         sleep_s(left < 0.02 ? left : 0.02);
     }
-    p->next_free_s += (double)n / bps;
+    double bps = throttle_bps(p);
+    p->next_free_s = bps > 0 ? p->next_free_s + (double)n / bps : 0;
     return EC_OK;
 }
 
@@ -409,7 +408,7 @@ static void evict_layer(ec_pager *p, int il) {
 /* The pager's first error and this thread's message for it: cb_eval then aborts the graph. (mu held) */
 static void record_error(ec_pager *p, int rc) {
     if (!rc || p->error) return;
-    p->error = rc;
+    __atomic_store_n(&p->error, rc, __ATOMIC_RELEASE); /* (stopped() reads it without the mutex) */
     snprintf(p->error_text, sizeof p->error_text, "%s", ec_errbuf);
 }
 
@@ -532,7 +531,11 @@ static int boundary(ec_pager *p, int il) {
         }
         p->st.io_wait_ns += (uint64_t)((now_s() - t0) * 1e9);
     }
-    int err = p->error ? p->error : interrupted() ? EC_ECANCELED : EC_OK;
+    if (!p->error && interrupted()) { /* the pass stops here: its window is left half-read, and a read the IO */
+        fail(EC_ECANCELED, 0, "interrupted");  /* thread is in must stop too: the pager's error until a settle */
+        record_error(p, EC_ECANCELED);
+    }
+    int err = p->error;
     pthread_mutex_unlock(&p->mu);
     if (!err && p->prm.measure && p->n_stream > 0) measure(p, j >= 0 ? j : p->next_ring[il], pass_start);
     return err;
@@ -754,7 +757,8 @@ int ec_pager_settle(ec_pager *p) {
     if (!p) return fail(EC_EINVAL, 0, "ec_pager_settle: NULL pager");
     pthread_mutex_lock(&p->mu);
     drain(p); /* no IO in flight */
-    p->error = 0; /* settle is also the recovery after an IO error: back to the state after load */
+    __atomic_store_n(&p->error, 0, __ATOMIC_RELEASE); /* settle is also the recovery after an IO error or a
+                                                        Ctrl-C: back to the state after load */
     for (int il = 0; il < p->n_layers; il++)
         if (p->streamed[il]) p->want[il] = 0;
     pthread_mutex_unlock(&p->mu);
@@ -899,6 +903,9 @@ int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *b
                 return fail(EC_EIO, err, "pread(%s)", path);
             }
             if (r == 0) break;
+            double c1 = now_s(); /* dropped once read, untimed: the page cache must not hold the sample */
+            posix_fadvise(fd, (off_t)(offset + got), (off_t)r, POSIX_FADV_DONTNEED);
+            t0 += now_s() - c1;
             got += (uint64_t)r;
         }
         dt = now_s() - t0;

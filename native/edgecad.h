@@ -73,6 +73,9 @@ int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint
                   const ec_range *layers, const uint8_t *streamed, int n_layers,
                   const ec_range *pinned, int n_pinned, const ec_range *evict_each_pass, int n_evict,
                   const ec_pager_params *params, void *name_fn, ec_pager **out);
+/* Stops the IO thread (a read in flight stops at its next chunk) and frees the pager. The caller first joins
+ * every thread that may call ec_pager_gate_cb_eval (the draft's decodes): a draft held at the gate is let go,
+ * but one that has yet to reach it would touch freed memory. */
 void ec_pager_close(ec_pager *p);
 /* Back to the state after load (and clear an IO error): read the pinned ranges, drop every streamed layer
  * and the evict_each_pass ranges, start reading the first pass's window (read-ahead mode). */

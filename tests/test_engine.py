@@ -320,12 +320,13 @@ def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pa
     draft, target = paging_pair
     p = PagerParams(throttle_bps=40e6 if storage == "throttled" else None, embd_allowance=64 << 10)
     with Engine(target, draft, mode="tree", n_ctx=512, target_budget="50%", pager=p) as e:
-        ref = e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"]
+        runs = [e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"] for _ in range(3)]
+        ref, took = runs[0], sorted(st["seconds"] + st["prompt_seconds"] for st in runs[1:])[0]  # warm: prompt kept
         e.check_kv = True  # check both KV caches after every step
-        rnd, interrupted = random.Random(0), 0
-        for _ in range(12):
-            t = threading.Timer(rnd.uniform(0.002, ref["seconds"] + ref["prompt_seconds"]), os.kill,
-                                (os.getpid(), signal.SIGINT))
+        rnd, interrupted, tries = random.Random(0), 0, 0
+        while interrupted < 6 and tries < 40:  # random moments of a completion: most of them interrupt it
+            tries += 1
+            t = threading.Timer(rnd.uniform(0.002, took), os.kill, (os.getpid(), signal.SIGINT))
             try:
                 t.start()
                 e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)
@@ -336,7 +337,7 @@ def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pa
                 t.join()
             st = e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"]
             assert st["token_ids"] == ref["token_ids"]
-        assert interrupted >= 6
+        assert interrupted >= 6, f"{interrupted} of {tries} SIGINTs interrupted a completion"
 
 
 def test_generation_needs_no_network(tiny_pair, monkeypatch):
