@@ -13,6 +13,7 @@ from typing import Optional
 
 from . import registry
 from .errors import EdgecadError
+from .pager import STORAGE_PROFILES
 
 
 def _mb(n: float) -> str:
@@ -199,16 +200,12 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     g = read_gguf(registry.resolve(a.model))
     if a.memory_budget is not None:
-        from .memory import load_costs, parse_memory, plan_memory
+        from .config import resolve
         from .pager import PagerParams
-        from .tree import MODE_PARAMS
-        from .llama import default_threads
 
-        d = read_gguf(registry.resolve(a.draft)) if a.draft else None
-        costs = load_costs(g, d, a.threads or default_threads())
-        budget = parse_memory(a.memory_budget, g.file_size + (d.file_size if d else 0))
-        plan = plan_memory(budget, g, d, n_ctx=a.n_ctx, n_batch=min(512, a.n_ctx),
-                           tree_nodes=MODE_PARAMS["tree"].max_nodes, costs=costs, pager=PagerParams(io=a.io))
+        cfg = resolve(a.model, a.draft, memory_budget=a.memory_budget, n_ctx=a.n_ctx, n_threads=a.threads,
+                      pager=PagerParams(io=a.io), calibrate=False)  # shows the plan without running anything
+        plan, costs = cfg.plan, cfg.costs
         print(plan.describe())
         print(f"  costs         {'measured on this device' if costs.observed or costs.read_measured else 'priors'}: "
               + ", ".join(f"{k} {v:.3g}" for k, v in vars(costs).items() if isinstance(v, float)))
@@ -244,6 +241,27 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- main
 
+def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: float) -> None:
+    """The flags of every command that runs an engine (generate, chat): sampling, context, memory, devices."""
+    p.add_argument("--temperature", type=float, default=temperature, help=f">= 0; 0 = greedy (default {temperature})")
+    p.add_argument("--top-k", type=int, default=40, help=">= 0; 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="0 < p <= 1; 1 = off (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help=">= 0; -1 = random (the default)")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (a chat: the whole "
+                                                           "conversation), >= 8 (default 4096)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads, 1..512 (default: the cores)")
+    p.add_argument("--memory-budget", default="auto",
+                   help="memory for the whole engine (both models, caches, buffers): 1.5GB, 900MiB, 60%% (of the "
+                        "model files), auto (available memory or the cgroup limit, less a margin; the default), "
+                        "none (no limit)")
+    p.add_argument("--target-budget", default=None, help="instead of --memory-budget: the target's share kept "
+                                                         "resident (450MB, 40%%), the rest on top; for experiments")
+    p.add_argument("--storage", default="native", choices=list(STORAGE_PROFILES),
+                   help="emulate slower storage by throttling the pager's reads")
+    _add_device_flags(p)
+    p.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
+
+
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpu"],
                    help="auto (default): the draft on a GPU when this llama.cpp has one (Metal, Vulkan), the "
@@ -267,24 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", "-p", required=True)
     g.add_argument("-n", "--max-tokens", type=_max_tokens, default=128,
                    help="tokens to generate (default 128; -1 = until the context is full)")
-    g.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=40, help=">= 0; 0 = off (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="0 < p <= 1; 1 = off (default 0.95)")
-    g.add_argument("--seed", type=int, default=None, help=">= 0; -1 = random (the default)")
-    g.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens, >= 8 (default 4096)")
-    g.add_argument("--threads", type=int, default=None, help="compute threads, 1..512 (default: the cores)")
-    g.add_argument("--memory-budget", default="auto",
-                   help="memory for the whole engine (both models, caches, buffers): 1.5GB, 900MiB, 60%% (of the "
-                        "model files), auto (available memory or the cgroup limit, less a margin; the default), "
-                        "none (no limit)")
-    g.add_argument("--target-budget", default=None, help="instead of --memory-budget: the target's share kept "
-                                                         "resident (450MB, 40%%), the rest on top; for experiments")
+    _add_engine_flags(g, temperature=0.0)
     g.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="how paged layers are read")
-    g.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"],
-                   help="emulate slower storage by throttling the pager's reads")
-    _add_device_flags(g)
     g.add_argument("--stats", action="store_true", help="print run statistics to stderr")
-    g.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="an offline chat in the terminal (the default pair, automatic configuration)")
@@ -299,22 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.local/share/edgecad/chats)")
     c.add_argument("-n", "--max-tokens", type=_max_tokens, default=None,
                    help="longest answer (default, or -1: until the context is full)")
-    c.add_argument("--temperature", type=float, default=0.2, help=">= 0; 0 = greedy (default 0.2, as "
-                                                                  "llama-cpp-python's chat)")
-    c.add_argument("--top-k", type=int, default=40, help=">= 0; 0 = off (default 40)")
-    c.add_argument("--top-p", type=float, default=0.95, help="0 < p <= 1; 1 = off (default 0.95)")
-    c.add_argument("--seed", type=int, default=None, help=">= 0; -1 = random (the default)")
-    c.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens, the whole conversation "
-                                                           "(>= 8, default 4096)")
-    c.add_argument("--threads", type=int, default=None, help="compute threads, 1..512 (default: the cores)")
-    c.add_argument("--memory-budget", default="auto", help="memory for the whole engine: 1.5GB, 60%%, auto "
-                                                           "(the default), none")
-    c.add_argument("--target-budget", default=None, help="instead of --memory-budget: the target's share kept "
-                                                         "resident (450MB, 40%%), the rest on top; for experiments")
-    c.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"],
-                   help="emulate slower storage by throttling the pager's reads")
-    _add_device_flags(c)
-    c.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
+    _add_engine_flags(c, temperature=0.2)  # (0.2: llama-cpp-python's chat default)
     c.set_defaults(func=cmd_chat)
 
     m = sub.add_parser("models", help="list, fetch, verify the registry models")
@@ -339,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "default, 512)")
     b.add_argument("--n-prompts", type=_positive, default=None, help="use the first N prompts (default: all; 3 with "
                                                                "--memory-limit)")
-    b.add_argument("--storage", default="native", choices=["native", "nvme", "ufs", "sd"])
+    b.add_argument("--storage", default="native", choices=list(STORAGE_PROFILES))
     b.add_argument("--prompts", default="builtin", help="builtin or a .jsonl file of {\"prompt\": ...}")
     b.add_argument("-n", "--max-tokens", type=_positive, default=64)
     b.add_argument("--repeat", type=_positive, default=1)

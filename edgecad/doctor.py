@@ -15,8 +15,8 @@ from . import cgroup, devices, registry
 from .errors import EdgecadError
 from .gguf_file import read_gguf
 from .llama import default_threads
-from .memory import MB, READ_SAMPLE, auto_budget, load_costs, measure_read, parse_memory, plan_memory
-from .pager import PagerParams
+from .config import resolve
+from .memory import MB, READ_SAMPLE, auto_budget, load_costs, measure_read, parse_memory
 from .tree import MODE_PARAMS
 
 
@@ -74,11 +74,11 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
         measure_read(costs, t, d, n_threads)  # the engine's own calibration, done once
     say("storage", f"{costs.read_bps / 1e9:.2f} GB/s sequential read"
                    + (" (measured)" if costs.read_measured else " (a prior: run without --no-measure)"))
-    budget = parse_memory(memory_budget, t.file_size + d.file_size)
+    parse_memory(memory_budget, t.file_size + d.file_size)  # a malformed budget: the command's error, not the plan's
     tree = MODE_PARAMS["tree"]
     try:
-        plan = plan_memory(budget, t, d, n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=tree.max_nodes,
-                           costs=costs, pager=PagerParams())
+        plan = resolve(t_path, d_path, memory_budget=memory_budget, n_ctx=n_ctx, n_threads=n_threads,
+                       calibrate=False).plan  # (measured above, or not at all with --no-measure)
     except EdgecadError as e:
         say("plan", str(e))
         return

@@ -223,6 +223,3 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
         )
     return GGUFInfo(path, size, version, meta, tensors, data_offset, alignment, vocab_digest)
 
-
-def check_gguf(path: str | os.PathLike) -> GGUFInfo:
-    return read_gguf(path)

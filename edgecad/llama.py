@@ -41,6 +41,7 @@ _backend_ready = False
 def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
+        native.check_version()  # the library and these bindings come from the same native/edgecad.h
         C.llama_log_set(_LOG, ctypes.c_void_p(0))
         C.llama_backend_init()
         _backend_ready = True
@@ -126,10 +127,6 @@ class Model:
             raise ModelFileError(f"llama.cpp could not load {self.path}{_recent_errors()}")
         self.vocab = C.llama_model_get_vocab(self._ptr)
         self.n_vocab: int = C.llama_vocab_n_tokens(self.vocab)
-        self.n_layer: int = C.llama_model_n_layer(self._ptr)
-        self.n_embd: int = C.llama_model_n_embd(self._ptr)
-        self.n_ctx_train: int = C.llama_model_n_ctx_train(self._ptr)
-        self.add_bos: bool = bool(C.llama_vocab_get_add_bos(self.vocab))
 
     @property
     def ptr(self):

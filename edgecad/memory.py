@@ -298,7 +298,7 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
                 continue
         k = round(costs.tree_nodes) + 1 if spec else 1
         sec = costs.target_pass(target.file_size, k, paging is not None)
-        if paging is not None and len(paging.streamed_layers) > pager.read_ahead + pager.lag:
+        if paging is not None and paging.reads_every_pass:
             sec += paging.streamed_bytes / bps  # (a window as large as the streamed layers keeps them all)
         if spec:
             sec += costs.draft_time(draft.file_size)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import NativeError
+from .errors import ModelFileError, NativeError
 
 _NAMES = {"darwin": "libedgecad.dylib", "win32": "edgecad.dll"}
 
@@ -46,8 +46,19 @@ EC_VERSION = 8  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
+# ---------------------------------------------------------------------------- status codes (section 1)
+
+# native/edgecad.h's enum, checked against the library's own names at load (check_version)
+EC_OK, EC_EINVAL, EC_EOPEN, EC_ESTAT, EC_EMMAP, EC_EMINCORE, EC_ENOMEM, EC_ETHREAD, EC_ECHANGED, EC_EIO, \
+    EC_EUNSUPPORTED, EC_ECANCELED = range(12)
+_CODES = {k: v for k, v in globals().items() if k.startswith("EC_E") or k == "EC_OK"}
+
 # int ec_version(void);
 lib.ec_version.argtypes, lib.ec_version.restype = [], ctypes.c_int
+# const char *ec_last_error(void);
+lib.ec_last_error.argtypes, lib.ec_last_error.restype = [], ctypes.c_char_p
+# const char *ec_status_name(int code);
+lib.ec_status_name.argtypes, lib.ec_status_name.restype = [ctypes.c_int], ctypes.c_char_p
 
 
 def check_version() -> None:
@@ -55,51 +66,33 @@ def check_version() -> None:
     if lib.ec_version() != EC_VERSION:
         raise NativeError(f"edgecad's native library has interface {lib.ec_version()}, this Python code needs "
                           f"{EC_VERSION}: reinstall edgecad (`pip install .`) so both come from the same source")
-# const char *ec_last_error(void);
-lib.ec_last_error.argtypes, lib.ec_last_error.restype = [], ctypes.c_char_p
+    for name, code in _CODES.items():
+        if (lib.ec_status_name(code) or b"").decode() != name:
+            raise NativeError(f"edgecad's native library calls status {code} {lib.ec_status_name(code)!r}, not "
+                              f"{name}: reinstall edgecad (`pip install .`)")
+
+
+def check(code: int, what: str, path=None) -> None:
+    """The one map from a status code to an exception: Ctrl-C is KeyboardInterrupt, a model file that changed
+    under the pager a ModelFileError naming it, anything else a NativeError with the code and C's message."""
+    if code == EC_OK:
+        return
+    if code == EC_ECANCELED:
+        raise KeyboardInterrupt
+    if code == EC_ECHANGED and path is not None:
+        raise ModelFileError(f"{path} changed size while the engine was paging it: load it again once the file "
+                             "is complete")
+    msg = lib.ec_last_error().decode(errors="replace")
+    raise NativeError(f"{what} failed (EC code {code}): {msg}", code)
+
+
+# ---------------------------------------------------------------------------- residency (section 2)
+
 # int ec_mem_resident(const void *addr, uint64_t len, uint64_t *resident_bytes);
 lib.ec_mem_resident.argtypes, lib.ec_mem_resident.restype = [ctypes.c_void_p, ctypes.c_uint64, _u64p], ctypes.c_int
 # int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *resident_bytes);
 lib.ec_file_resident.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, _u64p]
 lib.ec_file_resident.restype = ctypes.c_int
-
-
-# int ec_interrupt_install(void); void ec_interrupt_clear(void); int ec_interrupt_pending(void);
-lib.ec_interrupt_install.argtypes, lib.ec_interrupt_install.restype = [], ctypes.c_int
-lib.ec_interrupt_clear.argtypes, lib.ec_interrupt_clear.restype = [], None
-lib.ec_interrupt_pending.argtypes, lib.ec_interrupt_pending.restype = [], ctypes.c_int
-# bool ec_abort_callback(void *data);  (llama.cpp's abort callback, passed by address)
-abort_callback_address = ctypes.cast(lib.ec_abort_callback, ctypes.c_void_p).value
-
-
-# void ec_log_set_verbose(int verbose); int ec_log_take_errors(char *out, size_t cap, int last);
-lib.ec_log_set_verbose.argtypes, lib.ec_log_set_verbose.restype = [ctypes.c_int], None
-lib.ec_log_take_errors.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
-lib.ec_log_take_errors.restype = ctypes.c_int
-# void ec_log_callback(int level, const char *text, void *user_data);  (passed to llama_log_set by address)
-log_callback_address = ctypes.cast(lib.ec_log_callback, ctypes.c_void_p).value
-
-
-def take_log_errors(last: int = 3) -> str:
-    """The last error lines llama.cpp logged since the previous call."""
-    buf = ctypes.create_string_buffer(1024)
-    lib.ec_log_take_errors(buf, len(buf), last)
-    return buf.value.decode(errors="replace")
-
-
-def install_interrupt() -> None:
-    """Let Ctrl-C stop C code that waits (a pass waiting on storage, the pinned reads, a llama.cpp graph):
-    only while Ctrl-C means KeyboardInterrupt (Python's default handler), which it still raises."""
-    import signal
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        lib.ec_interrupt_install()
-
-
-def check(code: int, what: str) -> None:
-    """Raise NativeError with the status code and the C library's message."""
-    if code != 0:
-        msg = lib.ec_last_error().decode(errors="replace")
-        raise NativeError(f"{what} failed (EC code {code}): {msg}", code)
 
 
 def mem_resident(addr: int, length: int) -> int:
@@ -114,3 +107,108 @@ def file_resident(path: str | os.PathLike, offset: int = 0, length: int = 1 << 6
     out = ctypes.c_uint64()
     check(lib.ec_file_resident(os.fsencode(path), offset, length, ctypes.byref(out)), "ec_file_resident")
     return out.value
+
+
+# ---------------------------------------------------------------------------- pager (section 3)
+
+class Range(ctypes.Structure):  # ec_range
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class PagerParams(ctypes.Structure):  # ec_pager_params
+    _fields_ = [("depth", ctypes.c_int), ("lag", ctypes.c_int), ("throttle_bps", ctypes.c_double),
+                ("measure", ctypes.c_int), ("readahead", ctypes.c_int)]
+
+
+class PagerStats(ctypes.Structure):  # ec_pager_stats
+    _fields_ = [(n, ctypes.c_uint64) for n in ("bytes_read", "io_wait_ns", "io_busy_ns", "resident_now",
+                                                "peak_resident", "boundaries", "passes", "advise_failures",
+                                                "gate_wait_ns", "draft_layers_in_pass")]
+
+
+_RP, _vp = ctypes.POINTER(Range), ctypes.c_void_p
+# int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint64_t map_len,
+#                   const ec_range *layers, const uint8_t *streamed, int n_layers, const ec_range *pinned, int n_pinned,
+#                   const ec_range *evict_each_pass, int n_evict, const ec_pager_params *params, void *name_fn,
+#                   ec_pager **out);
+lib.ec_pager_open.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, _RP,
+                              ctypes.POINTER(ctypes.c_uint8), ctypes.c_int, _RP, ctypes.c_int, _RP, ctypes.c_int,
+                              ctypes.POINTER(PagerParams), _vp, ctypes.POINTER(_vp)]
+lib.ec_pager_open.restype = ctypes.c_int
+# void ec_pager_close(ec_pager *p);
+lib.ec_pager_close.argtypes, lib.ec_pager_close.restype = [_vp], None
+# int ec_pager_settle(ec_pager *p);
+lib.ec_pager_settle.argtypes, lib.ec_pager_settle.restype = [_vp], ctypes.c_int
+# bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data);  (llama.cpp's cb_eval, passed by address)
+lib.ec_pager_cb_eval.argtypes, lib.ec_pager_cb_eval.restype = [_vp, ctypes.c_bool, _vp], ctypes.c_bool
+# int ec_pager_get_stats(ec_pager *p, ec_pager_stats *out);
+lib.ec_pager_get_stats.argtypes = [_vp, ctypes.POINTER(PagerStats)]
+lib.ec_pager_get_stats.restype = ctypes.c_int
+# void ec_pager_reset_peak(ec_pager *p);
+lib.ec_pager_reset_peak.argtypes, lib.ec_pager_reset_peak.restype = [_vp], None
+# int ec_pager_pass_begin(ec_pager *p);  int ec_pager_pass_end(ec_pager *p);
+lib.ec_pager_pass_begin.argtypes, lib.ec_pager_pass_begin.restype = [_vp], ctypes.c_int
+lib.ec_pager_pass_end.argtypes, lib.ec_pager_pass_end.restype = [_vp], ctypes.c_int
+# bool ec_pager_gate_cb_eval(void *tensor, bool ask, void *user_data);  (the draft's cb_eval, by address)
+lib.ec_pager_gate_cb_eval.argtypes, lib.ec_pager_gate_cb_eval.restype = [_vp, ctypes.c_bool, _vp], ctypes.c_bool
+# int ec_pager_inject_fault(ec_pager *p, int code);
+lib.ec_pager_inject_fault.argtypes, lib.ec_pager_inject_fault.restype = [_vp, ctypes.c_int], ctypes.c_int
+# int ec_pager_set_throttle(ec_pager *p, double bytes_per_second);
+lib.ec_pager_set_throttle.argtypes, lib.ec_pager_set_throttle.restype = [_vp, ctypes.c_double], ctypes.c_int
+# int ec_pager_error(ec_pager *p);
+lib.ec_pager_error.argtypes, lib.ec_pager_error.restype = [_vp], ctypes.c_int
+pager_cb_eval_address = ctypes.cast(lib.ec_pager_cb_eval, _vp).value
+gate_cb_eval_address = ctypes.cast(lib.ec_pager_gate_cb_eval, _vp).value
+
+# ---------------------------------------------------------------------------- bandwidth (section 4)
+
+# int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second);
+lib.ec_read_bandwidth.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_double)]
+lib.ec_read_bandwidth.restype = ctypes.c_int
+
+# ---------------------------------------------------------------------------- load guard (section 5)
+
+
+class GuardStats(ctypes.Structure):  # ec_load_guard_stats
+    _fields_ = [("populate_dropped", ctypes.c_uint64), ("willneed_dropped", ctypes.c_uint64),
+                ("mapped_bytes", ctypes.c_uint64), ("slots", ctypes.c_int)]
+
+
+# int ec_load_guard_begin(const char *path, const char *lib_name);
+lib.ec_load_guard_begin.argtypes, lib.ec_load_guard_begin.restype = [ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int
+# int ec_load_guard_end(ec_load_guard_stats *out);
+lib.ec_load_guard_end.argtypes, lib.ec_load_guard_end.restype = [ctypes.POINTER(GuardStats)], ctypes.c_int
+
+# ---------------------------------------------------------------------------- interrupt (section 6)
+
+# int ec_interrupt_install(void); void ec_interrupt_clear(void); int ec_interrupt_pending(void);
+lib.ec_interrupt_install.argtypes, lib.ec_interrupt_install.restype = [], ctypes.c_int
+lib.ec_interrupt_clear.argtypes, lib.ec_interrupt_clear.restype = [], None
+lib.ec_interrupt_pending.argtypes, lib.ec_interrupt_pending.restype = [], ctypes.c_int
+# bool ec_abort_callback(void *data);  (llama.cpp's abort callback, passed by address)
+abort_callback_address = ctypes.cast(lib.ec_abort_callback, _vp).value
+
+
+def install_interrupt() -> None:
+    """Let Ctrl-C stop C code that waits (a pass waiting on storage, the pinned reads, a llama.cpp graph):
+    only while Ctrl-C means KeyboardInterrupt (Python's default handler), which it still raises."""
+    import signal
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        lib.ec_interrupt_install()
+
+
+# ---------------------------------------------------------------------------- log (section 7)
+
+# void ec_log_set_verbose(int verbose); int ec_log_take_errors(char *out, size_t cap, int last);
+lib.ec_log_set_verbose.argtypes, lib.ec_log_set_verbose.restype = [ctypes.c_int], None
+lib.ec_log_take_errors.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+lib.ec_log_take_errors.restype = ctypes.c_int
+# void ec_log_callback(int level, const char *text, void *user_data);  (passed to llama_log_set by address)
+log_callback_address = ctypes.cast(lib.ec_log_callback, _vp).value
+
+
+def take_log_errors(last: int = 3) -> str:
+    """The last error lines llama.cpp logged since the previous call."""
+    buf = ctypes.create_string_buffer(1024)
+    lib.ec_log_take_errors(buf, len(buf), last)
+    return buf.value.decode(errors="replace")

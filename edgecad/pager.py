@@ -25,7 +25,7 @@ import llama_cpp as C
 
 from . import native
 from .devices import ggml_lib
-from .errors import EdgecadError, ModelFileError, NativeError
+from .errors import EdgecadError, NativeError
 from .gguf_file import GGUFInfo
 
 STORAGE_PROFILES = {  # bytes per second the IO thread may read; 0 = as fast as the device goes
@@ -136,6 +136,11 @@ class BudgetPlan:
         return sum(n for _, _, n in self.pinned) + sum(self.layer_bytes[i] for i in self.pinned_layers)
 
     @property
+    def reads_every_pass(self) -> bool:
+        """The streamed layers do not all fit the window: every pass reads them (else they stay resident)."""
+        return len(self.streamed_layers) >= self.params.window_layers
+
+    @property
     def streamed_bytes(self) -> int:
         return sum(self.layer_bytes[i] for i in self.streamed_layers)
 
@@ -232,69 +237,7 @@ def plan_budget(info: GGUFInfo, budget: int, params: PagerParams = PagerParams()
 
 # ---------------------------------------------------------------------------- native pager
 
-class _Range(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Params(ctypes.Structure):
-    _fields_ = [("depth", ctypes.c_int), ("lag", ctypes.c_int), ("throttle_bps", ctypes.c_double),
-                ("measure", ctypes.c_int), ("readahead", ctypes.c_int)]
-
-
-class _Stats(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in ("bytes_read", "io_wait_ns", "io_busy_ns", "resident_now",
-                                                "peak_resident", "boundaries", "passes", "advise_failures",
-                                                "gate_wait_ns", "draft_layers_in_pass")]
-
-
 _lib = native.lib
-_RP, _P = ctypes.POINTER(_Range), ctypes.POINTER(_Params)
-# int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint64_t map_len,
-#                   const ec_range *layers, const uint8_t *streamed, int n_layers, const ec_range *pinned, int n_pinned,
-#                   const ec_range *evict_each_pass, int n_evict, const ec_pager_params *params, void *name_fn,
-#                   ec_pager **out);
-_lib.ec_pager_open.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, _RP,
-                               ctypes.POINTER(ctypes.c_uint8), ctypes.c_int, _RP, ctypes.c_int, _RP, ctypes.c_int,
-                               _P, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
-_lib.ec_pager_open.restype = ctypes.c_int
-# void ec_pager_close(ec_pager *p);
-_lib.ec_pager_close.argtypes, _lib.ec_pager_close.restype = [ctypes.c_void_p], None
-# int ec_pager_settle(ec_pager *p);
-_lib.ec_pager_settle.argtypes, _lib.ec_pager_settle.restype = [ctypes.c_void_p], ctypes.c_int
-# int ec_pager_get_stats(ec_pager *p, ec_pager_stats *out);
-_lib.ec_pager_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Stats)]
-_lib.ec_pager_get_stats.restype = ctypes.c_int
-# void ec_pager_reset_peak(ec_pager *p);
-_lib.ec_pager_reset_peak.argtypes, _lib.ec_pager_reset_peak.restype = [ctypes.c_void_p], None
-# int ec_pager_pass_begin(ec_pager *p);
-_lib.ec_pager_pass_begin.argtypes, _lib.ec_pager_pass_begin.restype = [ctypes.c_void_p], ctypes.c_int
-# int ec_pager_pass_end(ec_pager *p);
-_lib.ec_pager_pass_end.argtypes, _lib.ec_pager_pass_end.restype = [ctypes.c_void_p], ctypes.c_int
-# int ec_pager_inject_fault(ec_pager *p, int code);
-_lib.ec_pager_inject_fault.argtypes, _lib.ec_pager_inject_fault.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
-# int ec_pager_set_throttle(ec_pager *p, double bytes_per_second);
-_lib.ec_pager_set_throttle.argtypes = [ctypes.c_void_p, ctypes.c_double]
-_lib.ec_pager_set_throttle.restype = ctypes.c_int
-# int ec_pager_error(ec_pager *p);
-_lib.ec_pager_error.argtypes, _lib.ec_pager_error.restype = [ctypes.c_void_p], ctypes.c_int
-# int ec_load_guard_begin(const char *path, const char *lib_name);
-_lib.ec_load_guard_begin.argtypes, _lib.ec_load_guard_begin.restype = [ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int
-
-
-class _GuardStats(ctypes.Structure):
-    _fields_ = [("populate_dropped", ctypes.c_uint64), ("willneed_dropped", ctypes.c_uint64),
-                ("mapped_bytes", ctypes.c_uint64), ("slots", ctypes.c_int)]
-
-
-# int ec_load_guard_end(ec_load_guard_stats *out);
-_lib.ec_load_guard_end.argtypes, _lib.ec_load_guard_end.restype = [ctypes.POINTER(_GuardStats)], ctypes.c_int
-# int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second);
-_lib.ec_read_bandwidth.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_double)]
-_lib.ec_read_bandwidth.restype = ctypes.c_int
-
-EC_ECHANGED = 8
-EC_EIO = 9
-EC_ECANCELED = 11
 
 
 def _ggml_get_name() -> int:
@@ -373,7 +316,7 @@ def lazy_load(path: Path, enabled: bool = True):
             yield out
             return
         out.applied = True
-        st = _GuardStats()
+        st = native.GuardStats()
         try:
             yield out
         except BaseException:
@@ -416,26 +359,24 @@ class Pager:
         frees its mapping (the IO thread must never advise an address llama.cpp no longer maps).
         mapping: (address, file offset, length) of llama.cpp's mapping of this model (new_mapping)."""
         self.path, self.plan, self._h, self._interrupted = Path(model.path), plan, None, False
-        native.check_version()
         addr, map_off, map_len = mapping
         ranges = {l.index: l for l in info.layers()}
         n = max(ranges) + 1
-        layers = (_Range * n)(*[(ranges[i].start, ranges[i].n_bytes) if i in ranges else (0, 0) for i in range(n)])
+        layers = (native.Range * n)(*[(ranges[i].start, ranges[i].n_bytes) if i in ranges else (0, 0) for i in range(n)])
         streamed = (ctypes.c_uint8 * n)(*[int(i in plan.streamed_layers) for i in range(n)])
-        pinned = (_Range * max(1, len(plan.pinned)))(*[(o, b) for _, o, b in plan.pinned])
-        per_pass = (_Range * max(1, len(plan.evict_each_pass)))(*[(o, b) for _, o, b in plan.evict_each_pass])
+        pinned = (native.Range * max(1, len(plan.pinned)))(*[(o, b) for _, o, b in plan.pinned])
+        per_pass = (native.Range * max(1, len(plan.evict_each_pass)))(*[(o, b) for _, o, b in plan.evict_each_pass])
         pp = plan.params
-        params = _Params(pp.read_ahead, pp.lag, pp.bytes_per_second, int(pp.measure), int(plan.readahead_bytes > 0))
+        params = native.PagerParams(pp.read_ahead, pp.lag, pp.bytes_per_second, int(pp.measure), int(plan.readahead_bytes > 0))
         h = ctypes.c_void_p()
         native.check(_lib.ec_pager_open(os.fsencode(self.path), addr, map_off, map_len, layers, streamed, n,
                                         pinned, len(plan.pinned), per_pass, len(plan.evict_each_pass),
                                         ctypes.byref(params), _ggml_get_name(), ctypes.byref(h)), "ec_pager_open")
         self._h = h
         model.close_first(self)
-        self.cb_eval = C.ggml_backend_sched_eval_callback(ctypes.cast(_lib.ec_pager_cb_eval, ctypes.c_void_p).value)
+        self.cb_eval = C.ggml_backend_sched_eval_callback(native.pager_cb_eval_address)
         # the draft context's cb_eval when it drafts during target passes (with user data `handle`)
-        self.gate_cb_eval = C.ggml_backend_sched_eval_callback(
-            ctypes.cast(_lib.ec_pager_gate_cb_eval, ctypes.c_void_p).value)
+        self.gate_cb_eval = C.ggml_backend_sched_eval_callback(native.gate_cb_eval_address)
         self.settle()
 
     @property
@@ -446,10 +387,7 @@ class Pager:
         """Back to the state after load: read the pinned layers, evict the streamed ones (and whatever a
         whole-file load read), start reading the first window. Also clears an IO error. (The Ctrl-C flag is
         cleared by whoever starts the work: an Engine's load, a completion.)"""
-        code = _lib.ec_pager_settle(self._h)
-        if code == EC_ECANCELED:
-            raise KeyboardInterrupt
-        native.check(code, "ec_pager_settle")
+        native.check(_lib.ec_pager_settle(self._h), "ec_pager_settle", self.path)
 
     def recover(self) -> None:
         """Before a completion: end a pass that a Ctrl-C left open (a gated draft would wait for its end), and
@@ -459,7 +397,7 @@ class Pager:
             self.settle()
             self._interrupted = False
 
-    def inject_fault(self, code: int = EC_EIO) -> None:
+    def inject_fault(self, code: int = native.EC_EIO) -> None:
         """Tests: make the next read fail as a failing storage would."""
         native.check(_lib.ec_pager_inject_fault(self._h, code), "ec_pager_inject_fault")
 
@@ -485,20 +423,13 @@ class Pager:
 
     def check(self) -> None:
         """Raise if the IO thread failed."""
-        code = _lib.ec_pager_error(self._h)
-        if code == EC_ECANCELED:  # a Ctrl-C stopped a read: the next completion settles again
-            raise KeyboardInterrupt
-        if code == EC_ECHANGED:
-            raise ModelFileError(f"{self.path} changed size while the engine was paging it: "
-                                 "load it again once the file is complete")
-        if code:
-            why = _lib.ec_last_error().decode(errors="replace")
-            raise NativeError(f"the pager failed (EC code {code}) while reading {self.path}: {why}", code)
+        # (a Ctrl-C that stopped a read raises KeyboardInterrupt: the next completion settles again)
+        native.check(_lib.ec_pager_error(self._h), f"the pager reading {self.path}", self.path)
 
     def stats(self) -> dict:
-        s = _Stats()
+        s = native.PagerStats()
         native.check(_lib.ec_pager_get_stats(self._h, ctypes.byref(s)), "ec_pager_get_stats")
-        return {k: getattr(s, k) for k, _ in _Stats._fields_}
+        return {k: getattr(s, k) for k, _ in native.PagerStats._fields_}
 
     def reset_peak(self) -> None:
         _lib.ec_pager_reset_peak(self._h)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .llama import Batch, Context
 from .sampling import RAW, SamplingParams, distribution, penalize, sample_from
-from .tree import TokenTree, keep_path
+from .tree import TokenTree, TreeParams, keep_path
 
 
 @dataclass
@@ -124,3 +124,17 @@ def accept_bild(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: np
     lg = node_logits(tree, logits, node, recent, sp.repeat_penalty)
     nxt = int(np.argmax(lg)) if sp.greedy else sample_from(distribution(lg, sp), rng)
     return path, nxt, divergent
+
+
+# An acceptance rule: (tree, the target's logits per node, rng, tokens generated before the root) ->
+# (accepted path, bonus token, accepted drafted tokens that differ from the target's argmax). A new rule is a
+# new function here and one line in acceptance_for.
+
+def acceptance_for(params: TreeParams, sp: SamplingParams):
+    """The rule of a mode's parameters and a completion's sampling: BiLD's rollback, else greedy matching
+    (greedy) or multi-draft rejection sampling (sampled): both exact."""
+    if params.acceptance == "bild":
+        return lambda tree, logits, rng, recent: accept_bild(tree, logits, sp, rng, params.rollback_ce, recent)
+    if sp.greedy:
+        return lambda tree, logits, rng, recent: (*accept_greedy(tree, logits, recent, sp.repeat_penalty), 0)
+    return lambda tree, logits, rng, recent: (*accept_sampling(tree, logits, sp, rng, recent), 0)

@@ -49,6 +49,13 @@ const char *ec_last_error(void) { return ec_errbuf; }
 
 int ec_version(void) { return EC_VERSION; }
 
+const char *ec_status_name(int code) {
+    static const char *names[] = {"EC_OK", "EC_EINVAL", "EC_EOPEN", "EC_ESTAT", "EC_EMMAP", "EC_EMINCORE",
+                                  "EC_ENOMEM", "EC_ETHREAD", "EC_ECHANGED", "EC_EIO", "EC_EUNSUPPORTED",
+                                  "EC_ECANCELED"};
+    return code >= 0 && code < (int)(sizeof names / sizeof names[0]) ? names[code] : NULL;
+}
+
 /* Record "what: strerror(errno)" (or just "what" when err == 0) and return code. */
 static int fail(int code, int err, const char *fmt, ...) {
     char what[384];
@@ -450,6 +457,10 @@ static void *io_main(void *arg) {
     return NULL;
 }
 
+/* Streamed layers the budget plan lets be resident at once: the one computing, the read-ahead, the lag
+ * (edgecad/pager.py: PagerParams.window_layers). */
+static int window(const ec_pager *p) { return p->prm.depth + p->prm.lag + 1; }
+
 static void enqueue(ec_pager *p, int op, int layer) { /* mu held */
     while (p->q_len == p->q_cap) pthread_cond_wait(&p->done, &p->mu); /* full: wait for the IO thread */
     p->q[(p->q_head + p->q_len) % p->q_cap] = (io_op){op, layer};
@@ -514,7 +525,7 @@ static int boundary(ec_pager *p, int il) {
     }
     /* queue order: the eviction (so the window never holds more than it reserves), the layer
      * compute needs now, then the read-ahead */
-    if (j >= 0 && p->n_stream > p->prm.depth + p->prm.lag)
+    if (j >= 0 && p->n_stream >= window(p))
         request_evict(p, p->ring[(j - p->prm.lag + p->n_stream) % p->n_stream]);
     if (j >= 0) request_load(p, il);
     if (p->n_stream > 0)
@@ -569,7 +580,7 @@ int ec_pager_pass_end(ec_pager *p) {
     __atomic_store_n(&p->in_pass, 0, __ATOMIC_RELAXED);
     p->waiting = 0;
     pthread_cond_broadcast(&p->gate);
-    int w = p->prm.depth + p->prm.lag + 1; /* the window the budget plan reserves, in streamed layers */
+    int w = window(p);
     if (p->prm.depth > 0 && p->n_stream > w && !p->error) {
         for (int k = w; k < p->n_stream; k++) request_evict(p, p->ring[k]);
         for (int k = 0; k < w; k++) request_load(p, p->ring[k]);
@@ -783,8 +794,7 @@ int ec_pager_settle(ec_pager *p) {
     }
     if (!rc && p->prm.depth > 0) { /* start reading the first pass's window (what the plan reserves) */
         pthread_mutex_lock(&p->mu);
-        int w = p->prm.depth + p->prm.lag + 1;
-        for (int k = 0; k < w && k < p->n_stream; k++) request_load(p, p->ring[k]);
+        for (int k = 0; k < window(p) && k < p->n_stream; k++) request_load(p, p->ring[k]);
         pthread_mutex_unlock(&p->mu);
     }
     return rc;

@@ -25,6 +25,8 @@ enum {
 
 int ec_version(void);
 const char *ec_last_error(void);
+/* "EC_OK", "EC_EINVAL", ...: the name of a status code (NULL past the last), so bindings check their copy. */
+const char *ec_status_name(int code);
 
 /* Bytes of the pages covering [addr, addr+len) that are resident in RAM. */
 int ec_mem_resident(const void *addr, uint64_t len, uint64_t *resident_bytes);

@@ -58,7 +58,6 @@ import sys
 import threading
 import time
 
-from edgecad import pager as pg
 
 LAYER = 64 << 10
 N_LAYERS = 8
@@ -88,20 +87,20 @@ class Harness:
         size = os.path.getsize(path)
         self.map = mmap.mmap(self.f.fileno(), size if map_len is None else map_len, prot=mmap.PROT_READ)
         self.addr = _address(self.map)
-        layers = (pg._Range * N_LAYERS)(*[(i * LAYER, LAYER) for i in range(N_LAYERS)])
+        layers = (native.Range * N_LAYERS)(*[(i * LAYER, LAYER) for i in range(N_LAYERS)])
         flags = (ctypes.c_uint8 * N_LAYERS)(*(streamed or [1] * N_LAYERS))
-        ev = (pg._Range * max(1, len(evict_pass)))(*evict_pass)
-        params = pg._Params(depth, lag, throttle, 1, 0)
+        ev = (native.Range * max(1, len(evict_pass)))(*evict_pass)
+        params = native.PagerParams(depth, lag, throttle, 1, 0)
         self.h = ctypes.c_void_p()
-        self.code = pg._lib.ec_pager_open(os.fsencode(path), self.addr, 0, len(self.map), layers, flags, N_LAYERS,
+        self.code = native.lib.ec_pager_open(os.fsencode(path), self.addr, 0, len(self.map), layers, flags, N_LAYERS,
                                           None, 0, ev, len(evict_pass), ctypes.byref(params),
                                           ctypes.cast(NAME_FN, ctypes.c_void_p), ctypes.byref(self.h))
 
     def boundary(self, il: int) -> bool:
-        return pg._lib.ec_pager_cb_eval(tensor(f"attn_norm-{il}"), False, self.h)
+        return native.lib.ec_pager_cb_eval(tensor(f"attn_norm-{il}"), False, self.h)
 
     def close(self):
-        pg._lib.ec_pager_close(self.h)
+        native.lib.ec_pager_close(self.h)
         self.map.close()
         self.f.close()
 
@@ -109,12 +108,6 @@ class Harness:
 def _address(m: mmap.mmap) -> int:
     import numpy as np
     return np.frombuffer(m, dtype=np.uint8).ctypes.data
-
-
-pg._lib.ec_pager_cb_eval.argtypes = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p]
-pg._lib.ec_pager_cb_eval.restype = ctypes.c_bool
-pg._lib.ec_pager_gate_cb_eval.argtypes = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p]
-pg._lib.ec_pager_gate_cb_eval.restype = ctypes.c_bool
 
 
 @pytest.fixture
@@ -162,9 +155,9 @@ def test_close_stops_a_read_the_storage_stalls(layer_file):
     (before: close joined the IO thread, which finished its queued read first; this test's timeout caught it)."""
     h = Harness(layer_file, throttle=1.0)
     assert h.code == 0
-    assert pg._lib.ec_pager_settle(h.h) == 0  # queues the first window: the second of its reads stalls
-    s = pg._Stats()
-    while pg._lib.ec_pager_get_stats(h.h, ctypes.byref(s)) == 0 and s.bytes_read < LAYER:
+    assert native.lib.ec_pager_settle(h.h) == 0  # queues the first window: the second of its reads stalls
+    s = native.PagerStats()
+    while native.lib.ec_pager_get_stats(h.h, ctypes.byref(s)) == 0 and s.bytes_read < LAYER:
         time.sleep(0.01)  # the first read is done (it set the throttle's next slot days ahead)
     time.sleep(0.1)  # and the IO thread sleeps in the second
     _returns(h.close)
@@ -174,10 +167,10 @@ def test_ctrl_c_stops_a_settle_waiting_for_stalled_reads(layer_file):
     """A settle drains the IO queue first; a Ctrl-C stops the stalled read it waits for, and the settle ends."""
     h = Harness(layer_file, throttle=1.0)
     try:
-        assert pg._lib.ec_pager_settle(h.h) == 0  # a read now stalls in the IO thread
+        assert native.lib.ec_pager_settle(h.h) == 0  # a read now stalls in the IO thread
         _ctrl_c(0.3)  # the C handler sets the flag the IO thread reads; Python raises here
         rc = []
-        _returns(lambda: rc.append(pg._lib.ec_pager_settle(h.h)))  # drains: the stalled read stopped
+        _returns(lambda: rc.append(native.lib.ec_pager_settle(h.h)))  # drains: the stalled read stopped
         assert rc == [0]
     finally:
         native.lib.ec_interrupt_clear()
@@ -189,10 +182,10 @@ def test_a_gated_draft_leaves_on_ctrl_c_and_on_close(layer_file):
     Ctrl-C between the decode and its end) must not hold the draft forever: Ctrl-C and close release it."""
     for release in ("ctrl-c", "close"):
         h = Harness(layer_file)
-        assert pg._lib.ec_pager_settle(h.h) == 0 and pg._lib.ec_pager_pass_begin(h.h) == 0
+        assert native.lib.ec_pager_settle(h.h) == 0 and native.lib.ec_pager_pass_begin(h.h) == 0
         out = []
         NAMED.clear()
-        th = threading.Thread(target=lambda: out.append(pg._lib.ec_pager_gate_cb_eval(tensor("attn_norm-0"), False,
+        th = threading.Thread(target=lambda: out.append(native.lib.ec_pager_gate_cb_eval(tensor("attn_norm-0"), False,
                                                                                         h.h)), daemon=True)
         th.start()
         assert NAMED.wait(30)  # the draft reached the gate's callback,
@@ -220,7 +213,7 @@ def test_an_empty_range_evicts_nothing(layer_file):
     os.close(fd)
     h = Harness(layer_file, evict_pass=[(LAYER, 0)], map_len=mmap.PAGESIZE, streamed=[0] * N_LAYERS)
     try:
-        assert h.code == 0 and pg._lib.ec_pager_settle(h.h) == 0  # reads every (pinned) layer
+        assert h.code == 0 and native.lib.ec_pager_settle(h.h) == 0  # reads every (pinned) layer
         assert native.file_resident(layer_file, LAYER) == (N_LAYERS - 1) * LAYER
     finally:
         h.close()

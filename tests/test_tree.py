@@ -4,7 +4,9 @@ import pytest
 
 from edgecad.llama import Batch, Context, ContextParams, Model
 from edgecad.sampling import SamplingParams
-from edgecad.tree import MODE_PARAMS, Drafter, FallbackThreshold, TokenTree, TreeParams
+from edgecad.drafter import Drafter
+from edgecad.fallback import FallbackThreshold
+from edgecad.tree import MODE_PARAMS, TokenTree, TreeParams
 
 
 # ---------------------------------------------------------------------------- threshold

@@ -1,0 +1,118 @@
+"""From the user's arguments to what an engine runs: one `resolve()` for Engine, `edgecad inspect` and
+`edgecad doctor`.
+
+It checks the arguments, finds the model files (paths or registry names), checks the draft shares the
+target's vocabulary, reads the device's measured costs and plans the memory (edgecad.memory): which
+configuration runs, the budget's split, the target's paging plan, the mode and its tree parameters.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from . import registry
+from .errors import EdgecadError, VocabularyMismatchError
+from .gguf_file import GGUFInfo, read_gguf
+from .llama import default_threads
+from .memory import CONFIGS, Costs, MemoryPlan, load_costs, measure_read, parse_memory, plan_memory
+from .pager import PagerParams, parse_budget
+from .tree import MODE_PARAMS, TreeParams
+
+MODES = ("target", "tree", "linear", "bild")
+UNBOUNDED = 1 << 62  # memory_budget=None: no limit, everything resident
+MAX_THREADS = 512    # ggml's GGML_MAX_N_THREADS: more aborts inside llama.cpp
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine runs, resolved from the user's arguments."""
+    target_path: Path
+    draft_path: Optional[Path]        # the draft given (None: none); loaded only when the mode is speculative
+    target_info: GGUFInfo
+    draft_info: Optional[GGUFInfo]    # the draft given, even when the plan runs the target alone
+    mode: str                         # one of MODES
+    tree_params: Optional[TreeParams] # the mode's (None in target mode); a residency may still adjust them
+    plan: MemoryPlan                  # configuration, budget split, paging plan (plan.paging)
+    costs: Costs                      # the device's measured costs the plan used
+    pager: PagerParams
+    n_ctx: int
+    n_threads: int
+    tree_params_given: bool = False   # the caller fixed tree_params (no residency adjustment then)
+
+    @property
+    def speculative(self) -> bool:
+        return self.mode != "target"
+
+
+def check_int(name: str, value, lo: int, hi: Optional[int], note: str = "") -> None:
+    """Raise unless `value` is an integer in [lo, hi] (hi None: no upper bound), naming the range."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and lo <= value and (hi is None or value <= hi)
+    if not ok:
+        rng = f">= {lo}" if hi is None else f"{lo}..{hi}"
+        raise EdgecadError(f"{name}={value!r} is out of range: use an integer {rng}" + (f" ({note})" if note else ""))
+
+
+def check_same_vocabulary(draft: GGUFInfo, target: GGUFInfo) -> None:
+    """Speculative decoding compares token ids: the draft must use the target's vocabulary exactly."""
+    if draft.vocab_size != target.vocab_size or draft.vocab_digest != target.vocab_digest:
+        raise VocabularyMismatchError(
+            f"draft {draft.path} ({draft.vocab_size} tokens) does not share the vocabulary of target "
+            f"{target.path} ({target.vocab_size} tokens): pick a draft model of the same family "
+            "(same tokenizer)"
+        )
+
+
+def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.PathLike, None] = None, *,
+            mode: Optional[str] = None, tree_params: Optional[TreeParams] = None,
+            memory_budget: Union[int, str, None] = "auto", target_budget: Union[int, str, None] = None,
+            pager: Optional[PagerParams] = None, n_ctx: int = 4096, n_threads: Optional[int] = None,
+            calibrate: bool = True, verbose: bool = False) -> EngineConfig:
+    """The configuration an Engine with these arguments runs (see Engine for each argument). calibrate: measure
+    the storage's read speed when the plan pages and this device has not measured it yet (once per device and
+    model; `edgecad inspect` plans without it)."""
+    if target is None:  # the default pair (`edgecad models fetch` brings it)
+        target = registry.DEFAULT_TARGET
+        draft = draft or (registry.DEFAULT_DRAFT if mode != "target" else None)
+    if mode is not None and mode not in MODES:
+        raise EdgecadError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode not in (None, "target") and draft is None:
+        raise EdgecadError(f"mode {mode!r} needs a draft model: pass draft=PATH_OR_NAME (or use mode='target')")
+    check_int("n_ctx", n_ctx, 8, None, "tokens")
+    if n_threads is not None:
+        check_int("n_threads", n_threads, 1, MAX_THREADS, f"this device has {os.cpu_count()} cores")
+    n_threads = n_threads or default_threads()
+    target_path = registry.resolve(target)
+    draft_path = registry.resolve(draft) if draft is not None else None
+    t_info = read_gguf(target_path)
+    d_info = read_gguf(draft_path) if draft_path is not None else None
+    if d_info is not None:
+        check_same_vocabulary(d_info, t_info)
+    pager = pager or PagerParams()
+
+    t0 = time.perf_counter()
+    costs = load_costs(t_info, d_info, n_threads)  # keyed by the pair given, whatever runs
+    configs = None if mode is None else (CONFIGS[:2] if mode == "target" else CONFIGS[2:])
+    nodes = (tree_params or MODE_PARAMS.get(mode if mode not in (None, "target") else "tree")).max_nodes
+    budget = UNBOUNDED if memory_budget is None else parse_memory(
+        memory_budget, t_info.file_size + (d_info.file_size if d_info else 0))
+    if target_budget is not None:
+        target_budget = parse_budget(target_budget, t_info.file_size)
+        budget = UNBOUNDED
+    args = dict(n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=nodes, pager=pager, target_budget=target_budget,
+                costs=costs, configs=configs)
+    plan = plan_memory(budget, t_info, d_info, **args)
+    if calibrate and plan.paged and not costs.read_measured:  # the storage, once per device and model
+        measure_read(costs, t_info, d_info, n_threads)
+        plan = plan_memory(budget, t_info, d_info, runtime=plan.runtime, **args)
+    if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
+        sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
+    mode = mode or ("tree" if plan.speculative else "target")
+    return EngineConfig(target_path, draft_path, t_info, d_info, mode,
+                        tree_params or MODE_PARAMS.get(mode), plan, costs, pager, n_ctx, n_threads,
+                        tree_params is not None)

@@ -1,0 +1,166 @@
+"""Decoders: a mode is a generator of token ids, counting into the completion's Stats.
+
+`TargetDecoder`: one target pass per token. `SpeculativeDecoder` (tree, linear and BiLD differ only in
+their TreeParams): one `step` per target pass, draft -> verify -> verdict -> commit -> adapt.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .fidelity import NEAR_TIE_EPS, top2_gap
+from .llama import Batch, Context
+from .pipeline import Pipeline
+from .sampling import SamplingParams, penalize, pick
+from .drafter import Drafter
+from .fallback import FallbackThreshold
+from .tree import TokenTree, TreeParams
+from .verify import Verdict, acceptance_for, keep_accepted, verify_tree
+
+
+@dataclass
+class Stats:
+    """Counters of one completion, filled by its decoder; the engine turns them into its `edgecad` dict."""
+    mode: str
+    lossless: bool = True
+    prompt_tokens: int = 0
+    prompt_reused: int = 0       # prompt tokens the target's cache already held (not decoded again)
+    token_ids: list = field(default_factory=list)
+    target_passes: int = 0       # target passes that produce tokens (target mode: one per token)
+    draft_tokens: int = 0        # tree nodes drafted, roots excluded
+    accepted_tokens: int = 0     # drafted tokens accepted and emitted
+    draft_passes: int = 0        # draft llama_decode calls after the prompt
+    bild_divergent: int = 0      # bild: accepted drafted tokens that differ from the target's argmax
+    prompt_seconds: float = 0.0  # prompt processing (prefill) time
+    seconds: float = 0.0         # generation time after the prompt
+    seconds_draft: float = 0.0   # of which drafting
+    seconds_target: float = 0.0  # of which target passes
+    seconds_chain: float = 0.0   # drafting chains beside target passes (pipeline; overlaps seconds_target)
+    chain_tokens: int = 0        # tokens drafted into chains beside target passes
+    reused_tokens: int = 0       # chain tokens the next tree started from (drafted during a pass, kept)
+    near_ties: int = 0           # emitted tokens where the target's top-2 logits were within NEAR_TIE_EPS:
+                                 # where another mode's numerics (batched vs single token) may choose the other
+    fallback: Optional[dict] = None  # summary of the fallback threshold's history
+    paging: dict = field(default_factory=dict)  # the residency's measurements (Residency.completion_stats)
+
+
+class TargetDecoder:
+    """Plain decoding: one target pass per token."""
+
+    def __init__(self, target: Context, batch: Batch, is_eog: Callable[[int], bool]):
+        self.target, self.batch, self.is_eog = target, batch, is_eog
+
+    def __call__(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
+                 stats: Stats) -> Iterator[int]:
+        ctx, b = self.target, self.batch
+        t0 = time.perf_counter()
+        logits = ctx.sync(b, prompt, logits=True)
+        stats.prompt_seconds, stats.prompt_reused = time.perf_counter() - t0, ctx.reused
+        stats.target_passes = 1  # the prompt's pass gives the first token
+        generated = []
+        for i in range(max_tokens):
+            tok = pick(penalize(logits, generated, sp.repeat_penalty), sp, rng)
+            stats.near_ties += top2_gap(logits) < NEAR_TIE_EPS
+            generated.append(tok)
+            yield tok
+            if self.is_eog(tok) or i + 1 == max_tokens or len(ctx.tokens) >= ctx.n_ctx:
+                return
+            b.clear()
+            b.add(tok, len(ctx.tokens), (0,), True)
+            td = time.perf_counter()
+            ctx.decode(b)
+            ctx.tokens.append(tok)
+            stats.seconds_target += time.perf_counter() - td
+            stats.target_passes += 1
+            logits = ctx.logits(0)
+
+
+class SpeculativeDecoder:
+    """Speculative decoding with a resident draft: the drafter builds a tree from the last accepted token (the
+    root), the target verifies root and tree in one pass, the mode's acceptance rule gives the verdict."""
+
+    def __init__(self, target: Context, batch: Batch, drafter: Drafter, params: TreeParams,
+                 is_eog: Callable[[int], bool], pipeline: Optional[Pipeline] = None):
+        self.target, self.batch, self.drafter, self.p = target, batch, drafter, params
+        self.is_eog, self.pipeline = is_eog, pipeline
+        self.check_kv = False  # tests: assert both KV caches hold only the accepted path after every step
+
+    def step(self, fallback: FallbackThreshold, accept, sp: SamplingParams, rng: np.random.Generator,
+             recent: Sequence[int], room: int, left: int) -> tuple[TokenTree, Verdict]:
+        """One target pass. room: KV cells left after the root; left: tokens still wanted after the root's."""
+        p, drafter, t0 = self.p, self.drafter, time.perf_counter()
+        # draft: a tree of at most max_nodes tokens below the root, until its best branch's confidence < T
+        tree = drafter.draft(min(p.max_nodes, room), min(p.max_depth, room, left), sp, rng, fallback.current())
+        # verify: one target pass over root + nodes (tree attention), logits for every node
+        tv = time.perf_counter()
+        if self.pipeline is None:
+            logits, leaf_seq = verify_tree(self.target, self.batch, tree)
+        else:  # chain tokens: useful up to the next tree's depth, in the draft KV cells beside the tree
+            depth = int(tree.depth[: tree.n].max())
+            chain = min(p.max_depth + 1, room - tree.n_drafted - 1, left - depth)
+            logits, leaf_seq = self.pipeline.verify(self.target, self.batch, tree, sp, chain)
+        seconds = time.perf_counter() - tv
+        # verdict: greedy keeps drafted tokens while they are the target's argmax; sampling accepts x with
+        # min(1, p(x)/q(x)), else p <- norm(max(p - q, 0)); either way each token is the target's own
+        path, bonus, divergent = accept(tree, logits, rng, recent)
+        ties = tuple(top2_gap(logits[i]) < NEAR_TIE_EPS for i in [0, *path])  # the rows that chose each token
+        # commit: both KV caches keep root + path; the bonus token is the next root
+        keep_accepted(self.target, tree, leaf_seq, path)
+        drafter.accept(tree, path, bonus)
+        # adapt: LLMCad's threshold from how much of the best branch was taken, capped by the measured cost
+        fallback.step(tree, path, time.perf_counter() - t0)
+        return tree, Verdict(path, bonus, divergent, seconds, ties)
+
+    def __call__(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
+                 stats: Stats) -> Iterator[int]:
+        p, drafter, target = self.p, self.drafter, self.target
+        t0 = time.perf_counter()
+        target.sync(self.batch, prompt[:-1])  # the target's KV: every accepted token but the root
+        drafter.start(prompt)
+        stats.prompt_seconds, stats.prompt_reused = time.perf_counter() - t0, target.reused
+        stats.lossless = p.acceptance == "exact"
+        accept, fallback = acceptance_for(p, sp), FallbackThreshold(p)
+        if self.pipeline is not None:
+            self.pipeline.start(rng)
+        root_pos, produced, generated = len(target.tokens), 0, []  # the root's position
+        d0 = (drafter.decodes, drafter.seconds, drafter.seconds_extend, drafter.chain_tokens, drafter.reused_tokens)
+        try:
+            while produced < max_tokens and root_pos < target.n_ctx:
+                room, left = target.n_ctx - root_pos - 1, max_tokens - produced - 1  # KV cells, tokens after root
+                tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left)
+                stats.seconds_target += verdict.seconds
+                stats.target_passes += 1
+                stats.draft_tokens += tree.n_drafted
+                stats.bild_divergent += verdict.divergent
+                root_pos = len(target.tokens)
+                if self.check_kv:
+                    self._check_kv(root_pos)
+                tokens = [int(tree.token[i]) for i in verdict.path] + [verdict.bonus]
+                for j, (tok, tie) in enumerate(zip(tokens, verdict.ties)):
+                    stats.near_ties += tie
+                    stats.accepted_tokens += j < len(verdict.path)  # drafted tokens emitted (none past an end)
+                    generated.append(tok)
+                    yield tok
+                    produced += 1
+                    if produced >= max_tokens or self.is_eog(tok):
+                        return
+        finally:
+            n, s, se, ct, rt = d0
+            stats.draft_passes = drafter.decodes - n
+            stats.seconds_draft = drafter.seconds - s
+            stats.seconds_chain = drafter.seconds_extend - se
+            stats.chain_tokens = drafter.chain_tokens - ct
+            stats.reused_tokens = drafter.reused_tokens - rt
+            stats.fallback = fallback.summary() if p.fallback == "adaptive" else None
+
+    def _check_kv(self, root_pos: int) -> None:
+        """Both caches hold only sequence 0: the target every accepted token before the root,
+        the draft its first n_past accepted tokens (and a kept chain). Raises AssertionError otherwise."""
+        for ctx, n in ((self.target, root_pos), (self.drafter.ctx, self.drafter.kv_end + 1)):
+            assert ctx.seq_pos_min(0) == (0 if n else -1) and ctx.seq_pos_max(0) == n - 1, (
+                f"sequence 0 holds {ctx.seq_pos_min(0)}..{ctx.seq_pos_max(0)}, expected 0..{n - 1}")
+            left = [s for s in range(1, ctx.params.n_seq_max) if ctx.seq_pos_max(s) != -1]
+            assert not left, f"branch sequences {left} were left in the KV cache"

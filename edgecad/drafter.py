@@ -1,0 +1,275 @@
+"""The drafter: builds token trees with the resident draft model and keeps its KV cache in step.
+
+Drafting grows the tree one *level* at a time: each level is one draft
+llama_decode holding every node added in that iteration, each node tagged with
+the KV sequence of its branch. A branch forks from node L by copying its
+parent branch's KV up to L's position (seq_cp over a position range), so each
+branch's sequence always holds exactly the prefix + its own path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .llama import Batch, Context
+from .sampling import RAW, SamplingParams, distribution, sample_from
+from .tree import TokenTree, TreeParams, keep_path
+
+
+@dataclass
+class Chain:
+    """Tokens drafted past a tree's most likely leaf while the target verified the tree (Drafter.extend)."""
+    leaf: int      # the tree node the chain continues
+    branch: int    # the draft KV sequence holding the leaf and the decoded chain
+    tokens: list   # x1..xm; x1..x(m-1) are decoded, at positions pos(leaf)+1..
+    qs: list       # [m] the draft distribution each token was chosen from (after the leaf, x1, ...)
+
+
+class Drafter:
+    """Builds token trees with the resident draft model and keeps its KV cache in step.
+
+    The drafter owns its cache: `start(prompt)`, then per step `draft` -> (the target verifies) ->
+    `accept(tree, path, bonus)`. Between steps, sequence 0 holds the accepted tokens `ctx.tokens`
+    (n_past of them) and `pending` are the accepted tokens after them (the last is the next root); or,
+    when the target accepted a chain pre-drafted by `extend`, `seed` is that chain: its first token is
+    the next root (decoded, in ctx.tokens) and sequence 0 also holds the chain's decoded tokens after
+    it. `start` reconciles the cache with a new prompt by longest common prefix.
+    """
+
+    def __init__(self, ctx: Context, params: TreeParams, n_seq_max: int, n_batch: int):
+        self.ctx, self.p = ctx, params
+        self.n_seq_max = n_seq_max
+        self.batch = Batch(max(n_batch, params.max_nodes + 1), n_seq_max)
+        self.pending: list[int] = []
+        self.seed: Optional[Chain] = None   # a kept chain: the start of the next tree
+        self.chain: Optional[Chain] = None  # the chain drafted beside the current tree's verification
+        self._dist: dict[int, np.ndarray] = {}  # node -> draft distribution after it, for the current tree
+        self.decodes = 0
+        self.seconds = 0.0         # drafting trees (the target waits)
+        self.seconds_extend = 0.0  # drafting chains beside target passes (overlapped)
+        self.chain_tokens = 0      # tokens drafted into chains
+        self.reused_tokens = 0     # chain tokens the next tree started from
+
+    def close(self) -> None:
+        self.batch.close()
+
+    def start(self, prompt: Sequence[int]) -> None:
+        """A new sequence: the cache holds all of `prompt` but its last token (the first root); what it
+        already held in common with it is kept."""
+        self.ctx.sync(self.batch, prompt[:-1])
+        self.pending, self.seed, self.chain = [prompt[-1]], None, None
+
+    @property
+    def n_past(self) -> int:
+        """Accepted tokens in sequence 0."""
+        return len(self.ctx.tokens)
+
+    @property
+    def kv_end(self) -> int:
+        """Last position sequence 0 holds between steps."""
+        return self.n_past - 1 + (len(self.seed.tokens) - 2 if self.seed else 0)
+
+    def _probs(self, logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
+        """The draft's distribution at a node: its own probabilities when greedy, else the sampling one."""
+        return distribution(logits, RAW if sp.greedy else sp)
+
+    def _children(self, q: np.ndarray, k_max: int, sp: SamplingParams, rng, first: Optional[int] = None) -> list[int]:
+        """Child tokens of a node, in draft order. Greedy: top-1 and the alternatives >= branch_p.
+        Sampling: as many i.i.d. draws from q as q has tokens above branch_p (decided before
+        drawing, so multi-draft rejection sampling stays exact); duplicates are kept. `first`: a draw
+        from q made earlier (a kept chain's token), used as the first draw."""
+        top = np.argpartition(-q, k_max)[:k_max] if k_max < len(q) else np.arange(len(q))
+        top = top[np.argsort(-q[top], kind="stable")]
+        k = 1 + int(np.sum(q[top[1:k_max]] >= self.p.branch_p))
+        if sp.greedy:
+            return [int(t) for t in top[:k]]
+        draws = [first] if first is not None else []
+        return draws + [sample_from(q, rng) for _ in range(k - len(draws))]
+
+    def draft(self, max_nodes: int, max_depth: int, sp: SamplingParams, rng: np.random.Generator,
+              threshold: float) -> TokenTree:
+        """Decode what the draft has not seen, then grow a tree of at most max_nodes drafted tokens
+        and max_depth levels from the root (the last accepted token). With a kept chain (`seed`), the
+        tree grows exactly as it would without it, but a child that is the chain's next token on
+        branch 1 reuses the chain's decode instead of decoding again."""
+        import time
+
+        p, ctx, b = self.p, self.ctx, self.batch
+        t0 = time.perf_counter()
+        seed, self.seed = self.seed, None
+        if seed is None:
+            tree = TokenTree(max_nodes + 1, self.pending[-1], self.n_past + len(self.pending) - 1)
+        else:  # the chain's first token is the root; its decoded tokens follow in sequence 0
+            tree = TokenTree(max_nodes + 1, seed.tokens[0], self.n_past - 1)
+            tree.decoded[0] = True
+            self.reused_tokens += 1
+        self._dist = {0: seed.qs[1]} if seed is not None else {}
+        if max_nodes <= 0 or max_depth <= 0:
+            if seed is not None:
+                ctx.seq_rm(0, tree.root_pos + 1, -1)
+            self.seconds += time.perf_counter() - t0
+            return tree
+        ctx.seq_cp(0, 1)  # branch 1 starts as the accepted prefix (and the kept chain)
+        dist = self._dist
+        seeded = {}             # tree node -> its index in seed.tokens, while branch 1 follows the chain
+        if seed is None:
+            b.clear()
+            for j, t in enumerate(self.pending):
+                b.add(t, self.n_past + j, (0, 1), j == len(self.pending) - 1)
+            ctx.decode(b)
+            ctx.tokens += self.pending
+            self.decodes += 1
+            tree.decoded[0] = True
+            dist[0] = self._probs(ctx.logits(len(self.pending) - 1), sp)
+        else:
+            ctx.seq_rm(0, tree.root_pos + 1, -1)  # sequence 0: accepted tokens only
+            dist[0] = seed.qs[1]
+            if tree.root_pos + len(seed.tokens) - 1 + max_nodes <= ctx.n_ctx:
+                seeded[0] = 0
+            else:  # no KV cells for the chain beside a full tree: drop it
+                ctx.seq_rm(1, tree.root_pos + 1, -1)
+        seed_end = tree.root_pos + (len(seed.tokens) - 2 if seeded else 0)  # last chain cell in branch 1
+        leaf = {1: 0}           # branch -> its newest node
+        count = {1: 0}          # branch -> drafted tokens it owns
+        active = {1}
+        next_branch = 2
+        while active and tree.n_drafted < max_nodes:
+            budget = max_nodes - tree.n_drafted
+            total = sum(tree.conf[leaf[br]] for br in active) or 1.0
+            deficit = {br: max_nodes * tree.conf[leaf[br]] / total - count[br] for br in active}
+            order = sorted(active, key=lambda br: -deficit[br])
+            due = [br for br in order if deficit[br] > 0] or order[:1]
+            new = []
+            for br in due:
+                if budget <= 0:
+                    break
+                node = leaf[br]
+                if tree.depth[node] >= max_depth or (node and ctx.model.is_eog(int(tree.token[node]))):
+                    active.discard(br)  # (nothing follows an end of generation: no node is drafted past it)
+                    continue
+                q = dist[node]
+                if p.fallback == "token" and q.max() < p.p_min:
+                    active.discard(br)
+                    continue
+                i = seeded.get(node)
+                nxt = seed.tokens[i + 1] if i is not None and i + 1 < len(seed.tokens) else None
+                toks = self._children(q, p.max_width, sp, rng, nxt)
+                tree.q[node] = q
+                if nxt is not None and toks[0] != nxt:  # the chain stops here: drop its cells past `node`
+                    ctx.seq_rm(1, tree.pos(node) + 1, -1)
+                    seed_end = tree.pos(node)
+                # Draws are kept up to the first one that cannot be placed (no budget or no KV
+                # sequence left): where the list ends depends on earlier draws only, never on
+                # the cut draw itself, so rejection sampling over tree.draws stays exact.
+                for t in toks:
+                    if t in tree.children[node]:
+                        tree.draws[node].append(t)  # a repeated draw: same child node
+                        continue
+                    if budget <= 0:
+                        break
+                    if not tree.children[node]:
+                        child_branch = br  # the first child continues the branch
+                    elif next_branch < self.n_seq_max:
+                        child_branch = next_branch
+                        next_branch += 1
+                        ctx.seq_cp(br, child_branch, -1, tree.pos(node) + 1)
+                        count[child_branch] = 0
+                        active.add(child_branch)
+                    else:
+                        break
+                    tree.draws[node].append(t)
+                    c = tree.add(node, t, float(q[t]), child_branch)
+                    if t == nxt and child_branch == 1:  # the chain's next token: already drafted
+                        seeded[c] = i + 1
+                        if tree.pos(c) <= seed_end:  # and decoded
+                            tree.decoded[c] = True
+                            dist[c] = seed.qs[i + 2]
+                            self.reused_tokens += 1
+                    leaf[child_branch] = c
+                    count[child_branch] += 1
+                    budget -= 1
+                    new.append(c)
+            if not new:
+                break
+            if p.fallback == "adaptive" and max(tree.conf[leaf[br]] for br in active) < threshold:
+                break  # the tree is unsure enough: hand over to the target
+            if tree.n_drafted >= max_nodes or all(tree.depth[leaf[br]] >= max_depth for br in active):
+                break
+            fresh = [c for c in new if not tree.decoded[c]]
+            if fresh:
+                b.clear()
+                for c in fresh:
+                    b.add(int(tree.token[c]), tree.pos(c), (int(tree.branch[c]),), True)
+                ctx.decode(b)
+                self.decodes += 1
+                for j, c in enumerate(fresh):
+                    tree.decoded[c] = True
+                    dist[c] = self._probs(ctx.logits(j), sp)
+        if seed is not None:  # chain cells past the tree's last use of them
+            used = max((tree.pos(c) for c in seeded if tree.decoded[c]), default=tree.root_pos)
+            if seed_end > used:
+                ctx.seq_rm(1, used + 1, -1)
+        self.seconds += time.perf_counter() - t0
+        return tree
+
+    def extend(self, tree: TokenTree, sp: SamplingParams, rng: np.random.Generator, max_len: int,
+               done: Callable[[], bool]) -> None:
+        """While the target verifies `tree` (until done()), draft on past its most likely leaf: a chain
+        of the draft's top-1 (greedy) or of single draws (sampling), one token per decode. `accept`
+        keeps it as the start of the next tree when the target takes that whole branch and its bonus
+        token is the chain's first (a draw of x(i+1) from q(. | ..., xi) is a valid single draft
+        draw at that node, so the sampling acceptance stays exact)."""
+        import time
+
+        self.chain = None
+        if max_len < 2 or not tree.decoded[0]:
+            return
+        t0 = time.perf_counter()
+        leaf = max(tree.leaves(), key=lambda i: tree.conf[i])
+        br, pos, tok = int(tree.branch[leaf]), tree.pos(leaf), int(tree.token[leaf])
+        if leaf == 0:  # nothing drafted: the root is in sequence 0 (accepted); draft the chain in branch 1
+            self.ctx.seq_cp(0, 1)
+            br = 1
+        q = self._dist.get(leaf)  # known when the leaf is decoded
+        chain = Chain(leaf, br, [], [])
+        while len(chain.tokens) < max_len and not done():
+            if q is None:  # decode `tok` (the leaf, then each chain token) at `pos` in the branch
+                self.batch.clear()
+                self.batch.add(tok, pos, (br,), True)
+                self.ctx.decode(self.batch)
+                self.decodes += 1
+                tree.decoded[leaf] = True
+                q = self._probs(self.ctx.logits(0), sp)
+            tok = int(np.argmax(q)) if sp.greedy else sample_from(q, rng)
+            chain.tokens.append(tok)
+            chain.qs.append(q)
+            pos, q = pos + 1, None
+        if chain.tokens:
+            self.chain = chain
+            self.chain_tokens += len(chain.tokens)
+        self.seconds_extend += time.perf_counter() - t0
+
+    def accept(self, tree: TokenTree, path: Sequence[int], bonus: int) -> None:
+        """The target took `path` (tree nodes) and then `bonus`: keep that in sequence 0."""
+        tokens = [int(tree.token[i]) for i in path] + [bonus]
+        chain, self.chain = self.chain, None
+        if not tree.decoded[0]:  # nothing was drafted: the pending tokens are still pending
+            self.pending = self.pending + tokens
+            return
+        if chain and (path[-1] if path else 0) == chain.leaf and bonus == chain.tokens[0] and len(chain.tokens) >= 2:
+            # the target took the chain's branch and its first token: keep the decoded chain
+            keep_path(self.ctx, chain.branch, tree.pos(chain.leaf) + len(chain.tokens) - 1)
+            self.ctx.tokens += tokens  # the path, then x1: sequence 0 also holds x2.. (the seed)
+            self.pending, self.seed = [], chain
+            return
+        deepest, k = 0, 0
+        for j, i in enumerate(path):
+            if tree.decoded[i]:
+                deepest, k = i, j + 1
+        keep_path(self.ctx, int(tree.branch[deepest]) if deepest else 0, tree.pos(deepest))
+        self.ctx.tokens += tokens[:k]
+        self.pending = tokens[k:]
+
+

@@ -1,0 +1,116 @@
+"""Where the target's weights live while it runs: one interface, one implementation per way.
+
+`Resident`: llama.cpp maps the file and the kernel keeps it (weight repacking on: faster). `Paged`: the
+native pager streams the layers the plan does not pin through a window, inside the target's share of the
+budget (edgecad.pager). The engine asks its residency for everything that differs (model parameters, the
+load, the context's hooks, what happens around a completion and its statistics); it never asks which one
+it has. A GPU or a remote residency would be one more implementation.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from .gguf_file import GGUFInfo
+from .llama import Model, ModelParams
+from .pager import BudgetPlan, LazyLoad, Pager, file_mappings, lazy_load, new_mapping
+from .tree import TreeParams
+
+
+class Residency:
+    """The resident target: nothing to do around passes; the interface's defaults."""
+    name = "resident"
+    pager: Optional[Pager] = None
+
+    def model_params(self, n_gpu_layers: int) -> ModelParams:
+        """How llama.cpp loads the target: resident, weight repacking (copies out of the mapping) is faster."""
+        return ModelParams(use_mmap=True, use_extra_bufts=True, n_gpu_layers=n_gpu_layers)
+
+    @contextmanager
+    def loading(self, path: Path):
+        """Around llama.cpp's load of the target; yields what the lazy load did (LazyLoad)."""
+        yield LazyLoad(reason="not paged")
+
+    def start(self, model: Model, info: GGUFInfo) -> None:
+        """After every model is loaded (and a --storage profile charged for what the loads read)."""
+
+    def tree_params(self, params: TreeParams) -> TreeParams:
+        """The mode's tree parameters for this residency. The cost-aware cap measured +13% tok/s paged but -7%
+        resident (scripts/eval_fallback.py): a resident target's passes are cheap, LLMCad's threshold alone
+        does better."""
+        return replace(params, cost_aware=False)
+
+    def target_hooks(self) -> dict:
+        """Keyword arguments of the target's Context (llama.cpp's cb_eval, what runs after a decode)."""
+        return {}
+
+    def draft_gate(self) -> Optional[dict]:
+        """The draft Context's hooks that let it draft beside a target pass (the pipeline), None if nothing
+        can overlap: a resident target's pass never waits."""
+        return None
+
+    def begin_completion(self) -> None:
+        """Before a completion: back to a known state."""
+
+    def completion_stats(self) -> dict:
+        """What this residency measured during the completion (the `edgecad` stats' paging keys)."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class Paged(Residency):
+    """The target paged by the native pager inside its share of the budget (plan: the paging plan)."""
+    name = "paged"
+
+    def __init__(self, plan: BudgetPlan):
+        self.plan, self.pager, self._before, self._mappings = plan, None, None, set()
+
+    def model_params(self, n_gpu_layers: int) -> ModelParams:
+        return ModelParams(use_mmap=True, use_extra_bufts=False, n_gpu_layers=n_gpu_layers)  # pages stay the file's
+
+    @contextmanager
+    def loading(self, path: Path):
+        """llama.cpp maps the file without reading it (lazy_load): the pager reads what the plan keeps."""
+        self._mappings = file_mappings(path)
+        with lazy_load(path) as how:
+            yield how
+
+    def start(self, model: Model, info: GGUFInfo) -> None:
+        # its reads are throttled by the pager itself (a --storage profile charges only the loads' reads)
+        self.pager = Pager(model, info, self.plan, new_mapping(model.path, self._mappings))
+
+    def tree_params(self, params: TreeParams) -> TreeParams:
+        return params
+
+    def target_hooks(self) -> dict:
+        return dict(cb_eval=self.pager.cb_eval, cb_eval_user_data=self.pager.handle, after_decode=self.pager.after_pass)
+
+    def draft_gate(self) -> Optional[dict]:
+        return dict(cb_eval=self.pager.gate_cb_eval, cb_eval_user_data=self.pager.handle)
+
+    def begin_completion(self) -> None:
+        self.pager.recover()
+        self.pager.reset_peak()
+        self._before = self.pager.stats()
+
+    def completion_stats(self) -> dict:
+        after, before = self.pager.stats(), self._before
+        diff = lambda k: after[k] - before[k]
+        return {"target_budget_bytes": self.plan.budget, "peak_resident_target_bytes": after["peak_resident"],
+                "bytes_read": diff("bytes_read"), "io_wait_seconds": diff("io_wait_ns") / 1e9,
+                "io_busy_seconds": diff("io_busy_ns") / 1e9, "draft_layers_in_pass": diff("draft_layers_in_pass"),
+                "gate_wait_seconds": diff("gate_wait_ns") / 1e9}
+
+    def close(self) -> None:
+        if self.pager is not None:
+            self.pager.close()
+            self.pager = None
+
+
+def residency_for(paging: Optional[BudgetPlan]) -> Residency:
+    """The residency a memory plan asks for: paged when it has a paging plan."""
+    return Paged(paging) if paging is not None else Residency()
