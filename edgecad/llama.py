@@ -95,7 +95,7 @@ class Model:
         mp.n_gpu_layers = params.n_gpu_layers
         self.params = params
         # llama.cpp calls this during the load. A Ctrl-C raised inside a ctypes callback is printed and lost,
-        # so the load stops on the C library's Ctrl-C flag (section 6 of native/edgecad.c) or on a
+        # so the load stops on the C library's Ctrl-C flag (native/common.c, section 6) or on a
         # KeyboardInterrupt caught here, and the interrupt is raised once llama.cpp has returned.
         bar, stop = (Progress(100, progress, "%") if progress else None), []
         native.lib.ec_interrupt_clear()

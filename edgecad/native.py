@@ -1,4 +1,4 @@
-"""ctypes bindings of edgecad's C library (native/edgecad.c).
+"""ctypes bindings of edgecad's C library (native/: common.c, pager.c, guard.c; interface edgecad.h).
 
 The library is built by `pip install .` into this package's directory;
 EDGECAD_NATIVE_LIB=/path/to/libedgecad.so overrides where it is loaded from.
@@ -42,7 +42,7 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(found[0]))
 
 
-EC_VERSION = 8  # native/edgecad.h: the interface these bindings are written for
+EC_VERSION = 9  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -127,13 +127,17 @@ class PagerStats(ctypes.Structure):  # ec_pager_stats
 
 
 _RP, _vp = ctypes.POINTER(Range), ctypes.c_void_p
-# int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint64_t map_len,
-#                   const ec_range *layers, const uint8_t *streamed, int n_layers, const ec_range *pinned, int n_pinned,
-#                   const ec_range *evict_each_pass, int n_evict, const ec_pager_params *params, void *name_fn,
-#                   ec_pager **out);
-lib.ec_pager_open.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, _RP,
-                              ctypes.POINTER(ctypes.c_uint8), ctypes.c_int, _RP, ctypes.c_int, _RP, ctypes.c_int,
-                              ctypes.POINTER(PagerParams), _vp, ctypes.POINTER(_vp)]
+
+
+class PagerSpec(ctypes.Structure):  # ec_pager_spec
+    _fields_ = [("path", ctypes.c_char_p), ("map_addr", ctypes.c_uint64), ("map_offset", ctypes.c_uint64),
+                ("map_len", ctypes.c_uint64), ("layers", _RP), ("streamed", ctypes.POINTER(ctypes.c_uint8)),
+                ("n_layers", ctypes.c_int), ("pinned", _RP), ("n_pinned", ctypes.c_int), ("evict_each_pass", _RP),
+                ("n_evict", ctypes.c_int), ("params", PagerParams), ("name_fn", _vp)]
+
+
+# int ec_pager_open(const ec_pager_spec *spec, ec_pager **out);
+lib.ec_pager_open.argtypes = [ctypes.POINTER(PagerSpec), ctypes.POINTER(_vp)]
 lib.ec_pager_open.restype = ctypes.c_int
 # void ec_pager_close(ec_pager *p);
 lib.ec_pager_close.argtypes, lib.ec_pager_close.restype = [_vp], None

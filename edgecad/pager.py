@@ -5,7 +5,7 @@ pass touches (output matrix, norms; the embeddings when the output is tied to th
 many whole layers as fit; the other layers stream through a window: at each layer boundary
 (llama.cpp's cb_eval, in C) the IO thread reads ahead and evicts the layer `lag` behind.
 llama.cpp's loader would read the whole file (mmap with MAP_POPULATE, then POSIX_MADV_WILLNEED):
-`lazy_load` turns both off for the paged target while it loads (native/edgecad.c, "load guard"),
+`lazy_load` turns both off for the paged target while it loads (native/guard.c),
 so a load reads the header and the pager then reads what the plan keeps.
 """
 from __future__ import annotations
@@ -368,10 +368,10 @@ class Pager:
         per_pass = (native.Range * max(1, len(plan.evict_each_pass)))(*[(o, b) for _, o, b in plan.evict_each_pass])
         pp = plan.params
         params = native.PagerParams(pp.read_ahead, pp.lag, pp.bytes_per_second, int(pp.measure), int(plan.readahead_bytes > 0))
+        spec = native.PagerSpec(os.fsencode(self.path), addr, map_off, map_len, layers, streamed, n, pinned,
+                                len(plan.pinned), per_pass, len(plan.evict_each_pass), params, _ggml_get_name())
         h = ctypes.c_void_p()
-        native.check(_lib.ec_pager_open(os.fsencode(self.path), addr, map_off, map_len, layers, streamed, n,
-                                        pinned, len(plan.pinned), per_pass, len(plan.evict_each_pass),
-                                        ctypes.byref(params), _ggml_get_name(), ctypes.byref(h)), "ec_pager_open")
+        native.check(_lib.ec_pager_open(ctypes.byref(spec), ctypes.byref(h)), "ec_pager_open")
         self._h = h
         model.close_first(self)
         self.cb_eval = C.ggml_backend_sched_eval_callback(native.pager_cb_eval_address)

@@ -1,11 +1,12 @@
-/* edgecad native library: public interface (bound with ctypes in edgecad/native.py). */
+/* edgecad native library: public interface (bound with ctypes in edgecad/native.py; built from common.c,
+ * pager.c and guard.c, which share internal.h). */
 #ifndef EDGECAD_H
 #define EDGECAD_H
 
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 8
+#define EC_VERSION 9
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -67,14 +68,24 @@ typedef struct {
 
 typedef struct ec_pager ec_pager; /* opaque */
 
-/* map_addr/map_offset: where llama.cpp mapped the file (address of file offset map_offset).
- * layers[il]: file range of layer il; streamed[il]: 1 = stream it, 0 = pinned.
- * pinned: extra ranges kept resident (output, norms); evict_each_pass: ranges dropped after
- * every pass (token embeddings, read by row). name_fn: ggml_get_name. */
-int ec_pager_open(const char *path, uint64_t map_addr, uint64_t map_offset, uint64_t map_len,
-                  const ec_range *layers, const uint8_t *streamed, int n_layers,
-                  const ec_range *pinned, int n_pinned, const ec_range *evict_each_pass, int n_evict,
-                  const ec_pager_params *params, void *name_fn, ec_pager **out);
+/* What a pager streams, and how. */
+typedef struct {
+    const char *path;               /* the GGUF file */
+    uint64_t map_addr;              /* where llama.cpp mapped it: the address of file offset map_offset */
+    uint64_t map_offset;
+    uint64_t map_len;               /* bytes mapped */
+    const ec_range *layers;         /* [n_layers] file range of layer il */
+    const uint8_t *streamed;        /* [n_layers] 1 = stream it, 0 = pinned */
+    int n_layers;
+    const ec_range *pinned;         /* [n_pinned] extra ranges kept resident (output, norms) */
+    int n_pinned;
+    const ec_range *evict_each_pass;/* [n_evict] ranges dropped after every pass (token embeddings, read by row) */
+    int n_evict;
+    ec_pager_params params;
+    void *name_fn;                  /* ggml_get_name */
+} ec_pager_spec;
+
+int ec_pager_open(const ec_pager_spec *spec, ec_pager **out);
 /* Stops the IO thread (a read in flight stops at its next chunk) and frees the pager. The caller first joins
  * every thread that may call ec_pager_gate_cb_eval (the draft's decodes): a draft held at the gate is let go,
  * but one that has yet to reach it would touch freed memory. */

@@ -92,9 +92,9 @@ class Harness:
         ev = (native.Range * max(1, len(evict_pass)))(*evict_pass)
         params = native.PagerParams(depth, lag, throttle, 1, 0)
         self.h = ctypes.c_void_p()
-        self.code = native.lib.ec_pager_open(os.fsencode(path), self.addr, 0, len(self.map), layers, flags, N_LAYERS,
-                                          None, 0, ev, len(evict_pass), ctypes.byref(params),
-                                          ctypes.cast(NAME_FN, ctypes.c_void_p), ctypes.byref(self.h))
+        spec = native.PagerSpec(os.fsencode(path), self.addr, 0, len(self.map), layers, flags, N_LAYERS, None, 0,
+                                ev, len(evict_pass), params, ctypes.cast(NAME_FN, ctypes.c_void_p))
+        self.code = native.lib.ec_pager_open(ctypes.byref(spec), ctypes.byref(self.h))
 
     def boundary(self, il: int) -> bool:
         return native.lib.ec_pager_cb_eval(tensor(f"attn_norm-{il}"), False, self.h)

@@ -1,0 +1,231 @@
+/*
+ * edgecad native library, section 5: the load guard. llama.cpp's load of a paged model maps it without
+ * reading it all (PLT hooks). (common.c has the shared helpers and the other sections.)
+ */
+#include "internal.h"
+#ifdef __linux__
+#include <link.h>
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* 5. load guard                                                            */
+/* ------------------------------------------------------------------------ */
+
+/* llama.cpp maps a model with MAP_POPULATE and advises POSIX_MADV_WILLNEED over the whole file
+ * (src/llama-mmap.cpp; hard-coded on, no parameter turns it off), so a paged target would be read whole
+ * at load and then evicted. While a guard is on, libllama's calls to mmap / mmap64 / posix_madvise go
+ * through hooks (its import slots, patched here and restored by ec_load_guard_end) that drop MAP_POPULATE
+ * and the WILLNEED advice for the guarded file only; every other call passes through unchanged. The
+ * pager then reads what the plan keeps. One guard at a time (the Python side holds a lock). */
+
+#ifdef __linux__
+
+typedef struct {
+    void **slot;  /* the import slot (GOT entry) in libllama */
+    void *saved;  /* its value before the patch */
+    int relro;    /* 1 = the slot lies in a read-only (RELRO) page: unprotect to write */
+} plt_patch;
+
+static struct {
+    int on;                   /* hooks act (set before patching, cleared after restoring) */
+    dev_t dev;                /* identity of the guarded file */
+    ino_t ino;
+    uintptr_t lo, hi;         /* its mapping made under the guard ([lo, hi) in memory) */
+    ec_load_guard_stats st;
+    plt_patch patch[16];      /* [n_patch] slots patched */
+    int n_patch;
+} guard;
+
+static int guarded_fd(int fd) {
+    struct stat st;
+    return fd >= 0 && fstat(fd, &st) == 0 && st.st_dev == guard.dev && st.st_ino == guard.ino;
+}
+
+static void note_mapping(void *r, size_t len, int fd) {
+    if (r == MAP_FAILED || !guarded_fd(fd)) return;
+    guard.lo = (uintptr_t)r;
+    guard.hi = (uintptr_t)r + len;
+    guard.st.mapped_bytes += len;
+}
+
+/* The flags to map with: MAP_POPULATE dropped for the guarded file. */
+static int guard_flags(int flags, int fd) {
+    if (!__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE) || !(flags & MAP_POPULATE) || !guarded_fd(fd)) return flags;
+    guard.st.populate_dropped++;
+    return flags & ~MAP_POPULATE;
+}
+
+static void *hook_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
+    void *r = mmap(addr, len, prot, guard_flags(flags, fd), fd, off);
+    if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE)) note_mapping(r, len, fd);
+    return r;
+}
+
+static void *hook_mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t off) {
+    void *r = mmap64(addr, len, prot, guard_flags(flags, fd), fd, off);
+    if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE)) note_mapping(r, len, fd);
+    return r;
+}
+
+static int hook_posix_madvise(void *addr, size_t len, int advice) {
+    uintptr_t a = (uintptr_t)addr;
+    if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE) && advice == POSIX_MADV_WILLNEED && a >= guard.lo &&
+        a + len <= guard.hi) {
+        guard.st.willneed_dropped += len;
+        return 0;
+    }
+    return posix_madvise(addr, len, advice);
+}
+
+static const struct {
+    const char *name;
+    void *hook;
+} hooks[] = {{"mmap", (void *)hook_mmap}, {"mmap64", (void *)hook_mmap64}, {"posix_madvise", (void *)hook_posix_madvise}};
+
+#if UINTPTR_MAX > 0xffffffffu
+#define R_SYM(info) ELF64_R_SYM(info)
+#else
+#define R_SYM(info) ELF32_R_SYM(info)
+#endif
+
+typedef struct {
+    const char *lib;          /* the file name to find (a substring of the loaded object's path) */
+    int found;                /* objects whose path contains lib */
+    char path[256];           /* the first one's path */
+} find_ctx;
+
+/* Record the slots of one relocation table whose symbol is hooked. */
+static void scan_relocs(uintptr_t base, const void *tab, size_t size, int rela, const ElfW(Sym) *sym,
+                        const char *str, const ElfW(Phdr) *relro) {
+    size_t ent = rela ? sizeof(ElfW(Rela)) : sizeof(ElfW(Rel));
+    for (size_t i = 0; i < size / ent; i++) {
+        const ElfW(Rel) *r = (const ElfW(Rel) *)((const char *)tab + i * ent); /* Rela begins like Rel */
+        const char *name = str + sym[R_SYM(r->r_info)].st_name;
+        for (size_t h = 0; h < sizeof hooks / sizeof hooks[0]; h++) {
+            if (strcmp(name, hooks[h].name) != 0 || guard.n_patch == (int)(sizeof guard.patch / sizeof guard.patch[0]))
+                continue;
+            plt_patch *pp = &guard.patch[guard.n_patch++];
+            pp->slot = (void **)(base + r->r_offset);
+            pp->saved = (void *)hooks[h].hook; /* the hook to write; swapped with the old value when patched */
+            /* the loader write-protects RELRO's whole pages only: [align_down(start), align_down(end)) */
+            uintptr_t ps = page_size(), slot = base + r->r_offset;
+            pp->relro = relro && slot >= ((base + relro->p_vaddr) & ~(ps - 1)) &&
+                        slot < ((base + relro->p_vaddr + relro->p_memsz) & ~(ps - 1));
+        }
+    }
+}
+
+static int find_slots(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    find_ctx *fc = data;
+    if (!info->dlpi_name || !strstr(info->dlpi_name, fc->lib)) return 0;
+    if (fc->found++) return 0;
+    snprintf(fc->path, sizeof fc->path, "%s", info->dlpi_name);
+    uintptr_t base = info->dlpi_addr;
+    const ElfW(Dyn) *dyn = NULL;
+    const ElfW(Phdr) *relro = NULL;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        if (info->dlpi_phdr[i].p_type == PT_DYNAMIC) dyn = (const ElfW(Dyn) *)(base + info->dlpi_phdr[i].p_vaddr);
+        if (info->dlpi_phdr[i].p_type == PT_GNU_RELRO) relro = &info->dlpi_phdr[i];
+    }
+    if (!dyn) return 0;
+    uintptr_t symtab = 0, strtab = 0, jmprel = 0, rela = 0, rel = 0;
+    size_t pltrelsz = 0, relasz = 0, relsz = 0;
+    int pltrel = 0;
+    for (; dyn->d_tag != DT_NULL; dyn++) {
+        switch (dyn->d_tag) {
+        case DT_SYMTAB: symtab = dyn->d_un.d_ptr; break;
+        case DT_STRTAB: strtab = dyn->d_un.d_ptr; break;
+        case DT_JMPREL: jmprel = dyn->d_un.d_ptr; break;
+        case DT_PLTRELSZ: pltrelsz = dyn->d_un.d_val; break;
+        case DT_PLTREL: pltrel = (int)dyn->d_un.d_val; break;
+        case DT_RELA: rela = dyn->d_un.d_ptr; break;
+        case DT_RELASZ: relasz = dyn->d_un.d_val; break;
+        case DT_REL: rel = dyn->d_un.d_ptr; break;
+        case DT_RELSZ: relsz = dyn->d_un.d_val; break;
+        }
+    }
+    /* glibc relocates these in place to addresses; other loaders (bionic, musl) leave offsets. */
+#define AT(v) ((v) < base ? (v) + base : (v))
+    if (!symtab || !strtab) return 0;
+    const ElfW(Sym) *sym = (const ElfW(Sym) *)AT(symtab);
+    const char *str = (const char *)AT(strtab);
+    if (jmprel) scan_relocs(base, (const void *)AT(jmprel), pltrelsz, pltrel == DT_RELA, sym, str, relro);
+    if (rela) scan_relocs(base, (const void *)AT(rela), relasz, 1, sym, str, relro); /* GLOB_DAT: -fno-plt */
+    if (rel) scan_relocs(base, (const void *)AT(rel), relsz, 0, sym, str, relro);
+#undef AT
+    return 0;
+}
+
+/* Write v into a slot; a RELRO slot is made writable for the write and read-only again. */
+static int write_slot(plt_patch *pp, void *v) {
+    uintptr_t page = (uintptr_t)pp->slot & ~(uintptr_t)(page_size() - 1);
+    if (pp->relro && mprotect((void *)page, page_size(), PROT_READ | PROT_WRITE) != 0)
+        return fail(EC_EUNSUPPORTED, errno, "mprotect of libllama's import slot");
+    __atomic_store_n(pp->slot, v, __ATOMIC_SEQ_CST);
+    if (pp->relro && mprotect((void *)page, page_size(), PROT_READ) != 0)
+        return fail(EC_EUNSUPPORTED, errno, "mprotect of libllama's import slot");
+    return EC_OK;
+}
+
+int ec_load_guard_begin(const char *path, const char *lib_name) {
+    if (!path || !lib_name) return fail(EC_EINVAL, 0, "ec_load_guard_begin: NULL argument");
+    if (guard.n_patch) return fail(EC_EINVAL, 0, "ec_load_guard_begin: a guard is already on");
+    struct stat st;
+    if (stat(path, &st) != 0) return fail(EC_ESTAT, errno, "stat(%s)", path);
+    memset(&guard, 0, sizeof guard);
+    guard.dev = st.st_dev;
+    guard.ino = st.st_ino;
+    find_ctx fc = {lib_name, 0, ""};
+    dl_iterate_phdr(find_slots, &fc);
+    if (fc.found != 1) {
+        guard.n_patch = 0;
+        return fail(EC_EUNSUPPORTED, 0, "%d loaded objects named like %s (need exactly one)", fc.found, lib_name);
+    }
+    int maps = 0;
+    for (int i = 0; i < guard.n_patch; i++) maps += guard.patch[i].saved != (void *)hook_posix_madvise;
+    if (!maps) {
+        guard.n_patch = 0;
+        return fail(EC_EUNSUPPORTED, 0, "%s does not import mmap through a patchable slot", fc.path);
+    }
+    __atomic_store_n(&guard.on, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < guard.n_patch; i++) {
+        void *hook = guard.patch[i].saved;
+        guard.patch[i].saved = __atomic_load_n(guard.patch[i].slot, __ATOMIC_SEQ_CST);
+        int rc = write_slot(&guard.patch[i], hook);
+        if (rc) {
+            guard.n_patch = i; /* restore those already patched */
+            ec_load_guard_end(NULL);
+            return rc;
+        }
+    }
+    guard.st.slots = guard.n_patch;
+    return EC_OK;
+}
+
+int ec_load_guard_end(ec_load_guard_stats *out) {
+    int rc = EC_OK;
+    for (int i = guard.n_patch - 1; i >= 0; i--) {
+        int r = write_slot(&guard.patch[i], guard.patch[i].saved);
+        if (r && !rc) rc = r;
+    }
+    __atomic_store_n(&guard.on, 0, __ATOMIC_RELEASE);
+    if (out) *out = guard.st;
+    guard.n_patch = 0;
+    return rc;
+}
+
+#else /* no ELF import slots to patch: loads read what llama.cpp reads */
+
+int ec_load_guard_begin(const char *path, const char *lib_name) {
+    (void)path, (void)lib_name;
+    return fail(EC_EUNSUPPORTED, 0, "the load guard needs Linux");
+}
+
+int ec_load_guard_end(ec_load_guard_stats *out) {
+    if (out) memset(out, 0, sizeof *out);
+    return EC_OK;
+}
+
+#endif
+

@@ -1,0 +1,52 @@
+/* edgecad native library: what its source files share. Not part of the interface (edgecad.h); hidden from
+ * the library's exported symbols. */
+#ifndef EDGECAD_INTERNAL_H
+#define EDGECAD_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "edgecad.h"
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux >= 5.14; older kernels answer EINVAL and we pread instead */
+#endif
+
+#define CHUNK ((uint64_t)8 << 20) /* bytes per read: large enough to keep the device busy */
+#define EC_ERRBUF 512
+
+#pragma GCC visibility push(hidden)
+
+extern __thread char ec_errbuf[EC_ERRBUF]; /* this thread's message for ec_last_error() */
+extern int ec_interrupted_flag;            /* set by the SIGINT handler (common.c, section 6) */
+
+/* Record "what: strerror(err)" (or just "what" when err == 0) as this thread's message; return code. */
+int fail(int code, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+size_t page_size(void);
+/* open(path) read-only and its size; EC_EOPEN / EC_ESTAT with the message on failure (nothing left open). */
+int open_file(const char *path, int *fd, uint64_t *size);
+/* Pages of the page-aligned span covering [addr, addr+len) resident in RAM (mincore). */
+int count_resident(const void *addr, uint64_t len, uint64_t *pages_out);
+double now_s(void);                       /* CLOCK_MONOTONIC seconds */
+void sleep_s(double s);
+int cond_init(pthread_cond_t *c);         /* a condition variable whose timed waits use CLOCK_MONOTONIC */
+void cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *mu, long ms);
+int interrupted(void);                    /* 1 once a SIGINT came since the last ec_interrupt_clear */
+
+#pragma GCC visibility pop
+
+#endif
