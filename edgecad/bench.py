@@ -27,6 +27,7 @@ import psutil
 
 from . import cgroup, registry
 from .engine import Engine
+from .llama import Batch
 from .errors import EdgecadError
 from .fidelity import NEAR_TIE_EPS, Fidelity, teacher_forced
 from .gguf_file import read_gguf
@@ -128,10 +129,10 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
 
     # fidelity: one resident target scores every output
     fid = {r.name: Fidelity() for r in rows}
-    with Engine(target, n_ctx=2048, n_threads=n_threads, memory_budget=None) as judge:
+    with Engine(target, n_ctx=2048, n_threads=n_threads, memory_budget=None) as judge, Batch(512) as batch:
         for r in rows:
             for st in runs[r.name]:
-                fid[r.name] += teacher_forced(judge.target_context, judge._batch, judge.tokenize(st["prompt"], special=True),
+                fid[r.name] += teacher_forced(judge.target_context, batch, judge.tokenize(st["prompt"], special=True),
                                               st["token_ids"])
 
     out_rows = []

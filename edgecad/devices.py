@@ -109,3 +109,10 @@ def placement(backend: str, draft_gpu_layers: Optional[int], target_gpu_layers: 
                            "weights into its own memory, where they cannot be paged; keep target_gpu_layers=0 (the "
                            "target pages on the CPU) or give a memory_budget that holds the whole target")
     return dev, (-1 if draft_gpu_layers is None else draft_gpu_layers), target_gpu_layers
+
+
+def placement_line(device: Device, d_gpu: int, t_gpu: int, paged: bool) -> str:
+    """The verbose line saying where each model computes."""
+    return (f"  device        {device.name} ({device.description}): draft layers {'all' if d_gpu < 0 else d_gpu}, "
+            f"target layers {'all' if t_gpu < 0 else t_gpu}"
+            + (" (paging offloaded layers on Metal is unproven)" if t_gpu and paged else ""))

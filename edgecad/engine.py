@@ -21,7 +21,7 @@ import numpy as np
 from . import native
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import SpeculativeDecoder, Stats, TargetDecoder
-from .devices import placement
+from .devices import placement, placement_line
 from .errors import EdgecadError, PromptTooLongError
 from .llama import Batch, Context, ContextParams, Model, ModelParams, set_verbose
 from .memory import observe, save_costs
@@ -167,17 +167,12 @@ class Engine:
         what the loads read from storage takes that storage's time. Returns (target, draft) GPU layers."""
         self.device, d_gpu, t_gpu = placement(backend, draft_gpu_layers, target_gpu_layers, cfg.plan.paged)
         if self.device is not None and (self.verbose or os.environ.get("EDGECAD_SHOW_PLAN")):
-            sys.stderr.write(f"  device        {self.device.name} ({self.device.description}): draft layers "
-                             f"{'all' if d_gpu < 0 else d_gpu}, target layers {'all' if t_gpu < 0 else t_gpu}"
-                             + (" (paging offloaded layers on Metal is unproven)" if t_gpu and cfg.plan.paged
-                                else "") + "\n")
+            sys.stderr.write(placement_line(self.device, d_gpu, t_gpu, cfg.plan.paged) + "\n")
         t_load, read0 = time.perf_counter(), storage_bytes_read()
         res = self._residency
-        with res.loading(cfg.target_path) as lazy:
+        with res.loading(cfg.target_path, self.verbose) as lazy:
             self._target_model = Model(cfg.target_path, res.model_params(t_gpu), cfg.target_info,
                                        progress=f"loading {cfg.target_path.name}" if progress else None)
-        if cfg.plan.paged and not lazy.applied and self.verbose:
-            sys.stderr.write(f"edgecad: the target is read whole at load, then evicted ({lazy.reason})\n")
         if cfg.speculative:
             self._draft_model = Model(cfg.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True,
                                                                   n_gpu_layers=d_gpu), cfg.draft_info,
@@ -344,6 +339,8 @@ class Engine:
 
     def _chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams,
                 stops: list[str], seed: Optional[int]) -> Iterator[dict]:
+        if self._target is None:
+            raise EdgecadError("this Engine is closed: create a new one")
         if not tokens:
             raise EdgecadError("the prompt is empty: give at least one character of text")
         if len(tokens) >= self.n_ctx:
@@ -405,8 +402,6 @@ class Engine:
 
     def _learn(self, st: dict) -> None:
         """Correct the device's measured costs with this completion (edgecad.memory.observe)."""
-        if self.mode in ("linear", "bild"):
-            return  # other trees: their acceptance is not the tree mode's
         t, d = self.config.target_info, self.config.draft_info
         costs = observe(self._costs, self.memory_plan, st, t.file_size, d.file_size if d else 0)
         if costs is not self._costs:
@@ -424,11 +419,13 @@ class Engine:
         try:
             if getattr(self, "_pipeline", None) is not None:
                 self._pipeline.join()
-            for name in ("_drafter", "_batch", "_target", "_draft", "_residency", "_target_model", "_draft_model"):
+            for name in ("_drafter", "_batch", "_target", "_draft", "_target_model", "_draft_model"):
                 obj = getattr(self, name, None)
                 if obj is not None:
                     obj.close()
                     setattr(self, name, None)
+            if getattr(self, "_residency", None) is not None:
+                self._residency.close()  # (the model closed its pager already: close is idempotent)
         finally:
             if held:
                 lock.release()

@@ -324,6 +324,8 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
 def observe(costs: Costs, plan: MemoryPlan, stats: dict, target_bytes: int, draft_bytes: int) -> Costs:
     """Fold one completion's measurements into the costs (exponential average, weight 1/3 once
     warmed up): acceptance and tree size, per-node draft time, target pass time, read bandwidth."""
+    if stats.get("mode") in ("linear", "bild"):
+        return costs  # other trees: their acceptance is not the tree mode's, which the plan predicts
     # target mode counts the prompt's pass, whose time is in prompt_seconds, not seconds_target
     passes = (stats.get("target_passes") or 0) - (0 if plan.speculative else 1)
     if passes < 2:

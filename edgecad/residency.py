@@ -8,6 +8,7 @@ it has. A GPU or a remote residency would be one more implementation.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ class Residency:
         return ModelParams(use_mmap=True, use_extra_bufts=True, n_gpu_layers=n_gpu_layers)
 
     @contextmanager
-    def loading(self, path: Path):
+    def loading(self, path: Path, verbose: bool = False):
         """Around llama.cpp's load of the target; yields what the lazy load did (LazyLoad)."""
         yield LazyLoad(reason="not paged")
 
@@ -73,11 +74,13 @@ class Paged(Residency):
         return ModelParams(use_mmap=True, use_extra_bufts=False, n_gpu_layers=n_gpu_layers)  # pages stay the file's
 
     @contextmanager
-    def loading(self, path: Path):
+    def loading(self, path: Path, verbose: bool = False):
         """llama.cpp maps the file without reading it (lazy_load): the pager reads what the plan keeps."""
         self._mappings = file_mappings(path)
         with lazy_load(path) as how:
             yield how
+        if not how.applied and verbose:
+            sys.stderr.write(f"edgecad: the target is read whole at load, then evicted ({how.reason})\n")
 
     def start(self, model: Model, info: GGUFInfo) -> None:
         # its reads are throttled by the pager itself (a --storage profile charges only the loads' reads)

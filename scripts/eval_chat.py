@@ -19,7 +19,7 @@ def chat(eng: Engine, turns: int, reuse: bool, max_tokens: int) -> list[dict]:
     for q in QUESTIONS[:turns]:
         messages.append({"role": "user", "content": q})
         if not reuse:
-            for ctx in (eng._target, eng._draft):
+            for ctx in (eng.target_context, eng.draft_context):
                 if ctx is not None:
                     ctx.clear()
         t0, first, parts, last = time.perf_counter(), None, [], None

@@ -12,6 +12,7 @@ import time
 
 from edgecad import Engine, registry
 from edgecad.fidelity import Fidelity, teacher_forced
+from edgecad.llama import Batch
 from edgecad.prompts import load_prompts
 
 
@@ -24,6 +25,7 @@ def main():
     a = ap.parse_args()
     target, draft = registry.resolve(registry.DEFAULT_TARGET), registry.resolve(registry.DEFAULT_DRAFT)
     ref = Engine(target, n_ctx=4096, n_threads=a.threads, memory_budget=None)
+    batch = Batch(4096)  # the teacher-forced passes
     engines = {m: Engine(target, draft, mode=m, n_ctx=4096, n_threads=a.threads, memory_budget=None) for m in a.modes}
     agg = {m: {"tokens": 0, "passes": 0, "nodes": 0, "seconds": 0.0, "identical": 0, "fid": Fidelity()}
            for m in ["target", *a.modes]}
@@ -42,7 +44,7 @@ def main():
             g["nodes"] += st["draft_tokens"]
             base = st["token_ids"] if m == "target" else base
             g["identical"] += st["token_ids"] == base
-            g["fid"] += teacher_forced(ref._target, ref._batch, toks, st["token_ids"])
+            g["fid"] += teacher_forced(ref.target_context, batch, toks, st["token_ids"])
         print(pr["id"], {m: round(agg[m]["tokens"] / agg[m]["passes"], 2) for m in agg}, flush=True)
     print(f"\n{len(prompts)} prompts, {a.n} tokens each, in memory, {a.threads} threads")
     print(f"{'mode':<8} {'tok/pass':>8} {'nodes/pass':>10} {'tok/s':>7} {'identical':>9} {'fidelity':>9} {'near-ties':>9}")
