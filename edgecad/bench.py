@@ -96,7 +96,7 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
     target, draft = registry.resolve(target), registry.resolve(draft)
     rows = [ROWS[m] for m in (modes or ROWS)]
     info = read_gguf(target)
-    budget_bytes = parse_budget(budget, info.file_size, other_bytes=os.path.getsize(draft))
+    budget_bytes = parse_budget(budget, info.file_size)
     plans = {io: plan_budget(info, budget_bytes, PagerParams(io=io, storage=storage)) for io in ("demand", "prefetch")}
     prompt_set = load_prompts(prompts)[:n_prompts]
     seq_bw = statistics.median(read_bandwidth(target) for _ in range(3))

@@ -86,6 +86,9 @@ class SpeculativeDecoder:
                  is_eog: Callable[[int], bool], pipeline: Optional[Pipeline] = None):
         self.target, self.batch, self.drafter, self.p = target, batch, drafter, params
         self.is_eog, self.pipeline = is_eog, pipeline
+        # the target's pass: verify_tree, or with the pipeline the same while a chain is drafted beside it
+        self.verify = pipeline.verify if pipeline is not None else (lambda target, batch, tree, *_: verify_tree(
+            target, batch, tree))
         self.check_kv = False  # tests: assert both KV caches hold only the accepted path after every step
 
     def step(self, fallback: FallbackThreshold, accept, sp: SamplingParams, rng: np.random.Generator,
@@ -96,12 +99,7 @@ class SpeculativeDecoder:
         tree = drafter.draft(min(p.max_nodes, room), min(p.max_depth, room, left), sp, rng, fallback.current())
         # verify: one target pass over root + nodes (tree attention), logits for every node
         tv = time.perf_counter()
-        if self.pipeline is None:
-            logits, leaf_seq = verify_tree(self.target, self.batch, tree)
-        else:  # chain tokens: useful up to the next tree's depth, in the draft KV cells beside the tree
-            depth = int(tree.depth[: tree.n].max())
-            chain = min(p.max_depth + 1, room - tree.n_drafted - 1, left - depth)
-            logits, leaf_seq = self.pipeline.verify(self.target, self.batch, tree, sp, chain)
+        logits, leaf_seq = self.verify(self.target, self.batch, tree, sp, room, left)
         seconds = time.perf_counter() - tv
         # verdict: greedy keeps drafted tokens while they are the target's argmax; sampling accepts x with
         # min(1, p(x)/q(x)), else p <- norm(max(p - q, 0)); either way each token is the target's own

@@ -86,31 +86,11 @@ def parse_size(s: str) -> Optional[int]:
     return int(float(m.group(1)) * _UNITS[m.group(2)]) if m and m.group(2) in _UNITS else None
 
 
-def parse_budget(value: Union[int, float, str, None], file_size: int, *, other_bytes: int = 0) -> Optional[int]:
-    """Bytes of the target that may be resident: an int, "450MB", "1.5GiB", "40%" (of the target
-    file), or "auto" (available memory less other_bytes and a 25% safety margin). None = no budget."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        n = int(value)
-    else:
-        s = str(value).strip().lower()
-        if s == "auto":
-            import psutil
-            n = int((psutil.virtual_memory().available - other_bytes) * 0.75)
-        elif s.endswith("%"):
-            try:
-                n = int(file_size * float(s[:-1]) / 100)
-            except ValueError:
-                n = -1
-        else:
-            n = parse_size(s)
-        if n is None or n == -1:
-            raise EdgecadError(f"cannot read memory budget {value!r}: give bytes, a size such as '450MB' or "
-                               "'1.5GiB', a share of the model such as '40%', or 'auto'")
-    if n <= 0:
-        raise EdgecadError(f"memory budget {value!r} is not positive")
-    return n
+def parse_budget(value: Union[int, float, str, None], file_size: int) -> Optional[int]:
+    """Bytes of the target that may be resident (target_budget): what edgecad.memory.parse_memory reads, a share
+    such as "40%" being of the target file. None = no budget."""
+    from .memory import parse_memory  # (memory plans with this module's plan_budget)
+    return None if value is None else parse_memory(value, file_size)
 
 
 @dataclass
