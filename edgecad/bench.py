@@ -429,9 +429,10 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
     peers = {r["limit_bytes"]: r for r in results if r["row"] == "llama-cpp-python"}
     for r in results:
         p = peers.get(r["limit_bytes"], {})
-        tps, texts = p.get("tokens_per_second"), p.get("texts")
+        tps, peer_texts = p.get("tokens_per_second"), p.get("texts")
         r["x_peer"] = r["tokens_per_second"] / tps if tps and r["tokens_per_second"] else None
-        r["same_text_as_peer"] = sum(a == b for a, b in zip(texts, r["texts"])) if texts and r.get("texts") else None
+        r["same_text_as_peer"] = (sum(a == b for a, b in zip(peer_texts, r["texts"]))
+                                  if peer_texts and r.get("texts") else None)
     return {"machine": machine(),
             "config": {"target": str(target), "draft": str(draft), "limits": limits, "rows": rows,
                        "rows_meaning": {k: LIMIT_ROWS[k] for k in rows}, "n_prompts": len(texts),

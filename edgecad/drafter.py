@@ -8,7 +8,8 @@ branch's sequence always holds exactly the prefix + its own path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -25,6 +26,21 @@ class Chain:
     branch: int    # the draft KV sequence holding the leaf and the decoded chain
     tokens: list   # x1..xm; x1..x(m-1) are decoded, at positions pos(leaf)+1..
     qs: list       # [m] the draft distribution each token was chosen from (after the leaf, x1, ...)
+
+
+@dataclass
+class _Growth:
+    """One tree being grown (Drafter.draft)."""
+    tree: TokenTree
+    seed: Optional[Chain]   # the kept chain the tree starts from, if any
+    max_nodes: int
+    max_depth: int
+    seeded: dict = field(default_factory=dict)  # tree node -> its index in seed.tokens, while branch 1 follows it
+    seed_end: int = 0       # the last chain cell in branch 1
+    leaf: dict = field(default_factory=lambda: {1: 0})   # branch -> its newest node
+    count: dict = field(default_factory=lambda: {1: 0})  # branch -> drafted tokens it owns
+    active: set = field(default_factory=lambda: {1})     # branches still growing
+    next_branch: int = 2    # the next draft KV sequence to fork into
 
 
 class Drafter:
@@ -94,11 +110,39 @@ class Drafter:
         and max_depth levels from the root (the last accepted token). With a kept chain (`seed`), the
         tree grows exactly as it would without it, but a child that is the chain's next token on
         branch 1 reuses the chain's decode instead of decoding again."""
-        import time
-
-        p, ctx, b = self.p, self.ctx, self.batch
         t0 = time.perf_counter()
-        seed, self.seed = self.seed, None
+        g = self._root(max_nodes, max_depth, sp)
+        tree = g.tree
+        while g.active and tree.n_drafted < max_nodes:
+            # one level: each branch due its fair share of the node budget (share proportional to its
+            # confidence, LLMCad) gets children; then one draft decode of every new node
+            total = sum(tree.conf[g.leaf[br]] for br in g.active) or 1.0
+            deficit = {br: max_nodes * tree.conf[g.leaf[br]] / total - g.count[br] for br in g.active}
+            order = sorted(g.active, key=lambda br: -deficit[br])
+            new = []
+            for br in [br for br in order if deficit[br] > 0] or order[:1]:
+                if tree.n_drafted >= max_nodes:
+                    break
+                new += self._expand(g, br, sp, rng)
+            if not new:
+                break
+            if self.p.fallback == "adaptive" and max(tree.conf[g.leaf[br]] for br in g.active) < threshold:
+                break  # the tree is unsure enough: hand over to the target
+            if tree.n_drafted >= max_nodes or all(tree.depth[g.leaf[br]] >= max_depth for br in g.active):
+                break
+            self._decode_level(tree, [c for c in new if not tree.decoded[c]], sp)
+        if g.seed is not None:  # chain cells past the tree's last use of them
+            used = max((tree.pos(c) for c in g.seeded if tree.decoded[c]), default=tree.root_pos)
+            if g.seed_end > used:
+                self.ctx.seq_rm(1, used + 1, -1)
+        self.seconds += time.perf_counter() - t0
+        return tree
+
+    def _root(self, max_nodes: int, max_depth: int, sp: SamplingParams) -> "_Growth":
+        """A new tree at the root: the pending tokens decoded (in sequence 0 and branch 1), or a kept chain's
+        first token as the root with its decoded tokens in branch 1."""
+        ctx, seed = self.ctx, self.seed
+        self.seed = None
         if seed is None:
             tree = TokenTree(max_nodes + 1, self.pending[-1], self.n_past + len(self.pending) - 1)
         else:  # the chain's first token is the root; its decoded tokens follow in sequence 0
@@ -106,15 +150,15 @@ class Drafter:
             tree.decoded[0] = True
             self.reused_tokens += 1
         self._dist = {0: seed.qs[1]} if seed is not None else {}
+        g = _Growth(tree, seed, max_nodes, max_depth)
         if max_nodes <= 0 or max_depth <= 0:
             if seed is not None:
                 ctx.seq_rm(0, tree.root_pos + 1, -1)
-            self.seconds += time.perf_counter() - t0
-            return tree
+            g.active = set()
+            return g
         ctx.seq_cp(0, 1)  # branch 1 starts as the accepted prefix (and the kept chain)
-        dist = self._dist
-        seeded = {}             # tree node -> its index in seed.tokens, while branch 1 follows the chain
         if seed is None:
+            b = self.batch
             b.clear()
             for j, t in enumerate(self.pending):
                 b.add(t, self.n_past + j, (0, 1), j == len(self.pending) - 1)
@@ -122,97 +166,80 @@ class Drafter:
             ctx.tokens += self.pending
             self.decodes += 1
             tree.decoded[0] = True
-            dist[0] = self._probs(ctx.logits(len(self.pending) - 1), sp)
+            self._dist[0] = self._probs(ctx.logits(len(self.pending) - 1), sp)
         else:
             ctx.seq_rm(0, tree.root_pos + 1, -1)  # sequence 0: accepted tokens only
-            dist[0] = seed.qs[1]
             if tree.root_pos + len(seed.tokens) - 1 + max_nodes <= ctx.n_ctx:
-                seeded[0] = 0
+                g.seeded[0] = 0
             else:  # no KV cells for the chain beside a full tree: drop it
                 ctx.seq_rm(1, tree.root_pos + 1, -1)
-        seed_end = tree.root_pos + (len(seed.tokens) - 2 if seeded else 0)  # last chain cell in branch 1
-        leaf = {1: 0}           # branch -> its newest node
-        count = {1: 0}          # branch -> drafted tokens it owns
-        active = {1}
-        next_branch = 2
-        while active and tree.n_drafted < max_nodes:
-            budget = max_nodes - tree.n_drafted
-            total = sum(tree.conf[leaf[br]] for br in active) or 1.0
-            deficit = {br: max_nodes * tree.conf[leaf[br]] / total - count[br] for br in active}
-            order = sorted(active, key=lambda br: -deficit[br])
-            due = [br for br in order if deficit[br] > 0] or order[:1]
-            new = []
-            for br in due:
-                if budget <= 0:
-                    break
-                node = leaf[br]
-                if tree.depth[node] >= max_depth or (node and ctx.model.is_eog(int(tree.token[node]))):
-                    active.discard(br)  # (nothing follows an end of generation: no node is drafted past it)
-                    continue
-                q = dist[node]
-                if p.fallback == "token" and q.max() < p.p_min:
-                    active.discard(br)
-                    continue
-                i = seeded.get(node)
-                nxt = seed.tokens[i + 1] if i is not None and i + 1 < len(seed.tokens) else None
-                toks = self._children(q, p.max_width, sp, rng, nxt)
-                tree.q[node] = q
-                if nxt is not None and toks[0] != nxt:  # the chain stops here: drop its cells past `node`
-                    ctx.seq_rm(1, tree.pos(node) + 1, -1)
-                    seed_end = tree.pos(node)
-                # Draws are kept up to the first one that cannot be placed (no budget or no KV
-                # sequence left): where the list ends depends on earlier draws only, never on
-                # the cut draw itself, so rejection sampling over tree.draws stays exact.
-                for t in toks:
-                    if t in tree.children[node]:
-                        tree.draws[node].append(t)  # a repeated draw: same child node
-                        continue
-                    if budget <= 0:
-                        break
-                    if not tree.children[node]:
-                        child_branch = br  # the first child continues the branch
-                    elif next_branch < self.n_seq_max:
-                        child_branch = next_branch
-                        next_branch += 1
-                        ctx.seq_cp(br, child_branch, -1, tree.pos(node) + 1)
-                        count[child_branch] = 0
-                        active.add(child_branch)
-                    else:
-                        break
-                    tree.draws[node].append(t)
-                    c = tree.add(node, t, float(q[t]), child_branch)
-                    if t == nxt and child_branch == 1:  # the chain's next token: already drafted
-                        seeded[c] = i + 1
-                        if tree.pos(c) <= seed_end:  # and decoded
-                            tree.decoded[c] = True
-                            dist[c] = seed.qs[i + 2]
-                            self.reused_tokens += 1
-                    leaf[child_branch] = c
-                    count[child_branch] += 1
-                    budget -= 1
-                    new.append(c)
-            if not new:
+        g.seed_end = tree.root_pos + (len(seed.tokens) - 2 if g.seeded else 0)  # last chain cell in branch 1
+        return g
+
+    def _expand(self, g: "_Growth", br: int, sp: SamplingParams, rng: np.random.Generator) -> list[int]:
+        """Children of branch br's newest node (the first continues the branch, the others fork new ones while
+        KV sequences last); returns the new nodes. A branch at its depth, at an end of generation or (token
+        fallback) below p_min stops."""
+        tree, p, ctx, node = g.tree, self.p, self.ctx, g.leaf[br]
+        if tree.depth[node] >= g.max_depth or (node and ctx.model.is_eog(int(tree.token[node]))):
+            g.active.discard(br)  # (nothing follows an end of generation: no node is drafted past it)
+            return []
+        q = self._dist[node]
+        if p.fallback == "token" and q.max() < p.p_min:
+            g.active.discard(br)
+            return []
+        i = g.seeded.get(node)
+        nxt = g.seed.tokens[i + 1] if i is not None and i + 1 < len(g.seed.tokens) else None
+        toks = self._children(q, p.max_width, sp, rng, nxt)
+        tree.q[node] = q
+        if nxt is not None and toks[0] != nxt:  # the chain stops here: drop its cells past `node`
+            ctx.seq_rm(1, tree.pos(node) + 1, -1)
+            g.seed_end = tree.pos(node)
+        # Draws are kept up to the first one that cannot be placed (no budget or no KV sequence left):
+        # where the list ends depends on earlier draws only, never on the cut draw itself, so rejection
+        # sampling over tree.draws stays exact.
+        new = []
+        for t in toks:
+            if t in tree.children[node]:
+                tree.draws[node].append(t)  # a repeated draw: same child node
+                continue
+            if tree.n_drafted >= g.max_nodes:
                 break
-            if p.fallback == "adaptive" and max(tree.conf[leaf[br]] for br in active) < threshold:
-                break  # the tree is unsure enough: hand over to the target
-            if tree.n_drafted >= max_nodes or all(tree.depth[leaf[br]] >= max_depth for br in active):
+            if not tree.children[node]:
+                child_branch = br  # the first child continues the branch
+            elif g.next_branch < self.n_seq_max:
+                child_branch, g.next_branch = g.next_branch, g.next_branch + 1
+                ctx.seq_cp(br, child_branch, -1, tree.pos(node) + 1)
+                g.count[child_branch] = 0
+                g.active.add(child_branch)
+            else:
                 break
-            fresh = [c for c in new if not tree.decoded[c]]
-            if fresh:
-                b.clear()
-                for c in fresh:
-                    b.add(int(tree.token[c]), tree.pos(c), (int(tree.branch[c]),), True)
-                ctx.decode(b)
-                self.decodes += 1
-                for j, c in enumerate(fresh):
+            tree.draws[node].append(t)
+            c = tree.add(node, t, float(q[t]), child_branch)
+            if t == nxt and child_branch == 1:  # the chain's next token: already drafted
+                g.seeded[c] = i + 1
+                if tree.pos(c) <= g.seed_end:  # and decoded
                     tree.decoded[c] = True
-                    dist[c] = self._probs(ctx.logits(j), sp)
-        if seed is not None:  # chain cells past the tree's last use of them
-            used = max((tree.pos(c) for c in seeded if tree.decoded[c]), default=tree.root_pos)
-            if seed_end > used:
-                ctx.seq_rm(1, used + 1, -1)
-        self.seconds += time.perf_counter() - t0
-        return tree
+                    self._dist[c] = g.seed.qs[i + 2]
+                    self.reused_tokens += 1
+            g.leaf[child_branch] = c
+            g.count[child_branch] += 1
+            new.append(c)
+        return new
+
+    def _decode_level(self, tree: TokenTree, fresh: list[int], sp: SamplingParams) -> None:
+        """One draft decode of the new nodes, each in its branch's sequence: their children's distributions."""
+        if not fresh:
+            return
+        b = self.batch
+        b.clear()
+        for c in fresh:
+            b.add(int(tree.token[c]), tree.pos(c), (int(tree.branch[c]),), True)
+        self.ctx.decode(b)
+        self.decodes += 1
+        for j, c in enumerate(fresh):
+            tree.decoded[c] = True
+            self._dist[c] = self._probs(self.ctx.logits(j), sp)
 
     def extend(self, tree: TokenTree, sp: SamplingParams, rng: np.random.Generator, max_len: int,
                done: Callable[[], bool]) -> None:
@@ -221,7 +248,6 @@ class Drafter:
         keeps it as the start of the next tree when the target takes that whole branch and its bonus
         token is the chain's first (a draw of x(i+1) from q(. | ..., xi) is a valid single draft
         draw at that node, so the sampling acceptance stays exact)."""
-        import time
 
         self.chain = None
         if max_len < 2 or not tree.decoded[0]:
