@@ -158,6 +158,7 @@ class Engine:
             raise KeyboardInterrupt
         self._rng = np.random.default_rng(_seed(seed))
         self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
+        self._computing = threading.Lock()  # held while a completion's next chunk is computed
         self._chat_format = None  # the model's chat template, compiled on first use
 
     def _load(self, cfg: EngineConfig, *, backend: str, draft_gpu_layers: Optional[int], target_gpu_layers: int,
@@ -330,10 +331,21 @@ class Engine:
                 raise EdgecadError("another completion of this Engine is still streaming: read that stream to its "
                                    "end (or close it) first, or use one Engine per concurrent stream")
         self._streaming = stream
+        chunks = self._chunks(*args)
         try:
             native.lib.ec_interrupt_clear()  # a Ctrl-C before this completion is not this one's
-            yield from self._chunks(*args)
+            while True:
+                with self._computing:  # (close waits for a chunk being computed; a paused stream does not hold it)
+                    if self._target is None:
+                        raise EdgecadError("this Engine was closed while the stream was open: create a new one")
+                    try:
+                        chunk = next(chunks)
+                    except StopIteration:
+                        return
+                yield chunk
         finally:
+            with self._computing:
+                chunks.close()
             self._streaming = False
             self._lock.release()
 
@@ -417,15 +429,18 @@ class Engine:
         while lock is not None and not (held := lock.acquire(timeout=0.02)) and not self._streaming:
             pass
         try:
-            if getattr(self, "_pipeline", None) is not None:
-                self._pipeline.join()
-            for name in ("_drafter", "_batch", "_target", "_draft", "_target_model", "_draft_model"):
-                obj = getattr(self, name, None)
-                if obj is not None:
-                    obj.close()
-                    setattr(self, name, None)
-            if getattr(self, "_residency", None) is not None:
-                self._residency.close()  # (the model closed its pager already: close is idempotent)
+            # an open stream's chunk that another thread is computing finishes first; its next chunk then sees
+            # the engine closed (_target is None, read under the same lock)
+            with getattr(self, "_computing", None) or threading.Lock():
+                if getattr(self, "_pipeline", None) is not None:
+                    self._pipeline.join()
+                for name in ("_drafter", "_batch", "_target", "_draft", "_target_model", "_draft_model"):
+                    obj = getattr(self, name, None)
+                    if obj is not None:
+                        obj.close()
+                        setattr(self, name, None)
+                if getattr(self, "_residency", None) is not None:
+                    self._residency.close()  # (the model closed its pager already: close is idempotent)
         finally:
             if held:
                 lock.release()

@@ -536,3 +536,34 @@ def test_a_chat_ends_at_the_template_s_end_of_turn_as_llama_cpp_python(quantized
     assert ours["choices"][0]["finish_reason"] == "stop" and ours["usage"] == ref["usage"]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ref["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_closing_while_another_thread_computes_a_stream_s_chunk_waits_for_it(paging_pair):
+    """An open stream does not hold close() up (a paused stream's reader may never come back), but a chunk that
+    another thread is computing at that moment finishes before the contexts are freed; the stream's next chunk
+    then says the engine was closed, in one line (before: close freed the contexts under the running decode)."""
+    import threading
+    from edgecad.pager import PagerParams
+    draft, target = paging_pair
+    p = PagerParams(io="demand", throttle_bps=20e6, embd_allowance=64 << 10)  # a pass takes ~0.2 s
+    e = Engine(target, draft, mode="tree", n_ctx=512, target_budget="50%", pager=p)
+    stream = e.create_completion("Once upon a time", temperature=0.0, max_tokens=200, stream=True)
+    next(stream)
+    chunk_started, out = threading.Event(), []
+
+    def read():
+        try:
+            chunk_started.set()
+            for _ in stream:
+                pass
+            out.append("ended")
+        except EdgecadError as x:
+            out.append(str(x))
+
+    th = threading.Thread(target=read)
+    th.start()
+    chunk_started.wait()
+    e.close()  # while the reader's thread computes
+    th.join(60)
+    assert not th.is_alive() and len(out) == 1
+    assert out[0] == "ended" or "closed" in out[0], out
