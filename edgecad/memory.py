@@ -246,66 +246,15 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
     target_budget fixes the target's share instead (bytes of its file kept resident): the budget is
     then whatever the rest needs plus that share."""
     runtime = process_rss() if runtime is None else runtime
-    configs = configs or (CONFIGS if draft is not None else CONFIGS[:2])
-    bps = min(costs.read_bps, pager.bytes_per_second) if pager.bytes_per_second else costs.read_bps
     plans, why_not, smallest = {}, {}, None
-    for cfg in configs:
-        spec = cfg.startswith("tree")
-        kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if spec else 0)
-        outs = tree_nodes + 1 if spec else 1
-        dw = draft.file_size if spec else 0
-
-        def fixed_for(nb: int) -> tuple[int, int, int]:
-            """(compute, fixed, room) with prompt batches of nb tokens."""
-            c = compute_bytes(target, nb, outs, n_ctx) + (compute_bytes(draft, nb, outs, n_ctx) if spec else 0)
-            c += outs * target.vocab_size * 8 if spec else 0  # the drafter's distributions (float64)
-            f = runtime + kv + c + dw
-            return c, f, (budget - f if target_budget is None else target_budget)
-
-        nb = n_batch
-        compute, fixed, room = fixed_for(nb)
-        paging = None
-        if cfg.endswith("paged"):
-            if target_budget is not None:
-                paging = plan_budget(target, target_budget, pager)  # too small: its own clear error
-            try:
-                paging = paging or plan_budget(target, max(room, 0), pager)
-            except EdgecadError:
-                need = fixed + plan_budget(target, 1 << 62, pager).minimum
-                why_not[cfg] = f"needs {need / MB:,.0f} MB"
-                smallest = need if smallest is None else min(smallest, need)
-                continue
-            if paging.resident_all:
-                why_not[cfg] = "the target fits: not paged"
-                continue
-            tgt = paging.budget
+    for cfg in configs or (CONFIGS if draft is not None else CONFIGS[:2]):
+        r = _plan_config(cfg, budget, target, draft, n_ctx=n_ctx, n_batch=n_batch, tree_nodes=tree_nodes,
+                         costs=costs, pager=pager, runtime=runtime, target_budget=target_budget)
+        if isinstance(r, MemoryPlan):
+            plans[cfg] = r
         else:
-            tgt = target.file_size
-            # Resident, the kernel manages the mapping (as for llama.cpp's defaults): a small overflow
-            # lands on pages that are never touched again (load-time reads, the file pages of repacked
-            # tensors) and costs nothing measurable; a larger one thrashes, so page instead.
-            slack = min(RESIDENT_SLACK, tgt // 10) if target_budget is None else 0
-            fits = lambda: room + slack >= tgt or _holds_whole(target, room, pager)
-            while not fits() and nb > 64:  # smaller prompt batches touch fewer activations: the same
-                nb //= 2                   # output, prompts longer than nb take more (cheap, resident) passes
-                compute, fixed, room = fixed_for(nb)
-            if not fits():
-                nb = n_batch
-                compute, fixed, room = fixed_for(nb)
-                need = fixed + tgt
-                why_not[cfg] = f"needs {need / MB:,.0f} MB"
-                smallest = need if smallest is None else min(smallest, need)
-                continue
-        k = round(costs.tree_nodes) + 1 if spec else 1
-        sec = costs.target_pass(target.file_size, k, paging is not None)
-        if paging is not None and paging.reads_every_pass:
-            sec += paging.streamed_bytes / bps  # (a window as large as the streamed layers keeps them all)
-        if spec:
-            sec += costs.draft_time(draft.file_size)
-        tps = (costs.tree_tokens if spec else 1.0) / sec
-        total = budget if target_budget is None else fixed + tgt
-        tgt = min(tgt, total - fixed)  # a resident target over by the slack: the parts still add up
-        plans[cfg] = MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging, tps, n_batch=nb)
+            why_not[cfg], need = r
+            smallest = need if smallest is None or (need is not None and need < smallest) else smallest
     if not plans:
         raise EdgecadError(
             (f"memory budget {budget / MB:,.0f} MB" if target_budget is None else
@@ -319,6 +268,71 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
     best.reason = ("the only configuration that fits" if not others else
                    "fastest predicted (vs " + ", ".join(others) + " tok/s)")
     return best
+
+
+def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_ctx: int, n_batch: int,
+                 tree_nodes: int, costs: Costs, pager: PagerParams, runtime: int,
+                 target_budget: Optional[int]) -> Union[MemoryPlan, tuple]:
+    """One configuration's split of the budget and its predicted speed, or (why it cannot run, the budget it
+    would need or None)."""
+    spec = cfg.startswith("tree")
+    kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if spec else 0)
+    outs = tree_nodes + 1 if spec else 1
+    dw = draft.file_size if spec else 0
+
+    def fixed_for(nb: int) -> tuple[int, int, int]:
+        """(compute, fixed, room) with prompt batches of nb tokens."""
+        c = compute_bytes(target, nb, outs, n_ctx) + (compute_bytes(draft, nb, outs, n_ctx) if spec else 0)
+        c += outs * target.vocab_size * 8 if spec else 0  # the drafter's distributions (float64)
+        f = runtime + kv + c + dw
+        return c, f, (budget - f if target_budget is None else target_budget)
+
+    nb = n_batch
+    compute, fixed, room = fixed_for(nb)
+    paging = None
+    if cfg.endswith("paged"):
+        if target_budget is not None:
+            paging = plan_budget(target, target_budget, pager)  # too small: its own clear error
+        try:
+            paging = paging or plan_budget(target, max(room, 0), pager)
+        except EdgecadError:
+            need = fixed + plan_budget(target, 1 << 62, pager).minimum
+            return f"needs {need / MB:,.0f} MB", need
+        if paging.resident_all:
+            return "the target fits: not paged", None
+        tgt = paging.budget
+    else:
+        tgt = target.file_size
+        # Resident, the kernel manages the mapping (as for llama.cpp's defaults): a small overflow
+        # lands on pages that are never touched again (load-time reads, the file pages of repacked
+        # tensors) and costs nothing measurable; a larger one thrashes, so page instead.
+        slack = min(RESIDENT_SLACK, tgt // 10) if target_budget is None else 0
+        fits = lambda: room + slack >= tgt or _holds_whole(target, room, pager)
+        while not fits() and nb > 64:  # smaller prompt batches touch fewer activations: the same
+            nb //= 2                   # output, prompts longer than nb take more (cheap, resident) passes
+            compute, fixed, room = fixed_for(nb)
+        if not fits():
+            need = fixed_for(n_batch)[1] + tgt
+            return f"needs {need / MB:,.0f} MB", need
+    total = budget if target_budget is None else fixed + tgt
+    tgt = min(tgt, total - fixed)  # a resident target over by the slack: the parts still add up
+    return MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging,
+                      _speed(costs, target, draft if spec else None, paging, pager),
+                      n_batch=nb)
+
+
+def _speed(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], paging: Optional[BudgetPlan],
+           pager: PagerParams) -> float:
+    """Predicted tokens/s: tokens per pass / (target compute (a paged factor when paged) + the streamed bytes at
+    the read rate + drafting); `draft` None: the target alone."""
+    bps = min(costs.read_bps, pager.bytes_per_second) if pager.bytes_per_second else costs.read_bps
+    k = round(costs.tree_nodes) + 1 if draft is not None else 1
+    sec = costs.target_pass(target.file_size, k, paging is not None)
+    if paging is not None and paging.reads_every_pass:
+        sec += paging.streamed_bytes / bps  # (a window as large as the streamed layers keeps them all)
+    if draft is not None:
+        sec += costs.draft_time(draft.file_size)
+    return (costs.tree_tokens if draft is not None else 1.0) / sec
 
 
 def observe(costs: Costs, plan: MemoryPlan, stats: dict, target_bytes: int, draft_bytes: int) -> Costs:
