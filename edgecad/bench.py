@@ -103,79 +103,10 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
     throttle = PagerParams(storage=storage).bytes_per_second
     floor_bw = min(seq_bw, throttle) if throttle else seq_bw  # the storage being emulated caps the floor
 
-    runs = {r.name: [] for r in rows}
-    bar = Progress(len(prompt_set) * repeat * len(rows), "bench", "") if progress else None
-    for rep in range(repeat):
-        for pr in prompt_set:
-            for r in rows:
-                if bar:
-                    bar.update(0, note=f"{pr['id']} {r.name}")
-                kw = (dict(target_budget=budget_bytes, pager=PagerParams(io=r.io, storage=storage)) if r.paged
-                      else dict(memory_budget=None, pager=PagerParams(storage=storage)))
-                cgroup.drop_file_cache([target, draft])
-                with Engine(target, draft if r.mode != "target" else None, mode=r.mode, n_threads=n_threads,
-                            n_ctx=2048, seed=rep, pipeline=r.pipeline, **kw) as eng, _PeakRSS() as rss:
-                    out = eng.create_completion(pr["prompt"], max_tokens=max_tokens, temperature=temperature,
-                                                seed=rep)
-                st = out["edgecad"]
-                st["peak_rss_bytes"] = rss.peak
-                st["load_seconds"], st["load_bytes_read"] = eng.load_seconds, eng.load_bytes_read
-                st["prompt"] = pr["prompt"]
-                runs[r.name].append(st)
-                if bar:
-                    bar.update(1)
-    if bar:
-        bar.close()
-
-    # fidelity: one resident target scores every output
-    fid = {r.name: Fidelity() for r in rows}
-    with Engine(target, n_ctx=2048, n_threads=n_threads, memory_budget=None) as judge, Batch(512) as batch:
-        for r in rows:
-            for st in runs[r.name]:
-                fid[r.name] += teacher_forced(judge.target_context, batch, judge.tokenize(st["prompt"], special=True),
-                                              st["token_ids"])
-
-    out_rows = []
-    for r in rows:
-        sts = runs[r.name]
-        tps = [s["n_tokens"] / (s["seconds"] + s["prompt_seconds"]) for s in sts]
-        n_tok = sum(s["n_tokens"] for s in sts)
-        passes = sum(s["target_passes"] for s in sts)
-        per_pass = n_tok / passes
-        row = {
-            "mode": r.name, "engine_mode": r.mode, "paged": r.paged, "io": r.io if r.paged else None,
-            "lossless": r.mode in LOSSLESS,
-            "tokens_per_second": statistics.median(tps), "tokens_per_second_min": min(tps),
-            "tokens_per_second_max": max(tps), "tokens": n_tok, "target_passes": passes,
-            "mean_accepted_per_pass": per_pass,
-            "peak_resident_target_bytes": max((s["peak_resident_target_bytes"] or 0) for s in sts) if r.paged else None,
-            "peak_rss_bytes": max(s["peak_rss_bytes"] for s in sts),
-            # loading the engine (models, pinned layers), files dropped from the page cache first; median
-            "load_seconds": statistics.median(s["load_seconds"] for s in sts),
-            "load_bytes_read": (statistics.median(s["load_bytes_read"] for s in sts)
-                                if all(s["load_bytes_read"] is not None for s in sts) else None),
-            "bytes_read_per_token": sum(s["bytes_read"] for s in sts) / n_tok if r.paged else None,
-            "io_floor_seconds_per_token": None, "floor_multiple": None,
-            "fidelity": fid[r.name].fraction, "near_ties": fid[r.name].near_ties,
-            "fidelity_mismatches": fid[r.name].mismatch_clear,
-            "max_mismatch_gap": fid[r.name].max_mismatch_gap,
-            # seconds per generated token, summed over prompts
-            "seconds_draft": sum(s["seconds_draft"] for s in sts) / n_tok,
-            "seconds_target_compute": sum(s["target_compute_seconds"] for s in sts) / n_tok,
-            "seconds_io_wait": sum(s["io_wait_seconds"] for s in sts) / n_tok if r.paged else None,
-            # the pipeline: chain drafting beside target passes (overlapped with them), and what it gave
-            "seconds_chain": sum(s["seconds_chain"] for s in sts) / n_tok,
-            "chain_tokens": sum(s["chain_tokens"] for s in sts),
-            "reused_tokens": sum(s["reused_tokens"] for s in sts),
-            # the pager's IO thread: bytes read per second it was busy (reads, evictions, throttle sleeps)
-            "pager_read_bytes_per_second": (sum(s["bytes_read"] for s in sts) / busy
-                                            if r.paged and (busy := sum(s["io_busy_seconds"] for s in sts)) else None),
-        }
-        if r.paged:
-            floor = plans[r.io].streamed_bytes / floor_bw / per_pass
-            row["io_floor_seconds_per_token"] = floor
-            row["floor_multiple"] = (1 / row["tokens_per_second"]) / floor
-        out_rows.append(row)
+    runs = _run_rows(target, draft, rows, prompt_set, budget_bytes=budget_bytes, storage=storage, max_tokens=max_tokens,
+                     repeat=repeat, temperature=temperature, n_threads=n_threads, progress=progress)
+    fid = _fidelity(target, runs, n_threads)
+    out_rows = [_row(r, runs[r.name], fid[r.name], plans, floor_bw) for r in rows]
     by = {row["mode"]: row for row in out_rows}
     for row in out_rows:
         for base, key in (("target-paged", "speedup_vs_target_paged"), ("target", "speedup_vs_target")):
@@ -199,6 +130,88 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
         "rows": out_rows,
         "speedups": speedups,
     }
+
+
+def _run_rows(target, draft, rows, prompt_set, *, budget_bytes, storage, max_tokens, repeat, temperature, n_threads,
+              progress) -> dict:
+    """Every row on every prompt, rows interleaved per prompt (noise hits all alike), each engine loaded with the
+    model files dropped from the page cache: row name -> the completions' stats."""
+    runs = {r.name: [] for r in rows}
+    bar = Progress(len(prompt_set) * repeat * len(rows), "bench", "") if progress else None
+    for rep in range(repeat):
+        for pr in prompt_set:
+            for r in rows:
+                if bar:
+                    bar.update(0, note=f"{pr['id']} {r.name}")
+                kw = (dict(target_budget=budget_bytes, pager=PagerParams(io=r.io, storage=storage)) if r.paged
+                      else dict(memory_budget=None, pager=PagerParams(storage=storage)))
+                cgroup.drop_file_cache([target, draft])
+                with Engine(target, draft if r.mode != "target" else None, mode=r.mode, n_threads=n_threads,
+                            n_ctx=2048, seed=rep, pipeline=r.pipeline, **kw) as eng, _PeakRSS() as rss:
+                    out = eng.create_completion(pr["prompt"], max_tokens=max_tokens, temperature=temperature,
+                                                seed=rep)
+                st = out["edgecad"]
+                st["peak_rss_bytes"] = rss.peak
+                st["load_seconds"], st["load_bytes_read"] = eng.load_seconds, eng.load_bytes_read
+                st["prompt"] = pr["prompt"]
+                runs[r.name].append(st)
+                if bar:
+                    bar.update(1)
+    if bar:
+        bar.close()
+    return runs
+
+
+def _fidelity(target, runs: dict, n_threads) -> dict:
+    """One resident target scores every output, teacher-forced: row name -> Fidelity."""
+    fid = {name: Fidelity() for name in runs}
+    with Engine(target, n_ctx=2048, n_threads=n_threads, memory_budget=None) as judge, Batch(512) as batch:
+        for name, sts in runs.items():
+            for st in sts:
+                fid[name] += teacher_forced(judge.target_context, batch, judge.tokenize(st["prompt"], special=True),
+                                            st["token_ids"])
+    return fid
+
+
+def _row(r, sts: list, fid: Fidelity, plans: dict, floor_bw: float) -> dict:
+    """A row of the table from its completions' stats."""
+    tps = [s["n_tokens"] / (s["seconds"] + s["prompt_seconds"]) for s in sts]
+    n_tok = sum(s["n_tokens"] for s in sts)
+    passes = sum(s["target_passes"] for s in sts)
+    per_pass = n_tok / passes
+    row = {
+        "mode": r.name, "engine_mode": r.mode, "paged": r.paged, "io": r.io if r.paged else None,
+        "lossless": r.mode in LOSSLESS,
+        "tokens_per_second": statistics.median(tps), "tokens_per_second_min": min(tps),
+        "tokens_per_second_max": max(tps), "tokens": n_tok, "target_passes": passes,
+        "mean_accepted_per_pass": per_pass,
+        "peak_resident_target_bytes": max((s["peak_resident_target_bytes"] or 0) for s in sts) if r.paged else None,
+        "peak_rss_bytes": max(s["peak_rss_bytes"] for s in sts),
+        # loading the engine (models, pinned layers), files dropped from the page cache first; median
+        "load_seconds": statistics.median(s["load_seconds"] for s in sts),
+        "load_bytes_read": (statistics.median(s["load_bytes_read"] for s in sts)
+                            if all(s["load_bytes_read"] is not None for s in sts) else None),
+        "bytes_read_per_token": sum(s["bytes_read"] for s in sts) / n_tok if r.paged else None,
+        "io_floor_seconds_per_token": None, "floor_multiple": None,
+        "fidelity": fid.fraction, "near_ties": fid.near_ties, "fidelity_mismatches": fid.mismatch_clear,
+        "max_mismatch_gap": fid.max_mismatch_gap,
+        # seconds per generated token, summed over prompts
+        "seconds_draft": sum(s["seconds_draft"] for s in sts) / n_tok,
+        "seconds_target_compute": sum(s["target_compute_seconds"] for s in sts) / n_tok,
+        "seconds_io_wait": sum(s["io_wait_seconds"] for s in sts) / n_tok if r.paged else None,
+        # the pipeline: chain drafting beside target passes (overlapped with them), and what it gave
+        "seconds_chain": sum(s["seconds_chain"] for s in sts) / n_tok,
+        "chain_tokens": sum(s["chain_tokens"] for s in sts),
+        "reused_tokens": sum(s["reused_tokens"] for s in sts),
+        # the pager's IO thread: bytes read per second it was busy (reads, evictions, throttle sleeps)
+        "pager_read_bytes_per_second": (sum(s["bytes_read"] for s in sts) / busy
+                                        if r.paged and (busy := sum(s["io_busy_seconds"] for s in sts)) else None),
+    }
+    if r.paged:
+        floor = plans[r.io].streamed_bytes / floor_bw / per_pass
+        row["io_floor_seconds_per_token"] = floor
+        row["floor_multiple"] = (1 / row["tokens_per_second"]) / floor
+    return row
 
 
 def markdown(result: dict) -> str:
