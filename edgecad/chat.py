@@ -166,50 +166,59 @@ def run(conv: Conversation, *, tty: bool, out=sys.stdout, err=sys.stderr) -> int
             err.write("\n")
             continue
         text = line.strip()
-        if not text:
-            continue
         if text.startswith("/"):
-            cmd, _, arg = text.partition(" ")
-            if cmd in ("/quit", "/exit"):
+            if _command(conv, text, err, dim) == "quit":
                 return 0
-            if cmd == "/help":
-                err.write(HELP + "\n")
-            elif cmd == "/reset":
-                conv.reset()
-                err.write(dim("conversation reset") + "\n")
-            elif cmd == "/save":
-                if not arg.strip():
-                    err.write("usage: /save FILE\n")
-                    continue
-                try:
-                    conv.save(Path(arg.strip()).expanduser())
-                    err.write(dim(f"saved {len(conv.messages)} messages to {arg.strip()}") + "\n")
-                except OSError as e:
-                    err.write(f"cannot save to {arg.strip()}: {e.strerror}\n")
-            elif cmd == "/stats":
-                st = conv.last_stats
-                err.write(("no answer yet" if st is None else "\n".join(
-                    f"{k:>28}: {v}" for k, v in st.items() if k not in ("token_ids", "memory_plan"))) + "\n")
-            else:
-                err.write(f"unknown command {cmd}: /help lists them\n")
-            continue
+        elif text:
+            _answer(conv, text, tty, out, err, dim)
 
-        def show(s: str) -> None:
-            out.write(s)
-            out.flush()
 
+def _command(conv: Conversation, text: str, err, dim) -> Optional[str]:
+    """A slash command; "quit" when the chat should end."""
+    cmd, _, arg = text.partition(" ")
+    if cmd in ("/quit", "/exit"):
+        return "quit"
+    if cmd == "/help":
+        err.write(HELP + "\n")
+    elif cmd == "/reset":
+        conv.reset()
+        err.write(dim("conversation reset") + "\n")
+    elif cmd == "/save":
+        if not arg.strip():
+            err.write("usage: /save FILE\n")
+            return None
         try:
-            conv.ask(text, show)
-            out.write("\n")
-        except KeyboardInterrupt:
-            out.write("\n")
-            err.write(dim("(stopped)") + "\n")
-            continue
-        except EdgecadError as e:  # one line, and the chat goes on
-            out.write("\n")
-            hint = " (/reset starts a new conversation)" if "context" in str(e) else ""
-            err.write(f"edgecad: {e}{hint}\n")
-            continue
-        if tty and conv.last_stats:
-            err.write(dim(stats_line(conv.last_stats)) + "\n")
+            conv.save(Path(arg.strip()).expanduser())
+            err.write(dim(f"saved {len(conv.messages)} messages to {arg.strip()}") + "\n")
+        except OSError as e:
+            err.write(f"cannot save to {arg.strip()}: {e.strerror}\n")
+    elif cmd == "/stats":
+        st = conv.last_stats
+        err.write(("no answer yet" if st is None else "\n".join(
+            f"{k:>28}: {v}" for k, v in st.items() if k not in ("token_ids", "memory_plan"))) + "\n")
+    else:
+        err.write(f"unknown command {cmd}: /help lists them\n")
+    return None
+
+
+def _answer(conv: Conversation, text: str, tty: bool, out, err, dim) -> None:
+    """One turn: the answer streamed as it is accepted; Ctrl-C stops it, an error is one line; the chat goes on."""
+    def show(s: str) -> None:
+        out.write(s)
         out.flush()
+
+    try:
+        conv.ask(text, show)
+        out.write("\n")
+    except KeyboardInterrupt:
+        out.write("\n")
+        err.write(dim("(stopped)") + "\n")
+        return
+    except EdgecadError as e:  # one line, and the chat goes on
+        out.write("\n")
+        hint = " (/reset starts a new conversation)" if "context" in str(e) else ""
+        err.write(f"edgecad: {e}{hint}\n")
+        return
+    if tty and conv.last_stats:
+        err.write(dim(stats_line(conv.last_stats)) + "\n")
+    out.flush()
