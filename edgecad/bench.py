@@ -404,36 +404,7 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
             spec = {"row": row, "target": str(target), "draft": str(draft), "prompts": texts,
                     "max_tokens": max_tokens, "n_threads": n_threads or os.cpu_count(), "n_ctx": n_ctx}
             cgroup.drop_file_cache([target, draft])
-            cmd = [sys.executable, "-m", "edgecad.bench", "--worker", json.dumps(spec)]
-            # cwd elsewhere: from a source checkout, `-m edgecad.bench` would import the unbuilt sources
-            kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
-            try:
-                if limit:
-                    with cgroup.MemoryCgroup(limit) as cg:
-                        r = cg.run(cmd, timeout=timeout, **kw)
-                        peak, killed = cg.peak, cgroup.killed_by_limit(r.returncode, cg)
-                else:
-                    r = subprocess.run(cmd, timeout=timeout, **kw)
-                    peak, killed = None, False
-            except subprocess.TimeoutExpired:
-                r, peak, killed = subprocess.CompletedProcess(cmd, -9, "", f"timed out after {timeout} s"), None, False
-            except (OSError, subprocess.SubprocessError) as e:
-                raise EdgecadError(f"cannot run a bench row in a memory cgroup ({e}): run without --memory-limit, "
-                                   "or as a user who may create and join cgroups") from None
-            res = {"limit_bytes": limit, "row": row, "peak_bytes": peak, "killed": killed, "returncode": r.returncode}
-            if r.returncode == 0:
-                w = json.loads(r.stdout.strip().splitlines()[-1])
-                tps = [x["tokens"] / x["seconds"] for x in w["runs"] if x["seconds"] > 0]
-                res.update(peak_generating_bytes=w["peak_generating_bytes"],
-                           tokens_per_second=statistics.median(tps), tokens_per_second_min=min(tps),
-                           tokens_per_second_max=max(tps), load_seconds=w["load_seconds"],
-                           load_bytes_read=w["load_bytes_read"],
-                           config=w["plan"].get("config", "llama.cpp defaults"), plan=w["plan"],
-                           texts=[x["text"] for x in w["runs"]],
-                           tokens_per_pass=statistics.mean(x.get("tokens_per_pass") or 1.0 for x in w["runs"]))
-            else:
-                res.update(tokens_per_second=None, error=("killed by the memory limit" if killed else
-                                                          (r.stderr.strip().splitlines() or ["?"])[-1][:300].replace("edgecad: error: ", "")))
+            res = _limit_row(spec, limit, timeout)
             results.append(res)
             if bar:
                 bar.update(1)
@@ -453,6 +424,42 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
                        "cgroups": ok, "tokens_per_second": "completion tokens / (prompt + generation seconds), "
                        "median over prompts; load not counted"},
             "results": results}
+
+
+def _limit_row(spec: dict, limit: Optional[int], timeout: float) -> dict:
+    """One row's process (`python -m edgecad.bench --worker SPEC`) alone in a memory cgroup of `limit` bytes (None:
+    no limit): its speed, peak memory, configuration and texts, or why it did not finish."""
+    cmd = [sys.executable, "-m", "edgecad.bench", "--worker", json.dumps(spec)]
+    # cwd elsewhere: from a source checkout, `-m edgecad.bench` would import the unbuilt sources
+    kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+    try:
+        if limit:
+            with cgroup.MemoryCgroup(limit) as cg:
+                r = cg.run(cmd, timeout=timeout, **kw)
+                peak, killed = cg.peak, cgroup.killed_by_limit(r.returncode, cg)
+        else:
+            r = subprocess.run(cmd, timeout=timeout, **kw)
+            peak, killed = None, False
+    except subprocess.TimeoutExpired:
+        r, peak, killed = subprocess.CompletedProcess(cmd, -9, "", f"timed out after {timeout} s"), None, False
+    except (OSError, subprocess.SubprocessError) as e:
+        raise EdgecadError(f"cannot run a bench row in a memory cgroup ({e}): run without --memory-limit, "
+                           "or as a user who may create and join cgroups") from None
+    res = {"limit_bytes": limit, "row": spec["row"], "peak_bytes": peak, "killed": killed, "returncode": r.returncode}
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["?"])[-1][:300].replace("edgecad: error: ", "")
+        res.update(tokens_per_second=None, error="killed by the memory limit" if killed else why)
+        return res
+    w = json.loads(r.stdout.strip().splitlines()[-1])
+    tps = [x["tokens"] / x["seconds"] for x in w["runs"] if x["seconds"] > 0]
+    res.update(peak_generating_bytes=w["peak_generating_bytes"],
+               tokens_per_second=statistics.median(tps), tokens_per_second_min=min(tps),
+               tokens_per_second_max=max(tps), load_seconds=w["load_seconds"],
+               load_bytes_read=w["load_bytes_read"],
+               config=w["plan"].get("config", "llama.cpp defaults"), plan=w["plan"],
+               texts=[x["text"] for x in w["runs"]],
+               tokens_per_pass=statistics.mean(x.get("tokens_per_pass") or 1.0 for x in w["runs"]))
+    return res
 
 
 def limits_table(result: dict) -> str:
