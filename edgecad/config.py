@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -37,7 +37,7 @@ class EngineConfig:
     target_info: GGUFInfo
     draft_info: Optional[GGUFInfo]    # the draft given, even when the plan runs the target alone
     mode: str                         # one of MODES
-    tree_params: Optional[TreeParams] # the mode's (None in target mode); a residency may still adjust them
+    tree_params: Optional[TreeParams] # the mode's, fitted to n_ctx (None in target mode); see Residency.tree_params
     plan: MemoryPlan                  # configuration, budget split, paging plan (plan.paging)
     costs: Costs                      # the device's measured costs the plan used
     pager: PagerParams
@@ -113,6 +113,8 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
         sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
     mode = mode or ("tree" if plan.speculative else "target")
-    return EngineConfig(target_path, draft_path, t_info, d_info, mode,
-                        tree_params or MODE_PARAMS.get(mode), plan, costs, pager, n_ctx, n_threads,
+    tree = tree_params or MODE_PARAMS.get(mode)
+    if tree is not None and tree.max_nodes + 1 > n_ctx // 2:  # a tree's sequences and outputs fit the context
+        tree = replace(tree, max_nodes=max(1, n_ctx // 2 - 1))
+    return EngineConfig(target_path, draft_path, t_info, d_info, mode, tree, plan, costs, pager, n_ctx, n_threads,
                         tree_params is not None)

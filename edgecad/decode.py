@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .fidelity import NEAR_TIE_EPS, top2_gap
-from .llama import Batch, Context
+from .llama import Batch, Context, Model, ModelParams
 from .pipeline import Pipeline
 from .sampling import SamplingParams, penalize, pick
 from .drafter import Drafter
@@ -47,11 +47,34 @@ class Stats:
     paging: dict = field(default_factory=dict)  # the residency's measurements (Residency.completion_stats)
 
 
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold, so leaves per tree < 256
+
+
 class TargetDecoder:
     """Plain decoding: one target pass per token."""
+    draft_context = None  # no draft
+    pipeline = None       # nothing drafts beside the passes
+    check_kv = False      # (only speculative steps have KV to check)
 
     def __init__(self, target: Context, batch: Batch, is_eog: Callable[[int], bool]):
         self.target, self.batch, self.is_eog = target, batch, is_eog
+
+    @staticmethod
+    def sequences(params: Optional[TreeParams]) -> int:
+        """KV sequences (and logit rows) a pass needs."""
+        return 1
+
+    @staticmethod
+    def load_draft(cfg, n_gpu_layers: int, progress: bool) -> Optional[Model]:
+        """The draft model this decoder drafts with: none."""
+        return None
+
+    @classmethod
+    def build(cls, target: Context, batch: Batch, params, draft_model, draft_params, residency) -> "TargetDecoder":
+        return cls(target, batch, target.model.is_eog)
+
+    def close(self) -> None:
+        pass
 
     def __call__(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
                  stats: Stats) -> Iterator[int]:
@@ -90,6 +113,36 @@ class SpeculativeDecoder:
         self.verify = pipeline.verify if pipeline is not None else (lambda target, batch, tree, *_: verify_tree(
             target, batch, tree))
         self.check_kv = False  # tests: assert both KV caches hold only the accepted path after every step
+
+    @property
+    def draft_context(self) -> Context:
+        return self.drafter.ctx
+
+    @staticmethod
+    def sequences(params: TreeParams) -> int:
+        """KV sequences (and logit rows) a pass needs: one per tree node, the root's included."""
+        return min(MAX_SEQ, params.max_nodes + 1)
+
+    @staticmethod
+    def load_draft(cfg, n_gpu_layers: int, progress: bool) -> Optional[Model]:
+        """The resident draft, weights repacked (faster; it is never paged), on a GPU when placement says."""
+        return Model(cfg.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True, n_gpu_layers=n_gpu_layers),
+                     cfg.draft_info, progress=f"loading {cfg.draft_path.name}" if progress else None)
+
+    @classmethod
+    def build(cls, target: Context, batch: Batch, params: TreeParams, draft_model, draft_params,
+              residency) -> "SpeculativeDecoder":
+        """With the draft's own context (and, when the residency has one, the pipeline's gate) and drafter."""
+        drafter = Drafter(Context(draft_model, draft_params, **residency.draft_hooks()), params,
+                          cls.sequences(params), draft_params.n_batch)
+        return cls(target, batch, drafter, params, target.model.is_eog, residency.pipeline(drafter))
+
+    def close(self) -> None:
+        """Join the pipeline's thread (it drafts in the draft's context), free the drafter and the context."""
+        if self.pipeline is not None:
+            self.pipeline.join()
+        self.drafter.close()
+        self.drafter.ctx.close()
 
     def step(self, fallback: FallbackThreshold, accept, sp: SamplingParams, rng: np.random.Generator,
              recent: Sequence[int], room: int, left: int) -> tuple[TokenTree, Verdict]:
@@ -162,3 +215,8 @@ class SpeculativeDecoder:
                 f"sequence 0 holds {ctx.seq_pos_min(0)}..{ctx.seq_pos_max(0)}, expected 0..{n - 1}")
             left = [s for s in range(1, ctx.params.n_seq_max) if ctx.seq_pos_max(s) != -1]
             assert not left, f"branch sequences {left} were left in the KV cache"
+
+
+def decoder_for(mode: str) -> type:
+    """The decoder of a mode: target alone, or speculative (tree, linear and bild differ in TreeParams only)."""
+    return TargetDecoder if mode == "target" else SpeculativeDecoder

@@ -20,19 +20,15 @@ import numpy as np
 
 from . import native
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
-from .decode import SpeculativeDecoder, Stats, TargetDecoder
+from .decode import Stats, decoder_for
 from .devices import placement, placement_line
 from .errors import EdgecadError, PromptTooLongError
-from .llama import Batch, Context, ContextParams, Model, ModelParams, set_verbose
+from .llama import Batch, Context, ContextParams, Model, set_verbose
 from .memory import observe, save_costs
 from .pager import Pager, PagerParams, emulate_storage, storage_bytes_read
-from .pipeline import Pipeline
 from .residency import Residency, residency_for
 from .sampling import SamplingParams
-from .drafter import Drafter
 from .tree import TreeParams
-
-MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold, so leaves per tree < 256
 
 
 def stats_dict(stats: Stats, plan) -> dict:
@@ -134,8 +130,7 @@ class Engine:
         verbose: bool = False,
         progress: bool = False,
     ):
-        self._target_model = self._draft_model = self._drafter = self._batch = self._pipeline = None
-        self._target = self._draft = self._decoder = None
+        self._target_model = self._draft_model = self._batch = self._target = self._decoder = None
         self._residency: Residency = Residency()
         native.lib.ec_interrupt_clear()
         set_verbose(verbose)
@@ -146,13 +141,11 @@ class Engine:
         self.target_path, self.draft_path, self.mode, self.n_threads = (cfg.target_path, cfg.draft_path, cfg.mode,
                                                                          cfg.n_threads)
         self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.costs
-        self._residency = residency_for(cfg.plan.paging)
-        self.tree_params = cfg.tree_params
-        if cfg.speculative and not cfg.tree_params_given:
-            self.tree_params = self._residency.tree_params(self.tree_params)
+        self._residency = residency_for(cfg.plan.paging, pipeline)
+        self.tree_params = self._residency.tree_params(cfg)
         t_gpu, d_gpu = self._load(cfg, backend=backend, draft_gpu_layers=draft_gpu_layers,
                                   target_gpu_layers=target_gpu_layers, progress=progress)
-        self._make_contexts(cfg, t_gpu, d_gpu, pipeline)
+        self._make_contexts(cfg, t_gpu, d_gpu)
         if native.lib.ec_interrupt_pending():  # a Ctrl-C while C code ran (a log callback may have eaten it)
             self.close()
             raise KeyboardInterrupt
@@ -174,10 +167,7 @@ class Engine:
         with res.loading(cfg.target_path, self.verbose) as lazy:
             self._target_model = Model(cfg.target_path, res.model_params(t_gpu), cfg.target_info,
                                        progress=f"loading {cfg.target_path.name}" if progress else None)
-        if cfg.speculative:
-            self._draft_model = Model(cfg.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True,
-                                                                  n_gpu_layers=d_gpu), cfg.draft_info,
-                                      progress=f"loading {cfg.draft_path.name}" if progress else None)
+        self._draft_model = decoder_for(cfg.mode).load_draft(cfg, d_gpu, progress)
         emulate_storage(storage_bytes_read(since=read0), t_load, cfg.pager.bytes_per_second)
         res.start(self._target_model, cfg.target_info)
         self.lazy_load = lazy
@@ -185,29 +175,20 @@ class Engine:
         self.load_bytes_read = storage_bytes_read(since=read0)  # from storage (page-cache hits: 0)
         return t_gpu, d_gpu
 
-    def _make_contexts(self, cfg: EngineConfig, t_gpu: int, d_gpu: int, pipeline: bool) -> None:
-        """The target's context (with its residency's hooks), the draft's and the decoder of the mode."""
-        speculative = cfg.speculative
-        if speculative and self.tree_params.max_nodes + 1 > cfg.n_ctx // 2:  # a tree's sequences and outputs fit
-            self.tree_params = replace(self.tree_params, max_nodes=max(1, cfg.n_ctx // 2 - 1))
-        n_seq = min(MAX_SEQ, self.tree_params.max_nodes + 1) if speculative else 1
+    def _make_contexts(self, cfg: EngineConfig, t_gpu: int, d_gpu: int) -> None:
+        """The target's context (with its residency's hooks) and the mode's decoder, which makes what it needs
+        besides (the draft's context and drafter)."""
+        decoder = decoder_for(cfg.mode)
+        n_seq = decoder.sequences(self.tree_params)
         # llama.cpp reserves max(outputs, sequences) logit rows and allows n_batch outputs: n_batch >= n_seq
         cp = ContextParams(n_ctx=cfg.n_ctx, n_batch=max(cfg.plan.n_batch, n_seq), n_seq_max=n_seq,
                            n_threads=cfg.n_threads, op_offload=t_gpu != 0)
         self._target = Context(self._target_model, cp, **self._residency.target_hooks())
         self.n_ctx = self._target.n_ctx
         self._batch = Batch(max(cp.n_batch, n_seq), n_seq)
-        is_eog = self._target_model.is_eog
-        gate = self._residency.draft_gate() if pipeline and speculative else None
-        self.pipeline = gate is not None
-        if not speculative:
-            self._decoder = TargetDecoder(self._target, self._batch, is_eog)
-            return
-        self._draft = Context(self._draft_model, replace(cp, op_offload=d_gpu != 0), **(gate or {}))
-        self._drafter = Drafter(self._draft, self.tree_params, n_seq, cp.n_batch)
-        self._pipeline = Pipeline(self._residency.pager, self._drafter) if self.pipeline else None
-        self._decoder = SpeculativeDecoder(self._target, self._batch, self._drafter, self.tree_params, is_eog,
-                                           self._pipeline)
+        self._decoder = decoder.build(self._target, self._batch, self.tree_params, self._draft_model,
+                                      replace(cp, op_offload=d_gpu != 0), self._residency)
+        self.pipeline = self._decoder.pipeline is not None
 
     # ------------------------------------------------------------------ tokens
 
@@ -432,9 +413,7 @@ class Engine:
             # an open stream's chunk that another thread is computing finishes first; its next chunk then sees
             # the engine closed (_target is None, read under the same lock)
             with getattr(self, "_computing", None) or threading.Lock():
-                if getattr(self, "_pipeline", None) is not None:
-                    self._pipeline.join()
-                for name in ("_drafter", "_batch", "_target", "_draft", "_target_model", "_draft_model"):
+                for name in ("_decoder", "_batch", "_target", "_target_model", "_draft_model"):
                     obj = getattr(self, name, None)
                     if obj is not None:
                         obj.close()
@@ -460,12 +439,11 @@ class Engine:
     @property
     def check_kv(self) -> bool:
         """Set True: after every speculative step, assert both KV caches hold only the accepted path."""
-        return getattr(self._decoder, "check_kv", False)
+        return self._decoder.check_kv
 
     @check_kv.setter
     def check_kv(self, on: bool) -> None:
-        if isinstance(self._decoder, SpeculativeDecoder):
-            self._decoder.check_kv = on
+        self._decoder.check_kv = on
 
     @property
     def pager(self) -> Optional[Pager]:
@@ -480,7 +458,7 @@ class Engine:
     @property
     def draft_context(self) -> Optional[Context]:
         """The draft's llama.cpp context, None without a draft."""
-        return self._draft
+        return self._decoder.draft_context if self._decoder is not None else None
 
 
 def _held_back(text: str, stops: Sequence[str], start: int) -> int:

@@ -17,6 +17,9 @@ from typing import Optional
 from .gguf_file import GGUFInfo
 from .llama import Model, ModelParams
 from .pager import BudgetPlan, LazyLoad, Pager, file_mappings, lazy_load, new_mapping
+from .config import EngineConfig
+from .drafter import Drafter
+from .pipeline import Pipeline
 from .tree import TreeParams
 
 
@@ -37,19 +40,25 @@ class Residency:
     def start(self, model: Model, info: GGUFInfo) -> None:
         """After every model is loaded (and a --storage profile charged for what the loads read)."""
 
-    def tree_params(self, params: TreeParams) -> TreeParams:
-        """The mode's tree parameters for this residency. The cost-aware cap measured +13% tok/s paged but -7%
-        resident (scripts/eval_fallback.py): a resident target's passes are cheap, LLMCad's threshold alone
-        does better."""
-        return replace(params, cost_aware=False)
+    def tree_params(self, cfg: EngineConfig) -> Optional[TreeParams]:
+        """The mode's tree parameters for this residency, unless the caller fixed them. The cost-aware cap
+        measured +13% tok/s paged but -7% resident (scripts/eval_fallback.py): a resident target's passes are
+        cheap, LLMCad's threshold alone does better."""
+        if cfg.tree_params is None or cfg.tree_params_given:
+            return cfg.tree_params
+        return replace(cfg.tree_params, cost_aware=False)
 
     def target_hooks(self) -> dict:
         """Keyword arguments of the target's Context (llama.cpp's cb_eval, what runs after a decode)."""
         return {}
 
-    def draft_gate(self) -> Optional[dict]:
-        """The draft Context's hooks that let it draft beside a target pass (the pipeline), None if nothing
-        can overlap: a resident target's pass never waits."""
+    def draft_hooks(self) -> dict:
+        """Keyword arguments of the draft's Context: with the pipeline, the gate that lets it draft beside a
+        target pass. A resident target's pass never waits: nothing to overlap, no pipeline."""
+        return {}
+
+    def pipeline(self, drafter: Drafter) -> Optional[Pipeline]:
+        """What drafts beside the target's passes (edgecad.pipeline), None without the pipeline."""
         return None
 
     def begin_completion(self) -> None:
@@ -67,8 +76,9 @@ class Paged(Residency):
     """The target paged by the native pager inside its share of the budget (plan: the paging plan)."""
     name = "paged"
 
-    def __init__(self, plan: BudgetPlan):
-        self.plan, self.pager, self._before, self._mappings = plan, None, None, set()
+    def __init__(self, plan: BudgetPlan, pipeline: bool = False):
+        """pipeline: draft beside the passes while they wait on storage (off by default: docs/paging.md)."""
+        self.plan, self.pipelined, self.pager, self._before, self._mappings = plan, pipeline, None, None, set()
 
     def model_params(self, n_gpu_layers: int) -> ModelParams:
         return ModelParams(use_mmap=True, use_extra_bufts=False, n_gpu_layers=n_gpu_layers)  # pages stay the file's
@@ -86,14 +96,17 @@ class Paged(Residency):
         # its reads are throttled by the pager itself (a --storage profile charges only the loads' reads)
         self.pager = Pager(model, info, self.plan, new_mapping(model.path, self._mappings))
 
-    def tree_params(self, params: TreeParams) -> TreeParams:
-        return params
+    def tree_params(self, cfg: EngineConfig) -> Optional[TreeParams]:
+        return cfg.tree_params
 
     def target_hooks(self) -> dict:
         return dict(cb_eval=self.pager.cb_eval, cb_eval_user_data=self.pager.handle, after_decode=self.pager.after_pass)
 
-    def draft_gate(self) -> Optional[dict]:
-        return dict(cb_eval=self.pager.gate_cb_eval, cb_eval_user_data=self.pager.handle)
+    def draft_hooks(self) -> dict:
+        return dict(cb_eval=self.pager.gate_cb_eval, cb_eval_user_data=self.pager.handle) if self.pipelined else {}
+
+    def pipeline(self, drafter: Drafter) -> Optional[Pipeline]:
+        return Pipeline(self.pager, drafter) if self.pipelined else None
 
     def begin_completion(self) -> None:
         self.pager.recover()
@@ -114,6 +127,6 @@ class Paged(Residency):
             self.pager = None
 
 
-def residency_for(paging: Optional[BudgetPlan]) -> Residency:
-    """The residency a memory plan asks for: paged when it has a paging plan."""
-    return Paged(paging) if paging is not None else Residency()
+def residency_for(paging: Optional[BudgetPlan], pipeline: bool = False) -> Residency:
+    """The residency a memory plan asks for: paged when it has a paging plan (with the pipeline if asked)."""
+    return Paged(paging, pipeline) if paging is not None else Residency()
