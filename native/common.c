@@ -137,20 +137,31 @@ int ec_mem_resident(const void *addr, uint64_t len, uint64_t *resident_bytes) {
     return EC_OK;
 }
 
+/* open(path), clip [offset, offset + *len) to the file (*len 0 at or past its end) and give the page-aligned
+ * span that maps it: *aligned its first file offset, *maplen its bytes. EC_EOPEN / EC_ESTAT as open_file. */
+static int open_span(const char *path, uint64_t offset, uint64_t *len, int *fd, uint64_t *aligned, size_t *maplen) {
+    uint64_t size;
+    int rc = open_file(path, fd, &size);
+    if (rc) return rc;
+    if (offset >= size) *len = 0;
+    else if (*len > size - offset) *len = size - offset;
+    *aligned = offset & ~(uint64_t)(page_size() - 1);
+    *maplen = (size_t)(*len + (offset - *aligned));
+    return EC_OK;
+}
+
 int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *resident_bytes) {
     if (!path || !resident_bytes) return fail(EC_EINVAL, 0, "ec_file_resident: NULL argument");
     *resident_bytes = 0;
     int fd;
-    uint64_t size;
-    int rc = open_file(path, &fd, &size);
+    uint64_t aligned;
+    size_t maplen;
+    int rc = open_span(path, offset, &len, &fd, &aligned, &maplen);
     if (rc) return rc;
-    if (offset >= size || len == 0) {
+    if (len == 0) {
         close(fd);
         return EC_OK;
     }
-    if (len > size - offset) len = size - offset;
-    uint64_t aligned = offset & ~(uint64_t)(page_size() - 1);
-    size_t maplen = (size_t)(len + (offset - aligned));
     /* A fresh shared mapping faults nothing in: mincore then reports the page cache. */
     void *p = mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)aligned);
     if (p == MAP_FAILED) {
@@ -179,15 +190,12 @@ int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *
 int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second) {
     if (!path || !bytes_per_second) return fail(EC_EINVAL, 0, "ec_read_bandwidth: NULL argument");
     int fd;
-    uint64_t size;
-    int rc = open_file(path, &fd, &size);
+    uint64_t aligned;
+    size_t maplen;
+    int rc = open_span(path, offset, &len, &fd, &aligned, &maplen);
     if (rc) return rc;
-    if (offset >= size) len = 0;
-    else if (len > size - offset) len = size - offset;
     rc = posix_fadvise(fd, (off_t)offset, (off_t)len, POSIX_FADV_DONTNEED);
     if (rc != 0) fprintf(stderr, "edgecad: warning: posix_fadvise(DONTNEED) failed: %s\n", strerror(rc));
-    uint64_t aligned = offset & ~(uint64_t)(page_size() - 1);
-    size_t maplen = (size_t)(len + (offset - aligned));
     uint8_t *map = len ? mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)aligned) : MAP_FAILED;
     uint8_t *buf = NULL;
     double t0 = now_s(), dt = 0;
