@@ -338,7 +338,7 @@ class Pager:
         """model: the loaded edgecad.llama.Model whose file this pager streams; it closes the pager before it
         frees its mapping (the IO thread must never advise an address llama.cpp no longer maps).
         mapping: (address, file offset, length) of llama.cpp's mapping of this model (new_mapping)."""
-        self.path, self.plan, self._h, self._interrupted = Path(model.path), plan, None, False
+        self.path, self.plan, self._h = Path(model.path), plan, None
         addr, map_off, map_len = mapping
         ranges = {l.index: l for l in info.layers()}
         n = max(ranges) + 1
@@ -373,9 +373,8 @@ class Pager:
         """Before a completion: end a pass that a Ctrl-C left open (a gated draft would wait for its end), and
         after an IO error or an interrupted read (raised by the pass that met it), settle again."""
         self.end_pass()
-        if _lib.ec_pager_error(self._h) or self._interrupted:
+        if _lib.ec_pager_error(self._h):
             self.settle()
-            self._interrupted = False
 
     def inject_fault(self, code: int = native.EC_EIO) -> None:
         """Tests: make the next read fail as a failing storage would."""
@@ -394,11 +393,9 @@ class Pager:
         _lib.ec_pager_pass_end(self._h)
 
     def after_pass(self) -> None:
-        """After every target decode: end_pass, and raise if the IO thread failed (the graph was
-        aborted, logits are invalid)."""
+        """After every target decode: end_pass, and raise if the IO thread failed (the graph was aborted, logits
+        are invalid) or a Ctrl-C stopped the pass (the pager then settles before the next completion)."""
         self.end_pass()
-        if native.lib.ec_interrupt_pending():  # a Ctrl-C stopped the graph (maybe between two boundaries): the
-            self._interrupted = True           # pass left its window half-read; the next completion settles
         self.check()
 
     def check(self) -> None:

@@ -238,6 +238,16 @@ static void record_error(ec_pager *p, int rc) {
     snprintf(p->error_text, sizeof p->error_text, "%s", ec_errbuf);
 }
 
+/* A Ctrl-C stops the pass (at a boundary, or between two through llama.cpp's abort callback): its window is
+ * left half-read, and a read the IO thread is in must stop too. The pager's error until a settle: the next
+ * completion's recover. (mu held) */
+static void note_interrupt(ec_pager *p) {
+    if (!p->error && interrupted()) {
+        fail(EC_ECANCELED, 0, "interrupted");
+        record_error(p, EC_ECANCELED);
+    }
+}
+
 /* Wait until the IO thread has done every queued op. (mu held) */
 static void drain(ec_pager *p) {
     while (p->completed < p->queued) pthread_cond_wait(&p->done, &p->mu);
@@ -361,10 +371,7 @@ static int boundary(ec_pager *p, int il) {
         }
         p->st.io_wait_ns += (uint64_t)((now_s() - t0) * 1e9);
     }
-    if (!p->error && interrupted()) { /* the pass stops here: its window is left half-read, and a read the IO */
-        fail(EC_ECANCELED, 0, "interrupted");  /* thread is in must stop too: the pager's error until a settle */
-        record_error(p, EC_ECANCELED);
-    }
+    note_interrupt(p);
     int err = p->error;
     pthread_mutex_unlock(&p->mu);
     if (!err && p->prm.measure && p->n_stream > 0) measure(p, j >= 0 ? j : p->next_ring[il], pass_start);
@@ -399,6 +406,7 @@ int ec_pager_pass_end(ec_pager *p) {
     __atomic_store_n(&p->in_pass, 0, __ATOMIC_RELAXED);
     p->waiting = 0;
     pthread_cond_broadcast(&p->gate);
+    note_interrupt(p);
     int w = window(p);
     if (p->prm.depth > 0 && p->n_stream > w && !p->error) {
         for (int k = w; k < p->n_stream; k++) request_evict(p, p->ring[k]);
