@@ -194,10 +194,8 @@ class Model:
         self._dependents.append(dependent)
 
     def close(self) -> None:
-        for d in getattr(self, "_dependents", ()):
-            d.close()
-        if getattr(self, "_dependents", None):
-            self._dependents = []
+        while self._dependents:
+            self._dependents.pop().close()
         if self._ptr:
             C.llama_model_free(self._ptr)
             self._ptr = None
