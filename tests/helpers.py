@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 
 import numpy as np
 
@@ -16,6 +19,12 @@ def budget_for(target, params, pinned_layers: int = 3) -> int:
     info = read_gguf(target)
     layer = max(l.n_bytes for l in info.layers())
     return plan_budget(info, 10 ** 9, params).minimum + pinned_layers * layer
+
+
+def sigint_timer(seconds: float) -> threading.Timer:
+    """A real SIGINT to this process `seconds` after start() (the C library's flag and Python's KeyboardInterrupt,
+    as a terminal's Ctrl-C). Start it where the KeyboardInterrupt is expected; join it after."""
+    return threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
 
 
 def _chi2_quantile(dof: int, p: float = 0.999) -> float:

@@ -10,7 +10,7 @@ from edgecad import Engine
 from edgecad.errors import (EdgecadError, ModelFileError, ModelNotFetchedError, PromptTooLongError,
                             UnknownModelError, VocabularyMismatchError)
 
-from helpers import PROMPTS
+from helpers import PROMPTS, sigint_timer
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +314,6 @@ def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pa
     draft computes. Each time the engine stays usable, both caches hold only the accepted path, and the next
     completion is the target's own."""
     import random
-    import signal
-    import threading
     from edgecad.pager import PagerParams
     draft, target = paging_pair
     p = PagerParams(throttle_bps=40e6 if storage == "throttled" else None, embd_allowance=64 << 10)
@@ -326,7 +324,7 @@ def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pa
         rnd, interrupted, tries = random.Random(0), 0, 0
         while interrupted < 6 and tries < 40:  # random moments of a completion: most of them interrupt it
             tries += 1
-            t = threading.Timer(rnd.uniform(0.002, took), os.kill, (os.getpid(), signal.SIGINT))
+            t = sigint_timer(rnd.uniform(0.002, took))
             try:
                 t.start()
                 e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)

@@ -6,6 +6,7 @@ import pytest
 
 from edgecad import native
 from edgecad.errors import NativeError
+from helpers import sigint_timer
 
 PAGE = mmap.PAGESIZE
 
@@ -121,7 +122,7 @@ def layer_file(disk_dir):
 
 def _ctrl_c(delay: float) -> None:
     """A real SIGINT `delay` seconds from now; wait for Python's KeyboardInterrupt (raised in this thread)."""
-    t = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+    t = sigint_timer(delay)
     try:
         with pytest.raises(KeyboardInterrupt):
             t.start()

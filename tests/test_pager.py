@@ -12,7 +12,7 @@ from edgecad.errors import EdgecadError, ModelFileError
 from edgecad.gguf_file import read_gguf
 from edgecad.pager import PagerParams, parse_budget, plan_budget, read_bandwidth
 
-from helpers import PROMPTS as ALL_PROMPTS, budget_for
+from helpers import PROMPTS as ALL_PROMPTS, budget_for, sigint_timer
 
 PAGE = mmap.PAGESIZE
 PROMPTS = ALL_PROMPTS[:3]
@@ -252,17 +252,14 @@ def test_an_io_error_surfaces_and_the_next_completion_works(paging_pair, referen
 def test_ctrl_c_stops_a_pass_that_waits_on_storage(paging_pair, reference):
     """A SIGINT while a paged pass waits for its layers (storage throttled to 5 MB/s: a pass takes ~0.7 s)
     stops the pass there, not at its end: fewer layer boundaries than a whole pass; the engine goes on."""
-    import os
-    import signal
-    import threading
     _, target = paging_pair
     p = PagerParams(io="demand", throttle_bps=5e6, **SMALL)
     with Engine(target, n_ctx=512, target_budget=budget_for(target, p), pager=p) as e:
         n_layers = read_gguf(target).n_layer
         before = e.pager.stats()["boundaries"]
-        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
+        timer = sigint_timer(0.2)
         with pytest.raises(KeyboardInterrupt):
+            timer.start()
             e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=40)
         timer.join()
         assert e.pager.stats()["boundaries"] - before < n_layers  # the prompt's pass did not run to its end
@@ -316,14 +313,6 @@ def test_freeing_the_model_closes_its_pager_first(paging_pair):
     assert not pager.handle
 
 
-def _sigint_after(seconds: float):
-    import signal
-    import threading
-    t = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
-    t.start()
-    return t
-
-
 @pytest.mark.parametrize("mode", ["target", "tree"])
 def test_ctrl_c_while_the_storage_stalls_stops_the_pass_and_the_engine_goes_on(paging_pair, reference, mode):
     """Storage stalls (1 byte/s) mid-completion: a real SIGINT stops the pass that waits for it and the read
@@ -337,8 +326,9 @@ def test_ctrl_c_while_the_storage_stalls_stops_the_pass_and_the_engine_goes_on(p
         assert e.create_completion(PROMPTS[1], temperature=0.0, max_tokens=40)["edgecad"]["token_ids"] == \
             reference[PROMPTS[1]]
         e.pager.set_throttle(1.0)
-        t = _sigint_after(0.5)
+        t = sigint_timer(0.5)
         with pytest.raises(KeyboardInterrupt):
+            t.start()
             e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=40)
         t.join()
         e.pager.set_throttle(0.0)
