@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -105,8 +105,8 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
 
     runs = _run_rows(target, draft, rows, prompt_set, budget_bytes=budget_bytes, storage=storage, max_tokens=max_tokens,
                      repeat=repeat, temperature=temperature, n_threads=n_threads, progress=progress)
-    fid = _fidelity(target, runs, n_threads)
-    out_rows = [_row(r, runs[r.name], fid[r.name], plans, floor_bw) for r in rows]
+    fid, compute_floor = _judge(target, runs, n_threads)
+    out_rows = [_row(r, runs[r.name], fid[r.name], plans, floor_bw, compute_floor) for r in rows]
     by = {row["mode"]: row for row in out_rows}
     for row in out_rows:
         for base, key in (("target-paged", "speedup_vs_target_paged"), ("target", "speedup_vs_target")):
@@ -162,19 +162,44 @@ def _run_rows(target, draft, rows, prompt_set, *, budget_bytes, storage, max_tok
     return runs
 
 
-def _fidelity(target, runs: dict, n_threads) -> dict:
-    """One resident target scores every output, teacher-forced: row name -> Fidelity."""
+def _judge(target, runs: dict, n_threads) -> tuple[dict, Callable[[int], float]]:
+    """One resident target scores every output, teacher-forced (row name -> Fidelity), and measures the compute
+    floor of a pass: seconds of a resident pass over k tokens (root + k - 1 nodes), median of 3."""
     fid = {name: Fidelity() for name in runs}
     with Engine(target, n_ctx=2048, n_threads=n_threads, memory_budget=None) as judge, Batch(512) as batch:
         for name, sts in runs.items():
             for st in sts:
                 fid[name] += teacher_forced(judge.target_context, batch, judge.tokenize(st["prompt"], special=True),
                                             st["token_ids"])
-    return fid
+        ctx, ks = judge.target_context, sorted({_pass_size(st) for sts in runs.values() for st in sts})
+        floor = {k: statistics.median(_pass_seconds(ctx, batch, k) for _ in range(3)) for k in ks}
+    return fid, lambda k: floor[k] if k in floor else floor[min(floor, key=lambda x: abs(x - k))]
 
 
-def _row(r, sts: list, fid: Fidelity, plans: dict, floor_bw: float) -> dict:
-    """A row of the table from its completions' stats."""
+def _pass_size(st: dict) -> int:
+    """Tokens in one of a completion's target passes, on average: the root and the drafted nodes."""
+    return round(st["tree_nodes_per_pass"]) + 1
+
+
+def _pass_seconds(ctx, batch: Batch, k: int, context: int = 64) -> float:
+    """One resident pass over k tokens with logits for each, after `context` tokens (its KV cache is cleared)."""
+    ctx.clear()
+    batch.clear()
+    for i in range(context):
+        batch.add(1, i, (0,), False)
+    ctx.decode(batch)
+    batch.clear()
+    for i in range(k):
+        batch.add(1, context + i, (0,), True)
+    t0 = time.perf_counter()
+    ctx.decode(batch)
+    seconds = time.perf_counter() - t0
+    ctx.clear()
+    return seconds
+
+
+def _row(r, sts: list, fid: Fidelity, plans: dict, floor_bw: float, compute_floor) -> dict:
+    """A row of the table from its completions' stats. compute_floor(k): seconds of a resident pass over k tokens."""
     tps = [s["n_tokens"] / (s["seconds"] + s["prompt_seconds"]) for s in sts]
     n_tok = sum(s["n_tokens"] for s in sts)
     passes = sum(s["target_passes"] for s in sts)
@@ -211,7 +236,41 @@ def _row(r, sts: list, fid: Fidelity, plans: dict, floor_bw: float) -> dict:
         floor = plans[r.io].streamed_bytes / floor_bw / per_pass
         row["io_floor_seconds_per_token"] = floor
         row["floor_multiple"] = (1 / row["tokens_per_second"]) / floor
+    row.update(_pass_split(sts, plans[r.io].streamed_bytes / floor_bw if r.paged else 0.0, compute_floor))
     return row
+
+
+def _pass_split(sts: list, io_floor: float, compute_floor) -> dict:
+    """Where a generating pass's seconds go (means over the row's passes): waiting on IO, target compute, drafting,
+    and the unaccounted rest; `overlap` is the IO thread's busy time hidden under compute and drafting. The floor of
+    a pass is max(IO floor: its streamed bytes at the storage's sequential rate, compute floor: a resident pass of
+    the same size); `pass_floor_multiple` is how far above it the row runs."""
+    # target mode's first pass is the prompt's (in prompt_seconds): the generating passes are the others
+    passes = sum(s["target_passes"] - (s["mode"] == "target") for s in sts)
+    if passes <= 0:
+        return {"pass_seconds": None, "pass_floor_multiple": None}
+    mean = lambda key: sum(s[key] for s in sts) / passes
+    sec, io, compute, draft = mean("seconds"), mean("io_wait_seconds"), mean("target_compute_seconds"), mean("seconds_draft")
+    floor_c = statistics.mean(compute_floor(_pass_size(s)) for s in sts)
+    floor = max(io_floor, floor_c)
+    return {"pass_seconds": sec, "pass_io_wait": io, "pass_compute": compute, "pass_draft": draft,
+            "pass_overlap": max(0.0, mean("io_busy_seconds") - io), "pass_rest": sec - io - compute - draft,
+            "pass_io_floor": io_floor, "pass_compute_floor": floor_c, "pass_floor": floor,
+            "pass_floor_multiple": sec / floor if floor > 0 else None}
+
+
+def pass_table(result: dict) -> str:
+    """Seconds per pass, split, against the floor (rows with generating passes)."""
+    head = f"{'row':<22} {'s/pass':>7} {'IO wait':>7} {'compute':>7} {'draft':>6} {'rest':>6} {'overlap':>7} " \
+           f"{'IO floor':>8} {'cmp floor':>9} {'x floor':>7}"
+    lines = [head]
+    for r in result["rows"]:
+        if r.get("pass_seconds") is None:
+            continue
+        lines.append(f"{r['mode']:<22} {r['pass_seconds']:>7.3f} {r['pass_io_wait']:>7.3f} {r['pass_compute']:>7.3f} "
+                     f"{r['pass_draft']:>6.3f} {r['pass_rest']:>6.3f} {r['pass_overlap']:>7.3f} "
+                     f"{r['pass_io_floor']:>8.3f} {r['pass_compute_floor']:>9.3f} {r['pass_floor_multiple']:>7.2f}")
+    return "\n".join(lines)
 
 
 def markdown(result: dict) -> str:
@@ -323,6 +382,8 @@ def main_bench(a) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     print(markdown(result) if a.markdown else text_table(result))
+    print("\nseconds per pass (means), against the floor max(IO floor, compute floor of a resident pass as large):")
+    print(pass_table(result))
     print("\n" + ", ".join(f"{k}: {v:.2f}x" for k, v in result["speedups"].items()))
     seq = result["config"]["sequential_read_bytes_per_second"]
     rates = [f"{r['mode']} {r['pager_read_bytes_per_second'] / 1e9:.2f}" for r in result["rows"]

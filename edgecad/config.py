@@ -58,6 +58,9 @@ def check_int(name: str, value, lo: int, hi: Optional[int], note: str = "") -> N
         raise EdgecadError(f"{name}={value!r} is out of range: use an integer {rng}" + (f" ({note})" if note else ""))
 
 
+MAX_WIDTH = 16  # children per node of a grown tree: beyond 16, an alternative's draft probability is small
+
+
 def check_same_vocabulary(draft: GGUFInfo, target: GGUFInfo) -> None:
     """Speculative decoding compares token ids: the draft must use the target's vocabulary exactly."""
     if draft.vocab_size != target.vocab_size or draft.vocab_digest != target.vocab_digest:
@@ -114,6 +117,13 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
         sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
     mode = mode or ("tree" if plan.speculative else "target")
     tree = tree_params or MODE_PARAMS.get(mode)
+    if tree is not None and plan.tree_nodes:  # the plan's tree size: smaller to fit the budget, larger (edgecad's
+        grow = mode == "tree" and tree_params is None  # own tree, not a baseline's or the caller's) where IO-bound
+        if grow and plan.tree_nodes > tree.max_nodes:  # wider too: alternatives join by their break-even (drafter)
+            width = min(MAX_WIDTH, tree.max_width * plan.tree_nodes // tree.max_nodes)
+            tree = replace(tree, max_nodes=plan.tree_nodes, max_width=max(tree.max_width, width))
+        else:
+            tree = replace(tree, max_nodes=min(tree.max_nodes, plan.tree_nodes))
     if tree is not None and tree.max_nodes + 1 > n_ctx // 2:  # a tree's sequences and outputs fit the context
         tree = replace(tree, max_nodes=max(1, n_ctx // 2 - 1))
     return EngineConfig(target_path, draft_path, t_info, d_info, mode, tree, plan, costs, pager, n_ctx, n_threads,

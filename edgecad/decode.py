@@ -45,6 +45,13 @@ class Stats:
                                  # where another mode's numerics (batched vs single token) may choose the other
     fallback: Optional[dict] = None  # summary of the fallback threshold's history
     paging: dict = field(default_factory=dict)  # the residency's measurements (Residency.completion_stats)
+    on_prompt_done: Optional[Callable[[], None]] = None  # the residency's mark between prompt and generation
+
+    def prompt_done(self, seconds: float, reused: int) -> None:
+        """The prompt is in the target's KV cache: what follows is generation."""
+        self.prompt_seconds, self.prompt_reused = seconds, reused
+        if self.on_prompt_done is not None:
+            self.on_prompt_done()
 
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold, so leaves per tree < 256
@@ -81,7 +88,7 @@ class TargetDecoder:
         ctx, b = self.target, self.batch
         t0 = time.perf_counter()
         logits = ctx.sync(b, prompt, logits=True)
-        stats.prompt_seconds, stats.prompt_reused = time.perf_counter() - t0, ctx.reused
+        stats.prompt_done(time.perf_counter() - t0, ctx.reused)
         stats.target_passes = 1  # the prompt's pass gives the first token
         generated = []
         for i in range(max_tokens):
@@ -148,8 +155,10 @@ class SpeculativeDecoder:
              recent: Sequence[int], room: int, left: int) -> tuple[TokenTree, Verdict]:
         """One target pass. room: KV cells left after the root; left: tokens still wanted after the root's."""
         p, drafter, t0 = self.p, self.drafter, time.perf_counter()
-        # draft: a tree of at most max_nodes tokens below the root, until its best branch's confidence < T
-        tree = drafter.draft(min(p.max_nodes, room), min(p.max_depth, room, left), sp, rng, fallback.current())
+        # draft: a tree of at most max_nodes tokens below the root, until its best branch's confidence < T; an
+        # alternative child joins when its draft probability >= branch_p or its branch confidence pays its cost
+        tree = drafter.draft(min(p.max_nodes, room), min(p.max_depth, room, left), sp, rng, fallback.current(),
+                             fallback.break_even())
         # verify: one target pass over root + nodes (tree attention), logits for every node
         tv = time.perf_counter()
         logits, leaf_seq = self.verify(self.target, self.batch, tree, sp, room, left)
@@ -171,7 +180,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         target.sync(self.batch, prompt[:-1])  # the target's KV: every accepted token but the root
         drafter.start(prompt)
-        stats.prompt_seconds, stats.prompt_reused = time.perf_counter() - t0, target.reused
+        stats.prompt_done(time.perf_counter() - t0, target.reused)
         stats.lossless = p.acceptance == "exact"
         accept, fallback = acceptance_for(p, sp), FallbackThreshold(p)
         if self.pipeline is not None:

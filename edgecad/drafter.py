@@ -41,6 +41,7 @@ class _Growth:
     count: dict = field(default_factory=lambda: {1: 0})  # branch -> drafted tokens it owns
     active: set = field(default_factory=lambda: {1})     # branches still growing
     next_branch: int = 2    # the next draft KV sequence to fork into
+    break_even: Optional[float] = None  # branch confidence at which a node pays (alternatives below branch_p)
 
 
 class Drafter:
@@ -88,30 +89,35 @@ class Drafter:
         return self.n_past - 1 + (len(self.seed.tokens) - 2 if self.seed else 0)
 
     def _probs(self, logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
-        """The draft's distribution at a node: its own probabilities when greedy, else the sampling one."""
-        return distribution(logits, RAW if sp.greedy else sp)
+        """The draft's distribution at a node: its own probabilities when greedy, else the sampling one. Kept in
+        float32 (a tree holds one per node): draws and the acceptance rule use the same vector, so exactness holds."""
+        return distribution(logits, RAW if sp.greedy else sp).astype(np.float32)
 
-    def _children(self, q: np.ndarray, k_max: int, sp: SamplingParams, rng, first: Optional[int] = None) -> list[int]:
-        """Child tokens of a node, in draft order. Greedy: top-1 and the alternatives >= branch_p.
-        Sampling: as many i.i.d. draws from q as q has tokens above branch_p (decided before
+    def _children(self, q: np.ndarray, k_max: int, sp: SamplingParams, rng, first: Optional[int] = None,
+                  floor: Optional[float] = None) -> list[int]:
+        """Child tokens of a node, in draft order. Greedy: top-1 and the alternatives >= branch_p (or >= floor,
+        when lower). Sampling: as many i.i.d. draws from q as q has tokens above that (decided before
         drawing, so multi-draft rejection sampling stays exact); duplicates are kept. `first`: a draw
         from q made earlier (a kept chain's token), used as the first draw."""
         top = np.argpartition(-q, k_max)[:k_max] if k_max < len(q) else np.arange(len(q))
         top = top[np.argsort(-q[top], kind="stable")]
-        k = 1 + int(np.sum(q[top[1:k_max]] >= self.p.branch_p))
+        k = 1 + int(np.sum(q[top[1:k_max]] >= min(self.p.branch_p, floor if floor is not None else 1.0)))
         if sp.greedy:
             return [int(t) for t in top[:k]]
         draws = [first] if first is not None else []
         return draws + [sample_from(q, rng) for _ in range(k - len(draws))]
 
     def draft(self, max_nodes: int, max_depth: int, sp: SamplingParams, rng: np.random.Generator,
-              threshold: float) -> TokenTree:
+              threshold: float, break_even: Optional[float] = None) -> TokenTree:
         """Decode what the draft has not seen, then grow a tree of at most max_nodes drafted tokens
-        and max_depth levels from the root (the last accepted token). With a kept chain (`seed`), the
-        tree grows exactly as it would without it, but a child that is the chain's next token on
-        branch 1 reuses the chain's decode instead of decoding again."""
+        and max_depth levels from the root (the last accepted token). break_even: the branch confidence at
+        which a node pays for its cost (FallbackThreshold.break_even): an alternative child whose branch
+        confidence reaches it joins even below branch_p (IO-bound passes: wide trees). With a kept chain
+        (`seed`), the tree grows exactly as it would without it, but a child that is the chain's next token
+        on branch 1 reuses the chain's decode instead of decoding again."""
         t0 = time.perf_counter()
         g = self._root(max_nodes, max_depth, sp)
+        g.break_even = break_even
         tree = g.tree
         while g.active and tree.n_drafted < max_nodes:
             # one level: each branch due its fair share of the node budget (share proportional to its
@@ -190,7 +196,8 @@ class Drafter:
             return []
         i = g.seeded.get(node)
         nxt = g.seed.tokens[i + 1] if i is not None and i + 1 < len(g.seed.tokens) else None
-        toks = self._children(q, p.max_width, sp, rng, nxt)
+        floor = g.break_even / tree.conf[node] if g.break_even is not None and tree.conf[node] > 0 else None
+        toks = self._children(q, p.max_width, sp, rng, nxt, floor)
         tree.q[node] = q
         if nxt is not None and toks[0] != nxt:  # the chain stops here: drop its cells past `node`
             ctx.seq_rm(1, tree.pos(node) + 1, -1)

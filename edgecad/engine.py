@@ -66,6 +66,7 @@ def stats_dict(stats: Stats, plan) -> dict:
     d["memory_plan"] = plan.parts if bounded else None
     d["target_budget_bytes"] = pg.get("target_budget_bytes")
     d["peak_resident_target_bytes"] = pg.get("peak_resident_target_bytes")
+    # the pager's counters cover the generation (after the prompt), as seconds_target does
     d["bytes_read"] = pg.get("bytes_read", 0)
     d["io_wait_seconds"] = pg.get("io_wait_seconds", 0.0)
     d["io_busy_seconds"] = pg.get("io_busy_seconds", 0.0)  # the IO thread reading (overlaps compute)
@@ -345,7 +346,7 @@ class Engine:
             max_tokens = self.n_ctx - len(tokens)
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
-        stats = Stats(mode=self.mode, prompt_tokens=len(tokens))
+        stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done)
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
 
         def chunk(text: str, finish: Optional[str]) -> dict:

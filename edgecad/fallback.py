@@ -63,14 +63,17 @@ class FallbackThreshold:
             return None
         return max(0.0, (k * nt - n * t) / den)
 
-    def current(self) -> float:
-        if not self.p.cost_aware:
-            return self.value
+    def break_even(self) -> Optional[float]:
+        """The branch confidence at which one more drafted node pays for its measured cost (cost-aware only, once
+        measured): node_seconds * rate / c."""
         b = self.node_seconds()
-        if b is None or self._s[2] <= 0:
-            return self.value
-        rate = self._tokens / self._s[2]
-        return float(max(self.p.threshold_min, min(self.value, b * rate / self.calibration())))
+        if not self.p.cost_aware or b is None or self._s[2] <= 0:
+            return None
+        return b * (self._tokens / self._s[2]) / self.calibration()
+
+    def current(self) -> float:
+        b = self.break_even()
+        return self.value if b is None else float(max(self.p.threshold_min, min(self.value, b)))
 
     def step(self, tree: TokenTree, path: Sequence[int], seconds: float) -> None:
         """After a step of `seconds` whose target accepted `path`: adapt to how much of the tree's

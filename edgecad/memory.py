@@ -113,20 +113,22 @@ class Costs:
     Priors come from this project's measurements (2 x86 cores); every completion corrects them."""
     read_bps: float = 1.2e9          # storage read bandwidth of the model's directory, bytes/s (measured)
     target_byte_s: float = 3.3e-11   # resident target: seconds of a 1-token pass per byte of weights
-    batch_slope: float = 0.45        # a k-token pass costs (1 + batch_slope * (k - 1)) 1-token passes
-    paged_factor: float = 1.6        # compute of a paged pass over a resident one (no repacking, IO thread)
+    batch_slope: float = 0.45        # a k-token pass costs (1 + batch_slope * (k - 1)) 1-token passes (calibrated by
+                                     # tree passes: 0.24 for the F16 1.5B target, 0.48 for its Q4_K_M on 2 cores)
+    paged_byte_s: float = 0.0        # a paged pass computes this many seconds longer per streamed byte (its weights
+                                     # not repacked, reads beside compute); calibrated by 1-token paged passes
     draft_node_s: float = 0.016      # drafting: seconds per drafted node (per GB of draft weights)
     tree_nodes: float = 17.0         # drafted nodes per pass
     tree_tokens: float = 4.0         # tokens per pass of a tree (accepted + bonus)
     observed: int = 0                # completions folded in
     read_measured: bool = False      # read_bps was measured on this device (not the prior)
 
-    def target_pass(self, weight_bytes: int, k: int, paged: bool) -> float:
-        c = self.target_byte_s * weight_bytes * (1 + self.batch_slope * (k - 1))
-        return c * (self.paged_factor if paged else 1.0)
+    def target_pass(self, weight_bytes: int, k: float, streamed_bytes: int = 0) -> float:
+        """Compute seconds of a target pass over k tokens (IO waits excluded), streaming `streamed_bytes`."""
+        return self.target_byte_s * weight_bytes * (1 + self.batch_slope * (k - 1)) + self.paged_byte_s * streamed_bytes
 
-    def draft_time(self, draft_bytes: int) -> float:
-        return self.draft_node_s * self.tree_nodes * draft_bytes / 1e9
+    def draft_time(self, draft_bytes: int, nodes: float) -> float:
+        return self.draft_node_s * nodes * draft_bytes / 1e9
 
 
 def _cache_key(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> str:
@@ -198,7 +200,9 @@ class MemoryPlan:
     tokens_per_second: float = 0.0  # predicted
     reason: str = ""
     alternatives: dict = field(default_factory=dict)  # config -> predicted tok/s, or why it cannot run
-    n_batch: int = 512           # tokens per prompt batch (smaller when that lets a resident config fit)
+    n_batch: int = 512           # tokens per prompt batch (smaller when that lets the configuration fit)
+    tree_nodes: int = 0          # drafted nodes a pass may verify (trees only: larger where passes are IO-bound,
+                                 # smaller where that lets the configuration fit)
 
     @property
     def paged(self) -> bool:
@@ -217,7 +221,8 @@ class MemoryPlan:
     def describe(self) -> str:
         mb = lambda n: f"{n / MB:,.0f} MB"
         lines = [f"memory budget   {mb(self.budget)} for the whole engine: configuration {self.config} "
-                 f"(predicted {self.tokens_per_second:.2f} tok/s, prompt batches of {self.n_batch}): {self.reason}",
+                 f"(predicted {self.tokens_per_second:.2f} tok/s, prompt batches of {self.n_batch}"
+                 + (f", trees of up to {self.tree_nodes} nodes" if self.speculative else "") + f"): {self.reason}",
                  "  split         " + ", ".join(f"{k} {mb(v)}" for k, v in self.parts.items())]
         alts = ", ".join(f"{k} {v if isinstance(v, str) else f'{v:.2f} tok/s'}" for k, v in self.alternatives.items())
         lines.append(f"  considered    {alts}")
@@ -227,6 +232,7 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         return {"config": self.config, "reason": self.reason, "budget_bytes": self.budget, "n_batch": self.n_batch,
+                "tree_nodes": self.tree_nodes,
                 "predicted_tokens_per_second": self.tokens_per_second, "parts": self.parts,
                 "alternatives": self.alternatives}
 
@@ -256,12 +262,14 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
             why_not[cfg], need = r
             smallest = need if smallest is None or (need is not None and need < smallest) else smallest
     if not plans:
-        raise EdgecadError(
-            (f"memory budget {budget / MB:,.0f} MB" if target_budget is None else
-             f"target budget {target_budget / MB:,.0f} MB") + f" cannot run {target.path.name}"
-            + (f" (with draft {draft.path.name})" if draft is not None else "")
-            + f": the smallest configuration needs {smallest / MB:,.0f} MB; give a larger "
-            + ("memory_budget" if target_budget is None else "target_budget") + " or a smaller n_ctx")
+        head = ((f"memory budget {budget / MB:,.0f} MB" if target_budget is None else
+                 f"target budget {target_budget / MB:,.0f} MB") + f" cannot run {target.path.name}"
+                + (f" (with draft {draft.path.name})" if draft is not None else ""))
+        if smallest is None:  # every configuration asked for was ruled out by something else
+            raise EdgecadError(head + ": " + "; ".join(f"{c}: {w}" for c, w in why_not.items())
+                               + ": choose another configuration (mode) or budget")
+        raise EdgecadError(head + f": the smallest configuration needs {smallest / MB:,.0f} MB; give a larger "
+                           + ("memory_budget" if target_budget is None else "target_budget") + " or a smaller n_ctx")
     best = max(plans.values(), key=lambda p: p.tokens_per_second)
     best.alternatives = {**{c: round(p.tokens_per_second, 3) for c, p in plans.items()}, **why_not}
     others = [f"{c} {p.tokens_per_second:.2f}" for c, p in plans.items() if p is not best]
@@ -270,36 +278,54 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
     return best
 
 
+# Shrinking steps for a paged configuration that does not fit, tried cumulatively in this order: each frees
+# memory at a price (a smaller read-ahead overlaps less IO with compute; smaller prompt batches take more passes,
+# each streaming the target; a smaller tree verifies fewer tokens per pass; demand reads overlap nothing).
+SHRINK = (("depth", 1), ("n_batch", 256), ("n_batch", 128), ("nodes", 16), ("depth", 0), ("n_batch", 64),
+          ("nodes", 8))
+MAX_TREE_NODES = 255  # llama.cpp holds 256 sequences per context: root + 255 nodes, each at most one leaf
+
+
 def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_ctx: int, n_batch: int,
                  tree_nodes: int, costs: Costs, pager: PagerParams, runtime: int,
                  target_budget: Optional[int]) -> Union[MemoryPlan, tuple]:
     """One configuration's split of the budget and its predicted speed, or (why it cannot run, the budget it
-    would need or None)."""
+    would need or None). A paged tree may verify more than tree_nodes nodes where passes are IO-bound
+    (tree_size); a paged configuration that does not fit shrinks (SHRINK) before giving up."""
     spec = cfg.startswith("tree")
     kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if spec else 0)
-    outs = tree_nodes + 1 if spec else 1
     dw = draft.file_size if spec else 0
 
-    def fixed_for(nb: int) -> tuple[int, int, int]:
-        """(compute, fixed, room) with prompt batches of nb tokens."""
-        c = compute_bytes(target, nb, outs, n_ctx) + (compute_bytes(draft, nb, outs, n_ctx) if spec else 0)
-        c += outs * target.vocab_size * 8 if spec else 0  # the drafter's distributions (float64)
+    def fixed_for(nb: int, nodes: int) -> tuple[int, int, int]:
+        """(compute, fixed, room) with prompt batches of nb tokens and trees of `nodes` drafted nodes."""
+        outs = nodes + 1 if spec else 1
+        nt = max(nb, outs)  # a tree's pass is one batch too
+        c = compute_bytes(target, nt, outs, n_ctx) + (compute_bytes(draft, nt, outs, n_ctx) if spec else 0)
+        c += outs * target.vocab_size * 4 if spec else 0  # the drafter's distributions (float32)
         f = runtime + kv + c + dw
         return c, f, (budget - f if target_budget is None else target_budget)
 
-    nb = n_batch
-    compute, fixed, room = fixed_for(nb)
+    nb, nodes = n_batch, tree_nodes if spec else 0
+    compute, fixed, room = fixed_for(nb, nodes)
     paging = None
     if cfg.endswith("paged"):
         if target_budget is not None:
             paging = plan_budget(target, target_budget, pager)  # too small: its own clear error
-        try:
-            paging = paging or plan_budget(target, max(room, 0), pager)
-        except EdgecadError:
-            need = fixed + plan_budget(target, 1 << 62, pager).minimum
-            return f"needs {need / MB:,.0f} MB", need
+        else:
+            paging, nb, nodes, pager = _fit_paged(target, pager, nb, nodes, fixed_for)
+            if paging is None:  # the smallest it shrinks to
+                need = fixed_for(nb, nodes)[1] + plan_budget(target, 1 << 62, pager).minimum
+                return f"needs {need / MB:,.0f} MB", need
         if paging.resident_all:
             return "the target fits: not paged", None
+        if spec:  # IO-bound passes verify larger trees, as long as the budget holds them
+            bigger = tree_size(costs, target, paging, pager, nodes)
+            if bigger > nodes and (target_budget is not None or plan_fits(target, fixed_for(nb, bigger)[2],
+                                                                           paging.params, paging)):
+                nodes = bigger
+                paging = paging if target_budget is not None else plan_budget(target, fixed_for(nb, nodes)[2],
+                                                                              paging.params)
+        compute, fixed, room = fixed_for(nb, nodes)
         tgt = paging.budget
     else:
         tgt = target.file_size
@@ -310,34 +336,85 @@ def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFIn
         fits = lambda: room + slack >= tgt or _holds_whole(target, room, pager)
         while not fits() and nb > 64:  # smaller prompt batches touch fewer activations: the same
             nb //= 2                   # output, prompts longer than nb take more (cheap, resident) passes
-            compute, fixed, room = fixed_for(nb)
+            compute, fixed, room = fixed_for(nb, nodes)
         if not fits():
-            need = fixed_for(n_batch)[1] + tgt
+            need = fixed_for(n_batch, nodes)[1] + tgt
             return f"needs {need / MB:,.0f} MB", need
     total = budget if target_budget is None else fixed + tgt
     tgt = min(tgt, total - fixed)  # a resident target over by the slack: the parts still add up
     return MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging,
-                      _speed(costs, target, draft if spec else None, paging, pager),
-                      n_batch=nb)
+                      _speed(costs, target, draft if spec else None, paging, paging.params if paging else pager, nodes),
+                      n_batch=nb, tree_nodes=nodes)
+
+
+def plan_fits(target: GGUFInfo, room: int, params: PagerParams, than: Optional[BudgetPlan] = None) -> bool:
+    """A paging plan fits in `room` (and streams no more than `than` does)."""
+    try:
+        p = plan_budget(target, max(room, 0), params)
+    except EdgecadError:
+        return False
+    return than is None or p.streamed_bytes <= than.streamed_bytes
+
+
+def _fit_paged(target: GGUFInfo, pager: PagerParams, nb: int, nodes: int, fixed_for):
+    """The paging plan of the first shrinking step that fits (SHRINK): (plan or None, n_batch, nodes, pager)."""
+    for knob, v in ((None, None),) + SHRINK:
+        if knob == "depth" and pager.depth > v:
+            pager = replace(pager, depth=v)
+        elif knob == "n_batch":
+            nb = min(nb, v)
+        elif knob == "nodes" and nodes:
+            nodes = min(nodes, v)
+        room = fixed_for(nb, nodes)[2]
+        if plan_fits(target, room, pager):
+            return plan_budget(target, room, pager), nb, nodes, pager
+    return None, nb, nodes, pager
+
+
+def io_seconds(costs: Costs, paging: Optional[BudgetPlan], pager: PagerParams) -> float:
+    """Seconds a pass spends reading the streamed layers (0 when they stay in the window)."""
+    if paging is None or not paging.reads_every_pass:
+        return 0.0
+    bps = min(costs.read_bps, pager.bytes_per_second) if pager.bytes_per_second else costs.read_bps
+    return paging.streamed_bytes / bps
+
+
+def tree_size(costs: Costs, target: GGUFInfo, paging: Optional[BudgetPlan], pager: PagerParams, nodes: int) -> int:
+    """Drafted nodes a pass may verify: `nodes`, doubled while the pass's compute with the larger tree stays under
+    the seconds it reads from storage (Sequoia, SpecExec: hundreds of nodes when a pass reads for seconds, few
+    when it is compute-bound). Within that cap LLMCad's threshold, capped by the measured break-even
+    (edgecad.fallback), stops drafting when another node does not pay."""
+    io, streamed = io_seconds(costs, paging, pager), _streamed(paging)
+    while nodes < MAX_TREE_NODES and costs.target_pass(target.file_size, min(2 * nodes, MAX_TREE_NODES) + 1,
+                                                       streamed) <= io:
+        nodes = min(2 * nodes, MAX_TREE_NODES)
+    return nodes
+
+
+def _streamed(paging: Optional[BudgetPlan]) -> int:
+    return paging.streamed_bytes if paging is not None else 0
 
 
 def _speed(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], paging: Optional[BudgetPlan],
-           pager: PagerParams) -> float:
+           pager: PagerParams, nodes: int = 0) -> float:
     """Predicted tokens/s: tokens per pass / (target compute (a paged factor when paged) + the streamed bytes at
-    the read rate + drafting); `draft` None: the target alone."""
-    bps = min(costs.read_bps, pager.bytes_per_second) if pager.bytes_per_second else costs.read_bps
-    k = round(costs.tree_nodes) + 1 if draft is not None else 1
-    sec = costs.target_pass(target.file_size, k, paging is not None)
-    if paging is not None and paging.reads_every_pass:
-        sec += paging.streamed_bytes / bps  # (a window as large as the streamed layers keeps them all)
-    if draft is not None:
-        sec += costs.draft_time(draft.file_size)
-    return (costs.tree_tokens if draft is not None else 1.0) / sec
+    the read rate + drafting); `draft` None: the target alone. A tree drafts its measured nodes per pass, at most
+    `nodes`; a tree capped below what it measured yields fewer tokens, growing with the logarithm of its nodes
+    (its first nodes are its likeliest: Sequoia's accepted tokens grow about so with tree size)."""
+    if draft is None:
+        return 1.0 / (costs.target_pass(target.file_size, 1, _streamed(paging)) + io_seconds(costs, paging, pager))
+    n = min(costs.tree_nodes, nodes or MAX_TREE_NODES)
+    tokens = 1 + (costs.tree_tokens - 1) * math.log1p(n) / math.log1p(max(costs.tree_nodes, n))
+    sec = (costs.target_pass(target.file_size, n + 1, _streamed(paging)) + io_seconds(costs, paging, pager)
+           + costs.draft_time(draft.file_size, n))
+    return tokens / sec
 
 
 def observe(costs: Costs, plan: MemoryPlan, stats: dict, target_bytes: int, draft_bytes: int) -> Costs:
     """Fold one completion's measurements into the costs (exponential average, weight 1/3 once
-    warmed up): acceptance and tree size, per-node draft time, target pass time, read bandwidth."""
+    warmed up): acceptance and tree size, per-node draft time, read bandwidth, and the target's pass time:
+    a 1-token pass calibrates the compute speed (resident) or the paged overhead (paged), a tree's pass the
+    batch slope."""
     if stats.get("mode") in ("linear", "bild"):
         return costs  # other trees: their acceptance is not the tree mode's, which the plan predicts
     # target mode counts the prompt's pass, whose time is in prompt_seconds, not seconds_target
@@ -353,11 +430,15 @@ def observe(costs: Costs, plan: MemoryPlan, stats: dict, target_bytes: int, draf
         c.draft_node_s = mix(c.draft_node_s, stats["seconds_draft"] / stats["draft_tokens"] / (draft_bytes / 1e9))
     k = (stats["draft_tokens"] / passes + 1) if plan.speculative else 1
     per_pass = max(stats.get("target_compute_seconds", 0.0), 1e-6) / passes
-    resident = c.target_pass(target_bytes, k, paged=False)
-    if plan.paged:  # a paged pass calibrates the paged factor, a resident one the compute speed
-        c.paged_factor = mix(c.paged_factor, max(1.0, per_pass / resident))
-    else:
-        c.target_byte_s = mix(c.target_byte_s, c.target_byte_s * per_pass / resident)
+    streamed = _streamed(plan.paging)
+    one = c.target_byte_s * target_bytes  # a resident 1-token pass
+    if k < 1.5 and streamed:
+        c.paged_byte_s = mix(c.paged_byte_s, max(0.0, per_pass - one) / streamed)
+    elif k < 1.5:
+        c.target_byte_s = mix(c.target_byte_s, per_pass / target_bytes)
+    else:  # what the pass would cost resident, over a resident 1-token pass
+        resident = max(per_pass - c.paged_byte_s * streamed, one)
+        c.batch_slope = mix(c.batch_slope, (resident / one - 1) / (k - 1))
     busy, read = stats.get("io_busy_seconds") or 0.0, stats.get("bytes_read") or 0
     if plan.paged and busy > 0 and read > 64 * MB:
         c.read_bps = mix(c.read_bps, read / busy)

@@ -41,9 +41,9 @@ MiB = 1 << 20
 class PagerParams:
     io: str = "prefetch"     # "prefetch": read `depth` streamed layers ahead; "demand": read a layer when it is needed
     depth: int = 2           # read-ahead window, in streamed layers (prefetch only)
-    lag: int = 2             # evict the streamed layer `lag` (>= 1) behind the current one: evicting pages read
-                             # moments ago leaves about half of them resident (docs/paging.md); 0 would evict
-                             # the layer about to run
+    lag: int = 1             # evict the streamed layer `lag` (>= 1) behind the current one: 1, the layer that just
+                             # ran, holds the budget as 2 did since eviction reaches into folios (docs/paging.md);
+                             # 0 would evict the layer about to run
     storage: str = "native"  # storage profile emulated by throttling the IO thread (STORAGE_PROFILES)
     throttle_bps: Optional[float] = None  # explicit throttle in bytes/s; overrides the profile
     measure: bool = True     # mincore residency at every layer boundary (peak_resident_target_bytes)

@@ -64,8 +64,11 @@ class Residency:
     def begin_completion(self) -> None:
         """Before a completion: back to a known state."""
 
+    def prompt_done(self) -> None:
+        """The completion's prompt is processed: its measurements from here on are the generation's."""
+
     def completion_stats(self) -> dict:
-        """What this residency measured during the completion (the `edgecad` stats' paging keys)."""
+        """What this residency measured during the completion's generation (the `edgecad` stats' paging keys)."""
         return {}
 
     def close(self) -> None:
@@ -112,6 +115,9 @@ class Paged(Residency):
         self.pager.recover()
         self.pager.reset_peak()
         self._before = self.pager.stats()
+
+    def prompt_done(self) -> None:
+        self._before = self.pager.stats()  # (the peak stays the completion's)
 
     def completion_stats(self) -> dict:
         after, before = self.pager.stats(), self._before

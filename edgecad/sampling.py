@@ -76,7 +76,7 @@ def distribution(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
 
 def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from a probability vector."""
-    c = np.cumsum(p)
+    c = np.cumsum(p, dtype=np.float64)
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
 
 

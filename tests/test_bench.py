@@ -1,13 +1,16 @@
 """`edgecad bench --quick`: the JSON schema, and lossless rows faithful to the target (real llama.cpp)."""
 import json
 
+import pytest
+
 from edgecad.cli import main
 
 ROW_KEYS = {"mode", "tokens_per_second", "tokens_per_second_min", "tokens_per_second_max", "speedup_vs_target_paged",
             "speedup_vs_target", "mean_accepted_per_pass", "peak_resident_target_bytes", "peak_rss_bytes",
             "bytes_read_per_token", "io_floor_seconds_per_token", "floor_multiple", "fidelity", "near_ties",
             "seconds_draft", "seconds_target_compute", "seconds_io_wait", "seconds_chain", "chain_tokens", "reused_tokens",
-            "pager_read_bytes_per_second"}
+            "pager_read_bytes_per_second", "pass_seconds", "pass_io_wait", "pass_compute", "pass_draft", "pass_overlap",
+            "pass_rest", "pass_io_floor", "pass_compute_floor", "pass_floor", "pass_floor_multiple"}
 
 
 def test_bench_quick(tmp_path, capsys):
@@ -22,7 +25,13 @@ def test_bench_quick(tmp_path, capsys):
     for row in r["rows"]:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["tokens_per_second_min"] <= row["tokens_per_second"] <= row["tokens_per_second_max"]
+        # a pass: its parts add up, and nothing runs below its floor (the larger of the IO and compute floors)
+        parts = row["pass_io_wait"] + row["pass_compute"] + row["pass_draft"] + row["pass_rest"]
+        assert parts == pytest.approx(row["pass_seconds"]) and row["pass_compute_floor"] > 0
+        assert row["pass_floor"] == max(row["pass_io_floor"], row["pass_compute_floor"])
+        assert row["pass_floor_multiple"] > 0.5, row  # (timing noise on a tiny model; never far below)
         if row["paged"]:
+            assert row["pass_io_floor"] > 0
             assert row["peak_resident_target_bytes"] <= r["config"]["budget_bytes"] * 1.05
             assert row["bytes_read_per_token"] > 0 and row["floor_multiple"] > 0
         else:

@@ -128,6 +128,32 @@ def test_greedy_children_are_top1_and_confident_alternatives(draft_ctx):
     assert tree.token[1: tree.n].tolist() == top3.tolist()
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_alternatives_join_by_their_break_even(draft_ctx, greedy):
+    """branch_p near 1 keeps a chain; a break-even confidence (IO-bound passes) lets alternatives whose branch
+    confidence reaches it join. Sampling: how many draws a node gets is decided before drawing (from q and the
+    node's confidence), so the same for every seed: multi-draft rejection sampling stays exact."""
+    m, ctx = draft_ctx
+    p = TreeParams(max_nodes=16, max_depth=1, max_width=8, branch_p=0.99, threshold_init=0.0)
+    sp = SamplingParams() if greedy else SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+    prompt = m.tokenize("hello the world")
+    d = Drafter(ctx, p, n_seq_max=33, n_batch=64)
+    widths = {}
+    for floor in (None, 1e-3):
+        for seed in range(3):
+            d.start(prompt)
+            tree = d.draft(16, 1, sp, np.random.default_rng(seed), threshold=0.0, break_even=floor)
+            q = tree.q[0]
+            want = 1 + int(np.sum(np.sort(q)[::-1][1:8] >= (floor if floor is not None else 0.99)))
+            assert len(tree.draws[0]) == want  # (greedy: distinct tokens, one node each)
+            if greedy:
+                assert tree.n_drafted == want and all(tree.conf[i] >= floor for i in range(2, tree.n) if floor)
+            widths.setdefault(floor, set()).add(len(tree.draws[0]))
+            d.accept(tree, [], bonus=int(tree.token[0]))
+    assert widths[None] == {1} and min(widths[1e-3]) > 1, widths
+    d.close()
+
+
 def test_mode_parameters():
     assert MODE_PARAMS["linear"].max_width == 1 and MODE_PARAMS["linear"].max_nodes == 16
     assert MODE_PARAMS["linear"].p_min == 0.75 and MODE_PARAMS["bild"].p_min == 0.6
