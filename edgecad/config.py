@@ -119,9 +119,10 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     tree = tree_params or MODE_PARAMS.get(mode)
     if tree is not None and plan.tree_nodes:  # the plan's tree size: smaller to fit the budget, larger (edgecad's
         grow = mode == "tree" and tree_params is None  # own tree, not a baseline's or the caller's) where IO-bound
-        if grow and plan.tree_nodes > tree.max_nodes:  # wider too: alternatives join by their break-even (drafter)
-            width = min(MAX_WIDTH, tree.max_width * plan.tree_nodes // tree.max_nodes)
-            tree = replace(tree, max_nodes=plan.tree_nodes, max_width=max(tree.max_width, width))
+        if grow and plan.tree_nodes > tree.max_nodes:  # wider and deeper alike: alternatives join, and branches
+            f = plan.tree_nodes // tree.max_nodes      # stop, by their break-even (drafter, fallback)
+            tree = replace(tree, max_nodes=plan.tree_nodes, max_width=min(MAX_WIDTH, tree.max_width * f),
+                           max_depth=min(plan.tree_nodes, tree.max_depth * f))
         else:
             tree = replace(tree, max_nodes=min(tree.max_nodes, plan.tree_nodes))
     if tree is not None and tree.max_nodes + 1 > n_ctx // 2:  # a tree's sequences and outputs fit the context

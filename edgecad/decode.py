@@ -117,8 +117,8 @@ class SpeculativeDecoder:
         self.target, self.batch, self.drafter, self.p = target, batch, drafter, params
         self.is_eog, self.pipeline = is_eog, pipeline
         # the target's pass: verify_tree, or with the pipeline the same while a chain is drafted beside it
-        self.verify = pipeline.verify if pipeline is not None else (lambda target, batch, tree, *_: verify_tree(
-            target, batch, tree))
+        self.verify = pipeline.verify if pipeline is not None else (
+            lambda target, batch, tree, sp, room, left, prefix: verify_tree(target, batch, tree, prefix))
         self.check_kv = False  # tests: assert both KV caches hold only the accepted path after every step
 
     @property
@@ -152,8 +152,9 @@ class SpeculativeDecoder:
         self.drafter.ctx.close()
 
     def step(self, fallback: FallbackThreshold, accept, sp: SamplingParams, rng: np.random.Generator,
-             recent: Sequence[int], room: int, left: int) -> tuple[TokenTree, Verdict]:
-        """One target pass. room: KV cells left after the root; left: tokens still wanted after the root's."""
+             recent: Sequence[int], room: int, left: int, prefix: Sequence[int] = ()) -> tuple[TokenTree, Verdict]:
+        """One target pass. room: KV cells left after the root; left: tokens still wanted after the root's;
+        prefix: the prompt's last tokens, not in the target's KV yet, decoded in this pass (the first)."""
         p, drafter, t0 = self.p, self.drafter, time.perf_counter()
         # draft: a tree of at most max_nodes tokens below the root, until its best branch's confidence < T; an
         # alternative child joins when its draft probability >= branch_p or its branch confidence pays its cost
@@ -161,7 +162,7 @@ class SpeculativeDecoder:
                              fallback.break_even())
         # verify: one target pass over root + nodes (tree attention), logits for every node
         tv = time.perf_counter()
-        logits, leaf_seq = self.verify(self.target, self.batch, tree, sp, room, left)
+        logits, leaf_seq = self.verify(self.target, self.batch, tree, sp, room, left, prefix)
         seconds = time.perf_counter() - tv
         # verdict: greedy keeps drafted tokens while they are the target's argmax; sampling accepts x with
         # min(1, p(x)/q(x)), else p <- norm(max(p - q, 0)); either way each token is the target's own
@@ -171,26 +172,32 @@ class SpeculativeDecoder:
         keep_accepted(self.target, tree, leaf_seq, path)
         drafter.accept(tree, path, bonus)
         # adapt: LLMCad's threshold from how much of the best branch was taken, capped by the measured cost
-        fallback.step(tree, path, time.perf_counter() - t0)
+        fallback.step(tree, path, None if prefix else time.perf_counter() - t0)  # (a prompt's pass costs more)
         return tree, Verdict(path, bonus, divergent, seconds, ties)
 
     def __call__(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
                  stats: Stats) -> Iterator[int]:
         p, drafter, target = self.p, self.drafter, self.target
         t0 = time.perf_counter()
-        target.sync(self.batch, prompt[:-1])  # the target's KV: every accepted token but the root
+        # the target's KV: every accepted token but the root; the last of them not held yet (up to a batch beside
+        # the first tree) are decoded in the first tree's pass: a paged target streams its weights once for both
+        head = prompt[:-1]
+        cut = max(target.common_prefix(head), len(head) - (self.batch.capacity - p.max_nodes - 1))
+        target.sync(self.batch, head[:cut])
+        prefix = list(head[cut:])
         drafter.start(prompt)
         stats.prompt_done(time.perf_counter() - t0, target.reused)
         stats.lossless = p.acceptance == "exact"
         accept, fallback = acceptance_for(p, sp), FallbackThreshold(p)
         if self.pipeline is not None:
             self.pipeline.start(rng)
-        root_pos, produced, generated = len(target.tokens), 0, []  # the root's position
+        root_pos, produced, generated = len(head), 0, []  # the root's position
         d0 = (drafter.decodes, drafter.seconds, drafter.seconds_extend, drafter.chain_tokens, drafter.reused_tokens)
         try:
             while produced < max_tokens and root_pos < target.n_ctx:
                 room, left = target.n_ctx - root_pos - 1, max_tokens - produced - 1  # KV cells, tokens after root
-                tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left)
+                tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix)
+                prefix = []
                 stats.seconds_target += verdict.seconds
                 stats.target_passes += 1
                 stats.draft_tokens += tree.n_drafted

@@ -75,13 +75,14 @@ class FallbackThreshold:
         b = self.break_even()
         return self.value if b is None else float(max(self.p.threshold_min, min(self.value, b)))
 
-    def step(self, tree: TokenTree, path: Sequence[int], seconds: float) -> None:
+    def step(self, tree: TokenTree, path: Sequence[int], seconds: Optional[float]) -> None:
         """After a step of `seconds` whose target accepted `path`: adapt to how much of the tree's
-        best branch was taken, and record the step's cost."""
+        best branch was taken, and record the step's cost (None: a step whose cost says nothing of its tree's)."""
         best = tree.path(max(tree.leaves(), key=lambda i: tree.conf[i]))
         agree = next((k for k, (a, b) in enumerate(zip(best, path)) if a != b), min(len(best), len(path)))
         self.update(len(best), agree)
-        self.observe_step(tree.n_drafted, seconds, len(path) + 1, float(tree.conf[1:tree.n].sum()), len(path))
+        if seconds is not None:
+            self.observe_step(tree.n_drafted, seconds, len(path) + 1, float(tree.conf[1:tree.n].sum()), len(path))
 
     def summary(self) -> dict:
         h = np.array(self.history)

@@ -349,21 +349,26 @@ class Context:
             why = _DECODE_ERRORS.get(rc, "error")
             raise LlamaError(f"llama_decode of {batch.n_tokens} tokens failed ({rc}): {why}{_recent_errors()}", rc)
 
-    def sync(self, batch: Batch, tokens: Sequence[int], *, logits: bool = False) -> Optional[np.ndarray]:
-        """Make sequence 0 hold exactly `tokens`: keep the longest common prefix with what it holds,
-        drop the rest (and every other sequence), decode only the new suffix, in chunks of the batch's
-        capacity. With logits=True the last token is decoded even if held (its logits are needed) and
-        they are returned (a copy). `reused` is then the number of tokens kept."""
+    def common_prefix(self, tokens: Sequence[int]) -> int:
+        """Tokens at the start of `tokens` that sequence 0 holds (what `sync` keeps)."""
         n = 0
         for a, b in zip(self.tokens, tokens):
             if a != b:
                 break
             n += 1
-        if logits and n == len(tokens):
-            n -= 1
         if self.seq_pos_min(0) != 0:  # the record can only claim what the cache holds (after an interrupt)
             n = 0
-        n = max(0, min(n, self.seq_pos_max(0) + 1))
+        return min(n, self.seq_pos_max(0) + 1)
+
+    def sync(self, batch: Batch, tokens: Sequence[int], *, logits: bool = False) -> Optional[np.ndarray]:
+        """Make sequence 0 hold exactly `tokens`: keep the longest common prefix with what it holds,
+        drop the rest (and every other sequence), decode only the new suffix, in chunks of the batch's
+        capacity. With logits=True the last token is decoded even if held (its logits are needed) and
+        they are returned (a copy). `reused` is then the number of tokens kept."""
+        n = self.common_prefix(tokens)
+        if logits and n == len(tokens):
+            n -= 1
+        n = max(0, n)
         del self.tokens[n:]
         if n:
             self.seq_keep(0)

@@ -33,14 +33,15 @@ class Pipeline:
         """A completion begins: the chains' draws come from their own generator, seeded from the completion's."""
         self.rng = np.random.default_rng(rng.integers(1 << 63))
 
-    def verify(self, target: Context, batch: Batch, tree: TokenTree, sp: SamplingParams, room: int, left: int):
+    def verify(self, target: Context, batch: Batch, tree: TokenTree, sp: SamplingParams, room: int, left: int,
+               prefix=()):
         """verify_tree, drafting a chain beside it: (logits, leaf -> sequence). room: KV cells left after the
         root; left: tokens still wanted after the root's. The chain is useful up to the next tree's depth, in
         the draft KV cells beside the tree."""
         depth = int(tree.depth[: tree.n].max())
         chain_len = min(self.drafter.p.max_depth + 1, room - tree.n_drafted - 1, left - depth)
         if chain_len < 2:
-            return verify_tree(target, batch, tree)
+            return verify_tree(target, batch, tree, prefix)
         done, box = threading.Event(), {}
 
         def chain():
@@ -53,7 +54,7 @@ class Pipeline:
         try:
             self.pager.begin_pass()
             th.start()
-            out = verify_tree(target, batch, tree)
+            out = verify_tree(target, batch, tree, prefix)
         finally:
             done.set()
             try:

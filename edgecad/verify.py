@@ -39,16 +39,23 @@ def leaf_sequences(tree: TokenTree) -> tuple[list[list[int]], dict[int, int]]:
     return seqs, leaf_seq
 
 
-def verify_tree(ctx: Context, batch: Batch, tree: TokenTree) -> tuple[np.ndarray, dict[int, int]]:
-    """One target llama_decode of the root and every node; logits per node (a view), leaf -> seq id."""
+def verify_tree(ctx: Context, batch: Batch, tree: TokenTree, prefix=()) -> tuple[np.ndarray, dict[int, int]]:
+    """One target llama_decode of the root and every node; logits per node (a view), leaf -> seq id.
+    prefix: accepted tokens before the root that sequence 0 does not hold yet (the end of a prompt), decoded
+    in the same pass (a paged target streams its weights once for both); sequence 0 then holds them."""
     seqs, leaf_seq = leaf_sequences(tree)
     for s in range(1, len(leaf_seq) + 1):
         ctx.seq_cp(0, s)
     batch.clear()
+    start = tree.root_pos - len(prefix)
+    assert start == len(ctx.tokens), (start, len(ctx.tokens))
+    for j, t in enumerate(prefix):  # seen by every branch
+        batch.add(int(t), start + j, [0] + seqs[0], False)
     batch.add(int(tree.token[0]), tree.root_pos, [0] + seqs[0], True)
     for i in range(1, tree.n):
         batch.add(int(tree.token[i]), tree.pos(i), seqs[i], True)
     ctx.decode(batch)
+    ctx.tokens += [int(t) for t in prefix]
     return ctx.logits_all(tree.n), leaf_seq
 
 

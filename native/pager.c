@@ -622,8 +622,8 @@ int ec_pager_settle(ec_pager *p) {
     char why[sizeof ec_errbuf]; /* the failure's message, before the evictions below can overwrite it */
     snprintf(why, sizeof why, "%s", rc ? ec_errbuf : "");
     /* then drop the rest: what a whole-file load read, and what the kernel read ahead past the pinned ranges */
-    for (int il = 0; il < p->n_layers; il++)
-        if (p->streamed[il]) evict_range(p, p->layers[il].off, p->layers[il].len);
+    for (int il = 0; il < p->n_layers; il++) /* (with the folios they share with their streamed neighbours) */
+        if (p->streamed[il]) evict_layer(p, il);
     for (int i = 0; i < p->n_evict; i++) evict_range(p, p->evict_pass[i].off, p->evict_pass[i].len);
     p->fixed_res = fixed_resident(p);
     for (int il = 0; il < p->n_layers; il++)

@@ -125,6 +125,7 @@ def test_io_bound_passes_verify_larger_trees(budget_pair):
     fast = resolve(target, draft, **kw)
     assert slow.plan.tree_nodes > 32 and slow.tree_params.max_nodes == slow.plan.tree_nodes
     assert slow.tree_params.max_width > fast.tree_params.max_width
+    assert slow.tree_params.max_depth > fast.tree_params.max_depth
     assert fast.tree_params.max_nodes <= 32
     from edgecad.tree import TreeParams
     mine = resolve(target, draft, pager=PagerParams(throttle_bps=20e6), tree_params=TreeParams(max_nodes=8), **kw)

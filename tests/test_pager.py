@@ -234,6 +234,25 @@ def test_a_paged_load_reads_only_what_the_plan_keeps(paging_pair, reference, mod
     assert read["1"] <= kept + draft_bytes + slack  # lazily: what the plan keeps
 
 
+def test_the_end_of_a_prompt_is_decoded_in_the_first_tree_s_pass(paging_pair, reference):
+    """A paged target streams its weights once per pass: the prompt's last tokens (up to a batch beside the tree)
+    join the first tree's pass instead of a pass of their own. A prompt longer than that takes its earlier
+    chunks first; the output is the target's either way, with both KV caches clean."""
+    draft, target = paging_pair
+    p = PagerParams(**SMALL)
+    with Engine(target, draft, mode="tree", n_ctx=1024, target_budget=budget_for(target, p), pager=p) as e:
+        e.check_kv = True
+        for prompt, extra in ((PROMPTS[0], 0), (PROMPTS[0], 0), ("hello the world " * 40, 1)):
+            before = e.pager.stats()["passes"]
+            st = e.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]
+            assert e.pager.stats()["passes"] - before == st["target_passes"] + extra, (prompt[:20], st)
+            if prompt in reference:
+                assert st["token_ids"] == reference[prompt]
+        assert st["prompt_tokens"] > e.memory_plan.n_batch - e.tree_params.max_nodes - 1
+    with Engine(target, n_ctx=1024) as ref:
+        assert st["token_ids"] == ref.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]["token_ids"]
+
+
 def test_an_io_error_surfaces_and_the_next_completion_works(paging_pair, reference):
     from edgecad.errors import NativeError
     draft, target = paging_pair
