@@ -117,9 +117,9 @@ class Costs:
                                      # tree passes: 0.24 for the F16 1.5B target, 0.48 for its Q4_K_M on 2 cores)
     paged_byte_s: float = 0.0        # a paged pass computes this many seconds longer per streamed byte (its weights
                                      # not repacked, reads beside compute); calibrated by 1-token paged passes
-    draft_node_s: float = 0.016      # drafting: seconds per drafted node (per GB of draft weights)
-    tree_nodes: float = 17.0         # drafted nodes per pass
-    tree_tokens: float = 4.0         # tokens per pass of a tree (accepted + bonus)
+    draft_node_s: float = 0.035      # drafting: seconds per drafted node (per GB of draft weights)
+    tree_nodes: float = 12.0         # drafted nodes per pass (11-14 measured on both pairs, paged)
+    tree_tokens: float = 6.0         # tokens per pass of a tree, accepted + bonus (6.4-8.4 measured, paged)
     observed: int = 0                # completions folded in
     read_measured: bool = False      # read_bps was measured on this device (not the prior)
 

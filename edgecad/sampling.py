@@ -51,6 +51,9 @@ def distribution(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
     """Full-vocabulary probabilities (float64) after temperature, top-k and top-p."""
     x = np.asarray(logits, dtype=np.float64)
     n = x.shape[-1]
+    if not 0 < sp.top_k < n and sp.top_p >= 1.0 and sp.min_p <= 0.0:  # nothing cut: a plain softmax
+        p = np.exp((x - x.max()) / sp.temperature)
+        return p / p.sum()
     if 0 < sp.top_k < n:
         idx = np.argpartition(-x, sp.top_k - 1)[: sp.top_k]
     else:
