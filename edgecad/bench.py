@@ -245,8 +245,9 @@ def _pass_split(sts: list, io_floor: float, compute_floor) -> dict:
     and the unaccounted rest; `overlap` is the IO thread's busy time hidden under compute and drafting. The floor of
     a pass is max(IO floor: its streamed bytes at the storage's sequential rate, compute floor: a resident pass of
     the same size); `pass_floor_multiple` is how far above it the row runs."""
-    # target mode's first pass is the prompt's (in prompt_seconds): the generating passes are the others
-    passes = sum(s["target_passes"] - (s["mode"] == "target") for s in sts)
+    # the prompt's pass (target mode's first; a tree's first when it decoded the prompt's end) is timed in
+    # prompt_seconds: the generating passes are the others
+    passes = sum(s["target_passes"] - s["prompt_passes"] for s in sts)
     if passes <= 0:
         return {"pass_seconds": None, "pass_floor_multiple": None}
     mean = lambda key: sum(s[key] for s in sts) / passes

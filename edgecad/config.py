@@ -107,8 +107,9 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     if target_budget is not None:
         target_budget = parse_budget(target_budget, t_info.file_size)
         budget = UNBOUNDED
+    grow = mode in (None, "tree") and tree_params is None  # edgecad's own tree grows where passes are IO-bound
     args = dict(n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=nodes, pager=pager, target_budget=target_budget,
-                costs=costs, configs=configs)
+                costs=costs, configs=configs, grow_tree=grow)
     plan = plan_memory(budget, t_info, d_info, **args)
     if calibrate and plan.paged and not costs.read_measured:  # the storage, once per device and model
         measure_read(costs, t_info, d_info, n_threads)
@@ -117,10 +118,9 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
         sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
     mode = mode or ("tree" if plan.speculative else "target")
     tree = tree_params or MODE_PARAMS.get(mode)
-    if tree is not None and plan.tree_nodes:  # the plan's tree size: smaller to fit the budget, larger (edgecad's
-        grow = mode == "tree" and tree_params is None  # own tree, not a baseline's or the caller's) where IO-bound
-        if grow and plan.tree_nodes > tree.max_nodes:  # wider and deeper alike: alternatives join, and branches
-            f = plan.tree_nodes // tree.max_nodes      # stop, by their break-even (drafter, fallback)
+    if tree is not None and plan.tree_nodes:  # the plan's tree size: smaller to fit the budget, larger where
+        if grow and plan.tree_nodes > tree.max_nodes:  # IO-bound; wider and deeper alike (the break-even
+            f = plan.tree_nodes // tree.max_nodes      # decides how much of it a pass uses: drafter, fallback)
             tree = replace(tree, max_nodes=plan.tree_nodes, max_width=min(MAX_WIDTH, tree.max_width * f),
                            max_depth=min(plan.tree_nodes, tree.max_depth * f))
         else:

@@ -30,11 +30,13 @@ class Stats:
     prompt_reused: int = 0       # prompt tokens the target's cache already held (not decoded again)
     token_ids: list = field(default_factory=list)
     target_passes: int = 0       # target passes that produce tokens (target mode: one per token)
+    prompt_passes: int = 0       # of which the prompt's: its first pass (target mode; speculative when the
+                                 # prompt's end was decoded in the first tree's pass), timed in prompt_seconds
     draft_tokens: int = 0        # tree nodes drafted, roots excluded
     accepted_tokens: int = 0     # drafted tokens accepted and emitted
     draft_passes: int = 0        # draft llama_decode calls after the prompt
     bild_divergent: int = 0      # bild: accepted drafted tokens that differ from the target's argmax
-    prompt_seconds: float = 0.0  # prompt processing (prefill) time
+    prompt_seconds: float = 0.0  # prompt processing time (with the prompt's pass, prompt_passes)
     seconds: float = 0.0         # generation time after the prompt
     seconds_draft: float = 0.0   # of which drafting
     seconds_target: float = 0.0  # of which target passes
@@ -89,7 +91,7 @@ class TargetDecoder:
         t0 = time.perf_counter()
         logits = ctx.sync(b, prompt, logits=True)
         stats.prompt_done(time.perf_counter() - t0, ctx.reused)
-        stats.target_passes = 1  # the prompt's pass gives the first token
+        stats.target_passes = stats.prompt_passes = 1  # the prompt's pass gives the first token
         generated = []
         for i in range(max_tokens):
             tok = pick(penalize(logits, generated, sp.repeat_penalty), sp, rng)
@@ -186,19 +188,26 @@ class SpeculativeDecoder:
         target.sync(self.batch, head[:cut])
         prefix = list(head[cut:])
         drafter.start(prompt)
-        stats.prompt_done(time.perf_counter() - t0, target.reused)
+        reused = target.reused
+        if not prefix:
+            stats.prompt_done(time.perf_counter() - t0, reused)
         stats.lossless = p.acceptance == "exact"
         accept, fallback = acceptance_for(p, sp), FallbackThreshold(p)
         if self.pipeline is not None:
             self.pipeline.start(rng)
         root_pos, produced, generated = len(head), 0, []  # the root's position
-        d0 = (drafter.decodes, drafter.seconds, drafter.seconds_extend, drafter.chain_tokens, drafter.reused_tokens)
+        counters = lambda: (drafter.decodes, drafter.seconds, drafter.seconds_extend, drafter.chain_tokens,
+                            drafter.reused_tokens)
+        d0 = counters()
         try:
             while produced < max_tokens and root_pos < target.n_ctx:
                 room, left = target.n_ctx - root_pos - 1, max_tokens - produced - 1  # KV cells, tokens after root
                 tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix)
-                prefix = []
-                stats.seconds_target += verdict.seconds
+                if prefix:  # the prompt's pass: its time is the prompt's, as the target's first pass is alone
+                    stats.prompt_passes, prefix, d0 = 1, [], counters()
+                    stats.prompt_done(time.perf_counter() - t0, reused)
+                else:
+                    stats.seconds_target += verdict.seconds
                 stats.target_passes += 1
                 stats.draft_tokens += tree.n_drafted
                 stats.bild_divergent += verdict.divergent

@@ -206,14 +206,15 @@ class Drafter:
         i = g.seeded.get(node)
         nxt = g.seed.tokens[i + 1] if i is not None and i + 1 < len(g.seed.tokens) else None
         floor = g.break_even / tree.conf[node] if g.break_even is not None and tree.conf[node] > 0 else None
-        toks = self._children(q, p.max_width, sp, rng, nxt, floor)
+        # At most as many draws as can be placed (each new token takes a node and, past the first, a KV sequence),
+        # decided before drawing: no draw is ever cut for lack of room, so how many are kept never depends on
+        # their values, and rejection sampling over tree.draws stays exact.
+        room = min(g.max_nodes - tree.n_drafted, 1 + max(0, self.n_seq_max - g.next_branch))
+        toks = self._children(q, max(1, min(p.max_width, room)), sp, rng, nxt, floor)
         tree.q[node] = q
         if nxt is not None and toks[0] != nxt:  # the chain stops here: drop its cells past `node`
             ctx.seq_rm(1, tree.pos(node) + 1, -1)
             g.seed_end = tree.pos(node)
-        # Draws are kept up to the first one that cannot be placed (no budget or no KV sequence left):
-        # where the list ends depends on earlier draws only, never on the cut draw itself, so rejection
-        # sampling over tree.draws stays exact.
         new = []
         for t in toks:
             if t in tree.children[node]:

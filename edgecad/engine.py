@@ -45,6 +45,7 @@ def stats_dict(stats: Stats, plan) -> dict:
         "seconds": stats.seconds,
         "tokens_per_second": n / stats.seconds if stats.seconds > 0 else 0.0,
         "target_passes": stats.target_passes,
+        "prompt_passes": stats.prompt_passes,
         "mean_accepted_per_pass": n / passes,
         "draft_tokens": stats.draft_tokens,
         "accepted_tokens": stats.accepted_tokens,
@@ -66,7 +67,7 @@ def stats_dict(stats: Stats, plan) -> dict:
     d["memory_plan"] = plan.parts if bounded else None
     d["target_budget_bytes"] = pg.get("target_budget_bytes")
     d["peak_resident_target_bytes"] = pg.get("peak_resident_target_bytes")
-    # the pager's counters cover the generation (after the prompt), as seconds_target does
+    # the pager's counters cover the generation (after the prompt's passes), as seconds_target does
     d["bytes_read"] = pg.get("bytes_read", 0)
     d["io_wait_seconds"] = pg.get("io_wait_seconds", 0.0)
     d["io_busy_seconds"] = pg.get("io_busy_seconds", 0.0)  # the IO thread reading (overlaps compute)
@@ -94,8 +95,10 @@ class Engine:
             "40%" of the target); the rest of the engine comes on top. For experiments and tests.
         pager: how the target is streamed under a budget (IO mode, read-ahead, storage profile).
         pipeline: with a paged target and a draft, draft on while the target's pass waits on storage
-            (a chain past the tree's best leaf, kept when the target accepts that branch). Off by
-            default: measured 0.89-0.97x on 2 cores (docs/paging.md, "The pipeline").
+            (a chain past the tree's best leaf, kept when the target accepts that branch). None (the
+            default): the memory plan decides from the measured costs, on where a pass would wait on
+            storage longer than its drafting takes (slow storage: 1.33x on an SD card's speed; 0.95-0.98x
+            where compute hides the reads, docs/results.md).
         n_ctx: context length in tokens (prompt + completion).
         backend: "auto" (the draft on a GPU when this llama.cpp has one: Metal, Vulkan, CUDA; the target on
             the CPU) or "cpu". See edgecad.devices and docs/devices.md.
@@ -120,7 +123,7 @@ class Engine:
         memory_budget: Union[int, str, None] = "auto",
         target_budget: Union[int, str, None] = None,
         pager: Optional[PagerParams] = None,
-        pipeline: bool = False,
+        pipeline: Optional[bool] = None,
         n_ctx: int = 4096,
         # compute
         backend: str = "auto",
@@ -142,7 +145,7 @@ class Engine:
         self.target_path, self.draft_path, self.mode, self.n_threads = (cfg.target_path, cfg.draft_path, cfg.mode,
                                                                          cfg.n_threads)
         self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.costs
-        self._residency = residency_for(cfg.plan.paging, pipeline)
+        self._residency = residency_for(cfg.plan.paging, cfg.plan.pipeline if pipeline is None else pipeline)
         self.tree_params = self._residency.tree_params(cfg)
         t_gpu, d_gpu = self._load(cfg, backend=backend, draft_gpu_layers=draft_gpu_layers,
                                   target_gpu_layers=target_gpu_layers, progress=progress)

@@ -67,9 +67,9 @@ class FallbackThreshold:
         """The branch confidence at which one more drafted node pays for its measured cost (cost-aware only, once
         measured): node_seconds * rate / c."""
         b = self.node_seconds()
-        if not self.p.cost_aware or b is None or self._s[2] <= 0:
+        if not self.p.cost_aware or not b or self._s[2] <= 0:  # (a slope of 0: nodes look free, not measured)
             return None
-        return b * (self._tokens / self._s[2]) / self.calibration()
+        return max(self.p.threshold_min, b * (self._tokens / self._s[2]) / self.calibration())
 
     def current(self) -> float:
         b = self.break_even()

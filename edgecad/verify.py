@@ -100,6 +100,9 @@ def accept_sampling(tree: TokenTree, logits: np.ndarray, sp: SamplingParams,
     while True:
         p = distribution(node_logits(tree, logits, node, recent, sp.repeat_penalty), sp)
         q = tree.q[node]
+        if tree.draws[node]:  # (the drafter keeps q in float32; its draws came from q / sum(q))
+            q = q.astype(np.float64)
+            q /= q.sum()
         for x in tree.draws[node]:
             if rng.random() * q[x] < p[x]:  # accept with probability min(1, p(x)/q(x))
                 child = tree.children[node][x]

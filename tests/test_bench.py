@@ -43,7 +43,7 @@ def test_bench_quick(tmp_path, capsys):
     assert by["edgecad-paged"]["mean_accepted_per_pass"] > by["linear-paged"]["mean_accepted_per_pass"]
     assert by["target-paged"]["speedup_vs_target_paged"] == 1.0
     assert "edgecad-paged/target-paged" in r["speedups"] and "edgecad-paged-pipeline/edgecad-paged" in r["speedups"]
-    assert by["edgecad-paged"]["chain_tokens"] == 0  # the pipeline off (the default): no drafting beside passes
+    assert by["edgecad-paged"]["chain_tokens"] == 0  # the row's pipeline off: no drafting beside passes
     assert "| edgecad-paged |" in printed
 
 

@@ -82,7 +82,8 @@ def test_observe_learns_each_cost_from_the_pass_that_shows_it(budget_pair):
     assert (c.target_byte_s, c.paged_byte_s) == (Costs().target_byte_s, Costs().paged_byte_s)
 
     tp = _plan(target, None, 10 ** 10, configs=("target-paged",), target_budget=t_bytes // 2)
-    one_token = {"mode": "target", "target_passes": 11, "n_tokens": 11, "target_compute_seconds": 10 * 2 * one}
+    one_token = {"mode": "target", "target_passes": 11, "prompt_passes": 1, "n_tokens": 11,
+                 "target_compute_seconds": 10 * 2 * one}
     c = observe(Costs(), tp, one_token, t_bytes, d_bytes)  # twice a resident pass: the rest is the paged overhead
     assert c.paged_byte_s == pytest.approx(one / tp.paging.streamed_bytes) and c.batch_slope == Costs().batch_slope
     r = observe(Costs(), _plan(target, None, 10 ** 10, configs=("target",)), one_token, t_bytes, d_bytes)
@@ -115,8 +116,9 @@ def test_a_tree_that_does_not_fit_shrinks_before_giving_up(budget_pair):
 
 
 def test_io_bound_passes_verify_larger_trees(budget_pair):
-    """A pass that reads for long (slow storage) verifies a larger tree, wider too, as long as the budget holds
-    it; on fast storage the tree keeps the mode's size; a fixed tree_params is the caller's."""
+    """A pass that reads for long (slow storage) verifies a larger tree, wider and deeper too, as long as the budget
+    holds it, and drafts beside the pass (the pipeline); on fast storage the tree keeps the mode's size and the
+    pipeline is off; a fixed tree_params is the caller's."""
     from edgecad.config import resolve
     from edgecad.pager import PagerParams
     draft, target = budget_pair
@@ -127,6 +129,11 @@ def test_io_bound_passes_verify_larger_trees(budget_pair):
     assert slow.tree_params.max_width > fast.tree_params.max_width
     assert slow.tree_params.max_depth > fast.tree_params.max_depth
     assert fast.tree_params.max_nodes <= 32
+    assert slow.plan.pipeline  # a pass that waits on storage drafts beside it; one whose compute hides its reads not:
+    t_info, d_info = read_gguf(target), read_gguf(draft)
+    busy = plan_memory(10 ** 10, t_info, d_info, n_ctx=512, n_batch=512, tree_nodes=32, runtime=50 * MB,
+                       costs=Costs(target_byte_s=1e-8), configs=("tree-paged",), target_budget=t_info.file_size // 2)
+    assert busy.paged and not busy.pipeline
     from edgecad.tree import TreeParams
     mine = resolve(target, draft, pager=PagerParams(throttle_bps=20e6), tree_params=TreeParams(max_nodes=8), **kw)
     assert mine.tree_params.max_nodes == 8
