@@ -80,7 +80,7 @@ class Paged(Residency):
     name = "paged"
 
     def __init__(self, plan: BudgetPlan, pipeline: bool = False):
-        """pipeline: draft beside the passes while they wait on storage (off by default: docs/paging.md)."""
+        """pipeline: draft beside the passes while they wait on storage (the memory plan's choice by default)."""
         self.plan, self.pipelined, self.pager, self._before, self._mappings = plan, pipeline, None, None, set()
 
     def model_params(self, n_gpu_layers: int) -> ModelParams:
