@@ -69,7 +69,7 @@ class FallbackThreshold:
         b = self.node_seconds()
         if not self.p.cost_aware or not b or self._s[2] <= 0:  # (a slope of 0: nodes look free, not measured)
             return None
-        return max(self.p.threshold_min, b * (self._tokens / self._s[2]) / self.calibration())
+        return b * (self._tokens / self._s[2]) / self.calibration()
 
     def current(self) -> float:
         b = self.break_even()

@@ -333,8 +333,19 @@ def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFIn
                 paging = paging if target_budget is not None else plan_budget(target, fixed_for(nb, nodes)[2],
                                                                               paging.params)
         compute, fixed, room = fixed_for(nb, nodes)
+        pipeline = spec and _waits(costs, target, draft, paging, paging.params, nodes)
+        if pipeline:  # a chain's distributions beside the tree's (a chain is no deeper than the tree has nodes)
+            chain = (nodes + 1) * target.vocab_size * 4
+            if target_budget is None and not plan_fits(target, room - chain, paging.params):
+                pipeline = False  # (no room for it: drafting beside the passes is an extra)
+            else:
+                compute, fixed = compute + chain, fixed + chain
+                if target_budget is None:
+                    room -= chain
+                    paging = plan_budget(target, room, paging.params)
         tgt = paging.budget
     else:
+        pipeline = False
         tgt = target.file_size
         # Resident, the kernel manages the mapping (as for llama.cpp's defaults): a small overflow
         # lands on pages that are never touched again (load-time reads, the file pages of repacked
@@ -350,7 +361,6 @@ def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFIn
     total = budget if target_budget is None else fixed + tgt
     tgt = min(tgt, total - fixed)  # a resident target over by the slack: the parts still add up
     pager = paging.params if paging else pager
-    pipeline = spec and paging is not None and _waits(costs, target, draft, paging, pager, nodes)
     return MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging,
                       _speed(costs, target, draft if spec else None, paging, pager, nodes), n_batch=nb,
                       tree_nodes=nodes, pipeline=pipeline)
@@ -416,17 +426,20 @@ def _waits(costs: Costs, target: GGUFInfo, draft: GGUFInfo, paging: BudgetPlan, 
 
 def _speed(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], paging: Optional[BudgetPlan],
            pager: PagerParams, nodes: int = 0) -> float:
-    """Predicted tokens/s: tokens per pass / (target compute (with the overhead per streamed byte when paged) +
-    the streamed bytes at the read rate + drafting); `draft` None: the target alone. A tree drafts its measured nodes per pass, at most
-    `nodes`; a tree capped below what it measured yields fewer tokens, growing with the logarithm of its nodes
-    (its first nodes are its likeliest: Sequoia's accepted tokens grow about so with tree size)."""
+    """Predicted tokens/s: tokens per pass / seconds per pass. A pass computes (with the overhead per streamed
+    byte when paged) and reads its streamed bytes at the read rate: with read-ahead the reads run under the
+    compute (the larger of the two; measured: small pair at 40%, a 0.664 s pass of 0.405 s compute + 0.225 s
+    drafting + 0.027 s waiting on 0.213 s of reads), with demand reads after it (the sum); a tree then drafts.
+    `draft` None: the target alone. A tree drafts its measured nodes per pass, at most `nodes`; a tree capped
+    below what it measured yields fewer tokens, growing with the logarithm of its nodes (its first nodes are its
+    likeliest: Sequoia's accepted tokens grow about so with tree size)."""
+    n = min(costs.tree_nodes, nodes or MAX_TREE_NODES) if draft is not None else 0
+    compute, io = costs.target_pass(target.file_size, n + 1, _streamed(paging)), io_seconds(costs, paging, pager)
+    sec = max(compute, io) if pager.read_ahead else compute + io
     if draft is None:
-        return 1.0 / (costs.target_pass(target.file_size, 1, _streamed(paging)) + io_seconds(costs, paging, pager))
-    n = min(costs.tree_nodes, nodes or MAX_TREE_NODES)
+        return 1.0 / sec
     tokens = 1 + (costs.tree_tokens - 1) * math.log1p(n) / math.log1p(max(costs.tree_nodes, n))
-    sec = (costs.target_pass(target.file_size, n + 1, _streamed(paging)) + io_seconds(costs, paging, pager)
-           + costs.draft_time(draft.file_size, n))
-    return tokens / sec
+    return tokens / (sec + costs.draft_time(draft.file_size, n))
 
 
 def observe(costs: Costs, plan: MemoryPlan, stats: dict, target_bytes: int, draft_bytes: int) -> Costs:

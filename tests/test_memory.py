@@ -130,6 +130,8 @@ def test_io_bound_passes_verify_larger_trees(budget_pair):
     assert slow.tree_params.max_depth > fast.tree_params.max_depth
     assert fast.tree_params.max_nodes <= 32
     assert slow.plan.pipeline  # a pass that waits on storage drafts beside it; one whose compute hides its reads not:
+    dists = (slow.plan.tree_nodes + 1) * read_gguf(target).vocab_size * 4  # the tree's distributions, and a chain's
+    assert slow.plan.compute >= 2 * dists and sum(slow.plan.parts.values()) == slow.plan.budget
     t_info, d_info = read_gguf(target), read_gguf(draft)
     busy = plan_memory(10 ** 10, t_info, d_info, n_ctx=512, n_batch=512, tree_nodes=32, runtime=50 * MB,
                        costs=Costs(target_byte_s=1e-8), configs=("tree-paged",), target_budget=t_info.file_size // 2)
