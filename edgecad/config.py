@@ -44,6 +44,7 @@ class EngineConfig:
     n_ctx: int
     n_threads: int
     tree_params_given: bool = False   # the caller fixed tree_params (no residency adjustment then)
+    pipeline: bool = False            # draft beside a paged target's passes: the caller's choice, else the plan's
 
     @property
     def speculative(self) -> bool:
@@ -74,8 +75,8 @@ def check_same_vocabulary(draft: GGUFInfo, target: GGUFInfo) -> None:
 def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.PathLike, None] = None, *,
             mode: Optional[str] = None, tree_params: Optional[TreeParams] = None,
             memory_budget: Union[int, str, None] = "auto", target_budget: Union[int, str, None] = None,
-            pager: Optional[PagerParams] = None, n_ctx: int = 4096, n_threads: Optional[int] = None,
-            calibrate: bool = True, verbose: bool = False) -> EngineConfig:
+            pager: Optional[PagerParams] = None, pipeline: Optional[bool] = None, n_ctx: int = 4096,
+            n_threads: Optional[int] = None, calibrate: bool = True, verbose: bool = False) -> EngineConfig:
     """The configuration an Engine with these arguments runs (see Engine for each argument). calibrate: measure
     the storage's read speed when the plan pages and this device has not measured it yet (once per device and
     model; `edgecad inspect` plans without it)."""
@@ -128,4 +129,4 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     if tree is not None and tree.max_nodes + 1 > n_ctx // 2:  # a tree's sequences and outputs fit the context
         tree = replace(tree, max_nodes=max(1, n_ctx // 2 - 1))
     return EngineConfig(target_path, draft_path, t_info, d_info, mode, tree, plan, costs, pager, n_ctx, n_threads,
-                        tree_params is not None)
+                        tree_params is not None, plan.pipeline if pipeline is None else pipeline)

@@ -140,12 +140,12 @@ class Engine:
         set_verbose(verbose)
         self.verbose = verbose
         cfg = self.config = resolve(target, draft, mode=mode, tree_params=tree_params, memory_budget=memory_budget,
-                                    target_budget=target_budget, pager=pager, n_ctx=n_ctx, n_threads=n_threads,
-                                    verbose=verbose)
+                                    target_budget=target_budget, pager=pager, pipeline=pipeline, n_ctx=n_ctx,
+                                    n_threads=n_threads, verbose=verbose)
         self.target_path, self.draft_path, self.mode, self.n_threads = (cfg.target_path, cfg.draft_path, cfg.mode,
                                                                          cfg.n_threads)
         self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.costs
-        self._residency = residency_for(cfg.plan.paging, cfg.plan.pipeline if pipeline is None else pipeline)
+        self._residency = residency_for(cfg)
         self.tree_params = self._residency.tree_params(cfg)
         t_gpu, d_gpu = self._load(cfg, backend=backend, draft_gpu_layers=draft_gpu_layers,
                                   target_gpu_layers=target_gpu_layers, progress=progress)

@@ -133,6 +133,6 @@ class Paged(Residency):
             self.pager = None
 
 
-def residency_for(paging: Optional[BudgetPlan], pipeline: bool = False) -> Residency:
-    """The residency a memory plan asks for: paged when it has a paging plan (with the pipeline if asked)."""
-    return Paged(paging, pipeline) if paging is not None else Residency()
+def residency_for(cfg: EngineConfig) -> Residency:
+    """The residency a configuration asks for: paged when its plan has a paging plan (with the pipeline if it says)."""
+    return Paged(cfg.plan.paging, cfg.pipeline) if cfg.plan.paging is not None else Residency()
