@@ -172,7 +172,9 @@ def _judge(target, runs: dict, n_threads) -> tuple[dict, Callable[[int], float]]
                 fid[name] += teacher_forced(judge.target_context, batch, judge.tokenize(st["prompt"], special=True),
                                             st["token_ids"])
         ctx, ks = judge.target_context, sorted({_pass_size(st) for sts in runs.values() for st in sts})
-        floor = {k: statistics.median(_pass_seconds(ctx, batch, k) for _ in range(3)) for k in ks}
+        ctx.prefill(batch, [1] * 64)  # a context for the passes to attend over
+        floor = {k: pass_seconds(ctx, batch, k) for k in ks}
+        ctx.clear()
     return fid, lambda k: floor[k] if k in floor else floor[min(floor, key=lambda x: abs(x - k))]
 
 
@@ -181,21 +183,19 @@ def _pass_size(st: dict) -> int:
     return round(st["tree_nodes_per_pass"]) + 1
 
 
-def _pass_seconds(ctx, batch: Batch, k: int, context: int = 64) -> float:
-    """One resident pass over k tokens with logits for each, after `context` tokens (its KV cache is cleared)."""
-    ctx.clear()
-    batch.clear()
-    for i in range(context):
-        batch.add(1, i, (0,), False)
-    ctx.decode(batch)
-    batch.clear()
-    for i in range(k):
-        batch.add(1, context + i, (0,), True)
-    t0 = time.perf_counter()
-    ctx.decode(batch)
-    seconds = time.perf_counter() - t0
-    ctx.clear()
-    return seconds
+def pass_seconds(ctx, batch: Batch, k: int, repeat: int = 3) -> float:
+    """Median seconds of a pass over k tokens with logits for each, after what sequence 0 holds (left as it was):
+    what a tree of k - 1 nodes costs to verify (also scripts/eval_batch_cost.py)."""
+    pos, ts = len(ctx.tokens), []
+    for _ in range(repeat):
+        batch.clear()
+        for j in range(k):
+            batch.add(ctx.tokens[j % pos] if pos else 1, pos + j, (0,), True)
+        t0 = time.perf_counter()
+        ctx.decode(batch)
+        ts.append(time.perf_counter() - t0)
+        ctx.seq_rm(0, pos, -1)
+    return statistics.median(ts)
 
 
 def _row(r, sts: list, fid: Fidelity, plans: dict, floor_bw: float, compute_floor) -> dict:

@@ -7,9 +7,9 @@ in one pass of k + 1 tokens. Weights are kept in the page cache (the model is re
 compute alone: no storage.
 """
 import argparse
-import time
 
 from edgecad import registry
+from edgecad.bench import pass_seconds
 from edgecad.llama import Batch, Context, ContextParams, Model, ModelParams
 
 
@@ -31,17 +31,7 @@ def main() -> None:
             ctx.prefill(b, toks)
             row = []
             for k in sizes:
-                ts = []
-                for _ in range(a.repeat):
-                    pos = len(ctx.tokens)
-                    b.clear()
-                    for j in range(k):
-                        b.add(toks[j % len(toks)], pos + j, (0,), True)
-                    t0 = time.perf_counter()
-                    ctx.decode(b)
-                    ts.append(time.perf_counter() - t0)
-                    ctx.seq_rm(0, pos, -1)
-                ms = sorted(ts)[len(ts) // 2] * 1e3
+                ms = pass_seconds(ctx, b, k, a.repeat) * 1e3
                 row.append(f"{k}: {ms:.0f} ({ms / k:.0f})")
             print(f"repacking {'on ' if repack else 'off'}  " + ", ".join(row))
 
