@@ -325,24 +325,21 @@ def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFIn
             return "the target fits: not paged", None
         if spec and grow_tree:  # IO-bound passes verify larger trees, as large as the budget holds
             bigger = tree_size(costs, target, paging, pager, nodes)
-            while bigger > nodes and target_budget is None and not plan_fits(target, fixed_for(nb, bigger)[2],
-                                                                              paging.params, paging):
+            while bigger > nodes:  # (the budget holds it and it streams no more than the smaller tree's plan)
+                grown = paging if target_budget is not None else _fit(target, fixed_for(nb, bigger)[2], paging.params)
+                if grown is not None and grown.streamed_bytes <= paging.streamed_bytes:
+                    nodes, paging = bigger, grown
+                    break
                 bigger = max(nodes, bigger // 2)
-            if bigger > nodes:
-                nodes = bigger
-                paging = paging if target_budget is not None else plan_budget(target, fixed_for(nb, nodes)[2],
-                                                                              paging.params)
         compute, fixed, room = fixed_for(nb, nodes)
         pipeline = spec and _waits(costs, target, draft, paging, paging.params, nodes)
         if pipeline:  # a chain's distributions beside the tree's (a chain is no deeper than the tree has nodes)
             chain = (nodes + 1) * target.vocab_size * 4
-            if target_budget is None and not plan_fits(target, room - chain, paging.params):
+            smaller = paging if target_budget is not None else _fit(target, room - chain, paging.params)
+            if smaller is None:
                 pipeline = False  # (no room for it: drafting beside the passes is an extra)
             else:
-                compute, fixed = compute + chain, fixed + chain
-                if target_budget is None:
-                    room -= chain
-                    paging = plan_budget(target, room, paging.params)
+                paging, compute, fixed = smaller, compute + chain, fixed + chain
         tgt = paging.budget
     else:
         pipeline = False
@@ -366,13 +363,12 @@ def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFIn
                       tree_nodes=nodes, pipeline=pipeline)
 
 
-def plan_fits(target: GGUFInfo, room: int, params: PagerParams, than: Optional[BudgetPlan] = None) -> bool:
-    """A paging plan fits in `room` (and streams no more than `than` does)."""
+def _fit(target: GGUFInfo, room: int, params: PagerParams) -> Optional[BudgetPlan]:
+    """The paging plan for `room`, or None when the target's minimum does not fit in it."""
     try:
-        p = plan_budget(target, max(room, 0), params)
+        return plan_budget(target, max(room, 0), params)
     except EdgecadError:
-        return False
-    return than is None or p.streamed_bytes <= than.streamed_bytes
+        return None
 
 
 def _fit_paged(target: GGUFInfo, pager: PagerParams, nb: int, nodes: int, fixed_for):
@@ -384,9 +380,9 @@ def _fit_paged(target: GGUFInfo, pager: PagerParams, nb: int, nodes: int, fixed_
             nb = min(nb, v)
         elif knob == "nodes" and nodes:
             nodes = min(nodes, v)
-        room = fixed_for(nb, nodes)[2]
-        if plan_fits(target, room, pager):
-            return plan_budget(target, room, pager), nb, nodes, pager
+        paging = _fit(target, fixed_for(nb, nodes)[2], pager)
+        if paging is not None:
+            return paging, nb, nodes, pager
     return None, nb, nodes, pager
 
 
