@@ -17,7 +17,7 @@ from typing import Optional, Union
 import numpy as np
 
 from . import registry
-from .errors import EdgecadError, VocabularyMismatchError
+from .errors import EdgecadError, RequestError, VocabularyMismatchError
 from .gguf_file import GGUFInfo, read_gguf
 from .llama import default_threads
 from .memory import CONFIGS, Costs, MemoryPlan, load_costs, measure_read, parse_memory, plan_memory
@@ -56,7 +56,8 @@ def check_int(name: str, value, lo: int, hi: Optional[int], note: str = "") -> N
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and lo <= value and (hi is None or value <= hi)
     if not ok:
         rng = f">= {lo}" if hi is None else f"{lo}..{hi}"
-        raise EdgecadError(f"{name}={value!r} is out of range: use an integer {rng}" + (f" ({note})" if note else ""))
+        raise RequestError(f"{name}={value!r} is out of range: use an integer {rng}" + (f" ({note})" if note else ""),
+                           name)
 
 
 MAX_WIDTH = 16  # children per node of a grown tree: beyond 16, an alternative's draft probability is small

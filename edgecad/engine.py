@@ -22,7 +22,7 @@ from . import native
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
-from .errors import EdgecadError, PromptTooLongError
+from .errors import EdgecadError, PromptTooLongError, RequestError
 from .llama import Batch, Context, ContextParams, Model, set_verbose
 from .memory import observe, save_costs
 from .pager import Pager, PagerParams, emulate_storage, storage_bytes_read
@@ -302,7 +302,7 @@ class Engine:
         try:
             r = self._chat_format(messages=list(messages))
         except Exception as e:  # the template's own checks (roles must alternate, ...): jinja2 raises
-            raise EdgecadError(f"the model's chat template refused these messages: {e}") from None
+            raise RequestError(f"the model's chat template refused these messages: {e}", "messages") from None
         tokens = self.tokenize(r.prompt, add_bos=not r.added_special, special=True)
         rstop = r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else []
         return tokens, [s for s in rstop if s]
@@ -339,12 +339,11 @@ class Engine:
         if self._target is None:
             raise EdgecadError("this Engine is closed: create a new one")
         if not tokens:
-            raise EdgecadError("the prompt is empty: give at least one character of text")
+            raise RequestError("the prompt is empty: give at least one character of text", "prompt")
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(
                 f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}: "
-                f"shorten the prompt or raise n_ctx above {len(tokens)}"
-            )
+                f"shorten the prompt or raise n_ctx above {len(tokens)}", "prompt")
         if max_tokens is None or max_tokens <= 0:
             max_tokens = self.n_ctx - len(tokens)
         seed = _seed(seed)
@@ -487,8 +486,8 @@ def _unsupported(**given) -> None:
         default = _DEFAULTS.get(name)
         empty = value is None or (isinstance(value, (str, list, dict, tuple)) and not value) or value is False
         if value != default and not (empty and not default):
-            raise EdgecadError(f"{name}={value!r} is not supported by edgecad: leave {name} at its default "
-                               f"({default!r})")
+            raise RequestError(f"{name}={value!r} is not supported by edgecad: leave {name} at its default "
+                               f"({default!r})", name)
 
 
 def _seed(seed) -> Optional[int]:
@@ -507,7 +506,7 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty=1.0) -> SamplingP
               ("repeat_penalty", repeat_penalty, lambda v: v > 0, "> 0 (1.0 = no penalty)")]
     for name, v, ok, rng in checks:
         if not ok(float(v)):
-            raise EdgecadError(f"{name}={v!r} is out of range: use a value {rng}")
+            raise RequestError(f"{name}={v!r} is out of range: use a value {rng}", name)
     check_int("top_k", top_k, 0, None, "0 = off")
     return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
                           repeat_penalty=float(repeat_penalty))

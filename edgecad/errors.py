@@ -29,7 +29,16 @@ class VocabularyMismatchError(EdgecadError):
     """The draft model does not share the target's vocabulary."""
 
 
-class PromptTooLongError(EdgecadError):
+class RequestError(EdgecadError):
+    """The caller's arguments are at fault, not the engine: a value out of range or not supported, a prompt the
+    context cannot hold, messages the chat template refuses. `param` names the argument (a server answers 400)."""
+
+    def __init__(self, message: str, param: str = None):
+        super().__init__(message)
+        self.param = param
+
+
+class PromptTooLongError(RequestError):
     """The prompt does not fit in the context window."""
 
 

@@ -1,0 +1,538 @@
+"""`edgecad serve`: an OpenAI-compatible HTTP server over one Engine (FastAPI, uvicorn, sse-starlette).
+
+One Engine computes one completion at a time, on one worker thread, so every call into it (load, completions,
+closing a stream, close) runs there in submission order. Requests take turns in arrival order (asyncio.Lock
+wakes its waiters first in, first out); up to `max_queue` may wait behind the running one, more get 429. A
+request whose client went away, or that a shutdown (Ctrl-C, SIGTERM) overtakes, ends at its next chunk: its
+stream is closed, which leaves both KV caches holding only the accepted tokens, so the next request gets a
+fresh engine's tokens (and still reuses the common prompt prefix).
+
+The response shapes are the Engine's own (llama-cpp-python's, which are OpenAI's) with `model` set to the served
+name; errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import signal
+import json
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+from .errors import EdgecadError, RequestError
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict
+    from sse_starlette.sse import EventSourceResponse
+    from starlette.exceptions import HTTPException
+except ImportError as e:  # the optional extra
+    raise EdgecadError(f"`edgecad serve` needs the server extra ({e.name} is missing): "
+                       "pip install \"edgecad[server]\" (from a checkout: pip install \".[server]\")") from None
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerParams:
+    host: str = "127.0.0.1"       # address to bind: loopback unless the user asks for another
+    port: int = 8000              # TCP port; 0 = a free one (the ready line says which)
+    api_key: Optional[str] = None  # when set, /v1/* requires "Authorization: Bearer <api_key>"
+    max_queue: int = 8            # requests that may wait behind the running one; more are refused (429)
+    max_body: int = 4 * MiB       # bytes of a request body; more is refused (413)
+    names: tuple[str, ...] = ()   # what the model answers to in `model` and GET /v1/models (the first: responses)
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise EdgecadError(f"port {self.port} is out of range: use 1..65535, or 0 for any free port")
+        if self.max_queue < 0:
+            raise EdgecadError(f"max_queue={self.max_queue} is out of range: use 0 or more waiting requests")
+
+
+# ---------------------------------------------------------------------------- requests
+# OpenAI's and llama-cpp-python's request fields. Unknown fields are refused, as OpenAI does; fields the Engine
+# does not implement are passed to it, and it refuses a value other than the default in one line (400).
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    typical_p: Optional[float] = None
+    repeat_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[dict] = None  # include_usage: the last chunk carries `usage` anyway
+    n: Optional[int] = None
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+    tfs_z: Optional[float] = None
+    mirostat_mode: Optional[int] = None
+    mirostat_tau: Optional[float] = None
+    mirostat_eta: Optional[float] = None
+    grammar: Optional[str] = None
+
+
+class CompletionRequest(_Body):
+    prompt: Union[str, list[str], list[int]]
+    suffix: Optional[str] = None
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict] = None
+    tools: Optional[list] = None
+    tool_choice: Union[str, dict, None] = None
+    functions: Optional[list] = None
+    function_call: Union[str, dict, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    store: Optional[bool] = None
+    metadata: Optional[dict] = None
+
+
+_SERVER_ONLY = {"model", "stream", "stream_options", "n", "best_of", "user", "max_completion_tokens",
+                "parallel_tool_calls", "store", "metadata", "prompt", "messages"}
+
+
+def _engine_args(body: _Body, n_ctx: int) -> dict:
+    """The Engine's keyword arguments for a request: the fields the client set, checked where the Engine
+    cannot (one choice per request, max_tokens within the context, message contents as text)."""
+    given = body.model_dump(exclude_unset=True)
+    for name in ("n", "best_of"):
+        if given.get(name, 1) != 1:
+            raise RequestError(f"{name}={given[name]} is not supported: edgecad returns one choice per request "
+                               f"(send {given[name]} requests, or leave {name} at 1)", name)
+    args = {k: v for k, v in given.items() if k not in _SERVER_ONLY and v is not None}
+    limit = given.get("max_completion_tokens", given.get("max_tokens"))
+    if limit is not None:
+        if limit > n_ctx:
+            raise RequestError(f"max_tokens={limit} is more than the context holds ({n_ctx} tokens, prompt "
+                               f"included): ask for at most {n_ctx}, or start the server with a larger --n-ctx",
+                               "max_tokens")
+        args["max_tokens"] = limit
+    if isinstance(body, ChatCompletionRequest):
+        args["messages"] = [_text_message(m, i) for i, m in enumerate(body.messages)]
+    else:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise RequestError(f"a list of {len(prompt)} prompts is not supported: send one prompt per request",
+                                   "prompt")
+            prompt = prompt[0]
+        args["prompt"] = prompt
+    return args
+
+
+def _text_message(m: dict, i: int) -> dict:
+    """A chat message with its content as text: OpenAI's content parts of type "text" joined; other parts
+    (images, audio) refused."""
+    if not isinstance(m.get("role"), str):
+        raise RequestError(f"messages[{i}] has no role: give each message a \"role\" (system, user, assistant)",
+                           "messages")
+    content = m.get("content")
+    if isinstance(content, list):
+        if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
+               for p in content):
+            raise RequestError(f"messages[{i}] has a content part that is not text: this model reads text only",
+                               "messages")
+        m = {**m, "content": "".join(p["text"] for p in content)}
+    elif content is not None and not isinstance(content, str):
+        raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
+    return m
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _error(status: int, message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None,
+           headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
+                        headers=headers)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    """pydantic's first complaint as one line: malformed JSON, an unknown field, a value of the wrong type."""
+    e = exc.errors()[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    field = ".".join(loc) or None
+    if e.get("type") == "json_invalid":
+        return _error(400, f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])}): "
+                           "send a JSON object", "invalid_request_error")
+    if e.get("type") == "extra_forbidden":
+        return _error(400, f"unrecognized request argument supplied: {field}", "invalid_request_error", field)
+    if e.get("type") == "model_attributes_type" and not loc:
+        return _error(400, "the request body must be a JSON object of the request's arguments",
+                      "invalid_request_error")
+    if e.get("type") == "missing":
+        return _error(400, f"missing required argument: {field}", "invalid_request_error", field)
+    return _error(400, f"{field}: {e['msg']}" if field else e["msg"], "invalid_request_error", field)
+
+
+# ---------------------------------------------------------------------------- the server
+
+class Server:
+    """The app's state: the engine (None while it loads), its worker thread, the queue, the shutdown flag."""
+
+    def __init__(self, load: Callable[[], Any], params: ServerParams):
+        self.params, self._load = params, load
+        self.engine = None
+        self.load_error: Optional[str] = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="edgecad-engine")
+        self.turn = asyncio.Lock()
+        self.pending = 0  # requests running or waiting for their turn
+        self.stopping = False  # set when uvicorn begins its shutdown
+        self.uvicorn: Optional[uvicorn.Server] = None
+        self.address = ""  # http://host:port, once listening
+        self.app = self._build_app()
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    @property
+    def name(self) -> str:
+        return self.params.names[0] if self.params.names else "edgecad"
+
+    # -------------------------------------------------------------- app
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="edgecad", description="OpenAI-compatible API of an edgecad engine",
+                      lifespan=self._lifespan)
+        app.add_exception_handler(RequestValidationError, lambda r, e: _validation_error(e))
+        app.add_exception_handler(HTTPException, lambda r, e: _error(
+            e.status_code, f"{r.method} {r.url.path}: {e.detail}", "invalid_request_error",
+            code="not_found" if e.status_code == 404 else None))
+
+        @app.get("/health")
+        async def health():
+            if self.engine is None:
+                return JSONResponse({"status": "loading"}, 503)
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgecad"}
+                                               for n in self.params.names]}
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionRequest, request: Request):
+            return await self._complete(request, body)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(body: ChatCompletionRequest, request: Request):
+            return await self._complete(request, body)
+
+        return _Edge(app, self)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        # uvicorn has its own SIGINT handler now: chain edgecad's C one in front of it, so that Ctrl-C also
+        # stops C code that waits (a pass on slow storage, a load) as it does in the other commands
+        from . import native
+        native.lib.ec_interrupt_install()
+        future = asyncio.get_running_loop().run_in_executor(self.pool, self._load)
+        future.add_done_callback(self._loaded)
+        yield
+        self.stopping = True
+        await asyncio.get_running_loop().run_in_executor(self.pool, self._close)
+
+    def _loaded(self, future) -> None:
+        try:
+            self.engine = future.result()
+        except BaseException as e:  # a model file at fault, Ctrl-C during the load, a bug: say it, stop serving
+            self.load_error = str(e) if isinstance(e, EdgecadError) else f"{type(e).__name__}: {e}"
+            self.uvicorn.should_exit = True
+            return
+        plan = self.engine.memory_plan
+        sys.stderr.write(f"edgecad: serving {self.name} ({plan.config}, n_ctx {self.engine.n_ctx}) at "
+                         f"{self.address}/v1; Ctrl-C stops\n")
+        sys.stderr.flush()
+
+    def _close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    # -------------------------------------------------------------- completions
+
+    async def _complete(self, request: Request, body: _Body):
+        chat = isinstance(body, ChatCompletionRequest)
+        if self.engine is None:
+            return _error(503, "the model is still loading: retry in a few seconds (GET /health says when it is "
+                               "ready)", "unavailable_error", headers={"Retry-After": "5"})
+        if body.model is not None and self.params.names and body.model not in self.params.names:
+            return _error(404, f"model {body.model!r} is not served here: use one of "
+                               f"{', '.join(self.params.names)} (GET /v1/models)", "invalid_request_error", "model",
+                          "model_not_found")
+        try:
+            args = _engine_args(body, self.engine.n_ctx)
+        except RequestError as e:
+            return _error(400, str(e), "invalid_request_error", e.param)
+        if self.pending > self.params.max_queue:
+            return _error(429, f"the server is busy: {self.pending} requests are running or waiting (--max-queue "
+                               f"{self.params.max_queue}); retry later", "rate_limit_error",
+                          headers={"Retry-After": "2"})
+        self.pending += 1
+        await self.turn.acquire()
+        stream = None
+
+        def done() -> None:  # once; closing the stream runs on the engine's thread before the next request's calls
+            nonlocal stream
+            if stream is False:
+                return
+            if stream is not None:
+                self.pool.submit(stream.close)
+            stream = False
+            self.pending -= 1
+            self.turn.release()
+
+        try:
+            if await request.is_disconnected() or self.stopping:
+                done()
+                return _error(503, "the request was cancelled before it ran", "unavailable_error")
+            create = self.engine.create_chat_completion if chat else self.engine.create_completion
+            stream = await self._run(lambda: create(**args, stream=True))
+            first = await self._run(next, stream, None)
+        except RequestError as e:
+            done()
+            return _error(400, str(e), "invalid_request_error", e.param)
+        except BaseException as e:
+            done()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return self._failure(e, request)
+        if body.stream:
+            return _Stream(self._events(request, stream, first), done, sep="\n", ping=15)
+        try:
+            chunks = [first]
+            while chunks[-1] is not None:
+                if await request.is_disconnected() or self.stopping:
+                    return _error(503, "the request was cancelled: the client went away or the server is stopping",
+                                  "unavailable_error")
+                chunks.append(await self._run(next, stream, None))
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return self._failure(e, request)
+        finally:
+            done()
+        result = _collect(chunks[:-1], chat)
+        result["model"] = body.model or self.name
+        _log_completion(request, result)
+        return result
+
+    async def _events(self, request: Request, stream, first):
+        """Server-sent events: each chunk as `data: {json}`, then `data: [DONE]`; an engine failure mid-stream
+        as an error event (the status is sent already)."""
+        sent, chunk = 0, first
+        try:
+            while chunk is not None:
+                chunk["model"] = self.name
+                if "usage" in chunk:
+                    _log_completion(request, chunk)
+                yield {"data": json.dumps(chunk)}
+                sent += 1
+                if self.stopping:
+                    return
+                chunk = await self._run(next, stream, None)
+            yield {"data": "[DONE]"}
+        except (Exception, KeyboardInterrupt) as e:
+            msg = str(e) if isinstance(e, EdgecadError) else f"{type(e).__name__}: {e}"
+            sys.stderr.write(f"edgecad: error in {request.method} {request.url.path}: {msg}\n")
+            yield {"data": json.dumps({"error": {"message": f"the engine failed: {msg}", "type": "server_error",
+                                                 "param": None, "code": None}})}
+        finally:
+            if chunk is not None:  # ended early: the client went away, or the server is stopping
+                request.state.log = (f" stopped after {sent} chunks ("
+                                     + ("server stopping)" if self.stopping else "client gone)"))
+
+    def _failure(self, e: BaseException, request: Request) -> JSONResponse:
+        """An engine failure: 500 with its message; the server goes on with the next request."""
+        msg = str(e) if isinstance(e, EdgecadError) else f"{type(e).__name__}: {e}"
+        sys.stderr.write(f"edgecad: error in {request.method} {request.url.path}: {msg}\n")
+        return _error(500, f"the engine failed: {msg}", "server_error")
+
+
+class _Stream(EventSourceResponse):
+    """An event stream that gives the engine back when it ends, however it ends (finished, the client gone, a
+    shutdown), even when its events were never started."""
+
+    def __init__(self, events, done: Callable[[], None], **kw):
+        super().__init__(events, **kw)
+        self._done = done
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._done()
+
+
+def _collect(chunks: list[dict], chat: bool) -> dict:
+    """A whole response from its stream (the Engine's chunks): the last chunk with every chunk's text."""
+    last = chunks[-1]
+    if not chat:
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        return {**last, "choices": [{**last["choices"][0], "text": text}]}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    ch = last["choices"][0]
+    return {"id": last["id"], "object": "chat.completion", "created": last["created"], "model": last["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": ch["finish_reason"]}],
+            "usage": last.get("usage"), "edgecad": last.get("edgecad")}
+
+
+def _log_completion(request: Request, last: dict) -> None:
+    """What the access log line says of a completion (_Edge writes the line when the response ends)."""
+    u, st = last.get("usage") or {}, last.get("edgecad") or {}
+    request.state.log = (f" prompt {u.get('prompt_tokens', 0)} + {u.get('completion_tokens', 0)} tokens, "
+                         f"{st.get('tokens_per_second', 0.0):.1f} tok/s, {st.get('config', '?')}")
+
+
+def _host(h: str) -> str:
+    return f"[{h}]" if ":" in h else h
+
+
+class _Edge:
+    """The HTTP edge, before the app: the API key on /v1/*, the body's size (read and counted before the app
+    sees it), and one log line per request (method, path, status, and for a completion its tokens and speed)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status, logged = time.perf_counter(), [0], [False]
+        scope.setdefault("state", {})
+
+        def log():
+            if not logged[0]:
+                logged[0] = True
+                sys.stderr.write(f"{scope['method']} {scope['path']} {status[0]}{scope['state'].get('log', '')} "
+                                 f"({time.perf_counter() - t0:.2f} s)\n")
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                log()
+
+        refusal = self._refusal(scope)
+        if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            refusal, receive = await self._bounded(receive)
+            # the body is JSON whatever the client labelled it (`curl -d` says form data)
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
+        try:
+            await (refusal or self.app)(scope, receive, send_logged)
+        finally:
+            log()  # a response that never ended (a stream whose client went away) is logged too
+
+    def _refusal(self, scope) -> Optional[JSONResponse]:
+        key = self.server.params.api_key
+        if key is None or not scope["path"].startswith("/v1"):
+            return None
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if hmac.compare_digest(auth.encode(), f"Bearer {key}".encode()):
+            return None
+        return _error(401, "missing or wrong API key: send the header \"Authorization: Bearer <key>\" with the key "
+                           "the server was started with (--api-key)", "authentication_error", code="invalid_api_key")
+
+    async def _bounded(self, receive):
+        """Read the whole body (at most max_body bytes) and hand it to the app from memory."""
+        limit, parts, size = self.server.params.max_body, [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None, receive  # the client went away: the app sees the disconnect
+            size += len(message.get("body", b""))
+            if size > limit:
+                return _error(413, f"the request body is larger than {limit:,} bytes: send a shorter prompt",
+                              "invalid_request_error"), receive
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(parts)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return None, replay
+
+
+# ---------------------------------------------------------------------------- main
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (IPv4 or IPv6), or one line naming the fix."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        raise EdgecadError(f"cannot listen on {_host(host)}:{port}: {e.strerror or e}: choose another --port "
+                           "(or --host)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(load: Callable[[], Any], params: ServerParams) -> int:
+    """Listen, load the engine (GET /health says "loading" meanwhile), serve until Ctrl-C or SIGTERM. Returns
+    the exit status (1 when the engine could not be loaded)."""
+    sock = listen(params.host, params.port)
+    if params.host not in ("127.0.0.1", "::1", "localhost") and params.api_key is None:
+        sys.stderr.write(f"edgecad: warning: serving on {params.host} without an API key: anyone who can reach "
+                         "this address can use the model (set --api-key)\n")
+    srv = Server(load, params)
+    host, port = sock.getsockname()[:2]
+    srv.address = f"http://{_host(host)}:{port}"
+    config = uvicorn.Config(srv.app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=30)
+    srv.uvicorn = uvicorn.Server(config)
+    _watch_exit(srv)
+    try:
+        srv.uvicorn.run(sockets=[sock])
+    finally:
+        srv.pool.shutdown(wait=True)
+        sock.close()
+    if srv.load_error is not None:
+        raise EdgecadError(srv.load_error)
+    return 0
+
+
+def _watch_exit(srv: Server) -> None:
+    """Ctrl-C or SIGTERM: mark the server stopping, so that running requests end at their next chunk instead of
+    holding the shutdown, and let uvicorn shut down (a second Ctrl-C forces it). Unlike uvicorn's own handler
+    this does not raise the signal again once the server is down: the exit is a clean one."""
+    def on_exit(sig, frame):
+        srv.stopping = True
+        if srv.uvicorn.should_exit and sig == signal.SIGINT:
+            srv.uvicorn.force_exit = True
+        srv.uvicorn.should_exit = True
+
+    srv.uvicorn.handle_exit = on_exit

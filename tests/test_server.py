@@ -1,0 +1,328 @@
+"""`edgecad serve`: the real server (a subprocess, uvicorn, tiny models) on a free loopback port, driven by the
+official `openai` client and by raw HTTP (httpx)."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from edgecad import Engine
+
+from helpers import PROMPTS
+
+
+class Served:
+    """`edgecad serve ARGS --port 0` in a subprocess; its stderr is collected line by line. One compute thread: the
+    test process runs engines too, and llama.cpp's threads spin at barriers when they outnumber the cores."""
+
+    def __init__(self, *args: str, ready: bool = True):
+        cmd = [sys.executable, "-m", "edgecad.cli", "serve", "--port", "0", "--threads", "1", *map(str, args)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.url = None
+        if ready:
+            self.wait_ready()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "serving " in line and " at http://" in line:
+                self.url = line.split(" at ")[1].split("/v1")[0]
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 120):
+        assert self._ready.wait(timeout), "the server did not get ready:\n" + self.log
+        assert self.url, "the server stopped before it was ready:\n" + self.log
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def post(self, path: str, body, **kw) -> httpx.Response:
+        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return httpx.post(self.url + path, content=content, headers={"content-type": "application/json",
+                                                                     **kw.pop("headers", {})}, timeout=60, **kw)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pair):
+    draft, target = tiny_pair
+    s = Served("--target", target, "--draft", draft, "--mode", "tree", "--n-ctx", 512)
+    yield s
+    assert s.stop() == 0, s.log
+
+
+@pytest.fixture(scope="module")
+def target_tokens(tiny_target):
+    """The target's own greedy tokens (Python API, target only) for each prompt, and for a chat."""
+    with Engine(tiny_target, mode="target", n_ctx=512) as e:
+        out = {p: e.create_completion(p, temperature=0, max_tokens=24)["edgecad"]["token_ids"] for p in PROMPTS}
+        out["chat"] = e.create_chat_completion(CHAT, temperature=0, max_tokens=24)["edgecad"]["token_ids"]
+    return out
+
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello the world"}]
+
+
+def _slow_server(paging_pair, *args):
+    """A paged target on emulated SD-card storage: a pass takes tens of milliseconds, so a completion of a few
+    hundred tokens runs for seconds (long enough to disconnect from, queue behind, or stop)."""
+    draft, target = paging_pair
+    return Served("--target", target, "--mode", "target", "--target-budget", "50%", "--storage", "sd",
+                  "--n-ctx", 512, *args)
+
+
+# ---------------------------------------------------------------------------- completions
+
+def test_greedy_completions_through_the_openai_client_are_the_target_s_tokens(server, target_tokens):
+    """A tree-mode server gives the target's own greedy tokens, text and usage, for completions and chat."""
+    c, name = server.client(), _name(server)
+    for p in PROMPTS:
+        r = c.completions.create(model=name, prompt=p, max_tokens=24, temperature=0)
+        ids = r.model_extra["edgecad"]["token_ids"]
+        assert ids == target_tokens[p]
+        assert r.usage.completion_tokens == len(ids) and r.choices[0].finish_reason == "length"
+        assert r.object == "text_completion" and r.model == name
+    r = c.chat.completions.create(model=name, messages=CHAT, max_tokens=24, temperature=0)
+    assert r.model_extra["edgecad"]["token_ids"] == target_tokens["chat"]
+    assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
+    assert r.model_extra["edgecad"]["mode"] == "tree"
+
+
+def _name(server) -> str:
+    return server.client().models.list().data[0].id
+
+
+def test_streamed_text_joins_to_the_non_streamed_text(server):
+    c, name = server.client(), _name(server)
+    for p in PROMPTS[:3]:
+        whole = c.completions.create(model=name, prompt=p, max_tokens=20, temperature=0)
+        chunks = list(c.completions.create(model=name, prompt=p, max_tokens=20, temperature=0, stream=True))
+        assert len(chunks) > 1
+        assert "".join(ch.choices[0].text for ch in chunks) == whole.choices[0].text
+        assert chunks[-1].choices[0].finish_reason == "length"
+    whole = c.chat.completions.create(model=name, messages=CHAT, max_tokens=20, temperature=0)
+    chunks = list(c.chat.completions.create(model=name, messages=CHAT, max_tokens=20, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_raw_sse_ends_with_done(server):
+    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 5, "stream": True},
+                      timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    last = json.loads(data[-2])
+    assert last["usage"]["completion_tokens"] == 5 and "edgecad" in last
+
+
+def test_a_chat_s_next_turn_reuses_the_conversation_s_prefix(server):
+    c, name = server.client(), _name(server)
+    first = c.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0)
+    turn2 = CHAT + [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "and then?"}]
+    second = c.chat.completions.create(model=name, messages=turn2, max_tokens=8, temperature=0)
+    reused = second.model_extra["edgecad"]["prompt_tokens_reused"]
+    assert reused >= first.usage.prompt_tokens - 1, (reused, first.usage.prompt_tokens)
+
+
+def test_models_health_and_the_openapi_schema(server, tiny_target):
+    ids = [m.id for m in server.client().models.list().data]
+    assert ids == [str(tiny_target), tiny_target.name]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(schema["paths"])
+    # a request may name the model by file name too
+    r = server.post("/v1/completions", {"model": tiny_target.name, "prompt": "abc", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_eight_concurrent_clients_get_the_tokens_of_sequential_runs(server):
+    c, name = server.client(), _name(server)
+    prompts = (PROMPTS * 2)[:8]
+
+    def run(p):
+        return c.completions.create(model=name, prompt=p, max_tokens=16, temperature=0).model_extra["edgecad"][
+            "token_ids"]
+
+    sequential = [run(p) for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(run, prompts))
+    assert concurrent == sequential
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _error(r: httpx.Response, status: int, param=None) -> str:
+    assert r.status_code == status, r.text
+    e = r.json()["error"]
+    assert set(e) == {"message", "type", "param", "code"} and e["message"]
+    assert e["param"] == param
+    return e["message"]
+
+
+def test_errors_have_openai_s_shape_and_status(server):
+    assert "not valid JSON" in _error(server.post("/v1/completions", b'{"prompt": '), 400)
+    assert "JSON object" in _error(server.post("/v1/completions", b"[1, 2]"), 400)
+    assert "foo" in _error(server.post("/v1/completions", {"prompt": "x", "foo": 1}), 400, "foo")
+    assert "prompt" in _error(server.post("/v1/completions", {"max_tokens": 3}), 400, "prompt")
+    assert "> 0 and <= 1" in _error(server.post("/v1/completions", {"prompt": "x", "top_p": 5}), 400, "top_p")
+    assert "not supported" in _error(server.post("/v1/completions", {"prompt": "x", "logprobs": 2}), 400, "logprobs")
+    assert "one choice" in _error(server.post("/v1/chat/completions", {"messages": CHAT, "n": 3}), 400, "n")
+    msg = _error(server.post("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}), 400,
+                 "tools")
+    assert "not supported" in msg
+    msg = _error(server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, "messages")
+    assert "text only" in msg
+    assert "512" in _error(server.post("/v1/completions", {"prompt": "x", "max_tokens": 100000}), 400, "max_tokens")
+    msg = _error(server.post("/v1/completions", {"prompt": "hello the world " * 400}), 400, "prompt")
+    assert "the context holds 512" in msg
+    msg = _error(server.post("/v1/completions", {"prompt": "x", "model": "gpt-4o"}), 404, "model")
+    assert "gpt-4o" in msg and "/v1/models" in msg
+    assert "4,194,304 bytes" in _error(server.post("/v1/completions", b"{" + b" " * (5 << 20) + b"}"), 413)
+    _error(httpx.get(server.url + "/v1/nothing"), 404)
+    # and the server goes on
+    assert server.post("/v1/completions", {"prompt": "abc", "max_tokens": 2}).status_code == 200
+    # the openai client raises its typed errors from these
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        server.client().completions.create(model=_name(server), prompt="x", top_p=7)
+
+
+def test_a_json_body_without_a_json_content_type_is_read(server):
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "abc", "max_tokens": 2}',
+                   headers={"content-type": "application/x-www-form-urlencoded"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_an_api_key_is_required_when_set(tiny_target):
+    s = Served("--target", tiny_target, "--n-ctx", 256, "--api-key", "s3cret")
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200  # open: a probe needs no key
+        assert "API key" in _error(httpx.get(s.url + "/v1/models"), 401)
+        assert "API key" in _error(s.post("/v1/completions", {"prompt": "x"}, headers={"authorization": "Bearer no"}),
+                                   401)
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").models.list()
+        r = s.client(api_key="s3cret").completions.create(model=tiny_target.name, prompt="abc", max_tokens=3)
+        assert r.usage.completion_tokens == 3
+    finally:
+        assert s.stop() == 0, s.log
+
+
+def test_an_engine_failure_is_a_500_and_the_server_goes_on(tiny_target, tmp_path):
+    """The model file changes under the running server (a real engine failure): 500 in OpenAI's shape, the
+    process keeps serving what it can."""
+    path = tmp_path / "model.gguf"
+    shutil.copy(tiny_target, path)
+    s = Served("--target", path, "--n-ctx", 256)
+    try:
+        assert s.post("/v1/completions", {"prompt": "abc", "max_tokens": 3}).status_code == 200
+        with open(path, "ab") as f:
+            f.write(b"\0" * 4096)
+        msg = _error(s.post("/v1/completions", {"prompt": "abc", "max_tokens": 3}), 500)
+        assert "the engine failed" in msg and "changed" in msg
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert httpx.get(s.url + "/v1/models").status_code == 200
+        assert "POST /v1/completions 500" in s.log
+    finally:
+        assert s.stop() == 0, s.log
+
+
+def test_a_model_that_cannot_load_is_one_line_and_exit_1(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all" * 100)
+    s = Served("--target", bad, ready=False)
+    assert s.proc.wait(60) == 1
+    errors = [l for l in s.lines if l.startswith("edgecad: error:")]
+    assert len(errors) == 1 and "bad.gguf" in errors[0] and "Traceback" not in s.log
+
+
+def test_a_port_in_use_is_one_line(server):
+    port = server.url.rsplit(":", 1)[1]
+    r = subprocess.run([sys.executable, "-m", "edgecad.cli", "serve", "--port", port, "--target", "x.gguf"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot listen" in r.stderr and "--port" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- queue, disconnects, shutdown
+
+def test_a_client_that_disconnects_mid_stream_frees_the_engine(paging_pair):
+    s = _slow_server(paging_pair)
+    try:
+        with Engine(paging_pair[1], mode="target", n_ctx=512) as e:
+            fresh = e.create_completion("Once upon a time", temperature=0, max_tokens=12)["edgecad"]["token_ids"]
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"prompt": "hello the world", "max_tokens": 400, "stream": True}) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ")
+                if got == 3:
+                    break  # leaving the block closes the connection
+        r = s.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200 and r.json()["edgecad"]["token_ids"] == fresh
+        # the dropped stream stopped early: it never ran its 400 tokens
+        dropped = [l for l in s.lines if "POST /v1/completions 200" in l][0]
+        assert "client gone" in dropped, s.log
+        assert int(dropped.split("stopped after ")[1].split()[0]) < 100, dropped
+    finally:
+        assert s.stop() == 0, s.log
+
+
+def test_a_full_queue_gives_429_with_retry_after(paging_pair):
+    s = _slow_server(paging_pair, "--max-queue", 0)
+    try:
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"prompt": "hello the world", "max_tokens": 200, "stream": True}) as r:
+            lines = r.iter_lines()  # (kept: a dropped iterator closes the response)
+            next(lines)  # the first is running
+            busy = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+            assert "busy" in _error(busy, 429) and int(busy.headers["retry-after"]) > 0
+    finally:
+        assert s.stop() == 0, s.log
+
+
+def test_sigterm_during_a_stream_ends_it_and_exits_cleanly(paging_pair):
+    s = _slow_server(paging_pair)
+    with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                      json={"prompt": "hello the world", "max_tokens": 400, "stream": True}) as r:
+        lines = r.iter_lines()
+        next(lines)
+        s.proc.send_signal(signal.SIGTERM)
+        rest = list(lines)  # the stream ends (not all 400 tokens) instead of hanging
+    assert s.proc.wait(60) == 0, s.log
+    assert sum(l.startswith("data: ") for l in rest) < 399
+    assert "Traceback" not in s.log
+
+
+def test_the_server_binds_loopback_by_default_and_warns_without_a_key_elsewhere(tiny_target):
+    s = Served("--target", tiny_target, "--n-ctx", 256)
+    try:
+        assert s.url.startswith("http://127.0.0.1:")
+    finally:
+        assert s.stop() == 0
+    s = Served("--target", tiny_target, "--n-ctx", 256, "--host", "0.0.0.0")
+    try:
+        assert any("without an API key" in l for l in s.lines), s.log
+    finally:
+        assert s.stop() == 0
