@@ -1,4 +1,4 @@
-"""The `edgecad` command: generate, chat, models, bench, inspect.
+"""The `edgecad` command: generate, chat, serve, models, bench, inspect, doctor.
 
 Every edgecad error becomes one line on stderr and a non-zero exit status; errors written for API users
 (`n_ctx=...`) name the command's flags instead (`--n-ctx ...`).
@@ -181,6 +181,31 @@ def cmd_chat(a: argparse.Namespace) -> int:
             conv.close()
 
 
+# ---------------------------------------------------------------------------- serve
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import os
+
+    from .pager import PagerParams
+    from .server import ServerParams, serve
+
+    draft = _draft(a)
+    key = a.api_key or os.environ.get("EDGECAD_API_KEY") or None
+
+    def load():
+        from .engine import Engine
+
+        return Engine(a.target, draft, mode=a.mode, memory_budget=_budget(a), target_budget=a.target_budget,
+                      pager=PagerParams(storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
+                      target_gpu_layers=a.target_gpu_layers, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
+                      verbose=a.verbose, progress=sys.stderr.isatty())
+
+    names = tuple(dict.fromkeys([a.alias or a.target, Path(str(registry.resolve(a.target))).name]))
+    sys.stderr.write(f"edgecad: loading {a.target}" + (f" + {draft}" if draft else "")
+                     + f" (memory budget {a.memory_budget})...\n")
+    return serve(load, ServerParams(host=a.host, port=a.port, api_key=key, max_queue=a.max_queue, names=names))
+
+
 # ---------------------------------------------------------------------------- models
 
 def cmd_models(a: argparse.Namespace) -> int:
@@ -266,11 +291,14 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- main
 
-def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: float) -> None:
-    """The flags of every command that runs an engine (generate, chat): sampling, context, memory, devices."""
-    p.add_argument("--temperature", type=float, default=temperature, help=f">= 0; 0 = greedy (default {temperature})")
-    p.add_argument("--top-k", type=int, default=40, help=">= 0; 0 = off (default 40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="0 < p <= 1; 1 = off (default 0.95)")
+def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: Optional[float]) -> None:
+    """The flags of every command that runs an engine (generate, chat, serve): sampling (not for serve, whose
+    requests say it), context, memory, devices."""
+    if temperature is not None:
+        p.add_argument("--temperature", type=float, default=temperature,
+                       help=f">= 0; 0 = greedy (default {temperature})")
+        p.add_argument("--top-k", type=int, default=40, help=">= 0; 0 = off (default 40)")
+        p.add_argument("--top-p", type=float, default=0.95, help="0 < p <= 1; 1 = off (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help=">= 0; -1 = random (the default)")
     p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (a chat: the whole "
                                                            "conversation), >= 8 (default 4096)")
@@ -361,6 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest answer (default, or -1: until the context is full)")
     _add_engine_flags(c, temperature=0.2)  # (0.2: llama-cpp-python's chat default)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on this machine (/v1/chat/completions, "
+                                      "/v1/completions, /v1/models)")
+    sv.add_argument("--target", default=registry.DEFAULT_TARGET, help="target GGUF path or registry name")
+    sv.add_argument("--draft", default=None, help="draft GGUF path or registry name (default: the registry draft "
+                                                  "when --target is a registry model)")
+    sv.add_argument("--mode", default=None, choices=["tree", "linear", "bild", "target"],
+                    help="default: the automatic configuration (see `edgecad inspect --memory-budget`)")
+    sv.add_argument("--alias", default=None, help="the model's name in the API (default: --target as given; the "
+                                                  "file name is accepted too)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
+                                                        "only; 0.0.0.0 exposes the model to the network)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    sv.add_argument("--api-key", default=None, help="require \"Authorization: Bearer KEY\" on /v1/* (or set "
+                                                    "EDGECAD_API_KEY, which other users cannot see in `ps`)")
+    sv.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one; more "
+                                                             "get 429 (default 8)")
+    _add_engine_flags(sv, temperature=None)
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list, fetch, verify the registry models")
     m.add_argument("action", choices=["list", "fetch", "verify", "path"])

@@ -204,6 +204,16 @@ class Engine:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         return self._target_model.detokenize(tokens, special=special)
 
+    def _token_ids(self, prompt: Sequence[int]) -> list[int]:
+        """A prompt given as token ids, each checked against the vocabulary (llama.cpp refuses a batch with one
+        outside it)."""
+        n = self._target_model.n_vocab
+        tokens = [int(t) for t in prompt]
+        bad = next((t for t in tokens if not 0 <= t < n), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is not in the model's vocabulary: use ids 0..{n - 1}", "prompt")
+        return tokens
+
     # ------------------------------------------------------------------ completion
     # llama-cpp-python's `Llama` surface: same names, defaults and result shapes. Arguments that
     # edgecad does not implement are accepted at their defaults and refused otherwise (_unsupported).
@@ -243,7 +253,7 @@ class Engine:
                      tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                      stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar,
                      logit_bias=logit_bias)
-        tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else [int(t) for t in prompt]
+        tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else self._token_ids(prompt)
         sp = _sampling(temperature, top_k, top_p, min_p, repeat_penalty)
         chunks = self._completion_chunks(tokens, max_tokens, sp, _stops(stop), seed, stream=stream)
         return chunks if stream else _join(chunks)

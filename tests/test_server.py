@@ -198,6 +198,7 @@ def test_errors_have_openai_s_shape_and_status(server):
     assert "512" in _error(server.post("/v1/completions", {"prompt": "x", "max_tokens": 100000}), 400, "max_tokens")
     msg = _error(server.post("/v1/completions", {"prompt": "hello the world " * 400}), 400, "prompt")
     assert "the context holds 512" in msg
+    assert "vocabulary" in _error(server.post("/v1/completions", {"prompt": [5, 10 ** 6]}), 400, "prompt")
     msg = _error(server.post("/v1/completions", {"prompt": "x", "model": "gpt-4o"}), 404, "model")
     assert "gpt-4o" in msg and "/v1/models" in msg
     assert "4,194,304 bytes" in _error(server.post("/v1/completions", b"{" + b" " * (5 << 20) + b"}"), 413)
