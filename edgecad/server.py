@@ -522,6 +522,7 @@ def serve(load: Callable[[], Any], params: ServerParams) -> int:
         sock.close()
     if srv.load_error is not None:
         raise EdgecadError(srv.load_error)
+    sys.stderr.write("edgecad: server stopped\n")
     return 0
 
 
