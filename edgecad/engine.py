@@ -199,6 +199,12 @@ class Engine:
     def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text` (llama-cpp-python's `Llama.tokenize`): BOS when the vocabulary uses one and
         add_bos; special-token texts parsed as special tokens when `special`."""
+        if isinstance(text, str):
+            try:
+                text = text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(f"the text is not valid Unicode ({e.reason} at character {e.start}): send UTF-8 "
+                                   "text", "prompt") from None
         return self._target_model.tokenize(text, add_special=add_bos, parse_special=special)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
@@ -256,7 +262,7 @@ class Engine:
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else self._token_ids(prompt)
         sp = _sampling(temperature, top_k, top_p, min_p, repeat_penalty)
         chunks = self._completion_chunks(tokens, max_tokens, sp, _stops(stop), seed, stream=stream)
-        return chunks if stream else _join(chunks)
+        return chunks if stream else join(chunks)
 
     __call__ = create_completion
 
@@ -302,7 +308,8 @@ class Engine:
         tokens, stops = self.chat_tokens(messages)
         sp = _sampling(temperature, top_k, top_p, min_p, repeat_penalty)
         chunks = self._completion_chunks(tokens, max_tokens, sp, stops + _stops(stop), seed, stream=stream)
-        return _chat_chunks(chunks) if stream else _chat_message(_join(chunks))
+        chunks = _chat_chunks(chunks)
+        return chunks if stream else join(chunks)
 
     def chat_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
         """The conversation as prompt tokens (ending with the assistant's turn opened), and the
@@ -526,23 +533,20 @@ def _stops(stop) -> list[str]:
     return [stop] if isinstance(stop, str) and stop else [s for s in (stop or []) if s and isinstance(s, str)]
 
 
-def _join(chunks: Iterator[dict]) -> dict:
-    """The completion of a stream of chunks: the last chunk, with all the text."""
+def join(chunks) -> dict:
+    """The whole response of a stream (an iterable of chunks): llama-cpp-python's text_completion from
+    text_completion chunks, its chat.completion from chat.completion.chunks."""
     text, last = [], None
     for chunk in chunks:
-        text.append(chunk["choices"][0]["text"])
+        ch = chunk["choices"][0]
+        text.append(ch["text"] if "text" in ch else ch["delta"].get("content") or "")
         last = chunk
-    last["choices"][0]["text"] = "".join(text)
-    return last
-
-
-def _chat_message(c: dict) -> dict:
-    """A text completion as llama-cpp-python's chat.completion."""
-    ch = c["choices"][0]
-    return {"id": "chat" + c["id"], "object": "chat.completion", "created": c["created"], "model": c["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": ch["text"]}, "logprobs": None,
-                         "finish_reason": ch["finish_reason"]}],
-            "usage": c["usage"], "edgecad": c["edgecad"]}
+    if last["object"] == "text_completion":
+        return {**last, "choices": [{**last["choices"][0], "text": "".join(text)}]}
+    return {"id": last["id"], "object": "chat.completion", "created": last["created"], "model": last["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
+                         "finish_reason": last["choices"][0]["finish_reason"]}],
+            "usage": last["usage"], "edgecad": last["edgecad"]}
 
 
 def _chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+from .engine import join
 from .errors import EdgecadError, RequestError
 
 try:
@@ -32,7 +33,7 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict
-    from sse_starlette.sse import EventSourceResponse
+    from sse_starlette.sse import EventSourceResponse, SendTimeoutError
     from starlette.exceptions import HTTPException
 except ImportError as e:  # the optional extra
     raise EdgecadError(f"`edgecad serve` needs the server extra ({e.name} is missing): "
@@ -110,6 +111,7 @@ class ChatCompletionRequest(_Body):
     metadata: Optional[dict] = None
 
 
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4): each token is searched for every one of them
 _SERVER_ONLY = {"model", "stream", "stream_options", "n", "best_of", "user", "max_completion_tokens",
                 "parallel_tool_calls", "store", "metadata", "prompt", "messages"}
 
@@ -119,11 +121,14 @@ def _engine_args(body: _Body, n_ctx: int) -> dict:
     cannot (one choice per request, max_tokens within the context, message contents as text)."""
     given = body.model_dump(exclude_unset=True)
     for name in ("n", "best_of"):
-        if given.get(name, 1) != 1:
+        if given.get(name) not in (None, 1):
             raise RequestError(f"{name}={given[name]} is not supported: edgecad returns one choice per request "
                                f"(send {given[name]} requests, or leave {name} at 1)", name)
+    stop = given.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOPS:
+        raise RequestError(f"{len(stop)} stop strings are too many: give at most {MAX_STOPS}", "stop")
     args = {k: v for k, v in given.items() if k not in _SERVER_ONLY and v is not None}
-    limit = given.get("max_completion_tokens", given.get("max_tokens"))
+    limit = next((given[k] for k in ("max_completion_tokens", "max_tokens") if given.get(k) is not None), None)
     if limit is not None:
         if limit > n_ctx:
             raise RequestError(f"max_tokens={limit} is more than the context holds ({n_ctx} tokens, prompt "
@@ -179,6 +184,9 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
                            "send a JSON object", "invalid_request_error")
     if e.get("type") == "extra_forbidden":
         return _error(400, f"unrecognized request argument supplied: {field}", "invalid_request_error", field)
+    if not loc and e.get("type") == "missing":
+        return _error(400, "the request body is empty: send a JSON object of the request's arguments",
+                      "invalid_request_error")
     if e.get("type") == "model_attributes_type" and not loc:
         return _error(400, "the request body must be a JSON object of the request's arguments",
                       "invalid_request_error")
@@ -219,13 +227,13 @@ class Server:
         app.add_exception_handler(RequestValidationError, lambda r, e: _validation_error(e))
         app.add_exception_handler(HTTPException, lambda r, e: _error(
             e.status_code, f"{r.method} {r.url.path}: {e.detail}", "invalid_request_error",
-            code="not_found" if e.status_code == 404 else None))
+            code="not_found" if e.status_code == 404 else None, headers=e.headers))
 
         @app.get("/health")
         async def health():
             if self.engine is None:
                 return JSONResponse({"status": "loading"}, 503)
-            return {"status": "ok"}
+            return {"status": "ok", "running": min(self.pending, 1), "waiting": max(self.pending - 1, 0)}
 
         @app.get("/v1/models")
         async def models():
@@ -248,32 +256,34 @@ class Server:
         # stops C code that waits (a pass on slow storage, a load) as it does in the other commands
         from . import native
         native.lib.ec_interrupt_install()
-        future = asyncio.get_running_loop().run_in_executor(self.pool, self._load)
-        future.add_done_callback(self._loaded)
+        asyncio.get_running_loop().run_in_executor(self.pool, self._load_engine)
         yield
         self.stopping = True
         await asyncio.get_running_loop().run_in_executor(self.pool, self._close)
 
-    def _loaded(self, future) -> None:
+    def _load_engine(self) -> None:
+        """On the engine's thread: load, then say where it serves (or why it cannot, and stop the server)."""
         try:
-            self.engine = future.result()
+            self.engine = self._load()
         except BaseException as e:  # a model file at fault, Ctrl-C during the load, a bug: say it, stop serving
-            self.load_error = str(e) if isinstance(e, EdgecadError) else f"{type(e).__name__}: {e}"
+            if not (isinstance(e, KeyboardInterrupt) and self.stopping):
+                self.load_error = _describe(e)
             self.uvicorn.should_exit = True
             return
-        plan = self.engine.memory_plan
-        sys.stderr.write(f"edgecad: serving {self.name} ({plan.config}, n_ctx {self.engine.n_ctx}) at "
-                         f"{self.address}/v1; Ctrl-C stops\n")
-        sys.stderr.flush()
+        if not self.stopping:
+            plan = self.engine.memory_plan
+            sys.stderr.write(f"edgecad: serving {self.name} ({plan.config}, n_ctx {self.engine.n_ctx}) at "
+                             f"{self.address}/v1; Ctrl-C stops\n")
+            sys.stderr.flush()
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # on the engine's thread, after the load and any chunk being computed
         if self.engine is not None:
             self.engine.close()
 
     # -------------------------------------------------------------- completions
 
     async def _complete(self, request: Request, body: _Body):
-        chat = isinstance(body, ChatCompletionRequest)
+        chat, name = isinstance(body, ChatCompletionRequest), body.model or self.name
         if self.engine is None:
             return _error(503, "the model is still loading: retry in a few seconds (GET /health says when it is "
                                "ready)", "unavailable_error", headers={"Retry-After": "5"})
@@ -290,7 +300,11 @@ class Server:
                                f"{self.params.max_queue}); retry later", "rate_limit_error",
                           headers={"Retry-After": "2"})
         self.pending += 1
-        await self.turn.acquire()
+        try:
+            await self.turn.acquire()
+        except BaseException:  # cancelled while waiting (a forced shutdown)
+            self.pending -= 1
+            raise
         stream = None
 
         def done() -> None:  # once; closing the stream runs on the engine's thread before the next request's calls
@@ -306,7 +320,7 @@ class Server:
         try:
             if await request.is_disconnected() or self.stopping:
                 done()
-                return _error(503, "the request was cancelled before it ran", "unavailable_error")
+                return _cancelled(request, "before it ran")
             create = self.engine.create_chat_completion if chat else self.engine.create_completion
             stream = await self._run(lambda: create(**args, stream=True))
             first = await self._run(next, stream, None)
@@ -319,13 +333,12 @@ class Server:
                 raise
             return self._failure(e, request)
         if body.stream:
-            return _Stream(self._events(request, stream, first), done, sep="\n", ping=15)
+            return _Stream(self._events(request, stream, first, name), done, sep="\n", ping=15, send_timeout=30)
         try:
             chunks = [first]
             while chunks[-1] is not None:
                 if await request.is_disconnected() or self.stopping:
-                    return _error(503, "the request was cancelled: the client went away or the server is stopping",
-                                  "unavailable_error")
+                    return _cancelled(request, f"after {len(chunks)} chunks")
                 chunks.append(await self._run(next, stream, None))
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError):
@@ -333,46 +346,60 @@ class Server:
             return self._failure(e, request)
         finally:
             done()
-        result = _collect(chunks[:-1], chat)
-        result["model"] = body.model or self.name
+        result = {**join(chunks[:-1]), "model": name}
         _log_completion(request, result)
         return result
 
-    async def _events(self, request: Request, stream, first):
+    async def _events(self, request: Request, stream, first, name: str):
         """Server-sent events: each chunk as `data: {json}`, then `data: [DONE]`; an engine failure mid-stream
         as an error event (the status is sent already)."""
         sent, chunk = 0, first
         try:
             while chunk is not None:
-                chunk["model"] = self.name
                 if "usage" in chunk:
                     _log_completion(request, chunk)
-                yield {"data": json.dumps(chunk)}
+                yield {"data": json.dumps({**chunk, "model": name})}
                 sent += 1
                 if self.stopping:
                     return
                 chunk = await self._run(next, stream, None)
             yield {"data": "[DONE]"}
         except (Exception, KeyboardInterrupt) as e:
-            msg = str(e) if isinstance(e, EdgecadError) else f"{type(e).__name__}: {e}"
-            sys.stderr.write(f"edgecad: error in {request.method} {request.url.path}: {msg}\n")
-            yield {"data": json.dumps({"error": {"message": f"the engine failed: {msg}", "type": "server_error",
-                                                 "param": None, "code": None}})}
+            if self.stopping or isinstance(e, KeyboardInterrupt):
+                return  # Ctrl-C stopped the pass: the server is stopping, the stream just ends
+            failure = self._failure(e, request)
+            chunk = None
+            yield {"data": failure.body.decode()}
         finally:
             if chunk is not None:  # ended early: the client went away, or the server is stopping
                 request.state.log = (f" stopped after {sent} chunks ("
                                      + ("server stopping)" if self.stopping else "client gone)"))
 
     def _failure(self, e: BaseException, request: Request) -> JSONResponse:
-        """An engine failure: 500 with its message; the server goes on with the next request."""
-        msg = str(e) if isinstance(e, EdgecadError) else f"{type(e).__name__}: {e}"
+        """An engine failure: 500 with its message, and the server goes on with the next request; or, when a
+        Ctrl-C stopped the pass, the request cancelled."""
+        if self.stopping or isinstance(e, KeyboardInterrupt):
+            return _cancelled(request, "by Ctrl-C")
+        msg = _describe(e)
         sys.stderr.write(f"edgecad: error in {request.method} {request.url.path}: {msg}\n")
+        request.state.log = " engine failed"
         return _error(500, f"the engine failed: {msg}", "server_error")
 
 
+def _describe(e: BaseException) -> str:
+    """An exception as one line: edgecad's own messages as they are, anything else with its type."""
+    return str(e) if isinstance(e, EdgecadError) else f"{type(e).__name__}: {e}"
+
+
+def _cancelled(request: Request, when: str) -> JSONResponse:
+    request.state.log = f" cancelled {when}"
+    return _error(503, f"the request was cancelled {when}: the client went away or the server is stopping",
+                  "unavailable_error")
+
+
 class _Stream(EventSourceResponse):
-    """An event stream that gives the engine back when it ends, however it ends (finished, the client gone, a
-    shutdown), even when its events were never started."""
+    """An event stream that gives the engine back when it ends, however it ends (finished, the client gone or
+    not reading for send_timeout seconds, a shutdown), even when its events were never started."""
 
     def __init__(self, events, done: Callable[[], None], **kw):
         super().__init__(events, **kw)
@@ -381,22 +408,10 @@ class _Stream(EventSourceResponse):
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
+        except SendTimeoutError:  # the client stopped reading: it loses its stream, the others get the engine
+            scope["state"]["log"] = scope["state"].get("log", "") + " (client stopped reading)"
         finally:
             self._done()
-
-
-def _collect(chunks: list[dict], chat: bool) -> dict:
-    """A whole response from its stream (the Engine's chunks): the last chunk with every chunk's text."""
-    last = chunks[-1]
-    if not chat:
-        text = "".join(c["choices"][0]["text"] for c in chunks)
-        return {**last, "choices": [{**last["choices"][0], "text": text}]}
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    ch = last["choices"][0]
-    return {"id": last["id"], "object": "chat.completion", "created": last["created"], "model": last["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": ch["finish_reason"]}],
-            "usage": last.get("usage"), "edgecad": last.get("edgecad")}
 
 
 def _log_completion(request: Request, last: dict) -> None:
@@ -451,8 +466,8 @@ class _Edge:
         key = self.server.params.api_key
         if key is None or not scope["path"].startswith("/v1"):
             return None
-        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        if hmac.compare_digest(auth.encode(), f"Bearer {key}".encode()):
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(auth, f"Bearer {key}".encode()):
             return None
         return _error(401, "missing or wrong API key: send the header \"Authorization: Bearer <key>\" with the key "
                            "the server was started with (--api-key)", "authentication_error", code="invalid_api_key")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -54,7 +55,8 @@ class Served:
     def post(self, path: str, body, **kw) -> httpx.Response:
         content = body if isinstance(body, (bytes, str)) else json.dumps(body)
         return httpx.post(self.url + path, content=content, headers={"content-type": "application/json",
-                                                                     **kw.pop("headers", {})}, timeout=60, **kw)
+                                                                     **kw.pop("headers", {})},
+                          timeout=kw.pop("timeout", 60), **kw)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -149,7 +151,7 @@ def test_a_chat_s_next_turn_reuses_the_conversation_s_prefix(server):
 def test_models_health_and_the_openapi_schema(server, tiny_target):
     ids = [m.id for m in server.client().models.list().data]
     assert ids == [str(tiny_target), tiny_target.name]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "running": 0, "waiting": 0}
     schema = httpx.get(server.url + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(schema["paths"])
     # a request may name the model by file name too
@@ -183,6 +185,10 @@ def _error(r: httpx.Response, status: int, param=None) -> str:
 
 def test_errors_have_openai_s_shape_and_status(server):
     assert "not valid JSON" in _error(server.post("/v1/completions", b'{"prompt": '), 400)
+    assert "empty" in _error(server.post("/v1/completions", b""), 400)
+    assert "Unicode" in _error(server.post("/v1/completions", {"prompt": "a\ud800b"}), 400, "prompt")
+    assert "at most 16" in _error(server.post("/v1/completions", {"prompt": "x", "stop": ["a"] * 17}), 400, "stop")
+    assert server.post("/v1/chat/completions", {"messages": CHAT, "n": None, "max_tokens": 2}).status_code == 200
     assert "JSON object" in _error(server.post("/v1/completions", b"[1, 2]"), 400)
     assert "foo" in _error(server.post("/v1/completions", {"prompt": "x", "foo": 1}), 400, "foo")
     assert "prompt" in _error(server.post("/v1/completions", {"max_tokens": 3}), 400, "prompt")
@@ -274,7 +280,7 @@ def test_a_client_that_disconnects_mid_stream_frees_the_engine(paging_pair):
         with Engine(paging_pair[1], mode="target", n_ctx=512) as e:
             fresh = e.create_completion("Once upon a time", temperature=0, max_tokens=12)["edgecad"]["token_ids"]
         with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                          json={"prompt": "hello the world", "max_tokens": 400, "stream": True}) as r:
+                          json={"prompt": "hello the world", "max_tokens": 400, "stream": True, "temperature": 0}) as r:
             got = 0
             for line in r.iter_lines():
                 got += line.startswith("data: ")
@@ -291,29 +297,49 @@ def test_a_client_that_disconnects_mid_stream_frees_the_engine(paging_pair):
 
 
 def test_a_full_queue_gives_429_with_retry_after(paging_pair):
-    s = _slow_server(paging_pair, "--max-queue", 0)
+    """--max-queue 1: one request runs, one waits (and is answered once the first ends), the third is refused."""
+    s = _slow_server(paging_pair, "--max-queue", 1)
     try:
-        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                          json={"prompt": "hello the world", "max_tokens": 200, "stream": True}) as r:
-            lines = r.iter_lines()  # (kept: a dropped iterator closes the response)
-            next(lines)  # the first is running
-            busy = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
-            assert "busy" in _error(busy, 429) and int(busy.headers["retry-after"]) > 0
+        with ThreadPoolExecutor(1) as pool:
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={
+                    "prompt": "hello the world", "max_tokens": 200, "stream": True, "temperature": 0}) as r:
+                lines = r.iter_lines()  # (kept: a dropped iterator closes the response)
+                next(lines)  # the first is running
+                waiting = pool.submit(s.post, "/v1/completions", {"prompt": "abc", "max_tokens": 2})
+                while httpx.get(s.url + "/health").json()["waiting"] < 1:
+                    time.sleep(0.05)
+                busy = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+                assert "busy" in _error(busy, 429) and int(busy.headers["retry-after"]) > 0
+            assert waiting.result(60).status_code == 200
     finally:
         assert s.stop() == 0, s.log
 
 
-def test_sigterm_during_a_stream_ends_it_and_exits_cleanly(paging_pair):
+def test_a_non_streaming_request_whose_client_went_away_is_cancelled(paging_pair):
+    s = _slow_server(paging_pair)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            s.post("/v1/completions", {"prompt": "hello the world", "max_tokens": 400, "temperature": 0}, timeout=2)
+        r = s.post("/v1/completions", {"prompt": "abc", "max_tokens": 2})
+        assert r.status_code == 200
+        line = [l for l in s.lines if "POST /v1/completions 503" in l][0]
+        assert "cancelled after" in line, s.log
+    finally:
+        assert s.stop() == 0, s.log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_during_a_stream_ends_it_and_exits_cleanly(paging_pair, sig):
     s = _slow_server(paging_pair)
     with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                      json={"prompt": "hello the world", "max_tokens": 400, "stream": True}) as r:
+                      json={"prompt": "hello the world", "max_tokens": 400, "stream": True, "temperature": 0}) as r:
         lines = r.iter_lines()
         next(lines)
-        s.proc.send_signal(signal.SIGTERM)
-        rest = list(lines)  # the stream ends (not all 400 tokens) instead of hanging
+        s.proc.send_signal(sig)
+        rest = list(lines)  # the stream ends instead of hanging
     assert s.proc.wait(60) == 0, s.log
-    assert sum(l.startswith("data: ") for l in rest) < 399
-    assert "Traceback" not in s.log
+    assert "data: [DONE]" not in rest
+    assert "server stopping" in s.log and "server stopped" in s.log and "Traceback" not in s.log
 
 
 def test_the_server_binds_loopback_by_default_and_warns_without_a_key_elsewhere(tiny_target):
