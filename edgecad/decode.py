@@ -12,9 +12,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .fidelity import NEAR_TIE_EPS, top2_gap
-from .llama import Batch, Context, Model, ModelParams
+from .llama import Batch, Context, Grammar, Model, ModelParams
 from .pipeline import Pipeline
-from .sampling import SamplingParams, penalize, pick
+from .sampling import SamplingParams, pick, processed
 from .drafter import Drafter
 from .fallback import FallbackThreshold
 from .tree import TokenTree, TreeParams
@@ -88,15 +88,18 @@ class TargetDecoder:
     def __call__(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
                  stats: Stats) -> Iterator[int]:
         ctx, b = self.target, self.batch
+        grammar = _grammar(ctx, sp)
         t0 = time.perf_counter()
         logits = ctx.sync(b, prompt, logits=True)
         stats.prompt_done(time.perf_counter() - t0, ctx.reused)
         stats.target_passes = stats.prompt_passes = 1  # the prompt's pass gives the first token
         generated = []
         for i in range(max_tokens):
-            tok = pick(penalize(logits, generated, sp.repeat_penalty), sp, rng)
+            tok = pick(processed(logits, generated, sp, grammar), sp, rng)
             stats.near_ties += top2_gap(logits) < NEAR_TIE_EPS
             generated.append(tok)
+            if grammar is not None and not self.is_eog(tok):
+                grammar.accept(tok)
             yield tok
             if self.is_eog(tok) or i + 1 == max_tokens or len(ctx.tokens) >= ctx.n_ctx:
                 return
@@ -154,9 +157,11 @@ class SpeculativeDecoder:
         self.drafter.ctx.close()
 
     def step(self, fallback: FallbackThreshold, accept, sp: SamplingParams, rng: np.random.Generator,
-             recent: Sequence[int], room: int, left: int, prefix: Sequence[int] = ()) -> tuple[TokenTree, Verdict]:
+             recent: Sequence[int], room: int, left: int, prefix: Sequence[int] = (),
+             grammar: Optional[Grammar] = None) -> tuple[TokenTree, Verdict]:
         """One target pass. room: KV cells left after the root; left: tokens still wanted after the root's;
-        prefix: the prompt's last tokens, not in the target's KV yet, decoded in this pass (the first)."""
+        prefix: the prompt's last tokens, not in the target's KV yet, decoded in this pass (the first); grammar:
+        the completion's, in its state at the root, left in its state after the emitted tokens."""
         p, drafter, t0 = self.p, self.drafter, time.perf_counter()
         # draft: a tree of at most max_nodes tokens below the root, until its best branch's confidence < T; an
         # alternative child joins when its draft probability >= branch_p or its branch confidence pays its cost
@@ -168,7 +173,9 @@ class SpeculativeDecoder:
         seconds = time.perf_counter() - tv
         # verdict: greedy keeps drafted tokens while they are the target's argmax; sampling accepts x with
         # min(1, p(x)/q(x)), else p <- norm(max(p - q, 0)); either way each token is the target's own
-        path, bonus, divergent = accept(tree, logits, rng, recent)
+        path, bonus, divergent = accept(tree, logits, rng, recent, grammar)
+        if grammar is not None and not self.is_eog(bonus):
+            grammar.accept(bonus)
         ties = tuple(top2_gap(logits[i]) < NEAR_TIE_EPS for i in [0, *path])  # the rows that chose each token
         # commit: both KV caches keep root + path; the bonus token is the next root
         keep_accepted(self.target, tree, leaf_seq, path)
@@ -192,7 +199,7 @@ class SpeculativeDecoder:
         if not prefix:
             stats.prompt_done(time.perf_counter() - t0, reused)
         stats.lossless = p.acceptance == "exact"
-        accept, fallback = acceptance_for(p, sp), FallbackThreshold(p)
+        accept, fallback, grammar = acceptance_for(p, sp), FallbackThreshold(p), _grammar(target, sp)
         if self.pipeline is not None:
             self.pipeline.start(rng)
         root_pos, produced, generated = len(head), 0, []  # the root's position
@@ -202,7 +209,7 @@ class SpeculativeDecoder:
         try:
             while produced < max_tokens and root_pos < target.n_ctx:
                 room, left = target.n_ctx - root_pos - 1, max_tokens - produced - 1  # KV cells, tokens after root
-                tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix)
+                tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix, grammar)
                 if prefix:  # the prompt's pass: its time is the prompt's, as the target's first pass is alone
                     stats.prompt_passes, prefix, d0 = 1, [], counters()
                     stats.prompt_done(time.perf_counter() - t0, reused)
@@ -240,6 +247,11 @@ class SpeculativeDecoder:
                 f"sequence 0 holds {ctx.seq_pos_min(0)}..{ctx.seq_pos_max(0)}, expected 0..{n - 1}")
             left = [s for s in range(1, ctx.params.n_seq_max) if ctx.seq_pos_max(s) != -1]
             assert not left, f"branch sequences {left} were left in the KV cache"
+
+
+def _grammar(target: Context, sp: SamplingParams) -> Optional[Grammar]:
+    """The completion's grammar, in its start state, when its sampling has one."""
+    return Grammar(target.model, sp.grammar) if sp.grammar is not None else None
 
 
 def decoder_for(mode: str) -> type:

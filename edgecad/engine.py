@@ -210,14 +210,42 @@ class Engine:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         return self._target_model.detokenize(tokens, special=special)
 
-    def _token_ids(self, prompt: Sequence[int]) -> list[int]:
+    def _sampling(self, temperature, top_k, top_p, min_p, repeat_penalty=1.0, frequency_penalty=0.0,
+                  presence_penalty=0.0, logit_bias=None, grammar=None) -> SamplingParams:
+        """SamplingParams from llama-cpp-python's arguments, with the valid range named when one is off."""
+        checks = [("temperature", temperature, lambda v: v >= 0, ">= 0.0"),
+                  ("top_p", top_p, lambda v: 0 < v <= 1, "> 0 and <= 1"),
+                  ("min_p", min_p, lambda v: 0 <= v <= 1, ">= 0.0 and <= 1.0"),
+                  ("repeat_penalty", repeat_penalty, lambda v: v > 0, "> 0 (1.0 = no penalty)"),
+                  ("frequency_penalty", frequency_penalty, np.isfinite, "a finite number (0.0 = none)"),
+                  ("presence_penalty", presence_penalty, np.isfinite, "a finite number (0.0 = none)")]
+        for name, v, ok, rng in checks:
+            if not ok(float(v)):
+                raise RequestError(f"{name}={v!r} is out of range: use a value {rng}", name)
+        check_int("top_k", top_k, 0, None, "0 = off")
+        bias = []
+        for k, v in (logit_bias or {}).items():  # (OpenAI's JSON gives the token ids as strings)
+            t = self._token_ids([int(k) if str(k).lstrip("-").isdigit() else -1], "logit_bias")[0]
+            if not np.isfinite(float(v)):
+                raise RequestError(f"logit_bias for token {t} is {v!r}: use a finite number", "logit_bias")
+            bias.append((t, float(v)))
+        if grammar is not None and not isinstance(grammar, str):  # llama-cpp-python's LlamaGrammar
+            grammar = getattr(grammar, "_grammar", None)
+            if not isinstance(grammar, str):
+                raise RequestError("grammar must be GBNF text or a llama_cpp.LlamaGrammar", "grammar")
+        return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                              min_p=float(min_p), repeat_penalty=float(repeat_penalty),
+                              frequency_penalty=float(frequency_penalty), presence_penalty=float(presence_penalty),
+                              logit_bias=tuple(bias), grammar=grammar)
+
+    def _token_ids(self, prompt: Sequence[int], param: str = "prompt") -> list[int]:
         """A prompt given as token ids, each checked against the vocabulary (llama.cpp refuses a batch with one
         outside it)."""
         n = self._target_model.n_vocab
         tokens = [int(t) for t in prompt]
         bad = next((t for t in tokens if not 0 <= t < n), None)
         if bad is not None:
-            raise RequestError(f"token id {bad} is not in the model's vocabulary: use ids 0..{n - 1}", "prompt")
+            raise RequestError(f"token id {bad} is not in the model's vocabulary: use ids 0..{n - 1}", param)
         return tokens
 
     # ------------------------------------------------------------------ completion
@@ -254,13 +282,11 @@ class Engine:
     ):
         """Complete `prompt` (text or token ids): a `text_completion` dict, or an iterator of chunks
         if stream. The dict's `edgecad` entry holds the statistics (configuration, speed, paging)."""
-        _unsupported(suffix=suffix, typical_p=typical_p, logprobs=logprobs, echo=echo,
-                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                     tfs_z=tfs_z, mirostat_mode=mirostat_mode,
-                     stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar,
-                     logit_bias=logit_bias)
+        _unsupported(suffix=suffix, typical_p=typical_p, logprobs=logprobs, echo=echo, tfs_z=tfs_z,
+                     mirostat_mode=mirostat_mode, stopping_criteria=stopping_criteria, logits_processor=logits_processor)
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else self._token_ids(prompt)
-        sp = _sampling(temperature, top_k, top_p, min_p, repeat_penalty)
+        sp = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
+                            logit_bias, grammar)
         chunks = self._completion_chunks(tokens, max_tokens, sp, _stops(stop), seed, stream=stream)
         return chunks if stream else join(chunks)
 
@@ -301,12 +327,13 @@ class Engine:
         tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter): a
         `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream."""
         _unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
-                     typical_p=typical_p, response_format=response_format, presence_penalty=presence_penalty,
-                     frequency_penalty=frequency_penalty, tfs_z=tfs_z,
-                     mirostat_mode=mirostat_mode, logits_processor=logits_processor, grammar=grammar,
-                     logit_bias=logit_bias, logprobs=logprobs, top_logprobs=top_logprobs)
+                     typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor,
+                     logprobs=logprobs, top_logprobs=top_logprobs)
         tokens, stops = self.chat_tokens(messages)
-        sp = _sampling(temperature, top_k, top_p, min_p, repeat_penalty)
+        if response_format is not None and grammar is None:
+            grammar = _response_format_grammar(response_format)
+        sp = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
+                            logit_bias, grammar)
         chunks = self._completion_chunks(tokens, max_tokens, sp, stops + _stops(stop), seed, stream=stream)
         chunks = _chat_chunks(chunks)
         return chunks if stream else join(chunks)
@@ -493,8 +520,7 @@ def _held_back(text: str, stops: Sequence[str], start: int) -> int:
 
 
 _DEFAULTS = {"suffix": None, "typical_p": 1.0, "logprobs": None, "top_logprobs": None, "echo": False,
-             "frequency_penalty": 0.0, "presence_penalty": 0.0, "repeat_penalty": 1.0, "tfs_z": 1.0,
-             "mirostat_mode": 0}
+             "tfs_z": 1.0, "mirostat_mode": 0}
 
 
 def _unsupported(**given) -> None:
@@ -515,18 +541,33 @@ def _seed(seed) -> Optional[int]:
     return int(seed)
 
 
-def _sampling(temperature, top_k, top_p, min_p, repeat_penalty=1.0) -> SamplingParams:
-    """SamplingParams from llama-cpp-python's arguments, with the valid range named when one is off."""
-    checks = [("temperature", temperature, lambda v: v >= 0, ">= 0.0"),
-              ("top_p", top_p, lambda v: 0 < v <= 1, "> 0 and <= 1"),
-              ("min_p", min_p, lambda v: 0 <= v <= 1, ">= 0.0 and <= 1.0"),
-              ("repeat_penalty", repeat_penalty, lambda v: v > 0, "> 0 (1.0 = no penalty)")]
-    for name, v, ok, rng in checks:
-        if not ok(float(v)):
-            raise RequestError(f"{name}={v!r} is out of range: use a value {rng}", name)
-    check_int("top_k", top_k, 0, None, "0 = off")
-    return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
-                          repeat_penalty=float(repeat_penalty))
+def _response_format_grammar(response_format) -> str:
+    """GBNF for OpenAI's / llama-cpp-python's response_format: {"type": "json_object"} (any JSON object, or
+    valid under its "schema"), {"type": "json_schema", "json_schema": {"schema": ...}}, or {"type": "text"}
+    (None); through llama-cpp-python's own grammar and schema converter."""
+    import json
+
+    from llama_cpp import llama_grammar
+
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    schema = response_format.get("schema") if kind == "json_object" else \
+        (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else False
+    if schema is False or (kind == "json_schema" and not isinstance(schema, dict)):
+        raise RequestError(f"response_format={response_format!r} is not supported: use {{\"type\": \"json_object\"}}"
+                           " (optionally with a \"schema\"), {\"type\": \"json_schema\", \"json_schema\": "
+                           "{\"schema\": {...}}} or {\"type\": \"text\"}", "response_format")
+    if schema is None:
+        return llama_grammar.JSON_GBNF
+    try:
+        gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter's own checks (unknown types, bad references...)
+        raise RequestError(f"the JSON schema cannot be turned into a grammar: {type(e).__name__}: {e}",
+                           "response_format") from None
+    # the converter lets a string hold raw control characters, which JSON forbids (json.loads refuses them): its
+    # strings get the character class of llama-cpp-python's own JSON grammar
+    return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |', 1)
 
 
 def _stops(stop) -> list[str]:

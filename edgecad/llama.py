@@ -17,7 +17,7 @@ import llama_cpp as C
 import numpy as np
 
 from . import native
-from .errors import LlamaError, ModelFileError
+from .errors import LlamaError, ModelFileError, RequestError
 from .progress import Progress
 
 # ---------------------------------------------------------------------------- logging
@@ -205,6 +205,68 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+    def __del__(self):
+        self.close()
+
+
+# ---------------------------------------------------------------------------- grammar
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)  # llama_token_data
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
+
+
+class Grammar:
+    """llama.cpp's grammar sampler (GBNF, as llama-cpp-python's `LlamaGrammar` uses it): the grammar's state
+    after the tokens accepted so far. `mask` says what it allows next; `accept` advances it by one such token.
+    llama.cpp aborts the process when a grammar accepts a token it forbids (or an end of generation before it is
+    complete), so callers accept only tokens chosen from masked logits, and never an end-of-generation token."""
+
+    def __init__(self, model: Model, gbnf: str, root: str = "root"):
+        _init_backend()
+        # struct llama_sampler * llama_sampler_init_grammar(const struct llama_vocab *, const char * grammar_str,
+        #                                                   const char * grammar_root);  NULL when it does not parse
+        self._ptr = C.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), root.encode("utf-8"))
+        if not self._ptr:
+            raise RequestError(f"the grammar does not parse{_recent_errors()}: give GBNF with a `{root}` rule "
+                               "(llama.cpp's grammars/README.md)", "grammar")
+        self.n_vocab = model.n_vocab
+
+    def accept(self, token: int) -> None:
+        C.llama_sampler_accept(self._ptr, int(token))
+
+    def allowed(self, ids: np.ndarray) -> np.ndarray:
+        """Which of these token ids the grammar allows next (a bool per id)."""
+        data = np.zeros(len(ids), dtype=_TOKEN_DATA)
+        data["id"] = ids
+        arr = C.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(C.llama_token_data)),
+                                       size=len(ids), selected=-1, sorted=False)
+        C.llama_sampler_apply(self._ptr, ctypes.byref(arr))  # forbidden tokens' logits become -inf
+        return np.isfinite(data["logit"])
+
+    def mask(self, logits: np.ndarray, keep: int) -> np.ndarray:
+        """`logits` with -inf where the grammar forbids the token. Only the most likely tokens are checked, best
+        first, until `keep` allowed ones are found (they are then the `keep` best allowed tokens: all a greedy
+        pick or a top-k needs); keep <= 0 checks every token."""
+        n = len(logits)
+        checked, ok = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        m = n if keep <= 0 else min(n, max(64, 4 * keep))
+        while True:
+            top = np.argpartition(-logits, m - 1)[:m] if m < n else np.arange(n)
+            new = top[~checked[top]]
+            ok[new], checked[new] = self.allowed(new), True
+            if m == n or ok[top].sum() >= keep:
+                break
+            m = min(n, 16 * m)
+        if not ok.any():
+            raise RequestError("the grammar allows no token of this model's vocabulary here: loosen the grammar",
+                               "grammar")
+        return np.where(ok, logits, -np.inf).astype(np.float32)
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            C.llama_sampler_free(self._ptr)
+            self._ptr = None
 
     def __del__(self):
         self.close()

@@ -1,16 +1,19 @@
 """Turning logits into a token: greedy, or sampled with temperature, top-k and top-p.
 
-`distribution` is the one definition of "the model's sampling distribution"
-that both plain and speculative decoding use, so speculative sampling can
-preserve exactly it. Order, as llama-cpp-python's sampler chain: top-k on the
-logits; top-p (the smallest most-likely set whose mass reaches top_p) and
-min-p (tokens at least min_p times as likely as the most likely one) on the
-survivors' softmax at temperature 1; then softmax of logits/temperature over
-what is left.
+`processed` and `distribution` are the one definition of "the model's sampling
+distribution" that both plain and speculative decoding use (per tree node, with
+that node's own history), so speculative decoding can preserve exactly it.
+Order, as llama-cpp-python's sampler chain: logit_bias; the penalties (repeat,
+frequency, presence) over the last tokens generated; the grammar's mask; then
+top-k on the logits; top-p (the smallest most-likely set whose mass reaches
+top_p) and min-p (tokens at least min_p times as likely as the most likely one)
+on the survivors' softmax at temperature 1; then softmax of logits/temperature
+over what is left.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -22,6 +25,10 @@ class SamplingParams:
     top_p: float = 0.95       # keep the smallest set of tokens with this much probability; 1.0 keeps all
     min_p: float = 0.0        # keep tokens with probability >= min_p x the largest; 0 keeps all
     repeat_penalty: float = 1.0  # llama.cpp's repeat penalty over the last PENALTY_LAST_N generated tokens
+    frequency_penalty: float = 0.0  # subtracted from a logit once per occurrence in that window
+    presence_penalty: float = 0.0   # subtracted from a logit once if the token occurs in that window
+    logit_bias: tuple = ()       # ((token id, bias), ...): added to those logits first
+    grammar: Optional[str] = None  # GBNF text: tokens the grammar forbids after the history are masked
 
     @property
     def greedy(self) -> bool:
@@ -34,16 +41,25 @@ RAW = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # the mode
 PENALTY_LAST_N = 64  # llama-cpp-python's last_n_tokens_size: the penalty's window
 
 
-def penalize(logits: np.ndarray, recent, penalty: float) -> np.ndarray:
-    """llama.cpp's repeat penalty, applied before everything else (as llama-cpp-python's sampler chain):
-    each distinct token among the last PENALTY_LAST_N generated ones has its logit divided by the penalty
-    when positive, multiplied when negative. `recent`: tokens generated so far in this completion."""
-    if penalty == 1.0 or not len(recent):
-        return logits
-    x = np.array(logits, dtype=np.float32)
-    idx = np.unique(np.asarray(recent[-PENALTY_LAST_N:], dtype=np.int64))
-    v = x[idx]
-    x[idx] = np.where(v > 0, v / penalty, v * penalty)
+def processed(logits: np.ndarray, recent, sp: SamplingParams, grammar=None) -> np.ndarray:
+    """The logits the sampler sees, after llama-cpp-python's chain up to top-k: logit_bias added; then llama.cpp's
+    penalties: each distinct token among the last PENALTY_LAST_N generated ones (`recent`: the tokens generated
+    so far in this completion) has its logit divided by repeat_penalty when positive, multiplied when negative,
+    then minus frequency_penalty x its count and presence_penalty; then the grammar's mask (an
+    edgecad.llama.Grammar in the state after `recent`), checking as many tokens as the pick needs."""
+    x = logits
+    if sp.logit_bias:
+        x = np.array(x, dtype=np.float32)
+        for t, b in sp.logit_bias:
+            x[t] += b
+    if len(recent) and (sp.repeat_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty):
+        x = np.array(x, dtype=np.float32)
+        idx, count = np.unique(np.asarray(recent[-PENALTY_LAST_N:], dtype=np.int64), return_counts=True)
+        v = x[idx]
+        v = np.where(v > 0, v / sp.repeat_penalty, v * sp.repeat_penalty)
+        x[idx] = v - (count.astype(np.float32) * np.float32(sp.frequency_penalty) + np.float32(sp.presence_penalty))
+    if grammar is not None:
+        x = grammar.mask(x, 1 if sp.greedy else sp.top_k)
     return x
 
 

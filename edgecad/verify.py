@@ -7,12 +7,12 @@ Per-sequence causal masking then lets each node see exactly its ancestors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .llama import Batch, Context
-from .sampling import RAW, SamplingParams, distribution, penalize, sample_from
+from .sampling import RAW, SamplingParams, distribution, processed, sample_from
 from .tree import TokenTree, TreeParams, keep_path
 
 
@@ -70,35 +70,44 @@ def keep_accepted(ctx: Context, tree: TokenTree, leaf_seq: dict, path: list) -> 
     ctx.tokens += [int(tree.token[i]) for i in [0, *path]]
 
 
-def node_logits(tree: TokenTree, logits: np.ndarray, node: int, recent, penalty: float) -> np.ndarray:
-    """The target's logits after `node`, with the repeat penalty of that node's own history: the tokens
-    generated before the root, then the path down to the node."""
-    if penalty == 1.0:
-        return logits[node]
-    return penalize(logits[node], list(recent) + [int(tree.token[i]) for i in tree.path(node)], penalty)
+def node_logits(tree: TokenTree, logits: np.ndarray, node: int, recent, sp: SamplingParams,
+                grammar=None) -> np.ndarray:
+    """The target's logits after `node` as the sampler sees them (sampling.processed), with that node's own
+    history: the tokens generated before the root, then the path down to the node (the grammar, when there is
+    one, is in the state after that history: the acceptance walks advance it along the path they take)."""
+    history = recent if node == 0 else list(recent) + [int(tree.token[i]) for i in tree.path(node)]
+    return processed(logits[node], history, sp, grammar)
 
 
-def accept_greedy(tree: TokenTree, logits: np.ndarray, recent=(), penalty: float = 1.0) -> tuple[list[int], int]:
+def _step(tree: TokenTree, node: int, child: int, grammar) -> int:
+    """Move the walk to `child` (a token the processed logits allowed): the grammar follows."""
+    if grammar is not None:
+        grammar.accept(int(tree.token[child]))
+    return child
+
+
+def accept_greedy(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, recent=(),
+                  grammar=None) -> tuple[list[int], int]:
     """Walk from the root taking the child equal to the target's argmax; the last argmax is the bonus."""
     path, node = [], 0
     while True:
-        t = int(np.argmax(node_logits(tree, logits, node, recent, penalty)))
+        t = int(np.argmax(node_logits(tree, logits, node, recent, sp, grammar)))
         child = tree.children[node].get(t)
         if child is None:
             return path, t
         path.append(child)
-        node = child
+        node = _step(tree, node, child, grammar)
 
 
 def accept_sampling(tree: TokenTree, logits: np.ndarray, sp: SamplingParams,
-                    rng: np.random.Generator, recent=()) -> tuple[list[int], int]:
+                    rng: np.random.Generator, recent=(), grammar=None) -> tuple[list[int], int]:
     """Multi-draft rejection sampling (SpecInfer). At a node with target distribution p and
     children drawn i.i.d. from the draft distribution q: accept draw x with probability
     min(1, p(x)/q(x)); on rejection p <- normalize(max(0, p - q)) and try the next draw; if
     every draw is rejected, sample the residual p. Each node's output is then exactly p."""
     path, node = [], 0
     while True:
-        p = distribution(node_logits(tree, logits, node, recent, sp.repeat_penalty), sp)
+        p = distribution(node_logits(tree, logits, node, recent, sp, grammar), sp)
         q = tree.q[node]
         if tree.draws[node]:  # (the drafter keeps q in float32; its draws came from q / sum(q))
             q = q.astype(np.float64)
@@ -107,7 +116,7 @@ def accept_sampling(tree: TokenTree, logits: np.ndarray, sp: SamplingParams,
             if rng.random() * q[x] < p[x]:  # accept with probability min(1, p(x)/q(x))
                 child = tree.children[node][x]
                 path.append(child)
-                node = child
+                node = _step(tree, node, child, grammar)
                 break
             r = np.maximum(p - q, 0.0)
             p = r / r.sum() if r.sum() > 0 else p
@@ -116,7 +125,7 @@ def accept_sampling(tree: TokenTree, logits: np.ndarray, sp: SamplingParams,
 
 
 def accept_bild(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator,
-                rollback_ce: float, recent=()) -> tuple[list[int], int, int]:
+                rollback_ce: float, recent=(), grammar=None) -> tuple[list[int], int, int]:
     """Big Little Decoder on a chain: keep each drafted token unless the target's cross-entropy on
     it, -log p_target(token), exceeds rollback_ce; at the first such token, roll back and take the
     target's own choice. Returns (path, next token, drafted tokens kept that differ from the
@@ -125,26 +134,27 @@ def accept_bild(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: np
     while tree.children[node]:
         (child,) = tree.children[node].values()
         x = int(tree.token[child])
-        p = distribution(node_logits(tree, logits, node, recent, sp.repeat_penalty), RAW)
+        p = distribution(node_logits(tree, logits, node, recent, replace(sp, temperature=1.0, top_k=0), grammar), RAW)
         if p[x] < np.exp(-rollback_ce):  # cross-entropy -log p(x) above the threshold
             break
         divergent += int(np.argmax(p) != x)
         path.append(child)
-        node = child
-    lg = node_logits(tree, logits, node, recent, sp.repeat_penalty)
+        node = _step(tree, node, child, grammar)
+    lg = node_logits(tree, logits, node, recent, sp, grammar)
     nxt = int(np.argmax(lg)) if sp.greedy else sample_from(distribution(lg, sp), rng)
     return path, nxt, divergent
 
 
-# An acceptance rule: (tree, the target's logits per node, rng, tokens generated before the root) ->
-# (accepted path, bonus token, accepted drafted tokens that differ from the target's argmax). A new rule is a
-# new function here and one line in acceptance_for.
+# An acceptance rule: (tree, the target's logits per node, rng, tokens generated before the root, the grammar in
+# its state at the root or None) -> (accepted path, bonus token, accepted drafted tokens that differ from the
+# target's argmax); the grammar is left in its state after the path. A new rule is a new function here and one
+# line in acceptance_for.
 
 def acceptance_for(params: TreeParams, sp: SamplingParams):
     """The rule of a mode's parameters and a completion's sampling: BiLD's rollback, else greedy matching
     (greedy) or multi-draft rejection sampling (sampled): both exact."""
     if params.acceptance == "bild":
-        return lambda tree, logits, rng, recent: accept_bild(tree, logits, sp, rng, params.rollback_ce, recent)
+        return lambda tree, logits, rng, recent, g: accept_bild(tree, logits, sp, rng, params.rollback_ce, recent, g)
     if sp.greedy:
-        return lambda tree, logits, rng, recent: (*accept_greedy(tree, logits, recent, sp.repeat_penalty), 0)
-    return lambda tree, logits, rng, recent: (*accept_sampling(tree, logits, sp, rng, recent), 0)
+        return lambda tree, logits, rng, recent, g: (*accept_greedy(tree, logits, sp, recent, g), 0)
+    return lambda tree, logits, rng, recent, g: (*accept_sampling(tree, logits, sp, rng, recent, g), 0)

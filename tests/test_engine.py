@@ -171,8 +171,8 @@ def test_a_llama_cpp_python_program_runs_unchanged(tiny_target):
 
 
 def test_unsupported_arguments_are_refused_by_name(engine):
-    with pytest.raises(EdgecadError, match=r"logit_bias=.* is not supported by edgecad: leave logit_bias"):
-        engine.create_completion("hi", logit_bias={1: 2.0})
+    with pytest.raises(EdgecadError, match=r"mirostat_mode=2 is not supported by edgecad: leave mirostat_mode"):
+        engine.create_completion("hi", mirostat_mode=2)
     with pytest.raises(EdgecadError, match=r"tools=.* not supported"):
         engine.create_chat_completion([{"role": "user", "content": "hi"}], tools=[{"type": "function"}])
     with pytest.raises(EdgecadError, match=r"top_p=5 is out of range: use a value > 0 and <= 1"):

@@ -29,3 +29,133 @@ def test_draws_follow_the_distribution():
     counts = np.bincount([sample_from(p, rng) for _ in range(8000)], minlength=5)
     assert counts[4] == 0
     chi_square(counts, p * 8000, tv=0.03)
+
+
+# ---------------------------------------------------------------------------- Llama's arguments, in every mode
+# Greedy: each argument gives llama_cpp.Llama's own tokens on the same (F32, exact) model, in target, tree and
+# linear modes, resident and paged: in a tree each node's logits go through the chain with its own path.
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+from llama_cpp import Llama, LlamaGrammar, LogitsProcessorList  # noqa: E402
+
+from edgecad import Engine  # noqa: E402
+from edgecad.errors import RequestError  # noqa: E402
+from helpers import PROMPTS  # noqa: E402
+
+DIGITS = 'root ::= "[" [0-9]+ ("," [0-9]+)* "]"'
+ARGS = {
+    "logit_bias": dict(logit_bias={"97": 4.0, "101": -100.0, "32": 2.5}),
+    "frequency_penalty": dict(frequency_penalty=1.5),
+    "presence_penalty": dict(presence_penalty=2.0, repeat_penalty=1.2),
+    "grammar": dict(grammar=DIGITS),
+    "json": dict(grammar="json"),
+}
+
+
+def _grammar(args) -> dict:
+    """The arguments with `grammar` as llama-cpp-python's LlamaGrammar ("json": its JSON grammar)."""
+    from llama_cpp import llama_grammar
+    kw = dict(args)
+    if "grammar" in kw:
+        kw["grammar"] = LlamaGrammar.from_string(llama_grammar.JSON_GBNF if kw["grammar"] == "json"
+                                                 else kw["grammar"], verbose=False)
+    return kw
+
+
+def _theirs(llama, tokens, args, n=24) -> list[int]:
+    """Llama's greedy tokens with these arguments (logit_bias as its create_completion applies it: a logits
+    processor), up to n or an end of generation. (Its create_completion's text is not compared: on the tiny
+    byte-level vocabulary it runs past max_tokens while it holds back partial UTF-8.)"""
+    kw = _grammar(args)
+    if "logit_bias" in kw:
+        bias = {int(k): v for k, v in kw.pop("logit_bias").items()}
+
+        def add_bias(ids, scores):
+            out = np.copy(scores)
+            for t, b in bias.items():
+                out[t] = b + scores[t]
+            return out
+        kw["logits_processor"] = LogitsProcessorList([add_bias])
+    llama.reset()
+    out = []
+    for t in itertools.islice(llama.generate(tokens, temp=0.0, **kw), n):
+        out.append(t)
+        if llama.token_eos() == t or t == llama.tokenize(b"<|im_end|>", add_bos=False, special=True)[0]:
+            break
+    return out
+
+
+@pytest.mark.parametrize("mode,paged", [("target", False), ("tree", False), ("linear", False), ("tree", True),
+                                        ("target", True)], ids=["target", "tree", "linear", "tree-paged",
+                                                                "target-paged"])
+def test_each_argument_gives_llama_s_greedy_tokens(request, mode, paged):
+    draft, target = request.getfixturevalue("paging_pair" if paged else "tiny_pair")
+    llama = Llama(str(target), n_ctx=512, n_threads=2, verbose=False)
+    budget = {"target_budget": "50%"} if paged else {}
+    with Engine(target, None if mode == "target" else draft, mode=mode, n_ctx=512, memory_budget=None,
+                **budget) as e:
+        assert e.memory_plan.paged == paged
+        for name, args in ARGS.items():
+            changed = 0
+            for prompt in PROMPTS[:3]:
+                plain = e.create_completion(prompt, max_tokens=24, temperature=0.0)
+                ours = e.create_completion(prompt, max_tokens=24, temperature=0.0, **_grammar(args))
+                theirs = _theirs(llama, e.tokenize(prompt, special=True), args)
+                assert ours["edgecad"]["token_ids"] == theirs, (name, prompt)
+                changed += ours["edgecad"]["token_ids"] != plain["edgecad"]["token_ids"]
+                if name == "grammar":
+                    text = ours["choices"][0]["text"]
+                    assert text.startswith("[") and set(text) <= set("[],0123456789")
+            assert changed, f"{name} changed no output: the test cannot tell it from no-op"
+
+
+def test_json_mode_and_a_schema_give_output_that_parses(tiny_pair):
+    draft, target = tiny_pair
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "n": {"type": "integer"}}, "required": ["name", "n"]}
+    msgs = [{"role": "user", "content": "a person as JSON"}]
+    with Engine(target, draft, mode="tree", n_ctx=512, memory_budget=None) as e:
+        for fmt, check in (({"type": "json_object"}, lambda v: isinstance(v, dict)),
+                           ({"type": "json_object", "schema": schema}, lambda v: set(v) >= {"name", "n"}
+                            and isinstance(v["n"], int) and len(v["name"]) <= 6),
+                           ({"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+                            lambda v: set(v) >= {"name", "n"})):
+            for seed in range(3):
+                r = e.create_chat_completion(msgs, response_format=fmt, max_tokens=200, temperature=0.8, seed=seed)
+                if r["choices"][0]["finish_reason"] == "length":
+                    continue  # cut by max_tokens: said, and nothing to parse
+                assert check(json.loads(r["choices"][0]["message"]["content"])), r["choices"][0]
+        with pytest.raises(RequestError, match="response_format"):
+            e.create_chat_completion(msgs, response_format={"type": "xml"})
+        with pytest.raises(RequestError, match="grammar does not parse"):
+            e.create_completion("x", grammar="root ::= [a-")
+        with pytest.raises(RequestError, match="vocabulary"):
+            e.create_completion("x", logit_bias={"99999": 1.0})
+
+
+def test_sampling_with_a_grammar_keeps_the_constrained_distribution(tiny_pair):
+    """First token under a grammar, sampled in tree mode, against the target's masked distribution."""
+    from edgecad.llama import Batch, Context, ContextParams, Grammar, Model
+    from edgecad.sampling import distribution, processed
+    from helpers import chi_square
+
+    draft, target = tiny_pair
+    grammar = 'root ::= [a-h] [a-z]*'
+    sp = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, grammar=grammar)
+    prompt = "Once upon a"
+    with Model(target) as m, Context(m, ContextParams(n_ctx=64)) as ctx, Batch(64) as b:
+        toks = m.tokenize(prompt, add_special=True, parse_special=True)
+        p = distribution(processed(ctx.prefill(b, toks, logits=True), [], sp, Grammar(m, grammar)), sp)
+        allowed = [m.token_to_piece(int(t)).decode() for t in np.nonzero(p > 0)[0]]
+    assert len(allowed) > 8 and all(re.fullmatch("[a-h][a-z]*", t) for t in allowed), allowed
+    n = 2500
+    with Engine(target, draft, mode="tree", n_ctx=64, memory_budget=None, seed=0) as e:
+        firsts = [e.create_completion(prompt, max_tokens=1, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                      grammar=grammar)["edgecad"]["token_ids"][0] for _ in range(n)]
+    counts = np.bincount(firsts, minlength=len(p))
+    keep = p > 0
+    chi_square(counts[keep], p[keep] * n, tv=0.08)

@@ -7,7 +7,7 @@ import pytest
 
 from edgecad import Engine
 from edgecad.llama import Batch, Context, ContextParams, Model
-from edgecad.sampling import SamplingParams, distribution, penalize
+from edgecad.sampling import SamplingParams, distribution, processed
 from edgecad.tree import MODE_PARAMS, TokenTree, TreeParams
 from edgecad.verify import accept_sampling, leaf_sequences
 from helpers import PROMPTS, chi_square
@@ -125,7 +125,7 @@ def test_sampling_keeps_the_target_distribution_at_depth_one_and_two(tiny_pair, 
         after = {}
         for t1, t2 in pairs:
             if t1 not in after:
-                after[t1] = distribution(penalize(ctx.prefill(b, toks + [t1], logits=True), [t1], sp.repeat_penalty), sp)
+                after[t1] = distribution(processed(ctx.prefill(b, toks + [t1], logits=True), [t1], sp), sp)
             second_exp += after[t1]
             second_obs[t2] += 1
     print(case, "second:", chi_square(second_obs, second_exp, tv=0.08))
