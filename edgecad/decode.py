@@ -14,7 +14,7 @@ import numpy as np
 from .fidelity import NEAR_TIE_EPS, top2_gap
 from .llama import Batch, Context, Grammar, Model, ModelParams
 from .pipeline import Pipeline
-from .sampling import SamplingParams, pick, processed
+from .sampling import SamplingParams, log_softmax, pick, processed
 from .drafter import Drafter
 from .fallback import FallbackThreshold
 from .tree import TokenTree, TreeParams
@@ -45,9 +45,18 @@ class Stats:
     reused_tokens: int = 0       # chain tokens the next tree started from (drafted during a pass, kept)
     near_ties: int = 0           # emitted tokens where the target's top-2 logits were within NEAR_TIE_EPS:
                                  # where another mode's numerics (batched vs single token) may choose the other
+    logprobs: Optional[int] = None  # when set: keep, per emitted token, its log-probability and the top `logprobs`
+    token_logprobs: list = field(default_factory=list)  # (logprob, [(token, logprob), ...]) per emitted token
     fallback: Optional[dict] = None  # summary of the fallback threshold's history
     paging: dict = field(default_factory=dict)  # the residency's measurements (Residency.completion_stats)
     on_prompt_done: Optional[Callable[[], None]] = None  # the residency's mark between prompt and generation
+
+    def note(self, logits: np.ndarray, token: int) -> None:
+        """The target's logits row that gave an emitted token (kept only when logprobs were asked for)."""
+        if self.logprobs is not None:
+            lp = log_softmax(logits)
+            top = np.argsort(-lp, kind="stable")[:self.logprobs]
+            self.token_logprobs.append((float(lp[token]), [(int(t), float(lp[t])) for t in top]))
 
     def prompt_done(self, seconds: float, reused: int) -> None:
         """The prompt is in the target's KV cache: what follows is generation."""
@@ -98,6 +107,7 @@ class TargetDecoder:
             tok = pick(processed(logits, generated, sp, grammar), sp, rng)
             stats.near_ties += top2_gap(logits) < NEAR_TIE_EPS
             generated.append(tok)
+            stats.note(logits, tok)
             if grammar is not None and not self.is_eog(tok):
                 grammar.accept(tok)
             yield tok
@@ -158,10 +168,11 @@ class SpeculativeDecoder:
 
     def step(self, fallback: FallbackThreshold, accept, sp: SamplingParams, rng: np.random.Generator,
              recent: Sequence[int], room: int, left: int, prefix: Sequence[int] = (),
-             grammar: Optional[Grammar] = None) -> tuple[TokenTree, Verdict]:
+             grammar: Optional[Grammar] = None, rows: bool = False) -> tuple[TokenTree, Verdict]:
         """One target pass. room: KV cells left after the root; left: tokens still wanted after the root's;
         prefix: the prompt's last tokens, not in the target's KV yet, decoded in this pass (the first); grammar:
-        the completion's, in its state at the root, left in its state after the emitted tokens."""
+        the completion's, in its state at the root, left in its state after the emitted tokens; rows: keep a copy
+        of the logits row that gave each emitted token (for logprobs)."""
         p, drafter, t0 = self.p, self.drafter, time.perf_counter()
         # draft: a tree of at most max_nodes tokens below the root, until its best branch's confidence < T; an
         # alternative child joins when its draft probability >= branch_p or its branch confidence pays its cost
@@ -182,7 +193,7 @@ class SpeculativeDecoder:
         drafter.accept(tree, path, bonus)
         # adapt: LLMCad's threshold from how much of the best branch was taken, capped by the measured cost
         fallback.step(tree, path, None if prefix else time.perf_counter() - t0)  # (a prompt's pass costs more)
-        return tree, Verdict(path, bonus, divergent, seconds, ties)
+        return tree, Verdict(path, bonus, divergent, seconds, ties, logits[[0, *path]].copy() if rows else None)
 
     def __call__(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
                  stats: Stats) -> Iterator[int]:
@@ -209,7 +220,8 @@ class SpeculativeDecoder:
         try:
             while produced < max_tokens and root_pos < target.n_ctx:
                 room, left = target.n_ctx - root_pos - 1, max_tokens - produced - 1  # KV cells, tokens after root
-                tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix, grammar)
+                tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix, grammar,
+                                          stats.logprobs is not None)
                 if prefix:  # the prompt's pass: its time is the prompt's, as the target's first pass is alone
                     stats.prompt_passes, prefix, d0 = 1, [], counters()
                     stats.prompt_done(time.perf_counter() - t0, reused)
@@ -226,6 +238,8 @@ class SpeculativeDecoder:
                     stats.near_ties += tie
                     stats.accepted_tokens += j < len(verdict.path)  # drafted tokens emitted (none past an end)
                     generated.append(tok)
+                    if verdict.rows is not None:
+                        stats.note(verdict.rows[j], tok)
                     yield tok
                     produced += 1
                     if produced >= max_tokens or self.is_eog(tok):

@@ -282,12 +282,21 @@ class Engine:
     ):
         """Complete `prompt` (text or token ids): a `text_completion` dict, or an iterator of chunks
         if stream. The dict's `edgecad` entry holds the statistics (configuration, speed, paging)."""
-        _unsupported(suffix=suffix, typical_p=typical_p, logprobs=logprobs, echo=echo, tfs_z=tfs_z,
-                     mirostat_mode=mirostat_mode, stopping_criteria=stopping_criteria, logits_processor=logits_processor)
+        _unsupported(suffix=suffix, typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                     stopping_criteria=stopping_criteria, logits_processor=logits_processor)
+        if logprobs is not None:
+            check_int("logprobs", logprobs, 0, 20, "the alternatives listed per token")
+            if echo:
+                raise RequestError("logprobs with echo=True is not supported: edgecad does not compute the "
+                                   "prompt's log-probabilities; ask for one of them", "logprobs")
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else self._token_ids(prompt)
+        prompt_text = prompt if isinstance(prompt, str) else (
+            prompt if isinstance(prompt, bytes) else self.detokenize(tokens)).decode("utf-8", "ignore")
         sp = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
                             logit_bias, grammar)
-        chunks = self._completion_chunks(tokens, max_tokens, sp, _stops(stop), seed, stream=stream)
+        chunks = self._completion_chunks(tokens, max_tokens, sp, _stops(stop), seed, stream=stream,
+                                         echo=prompt_text if echo else "", logprobs=logprobs,
+                                         offset=0 if echo else len(prompt_text))
         return chunks if stream else join(chunks)
 
     __call__ = create_completion
@@ -327,14 +336,16 @@ class Engine:
         tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter): a
         `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream."""
         _unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
-                     typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor,
-                     logprobs=logprobs, top_logprobs=top_logprobs)
+                     typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
+        if top_logprobs is not None:
+            check_int("top_logprobs", top_logprobs, 0, 20, "the alternatives listed per token")
         tokens, stops = self.chat_tokens(messages)
         if response_format is not None and grammar is None:
             grammar = _response_format_grammar(response_format)
         sp = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
                             logit_bias, grammar)
-        chunks = self._completion_chunks(tokens, max_tokens, sp, stops + _stops(stop), seed, stream=stream)
+        chunks = self._completion_chunks(tokens, max_tokens, sp, stops + _stops(stop), seed, stream=stream,
+                                         logprobs=(top_logprobs or 0) if logprobs else None)
         chunks = _chat_chunks(chunks)
         return chunks if stream else join(chunks)
 
@@ -351,7 +362,7 @@ class Engine:
         rstop = r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else []
         return tokens, [s for s in rstop if s]
 
-    def _completion_chunks(self, *args, stream: bool) -> Iterator[dict]:
+    def _completion_chunks(self, *args, stream: bool, **kw) -> Iterator[dict]:
         """One completion at a time per Engine (both contexts' KV is one state): a call waits while another
         completion computes, and is refused while a stream is open (waiting for its reader could deadlock:
         the reader may be the caller, or need the caller's thread)."""
@@ -360,7 +371,7 @@ class Engine:
                 raise EdgecadError("another completion of this Engine is still streaming: read that stream to its "
                                    "end (or close it) first, or use one Engine per concurrent stream")
         self._streaming = stream
-        chunks = self._chunks(*args)
+        chunks = self._chunks(*args, **kw)
         try:
             native.lib.ec_interrupt_clear()  # a Ctrl-C before this completion is not this one's
             while True:
@@ -378,8 +389,11 @@ class Engine:
             self._streaming = False
             self._lock.release()
 
-    def _chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams,
-                stops: list[str], seed: Optional[int]) -> Iterator[dict]:
+    def _chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams, stops: list[str],
+                seed: Optional[int], echo: str = "", logprobs: Optional[int] = None, offset: int = 0) -> Iterator[dict]:
+        """The completion's chunks. echo: text that comes first (the prompt, echoed); logprobs: the alternatives
+        per token of the log-probabilities the last chunk carries (None: none); offset: where the completion's
+        text starts in the echoed text (logprobs' text_offset)."""
         if self._target is None:
             raise EdgecadError("this Engine is closed: create a new one")
         if not tokens:
@@ -392,10 +406,13 @@ class Engine:
             max_tokens = self.n_ctx - len(tokens)
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
-        stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done)
+        stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done,
+                      logprobs=logprobs)
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
 
         def chunk(text: str, finish: Optional[str]) -> dict:
+            nonlocal echo
+            text, echo = echo + text, ""
             return {"id": cid, "object": "text_completion", "created": created, "model": str(self.target_path),
                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
@@ -436,9 +453,25 @@ class Engine:
         n = len(stats.token_ids) - (finish == "stop" and bool(stats.token_ids)
                                     and self._target_model.is_eog(stats.token_ids[-1]))
         last["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
+        if logprobs is not None:
+            last["choices"][0]["logprobs"] = self._logprobs(stats.token_ids[:n], stats.token_logprobs, offset)
         last["edgecad"] = stats_dict(stats, self.memory_plan)
         self._learn(last["edgecad"])
         yield last
+
+    def _logprobs(self, token_ids: list[int], notes: list, offset: int) -> dict:
+        """llama-cpp-python's (and OpenAI's) completion logprobs of the emitted tokens: each token's text, where it
+        starts in the text, its log-probability and a dict of the top alternatives' (and its own)."""
+        piece = lambda t: self._target_model.token_to_piece(t).decode("utf-8", "ignore")  # noqa: E731
+        out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        text = b""
+        for t, (lp, top) in zip(token_ids, notes):
+            out["text_offset"].append(offset + len(text.decode("utf-8", "ignore")))
+            text += self._target_model.token_to_piece(t)
+            out["tokens"].append(piece(t))
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({**{piece(i): v for i, v in top}, piece(t): lp})
+        return out
 
     def _learn(self, st: dict) -> None:
         """Correct the device's measured costs with this completion (edgecad.memory.observe)."""
@@ -585,9 +618,19 @@ def join(chunks) -> dict:
     if last["object"] == "text_completion":
         return {**last, "choices": [{**last["choices"][0], "text": "".join(text)}]}
     return {"id": last["id"], "object": "chat.completion", "created": last["created"], "model": last["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
-                         "finish_reason": last["choices"][0]["finish_reason"]}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                         "logprobs": last["choices"][0]["logprobs"], "finish_reason": last["choices"][0]["finish_reason"]}],
             "usage": last["usage"], "edgecad": last["edgecad"]}
+
+
+def _chat_logprobs(lp: Optional[dict]) -> Optional[dict]:
+    """A completion's logprobs in a chat's shape (OpenAI's, as llama-cpp-python converts them)."""
+    if lp is None:
+        return None
+    return {"content": [{"token": t, "bytes": None, "logprob": v,
+                         "top_logprobs": [{"token": a, "logprob": b, "bytes": None} for a, b in top.items()]}
+                        for t, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])],
+            "refusal": None}
 
 
 def _chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
@@ -610,7 +653,8 @@ def _chat_chunk_stream(chunks: Iterator[dict]) -> Iterator[dict]:
             yield {**head, "choices": [{"index": 0, "delta": {"content": ch["text"]}, "logprobs": None,
                                         "finish_reason": None}]}
         out = {**head, "choices": [{"index": 0, "delta": {"content": ch["text"]} if ch["finish_reason"] is None
-                                    else {}, "logprobs": None, "finish_reason": ch["finish_reason"]}]}
+                                    else {}, "logprobs": _chat_logprobs(ch["logprobs"]),
+                                    "finish_reason": ch["finish_reason"]}]}
         if "edgecad" in c:
             out["usage"], out["edgecad"] = c["usage"], c["edgecad"]
         yield out

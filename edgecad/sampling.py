@@ -93,6 +93,14 @@ def distribution(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
     return out
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of raw logits, in float32 as llama-cpp-python's `Llama.logits_to_logprobs` (its
+    completion's logprobs are the model's own, before any processing)."""
+    x = np.asarray(logits, dtype=np.float32)
+    z = x - x.max()
+    return z - np.log(np.exp(z).sum())
+
+
 def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from a probability vector."""
     c = np.cumsum(p, dtype=np.float64)

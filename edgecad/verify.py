@@ -8,6 +8,7 @@ Per-sequence causal masking then lets each node see exactly its ancestors.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 
@@ -24,6 +25,7 @@ class Verdict:
     divergent: int = 0    # bild: accepted drafted tokens that differ from the target's argmax
     seconds: float = 0.0  # the target's pass
     ties: tuple = ()      # per emitted token (path, then bonus): the target's top-2 logits there were a near-tie
+    rows: Optional[np.ndarray] = None  # per emitted token: the target's logits row that gave it (when asked)
 
 
 def leaf_sequences(tree: TokenTree) -> tuple[list[list[int]], dict[int, int]]:

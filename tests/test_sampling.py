@@ -159,3 +159,36 @@ def test_sampling_with_a_grammar_keeps_the_constrained_distribution(tiny_pair):
     counts = np.bincount(firsts, minlength=len(p))
     keep = p > 0
     chi_square(counts[keep], p[keep] * n, tv=0.08)
+
+
+@pytest.mark.parametrize("mode", ["target", "tree", "linear"])
+def test_logprobs_and_echo_as_llama_gives_them(tiny_pair, mode):
+    """logprobs: each emitted token's log-probability and the top alternatives, from the row of target logits
+    that gave it (a tree's rows are batched: equal within float32 noise); echo prepends the prompt."""
+    draft, target = tiny_pair
+    llama = Llama(str(target), n_ctx=512, n_threads=2, verbose=False, logits_all=True)
+    with Engine(target, None if mode == "target" else draft, mode=mode, n_ctx=512, memory_budget=None) as e:
+        for prompt in PROMPTS[:3]:
+            llama.reset()
+            theirs = llama.create_completion(prompt, max_tokens=12, temperature=0.0, logprobs=3)["choices"][0]
+            ours = e.create_completion(prompt, max_tokens=12, temperature=0.0, logprobs=3)
+            lp, tlp = ours["choices"][0]["logprobs"], theirs["logprobs"]
+            n = len(ours["edgecad"]["token_ids"])
+            assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n
+            k = min(n, len(tlp["token_logprobs"]))
+            assert k >= 8 and np.allclose(lp["token_logprobs"][:k], tlp["token_logprobs"][:k], atol=1e-3)
+            for a, b in zip(lp["top_logprobs"][:k], tlp["top_logprobs"][:k]):  # (texts of partial UTF-8 collide)
+                assert a.keys() == b.keys() and np.allclose([a[t] for t in b], list(b.values()), atol=1e-3)
+            assert lp["text_offset"][0] == len(prompt)
+            echoed = e.create_completion(prompt, max_tokens=12, temperature=0.0, echo=True)
+            assert echoed["choices"][0]["text"] == prompt + ours["choices"][0]["text"]
+            streamed = "".join(c["choices"][0]["text"] for c in
+                               e.create_completion(prompt, max_tokens=12, temperature=0.0, echo=True, stream=True))
+            assert streamed == echoed["choices"][0]["text"]
+        chat = e.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=6, temperature=0.0,
+                                        logprobs=True, top_logprobs=2)
+        content = chat["choices"][0]["logprobs"]["content"]
+        assert len(content) == chat["usage"]["completion_tokens"]
+        assert all(c["logprob"] <= 0 and 1 <= len(c["top_logprobs"]) <= 3 for c in content)  # 2 and its own
+        with pytest.raises(RequestError, match="echo"):
+            e.create_completion("x", echo=True, logprobs=2)

@@ -159,6 +159,19 @@ def test_models_health_and_the_openapi_schema(server, tiny_target):
     assert r.status_code == 200, r.text
 
 
+def test_json_mode_logprobs_and_echo_through_the_openai_client(server):
+    c, name = server.client(), _name(server)
+    r = c.chat.completions.create(model=name, messages=CHAT, max_tokens=300, temperature=0.7, seed=1,
+                                  response_format={"type": "json_object"}, logprobs=True, top_logprobs=2)
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    r = c.completions.create(model=name, prompt="abc", max_tokens=4, temperature=0, echo=True)
+    assert r.choices[0].text.startswith("abc")
+    r = c.completions.create(model=name, prompt="abc", max_tokens=4, temperature=0, logprobs=2)
+    assert len(r.choices[0].logprobs.token_logprobs) == 4
+
+
 def test_eight_concurrent_clients_get_the_tokens_of_sequential_runs(server):
     c, name = server.client(), _name(server)
     prompts = (PROMPTS * 2)[:8]
@@ -193,7 +206,10 @@ def test_errors_have_openai_s_shape_and_status(server):
     assert "foo" in _error(server.post("/v1/completions", {"prompt": "x", "foo": 1}), 400, "foo")
     assert "prompt" in _error(server.post("/v1/completions", {"max_tokens": 3}), 400, "prompt")
     assert "> 0 and <= 1" in _error(server.post("/v1/completions", {"prompt": "x", "top_p": 5}), 400, "top_p")
-    assert "not supported" in _error(server.post("/v1/completions", {"prompt": "x", "logprobs": 2}), 400, "logprobs")
+    assert "not supported" in _error(server.post("/v1/completions", {"prompt": "x", "mirostat_mode": 2}), 400,
+                                     "mirostat_mode")
+    assert "grammar does not parse" in _error(server.post("/v1/completions", {"prompt": "x", "grammar": "root ::= [a-"}),
+                                              400, "grammar")
     assert "one choice" in _error(server.post("/v1/chat/completions", {"messages": CHAT, "n": 3}), 400, "n")
     msg = _error(server.post("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}), 400,
                  "tools")
