@@ -177,7 +177,7 @@ class SpeculativeDecoder:
         # draft: a tree of at most max_nodes tokens below the root, until its best branch's confidence < T; an
         # alternative child joins when its draft probability >= branch_p or its branch confidence pays its cost
         tree = drafter.draft(min(p.max_nodes, room), min(p.max_depth, room, left), sp, rng, fallback.current(),
-                             fallback.break_even())
+                             fallback.break_even(), grammar)
         # verify: one target pass over root + nodes (tree attention), logits for every node
         tv = time.perf_counter()
         logits, leaf_seq = self.verify(self.target, self.batch, tree, sp, room, left, prefix)

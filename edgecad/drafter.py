@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .errors import RequestError
 from .llama import Batch, Context
 from .sampling import SamplingParams, distribution, sample_from
 from .tree import TokenTree, TreeParams, keep_path
@@ -63,6 +64,8 @@ class Drafter:
         self.seed: Optional[Chain] = None   # a kept chain: the start of the next tree
         self.chain: Optional[Chain] = None  # the chain drafted beside the current tree's verification
         self._dist: dict[int, np.ndarray] = {}  # node -> draft distribution after it, for the current tree
+        self._tree: Optional[TokenTree] = None  # the tree being drafted
+        self._states: dict = {}  # node -> the grammar's state after its path (edgecad.llama.Grammar or None)
         self.decodes = 0
         self.seconds = 0.0         # drafting trees (the target waits)
         self.seconds_extend = 0.0  # drafting chains beside target passes (overlapped)
@@ -88,9 +91,17 @@ class Drafter:
         """Last position sequence 0 holds between steps."""
         return self.n_past - 1 + (len(self.seed.tokens) - 2 if self.seed else 0)
 
-    def _probs(self, logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
-        """The draft's distribution at a node: its own probabilities when greedy, else the sampling one. Kept in
-        float32 (a tree holds one per node): draws and the acceptance rule use the same vector, so exactness holds."""
+    def _probs(self, logits: np.ndarray, sp: SamplingParams, node: int = -1) -> np.ndarray:
+        """The draft's distribution at a node: its own probabilities when greedy, else the sampling one, masked
+        by the grammar after the node's path when the completion has one (a token it forbids is never drafted).
+        Kept in float32 (a tree holds one per node): draws and the acceptance rule use the same vector, so
+        exactness holds whatever the mask."""
+        state = self._state(node) if node >= 0 else None
+        if state is not None:
+            try:
+                logits = state.mask(logits, self.p.max_width if sp.greedy else sp.top_k)
+            except RequestError:  # nothing allowed after this path: the target will not take it either
+                pass
         if sp.greedy:  # the raw softmax, in float32 (one per drafted node: ~0.2 ms, not ~7 ms)
             e = np.exp(logits - logits.max())
             return e / e.sum()
@@ -116,15 +127,31 @@ class Drafter:
         draws = [first] if first is not None else []
         return draws + [sample_from(q, rng) for _ in range(k - len(draws))]
 
+    def _state(self, node: int):
+        """The grammar's state after the path to `node` (the root: the completion's, which has taken the root
+        already), or None: no grammar, or the path holds a token the grammar forbids."""
+        if node not in self._states:
+            tree, parent = self._tree, int(self._tree.parent[node])
+            up = self._state(parent) if parent >= 0 else None
+            t = int(tree.token[node])
+            if up is None or not up.allowed(np.array([t], dtype=np.int32))[0]:
+                self._states[node] = None
+            else:
+                self._states[node] = up.clone()
+                self._states[node].accept(t)
+        return self._states[node]
+
     def draft(self, max_nodes: int, max_depth: int, sp: SamplingParams, rng: np.random.Generator,
-              threshold: float, break_even: Optional[float] = None) -> TokenTree:
+              threshold: float, break_even: Optional[float] = None, grammar=None) -> TokenTree:
         """Decode what the draft has not seen, then grow a tree of at most max_nodes drafted tokens
         and max_depth levels from the root (the last accepted token). break_even: the branch confidence at
         which a node pays for its cost (FallbackThreshold.break_even): an alternative child whose branch
         confidence reaches it joins even below branch_p (IO-bound passes: wide trees). With a kept chain
         (`seed`), the tree grows exactly as it would without it, but a child that is the chain's next token
-        on branch 1 reuses the chain's decode instead of decoding again."""
+        on branch 1 reuses the chain's decode instead of decoding again. grammar: the completion's (in its
+        state after the root), which masks the draft's distributions."""
         t0 = time.perf_counter()
+        self._states = {0: grammar}
         g = self._root(max_nodes, max_depth, sp)
         g.break_even = break_even
         tree = g.tree
@@ -165,6 +192,7 @@ class Drafter:
             tree.decoded[0] = True
             self.reused_tokens += 1
         self._dist = {0: seed.qs[1]} if seed is not None else {}
+        self._tree = tree
         g = _Growth(tree, seed, max_nodes, max_depth)
         if max_nodes <= 0 or max_depth <= 0:
             if seed is not None:
@@ -181,7 +209,7 @@ class Drafter:
             ctx.tokens += self.pending
             self.decodes += 1
             tree.decoded[0] = True
-            self._dist[0] = self._probs(ctx.logits(len(self.pending) - 1), sp)
+            self._dist[0] = self._probs(ctx.logits(len(self.pending) - 1), sp, 0)
         else:
             ctx.seq_rm(0, tree.root_pos + 1, -1)  # sequence 0: accepted tokens only
             if tree.root_pos + len(seed.tokens) - 1 + max_nodes <= ctx.n_ctx:
@@ -256,7 +284,7 @@ class Drafter:
         self.decodes += 1
         for j, c in enumerate(fresh):
             tree.decoded[c] = True
-            self._dist[c] = self._probs(self.ctx.logits(j), sp)
+            self._dist[c] = self._probs(self.ctx.logits(j), sp, c)
 
     def extend(self, tree: TokenTree, sp: SamplingParams, rng: np.random.Generator, max_len: int,
                done: Callable[[], bool]) -> None:

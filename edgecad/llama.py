@@ -232,6 +232,12 @@ class Grammar:
                                "(llama.cpp's grammars/README.md)", "grammar")
         self.n_vocab = model.n_vocab
 
+    def clone(self) -> "Grammar":
+        """An independent copy of this state."""
+        g = Grammar.__new__(Grammar)
+        g._ptr, g.n_vocab = C.llama_sampler_clone(self._ptr), self.n_vocab
+        return g
+
     def accept(self, token: int) -> None:
         C.llama_sampler_accept(self._ptr, int(token))
 
