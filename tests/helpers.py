@@ -57,3 +57,53 @@ def chi_square(observed, expected, *, tv: float, min_power: float = 0.9) -> str:
     assert power >= min_power, f"the test is too weak: {summary}"
     assert chi2 < limit, f"the draws do not follow the expected distribution: {summary}"
     return summary
+
+
+# ---------------------------------------------------------------------------- crafted model files
+
+_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_value(vtype: int, value, etype: int = None) -> bytes:
+    """A GGUF value's bytes (type not included): a scalar, a string, or an array of `etype` elements."""
+    import struct
+    if vtype == 8:
+        b = value.encode() if isinstance(value, str) else value
+        return struct.pack("<Q", len(b)) + b
+    if vtype == 9:
+        return struct.pack("<IQ", etype, len(value)) + b"".join(gguf_value(etype, v) for v in value)
+    return struct.pack(_FMT[vtype], value)
+
+
+def craft_gguf(src, dst, *, set_kv: dict = None, drop=(), tensors=None, counts=None, raw_kv: bytes = b""):
+    """Write a copy of the GGUF `src` with its header changed: set_kv {key: (type, value[, etype])} replaces or
+    adds key-values, drop removes keys, tensors(list of [name, shape, type, offset]) edits the tensor infos in
+    place, counts=(n_tensors, n_kv) overrides the header's counts, raw_kv is appended to the key-values as is.
+    The tensor data is copied unchanged (tensor offsets are relative to it)."""
+    import struct
+
+    import gguf
+    r = gguf.GGUFReader(str(src))
+    kv = []
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name in drop or f.name in (set_kv or {}):
+            continue
+        kv.append(b"".join(p.tobytes() for p in f.parts))
+    for key, spec in (set_kv or {}).items():
+        vtype, value = spec[0], spec[1]
+        kv.append(gguf_value(8, key) + struct.pack("<I", vtype) + gguf_value(vtype, value, *spec[2:]))
+    infos = [[t.name, [int(x) for x in t.shape], int(t.tensor_type), int(t.data_offset - r.data_offset)]
+             for t in r.tensors]
+    if tensors is not None:
+        tensors(infos)
+    ti = b"".join(gguf_value(8, n) + struct.pack("<I", len(s)) + b"".join(struct.pack("<Q", d) for d in s)
+                  + struct.pack("<IQ", t, o) for n, s, t, o in infos)
+    n_tensors, n_kv = counts or (len(infos), len(kv) + bool(raw_kv))
+    head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + b"".join(kv) + raw_kv + ti
+    head += bytes(-len(head) % 32)
+    with open(src, "rb") as f:
+        f.seek(r.data_offset)
+        data = f.read()
+    with open(dst, "wb") as f:
+        f.write(head + data)
+    return dst

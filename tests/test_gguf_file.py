@@ -1,4 +1,6 @@
 """The GGUF header reader and the layer map."""
+import re
+
 import gguf
 import pytest
 
@@ -45,3 +47,91 @@ def test_bad_files(tmp_path, tiny_target):
     (tmp_path / "b.gguf").write_bytes(data[:-100])
     with pytest.raises(ModelFileError, match="truncated: its tensors need"):
         read_gguf(tmp_path / "b.gguf")
+
+
+# ---------------------------------------------------------------------------- the gate: crafted files
+# Each file is the tiny model with one thing broken, of a shape that has crashed or corrupted llama.cpp's
+# loader (docs/model-files.md). The gate refuses it in one line before llama.cpp sees it.
+
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from edgecad import Engine, tiny  # noqa: E402
+from helpers import craft_gguf, gguf_value  # noqa: E402
+
+_TOKENS = tiny.vocabulary()[0]
+
+
+def _key(name: str, vtype: int) -> bytes:
+    return gguf_value(8, name) + struct.pack("<I", vtype)
+
+
+def _tensor(i, field, value):
+    def edit(infos):
+        infos[i][field] = value(infos) if callable(value) else value
+    return edit
+
+
+ATTACKS = {  # name: (craft_gguf arguments, the gate's words)
+    "block_count 600": (dict(set_kv={"qwen2.block_count": (4, 600)}), "block_count is 600"),
+    "scores as uint8": (dict(set_kv={"tokenizer.ggml.scores": (9, [0] * 265, 0)}), "array of uint8, where"),
+    "token_type as uint8": (dict(set_kv={"tokenizer.ggml.token_type": (9, [1] * 265, 0)}), "array of uint8"),
+    "tokens as int32": (dict(set_kv={"tokenizer.ggml.tokens": (9, list(range(265)), 5)}), "array of int32"),
+    "byte token <0x-1>": (dict(set_kv={"tokenizer.ggml.tokens": (9, _TOKENS[:5] + ["<0x-1>"] + _TOKENS[6:], 8)}),
+                          "malformed byte token"),
+    "2^40 key-values": (dict(counts=(None, 1 << 40)), "key-value pairs"),
+    "2^40 tensors": (dict(counts=(1 << 40, None)), "tensors"),
+    "string of 2^60 bytes": (dict(raw_kv=_key("x", 8) + struct.pack("<Q", 1 << 60)), "bytes left in the file"),
+    "array of 2^50 floats": (dict(raw_kv=_key("x", 9) + struct.pack("<IQ", 6, 1 << 50)), "bytes left in the file"),
+    "array of arrays": (dict(raw_kv=_key("x", 9) + struct.pack("<IQ", 9, 1)), "array of arrays"),
+    "unknown value type": (dict(raw_kv=_key("x", 77)), "unknown value type 77"),
+    "duplicate key": (dict(raw_kv=_key("general.architecture", 8) + gguf_value(8, "qwen2")), "appears twice"),
+    "dimension 2^62": (dict(tensors=_tensor(0, 1, [64, 1 << 62])), "dimension out of range"),
+    "2^80 elements": (dict(tensors=_tensor(0, 1, [1 << 40, 1 << 40])), "size overflows"),
+    "5 dimensions": (dict(tensors=_tensor(0, 1, [64, 265, 1, 1, 1])), "5 dimensions"),
+    "zero dimension": (dict(tensors=_tensor(0, 1, [64, 0])), "dimension out of range"),
+    "unknown tensor type": (dict(tensors=_tensor(0, 2, 99)), "unknown ggml type 99"),
+    "rows not whole blocks": (dict(tensors=_tensor(0, 2, 12)), "not a multiple of Q4_K's block"),
+    "offset past the end": (dict(tensors=_tensor(1, 3, 1 << 40)), "truncated"),
+    "misaligned offset": (dict(tensors=_tensor(1, 3, lambda t: t[1][3] + 4)), "not a multiple of the alignment"),
+    "overlapping tensors": (dict(tensors=_tensor(2, 3, lambda t: t[1][3])), "overlaps"),
+    "duplicate tensor": (dict(tensors=_tensor(1, 0, "token_embd.weight")), "appears twice"),
+    "alignment 3": (dict(set_kv={"general.alignment": (4, 3)}), "power of two"),
+    "scores of another length": (dict(set_kv={"tokenizer.ggml.scores": (9, [0.0] * 70, 6)}), "length other than"),
+    "vocabulary vs embeddings": (dict(set_kv={"tokenizer.ggml.tokens": (9, _TOKENS[:-1], 8)},
+                                      drop=("tokenizer.ggml.token_type",)), "not one row per token"),
+    "no architecture": (dict(drop=("general.architecture",)), "general.architecture is missing"),
+}
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_the_gate_refuses_each_attack_shape_in_one_line(tiny_target, tmp_path, attack):
+    kw, words = ATTACKS[attack]
+    if "counts" in kw:
+        real = read_gguf(tiny_target)
+        n_t, n_kv = kw["counts"]
+        kw = dict(counts=(n_t if n_t is not None else len(real.tensors),
+                          n_kv if n_kv is not None else len(real.metadata)))
+    path = craft_gguf(tiny_target, tmp_path / "crafted.gguf", **kw)
+    with pytest.raises(ModelFileError) as e:
+        read_gguf(path)
+    msg = str(e.value)
+    assert words in msg and str(path) in msg and "\n" not in msg, msg
+    with pytest.raises(ModelFileError, match=re.escape(words)):  # every load goes through the gate
+        Engine(path, n_ctx=64)
+
+
+def test_the_unchanged_copy_passes_the_gate(tiny_target, tmp_path):
+    """(The crafting itself breaks nothing: the same rewrite with no change loads and generates.)"""
+    path = craft_gguf(tiny_target, tmp_path / "same.gguf")
+    with Engine(path, n_ctx=64) as e:
+        assert e.create_completion("hello", max_tokens=4, temperature=0)["usage"]["completion_tokens"] == 4
+
+
+def test_what_the_gate_stops_aborts_llama_cpp_itself(tiny_target, tmp_path):
+    """The control: the block_count file handed to llama.cpp directly (in a child process) kills the process."""
+    path = craft_gguf(tiny_target, tmp_path / "blocks.gguf", set_kv={"qwen2.block_count": (4, 600)})
+    r = subprocess.run([sys.executable, "-c", f"from llama_cpp import Llama; Llama({str(path)!r}, verbose=False)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode in (-6, 134), (r.returncode, r.stderr[-2000:])  # SIGABRT
