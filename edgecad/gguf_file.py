@@ -224,7 +224,6 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
         raise ModelFileError(f"model file not found: {path} (check the path, or fetch a model with `edgecad models fetch`)")
     if path.is_dir():
         raise ModelFileError(f"{path} is a directory, not a GGUF model file")
-    size = path.stat().st_size
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ModelFileError(f"{path} is not a GGUF file (no GGUF magic): give a llama.cpp .gguf model")
@@ -233,6 +232,18 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
         except (ValueError, OSError) as e:
             raise ModelFileError(f"cannot map {path}: {e}") from None
     try:
+        return parse_header(buf, path)
+    finally:
+        buf.close()
+
+
+def parse_header(buf, path: str | os.PathLike = "<bytes>") -> GGUFInfo:
+    """The gate on a whole file's bytes (a mapping, or bytes: the fuzzer's entry point): its GGUFInfo, or
+    ModelFileError, and nothing else, for any input."""
+    path, size = Path(path), len(buf)
+    try:
+        if bytes(buf[:4]) != GGUF_MAGIC:
+            raise ModelFileError(f"{path} is not a GGUF file (no GGUF magic): give a llama.cpp .gguf model")
         info = _parse(path, buf, size)
         _check(info, buf)
         return info
@@ -245,8 +256,6 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
             f"{path} has a corrupt or truncated GGUF header (it ends at byte {size} before the header does): "
             "the download or copy was cut short, fetch or convert it again"
         ) from None
-    finally:
-        buf.close()
 
 
 def _parse(path: Path, buf, size: int) -> GGUFInfo:

@@ -135,3 +135,27 @@ def test_what_the_gate_stops_aborts_llama_cpp_itself(tiny_target, tmp_path):
     r = subprocess.run([sys.executable, "-c", f"from llama_cpp import Llama; Llama({str(path)!r}, verbose=False)"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode in (-6, 134), (r.returncode, r.stderr[-2000:])  # SIGABRT
+
+
+def test_fuzzing_the_gate_finds_nothing(tmp_path):
+    """A short coverage-guided run (atheris) from a small real model: every input gives a header or edgecad's
+    ModelFileError, within libFuzzer's time and memory limits; and every regression file kept from longer runs
+    (tests/fuzz-regressions/) still does. Longer runs: scripts/fuzz_gguf.sh."""
+    pytest.importorskip("atheris", reason="atheris (the test extra) is not installed")
+    from pathlib import Path
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    small = tiny.TinySpec(n_layer=1, n_embd=8, n_ff=8, n_head=2, n_head_kv=1)
+    tiny.write_model(corpus / "small.gguf", small, vocab_tokens=_TOKENS[:16] + [tiny.EOG_TOKEN])
+    regressions = sorted((Path(__file__).parent / "fuzz-regressions").glob("*"))
+    harness = str(Path(__file__).parent / "fuzz_gguf.py")
+    if regressions:
+        r = subprocess.run([sys.executable, harness, *map(str, regressions)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, harness, str(corpus), "-max_total_time=40", "-timeout=5",
+                        "-rss_limit_mb=1024", "-max_len=8192"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = int(re.search(r"Done (\d+) runs", r.stderr).group(1))
+    assert runs > 1000, r.stderr[-1000:]
