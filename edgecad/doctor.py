@@ -17,6 +17,7 @@ from .gguf_file import read_gguf
 from .llama import default_threads
 from .config import resolve
 from .memory import MB, READ_SAMPLE, auto_budget, load_costs, measure_read, parse_memory
+from .pager import mincore_sees
 from .tree import MODE_PARAMS
 
 
@@ -66,6 +67,10 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
     if fs.startswith("fuse") or str(t_path.resolve()).startswith(("/storage/emulated", "/sdcard")):
         say("  warning", "a FUSE-mounted shared folder reads slowly and cannot be paged well: keep models on "
                          "internal storage (e.g. Termux's $HOME)")
+    if not mincore_sees(t_path):
+        say("  warning", f"this user neither owns nor may write {t_path.name}, so the kernel hides which of its "
+                         "pages are in RAM (mincore): a paged target's resident figures are not reported "
+                         "(peak_resident_target_bytes None); the budget still holds")
     n_threads = default_threads()
     costs = load_costs(t, d, n_threads)
     if measure:

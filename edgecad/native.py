@@ -42,7 +42,7 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(found[0]))
 
 
-EC_VERSION = 9  # native/edgecad.h: the interface these bindings are written for
+EC_VERSION = 10  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -52,6 +52,7 @@ _u64p = ctypes.POINTER(ctypes.c_uint64)
 EC_OK, EC_EINVAL, EC_EOPEN, EC_ESTAT, EC_EMMAP, EC_EMINCORE, EC_ENOMEM, EC_ETHREAD, EC_ECHANGED, EC_EIO, \
     EC_EUNSUPPORTED, EC_ECANCELED = range(12)
 _CODES = {k: v for k, v in globals().items() if k.startswith("EC_E") or k == "EC_OK"}
+EC_FAULT_POPULATE_NOOP = 1000  # ec_pager_inject_fault: MADV_POPULATE_READ succeeds without reading (tests)
 
 # int ec_version(void);
 lib.ec_version.argtypes, lib.ec_version.restype = [], ctypes.c_int
@@ -123,7 +124,7 @@ class PagerParams(ctypes.Structure):  # ec_pager_params
 class PagerStats(ctypes.Structure):  # ec_pager_stats
     _fields_ = [(n, ctypes.c_uint64) for n in ("bytes_read", "io_wait_ns", "io_busy_ns", "resident_now",
                                                 "peak_resident", "boundaries", "passes", "advise_failures",
-                                                "gate_wait_ns", "draft_layers_in_pass")]
+                                                "gate_wait_ns", "draft_layers_in_pass", "populate_ignored")]
 
 
 _RP, _vp = ctypes.POINTER(Range), ctypes.c_void_p

@@ -331,6 +331,17 @@ def emulate_storage(bytes_read: Optional[int], since: float, bytes_per_second: f
     return max(wait, 0.0)
 
 
+def mincore_sees(path: str | os.PathLike) -> bool:
+    """Whether mincore() tells this process which pages of the file are in RAM. Since Linux 5.2 it does only for
+    a file the process owns or may write (mm/mincore.c, can_do_mincore: a side channel otherwise); for any other
+    file it reports every page resident, so residency figures would be false (measured: a root-owned 0644 file
+    read by another user, 2048/2048 pages "resident" right after a cache drop)."""
+    try:
+        return os.stat(path).st_uid == os.geteuid() or os.access(path, os.W_OK, effective_ids=True)
+    except OSError:
+        return False
+
+
 class Pager:
     """The native pager of one loaded target model; `cb_eval` goes into its context params."""
 
@@ -347,7 +358,9 @@ class Pager:
         pinned = (native.Range * max(1, len(plan.pinned)))(*[(o, b) for _, o, b in plan.pinned])
         per_pass = (native.Range * max(1, len(plan.evict_each_pass)))(*[(o, b) for _, o, b in plan.evict_each_pass])
         pp = plan.params
-        params = native.PagerParams(pp.read_ahead, pp.lag, pp.bytes_per_second, int(pp.measure), int(plan.readahead_bytes > 0))
+        self.measured = pp.measure and mincore_sees(self.path)  # (else residency would read as "all of it")
+        params = native.PagerParams(pp.read_ahead, pp.lag, pp.bytes_per_second, int(self.measured),
+                                    int(plan.readahead_bytes > 0))
         spec = native.PagerSpec(os.fsencode(self.path), addr, map_off, map_len, layers, streamed, n, pinned,
                                 len(plan.pinned), per_pass, len(plan.evict_each_pass), params, _ggml_get_name())
         h = ctypes.c_void_p()
@@ -377,7 +390,8 @@ class Pager:
             self.settle()
 
     def inject_fault(self, code: int = native.EC_EIO) -> None:
-        """Tests: make the next read fail as a failing storage would."""
+        """Tests: make the next read fail as a failing storage would (or, with native.EC_FAULT_POPULATE_NOOP,
+        make MADV_POPULATE_READ return without reading from now on)."""
         native.check(_lib.ec_pager_inject_fault(self._h, code), "ec_pager_inject_fault")
 
     def set_throttle(self, bytes_per_second: float) -> None:

@@ -122,7 +122,9 @@ class Paged(Residency):
     def completion_stats(self) -> dict:
         after, before = self.pager.stats(), self._before
         diff = lambda k: after[k] - before[k]
-        return {"target_budget_bytes": self.plan.budget, "peak_resident_target_bytes": after["peak_resident"],
+        # (None when mincore cannot see this file's pages: pager.mincore_sees)
+        peak = after["peak_resident"] if self.pager.measured else None
+        return {"target_budget_bytes": self.plan.budget, "peak_resident_target_bytes": peak,
                 "bytes_read": diff("bytes_read"), "io_wait_seconds": diff("io_wait_ns") / 1e9,
                 "io_busy_seconds": diff("io_busy_ns") / 1e9, "draft_layers_in_pass": diff("draft_layers_in_pass"),
                 "gate_wait_seconds": diff("gate_wait_ns") / 1e9}

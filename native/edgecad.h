@@ -6,7 +6,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 9
+#define EC_VERSION 10
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -64,6 +64,7 @@ typedef struct {
     uint64_t advise_failures;/* failed madvise/fadvise calls (each also warned once on stderr) */
     uint64_t gate_wait_ns;   /* time a gated draft held while the target computed */
     uint64_t draft_layers_in_pass; /* draft layers computed during a target pass (while it waited on IO) */
+    uint64_t populate_ignored; /* 1 once MADV_POPULATE_READ was seen to return without reading: reads are preads */
 } ec_pager_stats;
 
 typedef struct ec_pager ec_pager; /* opaque */
@@ -103,7 +104,10 @@ int ec_pager_pass_begin(ec_pager *p);
 int ec_pager_pass_end(ec_pager *p);
 /* The draft context's cb_eval (user_data: the target's pager): holds the draft while the target computes. */
 bool ec_pager_gate_cb_eval(void *tensor, bool ask, void *user_data);
-/* Tests: once the reads in flight are done, the pager's next read fails with `code` (an EC_* error). */
+/* Tests: once the reads in flight are done, the pager's next read fails with `code` (an EC_* error); or, with
+ * EC_FAULT_POPULATE_NOOP, MADV_POPULATE_READ from then on returns success without reading (as under qemu-user
+ * and in some sandboxes), and the next populate is verified again. */
+#define EC_FAULT_POPULATE_NOOP 1000
 int ec_pager_inject_fault(ec_pager *p, int code);
 /* Change the storage throttle of an open pager (bytes per second, 0 = none): tests stall the storage with it. */
 int ec_pager_set_throttle(ec_pager *p, double bytes_per_second);

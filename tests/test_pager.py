@@ -390,3 +390,61 @@ def test_a_file_truncated_while_a_pass_streams_it_stops_that_pass(paging_pair, d
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert "changed size while the engine was paging it" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- mincore's blind spot
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a file and read it as another user")
+def test_mincore_cannot_see_another_user_s_file_and_the_pager_says_so(paging_pair):
+    """Linux >= 5.2 shows a file's page-cache residency only to its owner or a process that may write it; to
+    anyone else every page reads resident. Shown as the user nobody on a root-owned 0644 copy of the model, right
+    after a cache drop; mincore_sees says so, and a paged engine run as nobody reports no residency figure.""" 
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    d = tempfile.mkdtemp(dir="/var/tmp")  # (pytest's own directories are private to root)
+    try:
+        os.chmod(d, 0o755)
+        path = os.path.join(d, "model.gguf")
+        shutil.copy(paging_pair[1], path)
+        os.chmod(path, 0o644)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())  # (dirty pages cannot be dropped)
+        child = f"""
+import json, os
+from edgecad import Engine, native
+from edgecad.cgroup import drop_file_cache
+from edgecad.pager import mincore_sees
+path = {path!r}
+drop_file_cache([path])
+out = {{"root": [mincore_sees(path), native.file_resident(path)]}}
+with Engine(path, n_ctx=128, target_budget="60%", memory_budget=None) as e:  # as root (and every import done:
+    st = e.create_completion("hello", max_tokens=4, temperature=0)["edgecad"]  # the stdlib is root's)
+out["root"].append(st["peak_resident_target_bytes"])
+for f in os.listdir(os.environ["EDGECAD_CACHE"]):
+    os.chmod(os.path.join(os.environ["EDGECAD_CACHE"], f), 0o666)
+os.setgid(65534); os.setuid(65534)
+drop_file_cache([path])
+out["nobody"] = [mincore_sees(path), native.file_resident(path), os.path.getsize(path)]
+with Engine(path, n_ctx=128, target_budget="60%", memory_budget=None) as e:  # as nobody: a paged target's figures
+    st = e.create_completion("hello", max_tokens=4, temperature=0)["edgecad"]
+out["stats"] = [st["config"], st["peak_resident_target_bytes"], st["bytes_read"]]
+print(json.dumps(out))
+"""
+        cache = os.path.join(d, "cache")
+        os.mkdir(cache, 0o777)
+        os.chmod(cache, 0o777)
+        r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, cwd="/",
+                           env={**os.environ, "EDGECAD_CACHE": cache})
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["root"][0] is True and out["root"][1] < 64 * 1024  # the owner sees the drop
+        assert out["root"][2] > 0  # and a paged engine's peak
+        sees, resident, size = out["nobody"]
+        assert sees is False
+        assert resident >= size - PAGE, out  # the kernel's answer to anyone else: all of it (the fault)
+        config, peak, read = out["stats"]
+        assert config == "target-paged" and read > 0 and peak is None  # paged, and no false figure
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
