@@ -256,9 +256,14 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
     target_budget fixes the target's share instead (bytes of its file kept resident): the budget is
     then whatever the rest needs plus that share. grow_tree: a paged tree may grow past tree_nodes where
     passes are IO-bound (edgecad's own tree; not a baseline's or one the caller fixed)."""
+    from .native import can_page
     runtime = process_rss() if runtime is None else runtime
     plans, why_not, smallest = {}, {}, None
     for cfg in configs or (CONFIGS if draft is not None else CONFIGS[:2]):
+        if cfg.endswith("-paged") and not can_page():  # (never a pager that cannot hold its budget)
+            why_not[cfg] = ("this platform's build cannot page a model (it cannot drop a file's pages or find "
+                            "llama.cpp's mapping: edgecad.native.capabilities())")
+            continue
         r = _plan_config(cfg, budget, target, draft, n_ctx=n_ctx, n_batch=n_batch, tree_nodes=tree_nodes,
                          costs=costs, pager=pager, runtime=runtime, target_budget=target_budget, grow_tree=grow_tree)
         if isinstance(r, MemoryPlan):

@@ -42,7 +42,7 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(found[0]))
 
 
-EC_VERSION = 10  # native/edgecad.h: the interface these bindings are written for
+EC_VERSION = 11  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -53,6 +53,7 @@ EC_OK, EC_EINVAL, EC_EOPEN, EC_ESTAT, EC_EMMAP, EC_EMINCORE, EC_ENOMEM, EC_ETHRE
     EC_EUNSUPPORTED, EC_ECANCELED = range(12)
 _CODES = {k: v for k, v in globals().items() if k.startswith("EC_E") or k == "EC_OK"}
 EC_FAULT_POPULATE_NOOP = 1000  # ec_pager_inject_fault: MADV_POPULATE_READ succeeds without reading (tests)
+CAPABILITIES = {"drop_pages": 1, "populate": 2, "load_guard": 4, "find_mapping": 8}  # ec_capabilities' bits
 
 # int ec_version(void);
 lib.ec_version.argtypes, lib.ec_version.restype = [], ctypes.c_int
@@ -183,6 +184,22 @@ class GuardStats(ctypes.Structure):  # ec_load_guard_stats
 lib.ec_load_guard_begin.argtypes, lib.ec_load_guard_begin.restype = [ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int
 # int ec_load_guard_end(ec_load_guard_stats *out);
 lib.ec_load_guard_end.argtypes, lib.ec_load_guard_end.restype = [ctypes.POINTER(GuardStats)], ctypes.c_int
+
+# int ec_capabilities(void);
+lib.ec_capabilities.argtypes, lib.ec_capabilities.restype = [], ctypes.c_int
+
+
+def capabilities() -> dict:
+    """What this platform's build of the C library can do (native/edgecad.h: ec_capabilities)."""
+    bits = lib.ec_capabilities()
+    return {name: bool(bits & bit) for name, bit in CAPABILITIES.items()}
+
+
+def can_page() -> bool:
+    """Paging a target needs dropping a file's pages and finding llama.cpp's mapping of it."""
+    caps = capabilities()
+    return caps["drop_pages"] and caps["find_mapping"]
+
 
 # ---------------------------------------------------------------------------- interrupt (section 6)
 

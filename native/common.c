@@ -57,10 +57,18 @@ size_t page_size(void) { /* any thread may ask first: the cache is an atomic */
 
 /* Condition variables whose timed waits use CLOCK_MONOTONIC: a clock step (a Pi without an RTC syncing its
  * time) must not stretch or shorten a wait. Returns 0 or the pthread error. */
+#ifdef __APPLE__
+#define COND_CLOCK CLOCK_REALTIME /* macOS has no pthread_condattr_setclock: its timed waits use the wall clock */
+#else
+#define COND_CLOCK CLOCK_MONOTONIC
+#endif
+
 int cond_init(pthread_cond_t *c) {
     pthread_condattr_t a;
     int rc = pthread_condattr_init(&a);
-    if (!rc) rc = pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+#ifndef __APPLE__
+    if (!rc) rc = pthread_condattr_setclock(&a, COND_CLOCK);
+#endif
     if (!rc) rc = pthread_cond_init(c, &a);
     pthread_condattr_destroy(&a);
     return rc;
@@ -69,7 +77,7 @@ int cond_init(pthread_cond_t *c) {
 /* Wait on c for at most ms milliseconds (mu held): callers loop on their condition and on Ctrl-C. */
 void cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *mu, long ms) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(COND_CLOCK, &ts);
     ts.tv_sec += ms / 1000, ts.tv_nsec += (ms % 1000) * 1000000L;
     if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
     pthread_cond_timedwait(c, mu, &ts);
@@ -114,7 +122,7 @@ int count_resident(const void *addr, uint64_t len, uint64_t *pages_out) {
     unsigned char stackvec[4096];
     unsigned char *vec = npages <= sizeof stackvec ? stackvec : malloc(npages);
     if (!vec) return fail(EC_ENOMEM, errno, "malloc(%zu) for mincore", npages);
-    if (mincore((void *)start, end - start, vec) != 0) {
+    if (mincore((void *)start, end - start, (void *)vec) != 0) { /* (vec: unsigned char * on Linux, char * on macOS) */
         int err = errno;
         if (vec != stackvec) free(vec);
         return fail(EC_EMINCORE, err, "mincore(%p, %zu)", (void *)start, (size_t)(end - start));
@@ -194,7 +202,7 @@ int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *b
     size_t maplen;
     int rc = open_span(path, offset, &len, &fd, &aligned, &maplen);
     if (rc) return rc;
-    rc = posix_fadvise(fd, (off_t)offset, (off_t)len, POSIX_FADV_DONTNEED);
+    rc = drop_file_pages(fd, offset, len);
     if (rc != 0) fprintf(stderr, "edgecad: warning: posix_fadvise(DONTNEED) failed: %s\n", strerror(rc));
     uint8_t *map = len ? mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)aligned) : MAP_FAILED;
     uint8_t *buf = NULL;
@@ -206,21 +214,22 @@ int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *b
     while (got < maplen && populate) {
         size_t n = maplen - got < CHUNK ? (size_t)(maplen - got) : (size_t)CHUNK;
         double c0 = now_s();
-        int ok = madvise(map + got, n, MADV_POPULATE_READ) == 0;
+        int prc = populate_pages(map + got, n), ok = prc == 0;
+        errno = prc;
         dt += now_s() - c0;
         if (ok) {
             madvise(map + got, n, MADV_DONTNEED);
-            posix_fadvise(fd, (off_t)(aligned + got), (off_t)n, POSIX_FADV_DONTNEED);
+            drop_file_pages(fd, aligned + got, n);
         }
         if (!ok) {
-            if (errno != EINVAL && errno != ENOSYS) {
+            if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) {
                 int err = errno;
                 munmap(map, maplen);
                 close(fd);
                 return fail(EC_EIO, err, "madvise(MADV_POPULATE_READ) of %s", path);
             }
             populate = 0; /* old kernel: time preads instead, from the start */
-            posix_fadvise(fd, (off_t)offset, (off_t)len, POSIX_FADV_DONTNEED);
+            drop_file_pages(fd, offset, len);
             got = 0;
             break;
         }
@@ -247,18 +256,65 @@ int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *b
             }
             if (r == 0) break;
             double c1 = now_s(); /* dropped once read, untimed: the page cache must not hold the sample */
-            posix_fadvise(fd, (off_t)(offset + got), (off_t)r, POSIX_FADV_DONTNEED);
+            drop_file_pages(fd, offset + got, (uint64_t)r);
             t0 += now_s() - c1;
             got += (uint64_t)r;
         }
         dt = now_s() - t0;
     }
     if (map != MAP_FAILED) munmap(map, maplen);
-    posix_fadvise(fd, (off_t)offset, (off_t)len, POSIX_FADV_DONTNEED);
+    drop_file_pages(fd, offset, len);
     free(buf);
     close(fd);
     *bytes_per_second = dt > 0 ? (double)(populate ? len : got) / dt : 0.0;
     return EC_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* portability                                                              */
+/* ------------------------------------------------------------------------ */
+
+int drop_file_pages(int fd, uint64_t off, uint64_t len) {
+#ifdef POSIX_FADV_DONTNEED
+    return posix_fadvise(fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);
+#else /* macOS: no way to drop a file's pages but through a mapping */
+    (void)fd, (void)off, (void)len;
+    return ENOTSUP;
+#endif
+}
+
+int no_readahead(int fd) {
+#ifdef POSIX_FADV_RANDOM
+    return posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+#elif defined(F_RDAHEAD)
+    return fcntl(fd, F_RDAHEAD, 0) == 0 ? 0 : errno;
+#else
+    (void)fd;
+    return ENOTSUP;
+#endif
+}
+
+int populate_pages(void *addr, size_t len) {
+#ifdef MADV_POPULATE_READ
+    return madvise(addr, len, MADV_POPULATE_READ) == 0 ? 0 : errno;
+#else
+    (void)addr, (void)len;
+    return ENOTSUP;
+#endif
+}
+
+int ec_capabilities(void) {
+    int caps = 0;
+#ifdef POSIX_FADV_DONTNEED
+    caps |= EC_CAP_DROP_PAGES;
+#endif
+#ifdef MADV_POPULATE_READ
+    caps |= EC_CAP_POPULATE;
+#endif
+#ifdef __linux__
+    caps |= EC_CAP_LOAD_GUARD | EC_CAP_FIND_MAPPING;
+#endif
+    return caps;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -6,7 +6,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 10
+#define EC_VERSION 11
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -25,6 +25,12 @@ enum {
 };
 
 int ec_version(void);
+
+/* What this platform's build can do (bits): drop a file's pages from the page cache (posix_fadvise), fault a
+ * mapped span in (MADV_POPULATE_READ; the kernel may still refuse it), patch libllama's mmap for the load guard,
+ * find llama.cpp's mapping of a model (/proc/self/maps). Paging a target needs DROP_PAGES and FIND_MAPPING. */
+enum { EC_CAP_DROP_PAGES = 1, EC_CAP_POPULATE = 2, EC_CAP_LOAD_GUARD = 4, EC_CAP_FIND_MAPPING = 8 };
+int ec_capabilities(void);
 const char *ec_last_error(void);
 /* "EC_OK", "EC_EINVAL", ...: the name of a status code (NULL past the last), so bindings check their copy. */
 const char *ec_status_name(int code);

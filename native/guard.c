@@ -55,17 +55,22 @@ static int guard_flags(int flags, int fd) {
     return flags & ~MAP_POPULATE;
 }
 
-static void *hook_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
-    void *r = mmap(addr, len, prot, guard_flags(flags, fd), fd, off);
+/* The hooks take the callers' ABI, not this file's: the `mmap` symbol's offset is a long (32 bits on a 32-bit
+ * libc, whatever _FILE_OFFSET_BITS this library is built with), `mmap64`'s 64 bits. */
+static void *hook_mmap(void *addr, size_t len, int prot, int flags, int fd, long off) {
+    void *r = mmap(addr, len, prot, guard_flags(flags, fd), fd, (off_t)off);
     if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE)) note_mapping(r, len, fd);
     return r;
 }
 
-static void *hook_mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t off) {
-    void *r = mmap64(addr, len, prot, guard_flags(flags, fd), fd, off);
+#if defined(__GLIBC__) || defined(__ANDROID__) /* (musl has no separate mmap64) */
+#define HOOK_MMAP64 1
+static void *hook_mmap64(void *addr, size_t len, int prot, int flags, int fd, int64_t off) {
+    void *r = mmap(addr, len, prot, guard_flags(flags, fd), fd, (off_t)off);
     if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE)) note_mapping(r, len, fd);
     return r;
 }
+#endif
 
 static int hook_posix_madvise(void *addr, size_t len, int advice) {
     uintptr_t a = (uintptr_t)addr;
@@ -80,7 +85,11 @@ static int hook_posix_madvise(void *addr, size_t len, int advice) {
 static const struct {
     const char *name;
     void *hook;
-} hooks[] = {{"mmap", (void *)hook_mmap}, {"mmap64", (void *)hook_mmap64}, {"posix_madvise", (void *)hook_posix_madvise}};
+} hooks[] = {{"mmap", (void *)hook_mmap},
+#ifdef HOOK_MMAP64
+             {"mmap64", (void *)hook_mmap64},
+#endif
+             {"posix_madvise", (void *)hook_posix_madvise}};
 
 #if UINTPTR_MAX > 0xffffffffu
 #define R_SYM(info) ELF64_R_SYM(info)

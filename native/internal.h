@@ -22,7 +22,7 @@
 
 #include "edgecad.h"
 
-#ifndef MADV_POPULATE_READ
+#if defined(__linux__) && !defined(MADV_POPULATE_READ)
 #define MADV_POPULATE_READ 22 /* Linux >= 5.14; older kernels answer EINVAL and we pread instead */
 #endif
 
@@ -46,6 +46,12 @@ void sleep_s(double s);
 int cond_init(pthread_cond_t *c);         /* a condition variable whose timed waits use CLOCK_MONOTONIC */
 void cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *mu, long ms);
 int interrupted(void);                    /* 1 once a SIGINT came since the last ec_interrupt_clear */
+
+/* Portability: the one place where platforms differ (what each has: ec_capabilities). Each returns 0 or an
+ * errno value, ENOTSUP where the platform has no such call. */
+int drop_file_pages(int fd, uint64_t off, uint64_t len); /* posix_fadvise(DONTNEED): out of the page cache */
+int no_readahead(int fd);                 /* POSIX_FADV_RANDOM; macOS: fcntl(F_RDAHEAD, 0) */
+int populate_pages(void *addr, size_t len); /* madvise(MADV_POPULATE_READ): fault a mapped span in (Linux) */
 
 #pragma GCC visibility pop
 

@@ -151,7 +151,8 @@ static int throttle(ec_pager *p, uint64_t n) {
 static int populate(ec_pager *p, uint8_t *a, size_t an, int *done) {
     *done = 0;
     if (!p->use_populate) return EC_OK;
-    if (__atomic_load_n(&p->fake_populate, __ATOMIC_ACQUIRE) || madvise(a, an, MADV_POPULATE_READ) == 0) {
+    int rc = __atomic_load_n(&p->fake_populate, __ATOMIC_ACQUIRE) ? 0 : populate_pages(a, an);
+    if (rc == 0) {
         /* The first success is verified: under emulation (qemu-user) and in some sandboxes the call returns 0
          * without reading anything. Then the pager reads with pread from now on. */
         uint64_t res = 0;
@@ -169,11 +170,11 @@ static int populate(ec_pager *p, uint8_t *a, size_t an, int *done) {
         *done = 1;
         return EC_OK;
     }
-    if (errno == EINVAL || errno == ENOSYS) {
-        p->use_populate = 0; /* old kernel: compute takes minor faults */
+    if (rc == EINVAL || rc == ENOSYS || rc == ENOTSUP) {
+        p->use_populate = 0; /* old kernel, or not Linux: compute takes minor faults */
         return EC_OK;
     }
-    return fail(errno == EFAULT ? EC_ECHANGED : EC_EIO, errno, "madvise(MADV_POPULATE_READ)");
+    return fail(rc == EFAULT ? EC_ECHANGED : EC_EIO, rc, "madvise(MADV_POPULATE_READ)");
 }
 
 /* Bring [off, off+n) into the mapping: populate directly (readahead mode), else pread then populate. */
@@ -220,7 +221,7 @@ static void evict_range(ec_pager *p, uint64_t off, uint64_t len) {
     size_t n;
     if (len == 0) return; /* posix_fadvise reads a length of 0 as "to the end of the file" */
     if (span(p, off, len, 0, &a, &n) && madvise(a, n, MADV_DONTNEED) != 0) warn_once(p, "madvise(MADV_DONTNEED)", errno);
-    int rc = posix_fadvise(p->fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);
+    int rc = drop_file_pages(p->fd, off, len);
     if (rc != 0) warn_once(p, "posix_fadvise(POSIX_FADV_DONTNEED)", rc);
 }
 
@@ -544,7 +545,7 @@ static int index_layers(ec_pager *p) {
  * MADV_RANDOM (compute faults there). */
 static void advise(ec_pager *p) {
     if (!p->prm.readahead) {
-        int arc = posix_fadvise(p->fd, 0, 0, POSIX_FADV_RANDOM);
+        int arc = no_readahead(p->fd);
         if (arc != 0) warn_once(p, "posix_fadvise(POSIX_FADV_RANDOM)", arc);
     }
     uint8_t *ma;

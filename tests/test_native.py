@@ -270,3 +270,30 @@ def test_a_populate_that_returns_without_reading_is_caught_and_reads_take_over(l
         assert native.lib.ec_pager_get_stats(h.h, ctypes.byref(s)) == 0 and s.populate_ignored == 1
     finally:
         h.close()
+
+
+# ---------------------------------------------------------------------------- platforms
+
+PLATFORMS = ["x86_64-linux-gnu", "aarch64-linux-gnu", "aarch64-linux-musl", "arm-linux-gnueabihf", "aarch64-macos",
+             "x86_64-macos"]  # Pi OS / Jetson, Alpine and static builds, 32-bit Pi OS, Macs
+
+
+@pytest.mark.parametrize("target", PLATFORMS)
+def test_the_c_library_compiles_and_links_for_each_platform(target, tmp_path):
+    """Cross-compiled with zig's clang (the ziglang package), this project's flags, warnings as errors."""
+    pytest.importorskip("ziglang", reason="ziglang (the test extra) is not installed")
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "native"
+    r = subprocess.run([sys.executable, "-m", "ziglang", "cc", "-target", target, "-std=gnu11", "-O2", "-fPIC",
+                        "-Wall", "-Wextra", "-Werror", "-D_FILE_OFFSET_BITS=64", "-shared", "-o",
+                        str(tmp_path / "libedgecad.so"), *[str(root / f) for f in ("common.c", "pager.c", "guard.c")],
+                        "-lpthread"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "libedgecad.so").stat().st_size > 10_000
+
+
+def test_this_platform_s_capabilities():
+    caps = native.capabilities()
+    assert set(caps) == {"drop_pages", "populate", "load_guard", "find_mapping"}
+    if sys.platform.startswith("linux"):
+        assert all(caps.values()) and native.can_page()
