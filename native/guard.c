@@ -23,7 +23,6 @@
 typedef struct {
     void **slot;  /* the import slot (GOT entry) in libllama */
     void *saved;  /* its value before the patch */
-    int relro;    /* 1 = the slot lies in a read-only (RELRO) page: unprotect to write */
 } plt_patch;
 
 static struct {
@@ -105,7 +104,7 @@ typedef struct {
 
 /* Record the slots of one relocation table whose symbol is hooked. */
 static void scan_relocs(uintptr_t base, const void *tab, size_t size, int rela, const ElfW(Sym) *sym,
-                        const char *str, const ElfW(Phdr) *relro) {
+                        const char *str) {
     size_t ent = rela ? sizeof(ElfW(Rela)) : sizeof(ElfW(Rel));
     for (size_t i = 0; i < size / ent; i++) {
         const ElfW(Rel) *r = (const ElfW(Rel) *)((const char *)tab + i * ent); /* Rela begins like Rel */
@@ -116,10 +115,6 @@ static void scan_relocs(uintptr_t base, const void *tab, size_t size, int rela, 
             plt_patch *pp = &guard.patch[guard.n_patch++];
             pp->slot = (void **)(base + r->r_offset);
             pp->saved = (void *)hooks[h].hook; /* the hook to write; swapped with the old value when patched */
-            /* the loader write-protects RELRO's whole pages only: [align_down(start), align_down(end)) */
-            uintptr_t ps = page_size(), slot = base + r->r_offset;
-            pp->relro = relro && slot >= ((base + relro->p_vaddr) & ~(ps - 1)) &&
-                        slot < ((base + relro->p_vaddr + relro->p_memsz) & ~(ps - 1));
         }
     }
 }
@@ -132,10 +127,8 @@ static int find_slots(struct dl_phdr_info *info, size_t size, void *data) {
     snprintf(fc->path, sizeof fc->path, "%s", info->dlpi_name);
     uintptr_t base = info->dlpi_addr;
     const ElfW(Dyn) *dyn = NULL;
-    const ElfW(Phdr) *relro = NULL;
     for (int i = 0; i < info->dlpi_phnum; i++) {
         if (info->dlpi_phdr[i].p_type == PT_DYNAMIC) dyn = (const ElfW(Dyn) *)(base + info->dlpi_phdr[i].p_vaddr);
-        if (info->dlpi_phdr[i].p_type == PT_GNU_RELRO) relro = &info->dlpi_phdr[i];
     }
     if (!dyn) return 0;
     uintptr_t symtab = 0, strtab = 0, jmprel = 0, rela = 0, rel = 0;
@@ -159,20 +152,41 @@ static int find_slots(struct dl_phdr_info *info, size_t size, void *data) {
     if (!symtab || !strtab) return 0;
     const ElfW(Sym) *sym = (const ElfW(Sym) *)AT(symtab);
     const char *str = (const char *)AT(strtab);
-    if (jmprel) scan_relocs(base, (const void *)AT(jmprel), pltrelsz, pltrel == DT_RELA, sym, str, relro);
-    if (rela) scan_relocs(base, (const void *)AT(rela), relasz, 1, sym, str, relro); /* GLOB_DAT: -fno-plt */
-    if (rel) scan_relocs(base, (const void *)AT(rel), relsz, 0, sym, str, relro);
+    if (jmprel) scan_relocs(base, (const void *)AT(jmprel), pltrelsz, pltrel == DT_RELA, sym, str);
+    if (rela) scan_relocs(base, (const void *)AT(rela), relasz, 1, sym, str); /* GLOB_DAT: -fno-plt */
+    if (rel) scan_relocs(base, (const void *)AT(rel), relsz, 0, sym, str);
 #undef AT
     return 0;
 }
 
-/* Write v into a slot; a RELRO slot is made writable for the write and read-only again. */
+/* The protection of the page holding addr, from /proc/self/maps; -1 when no mapping holds it. (The page of a
+ * slot is asked, not computed from PT_GNU_RELRO: loaders round RELRO's end differently, glibc and musl down,
+ * bionic up, so a slot in its last partial page is read-only on Android only.) */
+static int page_prot(uintptr_t addr) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f) return -1;
+    char line[512], perms[5] = "";
+    unsigned long lo, hi;
+    int prot = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "%lx-%lx %4s", &lo, &hi, perms) == 3 && addr >= lo && addr < hi) {
+            prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0) |
+                   (perms[2] == 'x' ? PROT_EXEC : 0);
+            break;
+        }
+    fclose(f);
+    return prot;
+}
+
+/* Write v into a slot; a read-only slot (RELRO) is made writable for the write and given its protection back. */
 static int write_slot(plt_patch *pp, void *v) {
     uintptr_t page = (uintptr_t)pp->slot & ~(uintptr_t)(page_size() - 1);
-    if (pp->relro && mprotect((void *)page, page_size(), PROT_READ | PROT_WRITE) != 0)
+    int prot = page_prot(page);
+    if (prot < 0) return fail(EC_EUNSUPPORTED, 0, "libllama's import slot %p is in no mapping", (void *)pp->slot);
+    if (!(prot & PROT_WRITE) && mprotect((void *)page, page_size(), prot | PROT_WRITE) != 0)
         return fail(EC_EUNSUPPORTED, errno, "mprotect of libllama's import slot");
     __atomic_store_n(pp->slot, v, __ATOMIC_SEQ_CST);
-    if (pp->relro && mprotect((void *)page, page_size(), PROT_READ) != 0)
+    if (!(prot & PROT_WRITE) && mprotect((void *)page, page_size(), prot) != 0)
         return fail(EC_EUNSUPPORTED, errno, "mprotect of libllama's import slot");
     return EC_OK;
 }
