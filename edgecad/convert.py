@@ -26,6 +26,15 @@ def to_f16(src: os.PathLike, dst: os.PathLike, *, progress: bool = True) -> Path
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(str(dst), arch)
+    try:  # the writer is closed whatever fails (a full disk): the caller deletes dst, which frees its space
+        return _write(reader, w, src, dst, progress)
+    finally:
+        w.close()
+
+
+def _write(reader, w, src: os.PathLike, dst: os.PathLike, progress: bool) -> Path:
+    import gguf
+
     for name, field in reader.fields.items():
         if name.startswith(_SKIP_KEYS):
             continue
@@ -58,8 +67,6 @@ def to_f16(src: os.PathLike, dst: os.PathLike, *, progress: bool = True) -> Path
         w.fout[0].flush()
         os.fsync(w.fout[0].fileno())
     finally:
-        w.close()
         if bar:
             bar.close()
-    del reader
     return Path(dst)

