@@ -159,7 +159,8 @@ def test_doctor_on_the_tiny_pair(tiny_pair):
     r = run("doctor", "--target", target, "--draft", draft, "--memory-budget", "1GB")
     assert r.returncode == 0, r.stderr
     keys = [l.split()[0] for l in r.stdout.splitlines() if l and not l.startswith(" ")]
-    assert keys == ["machine", "memory", "backends", "placement", "models", "storage", "plan", "expected"], r.stdout
+    assert keys == ["machine", "memory", "native", "backends", "placement", "models", "storage", "plan", "expected"], \
+        r.stdout
     assert "GB/s sequential read (measured)" in r.stdout and "measuring the read speed" in r.stderr
     assert "CPU" in r.stdout and "configuration" in r.stdout and "tokens/s" in r.stdout
 

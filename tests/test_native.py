@@ -257,6 +257,7 @@ def test_a_populate_that_returns_without_reading_is_caught_and_reads_take_over(l
     """MADV_POPULATE_READ returns success without reading under qemu-user and in some sandboxes. The first
     populate after it is checked with mincore: the pager turns populating off, says so in its stats, and reads
     with pread, so every layer a boundary waits for is in RAM."""
+    native.lib.ec_interrupt_clear()  # (a Ctrl-C an earlier test sent must not stop these reads)
     drop_file_cache([layer_file])
     h = Harness(layer_file, readahead=1)
     try:
