@@ -55,7 +55,9 @@ class Stats:
         """The target's logits row that gave an emitted token (kept only when logprobs were asked for)."""
         if self.logprobs is not None:
             lp = log_softmax(logits)
-            top = np.argsort(-lp, kind="stable")[:self.logprobs]
+            k = min(self.logprobs, len(lp))
+            top = np.argpartition(-lp, k - 1)[:k] if k else []
+            top = sorted(top, key=lambda t: -lp[t])
             self.token_logprobs.append((float(lp[token]), [(int(t), float(lp[t])) for t in top]))
 
     def prompt_done(self, seconds: float, reused: int) -> None:

@@ -47,10 +47,9 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
     say("memory", f"{vm.total / 1e9:.1f} GB RAM, {vm.available / 1e9:.1f} GB available; cgroup limit "
                   + (f"{limit / 1e9:.2f} GB" if limit else "none") + f"; memory_budget 'auto' = "
                   f"{auto_budget() / 1e9:.2f} GB")
-    from .native import capabilities
-    caps = capabilities()
-    say("native", ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in caps.items())
-        + ("" if caps["drop_pages"] and caps["find_mapping"] else ": a model that does not fit cannot be paged here"))
+    from .native import can_page, capabilities
+    say("native", ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in capabilities().items())
+        + ("" if can_page() else ": a model that does not fit cannot be paged here"))
     devs = devices.devices()
     gpu = devices.gpu()
     say("backends", ", ".join(devices.backends()) + "; devices: "

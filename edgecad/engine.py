@@ -216,19 +216,19 @@ class Engine:
         checks = [("temperature", temperature, lambda v: v >= 0, ">= 0.0"),
                   ("top_p", top_p, lambda v: 0 < v <= 1, "> 0 and <= 1"),
                   ("min_p", min_p, lambda v: 0 <= v <= 1, ">= 0.0 and <= 1.0"),
-                  ("repeat_penalty", repeat_penalty, lambda v: v > 0, "> 0 (1.0 = no penalty)"),
-                  ("frequency_penalty", frequency_penalty, np.isfinite, "a finite number (0.0 = none)"),
-                  ("presence_penalty", presence_penalty, np.isfinite, "a finite number (0.0 = none)")]
+                  ("repeat_penalty", repeat_penalty, lambda v: 1e-6 <= v <= 1e6, "in 1e-6..1e6 (1.0 = no penalty)"),
+                  ("frequency_penalty", frequency_penalty, lambda v: abs(v) <= 1e6, "in -1e6..1e6 (0.0 = none)"),
+                  ("presence_penalty", presence_penalty, lambda v: abs(v) <= 1e6, "in -1e6..1e6 (0.0 = none)")]
         for name, v, ok, rng in checks:
             if not ok(float(v)):
                 raise RequestError(f"{name}={v!r} is out of range: use a value {rng}", name)
         check_int("top_k", top_k, 0, None, "0 = off")
-        bias = []
-        for k, v in (logit_bias or {}).items():  # (OpenAI's JSON gives the token ids as strings)
+        bias = {}
+        for k, v in (logit_bias or {}).items():  # (OpenAI's JSON gives the token ids as strings; the last one wins)
             t = self._token_ids([int(k) if str(k).lstrip("-").isdigit() else -1], "logit_bias")[0]
-            if not np.isfinite(float(v)):
-                raise RequestError(f"logit_bias for token {t} is {v!r}: use a finite number", "logit_bias")
-            bias.append((t, float(v)))
+            if not abs(float(v)) <= 1e6:  # (beyond that a bias bans or forces the token: 100 is OpenAI's limit)
+                raise RequestError(f"logit_bias for token {t} is {v!r}: use a number in -1e6..1e6", "logit_bias")
+            bias[t] = float(v)
         if grammar is not None and not isinstance(grammar, str):  # llama-cpp-python's LlamaGrammar
             grammar = getattr(grammar, "_grammar", None)
             if not isinstance(grammar, str):
@@ -236,7 +236,7 @@ class Engine:
         return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                               min_p=float(min_p), repeat_penalty=float(repeat_penalty),
                               frequency_penalty=float(frequency_penalty), presence_penalty=float(presence_penalty),
-                              logit_bias=tuple(bias), grammar=grammar)
+                              logit_bias=tuple(bias.items()), grammar=grammar)
 
     def _token_ids(self, prompt: Sequence[int], param: str = "prompt") -> list[int]:
         """A prompt given as token ids, each checked against the vocabulary (llama.cpp refuses a batch with one
@@ -585,8 +585,9 @@ def _response_format_grammar(response_format) -> str:
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "text":
         return None
+    inner = response_format.get("json_schema") if kind == "json_schema" else None
     schema = response_format.get("schema") if kind == "json_object" else \
-        (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else False
+        inner.get("schema") if isinstance(inner, dict) else False
     if schema is False or (kind == "json_schema" and not isinstance(schema, dict)):
         raise RequestError(f"response_format={response_format!r} is not supported: use {{\"type\": \"json_object\"}}"
                            " (optionally with a \"schema\"), {\"type\": \"json_schema\", \"json_schema\": "

@@ -123,6 +123,8 @@ MAX_DIMS = 4              # GGML_MAX_DIMS
 MAX_LAYERS = 512          # LLAMA_MAX_LAYERS: llama.cpp aborts on a larger block_count
 MAX_VOCAB = 1 << 21       # tokens (real vocabularies: 32k-262k)
 MAX_ALIGNMENT = 1 << 16   # general.alignment (32 by default)
+MAX_STRING = 16 << 20     # bytes of a metadata string (chat templates: tens of KB)
+MAX_NAME = 64             # GGML_MAX_NAME: a tensor name is shorter
 _MIN_SIZE = {_STRING: 8, _ARRAY: 12}  # bytes an element takes at least (a length, or a type and a length)
 # keys llama.cpp reads as arrays of one element type: a narrower type makes it read past the array (#26690)
 _TYPED_ARRAYS = {"tokenizer.ggml.tokens": _STRING, "tokenizer.ggml.merges": _STRING,
@@ -166,6 +168,8 @@ class _Cursor:
 
     def string(self, what: str) -> str:
         n = self.length(what)
+        if n > MAX_STRING:
+            raise _Bad(what, f"is a string of {n:,} bytes (at most {MAX_STRING:,})")
         s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
@@ -251,7 +255,10 @@ def parse_header(buf, path: str | os.PathLike = "<bytes>") -> GGUFInfo:
         what, why = e.args
         raise ModelFileError(f"{path}: {what} {why}: this file is not a model llama.cpp can load safely; "
                              "fetch or download it again, or use another file") from None
-    except (struct.error, IndexError, OverflowError):
+    except MemoryError:
+        raise ModelFileError(f"{path}: reading its header needs more memory than this device has: this file is not "
+                             "a model llama.cpp can load here") from None
+    except (struct.error, IndexError, OverflowError, ValueError):
         raise ModelFileError(
             f"{path} has a corrupt or truncated GGUF header (it ends at byte {size} before the header does): "
             "the download or copy was cut short, fetch or convert it again"
@@ -274,13 +281,19 @@ def _parse(path: Path, buf, size: int) -> GGUFInfo:
         key = c.string("a metadata key")
         if key in meta:
             raise _Bad(f"the key {key}", "appears twice")
-        start = c.pos
-        meta[key] = c.value(c.unpack("<I"), key)
+        start, vtype = c.pos, c.unpack("<I")
+        if key == "general.alignment" and vtype != 4:  # llama.cpp asserts (aborts) on any other type
+            raise _Bad(key, f"has type {_TYPE_NAMES.get(vtype, vtype)}, where GGUF and llama.cpp need uint32")
+        meta[key] = c.value(vtype, key)
         if key == "tokenizer.ggml.tokens":
-            vocab_digest = hashlib.sha256(buf[start:c.pos]).hexdigest()
+            with memoryview(buf)[start:c.pos] as raw:  # (no copy of what may be megabytes)
+                vocab_digest = hashlib.sha256(raw).hexdigest()
     raw = []
     for _ in range(n_tensors):
         name = c.string("a tensor name")
+        if len(name.encode()) >= MAX_NAME:
+            raise _Bad(f"the tensor {name[:MAX_NAME]}...", f"has a name of {len(name.encode())} bytes (llama.cpp: "
+                                                          f"under {MAX_NAME})")
         n_dims = c.unpack("<I")
         if not 1 <= n_dims <= MAX_DIMS:
             raise _Bad(f"the tensor {name}", f"has {n_dims} dimensions (1..{MAX_DIMS})")
@@ -316,6 +329,7 @@ def _parse(path: Path, buf, size: int) -> GGUFInfo:
 
 
 _BYTE_TOKEN = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
+_BYTE_START = re.compile(rb"<0x")
 
 
 def _check(g: GGUFInfo, buf) -> None:
@@ -353,20 +367,21 @@ def _check(g: GGUFInfo, buf) -> None:
             t = g.tensor(name)
             if t is not None and (len(t.shape) < 2 or t.shape[1] != n):
                 raise _Bad(f"the tensor {name}", f"has shape {t.shape}, not one row per token ({n:,})")
-        _check_byte_tokens(toks, buf)
+        if g.metadata.get("tokenizer.ggml.model") not in ("gpt2", "bert"):  # (BPE and WPM texts are only text)
+            _check_byte_tokens(toks, buf)
 
 
 def _check_byte_tokens(toks, buf) -> None:
     """Every token whose text is a byte token `<0x..>` is exactly `<0xHH>`: llama.cpp parses the hex digits of
-    byte tokens and writes the byte where they say (`<0x-1>`: a heap write out of bounds, #25969)."""
+    byte tokens (SPM, UGM, PLaMo-2 vocabularies) and writes the byte where they say (`<0x-1>`: a heap write out
+    of bounds, #25969)."""
     texts = toks if isinstance(toks, list) else None
     if texts is None:
-        region = buf[toks.start:toks.end]
-        for m in re.finditer(rb"<0x", region):
+        for m in _BYTE_START.finditer(buf, toks.start, toks.end):  # (the mapping itself: no copy)
             p = m.start()
-            if p >= 8:
-                n = struct.unpack_from("<Q", region, p - 8)[0]
-                text = region[p:p + n] if n <= 64 else b""
+            if p >= toks.start + 8:
+                n = struct.unpack_from("<Q", buf, p - 8)[0]
+                text = bytes(buf[p:p + n]) if n <= 64 else b""
                 if text.endswith(b">") and not _BYTE_TOKEN.fullmatch(text):
                     raise _Bad("tokenizer.ggml.tokens", f"has a malformed byte token {text!r}")
         return

@@ -239,6 +239,10 @@ class Grammar:
         return g
 
     def accept(self, token: int) -> None:
+        """Advance by a token the grammar allows (checked first: llama.cpp would abort the process)."""
+        if not self.allowed(np.array([token], dtype=np.int32))[0]:
+            raise RequestError(f"token {token} is not allowed by the grammar here (every token it allows was banned "
+                               "by logit_bias or the penalties): loosen the grammar or the bias", "grammar")
         C.llama_sampler_accept(self._ptr, int(token))
 
     def allowed(self, ids: np.ndarray) -> np.ndarray:
@@ -264,10 +268,11 @@ class Grammar:
             if m == n or ok[top].sum() >= keep:
                 break
             m = min(n, 16 * m)
-        if not ok.any():
-            raise RequestError("the grammar allows no token of this model's vocabulary here: loosen the grammar",
-                               "grammar")
-        return np.where(ok, logits, -np.inf).astype(np.float32)
+        out = np.where(ok, logits, -np.inf).astype(np.float32)
+        if not np.isfinite(out).any():  # nothing allowed, or all of it banned (logit_bias, penalties) or NaN
+            raise RequestError("the grammar allows no token here that logit_bias and the penalties leave possible: "
+                               "loosen the grammar or the bias", "grammar")
+        return np.where(np.isnan(out), -np.inf, out).astype(np.float32)
 
     def close(self) -> None:
         if getattr(self, "_ptr", None):

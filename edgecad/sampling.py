@@ -104,7 +104,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from a probability vector."""
     c = np.cumsum(p, dtype=np.float64)
-    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+    i = int(np.searchsorted(c, rng.random() * c[-1], side="right"))
+    if i >= len(p) or p[i] <= 0:  # (u * total rounded up to the total: the last token that can be drawn)
+        i = int(np.flatnonzero(p > 0)[-1])
+    return i
 
 
 def pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> int:

@@ -215,15 +215,14 @@ int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *b
         size_t n = maplen - got < CHUNK ? (size_t)(maplen - got) : (size_t)CHUNK;
         double c0 = now_s();
         int prc = populate_pages(map + got, n), ok = prc == 0;
-        errno = prc;
         dt += now_s() - c0;
         if (ok) {
             madvise(map + got, n, MADV_DONTNEED);
             drop_file_pages(fd, aligned + got, n);
         }
         if (!ok) {
-            if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) {
-                int err = errno;
+            if (prc != EINVAL && prc != ENOSYS && prc != ENOTSUP) {
+                int err = prc;
                 munmap(map, maplen);
                 close(fd);
                 return fail(EC_EIO, err, "madvise(MADV_POPULATE_READ) of %s", path);

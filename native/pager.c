@@ -151,12 +151,15 @@ static int throttle(ec_pager *p, uint64_t n) {
 static int populate(ec_pager *p, uint8_t *a, size_t an, int *done) {
     *done = 0;
     if (!p->use_populate) return EC_OK;
+    /* Until one is seen to work, a populate of a span that was not resident is verified: under emulation
+     * (qemu-user) and in some sandboxes the call returns 0 without reading anything; the pager then preads from
+     * now on. (A span resident before proves nothing, nor does a file whose pages mincore cannot see: it reads
+     * "all resident" before as after, and is never judged.) */
+    uint64_t before = an, res = 0;
+    if (!p->populate_checked && ec_mem_resident(a, an, &before) != EC_OK) before = an;
     int rc = __atomic_load_n(&p->fake_populate, __ATOMIC_ACQUIRE) ? 0 : populate_pages(a, an);
     if (rc == 0) {
-        /* The first success is verified: under emulation (qemu-user) and in some sandboxes the call returns 0
-         * without reading anything. Then the pager reads with pread from now on. */
-        uint64_t res = 0;
-        if (!p->populate_checked && ec_mem_resident(a, an, &res) == EC_OK && res < an / 2) {
+        if (!p->populate_checked && before < an / 2 && ec_mem_resident(a, an, &res) == EC_OK && res < an / 2) {
             p->use_populate = 0;
             pthread_mutex_lock(&p->mu);
             p->st.populate_ignored = 1;
@@ -166,7 +169,7 @@ static int populate(ec_pager *p, uint8_t *a, size_t an, int *done) {
                     (unsigned long long)an);
             return EC_OK;
         }
-        p->populate_checked = 1;
+        if (before < an / 2) p->populate_checked = 1;
         *done = 1;
         return EC_OK;
     }

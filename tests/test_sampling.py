@@ -192,3 +192,22 @@ def test_logprobs_and_echo_as_llama_gives_them(tiny_pair, mode):
         assert all(c["logprob"] <= 0 and 1 <= len(c["top_logprobs"]) <= 3 for c in content)  # 2 and its own
         with pytest.raises(RequestError, match="echo"):
             e.create_completion("x", echo=True, logprobs=2)
+
+
+@pytest.mark.parametrize("mode", ["target", "tree"])
+def test_arguments_that_fight_the_grammar_give_errors_or_its_tokens_never_an_abort(tiny_pair, mode):
+    """llama.cpp aborts the process when a grammar takes a token it forbids: a bias against the only token the
+    grammar allows still gives that token; values that would make logits infinite are refused."""
+    draft, target = tiny_pair
+    with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=128, memory_budget=None) as e:
+        x = e.tokenize("x", add_bos=False)[0]
+        out = e.create_completion("hello", grammar='root ::= "x"', logit_bias={x: -1e6}, temperature=0,
+                                  max_tokens=4)
+        assert out["edgecad"]["token_ids"][0] == x and out["choices"][0]["text"] == "x"
+        for kw, name in ((dict(logit_bias={x: 1e39}), "logit_bias"), (dict(repeat_penalty=1e-39), "repeat_penalty"),
+                         (dict(presence_penalty=float("nan")), "presence_penalty")):
+            with pytest.raises(RequestError, match=name):
+                e.create_completion("hello", grammar='root ::= "x"', temperature=0, **kw)
+        with pytest.raises(RequestError, match="response_format"):
+            e.create_chat_completion([{"role": "user", "content": "hi"}],
+                                     response_format={"type": "json_schema", "json_schema": "x"})
