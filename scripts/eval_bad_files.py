@@ -57,11 +57,6 @@ def main():
     _, target = tiny.write_pair(d)
     print("| attack | older reader | llama.cpp directly | the gate now |\n|---|---|---|---|")
     for name, (kw, _) in ATTACKS.items():
-        if "counts" in kw:
-            real = read_gguf(target)
-            n_t, n_kv = kw["counts"]
-            kw = dict(counts=(n_t if n_t is not None else len(real.tensors),
-                              n_kv if n_kv is not None else len(real.metadata)))
         path = craft_gguf(target, d / "crafted.gguf", **kw)
         print(f"| {name} | {reader(old.read_gguf, path) if old else '-'} | {llama_directly(path)} | "
               f"{reader(read_gguf, path)} |", flush=True)

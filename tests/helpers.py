@@ -78,7 +78,8 @@ def gguf_value(vtype: int, value, etype: int = None) -> bytes:
 def craft_gguf(src, dst, *, set_kv: dict = None, drop=(), tensors=None, counts=None, raw_kv: bytes = b""):
     """Write a copy of the GGUF `src` with its header changed: set_kv {key: (type, value[, etype])} replaces or
     adds key-values, drop removes keys, tensors(list of [name, shape, type, offset]) edits the tensor infos in
-    place, counts=(n_tensors, n_kv) overrides the header's counts, raw_kv is appended to the key-values as is.
+    place, counts=(n_tensors, n_kv) overrides the header's counts (None: the true one), raw_kv is appended to the
+    key-values as is.
     The tensor data is copied unchanged (tensor offsets are relative to it)."""
     import struct
 
@@ -98,7 +99,9 @@ def craft_gguf(src, dst, *, set_kv: dict = None, drop=(), tensors=None, counts=N
         tensors(infos)
     ti = b"".join(gguf_value(8, n) + struct.pack("<I", len(s)) + b"".join(struct.pack("<Q", d) for d in s)
                   + struct.pack("<IQ", t, o) for n, s, t, o in infos)
-    n_tensors, n_kv = counts or (len(infos), len(kv) + bool(raw_kv))
+    n_tensors, n_kv = counts or (None, None)
+    n_tensors = len(infos) if n_tensors is None else n_tensors
+    n_kv = len(kv) + bool(raw_kv) if n_kv is None else n_kv
     head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + b"".join(kv) + raw_kv + ti
     head += bytes(-len(head) % 32)
     with open(src, "rb") as f:
