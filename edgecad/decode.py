@@ -110,7 +110,7 @@ class TargetDecoder:
             stats.near_ties += top2_gap(logits) < NEAR_TIE_EPS
             generated.append(tok)
             stats.note(logits, tok)
-            if grammar is not None and not self.is_eog(tok):
+            if grammar is not None:
                 grammar.accept(tok)
             yield tok
             if self.is_eog(tok) or i + 1 == max_tokens or len(ctx.tokens) >= ctx.n_ctx:
@@ -187,7 +187,7 @@ class SpeculativeDecoder:
         # verdict: greedy keeps drafted tokens while they are the target's argmax; sampling accepts x with
         # min(1, p(x)/q(x)), else p <- norm(max(p - q, 0)); either way each token is the target's own
         path, bonus, divergent = accept(tree, logits, rng, recent, grammar)
-        if grammar is not None and not self.is_eog(bonus):
+        if grammar is not None:
             grammar.accept(bonus)
         ties = tuple(top2_gap(logits[i]) < NEAR_TIE_EPS for i in [0, *path])  # the rows that chose each token
         # commit: both KV caches keep root + path; the bonus token is the next root

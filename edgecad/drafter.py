@@ -133,12 +133,13 @@ class Drafter:
         if node not in self._states:
             tree, parent = self._tree, int(self._tree.parent[node])
             up = self._state(parent) if parent >= 0 else None
-            t = int(tree.token[node])
-            if up is None or not up.allowed(np.array([t], dtype=np.int32))[0]:
-                self._states[node] = None
-            else:
-                self._states[node] = up.clone()
-                self._states[node].accept(t)
+            state = up.clone() if up is not None else None
+            if state is not None:
+                try:
+                    state.accept(int(tree.token[node]))  # (it checks the token first)
+                except RequestError:  # the grammar forbids it here: nothing after it is the target's
+                    state = None
+            self._states[node] = state
         return self._states[node]
 
     def draft(self, max_nodes: int, max_depth: int, sp: SamplingParams, rng: np.random.Generator,

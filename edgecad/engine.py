@@ -296,7 +296,7 @@ class Engine:
                             logit_bias, grammar)
         chunks = self._completion_chunks(tokens, max_tokens, sp, _stops(stop), seed, stream=stream,
                                          echo=prompt_text if echo else "", logprobs=logprobs,
-                                         offset=0 if echo else len(prompt_text))
+                                         offset=len(prompt_text))  # (logprobs never come with echo)
         return chunks if stream else join(chunks)
 
     __call__ = create_completion
@@ -467,10 +467,11 @@ class Engine:
         text = b""
         for t, (lp, top) in zip(token_ids, notes):
             out["text_offset"].append(offset + len(text.decode("utf-8", "ignore")))
-            text += self._target_model.token_to_piece(t)
-            out["tokens"].append(piece(t))
+            raw = self._target_model.token_to_piece(t)
+            text += raw
+            out["tokens"].append(raw.decode("utf-8", "ignore"))
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({**{piece(i): v for i, v in top}, piece(t): lp})
+            out["top_logprobs"].append({**{piece(i): v for i, v in top}, out["tokens"][-1]: lp})
         return out
 
     def _learn(self, st: dict) -> None:

@@ -220,7 +220,7 @@ class Grammar:
     """llama.cpp's grammar sampler (GBNF, as llama-cpp-python's `LlamaGrammar` uses it): the grammar's state
     after the tokens accepted so far. `mask` says what it allows next; `accept` advances it by one such token.
     llama.cpp aborts the process when a grammar accepts a token it forbids (or an end of generation before it is
-    complete), so callers accept only tokens chosen from masked logits, and never an end-of-generation token."""
+    complete): `accept` checks first, and takes no end-of-generation token (the completion ends there)."""
 
     def __init__(self, model: Model, gbnf: str, root: str = "root"):
         _init_backend()
@@ -230,16 +230,19 @@ class Grammar:
         if not self._ptr:
             raise RequestError(f"the grammar does not parse{_recent_errors()}: give GBNF with a `{root}` rule "
                                "(llama.cpp's grammars/README.md)", "grammar")
-        self.n_vocab = model.n_vocab
+        self.n_vocab, self._is_eog = model.n_vocab, model.is_eog
 
     def clone(self) -> "Grammar":
         """An independent copy of this state."""
         g = Grammar.__new__(Grammar)
-        g._ptr, g.n_vocab = C.llama_sampler_clone(self._ptr), self.n_vocab
+        g._ptr, g.n_vocab, g._is_eog = C.llama_sampler_clone(self._ptr), self.n_vocab, self._is_eog
         return g
 
     def accept(self, token: int) -> None:
-        """Advance by a token the grammar allows (checked first: llama.cpp would abort the process)."""
+        """Advance by a token the grammar allows (checked first: llama.cpp would abort the process); an end of
+        generation leaves the state as it is."""
+        if self._is_eog(token):
+            return
         if not self.allowed(np.array([token], dtype=np.int32))[0]:
             raise RequestError(f"token {token} is not allowed by the grammar here (every token it allows was banned "
                                "by logit_bias or the penalties): loosen the grammar or the bias", "grammar")
@@ -268,11 +271,11 @@ class Grammar:
             if m == n or ok[top].sum() >= keep:
                 break
             m = min(n, 16 * m)
-        out = np.where(ok, logits, -np.inf).astype(np.float32)
+        out = np.where(ok & ~np.isnan(logits), logits, -np.inf).astype(np.float32)
         if not np.isfinite(out).any():  # nothing allowed, or all of it banned (logit_bias, penalties) or NaN
             raise RequestError("the grammar allows no token here that logit_bias and the penalties leave possible: "
                                "loosen the grammar or the bias", "grammar")
-        return np.where(np.isnan(out), -np.inf, out).astype(np.float32)
+        return out
 
     def close(self) -> None:
         if getattr(self, "_ptr", None):

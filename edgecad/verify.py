@@ -81,7 +81,7 @@ def node_logits(tree: TokenTree, logits: np.ndarray, node: int, recent, sp: Samp
     return processed(logits[node], history, sp, grammar)
 
 
-def _step(tree: TokenTree, node: int, child: int, grammar) -> int:
+def _step(tree: TokenTree, child: int, grammar) -> int:
     """Move the walk to `child` (a token the processed logits allowed): the grammar follows."""
     if grammar is not None:
         grammar.accept(int(tree.token[child]))
@@ -98,7 +98,7 @@ def accept_greedy(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, recen
         if child is None:
             return path, t
         path.append(child)
-        node = _step(tree, node, child, grammar)
+        node = _step(tree, child, grammar)
 
 
 def accept_sampling(tree: TokenTree, logits: np.ndarray, sp: SamplingParams,
@@ -118,7 +118,7 @@ def accept_sampling(tree: TokenTree, logits: np.ndarray, sp: SamplingParams,
             if rng.random() * q[x] < p[x]:  # accept with probability min(1, p(x)/q(x))
                 child = tree.children[node][x]
                 path.append(child)
-                node = _step(tree, node, child, grammar)
+                node = _step(tree, child, grammar)
                 break
             r = np.maximum(p - q, 0.0)
             p = r / r.sum() if r.sum() > 0 else p
@@ -141,7 +141,7 @@ def accept_bild(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: np
             break
         divergent += int(np.argmax(p) != x)
         path.append(child)
-        node = _step(tree, node, child, grammar)
+        node = _step(tree, child, grammar)
     lg = node_logits(tree, logits, node, recent, sp, grammar)
     nxt = int(np.argmax(lg)) if sp.greedy else sample_from(distribution(lg, sp), rng)
     return path, nxt, divergent
