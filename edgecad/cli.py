@@ -82,6 +82,18 @@ def _budget(a: argparse.Namespace) -> Optional[str]:
     return None if str(a.memory_budget).lower() == "none" else a.memory_budget
 
 
+def _engine(a: argparse.Namespace, draft: Optional[str], *, io: str = "prefetch", **kw):
+    """The Engine the command's flags describe (memory, storage, devices, context, threads, seed); kw: what the
+    command sets itself (mode, progress)."""
+    from .engine import Engine
+    from .pager import PagerParams
+
+    return Engine(a.target, draft, memory_budget=_budget(a), target_budget=a.target_budget,
+                  pager=PagerParams(io=io, storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
+                  target_gpu_layers=a.target_gpu_layers, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
+                  verbose=a.verbose, **kw)
+
+
 # ---------------------------------------------------------------------------- generate
 
 def _prompt(a: argparse.Namespace) -> str:
@@ -102,16 +114,9 @@ def _prompt(a: argparse.Namespace) -> str:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .chat import stats_lines
-    from .engine import Engine
-
-    from .pager import PagerParams
 
     prompt = _prompt(a)  # before loading the models: a bad file is one line at once
-    pager = PagerParams(io=a.io, storage=a.storage)
-    with Engine(a.target, _draft(a), mode=a.mode, memory_budget=_budget(a), target_budget=a.target_budget, pager=pager,
-                backend=a.backend, draft_gpu_layers=a.draft_gpu_layers, target_gpu_layers=a.target_gpu_layers,
-                n_ctx=a.n_ctx,
-                n_threads=a.threads, seed=a.seed, verbose=a.verbose) as eng:
+    with _engine(a, _draft(a), io=a.io, mode=a.mode) as eng:
         last = None
         for chunk in eng.create_completion(prompt, max_tokens=a.max_tokens, temperature=a.temperature,
                                            top_p=a.top_p, top_k=a.top_k, seed=a.seed, stream=True):
@@ -152,7 +157,6 @@ def cmd_chat(a: argparse.Namespace) -> int:
     import time
 
     from . import chat
-    from .engine import Engine
 
     tty = sys.stdin.isatty()
     draft = _draft(a)
@@ -163,12 +167,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     if tty:
         sys.stderr.write(f"loading {a.target}" + (f" + {draft}" if draft else "") + f" (memory budget {a.memory_budget})...\n")
     t0 = time.perf_counter()
-    from .pager import PagerParams
-
-    with Engine(a.target, draft, memory_budget=_budget(a), target_budget=a.target_budget,
-                pager=PagerParams(storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
-                target_gpu_layers=a.target_gpu_layers, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
-                verbose=a.verbose, progress=tty) as eng:
+    with _engine(a, draft, progress=tty) as eng:
         if tty:
             sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {_plan_line(eng.memory_plan)}"
                              + (f"; transcript {transcript}" if transcript else "") + "\n")
@@ -186,19 +185,13 @@ def cmd_chat(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     import os
 
-    from .pager import PagerParams
     from .server import ServerParams, serve
 
     draft = _draft(a)
     key = a.api_key or os.environ.get("EDGECAD_API_KEY") or None
 
     def load():
-        from .engine import Engine
-
-        return Engine(a.target, draft, mode=a.mode, memory_budget=_budget(a), target_budget=a.target_budget,
-                      pager=PagerParams(storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
-                      target_gpu_layers=a.target_gpu_layers, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
-                      verbose=a.verbose, progress=sys.stderr.isatty())
+        return _engine(a, draft, mode=a.mode, progress=sys.stderr.isatty())
 
     names = tuple(dict.fromkeys([a.alias or a.target, Path(str(registry.resolve(a.target))).name]))
     sys.stderr.write(f"edgecad: loading {a.target}" + (f" + {draft}" if draft else "")

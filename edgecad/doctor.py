@@ -17,6 +17,7 @@ from .gguf_file import read_gguf
 from .llama import default_threads
 from .config import resolve
 from .memory import MB, READ_SAMPLE, auto_budget, load_costs, measure_read, parse_memory
+from .native import can_page, capabilities
 from .pager import mincore_sees
 from .tree import MODE_PARAMS
 
@@ -47,7 +48,6 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
     say("memory", f"{vm.total / 1e9:.1f} GB RAM, {vm.available / 1e9:.1f} GB available; cgroup limit "
                   + (f"{limit / 1e9:.2f} GB" if limit else "none") + f"; memory_budget 'auto' = "
                   f"{auto_budget() / 1e9:.2f} GB")
-    from .native import can_page, capabilities
     say("native", ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in capabilities().items())
         + ("" if can_page() else ": a model that does not fit cannot be paged here"))
     devs = devices.devices()

@@ -259,7 +259,7 @@ class Server:
         asyncio.get_running_loop().run_in_executor(self.pool, self._load_engine)
         yield
         self.stopping = True
-        await asyncio.get_running_loop().run_in_executor(self.pool, self._close)
+        await self._run(self._close)
 
     def _load_engine(self) -> None:
         """On the engine's thread: load, then say where it serves (or why it cannot, and stop the server)."""
