@@ -3,11 +3,18 @@
  * cross-compiled, under qemu-user as another architecture (tests/test_native.py). Prints one line per check,
  * "ok NAME: detail" or "FAIL NAME: why", and exits 1 if any check failed.
  *
- *   cc -std=gnu11 -Inative native/test_driver.c native/common.c native/pager.c native/guard.c -lpthread
- *   ./a.out SCRATCH_DIR
+ *   cc -std=gnu11 -Inative native/test_driver.c native/common.c native/pager.c native/guard.c -lpthread -ldl
+ *   cc -std=gnu11 -shared -fPIC -o libecstandin.so native/test_standin.c          (imports mmap)
+ *   cc -std=gnu11 -shared -fPIC -D_FILE_OFFSET_BITS=64 -o libecstandin64.so native/test_standin.c   (mmap64)
+ *   ./a.out SCRATCH_DIR [STANDIN_LIBRARY...]
+ *
+ * The load guard is checked on each stand-in library given (a libllama that maps as llama.cpp does); a static
+ * build (musl under qemu) has no shared objects to patch, and says it skipped the check.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <fcntl.h>
+#include <link.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,23 +36,23 @@ static void check(int ok, const char *name, const char *detail) {
 
 static const char *name_of(void *tensor) { return tensor; } /* a "tensor" here is its name */
 
-/* ---- a scratch file of N_LAYERS layers, written and out of the page cache ----------------------------------- */
+/* ---- scratch files: written and out of the page cache ------------------------------------------------------ */
 
-static int scratch(const char *dir, char *path, size_t cap) {
-    snprintf(path, cap, "%s/ec-driver-%d.bin", dir, (int)getpid());
+/* dir/ec-driver-PID.NAME of `layers` layers; each 8 bytes hold their own file offset (every page differs). */
+static int scratch(const char *dir, const char *name, int layers, char *path, size_t cap) {
+    snprintf(path, cap, "%s/ec-driver-%d.%s", dir, (int)getpid(), name);
     int fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
-    if (fd < 0) return -1;
-    char *buf = malloc(LAYER);
-    for (unsigned i = 0; i < LAYER; i++) buf[i] = (char)(i * 7);
-    for (int l = 0; l < N_LAYERS; l++)
-        if (write(fd, buf, LAYER) != (ssize_t)LAYER) return free(buf), close(fd), -1;
+    uint64_t *buf = malloc(LAYER);
+    int ok = fd >= 0 && buf;
+    for (int l = 0; ok && l < layers; l++) {
+        for (unsigned i = 0; i < LAYER / 8; i++) buf[i] = (uint64_t)l * LAYER + i * 8;
+        ok = write(fd, buf, LAYER) == (ssize_t)LAYER;
+    }
     free(buf);
-    fsync(fd);
-#ifdef POSIX_FADV_DONTNEED
-    posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-#endif
-    close(fd);
-    return 0;
+    if (ok) ok = fsync(fd) == 0;
+    if (ok) posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    if (fd >= 0) close(fd);
+    return ok ? 0 : -1;
 }
 
 /* ---- paging: each layer is resident when its boundary returns ----------------------------------------------- */
@@ -112,6 +119,103 @@ static void large_file(const char *dir) {
     unlink(path);
 }
 
+/* ---- load guard: a stand-in libllama maps a file without reading it ------------------------------------------ */
+
+typedef int (*map_fn)(const char *path, long long off, void **addr, size_t *len); /* test_standin.c */
+
+static void drop(const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd >= 0) posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), close(fd);
+}
+
+/* `path` from `off`, dropped from the page cache then mapped by the stand-in: its resident bytes after the call
+ * in *res (-1 when the call failed). The mapping stays (*addr, *len). */
+static int map_cold(map_fn map, const char *path, long long off, void **addr, size_t *len, uint64_t *res) {
+    drop(path);
+    *res = ~0ull;
+    int err = map(path, off, addr, len);
+    if (!err && ec_mem_resident(*addr, *len, res) != EC_OK) *res = ~0ull;
+    return err;
+}
+
+/* The guard on `lib` (dlopen'ed): mapping `path` under it reads nothing, `other` is mapped as asked, and after
+ * ec_load_guard_end the same call reads `path` again. The stand-in maps from a page in, so a hook that read the
+ * caller's offset in the wrong ABI (32-bit ARM: mmap's long, mmap64's 64 bits) would map other bytes. Where
+ * MAP_POPULATE and WILLNEED read nothing even unguarded (as under qemu-user), residency cannot tell the guard's
+ * work apart: the line says so, and only the guard's stats and the mapping's content are checked. */
+static void load_guard(const char *lib, const char *path, const char *other) {
+    char name[64], detail[640];
+    void *h = dlopen(lib, RTLD_NOW | RTLD_LOCAL);
+    map_fn map = h ? (map_fn)dlsym(h, "ecstandin_map") : NULL;
+    const char *(*symbol)(void) = h ? (const char *(*)(void))dlsym(h, "ecstandin_mmap_symbol") : NULL;
+    snprintf(name, sizeof name, "load-guard-%s", symbol ? symbol() : "?");
+    if (!map || !symbol) {
+        check(0, name, dlerror());
+        if (h) dlclose(h);
+        return;
+    }
+    const char *base = strrchr(lib, '/') ? strrchr(lib, '/') + 1 : lib;
+    long long off = sysconf(_SC_PAGESIZE);
+    void *z, *a, *b, *c;
+    size_t zlen = 0, alen = 0, blen = 0, clen = 0;
+    uint64_t zres, ares, bres, cres;
+    int e0 = map_cold(map, other, 0, &z, &zlen, &zres);     /* unguarded: does populating read here? */
+    if (!e0) munmap(z, zlen);
+    int rc = ec_load_guard_begin(path, base);
+    if (e0 || rc != EC_OK) {
+        snprintf(detail, sizeof detail, "unguarded call: %s; ec_load_guard_begin: %s", strerror(e0),
+                 rc ? ec_last_error() : "ok");
+        if (rc == EC_OK) ec_load_guard_end(NULL);
+        check(0, name, detail);
+        dlclose(h);
+        return;
+    }
+    int e1 = map_cold(map, path, off, &a, &alen, &ares);    /* guarded: MAP_POPULATE and WILLNEED dropped */
+    int e2 = map_cold(map, other, 0, &b, &blen, &bres);     /* another file under the guard: untouched */
+    ec_load_guard_stats st = {0};
+    rc = ec_load_guard_end(&st);
+    uint8_t want[64] = {0};
+    int fd = open(path, O_RDONLY);
+    int same = !e1 && fd >= 0 && pread(fd, want, sizeof want, (off_t)off) == sizeof want &&
+               memcmp(a, want, sizeof want) == 0;
+    if (fd >= 0) close(fd);
+    if (!e1) munmap(a, alen);
+    if (!e2) munmap(b, blen);
+    int e3 = map_cold(map, path, off, &c, &clen, &cres);    /* slots restored: populated as asked */
+    if (!e3) munmap(c, clen);
+    int seen = zres == zlen; /* populating reads: residency shows what the guard did */
+    snprintf(detail, sizeof detail, "via %s, %d slots patched: MAP_POPULATE dropped %llu time(s), WILLNEED on %llu "
+             "bytes; content at offset %lld %s; ", symbol(), st.slots, (unsigned long long)st.populate_dropped,
+             (unsigned long long)st.willneed_dropped, off, same ? "right" : "WRONG");
+    size_t n = strlen(detail);
+    if (seen)
+        snprintf(detail + n, sizeof detail - n, "guarded mapping %lld of %zu bytes resident, another file %lld of "
+                 "%zu, after the end %lld of %zu", (long long)ares, alen, (long long)bres, blen, (long long)cres, clen);
+    else
+        snprintf(detail + n, sizeof detail - n, "residency not compared: unguarded, MAP_POPULATE and WILLNEED read "
+                 "%lld of %zu bytes here (as under qemu-user)", (long long)zres, zlen);
+    if (rc != EC_OK || e1 || e2 || e3)
+        snprintf(detail + strlen(detail), sizeof detail - strlen(detail), "; end %d (%s), calls: %s / %s / %s", rc,
+                 rc ? ec_last_error() : "ok", strerror(e1), strerror(e2), strerror(e3));
+    check(rc == EC_OK && !e1 && !e2 && !e3 && st.slots >= 2 && st.populate_dropped == 1 &&
+          st.willneed_dropped == alen && st.mapped_bytes == alen && same &&
+          (!seen || (ares == 0 && bres == blen && cres == clen)), name, detail);
+    dlclose(h);
+}
+
+static int first_has_interp(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    for (int i = 0; i < info->dlpi_phnum; i++) *(int *)data |= info->dlpi_phdr[i].p_type == PT_INTERP;
+    return 1; /* the first object is the program */
+}
+
+/* 1 when this program has no dynamic loader (a static build): nothing to dlopen, no import slots to patch. */
+static int static_build(void) {
+    int interp = 0;
+    dl_iterate_phdr(first_has_interp, &interp);
+    return !interp;
+}
+
 /* ---- Ctrl-C: the C flag is set and the handler that was there still runs ----------------------------------- */
 
 static volatile sig_atomic_t chained;
@@ -135,8 +239,10 @@ int main(int argc, char **argv) {
              !!(caps & EC_CAP_DROP_PAGES), !!(caps & EC_CAP_POPULATE), !!(caps & EC_CAP_LOAD_GUARD),
              !!(caps & EC_CAP_FIND_MAPPING), sysconf(_SC_PAGESIZE));
     check(ec_version() == EC_VERSION, "capabilities", detail);
-    if (scratch(argc > 1 ? argv[1] : "/tmp", path, sizeof path) != 0) {
-        check(0, "scratch", "cannot write the scratch file");
+    const char *dir = argc > 1 ? argv[1] : "/tmp";
+    char other[512];
+    if (scratch(dir, "bin", N_LAYERS, path, sizeof path) != 0 || scratch(dir, "other", 4, other, sizeof other) != 0) {
+        check(0, "scratch", "cannot write the scratch files");
         return 1;
     }
     uint64_t res = ~0ull;
@@ -146,8 +252,12 @@ int main(int argc, char **argv) {
     check(rc == EC_OK && res < (uint64_t)N_LAYERS * LAYER, "residency", detail);
     paging(path, 0);
     paging(path, 1);
-    large_file(argc > 1 ? argv[1] : "/tmp");
+    large_file(dir);
+    if (argc <= 2 && static_build()) check(1, "load-guard", "skipped: static build, no shared objects to patch");
+    else if (argc <= 2) check(0, "load-guard", "a dynamic build checks the guard: give the stand-in libraries");
+    for (int i = 2; i < argc; i++) load_guard(argv[i], path, other);
     interrupt();
     unlink(path);
+    unlink(other);
     return failures ? 1 : 0;
 }

@@ -303,43 +303,70 @@ def test_this_platform_s_capabilities():
         assert all(caps.values()) and native.can_page()
 
 
-def _driver(tmp_path, target=None):
-    """native/test_driver.c built natively (the system's cc) or for a target (zig's clang, static with musl)."""
+def _driver(tmp_path, target=None, static=True):
+    """native/test_driver.c built natively (the system's cc) or for a target (zig's clang: static with musl, or
+    dynamic with glibc); a dynamic build's command line also names the two stand-in libllamas (test_standin.c) the
+    load guard is checked on: one importing mmap, one (64-bit file offsets) mmap64."""
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent / "native"
     srcs = [str(root / f) for f in ("test_driver.c", "common.c", "pager.c", "guard.c")]
-    flags = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-D_FILE_OFFSET_BITS=64", f"-I{root}"]
+    warn = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
+    flags = [*warn, "-D_FILE_OFFSET_BITS=64", f"-I{root}"]
+    cc = [os.environ.get("CC", "cc")] if target is None else [sys.executable, "-m", "ziglang", "cc", "-target", target]
     out = tmp_path / f"driver-{target or 'native'}"
-    if target is None:
-        cc = os.environ.get("CC", "cc")
-        cmd = [cc, *flags, "-o", str(out), *srcs, "-lpthread"]
-    else:
-        cmd = [sys.executable, "-m", "ziglang", "cc", "-target", target, "-static", *flags, "-o", str(out), *srcs,
-               "-lpthread"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    builds = [[*cc, *(["-static"] if target and static else []), *flags, "-o", str(out), *srcs, "-lpthread", "-ldl"]]
+    standins = [] if target and static else [tmp_path / "libecstandin.so", tmp_path / "libecstandin64.so"]
+    for lib, offset_bits in zip(standins, ([], ["-D_FILE_OFFSET_BITS=64"])):
+        builds.append([*cc, *warn, *offset_bits, "-shared", "-fPIC", "-o", str(lib), str(root / "test_standin.c")])
+    for cmd in builds:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return str(out), [str(p) for p in standins]
 
 
-@pytest.mark.parametrize("arch", ["native", "aarch64", "arm"])
+CHECKS = {"capabilities", "residency", "paging-exact", "paging-readahead", "large-file", "interrupt-chain"}
+EMULATED = {"aarch64": ("aarch64-linux-musl", None), "arm": ("arm-linux-musleabihf", None),
+            "aarch64-glibc": ("aarch64-linux-gnu", "/usr/aarch64-linux-gnu"),
+            "arm-glibc": ("arm-linux-gnueabihf", "/usr/arm-linux-gnueabihf")}  # arch: (zig target, glibc's root)
+
+
+@pytest.mark.parametrize("arch", ["native", *EMULATED])
 def test_the_c_library_s_own_behaviour_natively_and_under_emulation(tmp_path, arch):
     """The C test driver: capabilities, residency after a drop, exact and populated paging (each layer resident at
-    its boundary), a 3 GiB sparse file (offsets past 32 bits), the SIGINT chain. As aarch64 and 32-bit ARM under
-    qemu-user, whose MADV_POPULATE_READ returns without reading: the pager's check catches it and preads."""
+    its boundary), a 3 GiB sparse file (offsets past 32 bits), the load guard on a stand-in libllama, the SIGINT
+    chain. As aarch64 and 32-bit ARM under qemu-user, whose MADV_POPULATE_READ returns without reading: the pager's
+    check catches it and preads. Static musl builds have no shared objects to patch: their guard check says it
+    skipped; the glibc builds (dynamic, run on Debian's cross libc) check the guard under emulation too, 32-bit ARM
+    with 64-bit file offsets included, where qemu-user's MAP_POPULATE and WILLNEED read nothing: the guard's own
+    counts and the mapped bytes at an offset are checked there, residency natively."""
     import shutil
+    from pathlib import Path
     scratch = tmp_path / "scratch"  # (on real storage: a tmpfs page cache cannot be dropped)
     scratch.mkdir()
     if arch == "native":
-        cmd = [str(_driver(tmp_path))]
+        driver, standins = _driver(tmp_path)
+        cmd = [driver, str(scratch), *standins]
     else:
-        qemu = shutil.which(f"qemu-{arch}-static") or shutil.which(f"qemu-{arch}")
+        qemu_arch = arch.split("-")[0]
+        qemu = shutil.which(f"qemu-{qemu_arch}-static") or shutil.which(f"qemu-{qemu_arch}")
         if qemu is None:
-            pytest.skip(f"qemu-{arch}-static is not installed (Debian: apt-get install qemu-user-static)")
+            pytest.skip(f"qemu-{qemu_arch}-static is not installed (Debian: apt-get install qemu-user-static)")
         pytest.importorskip("ziglang", reason="ziglang (the test extra) is not installed")
-        target = {"aarch64": "aarch64-linux-musl", "arm": "arm-linux-musleabihf"}[arch]
-        cmd = [qemu, str(_driver(tmp_path, target))]
-    r = subprocess.run([*cmd, str(scratch)], capture_output=True, text=True, timeout=300)
+        target, libc = EMULATED[arch]
+        if libc and not (Path(libc) / "lib").is_dir():
+            pytest.skip(f"no {target} glibc at {libc} (Debian: apt-get install "
+                        f"libc6-{'arm64' if qemu_arch == 'aarch64' else 'armhf'}-cross)")
+        driver, standins = _driver(tmp_path, target, static=libc is None)
+        cmd = [qemu, *(["-L", libc] if libc else []), driver, str(scratch), *standins]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and all(l.startswith("ok ") for l in lines), r.stdout + r.stderr
-    assert {l.split(":")[0][3:] for l in lines} == {"capabilities", "residency", "paging-exact", "paging-readahead",
-                                                   "large-file", "interrupt-chain"}
+    found = {l.split(":")[0][3:]: l for l in lines}
+    if arch in ("aarch64", "arm"):  # static: no loader, no import slots
+        assert set(found) == CHECKS | {"load-guard"}, r.stdout
+        assert "skipped: static build" in found["load-guard"]
+        return
+    assert set(found) == CHECKS | {"load-guard-mmap", "load-guard-mmap64"}, r.stdout
+    if arch == "native":  # a real pass: residency shows what the guard dropped
+        for name in ("load-guard-mmap", "load-guard-mmap64"):
+            assert "guarded mapping 0 of" in found[name] and "not compared" not in found[name], found[name]
