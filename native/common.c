@@ -273,6 +273,8 @@ int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *b
 /* portability                                                              */
 /* ------------------------------------------------------------------------ */
 
+/* (posix_fadvise: bionic has it at API 21, the lowest the NDK builds for; posix_madvise, from API 23 only, is
+ * used by the load guard alone, guard.c) */
 int drop_file_pages(int fd, uint64_t off, uint64_t len) {
 #ifdef POSIX_FADV_DONTNEED
     return posix_fadvise(fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);

@@ -71,6 +71,10 @@ static void *hook_mmap64(void *addr, size_t len, int prot, int flags, int fd, in
 }
 #endif
 
+/* bionic has posix_madvise from API 23 on: below it, libllama cannot import it (nothing to hook), and the NDK's
+ * headers hide its declaration. */
+#if !defined(__ANDROID__) || __ANDROID_API__ >= 23
+#define HOOK_POSIX_MADVISE 1
 static int hook_posix_madvise(void *addr, size_t len, int advice) {
     uintptr_t a = (uintptr_t)addr;
     if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE) && advice == POSIX_MADV_WILLNEED && a >= guard.lo &&
@@ -80,6 +84,7 @@ static int hook_posix_madvise(void *addr, size_t len, int advice) {
     }
     return posix_madvise(addr, len, advice);
 }
+#endif
 
 static const struct {
     const char *name;
@@ -88,7 +93,10 @@ static const struct {
 #ifdef HOOK_MMAP64
              {"mmap64", (void *)hook_mmap64},
 #endif
-             {"posix_madvise", (void *)hook_posix_madvise}};
+#ifdef HOOK_POSIX_MADVISE
+             {"posix_madvise", (void *)hook_posix_madvise},
+#endif
+};
 
 #if UINTPTR_MAX > 0xffffffffu
 #define R_SYM(info) ELF64_R_SYM(info)
@@ -205,8 +213,10 @@ int ec_load_guard_begin(const char *path, const char *lib_name) {
         guard.n_patch = 0;
         return fail(EC_EUNSUPPORTED, 0, "%d loaded objects named like %s (need exactly one)", fc.found, lib_name);
     }
-    int maps = 0;
-    for (int i = 0; i < guard.n_patch; i++) maps += guard.patch[i].saved != (void *)hook_posix_madvise;
+    int maps = guard.n_patch; /* slots of mmap or mmap64 (saved holds the hook to write until patched) */
+#ifdef HOOK_POSIX_MADVISE
+    for (int i = 0; i < guard.n_patch; i++) maps -= guard.patch[i].saved == (void *)hook_posix_madvise;
+#endif
     if (!maps) {
         guard.n_patch = 0;
         return fail(EC_EUNSUPPORTED, 0, "%s does not import mmap through a patchable slot", fc.path);
