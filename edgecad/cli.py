@@ -91,7 +91,12 @@ def _engine(a: argparse.Namespace, draft: Optional[str], *, io: str = "prefetch"
     return Engine(a.target, draft, memory_budget=_budget(a), target_budget=a.target_budget,
                   pager=PagerParams(io=io, storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
                   target_gpu_layers=a.target_gpu_layers, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
-                  verbose=a.verbose, **kw)
+                  remote=_remote(a), verbose=a.verbose, **kw)
+
+
+def _remote(a: argparse.Namespace) -> Optional[list]:
+    """--remote host:port,host:port (or repeated)."""
+    return [e for v in (getattr(a, "remote", None) or []) for e in v.split(",") if e.strip()] or None
 
 
 # ---------------------------------------------------------------------------- generate
@@ -247,7 +252,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         from .pager import PagerParams
 
         cfg = resolve(a.model, a.draft, memory_budget=a.memory_budget, n_ctx=a.n_ctx, n_threads=a.threads,
-                      pager=PagerParams(io=a.io), calibrate=False)  # shows the plan without running anything
+                      pager=PagerParams(io=a.io), remote=_remote(a),
+                      calibrate=False)  # shows the plan without running anything
         plan, costs = cfg.plan, cfg.costs
         print(plan.describe())
         print(f"  costs         {'measured on this device' if costs.observed or costs.read_measured else 'priors'}: "
@@ -271,6 +277,65 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         for l in layers:
             print(f"  blk.{l.index:<3} offset {l.start:>13,}  {_mb(l.n_bytes):>10}  ({l.n_tensors} tensors)")
     return 0
+
+
+# ---------------------------------------------------------------------------- rpc-server
+
+def cmd_rpc_server(a: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+    import signal
+    import threading
+
+    from . import rpc
+    from .llama import default_threads
+    from .memory import parse_memory, process_rss
+
+    rpc.require()
+    try:
+        loopback = ipaddress.ip_address(a.host).is_loopback
+    except ValueError:
+        loopback = a.host == "localhost"
+    if not loopback and not a.allow_network:
+        raise EdgecadError(f"--host {a.host} would let anyone who reaches this port run code on this device's "
+                           "memory: llama.cpp's RPC protocol has no authentication and no encryption. Use it on a "
+                           "network you trust only, with --allow-network")
+    if not loopback:
+        sys.stderr.write("edgecad: warning: the RPC protocol has no authentication and no encryption: anyone who "
+                         f"reaches {a.host}:{a.port} can use this device; run it on a trusted network only\n")
+    budget = parse_memory(a.memory_budget, 0)
+    own = process_rss()
+    if budget <= own:
+        raise EdgecadError(f"--memory-budget {a.memory_budget} is below what the server itself holds "
+                           f"({own / 1e6:,.0f} MB): give more")
+    cache = None if a.cache is None else os.path.expanduser(a.cache or "~/.cache/edgecad/rpc")
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+    threads = a.threads or default_threads()
+    rpc.announce(rpc.cpu_device(), budget - own, budget)
+    print(f"edgecad rpc-server: {a.host}:{a.port}, announcing {(budget - own) / 1e6:,.0f} MB of a "
+          f"{budget / 1e6:,.0f} MB budget, CPU with {threads} threads" + (f", cache {cache}" if cache else "")
+          + "; Ctrl-C stops it", flush=True)
+    failed = threading.Event()
+
+    def run():
+        rpc.serve(a.host, a.port, n_threads=threads, cache_dir=cache)
+        failed.set()  # (it returns only when it could not start)
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    threading.Thread(target=run, daemon=True, name="rpc-server").start()
+    try:
+        while not failed.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.write("edgecad rpc-server: stopped\n")
+        os._exit(0)  # (llama.cpp's server thread waits in accept() for good)
+    raise EdgecadError(f"the RPC server could not listen on {a.host}:{a.port} (see the line above): is the port in "
+                       "use? Choose another with --port")
 
 
 # ---------------------------------------------------------------------------- doctor
@@ -305,7 +370,14 @@ def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: Optional[float
     p.add_argument("--storage", default="native", choices=list(STORAGE_PROFILES),
                    help="emulate slower storage by throttling the pager's reads")
     _add_device_flags(p)
+    _add_remote_flag(p)
     p.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
+
+
+def _add_remote_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--remote", action="append", metavar="HOST:PORT[,...]",
+                   help="`edgecad rpc-server`s on other devices: where the target does not fit here, its last "
+                        "layers live there (needs the RPC build: scripts/build_rpc.sh)")
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -447,7 +519,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--threads", type=_positive, default=None, help="with --memory-budget: compute threads (for "
                                                                     "the costs)")
     i.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="IO mode of the plan")
+    _add_remote_flag(i)
     i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("rpc-server", help="lend this device's memory and CPU to an engine on another device "
+                                          "(llama.cpp's RPC server; the engine's --remote)")
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
+                                                       "--allow-network)")
+    r.add_argument("--port", type=int, default=50052, help="TCP port (default 50052)")
+    r.add_argument("--memory-budget", default="auto", help="memory this server may hold (1.5GB, 900MiB, auto: "
+                                                           "available memory or the cgroup limit; the default)")
+    r.add_argument("--cache", nargs="?", const="", default=None, metavar="DIR",
+                   help="keep received weights in DIR (default ~/.cache/edgecad/rpc): the next load of the same "
+                        "model sends only their hashes")
+    r.add_argument("--threads", type=_positive, default=None, help="compute threads (default: the cores)")
+    r.add_argument("--allow-network", action="store_true",
+                   help="listen on a non-loopback --host although the protocol has no authentication")
+    r.set_defaults(func=cmd_rpc_server)
 
     dr = sub.add_parser("doctor", help="what this device can do: cores, memory, storage speed, backends, and the "
                                        "plan edgecad would run for a model pair")

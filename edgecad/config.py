@@ -20,7 +20,8 @@ from . import registry
 from .errors import EdgecadError, RequestError, VocabularyMismatchError
 from .gguf_file import GGUFInfo, read_gguf
 from .llama import default_threads
-from .memory import CONFIGS, Costs, MemoryPlan, load_costs, measure_read, parse_memory, plan_memory
+from .memory import (CONFIGS, Costs, MemoryPlan, load_costs, measure_read, parse_memory, plan_memory,
+                     plan_remote)
 from .pager import PagerParams, parse_budget
 from .tree import MODE_PARAMS, TreeParams
 
@@ -50,6 +51,12 @@ class EngineConfig:
     def speculative(self) -> bool:
         return self.mode != "target"
 
+    @property
+    def local_info(self) -> GGUFInfo:
+        """The target as this device holds it: without the layers on remote devices (plan.remote)."""
+        r = self.plan.remote
+        return self.target_info.local_part(r.first) if r is not None else self.target_info
+
 
 def check_int(name: str, value, lo: int, hi: Optional[int], note: str = "") -> None:
     """Raise unless `value` is an integer in [lo, hi] (hi None: no upper bound), naming the range."""
@@ -77,7 +84,8 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
             mode: Optional[str] = None, tree_params: Optional[TreeParams] = None,
             memory_budget: Union[int, str, None] = "auto", target_budget: Union[int, str, None] = None,
             pager: Optional[PagerParams] = None, pipeline: Optional[bool] = None, n_ctx: int = 4096,
-            n_threads: Optional[int] = None, calibrate: bool = True, verbose: bool = False) -> EngineConfig:
+            n_threads: Optional[int] = None, remote: Optional[list] = None, calibrate: bool = True,
+            verbose: bool = False) -> EngineConfig:
     """The configuration an Engine with these arguments runs (see Engine for each argument). calibrate: measure
     the storage's read speed when the plan pages and this device has not measured it yet (once per device and
     model; `edgecad inspect` plans without it)."""
@@ -113,9 +121,24 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     args = dict(n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=nodes, pager=pager, target_budget=target_budget,
                 costs=costs, configs=configs, grow_tree=grow)
     plan = plan_memory(budget, t_info, d_info, **args)
+    local, remote_plan = t_info, None
+    if remote:  # the target's last layers on remote devices, where it does not fit here
+        from .rpc import connect
+        devices = connect(list(remote))
+        remote_plan = plan_remote(t_info, devices, n_ctx=n_ctx, n_batch=args["n_batch"]) \
+            if plan.paged or target_budget is not None else None
+        if remote_plan is None:
+            sys.stderr.write("edgecad: the remote devices are not used: " + (
+                "none announces memory for a layer" if plan.paged or target_budget is not None
+                else "the target fits in this device's memory budget") + "\n")
+        else:
+            local = t_info.local_part(remote_plan.first)
+            costs = args["costs"] = load_costs(local, d_info, n_threads)
+            plan = plan_memory(budget, local, d_info, **args)
     if calibrate and plan.paged and not costs.read_measured:  # the storage, once per device and model
-        measure_read(costs, t_info, d_info, n_threads)
-        plan = plan_memory(budget, t_info, d_info, runtime=plan.runtime, **args)
+        measure_read(costs, local, d_info, n_threads)
+        plan = plan_memory(budget, local, d_info, runtime=plan.runtime, **args)
+    plan.remote = remote_plan
     if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
         sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
     mode = mode or ("tree" if plan.speculative else "target")

@@ -24,9 +24,19 @@ KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}  # enum ggml_back
 
 
 def ggml_lib(name: str) -> ctypes.CDLL:
-    """One of the ggml libraries llama_cpp loaded ("ggml", "ggml-base"), from its package directory."""
+    """One of the ggml libraries llama_cpp loaded ("ggml", "ggml-base"), from its package directory: the very
+    copy libllama uses. (A wheel holds lib*.so, .so.0 and .so.0.x.y as three copies, not links, and libllama
+    loads the .so.0: opening another would give this process a second ggml, with its own device registry and
+    abort callback.)"""
     libdir = Path(C.__file__).parent / "lib"
     file = {"darwin": f"lib{name}.dylib", "win32": f"{name}.dll"}.get(sys.platform, f"lib{name}.so")
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = {line.split(None, 5)[5].strip() for line in f if line.count(" ") >= 5 and "/" in line}
+        file = next((Path(p).name for p in sorted(loaded) if Path(p).parent == libdir and
+                     Path(p).name.startswith(file)), file)
+    except OSError:  # (not Linux)
+        pass
     return ctypes.CDLL(str(libdir / file))
 
 
@@ -49,6 +59,11 @@ _base.ggml_backend_dev_type.argtypes, _base.ggml_backend_dev_type.restype = [cty
 _base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
                                           ctypes.POINTER(ctypes.c_size_t)]
 _base.ggml_backend_dev_memory.restype = None
+# ggml_backend_dev_t ggml_backend_dev_by_type(enum ggml_backend_dev_type type);
+_ggml.ggml_backend_dev_by_type.argtypes, _ggml.ggml_backend_dev_by_type.restype = [ctypes.c_int], ctypes.c_void_p
+# ggml_backend_buffer_type_t ggml_backend_dev_buffer_type(ggml_backend_dev_t device);
+_base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+_base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,17 @@ def devices() -> list[Device]:
         out.append(Device(_base.ggml_backend_dev_name(d).decode(), _base.ggml_backend_dev_description(d).decode(),
                           KINDS.get(_base.ggml_backend_dev_type(d), "?"), free.value, total.value))
     return out
+
+
+def cpu_device() -> int:
+    """The CPU's ggml device (ggml_backend_dev_t)."""
+    C.llama_backend_init()
+    return _ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+
+
+def cpu_buffer_type() -> int:
+    """The CPU device's buffer type: where tensors named by ModelParams.cpu_tensors stay."""
+    return _base.ggml_backend_dev_buffer_type(cpu_device())
 
 
 def gpu() -> Optional[Device]:

@@ -74,6 +74,10 @@ def stats_dict(stats: Stats, plan) -> dict:
     d["draft_layers_in_pass"] = pg.get("draft_layers_in_pass", 0)  # draft layers run while a pass waited on IO
     d["gate_wait_seconds"] = pg.get("gate_wait_seconds", 0.0)  # chain drafting held while the target computed
     d["target_compute_seconds"] = stats.seconds_target - d["io_wait_seconds"]
+    if plan.remote is not None:  # (estimated: activations in and out of each remote device)
+        d["remote_layers"] = {f"{dv.name} {dv.endpoint}": c for dv, c in zip(plan.remote.devices, plan.remote.counts)}
+        d["network_bytes"] = plan.remote.net_bytes(stats.prompt_tokens - stats.prompt_reused + stats.draft_tokens
+                                                   + stats.target_passes)
     return d
 
 
@@ -106,6 +110,9 @@ class Engine:
         target_gpu_layers: target layers on the GPU (default 0): only with a resident target, except on
             Metal (unproven): CUDA and Vulkan copy offloaded weights, which then cannot be paged.
         n_threads: compute threads; None = all cores this process may use.
+        remote: ["host:port", ...] of `edgecad rpc-server`s on other devices (llama.cpp's RPC backend; needs
+            scripts/build_rpc.sh): where the target does not fit this device's budget, its last layers live
+            there, as many as each server's announced memory holds (edgecad.rpc, docs/devices.md).
         seed: default random seed of sampled completions.
         verbose: print llama.cpp's log.
         progress: show the models' load progress on stderr.
@@ -130,6 +137,7 @@ class Engine:
         draft_gpu_layers: Optional[int] = None,
         target_gpu_layers: int = 0,
         n_threads: Optional[int] = None,
+        remote: Optional[list] = None,
         seed: Optional[int] = None,
         verbose: bool = False,
         progress: bool = False,
@@ -141,7 +149,7 @@ class Engine:
         self.verbose = verbose
         cfg = self.config = resolve(target, draft, mode=mode, tree_params=tree_params, memory_budget=memory_budget,
                                     target_budget=target_budget, pager=pager, pipeline=pipeline, n_ctx=n_ctx,
-                                    n_threads=n_threads, verbose=verbose)
+                                    n_threads=n_threads, remote=remote, verbose=verbose)
         self.target_path, self.draft_path, self.mode, self.n_threads = (cfg.target_path, cfg.draft_path, cfg.mode,
                                                                          cfg.n_threads)
         self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.costs
@@ -164,16 +172,26 @@ class Engine:
         target is mapped without being read; the pager reads what the plan keeps). Under a --storage profile,
         what the loads read from storage takes that storage's time. Returns (target, draft) GPU layers."""
         self.device, d_gpu, t_gpu = placement(backend, draft_gpu_layers, target_gpu_layers, cfg.plan.paged)
+        remote = cfg.plan.remote
+        if remote is not None and t_gpu:
+            raise EdgecadError("target_gpu_layers with remote devices: llama.cpp offloads the target's last layers "
+                               "to one or the other; keep target_gpu_layers=0 with remote")
         if self.device is not None and (self.verbose or os.environ.get("EDGECAD_SHOW_PLAN")):
             sys.stderr.write(placement_line(self.device, d_gpu, t_gpu, cfg.plan.paged) + "\n")
         t_load, read0 = time.perf_counter(), storage_bytes_read()
         res = self._residency
         with res.loading(cfg.target_path, self.verbose) as lazy:
-            self._target_model = Model(cfg.target_path, res.model_params(t_gpu), cfg.target_info,
+            params = res.model_params(t_gpu)
+            if remote is not None:
+                params = replace(params, **remote.model_params())
+            self._target_model = Model(cfg.target_path, params, cfg.target_info,
                                        progress=f"loading {cfg.target_path.name}" if progress else None)
+        if remote is not None:  # what the load read to send them is not needed here again
+            from .rpc import forget_layers
+            forget_layers(cfg.target_path, cfg.target_info, remote.first)
         self._draft_model = decoder_for(cfg.mode).load_draft(cfg, d_gpu, progress)
         emulate_storage(storage_bytes_read(since=read0), t_load, cfg.pager.bytes_per_second)
-        res.start(self._target_model, cfg.target_info)
+        res.start(self._target_model, cfg.local_info)
         self.lazy_load = lazy
         self.load_seconds = time.perf_counter() - t_load  # models loaded, pinned layers read
         self.load_bytes_read = storage_bytes_read(since=read0)  # from storage (page-cache hits: 0)
@@ -476,7 +494,7 @@ class Engine:
 
     def _learn(self, st: dict) -> None:
         """Correct the device's measured costs with this completion (edgecad.memory.observe)."""
-        t, d = self.config.target_info, self.config.draft_info
+        t, d = self.config.local_info, self.config.draft_info
         costs = observe(self._costs, self.memory_plan, st, t.file_size, d.file_size if d else 0)
         if costs is not self._costs:
             self._costs = costs

@@ -61,6 +61,30 @@ class ModelParams:
     use_mmap: bool = True          # map the GGUF file (needed for paging) instead of reading it into RAM
     use_extra_bufts: bool = False  # weight repacking: copies Q4_K weights into anonymous memory, defeats paging
     n_gpu_layers: int = 0          # layers offloaded to a GPU backend (Metal, Vulkan); 0 = CPU only
+    devices: Optional[tuple] = None  # ggml devices (ggml_backend_dev_t) offloaded layers go to, in order; None =
+                                     # llama.cpp's choice (every registered device)
+    tensor_split: Optional[tuple] = None  # share of the offloaded layers per device (llama.cpp normalizes it)
+    cpu_tensors: Optional[str] = None     # regex of tensor names kept on the CPU in offloaded layers
+    remote: bool = False           # a device is remote (edgecad.rpc): calls that may reach it run watched
+
+
+class _BuftOverride(ctypes.Structure):
+    """struct llama_model_tensor_buft_override (llama.h): tensors whose name matches `pattern` go to `buft`."""
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _call(remote: bool, what: str, fn, *args):
+    """fn(*args), in a watched thread when a remote device may be lost meanwhile (edgecad.rpc.watched)."""
+    if not remote:
+        return fn(*args)
+    from .rpc import watched
+    return watched(fn, *args, what=what)
+
+
+def _leaks(remote: bool) -> bool:
+    """A remote device was lost: llama.cpp's objects that use it cannot be freed (freeing would wait on it
+    forever), so they are left to the process's exit."""
+    return remote and native.remote_lost() is not None
 
 
 def _identity(path: Path):
@@ -93,6 +117,17 @@ class Model:
         mp.lazy_mode = C.LLAMA_LAZY_MODE_OFF
         mp.use_extra_bufts = params.use_extra_bufts
         mp.n_gpu_layers = params.n_gpu_layers
+        keep = []  # the arrays mp points to, alive until the load returns
+        if params.devices is not None:
+            keep.append((ctypes.c_void_p * (len(params.devices) + 1))(*params.devices, None))
+            mp.devices = ctypes.cast(keep[-1], ctypes.c_void_p)
+        if params.tensor_split is not None:
+            keep.append((ctypes.c_float * C.LLAMA_MAX_DEVICES)(*params.tensor_split))
+            mp.tensor_split = keep[-1]
+        if params.cpu_tensors is not None:
+            from .devices import cpu_buffer_type
+            keep.append((_BuftOverride * 2)((params.cpu_tensors.encode(), cpu_buffer_type())))
+            mp.tensor_buft_overrides = ctypes.cast(keep[-1], ctypes.c_void_p)
         self.params = params
         # llama.cpp calls this during the load. A Ctrl-C raised inside a ctypes callback is printed and lost,
         # so the load stops on the C library's Ctrl-C flag (native/common.c, section 6) or on a
@@ -115,7 +150,8 @@ class Model:
         callback = C.llama_progress_callback(on_progress)
         mp.progress_callback = callback
         native.take_log_errors()  # forget older errors
-        self._ptr = C.llama_model_load_from_file(os.fsencode(self.path), mp)
+        self._ptr = _call(params.remote, f"loading {self.path.name}", C.llama_model_load_from_file,
+                          os.fsencode(self.path), mp)
         if bar is not None:
             bar.close()
         if stop or native.lib.ec_interrupt_pending():
@@ -196,9 +232,9 @@ class Model:
     def close(self) -> None:
         while self._dependents:
             self._dependents.pop().close()
-        if self._ptr:
+        if self._ptr and not _leaks(self.params.remote):
             C.llama_model_free(self._ptr)
-            self._ptr = None
+        self._ptr = None
 
     def __enter__(self):
         return self
@@ -391,7 +427,8 @@ class Context:
             cp.cb_eval_user_data = cb_eval_user_data
         self._cb_eval = cb_eval  # keep the callback alive as long as the context
         self.params = params
-        self._ptr = C.llama_init_from_model(model.ptr, cp)
+        self._remote = model.params.remote
+        self._ptr = _call(self._remote, "creating a context", C.llama_init_from_model, model.ptr, cp)
         if not self._ptr:
             raise LlamaError(f"llama_init_from_model failed (n_ctx={params.n_ctx}){_recent_errors()}")
         C.llama_set_abort_callback(self._ptr, _ABORT, None)  # Ctrl-C stops a graph between nodes
@@ -415,7 +452,7 @@ class Context:
         logits and this batch's KV cells are garbage; callers commit tokens only after decode returns, and
         the next sync drops the cells."""
         try:
-            rc = C.llama_decode(self.ptr, batch._b)
+            rc = _call(self._remote, "during a pass", C.llama_decode, self.ptr, batch._b)
         finally:  # also when a KeyboardInterrupt lands right after the call: the pager's pass must end
             if self._after_decode is not None:
                 self._after_decode()
@@ -499,13 +536,13 @@ class Context:
         return C.llama_memory_seq_pos_min(self._mem, seq)
 
     def clear(self) -> None:
-        C.llama_memory_clear(self._mem, True)
+        _call(self._remote, "clearing the KV cache", C.llama_memory_clear, self._mem, True)
         self.tokens = []
 
     def close(self) -> None:
-        if self._ptr:
+        if self._ptr and not _leaks(getattr(self, "_remote", False)):
             C.llama_free(self._ptr)
-            self._ptr = None
+        self._ptr = None
 
     def __enter__(self):
         return self

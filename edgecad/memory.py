@@ -87,16 +87,89 @@ def kv_bytes(info: GGUFInfo, n_ctx: int) -> int:
     return _cells(n_ctx) * info.n_layer * n_head_kv * (k + v) * 2
 
 
+def activation_bytes(info: GGUFInfo, n_batch: int, n_ctx: int = 512) -> int:
+    """A layer's fp32 activations and attention scores for a batch of n_batch tokens."""
+    n_embd = int(info.arch_value("embedding_length", 0))
+    n_ff = int(info.arch_value("feed_forward_length", 4 * n_embd))
+    n_head = int(info.arch_value("attention.head_count", 1))
+    return n_batch * (4 * n_embd + 3 * n_ff) * 4 + n_batch * _cells(n_ctx) * n_head * 4
+
+
 def compute_bytes(info: GGUFInfo, n_batch: int, n_outputs: int, n_ctx: int = 512) -> int:
     """Resident part of llama.cpp's compute buffer and logits for our batches: a batch of n_batch
     tokens (prompt chunks, one output) and tree passes of n_outputs tokens with logits for each.
     Estimated from the model's sizes (fp32 activations), not llama.cpp's worst-case reservation."""
-    n_embd = int(info.arch_value("embedding_length", 0))
-    n_ff = int(info.arch_value("feed_forward_length", 4 * n_embd))
-    n_head = int(info.arch_value("attention.head_count", 1))
-    acts = n_batch * (4 * n_embd + 3 * n_ff) * 4 + n_batch * _cells(n_ctx) * n_head * 4  # layer activations, KQ scores
     logits = 2 * n_outputs * info.vocab_size * 4  # graph output and llama.cpp's copy
-    return acts + logits + 24 * MB
+    return activation_bytes(info, n_batch, n_ctx) + logits + 24 * MB
+
+
+# ---------------------------------------------------------------------------- remote devices
+
+@dataclass(frozen=True)
+class RemotePlan:
+    """Which of the target's layers live on remote devices (edgecad.rpc): the last ones, in device order."""
+    devices: tuple               # RemoteDevice, in the order llama.cpp gets them
+    counts: tuple                # layers on each device (consecutive: the first device the earliest)
+    first: int                   # the first remote layer; layers first.. n_layer-1 are remote
+    weight_bytes: tuple          # each device's bytes of weights (sent at load)
+    kv_bytes: tuple              # each device's KV cache
+    reserve: int                 # compute buffer reserved on each device
+    n_embd: int                  # activations that cross to each device and back: n_embd floats per token
+
+    @property
+    def n_layers(self) -> int:
+        return sum(self.counts)
+
+    def model_params(self) -> dict:
+        """ModelParams fields: llama.cpp offloads the last n_gpu_layers "layers", the output layer among them,
+        to the devices in proportion to tensor_split. The output stays on the CPU (cpu_tensors: its logits
+        would cross the network) and each device's boundary lies half a layer inside its share."""
+        k, split = self.n_layers, [float(c) for c in self.counts]
+        if len(split) > 1:
+            split[0] -= 0.5
+            split[-1] += 1.5
+        return dict(n_gpu_layers=k + 1, devices=tuple(d.handle for d in self.devices), tensor_split=tuple(split),
+                    cpu_tensors=r"^(output|output_norm|token_embd)\.", remote=True)
+
+    def net_bytes(self, tokens: int) -> int:
+        """Bytes a pass over `tokens` tokens moves over the network (estimated): each device's activations in
+        and out, fp32; and the attention inputs are smaller than that for short contexts."""
+        return 2 * tokens * self.n_embd * 4 * len(self.devices)
+
+    def describe(self) -> str:
+        mb = lambda n: f"{n / MB:,.0f} MB"  # noqa: E731
+        out, start = [], self.first
+        for d, c, w, kv in zip(self.devices, self.counts, self.weight_bytes, self.kv_bytes):
+            out.append(f"remote          {d.name} at {d.endpoint}: layers "
+                       + (f"{start}-{start + c - 1}" if c > 1 else f"{start}" if c else "none")
+                       + f" ({mb(w)} of weights + KV {mb(kv)} + compute {mb(self.reserve)}; it announces "
+                       f"{mb(d.memory_free)} free)")
+            start += c
+        out.append(f"network         ~{self.net_bytes(1) / 1e3:,.0f} KB per token of a pass (activations in and out)")
+        return "\n".join(out)
+
+
+def plan_remote(target: GGUFInfo, devices: list, *, n_ctx: int, n_batch: int) -> Optional[RemotePlan]:
+    """As many of the target's last layers as each remote device's announced memory holds (with their KV cache
+    and a compute buffer), the first layer kept local; None when no device holds a layer. The last device
+    takes the last layers (llama.cpp gives devices consecutive layers in order)."""
+    layers = target.layers()
+    per_kv = kv_bytes(target, n_ctx) // max(target.n_layer, 1)
+    reserve = activation_bytes(target, n_batch, n_ctx) + 24 * MB
+    counts, weights, kvs, i = [], [], [], len(layers)
+    for d in reversed(devices):
+        room, c, w = d.memory_free - reserve, 0, 0
+        while i - c > 1 and w + layers[i - c - 1].n_bytes + (c + 1) * per_kv <= room:
+            w += layers[i - c - 1].n_bytes
+            c += 1
+        counts.insert(0, c), weights.insert(0, w), kvs.insert(0, c * per_kv)
+        i -= c
+    used = [k for k, c in enumerate(counts) if c]  # (a device that holds no layer is left out)
+    if not used:
+        return None
+    pick = lambda xs: tuple(xs[k] for k in used)  # noqa: E731
+    return RemotePlan(pick(devices), pick(counts), i, pick(weights), pick(kvs), reserve,
+                      int(target.arch_value("embedding_length", 0)))
 
 
 # ---------------------------------------------------------------------------- measured costs
@@ -205,6 +278,8 @@ class MemoryPlan:
                                  # smaller where that lets the configuration fit)
     pipeline: bool = False       # draft beside the passes (paged trees whose passes wait on storage longer than
                                  # their drafting takes: edgecad.pipeline)
+    remote: Optional[RemotePlan] = None  # the target's layers on remote devices (the rest of the plan is this
+                                         # device's: its target is the local part)
 
     @property
     def paged(self) -> bool:
@@ -231,13 +306,20 @@ class MemoryPlan:
         lines.append(f"  considered    {alts}")
         if self.paging is not None:
             lines += ["  " + l for l in self.paging.describe().splitlines()]
+        if self.remote is not None:
+            lines += ["  " + l for l in self.remote.describe().splitlines()]
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
         return {"config": self.config, "reason": self.reason, "budget_bytes": self.budget, "n_batch": self.n_batch,
                 "tree_nodes": self.tree_nodes, "pipeline": self.pipeline,
                 "predicted_tokens_per_second": self.tokens_per_second, "parts": self.parts,
-                "alternatives": self.alternatives}
+                "alternatives": self.alternatives,
+                "remote": None if self.remote is None else [
+                    {"device": d.name, "endpoint": d.endpoint, "layers": c, "weight_bytes": w, "kv_bytes": kv,
+                     "memory_free": d.memory_free}
+                    for d, c, w, kv in zip(self.remote.devices, self.remote.counts, self.remote.weight_bytes,
+                                           self.remote.kv_bytes)]}
 
 
 def _holds_whole(target: GGUFInfo, room: int, pager: PagerParams) -> bool:

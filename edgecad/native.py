@@ -1,4 +1,4 @@
-"""ctypes bindings of edgecad's C library (native/: common.c, pager.c, guard.c; interface edgecad.h).
+"""ctypes bindings of edgecad's C library (native/: common.c, pager.c, guard.c, remote.c; interface edgecad.h).
 
 The library is built by `pip install .` into this package's directory;
 EDGECAD_NATIVE_LIB=/path/to/libedgecad.so overrides where it is loaded from.
@@ -10,6 +10,7 @@ import ctypes
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from .errors import ModelFileError, NativeError
 
@@ -42,7 +43,7 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(found[0]))
 
 
-EC_VERSION = 11  # native/edgecad.h: the interface these bindings are written for
+EC_VERSION = 12  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -234,3 +235,19 @@ def take_log_errors(last: int = 3) -> str:
     buf = ctypes.create_string_buffer(1024)
     lib.ec_log_take_errors(buf, len(buf), last)
     return buf.value.decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------- remote devices (section 8)
+
+# int ec_remote_trap_install(void *set_abort_callback); int ec_remote_lost(char *out, size_t cap);
+lib.ec_remote_trap_install.argtypes, lib.ec_remote_trap_install.restype = [_vp], ctypes.c_int
+lib.ec_remote_lost.argtypes, lib.ec_remote_lost.restype = [ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int
+# int ec_device_announce_memory(void *dev, uint64_t free, uint64_t total);
+lib.ec_device_announce_memory.argtypes = [_vp, ctypes.c_uint64, ctypes.c_uint64]
+lib.ec_device_announce_memory.restype = ctypes.c_int
+
+
+def remote_lost() -> Optional[str]:
+    """ggml's message when a remote device was lost in this process (ec_remote_lost), else None."""
+    buf = ctypes.create_string_buffer(512)
+    return buf.value.decode(errors="replace") if lib.ec_remote_lost(buf, len(buf)) else None

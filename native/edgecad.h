@@ -6,7 +6,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 11
+#define EC_VERSION 12
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -157,5 +157,17 @@ void ec_log_callback(int level, const char *text, void *user_data); /* level: en
 void ec_log_set_verbose(int verbose);  /* 1 = print llama.cpp's log to stderr */
 /* The last `last` error lines logged since the previous call, joined by " | " into out; then forgotten. */
 int ec_log_take_errors(char *out, size_t cap, int last);
+
+/* ---- remote devices: llama.cpp's RPC backend (ggml-rpc) -------------------------------- */
+
+/* Install, through ggml's ggml_set_abort_callback (its address), a trap for the aborts of ggml's RPC client
+ * (a server gone, a failed connect): the thread that met one is parked instead of aborting the process, and
+ * ec_remote_lost reports it. Other aborts go on as before. Idempotent. */
+int ec_remote_trap_install(void *set_abort_callback);
+/* 1 once a remote device was lost in this process (ggml's message copied into out), else 0. */
+int ec_remote_lost(char *out, size_t cap);
+/* Make a ggml device (ggml_backend_dev_t) report `free` and `total` bytes of memory: what an RPC server
+ * exposing it announces. */
+int ec_device_announce_memory(void *dev, uint64_t free, uint64_t total);
 
 #endif

@@ -402,9 +402,9 @@ bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data) {
     ec_pager *p = user_data;
     const char *name = p->name_fn(tensor);
     int is_boundary = name && strncmp(name, "attn_norm-", 10) == 0;
-    if (ask) return is_boundary;
+    int il = is_boundary ? atoi(name + 10) : -1;
+    if (ask) return is_boundary && il < p->n_layers; /* (layers past the pager's live elsewhere: a remote device) */
     if (!is_boundary) return true;
-    int il = atoi(name + 10);
     if (il < 0 || il >= p->n_layers) return true;
     return boundary(p, il) == EC_OK; /* false aborts the graph: never touch a changed file */
 }

@@ -1,0 +1,209 @@
+"""Other devices' memory through llama.cpp's RPC backend (ggml-rpc): `edgecad rpc-server` on one device,
+`Engine(remote=["host:port"])` on the other.
+
+A server exposes its CPU to the network. The engine registers each server as a ggml device and llama.cpp puts
+whole target layers there (the last ones), sends their weights at load (the server's cache, `--cache`, spares
+resending them on the next load) and runs them there in each pass: only activations cross the network. The
+memory plan (edgecad.memory.plan_remote) gives each server as many layers as its announced memory holds; the
+target's other layers are resident or paged locally as without servers, and the draft stays local.
+
+ggml's RPC client aborts the process when a server goes away. native/remote.c traps that abort and parks the
+thread that met it; every llama.cpp call that may reach a server runs in a watched thread (`watched`) that is
+given up when the trap fires, and `RemoteLostError` says which server went and what to do. The protocol has no
+authentication and no encryption: a server binds 127.0.0.1 unless told otherwise.
+
+The backend is compiled only with -DGGML_RPC=on (scripts/build_rpc.sh; not in the default pip build).
+"""
+from __future__ import annotations
+
+import ctypes
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import llama_cpp as C
+
+from . import native
+from .devices import _base, _ggml, cpu_device
+from .errors import EdgecadError
+
+DEFAULT_PORT = 50052  # llama.cpp's rpc-server's
+BUILD_HINT = "install llama-cpp-python with llama.cpp's RPC backend: bash scripts/build_rpc.sh (docs/devices.md)"
+
+
+class RemoteLostError(EdgecadError):
+    """A remote device went away: its layers of the target are gone with it."""
+
+
+# ---------------------------------------------------------------------------- bindings
+
+# ggml_backend_reg_t ggml_backend_reg_by_name(const char *name);  (libggml: the registry)
+_ggml.ggml_backend_reg_by_name.argtypes, _ggml.ggml_backend_reg_by_name.restype = [ctypes.c_char_p], ctypes.c_void_p
+# void *ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char *name);
+_base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+# size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg); ggml_backend_dev_t ggml_backend_reg_dev_get(reg, i);
+_base.ggml_backend_reg_dev_count.argtypes, _base.ggml_backend_reg_dev_count.restype = [ctypes.c_void_p], ctypes.c_size_t
+_base.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_base.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+# ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback);  (passed to C by address)
+_SET_ABORT = ctypes.cast(_base.ggml_set_abort_callback, ctypes.c_void_p).value
+# ggml_backend_reg_t ggml_backend_rpc_add_server(const char *endpoint);
+_ADD_SERVER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
+# void ggml_backend_rpc_start_server(const char *endpoint, const char *cache_dir, size_t n_threads,
+#                                    size_t n_devices, ggml_backend_dev_t *devices);
+_START_SERVER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
+                                 ctypes.POINTER(ctypes.c_void_p))
+
+
+def _rpc(name: str, prototype):
+    """A function of the RPC backend (through its registry entry, however llama.cpp was linked), or None."""
+    C.llama_backend_init()
+    reg = _ggml.ggml_backend_reg_by_name(b"RPC")
+    addr = _base.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+    return prototype(addr) if addr else None
+
+
+def available() -> bool:
+    """This llama.cpp has the RPC backend."""
+    return _rpc("ggml_backend_rpc_add_server", _ADD_SERVER) is not None
+
+
+def require() -> None:
+    if not available():
+        raise EdgecadError(f"this llama.cpp has no RPC backend (remote devices, rpc-server): {BUILD_HINT}")
+
+
+# ---------------------------------------------------------------------------- endpoints
+
+def parse_endpoint(s: str) -> tuple[str, int]:
+    """(host, port) of "host:port" or "host" (port 50052); an EdgecadError naming the fix otherwise."""
+    host, sep, port = str(s).strip().rpartition(":")
+    if not sep:
+        host, port = port, str(DEFAULT_PORT)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+        raise EdgecadError(f"remote device {s!r} is not host:port: give e.g. 192.168.1.20:{DEFAULT_PORT}")
+    return host, int(port)
+
+
+def probe(endpoint: str, timeout: float = 5.0) -> None:
+    """Raise RemoteLostError with one line unless something accepts connections at `endpoint`: ggml's own
+    connect would abort the process."""
+    host, port = parse_endpoint(endpoint)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise RemoteLostError(f"remote device {host}:{port} is unreachable ({e.strerror or e}): start "
+                              f"`edgecad rpc-server --port {port}` there, or check the address") from None
+
+
+# ---------------------------------------------------------------------------- watched calls
+
+def _trap() -> None:
+    native.check(native.lib.ec_remote_trap_install(_SET_ABORT), "ec_remote_trap_install")
+
+
+def lost_error(what: str) -> RemoteLostError:
+    why = native.remote_lost() or "lost"
+    return RemoteLostError(f"a remote device was lost {what} ({why.split(': ', 1)[-1].strip()}): its layers of "
+                           "the target went with it; this process cannot reach remote devices again, so start "
+                           "it again once the rpc-server runs")
+
+
+def watched(fn: Callable, *args, what: str = "during a call"):
+    """fn(*args) in a thread that is given up if a remote device is lost meanwhile (RemoteLostError); a Ctrl-C
+    is passed on once the call has returned (llama.cpp stops at its own checks)."""
+    _trap()
+    if native.remote_lost():
+        raise lost_error(what)
+    out, done = [], threading.Event()
+
+    def run():
+        try:
+            out.append((True, fn(*args)))
+        except BaseException as e:  # (raised in the caller's thread)
+            out.append((False, e))
+        done.set()
+
+    threading.Thread(target=run, daemon=True, name="edgecad-remote").start()
+    interrupted = False
+    while not done.wait(0.05):
+        try:
+            if native.remote_lost():
+                raise lost_error(what)
+        except KeyboardInterrupt:
+            interrupted = True  # (the C flag is set: llama.cpp stops; wait for it)
+    if interrupted:
+        raise KeyboardInterrupt
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+# ---------------------------------------------------------------------------- the client
+
+@dataclass(frozen=True)
+class RemoteDevice:
+    endpoint: str        # host:port of its rpc-server
+    name: str            # ggml's name: "RPC0", "RPC1", ...
+    handle: int          # its ggml_backend_dev_t
+    memory_free: int     # bytes, as the server announces them
+    memory_total: int
+
+
+def connect(endpoints: list[str]) -> list[RemoteDevice]:
+    """Each server's devices, registered with ggml (not with the registry llama.cpp picks its default devices
+    from: only the target, given them explicitly, uses them). One line for a server that is unreachable."""
+    require()
+    add = _rpc("ggml_backend_rpc_add_server", _ADD_SERVER)
+    out = []
+    for ep in endpoints:
+        host, port = parse_endpoint(ep)
+        ep = f"{host}:{port}"
+        probe(ep)
+        reg = watched(add, ep.encode(), what=f"connecting to {ep}")
+        n = _base.ggml_backend_reg_dev_count(reg) if reg else 0
+        if n == 0:
+            raise RemoteLostError(f"remote device {ep} exposes no device: is it an `edgecad rpc-server` of "
+                                  "the same llama.cpp version?")
+        for i in range(n):
+            dev = _base.ggml_backend_reg_dev_get(reg, i)
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            watched(_base.ggml_backend_dev_memory, dev, ctypes.byref(free), ctypes.byref(total),
+                    what=f"asking {ep} its memory")
+            out.append(RemoteDevice(ep, _base.ggml_backend_dev_name(dev).decode(), dev, free.value, total.value))
+    return out
+
+
+def forget_layers(path, info, first: int) -> None:
+    """Drop from the page cache what the load read of layers first.. to send them (never read here again)."""
+    import os
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for layer in info.layers()[first:]:
+            os.posix_fadvise(fd, layer.start, layer.n_bytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- the server
+
+def announce(dev: int, free: int, total: int) -> None:
+    """Make `dev` report `free` of `total` bytes (what a server announces), and check that it took."""
+    native.check(native.lib.ec_device_announce_memory(dev, free, total), "ec_device_announce_memory")
+    f, t = ctypes.c_size_t(), ctypes.c_size_t()
+    _base.ggml_backend_dev_memory(dev, ctypes.byref(f), ctypes.byref(t))
+    if (f.value, t.value) != (free, total):
+        raise EdgecadError("cannot set the memory this device announces (the ggml device layout differs from "
+                           "the one edgecad was written for): reinstall with the pinned llama-cpp-python")
+
+
+def serve(host: str, port: int, *, n_threads: int, cache_dir: Optional[str] = None) -> None:
+    """Run llama.cpp's RPC server on this device's CPU (returns only when it fails to start)."""
+    require()
+    start = _rpc("ggml_backend_rpc_start_server", _START_SERVER)
+    devs = (ctypes.c_void_p * 1)(cpu_device())
+    start(f"{host}:{port}".encode(), cache_dir.encode() if cache_dir else None, n_threads, 1, devs)
