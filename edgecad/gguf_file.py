@@ -137,6 +137,10 @@ class _Bad(Exception):
     """A field of the file that fails a check: (what, why)."""
 
 
+class _NeedMore(Exception):
+    """The header goes on past the mapped prefix of the file: map more of it and parse again."""
+
+
 @dataclass(frozen=True)
 class ArrayInfo:
     """A long metadata array, kept as its length and element type (and where its bytes are)."""
@@ -147,16 +151,24 @@ class ArrayInfo:
 
 
 class _Cursor:
-    def __init__(self, buf):
-        self.buf, self.pos = buf, 0
+    def __init__(self, buf, size: int):
+        self.buf, self.pos, self.size = buf, 0, size  # buf: the first len(buf) bytes of a file of `size`
         self.array_types: dict = {}  # key -> element type of its array (short arrays are materialised)
 
     def left(self) -> int:
-        return len(self.buf) - self.pos
+        return self.size - self.pos
+
+    def need(self, end: int) -> None:
+        """The next read ends at `end`: past the prefix but inside the file, map more. (Past the file, the read
+        itself fails as a truncated file's does.)"""
+        if len(self.buf) < end <= self.size:
+            raise _NeedMore
 
     def unpack(self, fmt: str):
+        n = struct.calcsize(fmt)
+        self.need(self.pos + n)
         v = struct.unpack_from(fmt, self.buf, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
+        self.pos += n
         return v
 
     def length(self, what: str, each: int = 1) -> int:
@@ -170,6 +182,7 @@ class _Cursor:
         n = self.length(what)
         if n > MAX_STRING:
             raise _Bad(what, f"is a string of {n:,} bytes (at most {MAX_STRING:,})")
+        self.need(self.pos + n)
         s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
@@ -194,11 +207,16 @@ class _Cursor:
         start = self.pos
         if etype == _STRING:
             u64, buf, pos = _U64.unpack_from, self.buf, self.pos
-            for _ in range(n):  # (a length past the end fails the next unpack, or the check below)
-                pos += 8 + u64(buf, pos)[0]
-            self.pos = pos
-            if pos > len(buf):
+            try:
+                for _ in range(n):  # (a length past the end fails the next unpack, or the check below)
+                    pos += 8 + u64(buf, pos)[0]
+            except struct.error:
+                self.need(pos + 8)
+                raise
+            if pos > self.size:
                 raise _Bad(f"the array {key}", "has a string that runs past the end of the file")
+            self.need(pos)
+            self.pos = pos
         else:
             self.pos += n * size
         return ArrayInfo(n, etype, start, self.pos)
@@ -220,9 +238,13 @@ def _tensor_bytes(type_id: int, shape: tuple[int, ...]) -> tuple[str, int]:
     return qtype.name, n // block * type_size
 
 
+PREFIX = 16 << 20  # bytes read_gguf maps first: a header longer than that (a vocabulary of millions) doubles it
+
+
 def read_gguf(path: str | os.PathLike) -> GGUFInfo:
     """Parse and check a GGUF header; raise ModelFileError naming the file, the field and the fix on any problem
-    (the gate in front of every llama.cpp load)."""
+    (the gate in front of every llama.cpp load). Only a prefix of the file is mapped, grown while the header goes
+    on past it: a 32-bit process cannot map a model over 2 GiB whole (nor need to, for a few MB of header)."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"model file not found: {path} (check the path, or fetch a model with `edgecad models fetch`)")
@@ -231,20 +253,30 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ModelFileError(f"{path} is not a GGUF file (no GGUF magic): give a llama.cpp .gguf model")
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (ValueError, OSError) as e:
-            raise ModelFileError(f"cannot map {path}: {e}") from None
-    try:
-        return parse_header(buf, path)
-    finally:
-        buf.close()
+        size = os.fstat(f.fileno()).st_size
+        length = min(size, PREFIX)
+        while True:
+            try:
+                buf = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ)
+            except (ValueError, OSError, OverflowError) as e:
+                raise ModelFileError(f"cannot map {path}: {e}") from None
+            try:
+                return _gate(buf, path, size)
+            except _NeedMore:
+                length = min(size, 2 * length)
+            finally:
+                buf.close()
 
 
 def parse_header(buf, path: str | os.PathLike = "<bytes>") -> GGUFInfo:
     """The gate on a whole file's bytes (a mapping, or bytes: the fuzzer's entry point): its GGUFInfo, or
     ModelFileError, and nothing else, for any input."""
-    path, size = Path(path), len(buf)
+    return _gate(buf, Path(path), len(buf))
+
+
+def _gate(buf, path: Path, size: int) -> GGUFInfo:
+    """parse_header on the first len(buf) bytes of a file of `size` bytes; _NeedMore when the header goes on past
+    them (never when buf is the whole file). Every check against the file's size uses `size`."""
     try:
         if bytes(buf[:4]) != GGUF_MAGIC:
             raise ModelFileError(f"{path} is not a GGUF file (no GGUF magic): give a llama.cpp .gguf model")
@@ -266,7 +298,7 @@ def parse_header(buf, path: str | os.PathLike = "<bytes>") -> GGUFInfo:
 
 
 def _parse(path: Path, buf, size: int) -> GGUFInfo:
-    c = _Cursor(buf)
+    c = _Cursor(buf, size)
     c.pos = 4
     version = c.unpack("<I")
     if version not in (2, 3):
@@ -286,6 +318,7 @@ def _parse(path: Path, buf, size: int) -> GGUFInfo:
             raise _Bad(key, f"has type {_TYPE_NAMES.get(vtype, vtype)}, where GGUF and llama.cpp need uint32")
         meta[key] = c.value(vtype, key)
         if key == "tokenizer.ggml.tokens":
+            c.need(c.pos)  # (an array of scalars is skipped unread)
             with memoryview(buf)[start:c.pos] as raw:  # (no copy of what may be megabytes)
                 vocab_digest = hashlib.sha256(raw).hexdigest()
     raw = []
@@ -381,7 +414,8 @@ def _check_byte_tokens(toks, buf) -> None:
             p = m.start()
             if p >= toks.start + 8:
                 n = struct.unpack_from("<Q", buf, p - 8)[0]
-                text = bytes(buf[p:p + n]) if n <= 64 else b""
+                # (the array's bytes only: a match that starts no token reads the same however much is mapped)
+                text = bytes(buf[p:min(p + n, toks.end)]) if n <= 64 else b""
                 if text.endswith(b">") and not _BYTE_TOKEN.fullmatch(text):
                     raise _Bad("tokenizer.ggml.tokens", f"has a malformed byte token {text!r}")
         return

@@ -49,6 +49,67 @@ def test_bad_files(tmp_path, tiny_target):
         read_gguf(tmp_path / "b.gguf")
 
 
+# ---------------------------------------------------------------------------- a prefix of the file
+# read_gguf maps the file's first PREFIX bytes, doubled while the header goes on past them: a 32-bit process cannot
+# map a model over 2 GiB whole, and a few MB of header need no more. Nothing it says may depend on how much it mapped.
+
+import os  # noqa: E402
+
+from edgecad import gguf_file  # noqa: E402
+
+
+def _mapped_lengths(monkeypatch) -> list:
+    """The length of every mapping made from now on (read_gguf's)."""
+    import mmap
+    lengths, real = [], mmap.mmap
+
+    def spy(fileno, length, *args, **kwargs):
+        lengths.append(length)
+        return real(fileno, length, *args, **kwargs)
+    monkeypatch.setattr(mmap, "mmap", spy)
+    return lengths
+
+
+def _error(path) -> str:
+    with pytest.raises(ModelFileError) as e:
+        read_gguf(path)
+    return str(e.value)
+
+
+def test_a_header_past_the_first_prefix_maps_more(tiny_target, monkeypatch):
+    whole = read_gguf(tiny_target)
+    monkeypatch.setattr(gguf_file, "PREFIX", 64)
+    lengths = _mapped_lengths(monkeypatch)
+    assert read_gguf(tiny_target) == whole
+    assert lengths == [64 << i for i in range(len(lengths))] and len(lengths) > 1  # doubled while the header went on
+    assert lengths[-2] < whole.data_offset and lengths[-1] < whole.file_size  # and no further
+
+
+def test_a_truncated_file_fails_the_same_from_a_small_prefix(tiny_target, tmp_path, monkeypatch):
+    data = tiny_target.read_bytes()
+    head = read_gguf(tiny_target).data_offset
+    paths = []
+    for cut in (10, 100, head // 2, head - 40, len(data) - 100):  # in the counts, the key-values, the tensor infos,
+        paths.append(tmp_path / f"cut-{cut}.gguf")                # the data
+        paths[-1].write_bytes(data[:cut])
+    whole = [_error(p) for p in paths]
+    assert "(it ends at byte 10 before" in whole[0] and "truncated: its tensors need" in whole[-1], whole
+    monkeypatch.setattr(gguf_file, "PREFIX", 64)
+    assert [_error(p) for p in paths] == whole
+
+
+def test_a_3_gib_file_maps_only_its_header(tiny_target, tmp_path, monkeypatch):
+    """A model over 2 GiB (sparse: the tiny model, then a hole to 3 GiB) is read from its first PREFIX bytes, as a
+    32-bit process must; every check against the file's size uses the true size."""
+    p = tmp_path / "big.gguf"
+    p.write_bytes(tiny_target.read_bytes())
+    os.truncate(p, 3 << 30)
+    lengths = _mapped_lengths(monkeypatch)
+    g = read_gguf(p)
+    assert lengths == [gguf_file.PREFIX] and g.file_size == 3 << 30
+    assert g.tensors == read_gguf(tiny_target).tensors
+
+
 # ---------------------------------------------------------------------------- the gate: crafted files
 # Each file is the tiny model with one thing broken, of a shape that has crashed or corrupted llama.cpp's
 # loader (docs/model-files.md). The gate refuses it in one line before llama.cpp sees it.
@@ -118,6 +179,14 @@ def test_the_gate_refuses_each_attack_shape_in_one_line(tiny_target, tmp_path, a
     assert words in msg and str(path) in msg and "\n" not in msg, msg
     with pytest.raises(ModelFileError, match=re.escape(words)):  # every load goes through the gate
         Engine(path, n_ctx=64)
+
+
+def test_each_attack_fails_the_same_from_a_small_prefix(tiny_target, tmp_path, monkeypatch):
+    """(The gate's verdict and words do not depend on how much of the file read_gguf mapped.)"""
+    paths = [craft_gguf(tiny_target, tmp_path / f"{i}.gguf", **kw) for i, (kw, _) in enumerate(ATTACKS.values())]
+    whole = [_error(p) for p in paths]
+    monkeypatch.setattr(gguf_file, "PREFIX", 64)
+    assert [_error(p) for p in paths] == whole
 
 
 def test_the_unchanged_copy_passes_the_gate(tiny_target, tmp_path):
