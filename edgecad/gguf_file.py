@@ -14,7 +14,7 @@ import os
 import re
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -104,6 +104,15 @@ class GGUFInfo:
 
     def non_layer_tensors(self) -> list[Tensor]:
         return [t for t in self.tensors if not t.name.startswith("blk.")]
+
+    def local_part(self, first_remote: int) -> GGUFInfo:
+        """The model as this device holds it when layers first_remote.. live on remote devices (edgecad.rpc):
+        their tensors, bytes and KV cache are the remote devices'. The file is the same."""
+        blk = lambda t: re.match(r"blk\.(\d+)\.", t.name)  # noqa: E731
+        kept = [t for t in self.tensors if not blk(t) or int(blk(t).group(1)) < first_remote]
+        gone = sum(t.n_bytes for t in self.tensors) - sum(t.n_bytes for t in kept)
+        meta = {**self.metadata, f"{self.architecture}.block_count": first_remote}
+        return replace(self, file_size=self.file_size - gone, metadata=meta, tensors=kept, _by_name={})
 
     def type_bytes(self) -> Counter:
         c: Counter = Counter()
