@@ -71,9 +71,13 @@ class MemoryCgroup:
     def _join(self) -> None:  # runs in the child between fork and exec
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
+    def start(self, cmd: Sequence[str], **kw) -> subprocess.Popen:
+        """The command, started inside this cgroup."""
+        return subprocess.Popen(list(cmd), preexec_fn=self._join, **kw)
+
     def run(self, cmd: Sequence[str], timeout: Optional[float] = None, **kw) -> subprocess.CompletedProcess:
         self.timed_out = False
-        p = subprocess.Popen(list(cmd), preexec_fn=self._join, **kw)
+        p = self.start(cmd, **kw)
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

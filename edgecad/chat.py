@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import EdgecadError
+from .errors import EdgecadError, RemoteLostError
 
 HELP = """commands:
   /reset        forget the conversation (the transcript file keeps it)
@@ -107,7 +107,8 @@ class Conversation:
                 self.messages.pop()
                 self._write({"event": "withdrawn"})
             elif self.messages and self.messages[-1]["role"] == "user":  # an answer follows every question
-                self._add({"role": "assistant", "content": answer}, **({"interrupted": True} if interrupted else {}))
+                self._add({"role": "assistant", "content": answer},
+                          **({"interrupted": True} if interrupted or failed else {}))
         return answer
 
     def reset(self) -> None:
@@ -248,6 +249,9 @@ def _answer(conv: Conversation, text: str, tty: bool, out, err, dim) -> None:
         out.write(end)
         err.write(dim("(stopped)") + "\n")
         return
+    except RemoteLostError:  # the engine cannot go on: the chat ends (the transcript has every turn so far)
+        out.write(end)
+        raise
     except EdgecadError as e:  # one line, and the chat goes on
         out.write(end)
         hint = " (/reset starts a new conversation)" if "context" in str(e) else ""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import registry
-from .errors import EdgecadError
+from .errors import EdgecadError, RemoteLostError
 from .pager import STORAGE_PROFILES
 
 
@@ -181,6 +181,11 @@ def cmd_chat(a: argparse.Namespace) -> int:
         conv = chat.Conversation(eng, transcript, system=a.system, resume=bool(a.resume), sampling=sampling)
         try:
             return chat.run(conv, tty=tty)
+        except RemoteLostError as e:
+            if transcript is None:
+                raise
+            raise RemoteLostError(f"{e}. The conversation so far is in {transcript}: continue it with "
+                                  f"`edgecad chat --resume {transcript}`") from None
         finally:
             conv.close()
 

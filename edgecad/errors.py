@@ -56,3 +56,7 @@ class NativeError(EdgecadError):
     def __init__(self, message: str, code: int = 0):
         super().__init__(message)
         self.code = code
+
+
+class RemoteLostError(EdgecadError):
+    """A remote device (edgecad.rpc) is unreachable or went away: its layers of the target went with it."""

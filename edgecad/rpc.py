@@ -26,14 +26,10 @@ import llama_cpp as C
 
 from . import native
 from .devices import _base, _ggml, cpu_device
-from .errors import EdgecadError
+from .errors import EdgecadError, RemoteLostError
 
 DEFAULT_PORT = 50052  # llama.cpp's rpc-server's
 BUILD_HINT = "install llama-cpp-python with llama.cpp's RPC backend: bash scripts/build_rpc.sh (docs/devices.md)"
-
-
-class RemoteLostError(EdgecadError):
-    """A remote device went away: its layers of the target are gone with it."""
 
 
 # ---------------------------------------------------------------------------- bindings
