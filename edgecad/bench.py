@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -404,6 +405,10 @@ LIMIT_ROWS = {  # row -> what its process runs inside the memory cgroup
     "target-paged": "edgecad, target only (mode='target'), memory_budget='auto'",
     "tree-paged": "edgecad, draft + tree (mode='tree'), memory_budget='auto'",
     "edgecad": "edgecad's automatic configuration, memory_budget='auto'",
+    "edgecad-2dev": "edgecad's automatic configuration with a second device of the same memory: an `edgecad "
+                    "rpc-server` in a cgroup of its own on loopback (remote=[...]; needs the RPC build)",
+    "edgecad-2dev-cached": "edgecad-2dev, its server's cache (--cache) filled by a load before: the weights are not "
+                           "sent again",
 }
 
 
@@ -425,9 +430,9 @@ def _worker(spec: dict) -> dict:
                          "text": out["choices"][0]["text"]})
         llm.close()
     else:
-        mode = {"target-paged": "target", "tree-paged": "tree", "edgecad": None}[row]
+        mode = {"target-paged": "target", "tree-paged": "tree"}.get(row)
         with Engine(spec["target"], spec["draft"] if mode != "target" else None, mode=mode, memory_budget="auto",
-                    n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as eng:
+                    n_ctx=spec["n_ctx"], n_threads=spec["n_threads"], remote=spec.get("remote")) as eng:
             load, load_read = time.perf_counter() - t0, eng.load_bytes_read
             info = eng.memory_plan.as_dict()
             reset = cgroup.reset_own_peak()
@@ -435,9 +440,12 @@ def _worker(spec: dict) -> dict:
                 t = time.perf_counter()
                 out = eng.create_completion(pr, max_tokens=spec["max_tokens"], temperature=0.0)
                 st = out["edgecad"]
+                passes = max(1, st["target_passes"] - st["prompt_passes"])
                 runs.append({"seconds": time.perf_counter() - t, "tokens": st["n_tokens"],
                              "text": out["choices"][0]["text"], "tokens_per_pass": st["mean_accepted_per_pass"],
-                             "peak_resident_target_bytes": st["peak_resident_target_bytes"]})
+                             "peak_resident_target_bytes": st["peak_resident_target_bytes"],
+                             "read_per_pass": st["bytes_read"] / passes,
+                             "network_per_pass": st.get("network_bytes", 0) / max(1, st["target_passes"])})
     return {"load_seconds": load, "load_bytes_read": load_read, "runs": runs, "plan": info,
             "peak_generating_bytes": cgroup.own_peak() if reset else None}
 
@@ -465,8 +473,10 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
                 bar.update(0, note=f"{row} @ {limit / 1e6:,.0f} MB" if limit else row)
             spec = {"row": row, "target": str(target), "draft": str(draft), "prompts": texts,
                     "max_tokens": max_tokens, "n_threads": n_threads or os.cpu_count(), "n_ctx": n_ctx}
-            cgroup.drop_file_cache([target, draft])
-            res = _limit_row(spec, limit, timeout)
+            with _second_device(row, limit, spec) as server:
+                cgroup.drop_file_cache([target, draft])
+                res = _limit_row(spec, limit, timeout)
+                res["server_peak_bytes"] = server.peak if server else None
             results.append(res)
             if bar:
                 bar.update(1)
@@ -486,6 +496,47 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
                        "cgroups": ok, "tokens_per_second": "completion tokens / (prompt + generation seconds), "
                        "median over prompts; load not counted"},
             "results": results}
+
+
+@contextmanager
+def _second_device(row: str, limit: Optional[int], spec: dict):
+    """For the 2dev rows: an `edgecad rpc-server` alone in a memory cgroup of `limit` on loopback, in spec["remote"]
+    (with a cache its warm-up load filled, for -cached); yields its cgroup (None for other rows)."""
+    if not row.startswith("edgecad-2dev"):
+        yield None
+        return
+    import shutil
+    import socket
+    from .rpc import require
+    require()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tempfile.mkdtemp(prefix="edgecad-rpc-cache-") if row.endswith("cached") else None
+    cmd = [sys.executable, "-m", "edgecad.cli", "rpc-server", "--port", str(port), "--memory-budget",
+           str(limit or "auto")] + (["--cache", cache] if cache else [])
+    cg = cgroup.MemoryCgroup(limit, "rpc") if limit else None
+    p = (cg.start if cg else subprocess.Popen)(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                              cwd=tempfile.gettempdir())
+    try:
+        p.stdout.readline()  # its ready line
+        spec["remote"] = [f"127.0.0.1:{port}"]
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        if cache:  # a first load fills the server's cache
+            _limit_row({**spec, "prompts": spec["prompts"][:1], "max_tokens": 1}, limit, 3600)
+        yield cg
+    finally:
+        p.kill()
+        p.wait()
+        if cg:
+            cg.close()
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def _limit_row(spec: dict, limit: Optional[int], timeout: float) -> dict:
@@ -520,20 +571,23 @@ def _limit_row(spec: dict, limit: Optional[int], timeout: float) -> dict:
                load_bytes_read=w["load_bytes_read"],
                config=w["plan"].get("config", "llama.cpp defaults"), plan=w["plan"],
                texts=[x["text"] for x in w["runs"]],
-               tokens_per_pass=statistics.mean(x.get("tokens_per_pass") or 1.0 for x in w["runs"]))
+               tokens_per_pass=statistics.mean(x.get("tokens_per_pass") or 1.0 for x in w["runs"]),
+               read_per_pass=statistics.mean(x.get("read_per_pass") or 0 for x in w["runs"]),
+               network_per_pass=statistics.mean(x.get("network_per_pass") or 0 for x in w["runs"]))
     return res
 
 
 def limits_table(result: dict) -> str:
     lines = ["| device memory | row | tok/s (min–max) | × llama-cpp-python | cgroup peak MB (generating) | "
-             "configuration | tok/pass | load s (MB read) | same text as peer |", "|---|---|---|---|---|---|---|---|---|"]
+             "configuration | tok/pass | MB read / pass (network) | load s (MB read) | same text as peer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         lim = f"{r['limit_bytes'] / 1e6:,.0f} MB" if r["limit_bytes"] else "no limit"
         if r["tokens_per_second"] is None:
             m = re.search(r"needs ([\d,]+ MB)", r["error"])
             err = f"does not fit (the smallest configuration needs {m.group(1)})" if m else r["error"]
             lines.append(f"| {lim} | {r['row']} | {err} | – | "
-                         f"{r['peak_bytes'] / 1e6 if r['peak_bytes'] else 0:,.0f} | – | – | – | – |")
+                         f"{r['peak_bytes'] / 1e6 if r['peak_bytes'] else 0:,.0f} | – | – | – | – | – |")
             continue
         n = result["config"]["n_prompts"]
         xp = "–" if r["x_peer"] is None else f"{r['x_peer']:.2f}"
@@ -542,7 +596,9 @@ def limits_table(result: dict) -> str:
         lines.append(
             f"| {lim} | {r['row']} | {r['tokens_per_second']:.2f} ({r['tokens_per_second_min']:.2f}–"
             f"{r['tokens_per_second_max']:.2f}) | {xp} | {(r['peak_bytes'] or 0) / 1e6:,.0f} ({gen}) | {r['config']} | "
-            f"{r['tokens_per_pass']:.2f} | {_load(r)} | {same} |")
+            f"{r['tokens_per_pass']:.2f} | {r.get('read_per_pass', 0) / 1e6:,.1f}"
+            + (f" ({r['network_per_pass'] / 1e3:,.0f} KB; server peak {r['server_peak_bytes'] / 1e6:,.0f} MB)"
+               if r.get("server_peak_bytes") else "") + f" | {_load(r)} | {same} |")
     return "\n".join(lines)
 
 
