@@ -133,7 +133,10 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
                 else "the target fits in this device's memory budget") + "\n")
         else:
             local = t_info.local_part(remote_plan.first)
-            costs = args["costs"] = load_costs(local, d_info, n_threads)
+            costs = load_costs(local, d_info, n_threads)  # (its own: passes also compute remotely)
+            if not costs.observed and not costs.read_measured:  # first time: what the whole target measured
+                costs = replace(args["costs"], observed=0)
+            args["costs"] = costs
             plan = plan_memory(budget, local, d_info, **args)
     if calibrate and plan.paged and not costs.read_measured:  # the storage, once per device and model
         measure_read(costs, local, d_info, n_threads)

@@ -495,7 +495,7 @@ class Engine:
     def _learn(self, st: dict) -> None:
         """Correct the device's measured costs with this completion (edgecad.memory.observe)."""
         t, d = self.config.local_info, self.config.draft_info
-        costs = observe(self._costs, self.memory_plan, st, t.file_size, d.file_size if d else 0)
+        costs = observe(self._costs, self.memory_plan, st, t.pass_bytes, d.file_size if d else 0)
         if costs is not self._costs:
             self._costs = costs
             save_costs(costs, t, d, self.n_threads)

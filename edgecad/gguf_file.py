@@ -60,10 +60,16 @@ class GGUFInfo:
     alignment: int = 32
     vocab_digest: str = ""    # sha256 of the raw tokenizer.ggml.tokens array: equal digests = same vocabulary
     array_types: dict = field(default_factory=dict)  # key -> the GGUF element type of its array value
+    remote_bytes: int = 0     # bytes of layers held by remote devices (local_part): computed in every pass, not here
     _by_name: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self._by_name = {t.name: t for t in self.tensors}
+
+    @property
+    def pass_bytes(self) -> int:
+        """Bytes of weights a pass computes over: the file's, with the layers remote devices hold."""
+        return self.file_size + self.remote_bytes
 
     def tensor(self, name: str) -> Tensor | None:
         return self._by_name.get(name)
@@ -112,7 +118,8 @@ class GGUFInfo:
         kept = [t for t in self.tensors if not blk(t) or int(blk(t).group(1)) < first_remote]
         gone = sum(t.n_bytes for t in self.tensors) - sum(t.n_bytes for t in kept)
         meta = {**self.metadata, f"{self.architecture}.block_count": first_remote}
-        return replace(self, file_size=self.file_size - gone, metadata=meta, tensors=kept, _by_name={})
+        return replace(self, file_size=self.file_size - gone, metadata=meta, tensors=kept, _by_name={},
+                       remote_bytes=self.remote_bytes + gone)
 
     def type_bytes(self) -> Counter:
         c: Counter = Counter()

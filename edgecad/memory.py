@@ -487,7 +487,7 @@ def tree_size(costs: Costs, target: GGUFInfo, paging: Optional[BudgetPlan], page
     when it is compute-bound). Within that cap LLMCad's threshold, capped by the measured break-even
     (edgecad.fallback), stops drafting when another node does not pay."""
     io, streamed = io_seconds(costs, paging, pager), _streamed(paging)
-    while 0 < nodes < MAX_TREE_NODES and costs.target_pass(target.file_size, min(2 * nodes, MAX_TREE_NODES) + 1,
+    while 0 < nodes < MAX_TREE_NODES and costs.target_pass(target.pass_bytes, min(2 * nodes, MAX_TREE_NODES) + 1,
                                                        streamed) <= io:
         nodes = min(2 * nodes, MAX_TREE_NODES)
     return nodes
@@ -503,7 +503,7 @@ def _waits(costs: Costs, target: GGUFInfo, draft: GGUFInfo, paging: BudgetPlan, 
     pipeline's chain then drafts in time that is otherwise idle (measured: 1.33x at 45 MB/s; 0.95-0.98x where
     compute hides the reads)."""
     n = min(costs.tree_nodes, nodes)
-    wait = io_seconds(costs, paging, pager) - costs.target_pass(target.file_size, n + 1, _streamed(paging))
+    wait = io_seconds(costs, paging, pager) - costs.target_pass(target.pass_bytes, n + 1, _streamed(paging))
     return wait > costs.draft_time(draft.file_size, n)
 
 
@@ -517,7 +517,7 @@ def _speed(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], paging: Op
     below what it measured yields fewer tokens, growing with the logarithm of its nodes (its first nodes are its
     likeliest: Sequoia's accepted tokens grow about so with tree size)."""
     n = min(costs.tree_nodes, nodes or MAX_TREE_NODES) if draft is not None else 0
-    compute, io = costs.target_pass(target.file_size, n + 1, _streamed(paging)), io_seconds(costs, paging, pager)
+    compute, io = costs.target_pass(target.pass_bytes, n + 1, _streamed(paging)), io_seconds(costs, paging, pager)
     sec = max(compute, io) if pager.read_ahead else compute + io
     if draft is None:
         return 1.0 / sec
