@@ -297,10 +297,8 @@ def cmd_rpc_server(a: argparse.Namespace) -> int:
     from .memory import parse_memory, process_rss
 
     rpc.require()
-    try:
-        loopback = ipaddress.ip_address(a.host).is_loopback
-    except ValueError:
-        loopback = a.host == "localhost"
+    host, port = rpc.parse_endpoint(f"{a.host}:{a.port}")  # (an IPv4 address: all llama.cpp's server takes)
+    loopback = ipaddress.ip_address(host).is_loopback
     if not loopback and not a.allow_network:
         raise EdgecadError(f"--host {a.host} would let anyone who reaches this port run code on this device's "
                            "memory: llama.cpp's RPC protocol has no authentication and no encryption. Use it on a "
@@ -324,7 +322,7 @@ def cmd_rpc_server(a: argparse.Namespace) -> int:
     failed = threading.Event()
 
     def run():
-        rpc.serve(a.host, a.port, n_threads=threads, cache_dir=cache)
+        rpc.serve(host, port, n_threads=threads, cache_dir=cache)
         failed.set()  # (it returns only when it could not start)
 
     def on_term(*_):

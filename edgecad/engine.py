@@ -77,7 +77,7 @@ def stats_dict(stats: Stats, plan) -> dict:
     if plan.remote is not None:  # (estimated: activations in and out of each remote device)
         d["remote_layers"] = {f"{dv.name} {dv.endpoint}": c for dv, c in zip(plan.remote.devices, plan.remote.counts)}
         d["network_bytes"] = plan.remote.net_bytes(stats.prompt_tokens - stats.prompt_reused + stats.draft_tokens
-                                                   + stats.target_passes)
+                                                   + stats.target_passes, stats.prompt_tokens + n)
     return d
 
 

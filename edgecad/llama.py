@@ -17,7 +17,7 @@ import llama_cpp as C
 import numpy as np
 
 from . import native
-from .errors import LlamaError, ModelFileError, RequestError
+from .errors import LlamaError, ModelFileError, RemoteLostError, RequestError
 from .progress import Progress
 
 # ---------------------------------------------------------------------------- logging
@@ -81,10 +81,15 @@ def _call(remote: bool, what: str, fn, *args):
     return watched(fn, *args, what=what)
 
 
-def _leaks(remote: bool) -> bool:
-    """A remote device was lost: llama.cpp's objects that use it cannot be freed (freeing would wait on it
-    forever), so they are left to the process's exit."""
-    return remote and native.remote_lost() is not None
+def _free(remote: bool, fn, ptr) -> None:
+    """fn(ptr) (llama_free, llama_model_free): watched when a remote device is used, and skipped once one is lost
+    (freeing would wait on it for good: what uses it is left to the process's exit)."""
+    if remote and native.remote_lost() is not None:
+        return
+    try:
+        _call(remote, "while closing", fn, ptr)
+    except RemoteLostError:
+        pass
 
 
 def _identity(path: Path):
@@ -156,7 +161,7 @@ class Model:
             bar.close()
         if stop or native.lib.ec_interrupt_pending():
             if self._ptr:
-                C.llama_model_free(self._ptr)
+                _free(params.remote, C.llama_model_free, self._ptr)
                 self._ptr = None
             raise KeyboardInterrupt
         if not self._ptr:
@@ -232,8 +237,8 @@ class Model:
     def close(self) -> None:
         while self._dependents:
             self._dependents.pop().close()
-        if self._ptr and not _leaks(self.params.remote):
-            C.llama_model_free(self._ptr)
+        if self._ptr:
+            _free(self.params.remote, C.llama_model_free, self._ptr)
         self._ptr = None
 
     def __enter__(self):
@@ -540,8 +545,8 @@ class Context:
         self.tokens = []
 
     def close(self) -> None:
-        if self._ptr and not _leaks(getattr(self, "_remote", False)):
-            C.llama_free(self._ptr)
+        if self._ptr:
+            _free(getattr(self, "_remote", False), C.llama_free, self._ptr)
         self._ptr = None
 
     def __enter__(self):

@@ -131,10 +131,10 @@ class RemotePlan:
         return dict(n_gpu_layers=k + 1, devices=tuple(d.handle for d in self.devices), tensor_split=tuple(split),
                     cpu_tensors=r"^(output|output_norm|token_embd)\.", remote=True)
 
-    def net_bytes(self, tokens: int) -> int:
-        """Bytes a pass over `tokens` tokens moves over the network (estimated): each device's activations in
-        and out, fp32; and the attention inputs are smaller than that for short contexts."""
-        return 2 * tokens * self.n_embd * 4 * len(self.devices)
+    def net_bytes(self, tokens: int, kv_len: int = 0) -> int:
+        """Bytes passes over `tokens` tokens in all move over the network (estimated): to each device and back,
+        the activations (fp32), and to it the attention mask over the cached cells (fp32, kv_len of them)."""
+        return tokens * (2 * self.n_embd * 4 + (_cells(kv_len) if kv_len else 0) * 4) * len(self.devices)
 
     def describe(self) -> str:
         mb = lambda n: f"{n / MB:,.0f} MB"  # noqa: E731
@@ -145,7 +145,8 @@ class RemotePlan:
                        + f" ({mb(w)} of weights + KV {mb(kv)} + compute {mb(self.reserve)}; it announces "
                        f"{mb(d.memory_free)} free)")
             start += c
-        out.append(f"network         ~{self.net_bytes(1) / 1e3:,.0f} KB per token of a pass (activations in and out)")
+        out.append(f"network         ~{self.net_bytes(1) / 1e3:,.0f} KB per token of a pass (activations in and "
+                   "out), + 4 bytes per cached token (the attention mask)")
         return "\n".join(out)
 
 

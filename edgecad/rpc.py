@@ -22,8 +22,6 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import llama_cpp as C
-
 from . import native
 from .devices import _base, _ggml, cpu_device
 from .errors import EdgecadError, RemoteLostError
@@ -55,7 +53,8 @@ _START_SERVER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.
 
 def _rpc(name: str, prototype):
     """A function of the RPC backend (through its registry entry, however llama.cpp was linked), or None."""
-    C.llama_backend_init()
+    from .llama import _init_backend
+    _init_backend()  # (llama.cpp's log captured first: its RPC errors become one line)
     reg = _ggml.ggml_backend_reg_by_name(b"RPC")
     addr = _base.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
     return prototype(addr) if addr else None
@@ -74,25 +73,57 @@ def require() -> None:
 # ---------------------------------------------------------------------------- endpoints
 
 def parse_endpoint(s: str) -> tuple[str, int]:
-    """(host, port) of "host:port" or "host" (port 50052); an EdgecadError naming the fix otherwise."""
+    """(IPv4 address, port) of "host:port" or "host" (port 50052): ggml's RPC client and server speak IPv4 only
+    and take no names. An EdgecadError naming the fix otherwise."""
     host, sep, port = str(s).strip().rpartition(":")
     if not sep:
         host, port = port, str(DEFAULT_PORT)
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
-        raise EdgecadError(f"remote device {s!r} is not host:port: give e.g. 192.168.1.20:{DEFAULT_PORT}")
-    return host, int(port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in " []:"):
+        raise EdgecadError(f"remote device {s!r} is not host:port with an IPv4 address or a name: give e.g. "
+                           f"192.168.1.20:{DEFAULT_PORT} (llama.cpp's RPC backend has no IPv6)")
+    try:
+        return socket.gethostbyname(host), int(port)
+    except OSError:
+        raise EdgecadError(f"remote device {s!r}: {host} has no IPv4 address (llama.cpp's RPC backend has no "
+                           "IPv6): give the machine's IPv4 address") from None
+
+
+RPC_PROTO = (7, 0)  # (major, minor) of the pinned llama.cpp's ggml-rpc.h: RPC_PROTO_MAJOR/MINOR_VERSION
+_HELLO = 14         # RPC_CMD_HELLO ("must be always 14"); its request: 24 bytes of connection capabilities
 
 
 def probe(endpoint: str, timeout: float = 5.0) -> None:
-    """Raise RemoteLostError with one line unless something accepts connections at `endpoint`: ggml's own
-    connect would abort the process."""
+    """Raise RemoteLostError with one line unless an RPC server of this protocol answers at `endpoint`
+    (llama.cpp's handshake, with a timeout: ggml's own connect aborts the process on failure, and waits for good
+    on a server that is busy with another client)."""
     host, port = parse_endpoint(endpoint)
+    fix = f"start `edgecad rpc-server --port {port}` there, or check the address"
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        raise RemoteLostError(f"remote device {host}:{port} is unreachable ({e.strerror or e}): start "
-                              f"`edgecad rpc-server --port {port}` there, or check the address") from None
+        raise RemoteLostError(f"remote device {host}:{port} is unreachable ({e.strerror or e}): {fix}") from None
+    reply = b""
+    try:
+        with sock:
+            sock.sendall(bytes([_HELLO]) + (24).to_bytes(8, "little") + bytes(24))
+            while len(reply) < 8 + 28:
+                part = sock.recv(8 + 28 - len(reply))
+                if not part:
+                    break
+                reply += part
+    except socket.timeout:
+        raise RemoteLostError(f"remote device {host}:{port} did not answer within {timeout:.0f} s: an RPC server "
+                              "serves one engine at a time, is another using it? Or " + fix) from None
+    except OSError:
+        pass  # (closed on us: judged below)
+    if len(reply) < 36 or int.from_bytes(reply[:8], "little") != 28:
+        raise RemoteLostError(f"{host}:{port} is not an RPC server of this llama.cpp (its answer to the handshake "
+                              f"is not one): {fix}")
+    major, minor = reply[8], reply[9]
+    if major != RPC_PROTO[0] or minor > RPC_PROTO[1]:
+        raise RemoteLostError(f"the RPC server at {host}:{port} speaks protocol {major}.{minor}, this llama.cpp "
+                              f"{RPC_PROTO[0]}.{RPC_PROTO[1]}: install the same edgecad and scripts/build_rpc.sh "
+                              "on both machines")
 
 
 # ---------------------------------------------------------------------------- watched calls
@@ -125,12 +156,14 @@ def watched(fn: Callable, *args, what: str = "during a call"):
 
     threading.Thread(target=run, daemon=True, name="edgecad-remote").start()
     interrupted = False
-    while not done.wait(0.05):
+    while True:  # (never leave while the call runs: its context would be used or freed under it)
         try:
+            if done.wait(0.05):
+                break
             if native.remote_lost():
                 raise lost_error(what)
         except KeyboardInterrupt:
-            interrupted = True  # (the C flag is set: llama.cpp stops; wait for it)
+            interrupted = True  # (the C flag is set: llama.cpp stops at its next check; wait for it)
     if interrupted:
         raise KeyboardInterrupt
     ok, value = out[0]
@@ -156,9 +189,7 @@ def connect(endpoints: list[str]) -> list[RemoteDevice]:
     require()
     add = _rpc("ggml_backend_rpc_add_server", _ADD_SERVER)
     out = []
-    for ep in endpoints:
-        host, port = parse_endpoint(ep)
-        ep = f"{host}:{port}"
+    for ep in dict.fromkeys(f"{h}:{p}" for h, p in map(parse_endpoint, endpoints)):  # (each server once)
         probe(ep)
         reg = watched(add, ep.encode(), what=f"connecting to {ep}")
         n = _base.ggml_backend_reg_dev_count(reg) if reg else 0
@@ -175,12 +206,24 @@ def connect(endpoints: list[str]) -> list[RemoteDevice]:
 
 
 def forget_layers(path, info, first: int) -> None:
-    """Drop from the page cache what the load read of layers first.. to send them (never read here again)."""
+    """Drop what the load read of layers first.. to send them (never read here again): out of this process's
+    mappings of the file (llama.cpp read them through its mapping), then out of the page cache. Whole pages
+    only: a page shared with a local layer stays."""
+    import mmap
     import os
+    from .pager import file_mappings
+    page, libc = mmap.PAGESIZE, ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes, libc.madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    spans = [(-(-l.start // page) * page, l.end // page * page) for l in info.layers()[first:]]
+    for addr, off, length in file_mappings(path):
+        for lo, hi in spans:
+            lo, hi = max(lo, off), min(hi, off + length)
+            if hi > lo:
+                libc.madvise(addr + lo - off, hi - lo, mmap.MADV_DONTNEED)  # (best effort)
     fd = os.open(path, os.O_RDONLY)
     try:
-        for layer in info.layers()[first:]:
-            os.posix_fadvise(fd, layer.start, layer.n_bytes, os.POSIX_FADV_DONTNEED)
+        for lo, hi in spans:
+            os.posix_fadvise(fd, lo, max(hi - lo, 0), os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -198,8 +241,10 @@ def announce(dev: int, free: int, total: int) -> None:
 
 
 def serve(host: str, port: int, *, n_threads: int, cache_dir: Optional[str] = None) -> None:
-    """Run llama.cpp's RPC server on this device's CPU (returns only when it fails to start)."""
+    """Run llama.cpp's RPC server on this device's CPU (returns only when it fails to start). host: an IPv4
+    address or a name that has one (parse_endpoint)."""
     require()
+    host, port = parse_endpoint(f"{host}:{port}")
     start = _rpc("ggml_backend_rpc_start_server", _START_SERVER)
     devs = (ctypes.c_void_p * 1)(cpu_device())
     start(f"{host}:{port}".encode(), cache_dir.encode() if cache_dir else None, n_threads, 1, devs)

@@ -23,14 +23,18 @@ static abort_fn previous_abort;
 static int remote_lost;             /* set once a server was lost (never cleared: its dispatcher is parked) */
 static char remote_message[EC_ERRBUF]; /* ggml's message for it */
 
+/* An abort of ggml's RPC client: its message begins with the source file, ggml-rpc.cpp. */
 static int is_remote_failure(const char *m) {
-    return m && (strstr(m, "RPC") || strstr(m, "Failed to connect to"));
+    return m && strstr(m, "ggml-rpc.cpp:") != NULL;
 }
 
 static void on_abort(const char *message) {
     if (is_remote_failure(message)) {
-        if (!__atomic_exchange_n(&remote_lost, 1, __ATOMIC_ACQ_REL))
+        static int first = 1;
+        if (__atomic_exchange_n(&first, 0, __ATOMIC_ACQ_REL)) { /* the message first, then the flag */
             snprintf(remote_message, sizeof remote_message, "%s", message);
+            __atomic_store_n(&remote_lost, 1, __ATOMIC_RELEASE);
+        }
         for (;;) pause(); /* parked: the watched caller stops waiting for it */
     }
     if (previous_abort) previous_abort(message);

@@ -22,5 +22,6 @@ if [ -z "$wheel" ]; then
     wheel=$(ls "$wheels"/llama_cpp_python-"$version"-*.whl | head -n1)
 fi
 pip install -q --no-cache-dir --force-reinstall --no-deps "$wheel"
-python -c "import edgecad.rpc as r; r.require(); print('llama.cpp RPC backend: available')" 2>/dev/null \
-    || python -c "import llama_cpp, ctypes, pathlib; print('installed', llama_cpp.__version__)"
+python -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)" ||
+    { echo "the installed llama-cpp-python has no RPC backend: remove $wheel and run again" >&2; exit 1; }
+echo "llama-cpp-python $version with llama.cpp's RPC backend: installed" >&2
