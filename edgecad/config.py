@@ -120,17 +120,24 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     grow = mode in (None, "tree") and tree_params is None  # edgecad's own tree grows where passes are IO-bound
     args = dict(n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=nodes, pager=pager, target_budget=target_budget,
                 costs=costs, configs=configs, grow_tree=grow)
-    plan = plan_memory(budget, t_info, d_info, **args)
+    try:
+        plan, too_small = plan_memory(budget, t_info, d_info, **args), None
+    except EdgecadError as e:  # nothing fits here: with remote devices, the target's layers may go there
+        if not remote:
+            raise
+        plan, too_small = None, e
     local, remote_plan = t_info, None
     if remote:  # the target's last layers on remote devices, where it does not fit here
         from .rpc import connect
         devices = connect(list(remote))
-        remote_plan = plan_remote(t_info, devices, n_ctx=n_ctx, n_batch=args["n_batch"]) \
-            if plan.paged or target_budget is not None else None
+        fits_here = plan is not None and not plan.paged and target_budget is None
+        remote_plan = None if fits_here else plan_remote(t_info, devices, n_ctx=n_ctx, n_batch=args["n_batch"])
+        if remote_plan is None and too_small is not None:
+            raise EdgecadError(f"{too_small}; and no remote device announces memory for one of its layers")
         if remote_plan is None:
             sys.stderr.write("edgecad: the remote devices are not used: " + (
-                "none announces memory for a layer" if plan.paged or target_budget is not None
-                else "the target fits in this device's memory budget") + "\n")
+                "the target fits in this device's memory budget" if fits_here
+                else "none announces memory for a layer") + "\n")
         else:
             local = t_info.local_part(remote_plan.first)
             costs = load_costs(local, d_info, n_threads)  # (its own: passes also compute remotely)
