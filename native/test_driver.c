@@ -3,7 +3,8 @@
  * cross-compiled, under qemu-user as another architecture (tests/test_native.py). Prints one line per check,
  * "ok NAME: detail" or "FAIL NAME: why", and exits 1 if any check failed.
  *
- *   cc -std=gnu11 -Inative native/test_driver.c native/common.c native/pager.c native/guard.c -lpthread -ldl
+ *   cc -std=gnu11 -Inative native/test_driver.c native/common.c native/pager.c native/guard.c native/remote.c \
+ *      -lpthread -ldl
  *   cc -std=gnu11 -shared -fPIC -o libecstandin.so native/test_standin.c          (imports mmap)
  *   cc -std=gnu11 -shared -fPIC -D_FILE_OFFSET_BITS=64 -o libecstandin64.so native/test_standin.c   (mmap64)
  *   ./a.out SCRATCH_DIR [STANDIN_LIBRARY...]
