@@ -506,35 +506,16 @@ def _second_device(row: str, limit: Optional[int], spec: dict):
         yield None
         return
     import shutil
-    import socket
-    from .rpc import require
+    from .rpc import ServerProcess, require
     require()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cache = tempfile.mkdtemp(prefix="edgecad-rpc-cache-") if row.endswith("cached") else None
-    cmd = [sys.executable, "-m", "edgecad.cli", "rpc-server", "--port", str(port), "--memory-budget",
-           str(limit or "auto")] + (["--cache", cache] if cache else [])
-    cg = cgroup.MemoryCgroup(limit, "rpc") if limit else None
-    p = (cg.start if cg else subprocess.Popen)(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                              cwd=tempfile.gettempdir())
     try:
-        p.stdout.readline()  # its ready line
-        spec["remote"] = [f"127.0.0.1:{port}"]
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        if cache:  # a first load fills the server's cache
-            _limit_row({**spec, "prompts": spec["prompts"][:1], "max_tokens": 1}, limit, 3600)
-        yield cg
+        with ServerProcess(limit, cache=cache) as server:
+            spec["remote"] = [server.endpoint]
+            if cache:  # a first load fills the server's cache
+                _limit_row({**spec, "prompts": spec["prompts"][:1], "max_tokens": 1}, limit, 3600)
+            yield server.cg
     finally:
-        p.kill()
-        p.wait()
-        if cg:
-            cg.close()
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
 

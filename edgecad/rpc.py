@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -248,3 +252,51 @@ def serve(host: str, port: int, *, n_threads: int, cache_dir: Optional[str] = No
     start = _rpc("ggml_backend_rpc_start_server", _START_SERVER)
     devs = (ctypes.c_void_p * 1)(cpu_device())
     start(f"{host}:{port}".encode(), cache_dir.encode() if cache_dir else None, n_threads, 1, devs)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`edgecad rpc-server` in a process of its own on loopback (the bench's second device, the tests' server), in
+    a memory cgroup of `budget` bytes when one is given and a cgroup can be made; listening once constructed."""
+
+    def __init__(self, budget: Optional[int] = None, *, cache: Optional[str] = None, threads: Optional[int] = None):
+        from . import cgroup
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.cg = cgroup.MemoryCgroup(budget, "rpc") if budget and cgroup.available()[0] else None
+        cmd = [sys.executable, "-m", "edgecad.cli", "rpc-server", "--port", str(self.port), "--memory-budget",
+               str(budget or "auto"), *(["--cache", cache] if cache else []),
+               *(["--threads", str(threads)] if threads else [])]
+        # (cwd elsewhere: from a source checkout, `-m edgecad.cli` would import the unbuilt sources)
+        self.p = (self.cg.start if self.cg else subprocess.Popen)(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tempfile.gettempdir())
+        self.p.stdout.readline()  # its ready line; it listens right after
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(30)
+
+    def close(self) -> None:
+        self.kill()
+        if self.cg:
+            self.cg.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -3,7 +3,6 @@ the tiny models. Needs llama-cpp-python built with the RPC backend (scripts/buil
 skip, saying so; EDGECAD_TEST_RPC=1 makes its absence a failure (CI sets it after building it)."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,49 +25,10 @@ SERVER_BUDGET = 400_000_000
 ENGINE = dict(n_ctx=512, target_budget="50%", mode="tree")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`edgecad rpc-server` in a process of its own, in its own memory cgroup where one can be made."""
-
-    def __init__(self, budget: int = SERVER_BUDGET, extra=()):
-        self.port = _free_port()
-        ok, self.why_no_cgroup = cgroup.available()
-        self.cg = cgroup.MemoryCgroup(budget, "rpc") if ok else None
-        cmd = [sys.executable, "-m", "edgecad.cli", "rpc-server", "--port", str(self.port), "--memory-budget",
-               str(budget), "--threads", "1", *extra]
-        start = self.cg.start if self.cg else subprocess.Popen
-        self.p = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.ready = self.p.stdout.readline()
-        deadline = time.time() + 30
-        while time.time() < deadline:  # the listening socket comes after the ready line
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        self.endpoint = f"127.0.0.1:{self.port}"
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGKILL)
-        self.p.wait(30)
-
-    def close(self):
-        self.kill()
-        if self.cg:
-            self.cg.close()
-
-
 @pytest.fixture
 def server():
-    s = Server()
-    yield s
-    s.close()
+    with rpc.ServerProcess(SERVER_BUDGET, threads=1) as s:  # (in its own memory cgroup where one can be made)
+        yield s
 
 
 def _tokens(paging_pair, **kw) -> list[int]:
@@ -112,7 +72,7 @@ def test_greedy_tokens_through_a_remote_device_are_the_single_device_engine_s(pa
 def test_the_server_stays_within_its_memory_budget(paging_pair):
     if not cgroup.available()[0]:
         pytest.skip(f"no memory cgroup can be made here ({cgroup.available()[1]}): the budget cannot be held")
-    s = Server(budget=300_000_000)
+    s = rpc.ServerProcess(300_000_000, threads=1)
     try:  # (the cgroup holds it to the budget: what could fail is the server being killed by it)
         assert _tokens(paging_pair, remote=[s.endpoint]) == _tokens(paging_pair)
         assert s.p.poll() is None and s.cg.oom_kills == 0
@@ -165,7 +125,7 @@ def test_a_server_killed_gives_a_clear_error_and_a_close_that_does_not_wait(pagi
 def test_an_unreachable_busy_or_foreign_server_at_load_gives_its_line(paging_pair, server):
     from edgecad.engine import Engine
     draft, target = paging_pair
-    port = _free_port()
+    port = rpc.free_port()
     with pytest.raises(RemoteLostError, match=f"127.0.0.1:{port} is unreachable.*rpc-server --port {port}"):
         Engine(target, draft, remote=[f"127.0.0.1:{port}"], **ENGINE)
     with socket.create_server(("127.0.0.1", 0)) as foreign:  # something else listens there: it closes at once
@@ -206,6 +166,6 @@ def test_a_chat_whose_server_goes_away_ends_with_one_line_and_keeps_its_transcri
 
 def test_rpc_server_refuses_a_network_address_without_the_flag():
     r = subprocess.run([sys.executable, "-m", "edgecad.cli", "rpc-server", "--host", "0.0.0.0", "--port",
-                        str(_free_port())], capture_output=True, text=True, timeout=60)
+                        str(rpc.free_port())], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no authentication" in r.stderr and "--allow-network" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
