@@ -294,7 +294,7 @@ def cmd_rpc_server(a: argparse.Namespace) -> int:
 
     from . import rpc
     from .llama import default_threads
-    from .memory import parse_memory, process_rss
+    from .memory import cache_dir, parse_memory, process_rss
 
     rpc.require()
     host, port = rpc.parse_endpoint(f"{a.host}:{a.port}")  # (an IPv4 address: all llama.cpp's server takes)
@@ -311,7 +311,7 @@ def cmd_rpc_server(a: argparse.Namespace) -> int:
     if budget <= own:
         raise EdgecadError(f"--memory-budget {a.memory_budget} is below what the server itself holds "
                            f"({own / 1e6:,.0f} MB): give more")
-    cache = None if a.cache is None else os.path.expanduser(a.cache or "~/.cache/edgecad/rpc")
+    cache = None if a.cache is None else os.path.expanduser(a.cache) if a.cache else str(cache_dir() / "rpc")
     if cache:
         os.makedirs(cache, exist_ok=True)
     threads = a.threads or default_threads()
@@ -533,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-budget", default="auto", help="memory this server may hold (1.5GB, 900MiB, auto: "
                                                            "available memory or the cgroup limit; the default)")
     r.add_argument("--cache", nargs="?", const="", default=None, metavar="DIR",
-                   help="keep received weights in DIR (default ~/.cache/edgecad/rpc): the next load of the same "
-                        "model sends only their hashes")
+                   help="keep received weights in DIR (default: rpc/ in edgecad's cache, ~/.cache/edgecad): the "
+                        "next load of the same model sends only their hashes")
     r.add_argument("--threads", type=_positive, default=None, help="compute threads (default: the cores)")
     r.add_argument("--allow-network", action="store_true",
                    help="listen on a non-loopback --host although the protocol has no authentication")

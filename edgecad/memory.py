@@ -175,10 +175,14 @@ def plan_remote(target: GGUFInfo, devices: list, *, n_ctx: int, n_batch: int) ->
 
 # ---------------------------------------------------------------------------- measured costs
 
+def cache_dir() -> Path:
+    """edgecad's cache directory: EDGECAD_CACHE, else $XDG_CACHE_HOME/edgecad (default ~/.cache/edgecad)."""
+    return Path(os.environ.get("EDGECAD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                                os.path.expanduser("~/.cache"), "edgecad"))
+
+
 def _cache_path() -> Path:
-    d = os.environ.get("EDGECAD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                         os.path.expanduser("~/.cache"), "edgecad")
-    return Path(d) / "costs.json"
+    return cache_dir() / "costs.json"
 
 
 @dataclass
