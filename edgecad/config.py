@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Optional, Union
 
@@ -51,7 +52,7 @@ class EngineConfig:
     def speculative(self) -> bool:
         return self.mode != "target"
 
-    @property
+    @cached_property
     def local_info(self) -> GGUFInfo:
         """The target as this device holds it: without the layers on remote devices (plan.remote)."""
         r = self.plan.remote

@@ -28,6 +28,12 @@ _KEEP_ARRAY = 64  # arrays longer than this keep only their length
 _U64 = struct.Struct("<Q")
 
 
+def _block(name: str) -> int | None:
+    """The block (layer) number of a tensor named blk.<n>.*, else None."""
+    m = re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
 @dataclass(frozen=True)
 class Tensor:
     name: str
@@ -99,9 +105,9 @@ class GGUFInfo:
         """Byte range of every block; a block's tensors must be contiguous in the file."""
         spans: dict[int, list[Tensor]] = {}
         for t in self.tensors:
-            m = re.match(r"blk\.(\d+)\.", t.name)
-            if m:
-                spans.setdefault(int(m.group(1)), []).append(t)
+            i = _block(t.name)
+            if i is not None:
+                spans.setdefault(i, []).append(t)
         out = []
         for i in sorted(spans):
             ts = spans[i]
@@ -114,8 +120,7 @@ class GGUFInfo:
     def local_part(self, first_remote: int) -> GGUFInfo:
         """The model as this device holds it when layers first_remote.. live on remote devices (edgecad.rpc):
         their tensors, bytes and KV cache are the remote devices'. The file is the same."""
-        blk = lambda t: re.match(r"blk\.(\d+)\.", t.name)  # noqa: E731
-        kept = [t for t in self.tensors if not blk(t) or int(blk(t).group(1)) < first_remote]
+        kept = [t for t in self.tensors if (i := _block(t.name)) is None or i < first_remote]
         gone = sum(t.n_bytes for t in self.tensors) - sum(t.n_bytes for t in kept)
         meta = {**self.metadata, f"{self.architecture}.block_count": first_remote}
         return replace(self, file_size=self.file_size - gone, metadata=meta, tensors=kept, _by_name={},

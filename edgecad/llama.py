@@ -84,11 +84,9 @@ def _call(remote: bool, what: str, fn, *args):
 def _free(remote: bool, fn, ptr) -> None:
     """fn(ptr) (llama_free, llama_model_free): watched when a remote device is used, and skipped once one is lost
     (freeing would wait on it for good: what uses it is left to the process's exit)."""
-    if remote and native.remote_lost() is not None:
-        return
     try:
         _call(remote, "while closing", fn, ptr)
-    except RemoteLostError:
+    except RemoteLostError:  # (watched raises it before calling once a device is lost)
         pass
 
 
