@@ -145,16 +145,31 @@ int ec_mem_resident(const void *addr, uint64_t len, uint64_t *resident_bytes) {
     return EC_OK;
 }
 
-/* open(path), clip [offset, offset + *len) to the file (*len 0 at or past its end) and give the page-aligned
- * span that maps it: *aligned its first file offset, *maplen its bytes. EC_EOPEN / EC_ESTAT as open_file. */
-static int open_span(const char *path, uint64_t offset, uint64_t *len, int *fd, uint64_t *aligned, size_t *maplen) {
+/* open(path) and clip [offset, offset + *len) to the file (*len 0 at or past its end); *aligned is the first
+ * file offset of the page-aligned span that covers it. EC_EOPEN / EC_ESTAT as open_file. The span is mapped a
+ * piece at a time (map_piece), never whole: a span of 4 GiB or more does not fit a 32-bit size_t, and a 32-bit
+ * process has no room for a mapping of a few GiB anyway (whole model files are asked about). */
+static int open_span(const char *path, uint64_t offset, uint64_t *len, int *fd, uint64_t *aligned) {
     uint64_t size;
     int rc = open_file(path, fd, &size);
     if (rc) return rc;
     if (offset >= size) *len = 0;
     else if (*len > size - offset) *len = size - offset;
     *aligned = offset & ~(uint64_t)(page_size() - 1);
-    *maplen = (size_t)(*len + (offset - *aligned));
+    return EC_OK;
+}
+
+/* Bytes mapped at a time: mincore's vector for a piece fits count_resident's stack buffer (4096 pages). */
+static uint64_t piece_bytes(void) { return (uint64_t)4096 * page_size(); }
+
+/* Map the n bytes of fd at file offset `at` (page-aligned; n small enough for size_t: a piece), shared and
+ * read-only. A fresh shared mapping faults nothing in. EC_EMMAP with the message on failure. */
+static int map_piece(int fd, const char *path, uint64_t at, uint64_t n, uint8_t **out) {
+    void *p = mmap(NULL, (size_t)n, PROT_READ, MAP_SHARED, fd, (off_t)at);
+    if (p == MAP_FAILED)
+        return fail(EC_EMMAP, errno, "mmap(%s, offset %llu, %llu bytes)", path, (unsigned long long)at,
+                    (unsigned long long)n);
+    *out = p;
     return EC_OK;
 }
 
@@ -162,25 +177,19 @@ int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *
     if (!path || !resident_bytes) return fail(EC_EINVAL, 0, "ec_file_resident: NULL argument");
     *resident_bytes = 0;
     int fd;
-    uint64_t aligned;
-    size_t maplen;
-    int rc = open_span(path, offset, &len, &fd, &aligned, &maplen);
+    uint64_t aligned, pages = 0;
+    int rc = open_span(path, offset, &len, &fd, &aligned);
     if (rc) return rc;
-    if (len == 0) {
-        close(fd);
-        return EC_OK;
+    uint64_t end = offset + len; /* mincore then reports the page cache, a piece at a time */
+    for (uint64_t at = aligned; len && at < end && !rc; at += piece_bytes()) {
+        uint64_t n = end - at < piece_bytes() ? end - at : piece_bytes(), got = 0;
+        uint8_t *p = NULL;
+        rc = map_piece(fd, path, at, n, &p);
+        if (rc) break;
+        rc = count_resident(p, n, &got);
+        munmap(p, (size_t)n);
+        pages += got;
     }
-    /* A fresh shared mapping faults nothing in: mincore then reports the page cache. */
-    void *p = mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)aligned);
-    if (p == MAP_FAILED) {
-        int err = errno;
-        close(fd);
-        return fail(EC_EMMAP, err, "mmap(%s, offset %llu, %zu bytes)", path,
-                    (unsigned long long)aligned, maplen);
-    }
-    uint64_t pages;
-    rc = count_resident(p, maplen, &pages);
-    munmap(p, maplen);
     close(fd);
     if (rc) return rc;
     *resident_bytes = pages * page_size();
@@ -195,77 +204,74 @@ int ec_file_resident(const char *path, uint64_t offset, uint64_t len, uint64_t *
 /* The storage's sequential read speed, measured the way the pager reads in readahead mode: the range
  * is dropped from the page cache, mapped, and faulted in with MADV_POPULATE_READ in CHUNK pieces (the
  * kernel's read-around, no copy to user space); where populate is unavailable, 4 MB preads. */
+
+/* Time faulting [at, end) of fd in with MADV_POPULATE_READ, one CHUNK mapped at a time and dropped once read
+ * (untimed): the calibration must never hold more than a chunk of the model resident (a 256 MB sample mapped
+ * whole would overrun the engine's budget on a small device). EC_OK with *dt; EC_EUNSUPPORTED where a chunk
+ * cannot be mapped or populated (an old kernel): the caller times preads instead; EC_EIO on a read error. */
+static int time_populate(int fd, const char *path, uint64_t at, uint64_t end, double *dt) {
+    *dt = 0;
+    for (; at < end; at += CHUNK) {
+        uint64_t n = end - at < CHUNK ? end - at : CHUNK;
+        uint8_t *map = NULL;
+        if (map_piece(fd, path, at, n, &map) != EC_OK) return EC_EUNSUPPORTED;
+        double c0 = now_s();
+        int prc = populate_pages(map, (size_t)n);
+        *dt += now_s() - c0;
+        munmap(map, (size_t)n);
+        if (prc == EINVAL || prc == ENOSYS || prc == ENOTSUP) return EC_EUNSUPPORTED;
+        if (prc) return fail(EC_EIO, prc, "madvise(MADV_POPULATE_READ) of %s", path);
+        drop_file_pages(fd, at, n);
+    }
+    return EC_OK;
+}
+
+/* Time reading [offset, offset + len) of fd with 4 MB preads, each dropped once read (untimed); *got the bytes
+ * read (fewer when the file ended early). */
+static int time_preads(int fd, const char *path, uint64_t offset, uint64_t len, uint64_t *got, double *dt) {
+    size_t bufsz = 4u << 20;
+    uint8_t *buf = malloc(bufsz);
+    if (!buf) return fail(EC_ENOMEM, errno, "malloc(%zu)", bufsz);
+    double t0 = now_s();
+    *got = 0;
+    while (*got < len) {
+        size_t want = len - *got < bufsz ? (size_t)(len - *got) : bufsz;
+        ssize_t r = pread(fd, buf, want, (off_t)(offset + *got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) {
+            int err = errno;
+            free(buf);
+            return fail(EC_EIO, err, "pread(%s)", path);
+        }
+        if (r == 0) break;
+        double c1 = now_s();
+        drop_file_pages(fd, offset + *got, (uint64_t)r);
+        t0 += now_s() - c1;
+        *got += (uint64_t)r;
+    }
+    *dt = now_s() - t0;
+    free(buf);
+    return EC_OK;
+}
+
 int ec_read_bandwidth(const char *path, uint64_t offset, uint64_t len, double *bytes_per_second) {
     if (!path || !bytes_per_second) return fail(EC_EINVAL, 0, "ec_read_bandwidth: NULL argument");
     int fd;
-    uint64_t aligned;
-    size_t maplen;
-    int rc = open_span(path, offset, &len, &fd, &aligned, &maplen);
+    uint64_t aligned, got = len;
+    double dt = 0;
+    int rc = open_span(path, offset, &len, &fd, &aligned);
     if (rc) return rc;
     rc = drop_file_pages(fd, offset, len);
     if (rc != 0) fprintf(stderr, "edgecad: warning: posix_fadvise(DONTNEED) failed: %s\n", strerror(rc));
-    uint8_t *map = len ? mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)aligned) : MAP_FAILED;
-    uint8_t *buf = NULL;
-    double t0 = now_s(), dt = 0;
-    uint64_t got = 0;
-    int populate = map != MAP_FAILED;
-    /* Each chunk is dropped once read (untimed): the calibration must never hold more than a chunk of the
-     * model resident (a 256 MB sample mapped whole would overrun the engine's budget on a small device). */
-    while (got < maplen && populate) {
-        size_t n = maplen - got < CHUNK ? (size_t)(maplen - got) : (size_t)CHUNK;
-        double c0 = now_s();
-        int prc = populate_pages(map + got, n), ok = prc == 0;
-        dt += now_s() - c0;
-        if (ok) {
-            madvise(map + got, n, MADV_DONTNEED);
-            drop_file_pages(fd, aligned + got, n);
-        }
-        if (!ok) {
-            if (prc != EINVAL && prc != ENOSYS && prc != ENOTSUP) {
-                int err = prc;
-                munmap(map, maplen);
-                close(fd);
-                return fail(EC_EIO, err, "madvise(MADV_POPULATE_READ) of %s", path);
-            }
-            populate = 0; /* old kernel: time preads instead, from the start */
-            drop_file_pages(fd, offset, len);
-            got = 0;
-            break;
-        }
-        got += n;
+    rc = len ? time_populate(fd, path, aligned, offset + len, &dt) : EC_OK;
+    if (rc == EC_EUNSUPPORTED) { /* time preads instead, from the start */
+        drop_file_pages(fd, offset, len);
+        rc = time_preads(fd, path, offset, len, &got, &dt);
     }
-    if (!populate) {
-        t0 = now_s();
-        size_t bufsz = 4u << 20;
-        if (!(buf = malloc(bufsz))) {
-            if (map != MAP_FAILED) munmap(map, maplen);
-            close(fd);
-            return fail(EC_ENOMEM, errno, "malloc(%zu)", bufsz);
-        }
-        while (got < len) {
-            size_t want = len - got < bufsz ? (size_t)(len - got) : bufsz;
-            ssize_t r = pread(fd, buf, want, (off_t)(offset + got));
-            if (r < 0 && errno == EINTR) continue;
-            if (r < 0) {
-                int err = errno;
-                free(buf);
-                if (map != MAP_FAILED) munmap(map, maplen);
-                close(fd);
-                return fail(EC_EIO, err, "pread(%s)", path);
-            }
-            if (r == 0) break;
-            double c1 = now_s(); /* dropped once read, untimed: the page cache must not hold the sample */
-            drop_file_pages(fd, offset + got, (uint64_t)r);
-            t0 += now_s() - c1;
-            got += (uint64_t)r;
-        }
-        dt = now_s() - t0;
-    }
-    if (map != MAP_FAILED) munmap(map, maplen);
     drop_file_pages(fd, offset, len);
-    free(buf);
     close(fd);
-    *bytes_per_second = dt > 0 ? (double)(populate ? len : got) / dt : 0.0;
+    if (rc) return rc;
+    *bytes_per_second = dt > 0 ? (double)got / dt : 0.0;
     return EC_OK;
 }
 

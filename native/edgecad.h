@@ -6,7 +6,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 12
+#define EC_VERSION 13
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -139,6 +139,10 @@ typedef struct {
 int ec_load_guard_begin(const char *path, const char *lib_name);
 /* Restore the slots; *out (may be NULL) gets what the guard dropped. */
 int ec_load_guard_end(ec_load_guard_stats *out);
+/* Tests: the hook the guard writes into the slots of `symbol` ("mmap", "mmap64", "posix_madvise"), to be called
+ * with the prototype libc's header gives that symbol (with no guard on, it maps as asked); NULL where the symbol is
+ * not hooked on this platform. */
+void *ec_load_guard_hook(const char *symbol);
 
 /* ---- interrupt: Ctrl-C reaches C code that waits --------------------------------------- */
 

@@ -54,9 +54,17 @@ static int guard_flags(int flags, int fd) {
     return flags & ~MAP_POPULATE;
 }
 
-/* The hooks take the callers' ABI, not this file's: the `mmap` symbol's offset is a long (32 bits on a 32-bit
- * libc, whatever _FILE_OFFSET_BITS this library is built with), `mmap64`'s 64 bits. */
-static void *hook_mmap(void *addr, size_t len, int prot, int flags, int fd, long off) {
+/* The hooks take the callers' ABI, not this file's (built with _FILE_OFFSET_BITS=64): the offset of the `mmap`
+ * symbol is libc's own off_t. glibc and bionic: a long, 32 bits on a 32-bit libc (their 64-bit call is mmap64).
+ * musl: 64 bits on every architecture (its off_t is always 64-bit, and `mmap` is its only symbol: a hook that read
+ * a long on 32-bit ARM would read the stack slot before the offset). `mmap64` takes 64 bits. */
+#if defined(__GLIBC__) || defined(__ANDROID__)
+typedef long mmap_off;
+#else
+typedef int64_t mmap_off;
+#endif
+
+static void *hook_mmap(void *addr, size_t len, int prot, int flags, int fd, mmap_off off) {
     void *r = mmap(addr, len, prot, guard_flags(flags, fd), fd, (off_t)off);
     if (__atomic_load_n(&guard.on, __ATOMIC_ACQUIRE)) note_mapping(r, len, fd);
     return r;
@@ -97,6 +105,12 @@ static const struct {
              {"posix_madvise", (void *)hook_posix_madvise},
 #endif
 };
+
+void *ec_load_guard_hook(const char *symbol) {
+    for (size_t h = 0; symbol && h < sizeof hooks / sizeof hooks[0]; h++)
+        if (strcmp(symbol, hooks[h].name) == 0) return hooks[h].hook;
+    return NULL;
+}
 
 #if UINTPTR_MAX > 0xffffffffu
 #define R_SYM(info) ELF64_R_SYM(info)
@@ -258,6 +272,11 @@ int ec_load_guard_begin(const char *path, const char *lib_name) {
 int ec_load_guard_end(ec_load_guard_stats *out) {
     if (out) memset(out, 0, sizeof *out);
     return EC_OK;
+}
+
+void *ec_load_guard_hook(const char *symbol) {
+    (void)symbol;
+    return NULL;
 }
 
 #endif

@@ -99,25 +99,119 @@ static void paging(const char *path, int readahead) {
     close(fd);
 }
 
-/* ---- a file over 2 GiB (sparse): sizes and offsets past 32 bits, as on 32-bit ARM with large-file offsets -- */
+/* ---- a file over 4 GiB (sparse): sizes and offsets past 32 bits, as on 32-bit ARM with large-file offsets -- */
 
-static void large_file(const char *dir) {
-    char path[512], detail[256];
-    snprintf(path, sizeof path, "%s/ec-driver-large-%d.bin", dir, (int)getpid());
+#define GiB (1ull << 30)
+
+static long map_page; /* the page size: what each maps_at call maps */
+
+/* One page at `at` whose 8-byte words hold their own file offsets (as the scratch files' pages). */
+static int write_page(int fd, uint64_t at) {
+    uint64_t buf[65536 / 8];
+    for (long i = 0; i < map_page / 8; i++) buf[i] = at + (uint64_t)i * 8;
+    return pwrite(fd, buf, (size_t)map_page, (off_t)at) == map_page ? 0 : -1;
+}
+
+/* dir/ec-driver-large-PID.bin: 4 GiB + 1 MiB, a page written at 2.5 GiB and one at 4 GiB + a page (in the page
+ * cache: written, not dropped). 0 or -1. */
+static int large_scratch(const char *dir, char *path, size_t cap) {
+    snprintf(path, cap, "%s/ec-driver-large-%d.bin", dir, (int)getpid());
     int fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
-    const uint64_t size = 3ull << 30, at = (5ull << 29); /* 3 GiB, a page written at 2.5 GiB */
-    char page[4096];
-    memset(page, 0x5a, sizeof page);
-    int ok = fd >= 0 && ftruncate(fd, (off_t)size) == 0 && pwrite(fd, page, sizeof page, (off_t)at) == sizeof page;
-    if (fd >= 0) fsync(fd), close(fd);
-    uint64_t res = ~0ull;
+    int ok = fd >= 0 && ftruncate(fd, (off_t)(4 * GiB + (1u << 20))) == 0 && write_page(fd, 5 * GiB / 2) == 0 &&
+             write_page(fd, 4 * GiB + (uint64_t)map_page) == 0 && fsync(fd) == 0;
+    if (fd >= 0) close(fd);
+    return ok ? 0 : -1;
+}
+
+/* The first 8 bytes `map` maps of `path` at `off` hold `off` (the scratch files' words hold their offsets). */
+static int maps_at(void *(*map)(int fd, uint64_t off), const char *path, uint64_t off) {
+    int fd = open(path, O_RDONLY);
+    uint64_t *p = fd >= 0 ? map(fd, off) : MAP_FAILED;
+    int ok = p != MAP_FAILED && p[0] == off;
+    if (p != MAP_FAILED) munmap(p, (size_t)map_page);
+    if (fd >= 0) close(fd);
+    return ok;
+}
+
+/* libc's own mmap, as this file calls it (64-bit offsets). */
+static void *via_libc(int fd, uint64_t off) {
+    return mmap(NULL, (size_t)map_page, PROT_READ, MAP_SHARED, fd, (off_t)off);
+}
+
+/* Residency of the whole file counts its written pages (a span of 4 GiB and more was cut to size_t on 32-bit: its
+ * first MiB only, where none is), the MiB past 4 GiB holds the second page, and a read at 2.5 GiB is timed.
+ * Returns whether mappings past 4 GiB work here, asked after the residency (the probe's fault reads around it):
+ * qemu-user before 8.1 cuts a 32-bit process's mmap offset to 32 bits (a mapping there shows other bytes), and
+ * then only the page at 2.5 GiB can be counted. */
+static int large_file(const char *path) {
+    char detail[512];
+    uint64_t whole = ~0ull, past = ~0ull, page = (uint64_t)map_page;
     double bps = 0;
-    int rc1 = ok ? ec_file_resident(path, at, sizeof page, &res) : -1;
-    int rc2 = ok ? ec_read_bandwidth(path, at, sizeof page, &bps) : -1;
-    snprintf(detail, sizeof detail, "a 3 GiB file: residency at 2.5 GiB %s, a read there %s",
-             rc1 == EC_OK ? "measured" : ec_last_error(), rc2 == EC_OK ? "done" : ec_last_error());
-    check(ok && rc1 == EC_OK && rc2 == EC_OK, "large-file", detail);
-    unlink(path);
+    int rc = ec_file_resident(path, 0, ~0ull, &whole);
+    if (!rc) rc = ec_file_resident(path, 4 * GiB, 1u << 20, &past);
+    if (!rc) rc = ec_read_bandwidth(path, 5 * GiB / 2, page, &bps);
+    int wide = maps_at(via_libc, path, 4 * GiB + page);
+    snprintf(detail, sizeof detail, "a 4 GiB + 1 MiB file with 2 pages cached: %llu bytes resident in all of it, "
+             "%llu in its MiB past 4 GiB (%s); a read at 2.5 GiB %s", (unsigned long long)whole,
+             (unsigned long long)past, wide ? "its page" : "not counted: mappings past 4 GiB show other bytes here, "
+             "as qemu-user cuts a 32-bit process's mmap offsets to 32 bits", rc ? ec_last_error() : "done");
+    check(!rc && whole >= (wide ? 2 : 1) * page && (!wide || past == page), "large-file", detail);
+    return wide;
+}
+
+/* ---- the load guard's hooks, called through the prototypes libc's header gives their symbols ---------------- */
+
+/* The `mmap` symbol's own prototype, whatever this file's _FILE_OFFSET_BITS: glibc's __off_t is that symbol's
+ * offset type (a long); musl's off_t is 64-bit always. */
+#ifdef __GLIBC__
+typedef void *(*mmap_symbol)(void *, size_t, int, int, int, __off_t);
+#define MMAP_SYMBOL_WIDE (sizeof(__off_t) == 8)
+#else
+typedef __typeof__(mmap) *mmap_symbol;
+#define MMAP_SYMBOL_WIDE (sizeof(off_t) == 8)
+#endif
+
+static void *hook_fn; /* the hook via_mmap and via_mmap64 call */
+
+static void *via_mmap(int fd, uint64_t off) {
+    return ((mmap_symbol)hook_fn)(NULL, (size_t)map_page, PROT_READ, MAP_SHARED, fd, (off_t)off);
+}
+
+#if defined(__GLIBC__) || defined(__ANDROID__)
+static void *via_mmap64(int fd, uint64_t off) {
+    return ((__typeof__(mmap64) *)hook_fn)(NULL, (size_t)map_page, PROT_READ, MAP_SHARED, fd, (off64_t)off);
+}
+#endif
+
+/* Each mmap hook maps the right bytes at a page's offset and, where its offset is 64-bit (and mappings past 4 GiB
+ * work here: `wide`), past 4 GiB: it passed the caller's offset through the caller's ABI (on 32-bit ARM, a hook
+ * reading a long where the caller passed 64 bits reads the padding before it). Runs in static builds too: the
+ * hooks are called directly, without import slots. */
+static void hook_abi(const char *path, const char *large, int wide) {
+    static const struct {
+        const char *symbol;
+        void *(*via)(int, uint64_t);
+        int wide; /* the symbol's offset is 64-bit */
+    } calls[] = {
+        {"mmap", via_mmap, MMAP_SYMBOL_WIDE},
+#if defined(__GLIBC__) || defined(__ANDROID__)
+        {"mmap64", via_mmap64, 1},
+#endif
+    };
+    char detail[384] = "";
+    int ok = 1;
+    for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {
+        hook_fn = ec_load_guard_hook(calls[i].symbol);
+        int near = hook_fn && maps_at(calls[i].via, path, (uint64_t)map_page);
+        int far = !(calls[i].wide && wide) ||
+                  (hook_fn && maps_at(calls[i].via, large, 4 * GiB + (uint64_t)map_page));
+        size_t n = strlen(detail);
+        snprintf(detail + n, sizeof detail - n, "%s%s: %s at a page, %s past 4 GiB", i ? "; " : "", calls[i].symbol,
+                 !hook_fn ? "no hook" : near ? "right" : "WRONG", !calls[i].wide ? "not asked (a 32-bit offset)"
+                 : !wide ? "not asked (mappings there show other bytes here)" : far ? "right" : "WRONG");
+        ok &= near && far;
+    }
+    check(ok, "guard-hook-abi", detail);
 }
 
 /* ---- load guard: a stand-in libllama maps a file without reading it ------------------------------------------ */
@@ -253,7 +347,15 @@ int main(int argc, char **argv) {
     check(rc == EC_OK && res < (uint64_t)N_LAYERS * LAYER, "residency", detail);
     paging(path, 0);
     paging(path, 1);
-    large_file(dir);
+    char large[512];
+    map_page = sysconf(_SC_PAGESIZE);
+    if (large_scratch(dir, large, sizeof large) != 0) {
+        check(0, "large-file", "cannot write the sparse 4 GiB scratch file");
+    } else {
+        int wide = large_file(large); /* (mappings past 4 GiB work here) */
+        hook_abi(path, large, wide);
+    }
+    unlink(large);
     if (argc <= 2 && static_build()) check(1, "load-guard", "skipped: static build, no shared objects to patch");
     else if (argc <= 2) check(0, "load-guard", "a dynamic build checks the guard: give the stand-in libraries");
     for (int i = 2; i < argc; i++) load_guard(argv[i], path, other);

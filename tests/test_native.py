@@ -325,7 +325,8 @@ def _driver(tmp_path, target=None, static=True):
     return str(out), [str(p) for p in standins]
 
 
-CHECKS = {"capabilities", "residency", "paging-exact", "paging-readahead", "large-file", "interrupt-chain"}
+CHECKS = {"capabilities", "residency", "paging-exact", "paging-readahead", "large-file", "guard-hook-abi",
+          "interrupt-chain"}
 EMULATED = {"aarch64": ("aarch64-linux-musl", None), "arm": ("arm-linux-musleabihf", None),
             "aarch64-glibc": ("aarch64-linux-gnu", "/usr/aarch64-linux-gnu"),
             "arm-glibc": ("arm-linux-gnueabihf", "/usr/arm-linux-gnueabihf")}  # arch: (zig target, glibc's root)
@@ -334,12 +335,15 @@ EMULATED = {"aarch64": ("aarch64-linux-musl", None), "arm": ("arm-linux-musleabi
 @pytest.mark.parametrize("arch", ["native", *EMULATED])
 def test_the_c_library_s_own_behaviour_natively_and_under_emulation(tmp_path, arch):
     """The C test driver: capabilities, residency after a drop, exact and populated paging (each layer resident at
-    its boundary), a 3 GiB sparse file (offsets past 32 bits), the load guard on a stand-in libllama, the SIGINT
-    chain. As aarch64 and 32-bit ARM under qemu-user, whose MADV_POPULATE_READ returns without reading: the pager's
-    check catches it and preads. Static musl builds have no shared objects to patch: their guard check says it
-    skipped; the glibc builds (dynamic, run on Debian's cross libc) check the guard under emulation too, 32-bit ARM
-    with 64-bit file offsets included, where qemu-user's MAP_POPULATE and WILLNEED read nothing: the guard's own
-    counts and the mapped bytes at an offset are checked there, residency natively."""
+    its boundary), a sparse file of 4 GiB + 1 MiB (offsets past 32 bits, and a span of 4 GiB and more, which a
+    32-bit size_t cut short), the load guard's mmap hooks called through the prototypes libc's header gives their
+    symbols (static builds too: musl's 64-bit off_t on 32-bit ARM), the load guard on a stand-in libllama, the
+    SIGINT chain. As aarch64 and 32-bit ARM under qemu-user, whose MADV_POPULATE_READ returns without reading: the
+    pager's check catches it and preads (and qemu-user 7's 32-bit mmap cuts offsets to 32 bits: what lies past
+    4 GiB is then not mapped, and the driver says so). Static musl builds have no shared objects to patch: their
+    guard check says it skipped; the glibc builds (dynamic, run on Debian's cross libc) check the guard under
+    emulation too, 32-bit ARM with 64-bit file offsets included, where qemu-user's MAP_POPULATE and WILLNEED read
+    nothing: the guard's own counts and the mapped bytes at an offset are checked there, residency natively."""
     import shutil
     from pathlib import Path
     scratch = tmp_path / "scratch"  # (on real storage: a tmpfs page cache cannot be dropped)
