@@ -206,7 +206,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     names = tuple(dict.fromkeys([a.alias or a.target, Path(str(registry.resolve(a.target))).name]))
     sys.stderr.write(f"edgecad: loading {a.target}" + (f" + {draft}" if draft else "")
                      + f" (memory budget {a.memory_budget})...\n")
-    return serve(load, ServerParams(host=a.host, port=a.port, api_key=key, max_queue=a.max_queue, names=names))
+    def listed(flag: Optional[str], env: str) -> tuple[str, ...]:
+        return tuple(x for x in (flag or os.environ.get(env) or "").replace(",", " ").split() if x)
+
+    return serve(load, ServerParams(host=a.host, port=a.port, api_key=key, max_queue=a.max_queue, names=names,
+                                    cors_origins=listed(a.cors_origins, "EDGECAD_CORS_ORIGINS"),
+                                    allowed_hosts=listed(a.allowed_hosts, "EDGECAD_ALLOWED_HOSTS")))
 
 
 # ---------------------------------------------------------------------------- models
@@ -472,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     sv.add_argument("--api-key", default=None, help="require \"Authorization: Bearer KEY\" on /v1/* (or set "
                                                     "EDGECAD_API_KEY, which other users cannot see in `ps`)")
+    sv.add_argument("--cors-origins", default=None, metavar="ORIGINS",
+                    help="web pages that may use the server besides loopback ones (http://localhost:3000 is "
+                         "allowed already): origins separated by commas, e.g. https://chat.example.org, or * for "
+                         "any page (or set EDGECAD_CORS_ORIGINS); others get 403")
+    sv.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                    help="host names clients may reach the server by besides localhost, IP addresses and --host "
+                         "(e.g. behind a proxy; or set EDGECAD_ALLOWED_HOSTS); others get 403 (DNS rebinding)")
     sv.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one; more "
                                                              "get 429 (default 8)")
     _add_engine_flags(sv, temperature=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 import sys
 import threading
 import time
@@ -243,7 +244,10 @@ class Engine:
         check_int("top_k", top_k, 0, None, "0 = off")
         bias = {}
         for k, v in (logit_bias or {}).items():  # (OpenAI's JSON gives the token ids as strings; the last one wins)
-            t = self._token_ids([int(k) if str(k).lstrip("-").isdigit() else -1], "logit_bias")[0]
+            if not re.fullmatch(r"-?[0-9]{1,12}", str(k)):  # (not isdigit(): "²" is a digit to Python, not to int)
+                raise RequestError(f"logit_bias key {str(k)[:40]!r} is not a token id: use integer token ids "
+                                   "(as strings in JSON), e.g. {\"1234\": -100}", "logit_bias")
+            t = self._token_ids([int(k)], "logit_bias")[0]
             if not abs(float(v)) <= 1e6:  # (beyond that a bias bans or forces the token: 100 is OpenAI's limit)
                 raise RequestError(f"logit_bias for token {t} is {v!r}: use a number in -1e6..1e6", "logit_bias")
             bias[t] = float(v)

@@ -13,6 +13,7 @@ over what is left.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import numpy as np
@@ -34,6 +35,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @cached_property
+    def bias(self) -> tuple[np.ndarray, np.ndarray]:
+        """logit_bias as arrays (token ids, biases), made once per completion: applied per tree node."""
+        ids = np.fromiter((t for t, _ in self.logit_bias), dtype=np.int64, count=len(self.logit_bias))
+        return ids, np.fromiter((b for _, b in self.logit_bias), dtype=np.float32, count=len(self.logit_bias))
+
 
 RAW = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # the model's own probabilities: a plain softmax
 
@@ -49,9 +56,9 @@ def processed(logits: np.ndarray, recent, sp: SamplingParams, grammar=None) -> n
     edgecad.llama.Grammar in the state after `recent`), checking as many tokens as the pick needs."""
     x = logits
     if sp.logit_bias:
+        ids, b = sp.bias
         x = np.array(x, dtype=np.float32)
-        for t, b in sp.logit_bias:
-            x[t] += b
+        x[ids] += b  # (ids are distinct: the last bias given for a token won)
     if len(recent) and (sp.repeat_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty):
         x = np.array(x, dtype=np.float32)
         idx, count = np.unique(np.asarray(recent[-PENALTY_LAST_N:], dtype=np.int64), return_counts=True)

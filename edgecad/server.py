@@ -15,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import signal
+import ipaddress
 import json
+import os
+import re
+import signal
 import socket
 import sys
 import time
@@ -50,6 +53,8 @@ class ServerParams:
     max_queue: int = 8            # requests that may wait behind the running one; more are refused (429)
     max_body: int = 4 * MiB       # bytes of a request body; more is refused (413)
     names: tuple[str, ...] = ()   # what the model answers to in `model` and GET /v1/models (the first: responses)
+    cors_origins: tuple[str, ...] = ()  # web pages (origins) allowed beside loopback's, "*" for any; others get 403
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted beside loopback names, IP addresses and `host`
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -282,6 +287,13 @@ class Server:
 
     # -------------------------------------------------------------- completions
 
+    def busy(self) -> Optional[JSONResponse]:
+        """429 when max_queue requests wait already (checked by the edge before a body is read, and again here)."""
+        if self.pending <= self.params.max_queue:
+            return None
+        return _error(429, f"the server is busy: {self.pending} requests are running or waiting (--max-queue "
+                           f"{self.params.max_queue}); retry later", "rate_limit_error", headers={"Retry-After": "2"})
+
     async def _complete(self, request: Request, body: _Body):
         chat, name = isinstance(body, ChatCompletionRequest), body.model or self.name
         if self.engine is None:
@@ -295,10 +307,9 @@ class Server:
             args = _engine_args(body, self.engine.n_ctx)
         except RequestError as e:
             return _error(400, str(e), "invalid_request_error", e.param)
-        if self.pending > self.params.max_queue:
-            return _error(429, f"the server is busy: {self.pending} requests are running or waiting (--max-queue "
-                               f"{self.params.max_queue}); retry later", "rate_limit_error",
-                          headers={"Retry-After": "2"})
+        busy = self.busy()
+        if busy is not None:
+            return busy
         self.pending += 1
         try:
             await self.turn.acquire()
@@ -383,12 +394,20 @@ class Server:
         msg = _describe(e)
         sys.stderr.write(f"edgecad: error in {request.method} {request.url.path}: {msg}\n")
         request.state.log = " engine failed"
-        return _error(500, f"the engine failed: {msg}", "server_error")
+        public = _without_paths(str(e)) if isinstance(e, EdgecadError) else \
+            f"{type(e).__name__} (the server's log says more)"
+        return _error(500, f"the engine failed: {public}", "server_error")
 
 
 def _describe(e: BaseException) -> str:
     """An exception as one line: edgecad's own messages as they are, anything else with its type."""
     return str(e) if isinstance(e, EdgecadError) else f"{type(e).__name__}: {e}"
+
+
+def _without_paths(msg: str) -> str:
+    """A message for a client: the server's file paths cut to their file names (the log keeps them whole)."""
+    return re.sub(r"(?<![\w.:/~-])~?(?:/[^\s/'\"(),:;]+)+/?", lambda m: os.path.basename(m.group().rstrip("/")),
+                  msg)
 
 
 def _cancelled(request: Request, when: str) -> JSONResponse:
@@ -425,9 +444,58 @@ def _host(h: str) -> str:
     return f"[{h}]" if ":" in h else h
 
 
+# ---------------------------------------------------------------------------- the edge
+# A server on 127.0.0.1 is reachable by every web page the user has open. A browser sends `Origin` with every
+# cross-origin POST: only loopback pages and the origins the user allows may use the server (anything else gets
+# 403 before its body is read). A request without `Origin` is not a browser's (curl, the openai client). DNS
+# rebinding (a page whose own name resolves to 127.0.0.1) is stopped by the `Host` check: a browser sends the
+# page's name there, never an IP address it did not connect to.
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _loopback_name(name: str) -> bool:
+    return name in _LOOPBACK or name.endswith(".localhost")  # (browsers resolve *.localhost to loopback)
+
+
+def origin_allowed(origin: str, extra: tuple[str, ...]) -> bool:
+    """Whether a web page of this origin (scheme://host[:port]) may use the server: loopback pages, and `extra`
+    (exact origins, or "*" for any page)."""
+    if "*" in extra or origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in extra}:
+        return True
+    m = re.fullmatch(r"https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?", origin)
+    return m is not None and _loopback_name(m.group(1).strip("[]").lower())
+
+
+def host_allowed(host: str, bound: str, extra: tuple[str, ...]) -> bool:
+    """Whether a request's Host header names this server: a loopback name, an IP address (a page cannot make a
+    browser send an address it did not connect to), the address the server was told to bind, this machine's name
+    when it listens beyond loopback, or a name the user allows."""
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(:[0-9]{1,5})?", host)
+    if m is None:
+        return False
+    name = m.group(1).strip("[]").lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    names = {bound.lower(), *(h.lower() for h in extra)}
+    if bound not in _LOOPBACK:
+        names |= {socket.gethostname().lower(), socket.gethostname().lower() + ".local"}
+    return _loopback_name(name) or name in names
+
+
+def _cors(origin: str) -> list[tuple[bytes, bytes]]:
+    return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+
+
 class _Edge:
-    """The HTTP edge, before the app: the API key on /v1/*, the body's size (read and counted before the app
-    sees it), and one log line per request (method, path, status, and for a completion its tokens and speed)."""
+    """The HTTP edge, before the app: the Host and Origin checks, CORS (preflights answered here, before the
+    key: browsers send no credentials on them), the API key (on everything but /health), a full queue refused
+    before the body is read, the body's size (read and counted before the app sees it), and one log line per
+    request (method, path, status, and for a completion its tokens and speed)."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
@@ -437,6 +505,9 @@ class _Edge:
             return await self.app(scope, receive, send)
         t0, status, logged = time.perf_counter(), [0], [False]
         scope.setdefault("state", {})
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1") or None  # set: a web page's request
+        page_ok = origin is not None and origin_allowed(origin, self.server.params.cors_origins)
 
         def log():
             if not logged[0]:
@@ -447,30 +518,53 @@ class _Edge:
         async def send_logged(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if page_ok:
+                    message = {**message, "headers": [*message.get("headers", []), *_cors(origin)]}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 log()
 
-        refusal = self._refusal(scope)
+        refusal = self._refusal(scope, headers, origin, page_ok)
         if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
             refusal, receive = await self._bounded(receive)
-            # the body is JSON whatever the client labelled it (`curl -d` says form data)
-            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                     + [(b"content-type", b"application/json")]}
+            if origin is None:  # not a browser: the body is JSON whatever the client labelled it (`curl -d`)
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
         try:
             await (refusal or self.app)(scope, receive, send_logged)
         finally:
             log()  # a response that never ended (a stream whose client went away) is logged too
 
-    def _refusal(self, scope) -> Optional[JSONResponse]:
-        key = self.server.params.api_key
-        if key is None or not scope["path"].startswith("/v1"):
-            return None
-        auth = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(auth, f"Bearer {key}".encode()):
-            return None
-        return _error(401, "missing or wrong API key: send the header \"Authorization: Bearer <key>\" with the key "
-                           "the server was started with (--api-key)", "authentication_error", code="invalid_api_key")
+    def _refusal(self, scope, headers: dict, origin: Optional[str], page_ok: bool):
+        """The response that ends a request before the app sees it, or None to go on."""
+        p = self.server.params
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host and not host_allowed(host, p.host, p.allowed_hosts):
+            return _error(403, f"requests for host {host!r} are refused: this server answers to localhost and "
+                               "its IP addresses (a web page may be trying DNS rebinding); to use that name, start "
+                               "it with --allowed-hosts NAME", "permission_error", code="host_not_allowed")
+        if origin is not None and not page_ok:
+            return _error(403, f"requests from the web page at {origin!r} are refused: to let that page use this "
+                               f"server, start it with --cors-origins {origin} (or EDGECAD_CORS_ORIGINS)",
+                          "permission_error", code="origin_not_allowed")
+        if page_ok and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+            return _Preflight(headers)
+        if p.api_key is not None and scope["path"] != "/health":
+            auth = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(auth, f"Bearer {p.api_key}".encode()):
+                return _error(401, "missing or wrong API key: send the header \"Authorization: Bearer <key>\" with "
+                                   "the key the server was started with (--api-key)", "authentication_error",
+                              code="invalid_api_key")
+        busy = self.server.busy() if scope["method"] == "POST" and scope["path"] in COMPLETION_PATHS else None
+        if busy is not None:
+            return busy
+        if page_ok and scope["method"] in ("POST", "PUT", "PATCH"):
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if kind != b"application/json":
+                return _error(415, f"the request body is labelled {kind.decode('latin-1') or 'nothing'!r}: a web "
+                                   "page must send it as JSON (content-type: application/json)",
+                              "invalid_request_error")
+        return None
 
     async def _bounded(self, receive):
         """Read the whole body (at most max_body bytes) and hand it to the app from memory."""
@@ -497,6 +591,23 @@ class _Edge:
             return await receive()
 
         return None, replay
+
+
+class _Preflight:
+    """A CORS preflight from an allowed origin: the methods and headers a page may use (its CORS origin header
+    is added by the edge, as on every response to a page)."""
+
+    def __init__(self, headers: dict):
+        asked = headers.get(b"access-control-request-headers", b"")
+        self.headers = [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                        (b"access-control-allow-headers", asked[:1024] or b"authorization, content-type"),
+                        (b"access-control-max-age", b"600")]
+        if headers.get(b"access-control-request-private-network") == b"true":  # Chrome: a public page to loopback
+            self.headers.append((b"access-control-allow-private-network", b"true"))
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 204, "headers": self.headers})
+        await send({"type": "http.response.body", "body": b""})
 
 
 # ---------------------------------------------------------------------------- main
@@ -526,8 +637,10 @@ def serve(load: Callable[[], Any], params: ServerParams) -> int:
     srv = Server(load, params)
     host, port = sock.getsockname()[:2]
     srv.address = f"http://{_host(host)}:{port}"
+    # limit_concurrency: connections and requests at once (more get 503 from uvicorn): the queue, its clients'
+    # keep-alive connections and a margin for /health and /v1/models
     config = uvicorn.Config(srv.app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=30)
+                            timeout_graceful_shutdown=30, limit_concurrency=params.max_queue + 64)
     srv.uvicorn = uvicorn.Server(config)
     _watch_exit(srv)
     try:

@@ -253,6 +253,111 @@ def test_an_api_key_is_required_when_set(tiny_target):
         assert s.stop() == 0, s.log
 
 
+# ---------------------------------------------------------------------------- web pages, hostile requests
+
+EVIL, UI = "https://evil.example", "http://localhost:3000"
+
+
+def _completions_run(s: Served) -> int:
+    return sum(" tokens, " in l for l in s.lines if l.startswith("POST /v1/"))
+
+
+def test_a_web_page_of_another_origin_runs_nothing(server):
+    """A browser's simple request (text/plain, no preflight) from a foreign page: 403 before the body is read, no
+    completion runs, no CORS header lets the page read the refusal."""
+    before = _completions_run(server)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        body = {"prompt": "abc", "max_tokens": 4} if path == "/v1/completions" else {"messages": CHAT}
+        r = httpx.post(server.url + path, content=json.dumps(body), timeout=60,
+                       headers={"content-type": "text/plain;charset=UTF-8", "origin": EVIL})
+        assert EVIL in _error(r, 403) and "--cors-origins" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "origin_not_allowed"
+        assert "access-control-allow-origin" not in r.headers
+    r = httpx.options(server.url + "/v1/completions", headers={"origin": EVIL, "access-control-request-method": "POST"})
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "abc", "max_tokens": 2}',
+                   headers={"content-type": "text/plain", "origin": "null"}, timeout=60)  # a sandboxed frame, file://
+    _error(r, 403)
+    time.sleep(0.2)  # (the log reader's thread)
+    assert _completions_run(server) == before, server.log
+
+
+def test_a_foreign_host_is_refused_dns_rebinding(server):
+    port = server.url.rsplit(":", 1)[1]
+    for host in (f"evil.example:{port}", "evil.example", f"localhost.evil.example:{port}"):
+        r = httpx.get(server.url + "/v1/models", headers={"host": host})
+        assert "--allowed-hosts" in _error(r, 403) and r.json()["error"]["code"] == "host_not_allowed"
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "app.localhost", f"10.1.2.3:{port}"):
+        assert httpx.get(server.url + "/v1/models", headers={"host": host}).status_code == 200, host
+
+
+def _page_requests(s: Served, origin: str, key=None):
+    """What a web UI at `origin` does: a preflight, then JSON posts (plain and streamed) with its key."""
+    auth = {"authorization": f"Bearer {key}"} if key else {}
+    r = httpx.options(s.url + "/v1/chat/completions", headers={
+        "origin": origin, "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert r.status_code == 204, r.text
+    assert r.headers["access-control-allow-origin"] == origin
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "authorization" in r.headers["access-control-allow-headers"]
+    r = s.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 3}, headers={"origin": origin, **auth})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, r.text
+    with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60, headers={"origin": origin, **auth},
+                      json={"messages": CHAT, "max_tokens": 3, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert "data: [DONE]" in list(r.iter_lines())
+    r = httpx.post(s.url + "/v1/chat/completions", content=json.dumps({"messages": CHAT, "max_tokens": 2}),
+                   headers={"origin": origin, "content-type": "text/plain", **auth}, timeout=60)
+    assert "application/json" in _error(r, 415)  # a page must say JSON: it cannot skip the preflight
+    assert httpx.get(s.url + "/v1/models", headers={"origin": origin, **auth}).headers[
+        "access-control-allow-origin"] == origin
+
+
+def test_a_loopback_web_ui_gets_cors_headers(server):
+    _page_requests(server, UI)
+    _page_requests(server, "http://127.0.0.1:8080")
+
+
+def test_cors_origins_and_the_key_for_a_web_ui(tiny_target):
+    """--cors-origins lets a page of another origin in; with --api-key its preflight needs no key (browsers send
+    none), its requests do; /docs and the OpenAPI schema are behind the key too."""
+    s = Served("--target", tiny_target, "--n-ctx", 256, "--api-key", "s3cret", "--cors-origins",
+               "https://chat.example.org")
+    try:
+        _page_requests(s, "https://chat.example.org", key="s3cret")
+        _page_requests(s, UI, key="s3cret")
+        _error(s.post("/v1/chat/completions", {"messages": CHAT}, headers={"origin": EVIL}), 403)
+        for path in ("/docs", "/openapi.json", "/redoc"):
+            _error(httpx.get(s.url + path), 401)
+        assert httpx.get(s.url + "/openapi.json", headers={"authorization": "Bearer s3cret"}).status_code == 200
+    finally:
+        assert s.stop() == 0, s.log
+
+
+def test_a_grammar_nested_20000_deep_is_a_400_and_the_server_goes_on(server):
+    deep = "root ::= " + "(" * 20000 + '"a"' + ")" * 20000
+    _error(server.post("/v1/completions", {"prompt": "x", "grammar": deep, "max_tokens": 2}), 400, "grammar")
+    schema = {"type": "object", "properties": {"a": {}}}
+    for _ in range(3000):
+        schema = {"type": "object", "properties": {"a": schema}}
+    r = server.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2,
+                                             "response_format": {"type": "json_object", "schema": schema}})
+    assert r.status_code == 400, r.text[:300]
+    assert server.post("/v1/completions", {"prompt": "abc", "max_tokens": 2}).status_code == 200
+    assert server.proc.poll() is None
+
+
+def test_hostile_values_are_400s(server):
+    for key in ("\u00b2", "1e3", " 5", "0x10", "٣", "9" * 40):
+        msg = _error(server.post("/v1/completions", {"prompt": "x", "max_tokens": 2, "logit_bias": {key: 1}}), 400,
+                     "logit_bias")
+        assert "token id" in msg or "vocabulary" in msg
+    r = server.post("/v1/completions", b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    _error(r, 400)
+    assert server.post("/v1/completions", {"prompt": "abc", "max_tokens": 2}).status_code == 200
+
+
 def test_an_engine_failure_is_a_500_and_the_server_goes_on(tiny_target, tmp_path):
     """The model file changes under the running server (a real engine failure): 500 in OpenAI's shape, the
     process keeps serving what it can."""
@@ -265,6 +370,8 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on(tiny_target, tmp_path
             f.write(b"\0" * 4096)
         msg = _error(s.post("/v1/completions", {"prompt": "abc", "max_tokens": 3}), 500)
         assert "the engine failed" in msg and "changed" in msg
+        assert str(tmp_path) not in msg and "model.gguf" in msg  # (the log keeps the path)
+        assert str(path) in s.log
         assert httpx.get(s.url + "/health").status_code == 200
         assert httpx.get(s.url + "/v1/models").status_code == 200
         assert "POST /v1/completions 500" in s.log
@@ -322,10 +429,14 @@ def test_a_full_queue_gives_429_with_retry_after(paging_pair):
                 lines = r.iter_lines()  # (kept: a dropped iterator closes the response)
                 next(lines)  # the first is running
                 waiting = pool.submit(s.post, "/v1/completions", {"prompt": "abc", "max_tokens": 2})
+                deadline = time.monotonic() + 60
                 while httpx.get(s.url + "/health").json()["waiting"] < 1:
+                    assert time.monotonic() < deadline, "the second request never queued:\n" + s.log
                     time.sleep(0.05)
                 busy = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
                 assert "busy" in _error(busy, 429) and int(busy.headers["retry-after"]) > 0
+                # refused before its body is read: a body that would be a 400 is a 429 too
+                assert "busy" in _error(s.post("/v1/completions", b'{"prompt": '), 429)
             assert waiting.result(60).status_code == 200
     finally:
         assert s.stop() == 0, s.log
