@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import ModelFileError
@@ -24,7 +25,7 @@ from .errors import ModelFileError
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
-_KEEP_ARRAY = 64  # arrays longer than this keep only their length
+_KEEP_ARRAY = 64  # arrays of numbers longer than this keep only their length (ArrayInfo), as string arrays do
 _U64 = struct.Struct("<Q")
 
 
@@ -60,7 +61,8 @@ class GGUFInfo:
     path: Path
     file_size: int
     version: int
-    metadata: dict            # key -> value; arrays longer than 64 -> ArrayInfo (length, element type)
+    metadata: dict            # key -> value; string arrays and arrays longer than 64 -> ArrayInfo (length, element
+                              # type), strings over 1 MiB -> StringInfo
     tensors: list[Tensor]
     data_offset: int          # absolute offset of the tensor data section
     alignment: int = 32
@@ -142,10 +144,20 @@ MAX_KV = 1 << 16          # key-value pairs (real models: ~30-60)
 MAX_TENSORS = 1 << 16     # tensors (real models: hundreds; the largest MoE: a few thousand)
 MAX_DIMS = 4              # GGML_MAX_DIMS
 MAX_LAYERS = 512          # LLAMA_MAX_LAYERS: llama.cpp aborts on a larger block_count
+MAX_EXPERTS = 1024        # LLAMA_MAX_EXPERTS: llama.cpp aborts on a larger expert_count
 MAX_VOCAB = 1 << 21       # tokens (real vocabularies: 32k-262k)
 MAX_ALIGNMENT = 1 << 16   # general.alignment (32 by default)
-MAX_STRING = 16 << 20     # bytes of a metadata string (chat templates: tens of KB)
+MAX_STRING = 16 << 20     # bytes of a metadata string (chat templates: tens of KB; an embedded tokenizer.json: MBs)
 MAX_NAME = 64             # GGML_MAX_NAME: a tensor name is shorter
+# The header's budget, enforced while it is parsed, before anything past it is mapped or read. Real headers are
+# a few MB: Qwen2.5's (151,936 tokens and 151,387 merges) ~6 MB; a 262k-token vocabulary with scores and types
+# (Gemma 3) ~7 MB; ~500k merges more add ~8 MB. 128 MiB and 8M array elements are ten times that and more (and
+# hold MAX_VOCAB's 2M tokens with their scores and types), while they bound what a hostile header costs to about
+# a second and little memory: the reader keeps no Python object for what it only measures or skips.
+MAX_HEADER = 128 << 20    # bytes from the file's start to the end of its tensor table
+MAX_ELEMENTS = 1 << 23    # array elements in all, every array together (real: ~1.5M at most)
+MAX_KEPT = 16 << 20       # bytes of keys and values kept as Python objects, 64 counted for each (real: ~100 KB)
+_KEEP_STRING = 1 << 20    # metadata strings longer than this are kept as StringInfo, not read
 _MIN_SIZE = {_STRING: 8, _ARRAY: 12}  # bytes an element takes at least (a length, or a type and a length)
 # keys llama.cpp reads as arrays of one element type: a narrower type makes it read past the array (#26690)
 _TYPED_ARRAYS = {"tokenizer.ggml.tokens": _STRING, "tokenizer.ggml.merges": _STRING,
@@ -158,32 +170,57 @@ class _Bad(Exception):
     """A field of the file that fails a check: (what, why)."""
 
 
-class _NeedMore(Exception):
-    """The header goes on past the mapped prefix of the file: map more of it and parse again."""
-
-
 @dataclass(frozen=True)
 class ArrayInfo:
-    """A long metadata array, kept as its length and element type (and where its bytes are)."""
+    """A metadata array kept as its length and element type (and where its elements are): every array of strings,
+    and arrays of numbers longer than 64."""
     length: int
     etype: int
     start: int  # file offset of its first element
     end: int    # one past its last byte
 
 
+@dataclass(frozen=True)
+class StringInfo:
+    """A metadata string too long to keep (over 1 MiB: real ones are an embedded tokenizer.json, never read)."""
+    length: int
+    start: int  # file offset of its first byte
+
+
 class _Cursor:
-    def __init__(self, buf, size: int):
-        self.buf, self.pos, self.size = buf, 0, size  # buf: the first len(buf) bytes of a file of `size`
-        self.array_types: dict = {}  # key -> element type of its array (short arrays are materialised)
+    """Reads the header from `buf`, the first len(buf) bytes of a file of `size`; `grow(end)` maps more of the file
+    when a read goes past them (read_gguf's mapping; none for a whole file's bytes), so that nothing is parsed
+    twice. It keeps the header's budget as it goes."""
+
+    def __init__(self, buf, size: int, grow=None):
+        self.buf, self.pos, self.size, self.grow = buf, 0, size, grow
+        self.array_types: dict = {}  # key -> element type of its array
+        self.elements = self.kept = 0
 
     def left(self) -> int:
         return self.size - self.pos
 
+    def budget(self, end: int, elements: int = 0) -> None:
+        """What is read next ends at `end` and has `elements` array elements: within the header's budget."""
+        self.elements += elements
+        if end > MAX_HEADER:
+            raise _Bad("the header", f"goes on past {MAX_HEADER >> 20} MiB (real models' headers take a few MB)")
+        if self.elements > MAX_ELEMENTS:
+            raise _Bad("the header", f"has over {MAX_ELEMENTS:,} array elements (real models': ~1.5M at most)")
+
     def need(self, end: int) -> None:
-        """The next read ends at `end`: past the prefix but inside the file, map more. (Past the file, the read
-        itself fails as a truncated file's does.)"""
+        """The next read ends at `end`: within the budget, and mapped if it is inside the file (past the file, the
+        read itself fails as a truncated file's does)."""
+        self.budget(end)
         if len(self.buf) < end <= self.size:
-            raise _NeedMore
+            self.buf = self.grow(end)
+
+    def keep(self, n: int) -> None:
+        """A key or value of `n` bytes becomes a Python object."""
+        self.kept += 64 + n
+        if self.kept > MAX_KEPT:
+            raise _Bad("the header", f"has over {MAX_KEPT >> 20} MiB of metadata keys and values (real models: "
+                                     "~100 KB)")
 
     def unpack(self, fmt: str):
         n = struct.calcsize(fmt)
@@ -193,26 +230,33 @@ class _Cursor:
         return v
 
     def length(self, what: str, each: int = 1) -> int:
-        """A u64 count of items of at least `each` bytes: it must fit in what is left of the file."""
+        """A u64 count of items of at least `each` bytes: it must fit in what is left of the file, and the budget."""
         n = self.unpack("<Q")
         if n * each > self.left():
             raise _Bad(what, f"declares {n:,} items that need more than the {self.left():,} bytes left in the file")
+        self.budget(self.pos + n * each)
         return n
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, long_unread: bool = False):
+        """A string; with long_unread, one over _KEEP_STRING bytes is skipped unread (StringInfo)."""
         n = self.length(what)
         if n > MAX_STRING:
             raise _Bad(what, f"is a string of {n:,} bytes (at most {MAX_STRING:,})")
-        self.need(self.pos + n)
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        start = self.pos
+        if long_unread and n > _KEEP_STRING:
+            self.pos += n
+            return StringInfo(n, start)
+        self.keep(n)
+        self.need(start + n)
         self.pos += n
-        return s
+        return bytes(self.buf[start:self.pos]).decode("utf-8", errors="replace")
 
     def value(self, vtype: int, key: str):
         if vtype in _SCALARS:
+            self.keep(8)
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
-            return self.string(f"the value of {key}")
+            return self.string(f"the value of {key}", long_unread=True)
         if vtype != _ARRAY:
             raise _Bad(key, f"has an unknown value type {vtype}")
         etype = self.unpack("<I")
@@ -222,25 +266,35 @@ class _Cursor:
             raise _Bad(key, f"is an array of unknown element type {etype}")
         size = struct.calcsize(_SCALARS[etype]) if etype in _SCALARS else _MIN_SIZE[etype]
         n = self.length(f"the array {key}", size)
+        self.budget(self.pos + n * size, n)
         self.array_types[key] = etype
-        if n <= _KEEP_ARRAY:
-            return [self.value(etype, key) for _ in range(n)]
         start = self.pos
-        if etype == _STRING:
-            u64, buf, pos = _U64.unpack_from, self.buf, self.pos
-            try:
-                for _ in range(n):  # (a length past the end fails the next unpack, or the check below)
-                    pos += 8 + u64(buf, pos)[0]
-            except struct.error:
-                self.need(pos + 8)
-                raise
-            if pos > self.size:
-                raise _Bad(f"the array {key}", "has a string that runs past the end of the file")
-            self.need(pos)
-            self.pos = pos
-        else:
-            self.pos += n * size
+        if etype in _SCALARS and n <= _KEEP_ARRAY:
+            self.keep(32 * n)
+            return [self.unpack(_SCALARS[etype]) for _ in range(n)]
+        self.pos = self.skip_strings(n, key) if etype == _STRING else self.pos + n * size
         return ArrayInfo(n, etype, start, self.pos)
+
+    def skip_strings(self, n: int, key: str) -> int:
+        """Where n strings from here end, reading their lengths only (mapping more where the next one is past what
+        is mapped: the verdict is the same however much is)."""
+        u64, i, pos = _U64.unpack_from, 0, self.pos
+        while True:
+            buf = self.buf
+            try:
+                for i in range(i, n):
+                    pos += 8 + u64(buf, pos)[0]
+                break
+            except struct.error:  # (the length of string i is past the mapping)
+                if pos > self.size:
+                    raise _Bad(f"the array {key}", "has a string that runs past the end of the file") from None
+                self.need(pos + 8)
+                if pos + 8 > len(self.buf):
+                    raise  # (past the file: truncated)
+        if pos > self.size:
+            raise _Bad(f"the array {key}", "has a string that runs past the end of the file")
+        self.need(pos)
+        return pos
 
 
 def _tensor_bytes(type_id: int, shape: tuple[int, ...]) -> tuple[str, int]:
@@ -259,7 +313,31 @@ def _tensor_bytes(type_id: int, shape: tuple[int, ...]) -> tuple[str, int]:
     return qtype.name, n // block * type_size
 
 
-PREFIX = 16 << 20  # bytes read_gguf maps first: a header longer than that (a vocabulary of millions) doubles it
+PREFIX = 16 << 20  # bytes read_gguf maps first: a header longer than that (a vocabulary of millions) maps more
+
+
+class _Mapping:
+    """The first bytes of an open file, mapped read-only; grow() maps more (doubling), closing the old mapping."""
+
+    def __init__(self, f, path: Path, size: int):
+        self.f, self.path, self.size, self.buf = f, path, size, None
+        self.grow(min(size, PREFIX))
+
+    def grow(self, end: int):
+        length = len(self.buf) if self.buf is not None else end
+        while length < end:
+            length *= 2
+        try:
+            buf = mmap.mmap(self.f.fileno(), min(self.size, length, max(end, MAX_HEADER)), access=mmap.ACCESS_READ)
+        except (ValueError, OSError, OverflowError) as e:
+            raise ModelFileError(f"cannot map {self.path}: {e}") from None
+        self.close()
+        self.buf = buf
+        return buf
+
+    def close(self) -> None:
+        if self.buf is not None:
+            self.buf.close()
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFInfo:
@@ -275,18 +353,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
         if f.read(4) != GGUF_MAGIC:
             raise ModelFileError(f"{path} is not a GGUF file (no GGUF magic): give a llama.cpp .gguf model")
         size = os.fstat(f.fileno()).st_size
-        length = min(size, PREFIX)
-        while True:
-            try:
-                buf = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ)
-            except (ValueError, OSError, OverflowError) as e:
-                raise ModelFileError(f"cannot map {path}: {e}") from None
-            try:
-                return _gate(buf, path, size)
-            except _NeedMore:
-                length = min(size, 2 * length)
-            finally:
-                buf.close()
+        m = _Mapping(f, path, size)
+        try:
+            return _gate(m.buf, path, size, m.grow)
+        finally:
+            m.close()
 
 
 def parse_header(buf, path: str | os.PathLike = "<bytes>") -> GGUFInfo:
@@ -295,14 +366,16 @@ def parse_header(buf, path: str | os.PathLike = "<bytes>") -> GGUFInfo:
     return _gate(buf, Path(path), len(buf))
 
 
-def _gate(buf, path: Path, size: int) -> GGUFInfo:
-    """parse_header on the first len(buf) bytes of a file of `size` bytes; _NeedMore when the header goes on past
-    them (never when buf is the whole file). Every check against the file's size uses `size`."""
+def _gate(buf, path: Path, size: int, grow=None) -> GGUFInfo:
+    """parse_header on the first len(buf) bytes of a file of `size` bytes, mapping more with grow(end) when the
+    header goes on past them. Every check against the file's size uses `size`."""
     try:
         if bytes(buf[:4]) != GGUF_MAGIC:
             raise ModelFileError(f"{path} is not a GGUF file (no GGUF magic): give a llama.cpp .gguf model")
-        info = _parse(path, buf, size)
-        _check(info, buf)
+        c = _Cursor(buf, size, grow)
+        info = _parse(path, c)
+        _check(info, c.buf)
+        info.vocab_digest = _vocab_digest(info.metadata.get("tokenizer.ggml.tokens"), c.buf)
         return info
     except _Bad as e:
         what, why = e.args
@@ -318,8 +391,15 @@ def _gate(buf, path: Path, size: int) -> GGUFInfo:
         ) from None
 
 
-def _parse(path: Path, buf, size: int) -> GGUFInfo:
-    c = _Cursor(buf, size)
+def _vocab_digest(toks, buf) -> str:
+    """sha256 of the raw tokenizer.ggml.tokens value (its type, count and strings): equal digests, same vocabulary."""
+    if not isinstance(toks, ArrayInfo):
+        return ""
+    with memoryview(buf)[toks.start - 12:toks.end] as raw:  # (no copy of what may be megabytes)
+        return hashlib.sha256(raw).hexdigest()
+
+
+def _parse(path: Path, c: _Cursor) -> GGUFInfo:
     c.pos = 4
     version = c.unpack("<I")
     if version not in (2, 3):
@@ -329,19 +409,15 @@ def _parse(path: Path, buf, size: int) -> GGUFInfo:
         raise _Bad("the header", f"declares {n_kv:,} key-value pairs (at most {MAX_KV:,}, and what the file holds)")
     if n_tensors > MAX_TENSORS or n_tensors * 25 > c.left():
         raise _Bad("the header", f"declares {n_tensors:,} tensors (at most {MAX_TENSORS:,}, and what the file holds)")
-    meta, vocab_digest = {}, ""
+    meta = {}
     for _ in range(n_kv):
         key = c.string("a metadata key")
         if key in meta:
             raise _Bad(f"the key {key}", "appears twice")
-        start, vtype = c.pos, c.unpack("<I")
+        vtype = c.unpack("<I")
         if key == "general.alignment" and vtype != 4:  # llama.cpp asserts (aborts) on any other type
             raise _Bad(key, f"has type {_TYPE_NAMES.get(vtype, vtype)}, where GGUF and llama.cpp need uint32")
         meta[key] = c.value(vtype, key)
-        if key == "tokenizer.ggml.tokens":
-            c.need(c.pos)  # (an array of scalars is skipped unread)
-            with memoryview(buf)[start:c.pos] as raw:  # (no copy of what may be megabytes)
-                vocab_digest = hashlib.sha256(raw).hexdigest()
     raw = []
     for _ in range(n_tensors):
         name = c.string("a tensor name")
@@ -374,16 +450,18 @@ def _parse(path: Path, buf, size: int) -> GGUFInfo:
                                              f"{alignment}")
         tensors.append(Tensor(name, tname, shape, data_offset + off, nbytes))
     end = max((t.offset + t.n_bytes for t in tensors), default=data_offset)
-    if end > size:
+    if end > c.size:
         raise ModelFileError(
-            f"{path} is truncated: its tensors need {end} bytes but the file has {size}; "
+            f"{path} is truncated: its tensors need {end} bytes but the file has {c.size}; "
             "the download or copy was cut short, fetch it again"
         )
-    return GGUFInfo(path, size, version, meta, tensors, data_offset, alignment, vocab_digest, c.array_types)
+    return GGUFInfo(path, c.size, version, meta, tensors, data_offset, alignment, "", c.array_types)
 
 
 _BYTE_TOKEN = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
 _BYTE_START = re.compile(rb"<0x")
+_ROPE_SCALING = ("none", "linear", "yarn", "longrope")  # LLAMA_ROPE_SCALING_TYPES
+_BYTE_TYPE = 6  # LLAMA_TOKEN_TYPE_BYTE
 
 
 def _check(g: GGUFInfo, buf) -> None:
@@ -398,8 +476,10 @@ def _check(g: GGUFInfo, buf) -> None:
         raise _Bad("general.architecture", "is missing or not a string")
     n_layer = g.metadata.get(f"{arch}.block_count")
     if n_layer is not None and (not isinstance(n_layer, int) or isinstance(n_layer, bool) or
-                                not 0 <= n_layer <= MAX_LAYERS):
-        raise _Bad(f"{arch}.block_count", f"is {n_layer!r}: llama.cpp holds at most {MAX_LAYERS} layers")
+                                not 1 <= n_layer <= MAX_LAYERS):
+        raise _Bad(f"{arch}.block_count", f"is {n_layer!r}: llama.cpp holds 1..{MAX_LAYERS} layers")
+    if n_layer is not None:  # (without it llama.cpp stops at its own error first)
+        _check_hparams(g, buf, arch, n_layer)
     for key, etype in _TYPED_ARRAYS.items():
         v = g.metadata.get(key)
         if v is None:
@@ -421,25 +501,139 @@ def _check(g: GGUFInfo, buf) -> None:
             t = g.tensor(name)
             if t is not None and (len(t.shape) < 2 or t.shape[1] != n):
                 raise _Bad(f"the tensor {name}", f"has shape {t.shape}, not one row per token ({n:,})")
-        if g.metadata.get("tokenizer.ggml.model") not in ("gpt2", "bert"):  # (BPE and WPM texts are only text)
+        model = g.metadata.get("tokenizer.ggml.model")
+        if model not in ("gpt2", "bert"):  # (BPE and WPM texts are only text)
             _check_byte_tokens(toks, buf)
+        if model == "bert" and _BYTE_TYPE in _numbers(g, buf, "tokenizer.ggml.token_type"):
+            raise _Bad("tokenizer.ggml.token_type", "marks a byte token in a WordPiece (bert) vocabulary, which "
+                                                    "llama.cpp aborts on")
+        _check_unique_tokens(toks, buf)
 
 
-def _check_byte_tokens(toks, buf) -> None:
+def _numbers(g: GGUFInfo, buf, key: str) -> list:
+    """A metadata value's numbers as llama.cpp reads them: a scalar as one, an array of numbers as its elements
+    (read from the file: no export of the mapping is kept); [] for anything else."""
+    v = g.metadata.get(key)
+    if isinstance(v, ArrayInfo):
+        return np.frombuffer(buf[v.start:v.end], _SCALARS[v.etype]).tolist() if v.etype in _SCALARS else []
+    return [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, (int, float))]
+
+
+def _check_hparams(g: GGUFInfo, buf, arch: str, n_layer: int) -> None:
+    """The hyperparameters whose values llama.cpp's load_hparams asserts on (GGML_ASSERT: the process aborts) for
+    every architecture, then those of the architectures that assert more (docs/model-files.md lists each)."""
+    def u(key: str, default=None):
+        """The largest value of {arch}.key as llama.cpp reads a uint32 (or one per layer: int32 elements wrap)."""
+        vals = [int(x) & 0xFFFFFFFF for x in _numbers(g, buf, f"{arch}.{key}") if not isinstance(x, float)]
+        return max(vals) if vals else default
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise _Bad(f"{arch}.{key}", f"{why}, which llama.cpp aborts on")
+
+    nextn = u("nextn_predict_layers", 0)
+    need(nextn <= n_layer, "nextn_predict_layers", f"is {nextn}, more than the {n_layer} layers")
+    n_expert, used = u("expert_count", 0), u("expert_used_count", 0)
+    groups, group_used = u("expert_group_count", 0), u("expert_group_used_count", 0)
+    if arch in ("hunyuan-dense", "hunyuan_vl") and n_expert <= 1:  # (llama.cpp reads these as dense)
+        n_expert = used = 0
+    need(n_expert <= MAX_EXPERTS, "expert_count", f"is {n_expert}, more than llama.cpp's {MAX_EXPERTS}")
+    need(used <= n_expert, "expert_used_count", f"is {used}, more than the expert_count of {n_expert}")
+    if n_expert:
+        need(used > 0, "expert_used_count", f"is 0 or missing, with {n_expert} experts")
+        need(groups < n_expert, "expert_group_count", f"is {groups}, not under the {n_expert} experts")
+        if groups > 1:
+            need(n_expert % groups == 0, "expert_group_count", f"is {groups}, not a divisor of {n_expert} experts")
+            need(0 < group_used < groups, "expert_group_used_count", f"is {group_used}, not in 1..{groups - 1}")
+    else:
+        need(groups == 0, "expert_group_count", f"is {groups} with no experts")
+    scaling = g.metadata.get(f"{arch}.rope.scaling.type")
+    if isinstance(scaling, (str, StringInfo)):
+        need(scaling in _ROPE_SCALING, "rope.scaling.type", f"is not one of {', '.join(_ROPE_SCALING)}")
+    _check_arch_hparams(g, arch, u, need, n_layer, n_layer - nextn)
+
+
+def _check_arch_hparams(g: GGUFInfo, arch: str, u, need, n_all: int, n_main: int) -> None:
+    """The architectures whose load_arch_hparams asserts on metadata values (src/models/<arch>.cpp); n_main is
+    llama.cpp's n_layer(), the layers less the next-token-prediction ones. A missing required key is left to
+    llama.cpp, which refuses it with its own error before asserting."""
+    meta = g.metadata
+    if arch == "wavtokenizer-dec":
+        for key in ("posnet.block_count", "convnext.block_count"):
+            need(u(key, 0) <= n_all, key, f"is more than the {n_all} layers")
+    elif arch == "bailingmoe3":
+        need(meta.get(f"{arch}.kda.safe_gate") is not False, "kda.safe_gate", "is false")
+        bound = meta.get(f"{arch}.kda.gate_lower_bound")
+        need(not isinstance(bound, float) or bound < 0, "kda.gate_lower_bound", f"is {bound}, not negative")
+    elif arch == "deepseek4":
+        ratios = meta.get(f"{arch}.attention.compress_ratios")
+        n = ratios.length if isinstance(ratios, ArrayInfo) else len(ratios) if isinstance(ratios, list) else 0
+        need(n <= MAX_LAYERS, "attention.compress_ratios", f"has {n} entries, more than {MAX_LAYERS}")
+    elif arch == "dflash" and u("hyper_connection.count", 0):
+        need(u("attention.output_group_count", 1) > 0, "attention.output_group_count", "is 0")
+        need(u("attention.sliding_window", 1) > 0, "attention.sliding_window", "is 0")
+    elif arch == "gemma-embedding":
+        n_embd = u("embedding_length", 0)
+        for key in ("dense_2_feat_in", "dense_3_feat_out"):
+            need(u(key, 0) in (0, n_embd), key, f"is {u(key)}, neither 0 nor embedding_length {n_embd}")
+    elif arch == "glm5-next":
+        kpool, top_k = u("attention.indexer.kpool", 2), u("attention.indexer.top_k", 0)
+        need(kpool > 1 and top_k % kpool == 0, "attention.indexer.kpool", f"is {kpool}: it must be over 1 and "
+                                                                         f"divide indexer.top_k {top_k}")
+        need(u("hyper_connection.count", 4) == 4, "hyper_connection.count", "is not 4")
+    elif arch == "hrm_text":
+        per_stack, h, l = (u(f"hrm.{k}") for k in ("layers_per_stack", "h_cycles", "l_cycles"))
+        if None not in (per_stack, h, l):
+            need(per_stack and h and l, "hrm.layers_per_stack", "or hrm.h_cycles or hrm.l_cycles is 0")
+            need(n_main == per_stack * h * (l + 1) & 0xFFFFFFFF, "block_count",
+                 f"is not hrm.layers_per_stack x h_cycles x (l_cycles + 1) = {per_stack * h * (l + 1)}")
+    elif arch == "hy_v4":
+        need(u("attention.key_length_mla", 1) and u("attention.value_length_mla", 1), "attention.key_length_mla",
+             "or attention.value_length_mla is 0")
+    elif arch == "minimax-m3":
+        need(u("attention.indexer.block_size", 1) > 0, "attention.indexer.block_size", "is 0")
+    elif arch == "nanbeige":
+        loops = u("num_loops", 1)
+        need(1 <= loops and n_main * loops <= MAX_LAYERS, "num_loops",
+             f"is {loops}: 1 or more, and with the {n_main} layers at most {MAX_LAYERS} in all")
+
+
+def _token_texts(toks: ArrayInfo, buf):
+    """Each token's text as llama.cpp keys it (up to a NUL: it reads them as C strings; an empty one becomes
+    [EMPTY_<id>]), sliced from the mapping one at a time."""
+    u64, pos = _U64.unpack_from, toks.start
+    for i in range(toks.length):
+        n = u64(buf, pos)[0]
+        text = buf[pos + 8:pos + 8 + n]
+        pos += 8 + n
+        yield text if text and b"\0" not in text else text.split(b"\0", 1)[0] or b"[EMPTY_%d]" % i
+
+
+def _check_unique_tokens(toks: ArrayInfo, buf) -> None:
+    """No two tokens with the same text: llama.cpp's vocabulary loader asserts it (a published Gemma GGUF had
+    two: #25739). Only hashes are kept (8 bytes a token); texts are compared where two hashes are equal."""
+    ranked = np.sort(np.fromiter(map(hash, _token_texts(toks, buf)), np.int64, toks.length))
+    equal = set(ranked[1:][ranked[1:] == ranked[:-1]].tolist())
+    if not equal:
+        return
+    seen = {}
+    for i, text in enumerate(_token_texts(toks, buf)):
+        if hash(text) in equal:
+            if text in seen:
+                raise _Bad("tokenizer.ggml.tokens", f"has the token {text[:64]!r} twice (ids {seen[text]} and {i}), "
+                                                    "which llama.cpp aborts on")
+            seen[text] = i
+
+
+def _check_byte_tokens(toks: ArrayInfo, buf) -> None:
     """Every token whose text is a byte token `<0x..>` is exactly `<0xHH>`: llama.cpp parses the hex digits of
     byte tokens (SPM, UGM, PLaMo-2 vocabularies) and writes the byte where they say (`<0x-1>`: a heap write out
     of bounds, #25969)."""
-    texts = toks if isinstance(toks, list) else None
-    if texts is None:
-        for m in _BYTE_START.finditer(buf, toks.start, toks.end):  # (the mapping itself: no copy)
-            p = m.start()
-            if p >= toks.start + 8:
-                n = struct.unpack_from("<Q", buf, p - 8)[0]
-                # (the array's bytes only: a match that starts no token reads the same however much is mapped)
-                text = bytes(buf[p:min(p + n, toks.end)]) if n <= 64 else b""
-                if text.endswith(b">") and not _BYTE_TOKEN.fullmatch(text):
-                    raise _Bad("tokenizer.ggml.tokens", f"has a malformed byte token {text!r}")
-        return
-    for t in texts:
-        if t.startswith("<0x") and t.endswith(">") and not _BYTE_TOKEN.fullmatch(t.encode()):
-            raise _Bad("tokenizer.ggml.tokens", f"has a malformed byte token {t!r}")
+    for m in _BYTE_START.finditer(buf, toks.start, toks.end):  # (the mapping itself: no copy)
+        p = m.start()
+        if p >= toks.start + 8:
+            n = struct.unpack_from("<Q", buf, p - 8)[0]
+            # (the array's bytes only: a match that starts no token reads the same however much is mapped)
+            text = bytes(buf[p:min(p + n, toks.end)]) if n <= 64 else b""
+            if text.endswith(b">") and not _BYTE_TOKEN.fullmatch(text):
+                raise _Bad("tokenizer.ggml.tokens", f"has a malformed byte token {text!r}")

@@ -80,9 +80,13 @@ def test_a_header_past_the_first_prefix_maps_more(tiny_target, monkeypatch):
     whole = read_gguf(tiny_target)
     monkeypatch.setattr(gguf_file, "PREFIX", 64)
     lengths = _mapped_lengths(monkeypatch)
+    parses = []
+    monkeypatch.setattr(gguf_file, "_parse", lambda *a, real=gguf_file._parse: parses.append(1) or real(*a))
     assert read_gguf(tiny_target) == whole
-    assert lengths == [64 << i for i in range(len(lengths))] and len(lengths) > 1  # doubled while the header went on
-    assert lengths[-2] < whole.data_offset and lengths[-1] < whole.file_size  # and no further
+    assert len(parses) == 1  # parsed once: the reader goes on in the larger mapping
+    assert len(lengths) > 1 and all(b > a and b % a == 0 for a, b in zip(lengths, lengths[1:]))  # doubled...
+    assert {l & (l - 1) for l in lengths} == {0}  # (64 times powers of two)
+    assert lengths[-2] < whole.data_offset and lengths[-1] < whole.file_size  # ...while the header went on, no further
 
 
 def test_a_truncated_file_fails_the_same_from_a_small_prefix(tiny_target, tmp_path, monkeypatch):
@@ -119,9 +123,10 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from edgecad import Engine, tiny  # noqa: E402
+import gguf  # noqa: E402
 from helpers import craft_gguf, gguf_value  # noqa: E402
 
-_TOKENS = tiny.vocabulary()[0]
+_TOKENS, _TYPES = tiny.vocabulary()
 
 
 def _key(name: str, vtype: int) -> bytes:
@@ -132,6 +137,64 @@ def _tensor(i, field, value):
     def edit(infos):
         infos[i][field] = value(infos) if callable(value) else value
     return edit
+
+
+def _craft(src, dst, arch=None, **kw):
+    """craft_gguf; arch=(name, {key: spec}) also moves the model's qwen2.* keys under another architecture's name
+    and adds these of its own (llama.cpp then reads it as that architecture, up to its hyperparameters)."""
+    if arch is not None:
+        name, extra = arch
+        own = {f.name: (int(f.types[0]), f.contents()) for f in gguf.GGUFReader(str(src)).fields.values()
+               if f.name.startswith("qwen2.")}
+        kw = dict(kw, drop=tuple(own), set_kv={"general.architecture": (8, name), **kw.get("set_kv", {}),
+                                               **{name + k[5:]: v for k, v in own.items()},
+                                               **{f"{name}.{k}": v for k, v in extra.items()}})
+    return craft_gguf(src, dst, **kw)
+
+
+def abort_shapes(tokens: list, types: list, n_layer: int) -> dict:
+    """Files that pass every structural check and make llama.cpp abort (a GGML_ASSERT or GGML_ABORT as it loads
+    them: the control below): name -> (_craft arguments, the gate's words). Made from a model's own vocabulary,
+    token types and layer count: the tiny target's here, the fuzzer's small model's in write_fuzz_seeds."""
+    def q(kv):
+        return dict(set_kv={f"qwen2.{k}": v for k, v in kv.items()})
+    dup = tokens[4]
+    return {
+        "expert_used_count without experts": (q({"expert_used_count": (4, 2)}),
+                                              "expert_used_count is 2, more than the expert_count of 0"),
+        "expert_count 2000": (q({"expert_count": (4, 2000), "expert_used_count": (4, 2)}),
+                              "expert_count is 2000, more than llama.cpp's 1024"),
+        "expert_used_count over expert_count": (q({"expert_count": (4, 4), "expert_used_count": (4, 8)}),
+                                                "expert_used_count is 8, more than the expert_count of 4"),
+        "expert_used_count -1 in a layer": (q({"expert_count": (4, 4),
+                                               "expert_used_count": (9, [2] * (n_layer - 1) + [-1], 5)}),
+                                            "expert_used_count is 4294967295, more than"),
+        "experts, none used": (q({"expert_count": (4, 4)}), "expert_used_count is 0 or missing, with 4 experts"),
+        "as many expert groups as experts": (q({"expert_count": (4, 4), "expert_used_count": (4, 2),
+                                                "expert_group_count": (4, 4)}), "expert_group_count is 4, not under"),
+        "expert groups not dividing": (q({"expert_count": (4, 8), "expert_used_count": (4, 2),
+                                          "expert_group_count": (4, 3), "expert_group_used_count": (4, 1)}),
+                                       "expert_group_count is 3, not a divisor of 8 experts"),
+        "expert groups all used": (q({"expert_count": (4, 8), "expert_used_count": (4, 2),
+                                      "expert_group_count": (4, 2), "expert_group_used_count": (4, 2)}),
+                                   "expert_group_used_count is 2, not in 1..1"),
+        "expert groups without experts": (q({"expert_group_count": (4, 2)}), "expert_group_count is 2 with no experts"),
+        "block_count 0": (q({"block_count": (4, 0)}), "block_count is 0"),
+        "nextn layers over block_count": (q({"nextn_predict_layers": (4, n_layer + 1)}),
+                                          f"nextn_predict_layers is {n_layer + 1}, more than the {n_layer} layers"),
+        "unknown rope scaling": (q({"rope.scaling.type": (8, "bogus")}), "rope.scaling.type is not one of"),
+        "a token twice": (dict(set_kv={"tokenizer.ggml.tokens": (9, tokens[:5] + [dup] + tokens[6:], 8)}),
+                          "twice (ids 4 and 5)"),
+        "a token twice after a NUL": (dict(set_kv={"tokenizer.ggml.tokens": (9, tokens[:5] + [dup + "\0x"] + tokens[6:],
+                                                                             8)}), "twice (ids 4 and 5)"),
+        "a byte token in a bert vocabulary": (dict(set_kv={"tokenizer.ggml.model": (8, "bert"), "tokenizer.ggml."
+                                                           "token_type": (9, types[:7] + [6] + types[8:], 5)}),
+                                              "marks a byte token in a WordPiece (bert) vocabulary"),
+        "nanbeige num_loops 0": (dict(arch=("nanbeige", {"num_loops": (4, 0)})), "nanbeige.num_loops is 0"),
+        "gemma-embedding dense_2_feat_in": (dict(arch=("gemma-embedding", {"dense_2_feat_in": (4, 7),
+                                                                           "attention.sliding_window": (4, 64)})),
+                                            "dense_2_feat_in is 7, neither 0 nor embedding_length"),
+    }
 
 
 ATTACKS = {  # name: (craft_gguf arguments, the gate's words)
@@ -166,13 +229,19 @@ ATTACKS = {  # name: (craft_gguf arguments, the gate's words)
     "vocabulary vs embeddings": (dict(set_kv={"tokenizer.ggml.tokens": (9, _TOKENS[:-1], 8)},
                                       drop=("tokenizer.ggml.token_type",)), "not one row per token"),
     "no architecture": (dict(drop=("general.architecture",)), "general.architecture is missing"),
+    "9M array elements": (dict(raw_kv=_key("x", 9) + struct.pack("<IQ", 0, 9 << 20) + bytes(9 << 20)),
+                          "has over 8,388,608 array elements"),
+    "17 strings of 1 MiB": (dict(set_kv={f"x.s{i}": (8, "x" * (1 << 20)) for i in range(17)}),
+                            "has over 16 MiB of metadata keys and values"),
+    **abort_shapes(_TOKENS, _TYPES, tiny.TINY_TARGET.n_layer),
 }
+ABORTS = ["block_count 600", *abort_shapes(_TOKENS, _TYPES, tiny.TINY_TARGET.n_layer)]  # (the control's)
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_the_gate_refuses_each_attack_shape_in_one_line(tiny_target, tmp_path, attack):
     kw, words = ATTACKS[attack]
-    path = craft_gguf(tiny_target, tmp_path / "crafted.gguf", **kw)
+    path = _craft(tiny_target, tmp_path / "crafted.gguf", **kw)
     with pytest.raises(ModelFileError) as e:
         read_gguf(path)
     msg = str(e.value)
@@ -183,7 +252,7 @@ def test_the_gate_refuses_each_attack_shape_in_one_line(tiny_target, tmp_path, a
 
 def test_each_attack_fails_the_same_from_a_small_prefix(tiny_target, tmp_path, monkeypatch):
     """(The gate's verdict and words do not depend on how much of the file read_gguf mapped.)"""
-    paths = [craft_gguf(tiny_target, tmp_path / f"{i}.gguf", **kw) for i, (kw, _) in enumerate(ATTACKS.values())]
+    paths = [_craft(tiny_target, tmp_path / f"{i}.gguf", **kw) for i, (kw, _) in enumerate(ATTACKS.values())]
     whole = [_error(p) for p in paths]
     monkeypatch.setattr(gguf_file, "PREFIX", 64)
     assert [_error(p) for p in paths] == whole
@@ -196,24 +265,70 @@ def test_the_unchanged_copy_passes_the_gate(tiny_target, tmp_path):
         assert e.create_completion("hello", max_tokens=4, temperature=0)["usage"]["completion_tokens"] == 4
 
 
-def test_what_the_gate_stops_aborts_llama_cpp_itself(tiny_target, tmp_path):
-    """The control: the block_count file handed to llama.cpp directly (in a child process) kills the process."""
-    path = craft_gguf(tiny_target, tmp_path / "blocks.gguf", set_kv={"qwen2.block_count": (4, 600)})
+@pytest.mark.parametrize("attack", ABORTS)
+def test_what_the_gate_stops_aborts_llama_cpp_itself(tiny_target, tmp_path, attack):
+    """The control: each file the gate refuses for a value llama.cpp asserts on, handed to llama.cpp directly (in a
+    child process), kills the process."""
+    path = _craft(tiny_target, tmp_path / "crafted.gguf", **ATTACKS[attack][0])
     r = subprocess.run([sys.executable, "-c", f"from llama_cpp import Llama; Llama({str(path)!r}, verbose=False)"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode in (-6, 134), (r.returncode, r.stderr[-2000:])  # SIGABRT
 
 
+def test_long_strings_are_measured_not_read(tiny_target, tmp_path):
+    """A metadata string over 1 MiB (an embedded tokenizer.json) is kept as its length and place, not read; the
+    model still loads."""
+    path = craft_gguf(tiny_target, tmp_path / "long.gguf", set_kv={"general.name": (8, "n" * (2 << 20))})
+    g = read_gguf(path)
+    assert g.metadata["general.name"] == gguf_file.StringInfo(2 << 20, g.metadata["general.name"].start)
+    with Engine(path, n_ctx=64) as e:
+        assert e.create_completion("hello", max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
+
+
+def test_a_huge_header_is_refused_cheaply(tmp_path):
+    """A well-formed header of 192 MiB (48 strings of 4 MiB in one array; the gate once accepted it after building
+    a Python string of each) is refused at the header's budget, reading little of it: in a child process, its peak
+    resident memory grows by far less than the header's size."""
+    path = tmp_path / "huge.gguf"
+    with open(path, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + _key("general.architecture", 8) + gguf_value(8, "qwen2")
+                + _key("x.huge", 9) + struct.pack("<IQ", 8, 48))
+        string = struct.pack("<Q", 4 << 20) + b"x" * (4 << 20)
+        for _ in range(48):
+            f.write(string)
+    code = ("import resource, time\nfrom edgecad.errors import ModelFileError\nfrom edgecad.gguf_file import read_gguf\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nt = time.perf_counter()\n"
+            f"try:\n    read_gguf({str(path)!r}); print('accepted')\nexcept ModelFileError as e:\n    print(e)\n"
+            "print(time.perf_counter() - t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    verdict, numbers = r.stdout.strip().splitlines()
+    seconds, mb = map(float, numbers.split())
+    print(f"huge header: {seconds:.2f} s, peak RSS +{mb:.0f} MB: {verdict}")
+    assert "the header goes on past 128 MiB" in verdict, verdict
+    assert mb < 100 and seconds < 10, (seconds, mb)
+
+
+def write_fuzz_seeds(out) -> None:
+    """The fuzzer's seeds: a small model, and each shape that aborts llama.cpp made from it (scripts/fuzz_gguf.sh
+    seeds its longer runs with these too)."""
+    small = tiny.TinySpec(n_layer=1, n_embd=8, n_ff=8, n_head=2, n_head_kv=1)
+    src = tiny.write_model(out / "small.gguf", small, vocab_tokens=_TOKENS[:16] + [tiny.EOG_TOKEN])
+    fields = gguf.GGUFReader(str(src)).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    for i, (kw, _) in enumerate(abort_shapes(tokens, types, small.n_layer).values()):
+        _craft(src, out / f"abort-{i}.gguf", **kw)
+
+
 def test_fuzzing_the_gate_finds_nothing(tmp_path):
-    """A short coverage-guided run (atheris) from a small real model: every input gives a header or edgecad's
-    ModelFileError, within libFuzzer's time and memory limits; and every regression file kept from longer runs
-    (tests/fuzz-regressions/) still does. Longer runs: scripts/fuzz_gguf.sh."""
+    """A short coverage-guided run (atheris) from a small real model and the shapes that abort llama.cpp made from
+    it (write_fuzz_seeds): every input gives a header or edgecad's ModelFileError, within libFuzzer's time and
+    memory limits; and every regression file kept from longer runs (tests/fuzz-regressions/) still does. Longer runs: scripts/fuzz_gguf.sh."""
     pytest.importorskip("atheris", reason="atheris (the test extra) is not installed")
     from pathlib import Path
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    small = tiny.TinySpec(n_layer=1, n_embd=8, n_ff=8, n_head=2, n_head_kv=1)
-    tiny.write_model(corpus / "small.gguf", small, vocab_tokens=_TOKENS[:16] + [tiny.EOG_TOKEN])
+    write_fuzz_seeds(corpus)
     regressions = sorted((Path(__file__).parent / "fuzz-regressions").glob("*"))
     harness = str(Path(__file__).parent / "fuzz_gguf.py")
     if regressions:
