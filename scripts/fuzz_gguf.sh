@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Fuzz the model-file gate for longer (default 10 minutes): seeds are a small generated model, the tiny test
-# models and the headers of the fetched real models; a crash lands in tests/fuzz-regressions/ (keep it: the
-# suite replays every file there).   usage: bash scripts/fuzz_gguf.sh [SECONDS]
+# Fuzz the model-file gate for longer (default 10 minutes): seeds are a small generated model and each shape that
+# aborts llama.cpp made from it (tests/test_gguf_file.py: write_fuzz_seeds), the tiny test models and the headers of
+# the fetched real models; a crash lands in tests/fuzz-regressions/ (keep it: the suite replays every file there).
+# usage: bash scripts/fuzz_gguf.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-600}"
@@ -13,10 +14,11 @@ from pathlib import Path
 from edgecad import registry, tiny
 from edgecad.gguf_file import read_gguf
 
+sys.path.insert(0, "tests")
+from test_gguf_file import write_fuzz_seeds  # noqa: E402
+
 out = Path(sys.argv[1])
-toks = tiny.vocabulary()[0]
-tiny.write_model(out / "small.gguf", tiny.TinySpec(n_layer=1, n_embd=8, n_ff=8, n_head=2, n_head_kv=1),
-                 vocab_tokens=toks[:16] + [tiny.EOG_TOKEN])
+write_fuzz_seeds(out)
 tiny.write_pair(out)
 for name in registry.MODELS:  # the real models' headers (their data cut off: the gate then says truncated)
     try:
