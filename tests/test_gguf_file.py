@@ -123,6 +123,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from edgecad import Engine, tiny  # noqa: E402
+from edgecad.gguf_file import MAX_LAYERS  # noqa: E402
 import gguf  # noqa: E402
 from helpers import craft_gguf, gguf_value  # noqa: E402
 
@@ -190,9 +191,61 @@ def abort_shapes(tokens: list, types: list, n_layer: int) -> dict:
         "a byte token in a bert vocabulary": (dict(set_kv={"tokenizer.ggml.model": (8, "bert"), "tokenizer.ggml."
                                                            "token_type": (9, types[:7] + [6] + types[8:], 5)}),
                                               "marks a byte token in a WordPiece (bert) vocabulary"),
-        "nanbeige num_loops 0": (dict(arch=("nanbeige", {"num_loops": (4, 0)})), "nanbeige.num_loops is 0"),
-        "gemma-embedding dense_2_feat_in": (dict(arch=("gemma-embedding", {"dense_2_feat_in": (4, 7),
-                                                                           "attention.sliding_window": (4, 64)})),
+        **{name: (dict(arch=(arch, kv)), words) for name, (arch, kv, words) in _arch_shapes(n_layer).items()},
+    }
+
+
+def _arch_shapes(n_layer: int) -> dict:
+    """The architectures whose own hyperparameters llama.cpp asserts on: name -> (architecture, its keys (with
+    those it requires before the assert), the gate's words)."""
+    u, f, b = 4, 6, 7  # GGUF types: uint32, float32, bool
+    moe = {"expert_feed_forward_length": (u, 64), "expert_shared_count": (u, 1), "expert_weights_scale": (f, 1.0),
+           "expert_weights_norm": (b, True), "expert_gating_func": (u, 4), "swiglu_clamp_exp": (f, 7.0)}
+    mla = {"attention.key_length_mla": (u, 16), "attention.value_length_mla": (u, 16), "attention.q_lora_rank": (u, 16),
+           "attention.kv_lora_rank": (u, 16), "ssm.conv_kernel": (u, 4), "kda.head_dim": (u, 16)}
+    hc = {"hyper_connection.count": (u, 4), "hyper_connection.sinkhorn_iterations": (u, 2),
+          "hyper_connection.epsilon": (f, 1e-6)}
+    index = {"attention.indexer.head_count": (u, 2), "attention.indexer.key_length": (u, 16),
+             "attention.indexer.top_k": (u, 8)}
+    dflash = {"target_layers": (9, [0], 5), **moe, **hc, "hyper_connection.count": (u, 1),
+              "attention.q_lora_rank": (u, 16), "attention.sliding_window": (u, 64),
+              "attention.output_group_count": (u, 2), "attention.output_lora_rank": (u, 16)}
+    kda = {**mla, **moe, "leading_dense_block_count": (u, 1), "kda.gate_lower_bound": (f, -5.0)}
+    return {
+        "wavtokenizer-dec posnet layers": ("wavtokenizer-dec", {
+            "features_length": (u, 64), "posnet.embedding_length": (u, 64), "posnet.block_count": (u, n_layer + 1),
+            "convnext.embedding_length": (u, 64), "convnext.block_count": (u, 1)}, "posnet.block_count is more than"),
+        "bailingmoe3 unsafe gate": ("bailingmoe3", {**kda, "kda.safe_gate": (b, False)}, "kda.safe_gate is false"),
+        "bailingmoe3 gate bound 1": ("bailingmoe3", {**kda, "kda.gate_lower_bound": (f, 1.0)},
+                                     "kda.gate_lower_bound is 1.0, not negative"),
+        "deepseek4 600 compress ratios": ("deepseek4", {
+            **moe, **hc, **index, "attention.q_lora_rank": (u, 16), "attention.sliding_window": (u, 64),
+            "attention.output_group_count": (u, 2), "attention.output_lora_rank": (u, 16),
+            "attention.compress_rope_freq_base": (f, 1e4), "hash_layer_count": (u, 0),
+            "attention.compress_ratios": (9, [0] * 600, u)}, "compress_ratios has 600 entries, more than 512"),
+        "dflash no output groups": ("dflash", {**dflash, "attention.output_group_count": (u, 0)},
+                                    "attention.output_group_count is 0"),
+        "dflash no sliding window": ("dflash", {**dflash, "attention.sliding_window": (u, 0)},
+                                     "attention.sliding_window is 0"),
+        "glm5-next kpool 3 for top_k 8": ("glm5-next", {**mla, **moe, **hc, **index, "attention.indexer.kpool": (u, 3)},
+                                          "indexer.kpool is 3: it must be over 1 and divide indexer.top_k 8"),
+        "glm5-next 2 hyper-connections": ("glm5-next", {**mla, **moe, **hc, **index, "attention.indexer.kpool": (u, 2),
+                                                        "hyper_connection.count": (u, 2)}, "count is not 4"),
+        "hrm_text slots and layers": ("hrm_text", {"hrm.layers_per_stack": (u, n_layer), "hrm.h_cycles": (u, 1),
+                                                   "hrm.l_cycles": (u, 1)}, "block_count is not hrm.layers_per_stack"),
+        "hrm_text no cycles": ("hrm_text", {"hrm.layers_per_stack": (u, 1), "hrm.h_cycles": (u, 0),
+                                            "hrm.l_cycles": (u, 1)}, "or hrm.h_cycles or hrm.l_cycles is 0"),
+        "hy_v4 without MLA": ("hy_v4", {**moe, **hc, "attention.q_lora_rank": (u, 16), "attention.kv_lora_rank": (u, 16),
+                                        "attention.key_length_mla": (u, 0), "attention.value_length_mla": (u, 0),
+                                        "hyper_connection.magnitude": (f, 1.0)}, "key_length_mla or"),
+        "minimax-m3 indexer blocks of 0": ("minimax-m3", {**moe, **index, "attention.indexer.block_size": (u, 0),
+                                                          "attention.indexer.local_blocks": (u, 1)},
+                                           "indexer.block_size is 0"),
+        "nanbeige num_loops 0": ("nanbeige", {"num_loops": (u, 0)}, "nanbeige.num_loops is 0"),
+        "nanbeige loops past 512 layers": ("nanbeige", {"num_loops": (u, MAX_LAYERS // n_layer + 1)},
+                                           "at most 512 in all"),
+        "gemma-embedding dense_2_feat_in": ("gemma-embedding", {"dense_2_feat_in": (u, 7),
+                                                                "attention.sliding_window": (u, 64)},
                                             "dense_2_feat_in is 7, neither 0 nor embedding_length"),
     }
 
