@@ -462,6 +462,11 @@ _BYTE_TOKEN = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
 _BYTE_START = re.compile(rb"<0x")
 _ROPE_SCALING = ("none", "linear", "yarn", "longrope")  # LLAMA_ROPE_SCALING_TYPES
 _BYTE_TYPE = 6  # LLAMA_TOKEN_TYPE_BYTE
+# tokenizer.ggml.model -> (its default BOS/EOS/SEP ids, what its tokenize adds to a prompt unless add_*_token says)
+_SPECIALS = {"llama": ({"bos": 1, "eos": 2}, {"bos"}), "bert": ({"bos": 101, "sep": 102}, {"bos", "sep"}),
+             "t5": ({"eos": 1}, {"eos"}), "gemma4": ({}, {"bos"}),
+             # (BPE: some pre-tokenizers add a BOS, others not: counted as all do)
+             **{m: ({"bos": 11, "eos": 11}, {"bos"}) for m in ("gpt2", "hybriddna", "whitespace")}}
 
 
 def _check(g: GGUFInfo, buf) -> None:
@@ -508,6 +513,28 @@ def _check(g: GGUFInfo, buf) -> None:
             raise _Bad("tokenizer.ggml.token_type", "marks a byte token in a WordPiece (bert) vocabulary, which "
                                                     "llama.cpp aborts on")
         _check_unique_tokens(toks, buf)
+        _check_special_tokens(g, model, n)
+
+
+def _check_special_tokens(g: GGUFInfo, model, n: int) -> None:
+    """The BOS, EOS and SEP tokens llama.cpp's tokenize adds to every prompt (edgecad's too) have ids in the
+    vocabulary (an explicit one, else the tokenizer's default): it asserts so, and aborts at the first prompt."""
+    if model not in _SPECIALS:
+        return
+    defaults, adds = _SPECIALS[model][0], set(_SPECIALS[model][1])
+    if model != "bert":  # (WordPiece adds both whatever the flags say)
+        for x in ("bos", "eos"):
+            flag = g.metadata.get(f"tokenizer.ggml.add_{x}_token")
+            if isinstance(flag, bool):
+                (adds.add if flag else adds.discard)(x)
+    if model == "gemma4":
+        adds.add("bos")  # (llama.cpp adds it to Gemma 4 prompts whatever the flag says)
+    for x in sorted(adds):
+        given = g.metadata.get(f"tokenizer.ggml.{x}_token_id")
+        if not (isinstance(given, int) and 0 <= given < n or defaults.get(x, n) < n):
+            raise _Bad(f"tokenizer.ggml.{x}_token_id", f"is missing or not one of the {n:,} tokens, where the tokenizer "
+                                                       f"adds a {x.upper()} token to every prompt, which llama.cpp "
+                                                       "aborts on")
 
 
 def _numbers(g: GGUFInfo, buf, key: str) -> list:

@@ -191,6 +191,13 @@ def abort_shapes(tokens: list, types: list, n_layer: int) -> dict:
         "a byte token in a bert vocabulary": (dict(set_kv={"tokenizer.ggml.model": (8, "bert"), "tokenizer.ggml."
                                                            "token_type": (9, types[:7] + [6] + types[8:], 5)}),
                                               "marks a byte token in a WordPiece (bert) vocabulary"),
+        "gemma4 without a BOS token": (dict(set_kv={"tokenizer.ggml.model": (8, "gemma4")},
+                                            drop=("tokenizer.ggml.bos_token_id",)),
+                                       "bos_token_id is missing or not one of the"),
+        "t5 adding a BOS token it lacks": (dict(set_kv={"tokenizer.ggml.model": (8, "t5"),
+                                                        "tokenizer.ggml.add_bos_token": (7, True)},
+                                                drop=("tokenizer.ggml.bos_token_id",)),
+                                           "adds a BOS token to every prompt"),
         **{name: (dict(arch=(arch, kv)), words) for name, (arch, kv, words) in _arch_shapes(n_layer).items()},
     }
 
@@ -321,10 +328,10 @@ def test_the_unchanged_copy_passes_the_gate(tiny_target, tmp_path):
 @pytest.mark.parametrize("attack", ABORTS)
 def test_what_the_gate_stops_aborts_llama_cpp_itself(tiny_target, tmp_path, attack):
     """The control: each file the gate refuses for a value llama.cpp asserts on, handed to llama.cpp directly (in a
-    child process), kills the process."""
+    child process) to load it and tokenize a prompt, kills the process."""
     path = _craft(tiny_target, tmp_path / "crafted.gguf", **ATTACKS[attack][0])
-    r = subprocess.run([sys.executable, "-c", f"from llama_cpp import Llama; Llama({str(path)!r}, verbose=False)"],
-                       capture_output=True, text=True, timeout=120)
+    code = f"from llama_cpp import Llama; Llama({str(path)!r}, verbose=False).tokenize(b'hi')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode in (-6, 134), (r.returncode, r.stderr[-2000:])  # SIGABRT
 
 
