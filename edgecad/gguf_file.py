@@ -13,6 +13,7 @@ import mmap
 import os
 import re
 import struct
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -626,25 +627,44 @@ def _check_arch_hparams(g: GGUFInfo, arch: str, u, need, n_all: int, n_main: int
 
 
 def _token_texts(toks: ArrayInfo, buf):
-    """Each token's text as llama.cpp keys it (up to a NUL: it reads them as C strings; an empty one becomes
+    """(id, text) of each token as llama.cpp keys it (up to a NUL: it reads C strings; an empty one becomes
     [EMPTY_<id>]), sliced from the mapping one at a time."""
     u64, pos = _U64.unpack_from, toks.start
     for i in range(toks.length):
         n = u64(buf, pos)[0]
-        text = buf[pos + 8:pos + 8 + n]
+        yield i, buf[pos + 8:pos + 8 + n].split(b"\0", 1)[0] or b"[EMPTY_%d]" % i
         pos += 8 + n
-        yield text if text and b"\0" not in text else text.split(b"\0", 1)[0] or b"[EMPTY_%d]" % i
+
+
+def _raw_hashes(toks: ArrayInfo, buf) -> tuple:
+    """The hash and the length of each token's bytes as they are (numpy arrays; each text sliced and dropped)."""
+    hashes, lengths, u64, pos = array("q"), array("q"), _U64.unpack_from, toks.start
+    for _ in range(toks.length):
+        n = u64(buf, pos)[0]
+        hashes.append(hash(buf[pos + 8:pos + 8 + n]))
+        lengths.append(n)
+        pos += 8 + n
+    return np.frombuffer(hashes, np.int64), np.frombuffer(lengths, np.int64)
+
+
+def _raw_texts_are_keys(toks: ArrayInfo, buf, lengths) -> bool:
+    """No token is empty or holds a NUL: every zero byte of the array is one of its 8-byte lengths' (counted in
+    1 MiB slices of the mapping), so each token's bytes are its key for llama.cpp."""
+    in_lengths = sum(int((lengths >> 8 * k & 0xFF == 0).sum()) for k in range(8))
+    zeros = sum(buf[a:min(a + (1 << 20), toks.end)].count(b"\0") for a in range(toks.start, toks.end, 1 << 20))
+    return zeros == in_lengths and lengths.all()
 
 
 def _check_unique_tokens(toks: ArrayInfo, buf) -> None:
     """No two tokens with the same text: llama.cpp's vocabulary loader asserts it (a published Gemma GGUF had
     two: #25739). Only hashes are kept (8 bytes a token); texts are compared where two hashes are equal."""
-    ranked = np.sort(np.fromiter(map(hash, _token_texts(toks, buf)), np.int64, toks.length))
+    hashes, lengths = _raw_hashes(toks, buf)
+    if not _raw_texts_are_keys(toks, buf, lengths):  # (rare: hash the keys themselves)
+        hashes = np.fromiter((hash(t) for _, t in _token_texts(toks, buf)), np.int64, toks.length)
+    ranked = np.sort(hashes)
     equal = set(ranked[1:][ranked[1:] == ranked[:-1]].tolist())
-    if not equal:
-        return
     seen = {}
-    for i, text in enumerate(_token_texts(toks, buf)):
+    for i, text in _token_texts(toks, buf) if equal else ():
         if hash(text) in equal:
             if text in seen:
                 raise _Bad("tokenizer.ggml.tokens", f"has the token {text[:64]!r} twice (ids {seen[text]} and {i}), "
