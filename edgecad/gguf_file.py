@@ -510,7 +510,7 @@ def _check(g: GGUFInfo, buf) -> None:
         model = g.metadata.get("tokenizer.ggml.model")
         if model not in ("gpt2", "bert"):  # (BPE and WPM texts are only text)
             _check_byte_tokens(toks, buf)
-        if model == "bert" and _BYTE_TYPE in _numbers(g, buf, "tokenizer.ggml.token_type"):
+        if model == "bert" and (_numbers(g, buf, "tokenizer.ggml.token_type") == _BYTE_TYPE).any():
             raise _Bad("tokenizer.ggml.token_type", "marks a byte token in a WordPiece (bert) vocabulary, which "
                                                     "llama.cpp aborts on")
         _check_unique_tokens(toks, buf)
@@ -538,13 +538,14 @@ def _check_special_tokens(g: GGUFInfo, model, n: int) -> None:
                                                        "aborts on")
 
 
-def _numbers(g: GGUFInfo, buf, key: str) -> list:
-    """A metadata value's numbers as llama.cpp reads them: a scalar as one, an array of numbers as its elements
-    (read from the file: no export of the mapping is kept); [] for anything else."""
+def _numbers(g: GGUFInfo, buf, key: str, most: int = MAX_ELEMENTS) -> np.ndarray:
+    """A metadata value's numbers: a scalar as one, an array of numbers as its elements (copied from the mapping:
+    no export of it is kept); none for anything else, or for an array longer than `most`."""
     v = g.metadata.get(key)
     if isinstance(v, ArrayInfo):
-        return np.frombuffer(buf[v.start:v.end], _SCALARS[v.etype]).tolist() if v.etype in _SCALARS else []
-    return [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, (int, float))]
+        ok = v.etype in _SCALARS and v.length <= most
+        return np.frombuffer(buf[v.start:v.end], _SCALARS[v.etype]) if ok else np.empty(0)
+    return np.array([x for x in (v if isinstance(v, list) else [v]) if isinstance(x, (int, float))])
 
 
 def _check_hparams(g: GGUFInfo, buf, arch: str, n_layer: int) -> None:
@@ -552,8 +553,8 @@ def _check_hparams(g: GGUFInfo, buf, arch: str, n_layer: int) -> None:
     every architecture, then those of the architectures that assert more (docs/model-files.md lists each)."""
     def u(key: str, default=None):
         """The largest value of {arch}.key as llama.cpp reads a uint32 (or one per layer: int32 elements wrap)."""
-        vals = [int(x) & 0xFFFFFFFF for x in _numbers(g, buf, f"{arch}.{key}") if not isinstance(x, float)]
-        return max(vals) if vals else default
+        vals = _numbers(g, buf, f"{arch}.{key}", MAX_LAYERS)
+        return max(int(x) & 0xFFFFFFFF for x in vals.tolist()) if vals.size and vals.dtype.kind in "iub" else default
 
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
