@@ -494,6 +494,10 @@ def _check(g: GGUFInfo, buf) -> None:
         if got != etype:
             raise _Bad(key, f"is {'an array of ' + _TYPE_NAMES.get(got, '?') if got is not None else 'not an array'}"
                             f", where llama.cpp reads an array of {_TYPE_NAMES[etype]}")
+    model = g.metadata.get("tokenizer.ggml.model")
+    if model in ("none", "no_vocab"):
+        raise _Bad("tokenizer.ggml.model", f"is {model!r}: the model has no vocabulary to tokenize a prompt with, "
+                                          "which llama.cpp aborts on")
     toks = g.metadata.get("tokenizer.ggml.tokens")
     if toks is not None:
         n = g.vocab_size
@@ -507,7 +511,6 @@ def _check(g: GGUFInfo, buf) -> None:
             t = g.tensor(name)
             if t is not None and (len(t.shape) < 2 or t.shape[1] != n):
                 raise _Bad(f"the tensor {name}", f"has shape {t.shape}, not one row per token ({n:,})")
-        model = g.metadata.get("tokenizer.ggml.model")
         if model not in ("gpt2", "bert"):  # (BPE and WPM texts are only text)
             _check_byte_tokens(toks, buf)
         if model == "bert" and (_numbers(g, buf, "tokenizer.ggml.token_type") == _BYTE_TYPE).any():

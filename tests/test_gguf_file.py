@@ -191,6 +191,8 @@ def abort_shapes(tokens: list, types: list, n_layer: int) -> dict:
         "a byte token in a bert vocabulary": (dict(set_kv={"tokenizer.ggml.model": (8, "bert"), "tokenizer.ggml."
                                                            "token_type": (9, types[:7] + [6] + types[8:], 5)}),
                                               "marks a byte token in a WordPiece (bert) vocabulary"),
+        "no vocabulary": (dict(set_kv={"tokenizer.ggml.model": (8, "none"), "qwen2.vocab_size": (4, len(tokens))}),
+                          "tokenizer.ggml.model is 'none': the model has no vocabulary"),
         "gemma4 without a BOS token": (dict(set_kv={"tokenizer.ggml.model": (8, "gemma4")},
                                             drop=("tokenizer.ggml.bos_token_id",)),
                                        "bos_token_id is missing or not one of the"),
