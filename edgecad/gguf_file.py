@@ -500,24 +500,30 @@ def _check(g: GGUFInfo, buf) -> None:
                                           "which llama.cpp aborts on")
     toks = g.metadata.get("tokenizer.ggml.tokens")
     if toks is not None:
-        n = g.vocab_size
-        if not 0 < n <= MAX_VOCAB:
-            raise _Bad("tokenizer.ggml.tokens", f"has {n:,} tokens (1..{MAX_VOCAB:,})")
-        for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-            v = g.metadata.get(key)
-            if v is not None and (v.length if isinstance(v, ArrayInfo) else len(v)) != n:
-                raise _Bad(key, f"has a length other than the vocabulary's {n:,} tokens")
-        for name in ("token_embd.weight", "output.weight"):
-            t = g.tensor(name)
-            if t is not None and (len(t.shape) < 2 or t.shape[1] != n):
-                raise _Bad(f"the tensor {name}", f"has shape {t.shape}, not one row per token ({n:,})")
-        if model not in ("gpt2", "bert"):  # (BPE and WPM texts are only text)
-            _check_byte_tokens(toks, buf)
-        if model == "bert" and (_numbers(g, buf, "tokenizer.ggml.token_type") == _BYTE_TYPE).any():
-            raise _Bad("tokenizer.ggml.token_type", "marks a byte token in a WordPiece (bert) vocabulary, which "
-                                                    "llama.cpp aborts on")
-        _check_unique_tokens(toks, buf)
-        _check_special_tokens(g, model, n)
+        _check_vocab(g, toks, buf, model)
+
+
+def _check_vocab(g: GGUFInfo, toks: ArrayInfo, buf, model) -> None:
+    """The vocabulary: its size against its arrays and embeddings, and what llama.cpp's loader and tokenizer
+    assert of its tokens."""
+    n = g.vocab_size
+    if not 0 < n <= MAX_VOCAB:
+        raise _Bad("tokenizer.ggml.tokens", f"has {n:,} tokens (1..{MAX_VOCAB:,})")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        v = g.metadata.get(key)
+        if v is not None and (v.length if isinstance(v, ArrayInfo) else len(v)) != n:
+            raise _Bad(key, f"has a length other than the vocabulary's {n:,} tokens")
+    for name in ("token_embd.weight", "output.weight"):
+        t = g.tensor(name)
+        if t is not None and (len(t.shape) < 2 or t.shape[1] != n):
+            raise _Bad(f"the tensor {name}", f"has shape {t.shape}, not one row per token ({n:,})")
+    if model not in ("gpt2", "bert"):  # (BPE and WPM texts are only text)
+        _check_byte_tokens(toks, buf)
+    if model == "bert" and (_numbers(g, buf, "tokenizer.ggml.token_type") == _BYTE_TYPE).any():
+        raise _Bad("tokenizer.ggml.token_type", "marks a byte token in a WordPiece (bert) vocabulary, which "
+                                                "llama.cpp aborts on")
+    _check_unique_tokens(toks, buf)
+    _check_special_tokens(g, model, n)
 
 
 def _check_special_tokens(g: GGUFInfo, model, n: int) -> None:
