@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -16,7 +17,7 @@ from typing import Iterable, Optional, Sequence
 import llama_cpp as C
 import numpy as np
 
-from . import native
+from . import gbnf as gbnf_check, native
 from .errors import LlamaError, ModelFileError, RemoteLostError, RequestError
 from .progress import Progress
 
@@ -255,6 +256,25 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
 
 
+PARSE_STACK = 8 << 20  # bytes of stack llama.cpp gets to parse a grammar, whatever the caller's thread has
+_stack_size_lock = threading.Lock()
+
+
+def _on_parse_stack(fn, *args):
+    """fn(*args) on a new thread with a PARSE_STACK stack: llama.cpp's grammar parser recurses (gbnf.py's bounds
+    are measured against this stack), and the caller's thread may have musl's 128 KiB."""
+    out = []
+    with _stack_size_lock:  # threading.stack_size is the process's setting for threads started next
+        before = threading.stack_size(PARSE_STACK)
+        try:
+            thread = threading.Thread(target=lambda: out.append(fn(*args)), name="edgecad-grammar", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(before)
+    thread.join()
+    return out[0]
+
+
 class Grammar:
     """llama.cpp's grammar sampler (GBNF, as llama-cpp-python's `LlamaGrammar` uses it): the grammar's state
     after the tokens accepted so far. `mask` says what it allows next; `accept` advances it by one such token.
@@ -263,9 +283,11 @@ class Grammar:
 
     def __init__(self, model: Model, gbnf: str, root: str = "root"):
         _init_backend()
+        gbnf_check.check(gbnf)  # what llama.cpp's parser cannot take safely never reaches it (gbnf.py)
         # struct llama_sampler * llama_sampler_init_grammar(const struct llama_vocab *, const char * grammar_str,
         #                                                   const char * grammar_root);  NULL when it does not parse
-        self._ptr = C.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), root.encode("utf-8"))
+        self._ptr = _on_parse_stack(C.llama_sampler_init_grammar, model.vocab, gbnf.encode("utf-8"),
+                                    root.encode("utf-8"))
         if not self._ptr:
             raise RequestError(f"the grammar does not parse{_recent_errors()}: give GBNF with a `{root}` rule "
                                "(llama.cpp's grammars/README.md)", "grammar")
