@@ -43,7 +43,7 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(found[0]))
 
 
-EC_VERSION = 13  # native/edgecad.h: the interface these bindings are written for
+EC_VERSION = 14  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -205,9 +205,11 @@ def can_page() -> bool:
 # ---------------------------------------------------------------------------- interrupt (section 6)
 
 # int ec_interrupt_install(void); void ec_interrupt_clear(void); int ec_interrupt_pending(void);
+# int ec_interrupt_count(void);
 lib.ec_interrupt_install.argtypes, lib.ec_interrupt_install.restype = [], ctypes.c_int
 lib.ec_interrupt_clear.argtypes, lib.ec_interrupt_clear.restype = [], None
 lib.ec_interrupt_pending.argtypes, lib.ec_interrupt_pending.restype = [], ctypes.c_int
+lib.ec_interrupt_count.argtypes, lib.ec_interrupt_count.restype = [], ctypes.c_int
 # bool ec_abort_callback(void *data);  (llama.cpp's abort callback, passed by address)
 abort_callback_address = ctypes.cast(lib.ec_abort_callback, _vp).value
 
@@ -240,8 +242,13 @@ def take_log_errors(last: int = 3) -> str:
 # ---------------------------------------------------------------------------- remote devices (section 8)
 
 # int ec_remote_trap_install(void *set_abort_callback); int ec_remote_lost(char *out, size_t cap);
+# int ec_remote_lost_errno(void);
 lib.ec_remote_trap_install.argtypes, lib.ec_remote_trap_install.restype = [_vp], ctypes.c_int
 lib.ec_remote_lost.argtypes, lib.ec_remote_lost.restype = [ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int
+lib.ec_remote_lost_errno.argtypes, lib.ec_remote_lost_errno.restype = [], ctypes.c_int
+# int ec_remote_sockets_install(void *rpc_function, double timeout_seconds); int ec_remote_give_up(const char *why);
+lib.ec_remote_sockets_install.argtypes, lib.ec_remote_sockets_install.restype = [_vp, ctypes.c_double], ctypes.c_int
+lib.ec_remote_give_up.argtypes, lib.ec_remote_give_up.restype = [ctypes.c_char_p], ctypes.c_int
 # int ec_device_announce_memory(void *dev, uint64_t free, uint64_t total);
 lib.ec_device_announce_memory.argtypes = [_vp, ctypes.c_uint64, ctypes.c_uint64]
 lib.ec_device_announce_memory.restype = ctypes.c_int

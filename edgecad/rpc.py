@@ -9,14 +9,18 @@ target's other layers are resident or paged locally as without servers, and the 
 
 ggml's RPC client aborts the process when a server goes away. native/remote.c traps that abort and parks the
 thread that met it; every llama.cpp call that may reach a server runs in a watched thread (`watched`) that is
-given up when the trap fires, and `RemoteLostError` says which server went and what to do. The protocol has no
-authentication and no encryption: a server binds 127.0.0.1 unless told otherwise.
+given up when the trap fires, and `RemoteLostError` says which server went and what to do. ggml's client has no
+timeouts: native/remote.c gives its sockets TCP keepalive and a timeout (`timeout()`, EDGECAD_RPC_TIMEOUT), so a
+server that stops answering is lost after a bounded wait, and a Ctrl-C gives up on a watched call at once (GRACE).
+The protocol has no authentication and no encryption: a server binds 127.0.0.1 unless told otherwise.
 
 The backend is compiled only with -DGGML_RPC=on (scripts/build_rpc.sh; not in the default pip build).
 """
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 import socket
 import subprocess
 import sys
@@ -55,12 +59,17 @@ _START_SERVER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.
                                  ctypes.POINTER(ctypes.c_void_p))
 
 
-def _rpc(name: str, prototype):
-    """A function of the RPC backend (through its registry entry, however llama.cpp was linked), or None."""
+def _address(name: str) -> Optional[int]:
+    """The address of a function of the RPC backend (through its registry entry, however llama.cpp was linked)."""
     from .llama import _init_backend
     _init_backend()  # (llama.cpp's log captured first: its RPC errors become one line)
     reg = _ggml.ggml_backend_reg_by_name(b"RPC")
-    addr = _base.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+    return _base.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+
+
+def _rpc(name: str, prototype):
+    """A function of the RPC backend, or None."""
+    addr = _address(name)
     return prototype(addr) if addr else None
 
 
@@ -130,22 +139,95 @@ def probe(endpoint: str, timeout: float = 5.0) -> None:
                               "on both machines")
 
 
+# ---------------------------------------------------------------------------- timeouts
+
+# How long a connection to a server may move no byte before the server is lost (EDGECAD_RPC_TIMEOUT overrides it).
+# It must outlast the longest silence of a healthy server within one exchange: its layers' part of a pass (a prompt
+# batch of 512 tokens through half of a 7-14B model on a laptop CPU takes some 10-40 s; more where the server's
+# memory pages to slow storage) or a tensor of several hundred MB read from its --cache on an SD card (10-30 s).
+# 120 s is several times those; a transfer that moves bytes never times out, however slow. A machine that sleeps
+# or leaves the network is noticed sooner, in about 25 s, by TCP keepalive (native/remote.c).
+TIMEOUT = 120.0
+# How long a Ctrl-C lets a watched call stop by itself (llama.cpp stops a graph at its next node; a healthy
+# server's part of a pass ends) before the remote devices are given up; a second Ctrl-C gives up at once.
+GRACE = 1.0
+
+
+def timeout() -> float:
+    """Seconds of silence after which a server is lost: EDGECAD_RPC_TIMEOUT, else TIMEOUT."""
+    v = os.environ.get("EDGECAD_RPC_TIMEOUT", "").strip()
+    if not v:
+        return TIMEOUT
+    try:
+        t = float(v)
+    except ValueError:
+        t = -1.0
+    if not 0.001 <= t <= 4e6:
+        raise EdgecadError(f"EDGECAD_RPC_TIMEOUT={v!r} is not a number of seconds above 0: unset it (the default "
+                           f"is {TIMEOUT:.0f} s) or give e.g. 300 for a server that is slow to answer")
+    return t
+
+
+_warned = []
+
+
+def _sockets() -> None:
+    """Keepalive and timeouts on every connection ggml's RPC backend makes from now on (native/remote.c). Where
+    they cannot be set (not Linux), one warning: a server that stops answering is then waited for until TCP gives
+    up, or for good."""
+    rc = native.lib.ec_remote_sockets_install(_address("ggml_backend_rpc_add_server"), timeout())
+    if rc == native.EC_EUNSUPPORTED and not _warned:
+        _warned.append(True)
+        sys.stderr.write(f"edgecad: warning: no timeout on remote devices here "
+                         f"({native.lib.ec_last_error().decode(errors='replace')}): a server that stops answering "
+                         "is waited for until Ctrl-C\n")
+    elif rc != native.EC_EUNSUPPORTED:
+        native.check(rc, "ec_remote_sockets_install")
+
+
 # ---------------------------------------------------------------------------- watched calls
+
+class RemoteInterrupted(RemoteLostError, KeyboardInterrupt):
+    """A Ctrl-C gave up on a call that waited on a remote device: both what the user did (a KeyboardInterrupt, which
+    the chat and the server handle as such) and a lost device (a RemoteLostError, which close skips)."""
+
 
 def _trap() -> None:
     native.check(native.lib.ec_remote_trap_install(_SET_ABORT), "ec_remote_trap_install")
 
 
-def lost_error(what: str) -> RemoteLostError:
+def _why() -> str:
+    """Why the remote devices were lost, in words: from the errno where ggml's client failed, or its message."""
+    err = native.lib.ec_remote_lost_errno()
+    if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return (f"a server sent nothing for {timeout():g} s: it was stopped, or is slower than EDGECAD_RPC_TIMEOUT "
+                "allows")
+    if err == errno.ETIMEDOUT:
+        return "a server's machine stopped answering TCP: it sleeps, or left the network"
     why = native.remote_lost() or "lost"
-    return RemoteLostError(f"a remote device was lost {what} ({why.split(': ', 1)[-1].strip()}): its layers of "
-                           "the target went with it; this process cannot reach remote devices again, so start "
-                           "it again once the rpc-server runs")
+    return why.split(": ", 1)[-1].strip() if "ggml-rpc.cpp:" in why else why  # (ggml's: after its file and line)
+
+
+def lost_error(what: str) -> RemoteLostError:
+    return RemoteLostError(f"a remote device was lost {what} ({_why()}): its layers of the target went with it; "
+                           "this process cannot reach remote devices again, so start it again once the rpc-server "
+                           "runs")
+
+
+def _give_up(what: str) -> RemoteInterrupted:
+    """Mark the remote devices lost and shut their connections (native/remote.c): the call given up fails in its
+    thread and is parked there, never to touch the engine again."""
+    native.lib.ec_remote_give_up(f"given up after a Ctrl-C: no answer within {GRACE:g} s".encode())
+    return RemoteInterrupted(str(lost_error(what)))
 
 
 def watched(fn: Callable, *args, what: str = "during a call"):
-    """fn(*args) in a thread that is given up if a remote device is lost meanwhile (RemoteLostError); a Ctrl-C
-    is passed on once the call has returned (llama.cpp stops at its own checks)."""
+    """fn(*args) in a thread that is given up if a remote device is lost meanwhile (RemoteLostError). A Ctrl-C
+    (in this thread's KeyboardInterrupt, or another's signal: the server's worker) lets the call stop by itself for
+    GRACE seconds (llama.cpp stops at its own checks; KeyboardInterrupt is then raised here once it has returned, as
+    without remote devices); a call still running then, or at a second Ctrl-C, is given up: the remote devices are
+    lost from then on and RemoteInterrupted is raised at once (the call's thread may stay in C: what it used is
+    never touched again)."""
     _trap()
     if native.remote_lost():
         raise lost_error(what)
@@ -158,17 +240,24 @@ def watched(fn: Callable, *args, what: str = "during a call"):
             out.append((False, e))
         done.set()
 
+    signals, raised, first = native.lib.ec_interrupt_count(), 0, None  # raised: KeyboardInterrupts here
     threading.Thread(target=run, daemon=True, name="edgecad-remote").start()
-    interrupted = False
-    while True:  # (never leave while the call runs: its context would be used or freed under it)
+    while True:  # (a KeyboardInterrupt anywhere in here is counted, never a way out while the call runs)
         try:
             if done.wait(0.05):
                 break
-            if native.remote_lost():
-                raise lost_error(what)
+            n = max(native.lib.ec_interrupt_count() - signals, raised)  # Ctrl-Cs since the call began
+            first = time.monotonic() if n and first is None else first
+            verdict = ("lost" if native.remote_lost() else
+                       "give up" if n and (n >= 2 or time.monotonic() - first >= GRACE) else None)
         except KeyboardInterrupt:
-            interrupted = True  # (the C flag is set: llama.cpp stops at its next check; wait for it)
-    if interrupted:
+            raised += 1
+            continue
+        if verdict == "lost":
+            raise lost_error(what)
+        if verdict:
+            raise _give_up(what)
+    if raised:
         raise KeyboardInterrupt
     ok, value = out[0]
     if not ok:
@@ -191,6 +280,7 @@ def connect(endpoints: list[str]) -> list[RemoteDevice]:
     """Each server's devices, registered with ggml (not with the registry llama.cpp picks its default devices
     from: only the target, given them explicitly, uses them). One line for a server that is unreachable."""
     require()
+    _sockets()
     add = _rpc("ggml_backend_rpc_add_server", _ADD_SERVER)
     out = []
     for ep in dict.fromkeys(f"{h}:{p}" for h, p in map(parse_endpoint, endpoints)):  # (each server once)
@@ -249,6 +339,7 @@ def serve(host: str, port: int, *, n_threads: int, cache_dir: Optional[str] = No
     address or a name that has one (parse_endpoint)."""
     require()
     host, port = parse_endpoint(f"{host}:{port}")
+    _sockets()  # (keepalive on the engines' connections: one whose machine left no longer holds this server)
     start = _rpc("ggml_backend_rpc_start_server", _START_SERVER)
     devs = (ctypes.c_void_p * 1)(cpu_device())
     start(f"{host}:{port}".encode(), cache_dir.encode() if cache_dir else None, n_threads, 1, devs)

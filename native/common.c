@@ -334,6 +334,7 @@ int ec_capabilities(void) {
  * handler runs as before and raises KeyboardInterrupt once the call returns. */
 
 int ec_interrupted_flag;
+static int sigint_count; /* SIGINTs since the handler was installed, never cleared (ec_interrupt_count) */
 
 int interrupted(void) { return __atomic_load_n(&ec_interrupted_flag, __ATOMIC_ACQUIRE); }
 
@@ -341,6 +342,7 @@ static struct sigaction prev_sigint;
 
 static void on_sigint(int sig, siginfo_t *info, void *uc) {
     __atomic_store_n(&ec_interrupted_flag, 1, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&sigint_count, 1, __ATOMIC_RELEASE);
     /* SIG_DFL and SIG_IGN are values of the handler whatever the flags say (SA_SIGINFO may be set with them):
      * test them first, call a function only when there is one */
     if (prev_sigint.sa_handler == SIG_DFL) {
@@ -372,6 +374,8 @@ int ec_interrupt_install(void) {
 void ec_interrupt_clear(void) { __atomic_store_n(&ec_interrupted_flag, 0, __ATOMIC_RELEASE); }
 
 int ec_interrupt_pending(void) { return interrupted(); }
+
+int ec_interrupt_count(void) { return __atomic_load_n(&sigint_count, __ATOMIC_ACQUIRE); }
 
 bool ec_abort_callback(void *data) {
     (void)data;

@@ -6,7 +6,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 13
+#define EC_VERSION 14
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -152,6 +152,9 @@ void *ec_load_guard_hook(const char *symbol);
 int ec_interrupt_install(void);
 void ec_interrupt_clear(void);   /* before a call that a Ctrl-C should stop */
 int ec_interrupt_pending(void);  /* 1 once a SIGINT came since the last clear */
+/* SIGINTs the handler has seen, never cleared: a wait tells a Ctrl-C that came during it (and a second one) from one
+ * that came before, in any thread (the server's worker never sees KeyboardInterrupt). */
+int ec_interrupt_count(void);
 /* llama.cpp's abort callback (llama_set_abort_callback): stop the graph on Ctrl-C. */
 bool ec_abort_callback(void *data);
 
@@ -168,8 +171,22 @@ int ec_log_take_errors(char *out, size_t cap, int last);
  * (a server gone, a failed connect): the thread that met one is parked instead of aborting the process, and
  * ec_remote_lost reports it. Other aborts go on as before. Idempotent. */
 int ec_remote_trap_install(void *set_abort_callback);
-/* 1 once a remote device was lost in this process (ggml's message copied into out), else 0. */
+/* 1 once a remote device was lost in this process (ggml's message, or ec_remote_give_up's reason, copied into
+ * out), else 0. */
 int ec_remote_lost(char *out, size_t cap);
+/* The errno where ggml's RPC client failed: EAGAIN when the server sent nothing for the sockets' timeout,
+ * ETIMEDOUT when its machine stopped answering TCP (keepalive, unacknowledged data); 0 when unknown or given up. */
+int ec_remote_lost_errno(void);
+/* Patch the `connect` and `accept` import slots of the loaded object holding `rpc_function` (a function of ggml's
+ * RPC backend) for good: every socket ggml's RPC client connects from now on gets TCP keepalive, and receive, send
+ * and unacknowledged-data timeouts of `timeout_seconds` (a call then fails instead of waiting for good on a server
+ * that stopped answering); every connection an RPC server accepts gets keepalive. A second call changes the
+ * timeout of later connections. EC_EUNSUPPORTED where slots cannot be patched (not Linux). */
+int ec_remote_sockets_install(void *rpc_function, double timeout_seconds);
+/* Give up on the remote devices (a Ctrl-C while a call waited on one): they are lost from now on (`why` is what
+ * ec_remote_lost reports, unless a loss came first) and every connection ggml's RPC client made is shut down, so
+ * that a dispatcher waiting on one fails at once and is parked by the trap. */
+int ec_remote_give_up(const char *why);
 /* Make a ggml device (ggml_backend_dev_t) report `free` and `total` bytes of memory: what an RPC server
  * exposing it announces. */
 int ec_device_announce_memory(void *dev, uint64_t free, uint64_t total);

@@ -20,11 +20,6 @@
 
 #ifdef __linux__
 
-typedef struct {
-    void **slot;  /* the import slot (GOT entry) in libllama */
-    void *saved;  /* its value before the patch */
-} plt_patch;
-
 static struct {
     int on;                   /* hooks act (set before patching, cleared after restoring) */
     dev_t dev;                /* identity of the guarded file */
@@ -94,10 +89,7 @@ static int hook_posix_madvise(void *addr, size_t len, int advice) {
 }
 #endif
 
-static const struct {
-    const char *name;
-    void *hook;
-} hooks[] = {{"mmap", (void *)hook_mmap},
+static const plt_hook hooks[] = {{"mmap", (void *)hook_mmap},
 #ifdef HOOK_MMAP64
              {"mmap64", (void *)hook_mmap64},
 #endif
@@ -120,23 +112,26 @@ void *ec_load_guard_hook(const char *symbol) {
 
 typedef struct {
     const char *lib;          /* the file name to find (a substring of the loaded object's path) */
+    const plt_hook *hooks;    /* [n_hooks] the symbols to find */
+    size_t n_hooks;
+    plt_patch *patch;         /* [cap] where their slots go; *n so far */
+    int cap, *n;
     int found;                /* objects whose path contains lib */
     char path[256];           /* the first one's path */
 } find_ctx;
 
 /* Record the slots of one relocation table whose symbol is hooked. */
-static void scan_relocs(uintptr_t base, const void *tab, size_t size, int rela, const ElfW(Sym) *sym,
+static void scan_relocs(find_ctx *fc, uintptr_t base, const void *tab, size_t size, int rela, const ElfW(Sym) *sym,
                         const char *str) {
     size_t ent = rela ? sizeof(ElfW(Rela)) : sizeof(ElfW(Rel));
     for (size_t i = 0; i < size / ent; i++) {
         const ElfW(Rel) *r = (const ElfW(Rel) *)((const char *)tab + i * ent); /* Rela begins like Rel */
         const char *name = str + sym[R_SYM(r->r_info)].st_name;
-        for (size_t h = 0; h < sizeof hooks / sizeof hooks[0]; h++) {
-            if (strcmp(name, hooks[h].name) != 0 || guard.n_patch == (int)(sizeof guard.patch / sizeof guard.patch[0]))
-                continue;
-            plt_patch *pp = &guard.patch[guard.n_patch++];
+        for (size_t h = 0; h < fc->n_hooks; h++) {
+            if (strcmp(name, fc->hooks[h].name) != 0 || *fc->n == fc->cap) continue;
+            plt_patch *pp = &fc->patch[(*fc->n)++];
             pp->slot = (void **)(base + r->r_offset);
-            pp->saved = (void *)hooks[h].hook; /* the hook to write; swapped with the old value when patched */
+            pp->saved = fc->hooks[h].hook; /* the hook to write; swapped with the old value when patched */
         }
     }
 }
@@ -174,11 +169,50 @@ static int find_slots(struct dl_phdr_info *info, size_t size, void *data) {
     if (!symtab || !strtab) return 0;
     const ElfW(Sym) *sym = (const ElfW(Sym) *)AT(symtab);
     const char *str = (const char *)AT(strtab);
-    if (jmprel) scan_relocs(base, (const void *)AT(jmprel), pltrelsz, pltrel == DT_RELA, sym, str);
-    if (rela) scan_relocs(base, (const void *)AT(rela), relasz, 1, sym, str); /* GLOB_DAT: -fno-plt */
-    if (rel) scan_relocs(base, (const void *)AT(rel), relsz, 0, sym, str);
+    if (jmprel) scan_relocs(fc, base, (const void *)AT(jmprel), pltrelsz, pltrel == DT_RELA, sym, str);
+    if (rela) scan_relocs(fc, base, (const void *)AT(rela), relasz, 1, sym, str); /* GLOB_DAT: -fno-plt */
+    if (rel) scan_relocs(fc, base, (const void *)AT(rel), relsz, 0, sym, str);
 #undef AT
     return 0;
+}
+
+typedef struct {
+    uintptr_t addr;
+    char *path;
+    size_t cap;
+    int found;
+} owner_ctx;
+
+static int find_owner(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    owner_ctx *oc = data;
+    for (int i = 0; i < info->dlpi_phnum && !oc->found; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        uintptr_t lo = info->dlpi_addr + ph->p_vaddr;
+        if (ph->p_type == PT_LOAD && oc->addr >= lo && oc->addr < lo + ph->p_memsz && info->dlpi_name &&
+            info->dlpi_name[0]) {
+            snprintf(oc->path, oc->cap, "%s", info->dlpi_name);
+            oc->found = 1;
+        }
+    }
+    return oc->found;
+}
+
+int plt_owner(const void *addr, char *path, size_t cap) {
+    owner_ctx oc = {(uintptr_t)addr, path, cap, 0};
+    if (addr) dl_iterate_phdr(find_owner, &oc);
+    return oc.found ? EC_OK : fail(EC_EUNSUPPORTED, 0, "no loaded shared object holds %p", addr);
+}
+
+int plt_find(const char *lib, const plt_hook *hooks_, size_t n_hooks, plt_patch *patch, int cap, int *n, char *path,
+             size_t path_cap) {
+    find_ctx fc = {lib, hooks_, n_hooks, patch, cap, n, 0, ""};
+    int before = *n;
+    dl_iterate_phdr(find_slots, &fc);
+    snprintf(path, path_cap, "%s", fc.path);
+    if (fc.found == 1) return EC_OK;
+    *n = before;
+    return fail(EC_EUNSUPPORTED, 0, "%d loaded objects named like %s (need exactly one)", fc.found, lib);
 }
 
 /* The protection of the page holding addr, from /proc/self/maps; -1 when no mapping holds it. (The page of a
@@ -201,15 +235,15 @@ static int page_prot(uintptr_t addr) {
 }
 
 /* Write v into a slot; a read-only slot (RELRO) is made writable for the write and given its protection back. */
-static int write_slot(plt_patch *pp, void *v) {
+int plt_write(plt_patch *pp, void *v) {
     uintptr_t page = (uintptr_t)pp->slot & ~(uintptr_t)(page_size() - 1);
     int prot = page_prot(page);
-    if (prot < 0) return fail(EC_EUNSUPPORTED, 0, "libllama's import slot %p is in no mapping", (void *)pp->slot);
+    if (prot < 0) return fail(EC_EUNSUPPORTED, 0, "import slot %p is in no mapping", (void *)pp->slot);
     if (!(prot & PROT_WRITE) && mprotect((void *)page, page_size(), prot | PROT_WRITE) != 0)
-        return fail(EC_EUNSUPPORTED, errno, "mprotect of libllama's import slot");
+        return fail(EC_EUNSUPPORTED, errno, "mprotect of import slot %p", (void *)pp->slot);
     __atomic_store_n(pp->slot, v, __ATOMIC_SEQ_CST);
     if (!(prot & PROT_WRITE) && mprotect((void *)page, page_size(), prot) != 0)
-        return fail(EC_EUNSUPPORTED, errno, "mprotect of libllama's import slot");
+        return fail(EC_EUNSUPPORTED, errno, "mprotect of import slot %p", (void *)pp->slot);
     return EC_OK;
 }
 
@@ -221,25 +255,23 @@ int ec_load_guard_begin(const char *path, const char *lib_name) {
     memset(&guard, 0, sizeof guard);
     guard.dev = st.st_dev;
     guard.ino = st.st_ino;
-    find_ctx fc = {lib_name, 0, ""};
-    dl_iterate_phdr(find_slots, &fc);
-    if (fc.found != 1) {
-        guard.n_patch = 0;
-        return fail(EC_EUNSUPPORTED, 0, "%d loaded objects named like %s (need exactly one)", fc.found, lib_name);
-    }
+    char found[256];
+    int rc = plt_find(lib_name, hooks, sizeof hooks / sizeof hooks[0], guard.patch,
+                      (int)(sizeof guard.patch / sizeof guard.patch[0]), &guard.n_patch, found, sizeof found);
+    if (rc) return rc;
     int maps = guard.n_patch; /* slots of mmap or mmap64 (saved holds the hook to write until patched) */
 #ifdef HOOK_POSIX_MADVISE
     for (int i = 0; i < guard.n_patch; i++) maps -= guard.patch[i].saved == (void *)hook_posix_madvise;
 #endif
     if (!maps) {
         guard.n_patch = 0;
-        return fail(EC_EUNSUPPORTED, 0, "%s does not import mmap through a patchable slot", fc.path);
+        return fail(EC_EUNSUPPORTED, 0, "%s does not import mmap through a patchable slot", found);
     }
     __atomic_store_n(&guard.on, 1, __ATOMIC_RELEASE);
     for (int i = 0; i < guard.n_patch; i++) {
         void *hook = guard.patch[i].saved;
         guard.patch[i].saved = __atomic_load_n(guard.patch[i].slot, __ATOMIC_SEQ_CST);
-        int rc = write_slot(&guard.patch[i], hook);
+        rc = plt_write(&guard.patch[i], hook);
         if (rc) {
             guard.n_patch = i; /* restore those already patched */
             ec_load_guard_end(NULL);
@@ -253,7 +285,7 @@ int ec_load_guard_begin(const char *path, const char *lib_name) {
 int ec_load_guard_end(ec_load_guard_stats *out) {
     int rc = EC_OK;
     for (int i = guard.n_patch - 1; i >= 0; i--) {
-        int r = write_slot(&guard.patch[i], guard.patch[i].saved);
+        int r = plt_write(&guard.patch[i], guard.patch[i].saved);
         if (r && !rc) rc = r;
     }
     __atomic_store_n(&guard.on, 0, __ATOMIC_RELEASE);

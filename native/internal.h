@@ -53,6 +53,27 @@ int drop_file_pages(int fd, uint64_t off, uint64_t len); /* posix_fadvise(DONTNE
 int no_readahead(int fd);                 /* POSIX_FADV_RANDOM; macOS: fcntl(F_RDAHEAD, 0) */
 int populate_pages(void *addr, size_t len); /* madvise(MADV_POPULATE_READ): fault a mapped span in (Linux) */
 
+#ifdef __linux__
+/* Import slots (guard.c): the GOT entries through which a loaded object calls named functions, patched to hooks
+ * (the load guard's mmap, remote.c's socket options). */
+typedef struct {
+    const char *name; /* the symbol imported */
+    void *hook;       /* what to call instead */
+} plt_hook;
+typedef struct {
+    void **slot;  /* the import slot (GOT entry) */
+    void *saved;  /* the hook to write until patched; then the slot's value before the patch */
+} plt_patch;
+/* Append to patch[*n] (cap entries in all) the slots of `hooks` in the one loaded object whose path contains lib
+ * (its path into path); EC_EUNSUPPORTED unless exactly one object matches. */
+int plt_find(const char *lib, const plt_hook *hooks, size_t n_hooks, plt_patch *patch, int cap, int *n, char *path,
+             size_t path_cap);
+/* Write v into a slot; a read-only slot (RELRO) is made writable for the write and given its protection back. */
+int plt_write(plt_patch *pp, void *v);
+/* The path of the loaded shared object whose segments hold addr (a function of it); EC_EUNSUPPORTED if none. */
+int plt_owner(const void *addr, char *path, size_t cap);
+#endif
+
 #pragma GCC visibility pop
 
 #endif

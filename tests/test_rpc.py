@@ -3,9 +3,12 @@ the tiny models. Needs llama-cpp-python built with the RPC backend (scripts/buil
 skip, saying so; EDGECAD_TEST_RPC=1 makes its absence a failure (CI sets it after building it)."""
 import json
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -120,6 +123,123 @@ def test_a_server_killed_gives_a_clear_error_and_a_close_that_does_not_wait(pagi
     if when == "mid-completion":
         assert 5 <= out["chunks"] < 1500 and "remote device was lost during a pass" in out["error"]
         assert "remote device was lost" in out["again"]  # and it says so again, at once
+
+
+_STOP_SCRIPT = """
+import json, os, signal, sys
+from edgecad.engine import Engine
+from edgecad.errors import RemoteLostError
+draft, target, endpoint, pid = sys.argv[1:5]
+e = Engine(target, draft, remote=[endpoint], n_ctx=2048, target_budget="50%", mode="tree")
+out = {"chunks": 0}
+try:
+    for _ in e.create_completion("The quick brown fox", max_tokens=1500, temperature=0, stream=True):
+        out["chunks"] += 1
+        if out["chunks"] == 5:  # the server stops answering; its kernel still holds the connection open
+            os.kill(int(pid), signal.SIGSTOP)
+            print("stopped", flush=True)
+except BaseException as err:  # RemoteLostError after the timeout; RemoteInterrupted after a Ctrl-C
+    out["error"], out["types"] = str(err), [c.__name__ for c in type(err).__mro__]
+try:
+    e.create_completion("again", max_tokens=4)
+except RemoteLostError as err:
+    out["again"] = str(err)
+e.close()  # (what uses the lost device is left to the process's exit)
+print(json.dumps(out), flush=True)
+"""
+
+
+def _lines(p: subprocess.Popen) -> "queue.Queue[str]":
+    """p's stdout, line by line, read in a thread: a test waits for a line with a deadline instead of for good."""
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [q.put(l.strip()) for l in p.stdout] + [q.put(None)], daemon=True).start()
+    return q
+
+
+@pytest.mark.parametrize("end", ["timeout", "ctrl-c"])
+def test_a_stopped_server_is_lost_after_the_timeout_or_at_once_on_ctrl_c(paging_pair, server, end):
+    """An rpc-server stopped with SIGSTOP mid-completion (its machine's kernel still answers TCP, so neither a reset
+    nor keepalive tells): with EDGECAD_RPC_TIMEOUT=3 the pass fails with the lost-device line once its socket has
+    had nothing for 3 s; with the default timeout (120 s), a Ctrl-C to the engine's process gives up on the pass
+    (after GRACE, 1 s). Either way the engine then refuses with the lost-device line and closes. Each waits with a
+    deadline far above what it needs (60 s, half the default timeout: no other way out) and fails on a hang."""
+    env = {k: v for k, v in os.environ.items() if k != "EDGECAD_RPC_TIMEOUT"}
+    if end == "timeout":
+        env["EDGECAD_RPC_TIMEOUT"] = "3"
+    cmd = [sys.executable, "-c", _STOP_SCRIPT, *map(str, paging_pair), server.endpoint, str(server.p.pid)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = _lines(p)
+        assert lines.get(timeout=240) == "stopped", p.stderr.read()[-3000:]
+        if end == "ctrl-c":
+            time.sleep(2)  # (the next pass waits on the stopped server by now)
+            p.send_signal(signal.SIGINT)
+        last = lines.get(timeout=60)  # within the deadline, or this test fails (not its whole run)
+        assert p.wait(30) == 0 and last, p.stderr.read()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.kill(server.p.pid, signal.SIGCONT)
+    out = json.loads(last)
+    assert "RemoteLostError" in out["types"] and "remote device was lost during a pass" in out["error"], out
+    if end == "timeout":
+        assert "a server sent nothing for 3 s" in out["error"], out
+    else:
+        assert "KeyboardInterrupt" in out["types"] and "given up after a Ctrl-C" in out["error"], out
+    assert "remote device was lost" in out["again"]  # and it says so again, at once
+
+
+def test_serve_exits_on_the_second_ctrl_c_while_a_pass_waits_on_a_stopped_server(paging_pair, server):
+    """`edgecad serve --remote`: a streamed completion whose server is stopped (SIGSTOP) waits in a watched call on
+    the server's worker thread, which never sees KeyboardInterrupt; two Ctrl-Cs end the server (exit status 0)
+    long before the default timeout would (deadline 60 s of 120)."""
+    import httpx
+    draft, target = paging_pair
+    cmd = [sys.executable, "-m", "edgecad.cli", "serve", "--port", "0", "--threads", "1", "--target", str(target),
+           "--draft", str(draft), "--mode", "tree", "--remote", server.endpoint, "--target-budget", "50%",
+           "--n-ctx", "2048"]
+    env = {k: v for k, v in os.environ.items() if k != "EDGECAD_RPC_TIMEOUT"}
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    log: list[str] = []
+    ready, stopped = queue.Queue(), threading.Event()
+
+    def read():
+        for line in p.stderr:
+            log.append(line)
+            if " at http://" in line:
+                ready.put(line.split(" at ")[1].split("/v1")[0])
+        ready.put(None)
+
+    def stream(url):
+        body = {"prompt": "The quick brown fox", "max_tokens": 1500, "temperature": 0, "stream": True}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for i, _ in enumerate(r.iter_lines()):
+                    if i == 5:
+                        os.kill(server.p.pid, signal.SIGSTOP)
+                        stopped.set()
+        except httpx.HTTPError:
+            pass  # (the server went away under the stream)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        url = ready.get(timeout=240)
+        assert url, "".join(log)
+        threading.Thread(target=stream, args=(url,), daemon=True).start()
+        assert stopped.wait(120), "".join(log)
+        time.sleep(2)  # (the next pass waits on the stopped server by now)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 0, "".join(log)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.kill(server.p.pid, signal.SIGCONT)
+    # (a forced exit skips the app's shutdown, and uvicorn then logs the cancelled lifespan task's traceback, as at
+    # any second Ctrl-C: none may pass through edgecad's code)
+    assert "server stopped" in "".join(log) and not any("/edgecad/" in l for l in log), "".join(log)
 
 
 def test_an_unreachable_busy_or_foreign_server_at_load_gives_its_line(paging_pair, server):
