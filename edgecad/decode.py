@@ -149,8 +149,9 @@ class SpeculativeDecoder:
 
     @staticmethod
     def load_draft(cfg, n_gpu_layers: int, progress: bool) -> Optional[Model]:
-        """The resident draft, weights repacked (faster; it is never paged), on a GPU when placement says."""
-        return Model(cfg.draft_path, ModelParams(use_mmap=True, use_extra_bufts=True, n_gpu_layers=n_gpu_layers),
+        """The resident draft, read into llama.cpp's own memory and repacked (faster; it is never paged: see
+        Residency.model_params), on a GPU when placement says."""
+        return Model(cfg.draft_path, ModelParams(use_mmap=False, use_extra_bufts=True, n_gpu_layers=n_gpu_layers),
                      cfg.draft_info, progress=f"loading {cfg.draft_path.name}" if progress else None)
 
     @classmethod

@@ -59,7 +59,9 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class ModelParams:
-    use_mmap: bool = True          # map the GGUF file (needed for paging) instead of reading it into RAM
+    use_mmap: bool = True          # map the GGUF file (needed for paging); False: read it into memory llama.cpp
+                                   # owns, with direct IO where the OS has it (no file pages left in the
+                                   # process or the page cache: a repacked tensor is not held twice)
     use_extra_bufts: bool = False  # weight repacking: copies Q4_K weights into anonymous memory, defeats paging
     n_gpu_layers: int = 0          # layers offloaded to a GPU backend (Metal, Vulkan); 0 = CPU only
     devices: Optional[tuple] = None  # ggml devices (ggml_backend_dev_t) offloaded layers go to, in order; None =
@@ -117,7 +119,7 @@ class Model:
         self.info = info if info is not None else read_gguf(self.path)
         self._identity = _identity(self.path)
         mp = C.llama_model_default_params()
-        mp.load_mode = C.LLAMA_LOAD_MODE_MMAP if params.use_mmap else C.LLAMA_LOAD_MODE_NONE
+        mp.load_mode = C.LLAMA_LOAD_MODE_MMAP if params.use_mmap else C.LLAMA_LOAD_MODE_DIRECT_IO
         mp.lazy_mode = C.LLAMA_LAZY_MODE_OFF
         mp.use_extra_bufts = params.use_extra_bufts
         mp.n_gpu_layers = params.n_gpu_layers

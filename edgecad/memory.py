@@ -259,9 +259,6 @@ def measure_read(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_th
 # ---------------------------------------------------------------------------- the plan
 
 CONFIGS = ("target", "target-paged", "tree", "tree-paged")
-RESIDENT_SLACK = 64 * MB  # overflow a kernel-managed resident target absorbs, at most 10% of it (bench
-                          # --memory-limit: the peer loses 10% at 1,250 MB against 1,600 MB for the 1.5B
-                          # Q4_K_M, ~30-90 MB over)
 
 
 @dataclass
@@ -436,11 +433,9 @@ def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFIn
     else:
         pipeline = False
         tgt = target.file_size
-        # Resident, the kernel manages the mapping (as for llama.cpp's defaults): a small overflow
-        # lands on pages that are never touched again (load-time reads, the file pages of repacked
-        # tensors) and costs nothing measurable; a larger one thrashes, so page instead.
-        slack = min(RESIDENT_SLACK, tgt // 10) if target_budget is None else 0
-        fits = lambda: room + slack >= tgt or _holds_whole(target, room, pager)
+        # Resident, the target is read into memory llama.cpp owns (Residency.model_params): it is held
+        # whole, nothing of it can be given back, so it fits or the target is paged
+        fits = lambda: room >= tgt or _holds_whole(target, room, pager)
         while not fits() and nb > 64:  # smaller prompt batches touch fewer activations: the same
             nb //= 2                   # output, prompts longer than nb take more (cheap, resident) passes
             compute, fixed, room = fixed_for(nb, nodes)
@@ -448,7 +443,7 @@ def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFIn
             need = fixed_for(n_batch, nodes)[1] + tgt
             return f"needs {need / MB:,.0f} MB", need
     total = budget if target_budget is None else fixed + tgt
-    tgt = min(tgt, total - fixed)  # a resident target over by the slack: the parts still add up
+    tgt = min(tgt, total - fixed)  # (a resident target held whole without its header: the parts add up)
     pager = paging.params if paging else pager
     return MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging,
                       _speed(costs, target, draft if spec else None, paging, pager, nodes), n_batch=nb,

@@ -1,6 +1,6 @@
 """Where the target's weights live while it runs: one interface, one implementation per way.
 
-`Resident`: llama.cpp maps the file and the kernel keeps it (weight repacking on: faster). `Paged`: the
+`Resident`: llama.cpp reads the file into memory it owns (weight repacking on: faster). `Paged`: the
 native pager streams the layers the plan does not pin through a window, inside the target's share of the
 budget (edgecad.pager). The engine asks its residency for everything that differs (model parameters, the
 load, the context's hooks, what happens around a completion and its statistics); it never asks which one
@@ -29,8 +29,10 @@ class Residency:
     pager: Optional[Pager] = None
 
     def model_params(self, n_gpu_layers: int) -> ModelParams:
-        """How llama.cpp loads the target: resident, weight repacking (copies out of the mapping) is faster."""
-        return ModelParams(use_mmap=True, use_extra_bufts=True, n_gpu_layers=n_gpu_layers)
+        """How llama.cpp loads the target: resident, read into its own buffers, weights repacked (faster). Not
+        mapped: llama.cpp repacks a mapped tensor into anonymous memory and its file pages stay mapped too
+        (measured on the 1.5B Q4_K_M: 1,963 MB held for a plan of 1,479; read, 1,342)."""
+        return ModelParams(use_mmap=False, use_extra_bufts=True, n_gpu_layers=n_gpu_layers)
 
     @contextmanager
     def loading(self, path: Path, verbose: bool = False):

@@ -226,3 +226,55 @@ def test_a_whole_engine_budget_that_pages_the_target_holds_inside_a_cgroup_of_it
         killed = cgroup.killed_by_limit(r.returncode, cg)
     assert not killed and r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == [24, 24]
+
+
+EVERY_USE_CHILD = """
+import json, sys
+from edgecad import Engine
+target, draft, budget, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+hwm = lambda: [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+with Engine(target, draft if mode != "target" else None, memory_budget=budget, n_ctx=256, mode=mode) as e:
+    config, parts = e.memory_plan.config, e.memory_plan.parts
+    n = sum(1 for _ in e.create_completion("hello the world", max_tokens=24, stream=True, temperature=0.8, seed=1))
+    chat = [{"role": "user", "content": "hello"}]
+    for turn in range(3):
+        r = e.create_chat_completion(chat, max_tokens=16, temperature=0, logprobs=True, top_logprobs=3)
+        chat += [r["choices"][0]["message"], {"role": "user", "content": "the world " * (turn + 1)}]
+    e.create_completion("x", grammar='root ::= [a-z ]+', max_tokens=16, temperature=0)
+    full = e.create_completion("Once upon a time", max_tokens=-1, temperature=0, logprobs=2)["edgecad"]
+    print(json.dumps({"config": config, "parts": parts, "max_rss": hwm(), "filled": full["n_tokens"]}))
+"""
+
+
+def _smallest_budget(config: str, target, draft, runtime: int) -> int:
+    """The smallest budget (in MB steps) at which the plan runs `config`."""
+    t, d = read_gguf(target), read_gguf(draft)
+    for mb in range(40, 1000):
+        try:
+            if plan_memory(mb * MB, t, d, n_ctx=256, n_batch=512, tree_nodes=32, costs=Costs(), runtime=runtime,
+                           configs=(config,)).config == config:
+                return mb * MB
+        except EdgecadError:
+            pass
+    raise AssertionError(f"{config} never fits under 1 GB")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_configuration_holds_its_budget_through_every_use(quantized_budget_pair, config):
+    """Each configuration at a budget just inside its plan, the process alone (no cgroup: the budget is edgecad's
+    to hold, not the kernel's): its peak RSS stays within the budget while it streams, samples, chats over turns
+    with logprobs, follows a grammar and fills its context. The target and draft are quantized (llama.cpp repacks
+    resident Q4_0 weights into memory of its own)."""
+    draft, target = quantized_budget_pair
+    rss = subprocess.run([sys.executable, "-c", "import edgecad.engine; from edgecad.memory import process_rss; "
+                          "print(process_rss())"], capture_output=True, text=True, check=True)
+    budget = _smallest_budget(config, target, draft, int(rss.stdout)) + 3 * MB  # (the child measures its own)
+    mode = "target" if config.startswith("target") else "tree"
+    r = subprocess.run([sys.executable, "-c", EVERY_USE_CHILD, str(target), str(draft), str(budget), mode],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["config"] == config, out
+    assert out["filled"] > 100, out  # (the context of 256 held the prompt and the rest)
+    assert out["max_rss"] <= budget, (f"{config}: peak RSS {out['max_rss'] / MB:.1f} MB over its "
+                                      f"{budget / MB:.0f} MB budget: {out['parts']}")
