@@ -24,6 +24,7 @@ from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
 from .errors import EdgecadError, PromptTooLongError, RequestError
+from .gbnf import check as check_grammar
 from .llama import Batch, Context, ContextParams, Model, set_verbose
 from .memory import observe, save_costs
 from .pager import Pager, PagerParams, emulate_storage, storage_bytes_read
@@ -624,7 +625,13 @@ def _response_format_grammar(response_format) -> str:
                            "response_format") from None
     # the converter lets a string hold raw control characters, which JSON forbids (json.loads refuses them): its
     # strings get the character class of llama-cpp-python's own JSON grammar
-    return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |', 1)
+    gbnf = gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |', 1)
+    try:
+        check_grammar(gbnf)  # (Grammar checks it too: here the schema is named as the cause)
+    except RequestError as e:
+        raise RequestError(f"the JSON schema makes a grammar llama.cpp cannot take safely: {e}",
+                           "response_format") from None
+    return gbnf
 
 
 def _stops(stop) -> list[str]:
