@@ -95,19 +95,17 @@ class MemoryCgroup:
             return 0
 
     @property
-    def oom_kills(self) -> int:
+    def events(self) -> dict:
+        """The cgroup's memory events (v2: max, oom, oom_kill, ...; v1: oom_kill from memory.oom_control)."""
         try:
-            if self.v1:
-                text = (self.path / "memory.oom_control").read_text()
-            else:
-                text = (self.path / "memory.events").read_text()
-            for line in text.splitlines():
-                k, _, v = line.partition(" ")
-                if k == "oom_kill":
-                    return int(v)
-        except (OSError, ValueError):
-            pass
-        return 0
+            text = (self.path / ("memory.oom_control" if self.v1 else "memory.events")).read_text()
+            return {k: int(v) for k, _, v in (line.partition(" ") for line in text.splitlines()) if v.isdigit()}
+        except OSError:
+            return {}
+
+    @property
+    def oom_kills(self) -> int:
+        return self.events.get("oom_kill", 0)
 
     def close(self) -> None:
         for _ in range(50):  # the exited child may take a moment to leave

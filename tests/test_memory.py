@@ -142,23 +142,52 @@ def test_io_bound_passes_verify_larger_trees(budget_pair):
 
 
 @pytest.mark.skipif(not CAN_CGROUP, reason=f"no memory cgroup: {WHY_NOT}")
-def test_auto_budget_reads_the_cgroup_limit(paging_pair, tmp_path):
-    """With memory_budget='auto' the engine reads its cgroup's limit and runs inside it (the budget then holds
-    everything resident: see the next test for a budget that pages)."""
-    draft, target = paging_pair
-    budget = 400 * MB
+def test_auto_budget_reads_the_cgroup_limit(budget_pair, tmp_path):
+    """With memory_budget='auto' the engine reads its cgroup's limit, keeps its margin under it, and holds the
+    budget it chose itself (its own peak RSS, not the cgroup's: inside the cgroup the kernel would hold that), so
+    the cgroup never reaches its limit (memory.events counts each time it does). The limit makes the plan page
+    the target: the pager then fills its share, and its page cache is charged to the cgroup too."""
+    draft, target = budget_pair
+    limit = _paging_budget(target, draft) + 32 * MB  # (auto keeps max(32 MB, 2%) under the limit)
     code = ("import json, sys; from edgecad import Engine\n"
             f"e = Engine({str(target)!r}, {str(draft)!r}, memory_budget='auto', n_ctx=512)\n"
             "st = e.create_completion('Once upon a time', temperature=0.0, max_tokens=24)['edgecad']\n"
-            "print(json.dumps({'budget': st['budget_bytes'], 'config': st['config'], 'n': st['n_tokens']}))\n")
-    with cgroup.MemoryCgroup(budget, "test") as cg:
+            "hwm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+            "print(json.dumps({'budget': st['budget_bytes'], 'config': st['config'], 'n': st['n_tokens'], "
+            "'max_rss': hwm}))\n")
+    with cgroup.MemoryCgroup(limit, "test") as cg:
         r = cg.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                    cwd=tmp_path, timeout=300)
         killed = cgroup.killed_by_limit(r.returncode, cg)
-        peak = cg.peak
+        at_limit = cg.events.get("max", 0)
     assert not killed and r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["n"] == 24 and 0 < out["budget"] <= budget and 0 < peak <= budget
+    assert out["config"].endswith("paged"), out
+    assert out["n"] == 24 and 0 < out["budget"] <= limit - 32 * MB  # (the margin: at least 32 MB)
+    assert out["max_rss"] <= out["budget"], out
+    assert at_limit == 0, f"the cgroup reached its limit {at_limit} times: {out}"
+
+
+def _runtime() -> int:
+    """What an engine measures as its runtime part: a bare process's RSS once edgecad is imported."""
+    rss = subprocess.run([sys.executable, "-c", "import edgecad.engine; from edgecad.memory import process_rss; "
+                          "print(process_rss())"], capture_output=True, text=True, check=True)
+    return int(rss.stdout)
+
+
+def _paging_budget(target, draft) -> int:
+    """A budget halfway between the smallest that pages the target and the smallest that holds it resident."""
+    t_info, d_info, runtime = read_gguf(target), read_gguf(draft), _runtime()
+    config = {}
+    for mb in range(60, 300):
+        try:
+            config[mb] = plan_memory(mb * MB, t_info, d_info, n_ctx=512, n_batch=512, tree_nodes=32, costs=Costs(),
+                                     runtime=runtime).config
+        except EdgecadError:
+            config[mb] = None
+    paged = min(mb for mb, c in config.items() if c and c.endswith("paged"))
+    resident = min(mb for mb, c in config.items() if c and not c.endswith("paged"))
+    return (paged + resident) // 2 * MB
 
 
 BUDGET_CHILD = """
@@ -190,20 +219,8 @@ def test_a_whole_engine_budget_that_pages_the_target_holds_inside_a_cgroup_of_it
       covers llama.cpp's compute and output buffers, over by at most its fixed 24 MB allowance per context plus 8 MB; the
       target's peak residency within its share."""
     draft, target = budget_pair
-    rss = subprocess.run([sys.executable, "-c", "import edgecad.engine; from edgecad.memory import process_rss; "
-                          "print(process_rss())"], capture_output=True, text=True, check=True)
-    runtime = int(rss.stdout)  # what the engine will measure as its runtime part
-    t_info, d_info = read_gguf(target), read_gguf(draft)
-    config = {}
-    for mb in range(60, 300):
-        try:
-            config[mb] = plan_memory(mb * MB, t_info, d_info, n_ctx=512, n_batch=512, tree_nodes=32, costs=Costs(),
-                                     runtime=runtime).config
-        except EdgecadError:
-            config[mb] = None
-    paged = min(mb for mb, c in config.items() if c and c.endswith("paged"))
-    resident = min(mb for mb, c in config.items() if c and not c.endswith("paged"))
-    budget = (paged + resident) // 2 * MB
+    runtime = _runtime()
+    budget = _paging_budget(target, draft)
     cmd = [sys.executable, "-c", BUDGET_CHILD, str(target), str(draft), str(budget)]
     alone = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert alone.returncode == 0, alone.stderr[-3000:]
@@ -266,9 +283,7 @@ def test_every_configuration_holds_its_budget_through_every_use(quantized_budget
     with logprobs, follows a grammar and fills its context. The target and draft are quantized (llama.cpp repacks
     resident Q4_0 weights into memory of its own)."""
     draft, target = quantized_budget_pair
-    rss = subprocess.run([sys.executable, "-c", "import edgecad.engine; from edgecad.memory import process_rss; "
-                          "print(process_rss())"], capture_output=True, text=True, check=True)
-    budget = _smallest_budget(config, target, draft, int(rss.stdout)) + 3 * MB  # (the child measures its own)
+    budget = _smallest_budget(config, target, draft, _runtime()) + 3 * MB  # (the child measures its own)
     mode = "target" if config.startswith("target") else "tree"
     r = subprocess.run([sys.executable, "-c", EVERY_USE_CHILD, str(target), str(draft), str(budget), mode],
                        capture_output=True, text=True, timeout=300)
