@@ -8,8 +8,9 @@ from edgecad import tiny
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_cost_cache(tmp_path_factory):
-    """Engines learn device costs into a cache file: tests use their own, never the user's."""
+def session_cost_cache(tmp_path_factory):
+    """Engines learn device costs into a cache file: tests never use the user's. This one is for engines and
+    servers that module- and session-scoped fixtures start (before any test's own, below)."""
     d = tmp_path_factory.mktemp("cache")
     old = os.environ.get("EDGECAD_CACHE")
     os.environ["EDGECAD_CACHE"] = str(d)
@@ -18,6 +19,15 @@ def private_cost_cache(tmp_path_factory):
         os.environ.pop("EDGECAD_CACHE", None)
     else:
         os.environ["EDGECAD_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def private_cost_cache(session_cost_cache, tmp_path_factory, monkeypatch):
+    """Each test's own cost cache: a configuration never depends on what an earlier test learned (on the order
+    tests run in). Child processes inherit it."""
+    d = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("EDGECAD_CACHE", str(d))
+    return d
 
 
 

@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -21,10 +22,19 @@ def budget_for(target, params, pinned_layers: int = 3) -> int:
     return plan_budget(info, 10 ** 9, params).minimum + pinned_layers * layer
 
 
-def sigint_timer(seconds: float) -> threading.Timer:
-    """A real SIGINT to this process `seconds` after start() (the C library's flag and Python's KeyboardInterrupt,
-    as a terminal's Ctrl-C). Start it where the KeyboardInterrupt is expected; join it after."""
-    return threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+@contextmanager
+def sigint_after(seconds: float):
+    """A real SIGINT to this process `seconds` into the block (the C library's flag and Python's KeyboardInterrupt,
+    as a terminal's Ctrl-C), unless the block ends first: the timer is then cancelled, so a late SIGINT never
+    reaches pytest itself (it would stop the whole run). Wrap it in pytest.raises(KeyboardInterrupt) where the
+    signal must land: a block that ends first then fails its test."""
+    t = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    t.start()
+    try:
+        yield
+    finally:
+        t.cancel()
+        t.join()
 
 
 def _chi2_quantile(dof: int, p: float = 0.999) -> float:

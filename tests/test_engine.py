@@ -10,7 +10,7 @@ from edgecad import Engine
 from edgecad.errors import (EdgecadError, ModelFileError, ModelNotFetchedError, PromptTooLongError,
                             UnknownModelError, VocabularyMismatchError)
 
-from helpers import PROMPTS, sigint_timer
+from helpers import PROMPTS, sigint_after
 
 
 @pytest.fixture(scope="module")
@@ -324,34 +324,48 @@ def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pa
         rnd, interrupted, tries = random.Random(0), 0, 0
         while interrupted < 6 and tries < 40:  # random moments of a completion: most of them interrupt it
             tries += 1
-            t = sigint_timer(rnd.uniform(0.002, took))
             try:
-                t.start()
-                e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)
-                t.cancel()
-                t.join()
+                with sigint_after(rnd.uniform(0.002, took)):
+                    e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)
             except KeyboardInterrupt:
                 interrupted += 1
-                t.join()
             st = e.create_completion("Once upon a time", temperature=0.0, max_tokens=24)["edgecad"]
             assert st["token_ids"] == ref["token_ids"]
         assert interrupted >= 6, f"{interrupted} of {tries} SIGINTs interrupted a completion"
 
 
-def test_generation_needs_no_network(tiny_pair, monkeypatch):
-    import socket
+NO_NETWORK_CHILD = """
+import sys
+from edgecad import Engine
+draft, target = sys.argv[1], sys.argv[2]
+with Engine(target, draft, mode="tree", n_ctx=256) as e:
+    assert e.create_completion("hello", temperature=0.0, max_tokens=8)["usage"]["completion_tokens"] == 8
+    e.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4)
+with Engine(target, draft, n_ctx=256, target_budget="50%") as e:  # paged, the pager's threads too
+    e.create_completion("hello", temperature=0.0, max_tokens=8, stream=False)
+print("generated")
+"""
 
-    def refuse(*a, **k):
-        raise AssertionError("edgecad opened a network connection at run time")
 
-    for name in ("connect", "connect_ex", "sendto"):
-        monkeypatch.setattr(socket.socket, name, refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    draft, target = tiny_pair
-    with Engine(target, draft, mode="tree", n_ctx=256) as e:
-        assert e.create_completion("hello", temperature=0.0, max_tokens=8)["usage"]["completion_tokens"] == 8
-        e.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4)
+def test_generation_needs_no_network(paging_pair, tmp_path):
+    """Every socket call of the whole process (Python, llama.cpp, the pager's threads), seen by the kernel
+    through strace, in a network namespace with no interface up: a generation, a chat turn and a paged
+    generation open no socket and connect nowhere."""
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("strace") is None or shutil.which("unshare") is None:
+        pytest.skip("needs strace and unshare (util-linux) to watch every socket call in a namespace without network")
+    draft, target = paging_pair
+    log = tmp_path / "strace.txt"
+    r = subprocess.run(["unshare", "--net", "strace", "-f", "-qq", "-e", "trace=socket,connect,sendto,sendmsg",
+                        "-e", "signal=none", "-o", str(log), sys.executable, "-c", NO_NETWORK_CHILD, str(draft),
+                        str(target)], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and ("Operation not permitted" in r.stderr or "ptrace" in r.stderr):
+        pytest.skip(f"cannot watch a process here: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0 and "generated" in r.stdout, r.stderr[-3000:]
+    calls = [l for l in log.read_text().splitlines() if l.strip()]
+    assert calls == [], "socket calls at run time:\n" + "\n".join(calls[:20])
 
 
 def test_300_generations_do_not_leak(tiny_pair, paging_pair):

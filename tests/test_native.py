@@ -7,7 +7,7 @@ import pytest
 from edgecad import native
 from edgecad.cgroup import drop_file_cache
 from edgecad.errors import NativeError
-from helpers import sigint_timer
+from helpers import sigint_after
 
 PAGE = mmap.PAGESIZE
 
@@ -124,14 +124,9 @@ def layer_file(disk_dir):
 
 def _ctrl_c(delay: float) -> None:
     """A real SIGINT `delay` seconds from now; wait for Python's KeyboardInterrupt (raised in this thread)."""
-    t = sigint_timer(delay)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            t.start()
-            while True:
-                time.sleep(0.01)
-    finally:
-        t.join()
+    with pytest.raises(KeyboardInterrupt), sigint_after(delay):
+        while True:
+            time.sleep(0.01)
 
 
 def _returns(fn, seconds: float = 60.0):

@@ -12,7 +12,7 @@ from edgecad.errors import EdgecadError, ModelFileError
 from edgecad.gguf_file import read_gguf
 from edgecad.pager import PagerParams, parse_budget, plan_budget, read_bandwidth
 
-from helpers import PROMPTS as ALL_PROMPTS, budget_for, sigint_timer
+from helpers import PROMPTS as ALL_PROMPTS, budget_for, sigint_after
 
 PAGE = mmap.PAGESIZE
 PROMPTS = ALL_PROMPTS[:3]
@@ -276,11 +276,8 @@ def test_ctrl_c_stops_a_pass_that_waits_on_storage(paging_pair, reference):
     with Engine(target, n_ctx=512, target_budget=budget_for(target, p), pager=p) as e:
         n_layers = read_gguf(target).n_layer
         before = e.pager.stats()["boundaries"]
-        timer = sigint_timer(0.2)
-        with pytest.raises(KeyboardInterrupt):
-            timer.start()
+        with pytest.raises(KeyboardInterrupt), sigint_after(0.2):
             e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=40)
-        timer.join()
         assert e.pager.stats()["boundaries"] - before < n_layers  # the prompt's pass did not run to its end
         st = e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=4)["edgecad"]
         assert st["token_ids"] == reference[PROMPTS[2]][:4]
@@ -345,11 +342,8 @@ def test_ctrl_c_while_the_storage_stalls_stops_the_pass_and_the_engine_goes_on(p
         assert e.create_completion(PROMPTS[1], temperature=0.0, max_tokens=40)["edgecad"]["token_ids"] == \
             reference[PROMPTS[1]]
         e.pager.set_throttle(1.0)
-        t = sigint_timer(0.5)
-        with pytest.raises(KeyboardInterrupt):
-            t.start()
+        with pytest.raises(KeyboardInterrupt), sigint_after(0.5):
             e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=40)
-        t.join()
         e.pager.set_throttle(0.0)
         st = e.create_completion(PROMPTS[2], temperature=0.0, max_tokens=40)["edgecad"]
         assert st["token_ids"] == reference[PROMPTS[2]]
