@@ -446,8 +446,10 @@ def _worker(spec: dict) -> dict:
                              "peak_resident_target_bytes": st["peak_resident_target_bytes"],
                              "read_per_pass": st["bytes_read"] / passes,
                              "network_per_pass": st.get("network_bytes", 0) / max(1, st["target_passes"])})
+    hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")]
     return {"load_seconds": load, "load_bytes_read": load_read, "runs": runs, "plan": info,
-            "peak_generating_bytes": cgroup.own_peak() if reset else None}
+            "peak_generating_bytes": cgroup.own_peak() if reset else None,
+            "peak_rss_bytes": hwm[0] if hwm else None}  # the process's own peak (the cgroup's counts the page cache)
 
 
 def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, max_tokens=24, n_threads=None,
@@ -546,7 +548,7 @@ def _limit_row(spec: dict, limit: Optional[int], timeout: float) -> dict:
         return res
     w = json.loads(r.stdout.strip().splitlines()[-1])
     tps = [x["tokens"] / x["seconds"] for x in w["runs"] if x["seconds"] > 0]
-    res.update(peak_generating_bytes=w["peak_generating_bytes"],
+    res.update(peak_generating_bytes=w["peak_generating_bytes"], peak_rss_bytes=w["peak_rss_bytes"],
                tokens_per_second=statistics.median(tps), tokens_per_second_min=min(tps),
                tokens_per_second_max=max(tps), load_seconds=w["load_seconds"],
                load_bytes_read=w["load_bytes_read"],
