@@ -82,6 +82,26 @@ def _budget(a: argparse.Namespace) -> Optional[str]:
     return None if str(a.memory_budget).lower() == "none" else a.memory_budget
 
 
+MIN_CTX = 256  # llama.cpp allocates a context in blocks of 256 tokens (llama-context.cpp: GGML_PAD(n_ctx, 256))
+_BARE_NUMBER = re.compile(r"\s*[0-9]*\.?[0-9]+\s*")
+
+
+def _check_values(a: argparse.Namespace) -> None:
+    """Values the command line refuses where the Python API takes them: a context below the one llama.cpp
+    allocates anyway (it would silently hold 256 tokens), and a budget without a unit (`--memory-budget 500`
+    would be 500 bytes; the API's memory_budget=500_000_000 is an int of bytes and stays so)."""
+    n_ctx = getattr(a, "n_ctx", None)
+    if n_ctx is not None and n_ctx < MIN_CTX:
+        raise EdgecadError(f"--n-ctx {n_ctx} is out of range: use an integer >= {MIN_CTX} (llama.cpp allocates "
+                           f"a context in blocks of {MIN_CTX} tokens: a smaller one would hold {MIN_CTX} anyway)")
+    for name in ("memory_budget", "target_budget"):
+        value = getattr(a, name, None)
+        if isinstance(value, str) and _BARE_NUMBER.fullmatch(value):
+            n = value.strip()
+            raise EdgecadError(f"{FLAGS[name]} {n} has no unit: give a size such as {n}MB or {n}GB "
+                               f"(or {n}B if you mean bytes)")
+
+
 def _engine(a: argparse.Namespace, draft: Optional[str], *, io: str = "prefetch", **kw):
     """The Engine the command's flags describe (memory, storage, devices, context, threads, seed); kw: what the
     command sets itself (mode, progress)."""
@@ -158,6 +178,20 @@ def _plan_line(plan) -> str:
     return f"{head} ({', '.join(others)} tok/s)"
 
 
+class _FlagNames:
+    """stderr for the chat loop: the errors it writes (`edgecad: ...`, one write each) name this command's flags,
+    as main's do; everything else passes as written."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> int:
+        return self.stream.write(for_cli(s) if s.startswith("edgecad: ") else s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     import time
 
@@ -180,7 +214,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
         sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens)
         conv = chat.Conversation(eng, transcript, system=a.system, resume=bool(a.resume), sampling=sampling)
         try:
-            return chat.run(conv, tty=tty)
+            return chat.run(conv, tty=tty, err=_FlagNames(sys.stderr))
         except RemoteLostError as e:
             if transcript is None:
                 raise
@@ -349,9 +383,13 @@ def cmd_rpc_server(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- doctor
 
 def cmd_doctor(a: argparse.Namespace) -> int:
+    """The report for the pair `generate` and `chat` would run with these flags (_draft: a model that is not in
+    the registry runs alone unless --draft is given); errors in it name this command's flags."""
     from .doctor import report
 
-    report(a.target, a.draft, _budget(a), n_ctx=a.n_ctx, measure=not a.no_measure)
+    target = a.target or registry.DEFAULT_TARGET
+    draft = _draft(argparse.Namespace(target=target, draft=a.draft))
+    report(target, draft, _budget(a), n_ctx=a.n_ctx, measure=not a.no_measure, explain=for_cli)
     return 0
 
 
@@ -366,8 +404,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: Optional[float
         p.add_argument("--top-k", type=int, default=40, help=">= 0; 0 = off (default 40)")
         p.add_argument("--top-p", type=float, default=0.95, help="0 < p <= 1; 1 = off (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help=">= 0; -1 = random (the default)")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (a chat: the whole "
-                                                           "conversation), >= 8 (default 4096)")
+    p.add_argument("--n-ctx", type=int, default=4096, help=N_CTX_HELP)
     p.add_argument("--threads", type=int, default=None, help="compute threads, 1..512 (default: the cores)")
     p.add_argument("--memory-budget", default="auto",
                    help="memory for the whole engine (both models, caches, buffers): 1.5GB, 900MiB, 60%% (of the "
@@ -380,6 +417,10 @@ def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: Optional[float
     _add_device_flags(p)
     _add_remote_flag(p)
     p.add_argument("--verbose", action="store_true", help="print llama.cpp's log")
+
+
+N_CTX_HELP = (f"context length in tokens (a chat: the whole conversation), >= {MIN_CTX}; llama.cpp rounds it up "
+              f"to a multiple of {MIN_CTX} (default 4096)")
 
 
 def _add_remote_flag(p: argparse.ArgumentParser) -> None:
@@ -530,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the memory plan for this whole-engine budget (1.5GB, 60%%, auto): the configuration "
                         "edgecad would choose, how the budget is split, and the target's paging plan")
     i.add_argument("--draft", default=None, help="with --memory-budget: the draft model of the pair")
-    i.add_argument("--n-ctx", type=_positive, default=4096, help="with --memory-budget: context length")
+    i.add_argument("--n-ctx", type=_positive, default=4096, help=f"with --memory-budget: context length, >= {MIN_CTX} "
+                                                                 "(default 4096)")
     i.add_argument("--threads", type=_positive, default=None, help="with --memory-budget: compute threads (for "
                                                                     "the costs)")
     i.add_argument("--io", default="prefetch", choices=["prefetch", "demand"], help="IO mode of the plan")
@@ -555,9 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="what this device can do: cores, memory, storage speed, backends, and the "
                                        "plan edgecad would run for a model pair")
     dr.add_argument("--target", default=None, help="target GGUF path or registry name (default: the default pair)")
-    dr.add_argument("--draft", default=None, help="draft GGUF path or registry name")
+    dr.add_argument("--draft", default=None, help="draft GGUF path or registry name (default: the registry draft "
+                                                  "when --target is a registry model, as generate and chat choose)")
     dr.add_argument("--memory-budget", default="auto", help="the budget to plan for (default auto)")
-    dr.add_argument("--n-ctx", type=_positive, default=4096, help="context length to plan for (default 4096)")
+    dr.add_argument("--n-ctx", type=_positive, default=4096, help=f"context length to plan for, >= {MIN_CTX} "
+                                                                  "(default 4096)")
     dr.add_argument("--no-measure", action="store_true", help="do not measure the storage's read speed")
     dr.set_defaults(func=cmd_doctor)
     return p
@@ -566,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_values(args)
         return args.func(args)
     except EdgecadError as e:
         sys.stdout.flush()

@@ -36,7 +36,9 @@ def _mount(path: Path) -> tuple[str, str]:
 
 
 def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, measure: bool = True,
-           out=sys.stdout) -> None:
+           out=sys.stdout, explain=str) -> None:
+    """The report for `target` (default: the registry's default pair) with `draft` (None: the target alone, as
+    an engine runs it); explain: an error as the caller names its arguments (the CLI: its flags)."""
     import psutil
     import llama_cpp
 
@@ -46,8 +48,8 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
                    f"Python {platform.python_version()}, llama-cpp-python {getattr(llama_cpp, '__version__', '?')}")
     vm, limit = psutil.virtual_memory(), cgroup.limit()
     say("memory", f"{vm.total / 1e9:.1f} GB RAM, {vm.available / 1e9:.1f} GB available; cgroup limit "
-                  + (f"{limit / 1e9:.2f} GB" if limit else "none") + f"; memory_budget 'auto' = "
-                  f"{auto_budget() / 1e9:.2f} GB")
+                  + (f"{limit / 1e9:.2f} GB" if limit else "none") + "; " + explain("memory_budget='auto'")
+                  + f" = {auto_budget() / 1e9:.2f} GB")
     say("native", ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in capabilities().items())
         + ("" if can_page() else ": a model that does not fit cannot be paged here"))
     devs = devices.devices()
@@ -57,16 +59,19 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
     say("placement", f"draft on {gpu.name}, target on the CPU" if gpu else
         "draft and target on the CPU (no GPU backend in this llama.cpp: docs/devices.md)")
 
+    if target is None:
+        target, draft = registry.DEFAULT_TARGET, draft or registry.DEFAULT_DRAFT
     try:
-        t_path = registry.resolve(target or registry.DEFAULT_TARGET)
-        d_path = registry.resolve(draft or registry.DEFAULT_DRAFT)
+        t_path = registry.resolve(target)
+        d_path = registry.resolve(draft) if draft is not None else None
     except EdgecadError as e:
-        say("models", f"{e}")
+        say("models", explain(str(e)))
         return
-    t, d = read_gguf(t_path), read_gguf(d_path)
+    t, d = read_gguf(t_path), read_gguf(d_path) if d_path is not None else None
     mnt, fs = _mount(t_path.resolve().parent)
-    say("models", f"target {t_path.name} ({t.file_size / MB:,.0f} MB), draft {d_path.name} "
-                  f"({d.file_size / MB:,.0f} MB) in {t_path.parent} ({fs} on {mnt or '?'})")
+    say("models", f"target {t_path.name} ({t.file_size / MB:,.0f} MB), "
+                  + (f"draft {d_path.name} ({d.file_size / MB:,.0f} MB)" if d else "no draft (the target alone)")
+                  + f" in {t_path.parent} ({fs} on {mnt or '?'})")
     if fs.startswith("fuse") or str(t_path.resolve()).startswith(("/storage/emulated", "/sdcard")):
         say("  warning", "a FUSE-mounted shared folder reads slowly and cannot be paged well: keep models on "
                          "internal storage (e.g. Termux's $HOME)")
@@ -82,13 +87,13 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
         measure_read(costs, t, d, n_threads)  # the engine's own calibration, done once
     say("storage", f"{costs.read_bps / 1e9:.2f} GB/s sequential read"
                    + (" (measured)" if costs.read_measured else " (a prior: run without --no-measure)"))
-    parse_memory(memory_budget, t.file_size + d.file_size)  # a malformed budget: the command's error, not the plan's
+    parse_memory(memory_budget, t.file_size + (d.file_size if d else 0))  # a malformed budget: the command's error
     tree = MODE_PARAMS["tree"]
     try:
         plan = resolve(t_path, d_path, memory_budget=memory_budget, n_ctx=n_ctx, n_threads=n_threads,
                        calibrate=False).plan  # (measured above, or not at all with --no-measure)
     except EdgecadError as e:
-        say("plan", str(e))
+        say("plan", explain(str(e)))
         return
     for i, line in enumerate(plan.describe().splitlines()):
         say("plan" if i == 0 else "", line.strip() if i == 0 else line)
