@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from .engine import join
+from .responses import join
 from .errors import EdgecadError, RequestError
 
 try:
