@@ -130,9 +130,9 @@ def test_bad_transcripts(tmp_path):
 
 def test_a_full_context_is_one_line_and_the_chat_goes_on(tiny_pair, tmp_path):
     log = tmp_path / "t.jsonl"
-    p = spawn(chat_cmd(tiny_pair, "--transcript", str(log), "--n-ctx", "64", "-n", "8"), tmp_path)
+    p = spawn(chat_cmd(tiny_pair, "--transcript", str(log), "--n-ctx", "256", "-n", "8"), tmp_path)
     p.expect("> ")
-    p.sendline("x" * 600)  # longer than the whole context (n_ctx is padded to 256)
+    p.sendline("x" * 600)  # longer than the whole context
     p.expect("edgecad: .*context.*/reset")
     p.expect("> ")
     p.sendline("hi")
