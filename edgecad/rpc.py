@@ -231,9 +231,11 @@ def watched(fn: Callable, *args, what: str = "during a call"):
     _trap()
     if native.remote_lost():
         raise lost_error(what)
-    out, done = [], threading.Event()
+    out, done, claim = [], threading.Event(), threading.Lock()
 
     def run():
+        if not claim.acquire(blocking=False):
+            return  # (another start of this call runs it)
         try:
             out.append((True, fn(*args)))
         except BaseException as e:  # (raised in the caller's thread)
@@ -241,9 +243,13 @@ def watched(fn: Callable, *args, what: str = "during a call"):
         done.set()
 
     signals, raised, first = native.lib.ec_interrupt_count(), 0, None  # raised: KeyboardInterrupts here
-    threading.Thread(target=run, daemon=True, name="edgecad-remote").start()
     while True:  # (a KeyboardInterrupt anywhere in here is counted, never a way out while the call runs)
         try:
+            # The thread starts in here: a Ctrl-C landing inside Thread.start() may come before or after the thread
+            # began, and one that escaped left the call running under its caller (which then decoded again in the
+            # same context: a crash). Unclaimed, it is started again; `claim` lets one thread run the call.
+            if not claim.locked():
+                threading.Thread(target=run, daemon=True, name="edgecad-remote").start()
             if done.wait(0.05):
                 break
             n = max(native.lib.ec_interrupt_count() - signals, raised)  # Ctrl-Cs since the call began
@@ -362,7 +368,7 @@ class ServerProcess:
         self.endpoint = f"127.0.0.1:{self.port}"
         self.cg = cgroup.MemoryCgroup(budget, "rpc") if budget and cgroup.available()[0] else None
         cmd = [sys.executable, "-m", "edgecad.cli", "rpc-server", "--port", str(self.port), "--memory-budget",
-               str(budget or "auto"), *(["--cache", cache] if cache else []),
+               f"{budget}B" if budget else "auto", *(["--cache", cache] if cache else []),  # (bytes, with a unit)
                *(["--threads", str(threads)] if threads else [])]
         # (cwd elsewhere: from a source checkout, `-m edgecad.cli` would import the unbuilt sources)
         self.p = (self.cg.start if self.cg else subprocess.Popen)(
