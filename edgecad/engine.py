@@ -24,7 +24,7 @@ from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
 from .errors import EdgecadError, PromptTooLongError, RequestError
-from .llama import Batch, Context, ContextParams, Model, set_verbose
+from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
 from .memory import observe, save_costs
 from .pager import Pager, PagerParams, emulate_storage, storage_bytes_read
 from .residency import Residency, residency_for
@@ -83,7 +83,7 @@ def stats_dict(stats: Stats, plan) -> dict:
     return d
 
 
-class Engine:
+class Engine(Closing):
     """Run a target model, optionally sped up by a resident draft model.
 
     Args (keyword-only after `draft`):
@@ -512,15 +512,6 @@ class Engine:
         finally:
             if held:
                 lock.release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
     # ------------------------------------------------------------------ test hooks
     # Documented and kept stable for tests and measurement scripts (they are not needed to generate).

@@ -55,6 +55,25 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# ---------------------------------------------------------------------------- lifetime
+
+class Closing:
+    """The lifetime of an object that holds C memory: close() frees it (idempotent); `with` and the garbage
+    collector close too."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
 # ---------------------------------------------------------------------------- model
 
 @dataclass(frozen=True)
@@ -102,7 +121,7 @@ def _identity(path: Path):
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-class Model:
+class Model(Closing):
     """A loaded GGUF model and its vocabulary."""
 
     def __init__(self, path: str | os.PathLike, params: ModelParams = ModelParams(), info=None,
@@ -242,15 +261,6 @@ class Model:
             _free(self.params.remote, C.llama_model_free, self._ptr)
         self._ptr = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
 
 # ---------------------------------------------------------------------------- grammar
 
@@ -277,7 +287,7 @@ def _on_parse_stack(fn, *args):
     return out[0]
 
 
-class Grammar:
+class Grammar(Closing):
     """llama.cpp's grammar sampler (GBNF, as llama-cpp-python's `LlamaGrammar` uses it): the grammar's state
     after the tokens accepted so far. `mask` says what it allows next; `accept` advances it by one such token.
     llama.cpp aborts the process when a grammar accepts a token it forbids (or an end of generation before it is
@@ -345,13 +355,9 @@ class Grammar:
             C.llama_sampler_free(self._ptr)
             self._ptr = None
 
-    def __del__(self):
-        self.close()
-
-
 # ---------------------------------------------------------------------------- batch
 
-class Batch:
+class Batch(Closing):
     """A llama_batch of up to `capacity` tokens, each in up to `n_seq_max` sequences."""
 
     def __init__(self, capacity: int, n_seq_max: int = 1):
@@ -391,15 +397,6 @@ class Batch:
             C.llama_batch_free(self._b)
         self._b = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
 
 # ---------------------------------------------------------------------------- context
 
@@ -429,7 +426,7 @@ class ContextParams:
                                 # here as in llama-cpp-python's Llama, so greedy outputs match it exactly)
 
 
-class Context:
+class Context(Closing):
     """A llama_context: KV cache, decode, logits, and sequence memory ops."""
 
     def __init__(self, model: Model, params: ContextParams = ContextParams(), *, cb_eval=None, cb_eval_user_data=None,
@@ -570,12 +567,3 @@ class Context:
         if self._ptr:
             _free(getattr(self, "_remote", False), C.llama_free, self._ptr)
         self._ptr = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
