@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import re
 import signal
@@ -642,6 +643,7 @@ def serve(load: Callable[[], Any], params: ServerParams) -> int:
     config = uvicorn.Config(srv.app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=30, limit_concurrency=params.max_queue + 64)
     srv.uvicorn = uvicorn.Server(config)
+    logging.getLogger("uvicorn.error").addFilter(_not_cancelled)
     _watch_exit(srv)
     try:
         srv.uvicorn.run(sockets=[sock])
@@ -652,6 +654,14 @@ def serve(load: Callable[[], Any], params: ServerParams) -> int:
         raise EdgecadError(srv.load_error)
     sys.stderr.write("edgecad: server stopped\n")
     return 0
+
+
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    """uvicorn's log without the tracebacks of what its forced exit (a second Ctrl-C) cancels: the running requests
+    (each one's own log line says it was cut short) and the app's lifespan (starlette reports it as text)."""
+    if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        return False
+    return not str(record.msg).rstrip().endswith("asyncio.exceptions.CancelledError")
 
 
 def _watch_exit(srv: Server) -> None:

@@ -280,10 +280,7 @@ def test_serve_exits_on_the_second_ctrl_c_while_a_pass_waits_on_a_stopped_server
         os.kill(server.p.pid, signal.SIGCONT)
     text = "".join(log)
     assert "server stopped" in text, text
-    # (uvicorn's forced exit cancels the tasks still running, and logs their CancelledError as at any second Ctrl-C
-    # before the first one's shutdown is done: nothing else may fail, the given-up pass included)
-    assert set(re.findall(r"^(\w[\w.]*(?:Error|Exception|Interrupt\w*))\b", text, re.M)) <= \
-        {"asyncio.exceptions.CancelledError"}, text
+    assert "Traceback" not in text, text  # (uvicorn's forced exit cancels the running request: no traceback)
 
 
 def test_an_unreachable_busy_or_foreign_server_at_load_gives_its_line(paging_pair, server):
