@@ -77,9 +77,11 @@ def test_the_server_stays_within_its_memory_budget(paging_pair):
     if not cgroup.available()[0]:
         pytest.skip(f"no memory cgroup can be made here ({cgroup.available()[1]}): the budget cannot be held")
     s = rpc.ServerProcess(300_000_000, threads=1)
-    try:  # (the cgroup holds it to the budget: what could fail is the server being killed by it)
+    try:  # (a cgroup holds any process to its limit: what is edgecad's is never being pushed against it)
         assert _tokens(paging_pair, remote=[s.endpoint]) == _tokens(paging_pair)
+        hwm = [int(l.split()[1]) * 1024 for l in open(f"/proc/{s.p.pid}/status") if l.startswith("VmHWM:")][0]
         assert s.p.poll() is None and s.cg.oom_kills == 0
+        assert s.cg.events.get("max", 0) == 0 and hwm <= 300_000_000, (s.cg.events, hwm)
     finally:
         s.close()
 
@@ -95,6 +97,10 @@ out = {"chunks": 0}
 if when == "idle":  # the server goes while the engine waits for its next request
     e.create_completion("The quick brown fox", max_tokens=4, temperature=0)
     kill(); time.sleep(1)
+    try:
+        e.create_completion("again", max_tokens=4)
+    except RemoteLostError as err:
+        out["again"] = str(err)
 else:
     try:
         for _ in e.create_completion("The quick brown fox", max_tokens=1500, temperature=0, stream=True):
@@ -107,9 +113,11 @@ else:
         e.create_completion("again", max_tokens=4)
     except RemoteLostError as err:
         out["again"] = str(err)
-t = time.perf_counter()
-e.close()  # (what uses the lost device is left to the process's exit: freeing it would wait forever)
-out["close_seconds"] = time.perf_counter() - t
+import threading
+th = threading.Thread(target=e.close, daemon=True)  # (what uses the lost device is left to the process's exit:
+th.start()                                        # freeing it would wait forever)
+th.join(60)
+out["closed"] = not th.is_alive()
 print(json.dumps(out))
 """
 
@@ -120,10 +128,10 @@ def test_a_server_killed_gives_a_clear_error_and_a_close_that_does_not_wait(pagi
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["close_seconds"] < 5
+    assert out["closed"], "close waited on the lost server"
+    assert "remote device was lost" in out["again"], out  # the next completion says so at once
     if when == "mid-completion":
         assert 5 <= out["chunks"] < 1500 and "remote device was lost during a pass" in out["error"]
-        assert "remote device was lost" in out["again"]  # and it says so again, at once
 
 
 _STOP_SCRIPT = """
