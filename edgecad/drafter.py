@@ -91,12 +91,13 @@ class Drafter:
         """Last position sequence 0 holds between steps."""
         return self.n_past - 1 + (len(self.seed.tokens) - 2 if self.seed else 0)
 
-    def _probs(self, logits: np.ndarray, sp: SamplingParams, node: int = -1) -> np.ndarray:
+    def _probs(self, logits: np.ndarray, sp: SamplingParams, node: int = -1, state=None) -> np.ndarray:
         """The draft's distribution at a node: its own probabilities when greedy, else the sampling one, masked
-        by the grammar after the node's path when the completion has one (a token it forbids is never drafted).
-        Kept in float32 (a tree holds one per node): draws and the acceptance rule use the same vector, so
-        exactness holds whatever the mask."""
-        state = self._state(node) if node >= 0 else None
+        by the grammar after the node's path when the completion has one (a token it forbids is never drafted;
+        `state`: the grammar's state, when the node is a chain's, past the tree). Kept in float32 (a tree holds
+        one per node): draws and the acceptance rule use the same vector, so exactness holds whatever the mask."""
+        if node >= 0:
+            state = self._state(node)
         if state is not None:
             try:
                 logits = state.mask(logits, self.p.max_width if sp.greedy else sp.top_k)
@@ -293,7 +294,9 @@ class Drafter:
         of the draft's top-1 (greedy) or of single draws (sampling), one token per decode. `accept`
         keeps it as the start of the next tree when the target takes that whole branch and its bonus
         token is the chain's first (a draw of x(i+1) from q(. | ..., xi) is a valid single draft
-        draw at that node, so the sampling acceptance stays exact)."""
+        draw at that node, so the sampling acceptance stays exact). With a grammar, each distribution is
+        masked by its state after the leaf's path and the chain so far, as the tree's own nodes are: a kept
+        chain's tokens and distributions become the next tree's nodes and theirs."""
 
         self.chain = None
         if max_len < 2 or not tree.decoded[0]:
@@ -305,6 +308,8 @@ class Drafter:
             self.ctx.seq_cp(0, 1)
             br = 1
         q = self._dist.get(leaf)  # known when the leaf is decoded
+        state = self._state(leaf)  # the grammar after the leaf's path (None: none, or it forbids that path)
+        state = state.clone() if state is not None else None  # (advanced along the chain)
         chain = Chain(leaf, br, [], [])
         while len(chain.tokens) < max_len and not done():
             if q is None:  # decode `tok` (the leaf, then each chain token) at `pos` in the branch
@@ -313,11 +318,16 @@ class Drafter:
                 self.ctx.decode(self.batch)
                 self.decodes += 1
                 tree.decoded[leaf] = True
-                q = self._probs(self.ctx.logits(0), sp)
+                q = self._probs(self.ctx.logits(0), sp, state=state)
             tok = int(np.argmax(q)) if sp.greedy else sample_from(q, rng)
             chain.tokens.append(tok)
             chain.qs.append(q)
             pos, q = pos + 1, None
+            if state is not None:
+                try:
+                    state.accept(tok)
+                except RequestError:  # nothing allowed was left to mask with: what follows is not the target's
+                    state = None
         if chain.tokens:
             self.chain = chain
             self.chain_tokens += len(chain.tokens)

@@ -216,3 +216,165 @@ def test_arguments_that_fight_the_grammar_give_errors_or_its_tokens_never_an_abo
         with pytest.raises(RequestError, match="response_format"):
             e.create_chat_completion([{"role": "user", "content": "hi"}],
                                      response_format={"type": "json_schema", "json_schema": "x"})
+
+
+# ---------------------------------------------------------------------------- the grammar with the pipeline
+# A paged tree drafts chains beside its passes (edgecad.pipeline) and the next tree may start from one: the
+# grammar must hold there as everywhere (the chain's tokens and its distributions become the next tree's nodes).
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["name", "n"]}  # a JSON schema (as response_format gives one; its grammar by llama-cpp-python)
+
+
+def _check_tree_against_grammar(tree, grammar) -> int:
+    """Assert that every node of `tree` is a token `grammar` (in its state after the root) allows after the
+    node's path: each parent's state cloned and advanced by the node's token. Returns the nodes checked."""
+    states = {0: grammar.clone()}
+    for i in range(1, tree.n):  # (a parent is always added before its children)
+        par, tok = int(tree.parent[i]), int(tree.token[i])
+        path = [int(tree.token[j]) for j in tree.path(i)]
+        assert states[par].allowed(np.array([tok], dtype=np.int32))[0], (
+            f"node {i} (depth {tree.depth[i]}, token {tok}) is forbidden by the grammar after its path {path}")
+        states[i] = states[par].clone()
+        states[i].accept(tok)
+    return tree.n - 1
+
+
+@pytest.mark.parametrize("chains", [False, True], ids=["trees", "kept-chains"])
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("text", ["digits", "schema"])
+def test_every_drafted_node_is_allowed_by_the_grammar_after_its_path(tiny_pair, text, greedy, chains):
+    """The drafter masks each node's draft distribution with the grammar's state after the node's path, so no
+    node of a tree is a token the grammar forbids there; with the pipeline's chains too (kept-chains: after
+    each tree a chain is drafted past its best leaf, as Pipeline.verify does beside the target's pass, and the
+    simulated target takes that branch and the chain's first token whenever the grammar allows it, so the next
+    tree starts from the chain: its tokens and distributions become the next tree's nodes). It failed before
+    the chains were masked: the chain's unmasked tokens, and alternatives drawn from its unmasked distributions,
+    were nodes of the next tree."""
+    from llama_cpp import llama_grammar
+
+    from edgecad.drafter import Drafter
+    from edgecad.llama import Context, ContextParams, Grammar, Model
+    from edgecad.tree import TreeParams
+
+    draft, _ = tiny_pair
+    gbnf = DIGITS if text == "digits" else llama_grammar.json_schema_to_gbnf(json.dumps(PERSON))
+    params = TreeParams(max_nodes=16, max_depth=5, max_width=3, branch_p=0.05, threshold_init=0.0, cost_aware=False)
+    sp = SamplingParams() if greedy else SamplingParams(temperature=1.0, top_k=20, top_p=1.0)
+    rng = np.random.default_rng(0)
+    trees = checked = seeded = 0
+    with Model(draft) as m, Context(m, ContextParams(n_ctx=512, n_seq_max=33)) as ctx:
+        d = Drafter(ctx, params, n_seq_max=33, n_batch=64)
+        anything = np.arange(m.n_vocab, dtype=np.int32)
+        for prompt in itertools.cycle(PROMPTS):  # completions, each until the grammar ends it, 40 trees in all
+            grammar = Grammar(m, gbnf)  # the completion's: in its state after the root (the prompt is not under it)
+            d.start(m.tokenize(prompt))
+            while trees < 40:
+                reused = d.reused_tokens
+                tree = d.draft(16, 5, sp, rng, threshold=0.0, grammar=grammar)
+                trees += 1
+                checked += _check_tree_against_grammar(tree, grammar)
+                seeded += d.reused_tokens > reused  # this tree started from a kept chain
+                if chains:
+                    d.extend(tree, sp, rng, 6, lambda: False)
+                leaf = d.chain.leaf if d.chain else max(tree.leaves(), key=lambda i: tree.conf[i])
+                path = tree.path(leaf)
+                state = grammar.clone()
+                for i in path:
+                    state.accept(int(tree.token[i]))
+                ok = [int(t) for t in np.flatnonzero(state.allowed(anything)) if not m.is_eog(int(t))]
+                if any(m.is_eog(int(tree.token[i])) for i in path) or not ok:
+                    break  # the completion ends here
+                # the target's bonus: the chain's first token where the grammar allows it (the chain is kept)
+                bonus = d.chain.tokens[0] if d.chain and d.chain.tokens[0] in ok else int(rng.choice(ok))
+                for tok in [int(tree.token[i]) for i in path] + [bonus]:
+                    grammar.accept(tok)
+                d.accept(tree, path, bonus)
+            if trees == 40:
+                break
+        d.close()
+    print(f"{checked} nodes in {trees} trees, {seeded} of them started from a kept chain")
+    assert checked >= 2 * trees
+    if chains:
+        assert seeded >= 5, f"only {seeded} of {trees} trees started from a kept chain"
+
+
+@pytest.mark.parametrize("mode", ["tree", "linear"])
+def test_a_grammar_with_the_pipeline_gives_llama_s_greedy_tokens(paging_pair, mode):
+    """A paged target on throttled storage with the pipeline on: chains are drafted beside each pass and later
+    trees start from them (reused_tokens > 0 under each grammar, so the kept chains did take part), and the
+    greedy tokens under a grammar are llama_cpp.Llama's under the same grammar on the same (F32, exact) model."""
+    from edgecad.pager import PagerParams
+
+    draft, target = paging_pair
+    llama = Llama(str(target), n_ctx=512, n_threads=2, verbose=False)
+    pager = PagerParams(io="demand", throttle_bps=50e6, embd_allowance=64 << 10)  # passes wait on storage
+    with Engine(target, draft, mode=mode, n_ctx=512, n_threads=1, target_budget="50%", pager=pager,
+                pipeline=True) as e:
+        assert e.memory_plan.paged and e.pipeline
+        e.check_kv = True  # after every step: both KV caches hold only the accepted path (and a kept chain)
+        for name in ("grammar", "json"):
+            reused = chains = 0
+            for prompt in PROMPTS[:3]:
+                st = e.create_completion(prompt, max_tokens=24, temperature=0.0, **_grammar(ARGS[name]))["edgecad"]
+                assert st["token_ids"] == _theirs(llama, e.tokenize(prompt, special=True), ARGS[name]), (name, prompt)
+                reused, chains = reused + st["reused_tokens"], chains + st["chain_tokens"]
+            print(f"{mode} {name}: {chains} chain tokens drafted beside passes, {reused} reused by later trees")
+            assert reused > 0, f"{name}: no tree started from a kept chain ({chains} chain tokens drafted)"
+
+
+def test_sampling_with_a_grammar_and_kept_chains_keeps_the_masked_distribution(paging_pair):
+    """The first two tokens the grammar leaves free, sampled with the pipeline on, against the target's masked
+    joint distribution computed exactly. The grammar forces "x" first, so the first tree (one node: "x") is
+    taken whole: the next token is the bonus after a depth-1 node (that node's row, the grammar advanced along
+    the path), drawn while a chain (two draft tokens, masked) is drafted past "x"; when the bonus is the chain's
+    first token, the next tree starts from the chain and the token after is verified against the chain's second
+    draw and its distribution (multi-draft rejection sampling). The draft differs from the target there (TV
+    > 0.2), so a sampler that leaked the chain's draws or used a distribution other than the one they were drawn
+    from fails."""
+    from edgecad.gguf_file import read_gguf
+    from edgecad.llama import Batch, Context, ContextParams, Grammar, Model
+    from edgecad.pager import PagerParams, plan_budget
+    from edgecad.sampling import distribution, processed
+    from edgecad.tree import TreeParams
+
+    draft, target = paging_pair
+    gbnf = 'root ::= "x" [a-z]+'
+    kw = dict(temperature=2.0, top_k=4, top_p=1.0, min_p=0.0)
+    sp = SamplingParams(**kw, grammar=gbnf)
+    prompt, n = "Once upon a time", 1000
+
+    def masked(m, ctx, b, toks, path):  # the model's distribution after prompt + path, masked by the grammar
+        g = Grammar(m, gbnf)
+        for t in path:
+            g.accept(t)
+        return distribution(processed(ctx.prefill(b, toks + path, logits=True), path, sp, g), sp)
+
+    with Model(target) as tm, Model(draft) as dm, Context(tm, ContextParams(n_ctx=64)) as tc, \
+            Context(dm, ContextParams(n_ctx=64)) as dc, Batch(64) as b:
+        toks, x = tm.tokenize(prompt), tm.tokenize("x", add_special=False)[0]
+        p2 = masked(tm, tc, b, toks, [x])
+        support = [int(t) for t in np.flatnonzero(p2)]
+        p3 = {t: masked(tm, tc, b, toks, [x, t]) for t in support}
+        q3 = {t: masked(dm, dc, b, toks, [x, t]) for t in support}
+    assert len(support) == 4 and sum(p2[t] * 0.5 * np.abs(p3[t] - q3[t]).sum() for t in support) > 0.2
+    cells = [(a, int(c)) for a in support for c in np.flatnonzero(p3[a])]  # the joint's support
+    expected = np.array([p2[a] * p3[a][c] for a, c in cells]) * n
+
+    info = read_gguf(target)
+    pager = PagerParams(io="demand", throttle_bps=200e6, embd_allowance=64 << 10)  # 4 streamed layers: passes wait
+    budget = plan_budget(info, 10 ** 9, pager).minimum + 12 * max(l.n_bytes for l in info.layers())
+    observed, kept = dict.fromkeys(cells, 0), 0
+    with Engine(target, draft, mode="tree", tree_params=TreeParams(max_nodes=1, max_depth=1, max_width=1),
+                n_ctx=256, n_threads=1, target_budget=budget, pager=pager, pipeline=True) as e:
+        assert e.pipeline
+        e.check_kv = True
+        for seed in range(n):  # (4 tokens: the first pass drafts a chain of two only when two more are wanted)
+            st = e.create_completion(prompt, max_tokens=4, seed=seed, grammar=gbnf, **kw)["edgecad"]
+            t1, t2, t3 = st["token_ids"][:3]
+            assert t1 == x and (t2, t3) in observed, st["token_ids"]
+            observed[(t2, t3)] += 1
+            kept += st["reused_tokens"] > 0  # the tree that verified t3 started from the chain
+    assert kept > 0.3 * n, f"only {kept} of {n} completions verified their third token in a kept chain's tree"
+    print(f"{kept} of {n} through a kept chain:",
+          chi_square([observed[c] for c in cells], expected, tv=0.12))
