@@ -1,5 +1,6 @@
 """Engine: target-only decoding against llama-cpp-python's Llama, sampling, stops, streaming, bad input."""
 import itertools
+import mmap
 import os
 
 import pytest
@@ -548,6 +549,76 @@ def test_a_chat_ends_at_the_template_s_end_of_turn_as_llama_cpp_python(quantized
     assert ours["choices"][0]["finish_reason"] == "stop" and ours["usage"] == ref["usage"]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ref["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+# The quantized target paged, as every user runs a Q4 file: the resident target alone is the judge.
+
+@pytest.fixture(scope="module")
+def q_paged_judge(quantized_pair):
+    """The quantized target alone, resident, on one thread (a loaded machine slows llama.cpp's threads that wait on
+    each other far more), and its greedy tokens for each prompt (60 at most)."""
+    with Engine(quantized_pair[1], mode="target", n_ctx=512, n_threads=1, memory_budget=None) as e:
+        yield e, {p: e.create_completion(p, temperature=0.0, max_tokens=60)["edgecad"]["token_ids"] for p in PROMPTS}
+
+
+PAGED = [("target", "prefetch", False), ("target", "demand", False)] + [
+    (mode, io, pipeline) for mode in ("tree", "linear") for io in ("prefetch", "demand") for pipeline in (False, True)]
+
+
+@pytest.mark.parametrize("mode,io,pipeline", PAGED,
+                         ids=[f"{m}-{io}{'-pipeline' if pl else ''}" for m, io, pl in PAGED])
+def test_a_paged_quantized_target_gives_the_resident_target_s_tokens(quantized_pair, q_paged_judge, mode, io,
+                                                                      pipeline):
+    """The Q4_0 target streamed inside a target budget (2 of its 8 layers pinned, the rest read every pass) by
+    prefetch or demand reads, in target, tree and linear modes, the tree modes also with the pipeline on (storage
+    throttled to an SD card's 45 MB/s: chains drafted beside the passes), both KV caches checked after every step:
+    the greedy tokens are the resident target's (the judge, one token per pass) up to a near-tie, as edgecad bench
+    scores a row. A teacher-forced pass of the judge over each output finds no token that is not its argmax
+    outside a near-tie; where the output parts from the judge's own, the judge's top-2 gap there is a near-tie
+    and the completion counted one; the completion's near-tie count is the teacher-forced pass's (between its
+    counts at half and at twice the near-tie margin: batched and one-token numerics differ slightly); most
+    prompts give exactly the judge's tokens."""
+    from edgecad.fidelity import NEAR_TIE_EPS, teacher_forced
+    from edgecad.llama import Batch
+    from edgecad.pager import PagerParams
+    from helpers import budget_for
+
+    draft, target = quantized_pair
+    judge, refs = q_paged_judge
+    p = PagerParams(io=io, embd_allowance=64 << 10, **(dict(storage="sd") if pipeline else {}))
+    budget = budget_for(target, p, pinned_layers=2)
+    exact, parted, totals = 0, [], dict(near_ties=0, chain_tokens=0, reused_tokens=0)
+    with Engine(target, draft if mode != "target" else None, mode=mode, n_ctx=512, n_threads=1,
+                target_budget=budget, pager=p, pipeline=pipeline if mode != "target" else None) as e, \
+            Batch(512) as b:
+        plan = e.budget_plan
+        assert e.memory_plan.paged and e.pipeline == pipeline and len(plan.streamed_layers) == 6
+        e.check_kv = True  # (tree modes: after every step, both caches hold only the accepted path)
+        for prompt in PROMPTS:
+            ref = refs[prompt]
+            st = e.create_completion(prompt, temperature=0.0, max_tokens=60)["edgecad"]
+            ids, toks = st["token_ids"], judge.tokenize(prompt, special=True)
+            assert st["bytes_read"] >= plan.streamed_bytes  # streamed: every pass reads the streamed layers
+            assert st["peak_resident_target_bytes"] <= budget + mmap.PAGESIZE * len(plan.streamed_layers)
+            judged = {eps: teacher_forced(judge.target_context, b, toks, ids, eps=eps)
+                      for eps in (NEAR_TIE_EPS / 2, NEAR_TIE_EPS, 2 * NEAR_TIE_EPS)}
+            fid = judged[NEAR_TIE_EPS]
+            assert fid.mismatch_clear == 0, f"{prompt!r}: {fid} (a token the judge would not choose, gap clear)"
+            assert judged[NEAR_TIE_EPS / 2].near_ties <= st["near_ties"] <= judged[2 * NEAR_TIE_EPS].near_ties, (
+                prompt, st["near_ties"], fid)
+            if ids == ref:
+                exact += 1
+            else:
+                _same_or_near_tie(judge, prompt, ids, ref)  # they part only where the judge met a near-tie
+                assert st["near_ties"] > 0, f"{prompt!r} parts from the judge but counted no near-tie"
+                parted.append(prompt)
+            for k in totals:
+                totals[k] += st[k]
+    print(f"{mode} {io} pipeline={pipeline}: {exact}/{len(PROMPTS)} exact, parted at a near-tie: {parted}, {totals}")
+    assert exact >= len(PROMPTS) - 1
+    assert totals["near_ties"] > 0  # Q4 numerics do meet near-ties on these prompts: the count is under test
+    if pipeline:
+        assert totals["chain_tokens"] > 0  # drafting happened beside the target's passes
 
 
 def test_closing_while_another_thread_computes_a_stream_s_chunk_waits_for_it(paging_pair):
