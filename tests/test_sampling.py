@@ -263,7 +263,7 @@ def test_every_drafted_node_is_allowed_by_the_grammar_after_its_path(tiny_pair, 
     sp = SamplingParams() if greedy else SamplingParams(temperature=1.0, top_k=20, top_p=1.0)
     rng = np.random.default_rng(0)
     trees = checked = seeded = 0
-    with Model(draft) as m, Context(m, ContextParams(n_ctx=512, n_seq_max=33)) as ctx:
+    with Model(draft) as m, Context(m, ContextParams(n_ctx=512, n_seq_max=33, n_threads=1)) as ctx:
         d = Drafter(ctx, params, n_seq_max=33, n_batch=64)
         anything = np.arange(m.n_vocab, dtype=np.int32)
         for prompt in itertools.cycle(PROMPTS):  # completions, each until the grammar ends it, 40 trees in all
@@ -307,7 +307,7 @@ def test_a_grammar_with_the_pipeline_gives_llama_s_greedy_tokens(paging_pair, mo
     from edgecad.pager import PagerParams
 
     draft, target = paging_pair
-    llama = Llama(str(target), n_ctx=512, n_threads=2, verbose=False)
+    llama = Llama(str(target), n_ctx=512, n_threads=1, verbose=False)  # (one thread each: fast on a loaded machine)
     pager = PagerParams(io="demand", throttle_bps=50e6, embd_allowance=64 << 10)  # passes wait on storage
     with Engine(target, draft, mode=mode, n_ctx=512, n_threads=1, target_budget="50%", pager=pager,
                 pipeline=True) as e:
@@ -350,8 +350,8 @@ def test_sampling_with_a_grammar_and_kept_chains_keeps_the_masked_distribution(p
             g.accept(t)
         return distribution(processed(ctx.prefill(b, toks + path, logits=True), path, sp, g), sp)
 
-    with Model(target) as tm, Model(draft) as dm, Context(tm, ContextParams(n_ctx=64)) as tc, \
-            Context(dm, ContextParams(n_ctx=64)) as dc, Batch(64) as b:
+    with Model(target) as tm, Model(draft) as dm, Context(tm, ContextParams(n_ctx=64, n_threads=1)) as tc, \
+            Context(dm, ContextParams(n_ctx=64, n_threads=1)) as dc, Batch(64) as b:
         toks, x = tm.tokenize(prompt), tm.tokenize("x", add_special=False)[0]
         p2 = masked(tm, tc, b, toks, [x])
         support = [int(t) for t in np.flatnonzero(p2)]
