@@ -21,7 +21,7 @@ from . import registry
 from .errors import EdgecadError, RequestError, VocabularyMismatchError
 from .gguf_file import GGUFInfo, read_gguf
 from .llama import default_threads
-from .memory import (CONFIGS, Costs, MemoryPlan, load_costs, measure_read, parse_memory, plan_memory,
+from .memory import (CONFIGS, Costs, MemoryPlan, load_costs, measure_read, parse_memory, plan_memory, process_rss,
                      plan_remote)
 from .pager import PagerParams, parse_budget
 from .tree import MODE_PARAMS, TreeParams
@@ -81,6 +81,41 @@ def check_same_vocabulary(draft: GGUFInfo, target: GGUFInfo) -> None:
         )
 
 
+def _plan(t_info: GGUFInfo, d_info: Optional[GGUFInfo], budget: int, args: dict, remote: Optional[list],
+          n_threads: int, calibrate: bool):
+    """(the plan, the costs it was made from): measured first (the storage's read speed, once
+    per device and model, where the models do not fit the budget whole), then planned. With remote devices, the
+    target's last layers go to them where the target does not fit here resident: the remote split is the plan's
+    input, and the plan is made for the local part."""
+    costs = load_costs(t_info, d_info, n_threads)  # keyed by the pair given, whatever runs
+    may_page = args["target_budget"] is not None or budget < t_info.file_size + (d_info.file_size if d_info else 0)
+    if calibrate and may_page and not costs.read_measured:
+        measure_read(costs, t_info, d_info, n_threads)
+    if not remote:
+        return plan_memory(budget, t_info, d_info, costs=costs, **args), costs
+    from .rpc import connect
+    devices = connect(list(remote))
+    try:
+        whole = plan_memory(budget, t_info, d_info, costs=costs, **args)
+    except EdgecadError as e:  # nothing fits here: the target's layers may go to the remote devices
+        whole, too_small = None, e
+    if whole is not None and not whole.paged and args["target_budget"] is None:
+        sys.stderr.write("edgecad: the remote devices are not used: the target fits in this device's memory "
+                         "budget\n")
+        return whole, costs
+    split = plan_remote(t_info, devices, n_ctx=args["n_ctx"], n_batch=args["n_batch"])
+    if split is None:
+        if whole is None:
+            raise EdgecadError(f"{too_small}; and no remote device announces memory for one of its layers")
+        sys.stderr.write("edgecad: the remote devices are not used: none announces memory for a layer\n")
+        return whole, costs
+    local = t_info.local_part(split.first)
+    local_costs = load_costs(local, d_info, n_threads)  # (its own: passes also compute remotely)
+    if not local_costs.observed and not local_costs.read_measured:  # first time: what the whole target measured
+        local_costs = replace(costs, observed=0)
+    return plan_memory(budget, local, d_info, costs=local_costs, remote=split, **args), local_costs
+
+
 def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.PathLike, None] = None, *,
             mode: Optional[str] = None, tree_params: Optional[TreeParams] = None,
             memory_budget: Union[int, str, None] = "auto", target_budget: Union[int, str, None] = None,
@@ -110,8 +145,7 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     pager = pager or PagerParams()
 
     t0 = time.perf_counter()
-    costs = load_costs(t_info, d_info, n_threads)  # keyed by the pair given, whatever runs
-    configs = None if mode is None else (CONFIGS[:2] if mode == "target" else CONFIGS[2:])
+    configs = None if mode is None else tuple(c for c in CONFIGS if c.speculative == (mode != "target"))
     nodes = (tree_params or MODE_PARAMS.get(mode if mode not in (None, "target") else "tree")).max_nodes
     budget = UNBOUNDED if memory_budget is None else parse_memory(
         memory_budget, t_info.file_size + (d_info.file_size if d_info else 0))
@@ -120,36 +154,8 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
         budget = UNBOUNDED
     grow = mode in (None, "tree") and tree_params is None  # edgecad's own tree grows where passes are IO-bound
     args = dict(n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=nodes, pager=pager, target_budget=target_budget,
-                costs=costs, configs=configs, grow_tree=grow)
-    try:
-        plan, too_small = plan_memory(budget, t_info, d_info, **args), None
-    except EdgecadError as e:  # nothing fits here: with remote devices, the target's layers may go there
-        if not remote:
-            raise
-        plan, too_small = None, e
-    local, remote_plan = t_info, None
-    if remote:  # the target's last layers on remote devices, where it does not fit here
-        from .rpc import connect
-        devices = connect(list(remote))
-        fits_here = plan is not None and not plan.paged and target_budget is None
-        remote_plan = None if fits_here else plan_remote(t_info, devices, n_ctx=n_ctx, n_batch=args["n_batch"])
-        if remote_plan is None and too_small is not None:
-            raise EdgecadError(f"{too_small}; and no remote device announces memory for one of its layers")
-        if remote_plan is None:
-            sys.stderr.write("edgecad: the remote devices are not used: " + (
-                "the target fits in this device's memory budget" if fits_here
-                else "none announces memory for a layer") + "\n")
-        else:
-            local = t_info.local_part(remote_plan.first)
-            costs = load_costs(local, d_info, n_threads)  # (its own: passes also compute remotely)
-            if not costs.observed and not costs.read_measured:  # first time: what the whole target measured
-                costs = replace(args["costs"], observed=0)
-            args["costs"] = costs
-            plan = plan_memory(budget, local, d_info, **args)
-    if calibrate and plan.paged and not costs.read_measured:  # the storage, once per device and model
-        measure_read(costs, local, d_info, n_threads)
-        plan = plan_memory(budget, local, d_info, runtime=plan.runtime, **args)
-    plan.remote = remote_plan
+                configs=configs, grow_tree=grow, runtime=process_rss())
+    plan, costs = _plan(t_info, d_info, budget, args, remote, n_threads, calibrate)
     if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
         sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
     mode = mode or ("tree" if plan.speculative else "target")

@@ -258,13 +258,28 @@ def measure_read(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_th
 
 # ---------------------------------------------------------------------------- the plan
 
-CONFIGS = ("target", "target-paged", "tree", "tree-paged")
+@dataclass(frozen=True)
+class Config:
+    """A configuration the plan chooses among: a value, never parsed from its name."""
+    speculative: bool  # the draft drafts token trees that the target verifies (else the target decodes alone)
+    paged: bool        # the pager streams the target inside its share (else the target is held whole)
+
+    @property
+    def name(self) -> str:  # what the stats, the bench and the CLI show ("tree" stands for any speculative mode)
+        return ("tree" if self.speculative else "target") + ("-paged" if self.paged else "")
+
+    def __str__(self) -> str:
+        return self.name
 
 
-@dataclass
+TARGET, TARGET_PAGED, TREE, TREE_PAGED = CONFIGS = (Config(False, False), Config(False, True), Config(True, False),
+                                                    Config(True, True))
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """How the budget is split for one configuration, and its predicted speed."""
-    config: str                  # one of CONFIGS ("tree" stands for any speculative mode)
+    config: str                  # its configuration's name (Config.name)
     budget: int                  # bytes the whole engine may hold resident
     runtime: int                 # the process before any model: Python, numpy, llama.cpp's libraries (measured)
     draft_weights: int           # the resident draft (its file), 0 without a draft
@@ -282,14 +297,11 @@ class MemoryPlan:
                                  # their drafting takes: edgecad.pipeline)
     remote: Optional[RemotePlan] = None  # the target's layers on remote devices (the rest of the plan is this
                                          # device's: its target is the local part)
+    speculative: bool = False    # its configuration drafts trees (Config.speculative)
 
     @property
     def paged(self) -> bool:
         return self.paging is not None
-
-    @property
-    def speculative(self) -> bool:
-        return self.config.startswith("tree")
 
     @property
     def parts(self) -> dict:
@@ -335,7 +347,7 @@ def _holds_whole(target: GGUFInfo, room: int, pager: PagerParams) -> bool:
 def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_ctx: int, n_batch: int,
                 tree_nodes: int, costs: Costs, pager: PagerParams = PagerParams(), runtime: Optional[int] = None,
                 configs: Optional[tuple] = None, target_budget: Optional[int] = None,
-                grow_tree: bool = True) -> MemoryPlan:
+                grow_tree: bool = True, remote: Optional[RemotePlan] = None) -> MemoryPlan:
     """The fastest configuration among `configs` (default: all that the models allow) inside `budget`.
     target_budget fixes the target's share instead (bytes of its file kept resident): the budget is
     then whatever the rest needs plus that share. grow_tree: a paged tree may grow past tree_nodes where
@@ -344,16 +356,16 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
     runtime = process_rss() if runtime is None else runtime
     plans, why_not, smallest = {}, {}, None
     for cfg in configs or (CONFIGS if draft is not None else CONFIGS[:2]):
-        if cfg.endswith("-paged") and not can_page():  # (never a pager that cannot hold its budget)
-            why_not[cfg] = ("this platform's build cannot page a model (it cannot drop a file's pages or find "
+        if cfg.paged and not can_page():  # (never a pager that cannot hold its budget)
+            why_not[cfg.name] = ("this platform's build cannot page a model (it cannot drop a file's pages or find "
                             "llama.cpp's mapping: edgecad.native.capabilities())")
             continue
         r = _plan_config(cfg, budget, target, draft, n_ctx=n_ctx, n_batch=n_batch, tree_nodes=tree_nodes,
                          costs=costs, pager=pager, runtime=runtime, target_budget=target_budget, grow_tree=grow_tree)
         if isinstance(r, MemoryPlan):
-            plans[cfg] = r
+            plans[cfg.name] = r
         else:
-            why_not[cfg], need = r
+            why_not[cfg.name], need = r
             smallest = need if smallest is None or (need is not None and need < smallest) else smallest
     if not plans:
         head = ((f"memory budget {budget / MB:,.0f} MB" if target_budget is None else
@@ -365,11 +377,10 @@ def plan_memory(budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_c
         raise EdgecadError(head + f": the smallest configuration needs {smallest / MB:,.0f} MB; give a larger "
                            + ("memory_budget" if target_budget is None else "target_budget") + " or a smaller n_ctx")
     best = max(plans.values(), key=lambda p: p.tokens_per_second)
-    best.alternatives = {**{c: round(p.tokens_per_second, 3) for c, p in plans.items()}, **why_not}
     others = [f"{c} {p.tokens_per_second:.2f}" for c, p in plans.items() if p is not best]
-    best.reason = ("the only configuration that fits" if not others else
-                   "fastest predicted (vs " + ", ".join(others) + " tok/s)")
-    return best
+    return replace(best, alternatives={**{c: round(p.tokens_per_second, 3) for c, p in plans.items()}, **why_not},
+                   reason=("the only configuration that fits" if not others else
+                           "fastest predicted (vs " + ", ".join(others) + " tok/s)"), remote=remote)
 
 
 # Shrinking steps for a paged configuration that does not fit, tried cumulatively in this order: each frees
@@ -380,13 +391,13 @@ SHRINK = (("depth", 1), ("n_batch", 256), ("n_batch", 128), ("nodes", 16), ("dep
 MAX_TREE_NODES = 255  # llama.cpp holds 256 sequences per context: root + 255 nodes, each at most one leaf
 
 
-def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_ctx: int, n_batch: int,
+def _plan_config(cfg: Config, budget: int, target: GGUFInfo, draft: Optional[GGUFInfo], *, n_ctx: int, n_batch: int,
                  tree_nodes: int, costs: Costs, pager: PagerParams, runtime: int,
                  target_budget: Optional[int], grow_tree: bool) -> Union[MemoryPlan, tuple]:
     """One configuration's split of the budget and its predicted speed, or (why it cannot run, the budget it
     would need or None). A paged tree may verify more than tree_nodes nodes where passes are IO-bound
     (tree_size); a paged configuration that does not fit shrinks (SHRINK) before giving up."""
-    spec = cfg.startswith("tree")
+    spec = cfg.speculative
     kv = kv_bytes(target, n_ctx) + (kv_bytes(draft, n_ctx) if spec else 0)
     dw = draft.file_size if spec else 0
 
@@ -402,7 +413,7 @@ def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFIn
     nb, nodes = n_batch, tree_nodes if spec else 0
     compute, fixed, room = fixed_for(nb, nodes)
     paging = None
-    if cfg.endswith("paged"):
+    if cfg.paged:
         if target_budget is not None:
             paging = plan_budget(target, target_budget, pager)  # too small: its own clear error
         else:
@@ -445,9 +456,9 @@ def _plan_config(cfg: str, budget: int, target: GGUFInfo, draft: Optional[GGUFIn
     total = budget if target_budget is None else fixed + tgt
     tgt = min(tgt, total - fixed)  # (a resident target held whole without its header: the parts add up)
     pager = paging.params if paging else pager
-    return MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging,
+    return MemoryPlan(cfg.name, total, runtime, dw, kv, compute, tgt, paging,
                       _speed(costs, target, draft if spec else None, paging, pager, nodes), n_batch=nb,
-                      tree_nodes=nodes, pipeline=pipeline)
+                      tree_nodes=nodes, pipeline=pipeline, speculative=spec)
 
 
 def _fit(target: GGUFInfo, room: int, params: PagerParams) -> Optional[BudgetPlan]:

@@ -121,10 +121,10 @@ def quantized_pair(disk_dir):
 
 @pytest.fixture(scope="session")
 def quantized_budget_pair(disk_dir):
-    """(draft, target) as budget_pair, quantized as real models are: a Q4_0 target (24 layers of ~2.4 MB, repacked
+    """(draft, target) as budget_pair, quantized as real models are: a Q4_0 target (12 layers of ~2.4 MB, repacked
     by llama.cpp when resident) and a Q8_0 draft, so what llama.cpp copies out of a file shows in the peak."""
     return tiny.write_pair(disk_dir / "qbudget",
-                           target=tiny.TinySpec(n_layer=24, n_embd=512, n_ff=2048, seed=31, qtype="Q4_0"),
+                           target=tiny.TinySpec(n_layer=12, n_embd=512, n_ff=2048, seed=31, qtype="Q4_0"),
                            draft=tiny.TinySpec(n_layer=2, n_embd=512, n_ff=1024, seed=32, qtype="Q8_0"))
 
 

@@ -8,7 +8,8 @@ import pytest
 from edgecad import Engine, cgroup
 from edgecad.errors import EdgecadError
 from edgecad.gguf_file import read_gguf
-from edgecad.memory import CONFIGS, Costs, kv_bytes, observe, parse_memory, plan_memory
+from edgecad.memory import (CONFIGS, TARGET, TARGET_PAGED, TREE_PAGED, Costs, kv_bytes, observe, parse_memory,
+                            plan_memory)
 
 MB = 1_000_000
 CAN_CGROUP, WHY_NOT = cgroup.available()
@@ -40,7 +41,7 @@ def test_parts_add_up_and_the_fastest_fitting_config_wins(paging_pair):
     for budget in (200 * MB, 400 * MB, 10 ** 10):
         p = _plan(target, draft, budget)
         assert sum(p.parts.values()) == p.budget == budget and p.parts["spare"] >= 0
-        assert p.config in CONFIGS and p.reason
+        assert p.config in {c.name for c in CONFIGS} and p.reason
         fits = {c: v for c, v in p.alternatives.items() if not isinstance(v, str)}
         assert p.config in fits and p.tokens_per_second == pytest.approx(max(fits.values()), rel=1e-3)
     # With room for everything, a target as cheap as the draft runs alone and resident.
@@ -70,7 +71,7 @@ def test_observe_learns_each_cost_from_the_pass_that_shows_it(budget_pair):
     or the paged overhead per streamed byte (paged)."""
     draft, target = budget_pair
     t_bytes, d_bytes = read_gguf(target).file_size, read_gguf(draft).file_size
-    p = _plan(target, draft, 10 ** 10, configs=("tree-paged",), target_budget=t_bytes // 2)
+    p = _plan(target, draft, 10 ** 10, configs=(TREE_PAGED,), target_budget=t_bytes // 2)
     assert p.paged and p.config == "tree-paged"
     st = {"target_passes": 10, "n_tokens": 50, "draft_tokens": 100, "seconds_draft": 0.5,
           "target_compute_seconds": 2.0, "io_busy_seconds": 0.0, "bytes_read": 0}
@@ -81,12 +82,12 @@ def test_observe_learns_each_cost_from_the_pass_that_shows_it(budget_pair):
     assert c.target_pass(t_bytes, 11, p.paging.streamed_bytes) == pytest.approx(0.2)
     assert (c.target_byte_s, c.paged_byte_s) == (Costs().target_byte_s, Costs().paged_byte_s)
 
-    tp = _plan(target, None, 10 ** 10, configs=("target-paged",), target_budget=t_bytes // 2)
+    tp = _plan(target, None, 10 ** 10, configs=(TARGET_PAGED,), target_budget=t_bytes // 2)
     one_token = {"mode": "target", "target_passes": 11, "prompt_passes": 1, "n_tokens": 11,
                  "target_compute_seconds": 10 * 2 * one}
     c = observe(Costs(), tp, one_token, t_bytes, d_bytes)  # twice a resident pass: the rest is the paged overhead
     assert c.paged_byte_s == pytest.approx(one / tp.paging.streamed_bytes) and c.batch_slope == Costs().batch_slope
-    r = observe(Costs(), _plan(target, None, 10 ** 10, configs=("target",)), one_token, t_bytes, d_bytes)
+    r = observe(Costs(), _plan(target, None, 10 ** 10, configs=(TARGET,)), one_token, t_bytes, d_bytes)
     assert r.target_byte_s == pytest.approx(2 * Costs().target_byte_s) and r.paged_byte_s == Costs().paged_byte_s
 
 
@@ -97,7 +98,7 @@ def test_a_tree_that_does_not_fit_shrinks_before_giving_up(budget_pair):
     plans = {}
     for mb in range(60, 300, 2):
         try:
-            plans[mb] = _plan(target, draft, mb * MB, configs=("tree-paged",))
+            plans[mb] = _plan(target, draft, mb * MB, configs=(TREE_PAGED,))
         except EdgecadError as e:
             if "needs" in str(e):
                 smallest_error = str(e)
@@ -134,7 +135,7 @@ def test_io_bound_passes_verify_larger_trees(budget_pair):
     assert slow.plan.compute >= 2 * dists and sum(slow.plan.parts.values()) == slow.plan.budget
     t_info, d_info = read_gguf(target), read_gguf(draft)
     busy = plan_memory(10 ** 10, t_info, d_info, n_ctx=512, n_batch=512, tree_nodes=32, runtime=50 * MB,
-                       costs=Costs(target_byte_s=1e-8), configs=("tree-paged",), target_budget=t_info.file_size // 2)
+                       costs=Costs(target_byte_s=1e-8), configs=(TREE_PAGED,), target_budget=t_info.file_size // 2)
     assert busy.paged and not busy.pipeline
     from edgecad.tree import TreeParams
     mine = resolve(target, draft, pager=PagerParams(throttle_bps=20e6), tree_params=TreeParams(max_nodes=8), **kw)
@@ -269,14 +270,14 @@ def _smallest_budget(config: str, target, draft, runtime: int) -> int:
     for mb in range(40, 1000):
         try:
             if plan_memory(mb * MB, t, d, n_ctx=256, n_batch=512, tree_nodes=32, costs=Costs(), runtime=runtime,
-                           configs=(config,)).config == config:
+                           configs=(config,)).config == config.name:
                 return mb * MB
         except EdgecadError:
             pass
     raise AssertionError(f"{config} never fits under 1 GB")
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_every_configuration_holds_its_budget_through_every_use(quantized_budget_pair, config):
     """Each configuration at a budget just inside its plan, the process alone (no cgroup: the budget is edgecad's
     to hold, not the kernel's): its peak RSS stays within the budget while it streams, samples, chats over turns
@@ -284,12 +285,12 @@ def test_every_configuration_holds_its_budget_through_every_use(quantized_budget
     resident Q4_0 weights into memory of its own)."""
     draft, target = quantized_budget_pair
     budget = _smallest_budget(config, target, draft, _runtime()) + 3 * MB  # (the child measures its own)
-    mode = "target" if config.startswith("target") else "tree"
+    mode = "tree" if config.speculative else "target"
     r = subprocess.run([sys.executable, "-c", EVERY_USE_CHILD, str(target), str(draft), str(budget), mode],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=500)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["config"] == config, out
+    assert out["config"] == config.name, out
     assert out["filled"] > 100, out  # (the context of 256 held the prompt and the rest)
     assert out["max_rss"] <= budget, (f"{config}: peak RSS {out['max_rss'] / MB:.1f} MB over its "
                                       f"{budget / MB:.0f} MB budget: {out['parts']}")
