@@ -124,7 +124,6 @@ import sys  # noqa: E402
 
 from edgecad import Engine, tiny  # noqa: E402
 from edgecad.gguf_file import MAX_LAYERS  # noqa: E402
-import gguf  # noqa: E402
 from helpers import craft_gguf, gguf_value  # noqa: E402
 
 _TOKENS, _TYPES = tiny.vocabulary()
@@ -359,19 +358,17 @@ def test_a_huge_header_is_refused_cheaply(tmp_path):
         string = struct.pack("<Q", 4 << 20) + b"x" * (4 << 20)
         for _ in range(48):
             f.write(string)
-    code = ("import os, resource, time\nfrom edgecad.errors import ModelFileError\nfrom edgecad.gguf_file import read_gguf\n"
+    code = ("import os, resource\nfrom edgecad.errors import ModelFileError\nfrom edgecad.gguf_file import read_gguf\n"
             "if os.access('/proc/self/clear_refs', os.W_OK):\n"
             "    open('/proc/self/clear_refs', 'w').write('5')  # (Linux: the peak starts again from here)\n"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nt = time.perf_counter()\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"try:\n    read_gguf({str(path)!r}); print('accepted')\nexcept ModelFileError as e:\n    print(e)\n"
-            "print(time.perf_counter() - t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)  # (a hang fails)
     assert r.returncode == 0, r.stderr[-2000:]
-    verdict, numbers = r.stdout.strip().splitlines()
-    seconds, mb = map(float, numbers.split())
-    print(f"huge header: {seconds:.2f} s, peak RSS +{mb:.0f} MB: {verdict}")
+    verdict, mb = r.stdout.strip().splitlines()
     assert "the header goes on past 128 MiB" in verdict, verdict
-    assert mb < 100 and seconds < 10, (seconds, mb)
+    assert float(mb) < 100, mb
 
 
 def write_fuzz_seeds(out) -> None:
