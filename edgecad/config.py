@@ -24,6 +24,7 @@ from .llama import default_threads
 from .memory import (CONFIGS, Costs, MemoryPlan, load_costs, measure_read, parse_memory, plan_memory, process_rss,
                      plan_remote)
 from .pager import PagerParams, parse_budget
+from .rpc import connect
 from .tree import MODE_PARAMS, TreeParams
 
 MODES = ("target", "tree", "linear", "bild")
@@ -93,7 +94,6 @@ def _plan(t_info: GGUFInfo, d_info: Optional[GGUFInfo], budget: int, args: dict,
         measure_read(costs, t_info, d_info, n_threads)
     if not remote:
         return plan_memory(budget, t_info, d_info, costs=costs, **args), costs
-    from .rpc import connect
     devices = connect(list(remote))
     try:
         whole = plan_memory(budget, t_info, d_info, costs=costs, **args)
