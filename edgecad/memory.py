@@ -279,7 +279,7 @@ TARGET, TARGET_PAGED, TREE, TREE_PAGED = CONFIGS = (Config(False, False), Config
 @dataclass(frozen=True)
 class MemoryPlan:
     """How the budget is split for one configuration, and its predicted speed."""
-    config: str                  # its configuration's name (Config.name)
+    kind: Config                 # its configuration
     budget: int                  # bytes the whole engine may hold resident
     runtime: int                 # the process before any model: Python, numpy, llama.cpp's libraries (measured)
     draft_weights: int           # the resident draft (its file), 0 without a draft
@@ -297,11 +297,18 @@ class MemoryPlan:
                                  # their drafting takes: edgecad.pipeline)
     remote: Optional[RemotePlan] = None  # the target's layers on remote devices (the rest of the plan is this
                                          # device's: its target is the local part)
-    speculative: bool = False    # its configuration drafts trees (Config.speculative)
 
     @property
     def paged(self) -> bool:
         return self.paging is not None
+
+    @property
+    def config(self) -> str:  # (the name the stats, the bench and the CLI show)
+        return self.kind.name
+
+    @property
+    def speculative(self) -> bool:
+        return self.kind.speculative
 
     @property
     def parts(self) -> dict:
@@ -456,9 +463,9 @@ def _plan_config(cfg: Config, budget: int, target: GGUFInfo, draft: Optional[GGU
     total = budget if target_budget is None else fixed + tgt
     tgt = min(tgt, total - fixed)  # (a resident target held whole without its header: the parts add up)
     pager = paging.params if paging else pager
-    return MemoryPlan(cfg.name, total, runtime, dw, kv, compute, tgt, paging,
+    return MemoryPlan(cfg, total, runtime, dw, kv, compute, tgt, paging,
                       _speed(costs, target, draft if spec else None, paging, pager, nodes), n_batch=nb,
-                      tree_nodes=nodes, pipeline=pipeline, speculative=spec)
+                      tree_nodes=nodes, pipeline=pipeline)
 
 
 def _fit(target: GGUFInfo, room: int, params: PagerParams) -> Optional[BudgetPlan]:
