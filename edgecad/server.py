@@ -460,19 +460,32 @@ def _loopback_name(name: str) -> bool:
     return name in _LOOPBACK or name.endswith(".localhost")  # (browsers resolve *.localhost to loopback)
 
 
-def origin_allowed(origin: str, extra: tuple[str, ...]) -> bool:
-    """Whether a web page of this origin (scheme://host[:port]) may use the server: loopback pages, and `extra`
-    (exact origins, or "*" for any page)."""
-    if "*" in extra or origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in extra}:
+def _origins(params: ServerParams) -> set[str]:
+    """The origins allowed beside loopback pages, as origin_allowed compares them ("*": any page)."""
+    return {o.rstrip("/").lower() for o in params.cors_origins}
+
+
+def _host_names(params: ServerParams) -> set[str]:
+    """The Host names allowed beside loopback names and IP addresses: the address the server was told to bind,
+    this machine's name when it listens beyond loopback, and the names the user allows."""
+    names = {params.host.lower(), *(h.lower() for h in params.allowed_hosts)}
+    if params.host not in _LOOPBACK:
+        names |= {socket.gethostname().lower(), socket.gethostname().lower() + ".local"}
+    return names
+
+
+def origin_allowed(origin: str, allowed: set[str]) -> bool:
+    """Whether a web page of this origin (scheme://host[:port]) may use the server: loopback pages, and the
+    `allowed` origins (_origins)."""
+    if "*" in allowed or origin.rstrip("/").lower() in allowed:
         return True
     m = re.fullmatch(r"https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?", origin)
     return m is not None and _loopback_name(m.group(1).strip("[]").lower())
 
 
-def host_allowed(host: str, bound: str, extra: tuple[str, ...]) -> bool:
+def host_allowed(host: str, names: set[str]) -> bool:
     """Whether a request's Host header names this server: a loopback name, an IP address (a page cannot make a
-    browser send an address it did not connect to), the address the server was told to bind, this machine's name
-    when it listens beyond loopback, or a name the user allows."""
+    browser send an address it did not connect to), or one of `names` (_host_names)."""
     m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(:[0-9]{1,5})?", host)
     if m is None:
         return False
@@ -482,9 +495,6 @@ def host_allowed(host: str, bound: str, extra: tuple[str, ...]) -> bool:
         return True
     except ValueError:
         pass
-    names = {bound.lower(), *(h.lower() for h in extra)}
-    if bound not in _LOOPBACK:
-        names |= {socket.gethostname().lower(), socket.gethostname().lower() + ".local"}
     return _loopback_name(name) or name in names
 
 
@@ -500,6 +510,7 @@ class _Edge:
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
+        self.origins, self.hosts = _origins(server.params), _host_names(server.params)  # (once, not per request)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -508,7 +519,7 @@ class _Edge:
         scope.setdefault("state", {})
         headers = dict(scope["headers"])
         origin = headers.get(b"origin", b"").decode("latin-1") or None  # set: a web page's request
-        page_ok = origin is not None and origin_allowed(origin, self.server.params.cors_origins)
+        page_ok = origin is not None and origin_allowed(origin, self.origins)
 
         def log():
             if not logged[0]:
@@ -540,7 +551,7 @@ class _Edge:
         """The response that ends a request before the app sees it, or None to go on."""
         p = self.server.params
         host = headers.get(b"host", b"").decode("latin-1")
-        if host and not host_allowed(host, p.host, p.allowed_hosts):
+        if host and not host_allowed(host, self.hosts):
             return _error(403, f"requests for host {host!r} are refused: this server answers to localhost and "
                                "its IP addresses (a web page may be trying DNS rebinding); to use that name, start "
                                "it with --allowed-hosts NAME", "permission_error", code="host_not_allowed")
