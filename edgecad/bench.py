@@ -32,7 +32,8 @@ from .llama import Batch
 from .errors import EdgecadError
 from .fidelity import NEAR_TIE_EPS, Fidelity, teacher_forced
 from .gguf_file import read_gguf
-from .pager import PagerParams, parse_budget, plan_budget, read_bandwidth, storage_bytes_read
+from .measure import auto_budget, paging_plan, read_bandwidth, storage_bytes_read
+from .plan import PagerParams, parse_budget
 from .progress import Progress
 from .prompts import load_prompts
 
@@ -97,8 +98,8 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
     target, draft = registry.resolve(target), registry.resolve(draft)
     rows = [ROWS[m] for m in (modes or ROWS)]
     info = read_gguf(target)
-    budget_bytes = parse_budget(budget, info.file_size)
-    plans = {io: plan_budget(info, budget_bytes, PagerParams(io=io, storage=storage)) for io in ("demand", "prefetch")}
+    budget_bytes = parse_budget(budget, info.file_size, auto_budget)
+    plans = {io: paging_plan(info, budget_bytes, PagerParams(io=io, storage=storage)) for io in ("demand", "prefetch")}
     prompt_set = load_prompts(prompts)[:n_prompts]
     seq_bw = statistics.median(read_bandwidth(target) for _ in range(3))
     throttle = PagerParams(storage=storage).bytes_per_second
@@ -367,8 +368,8 @@ def main_bench(a) -> int:
         draft, target = quick_models()
         n_prompts, max_tokens, budget = 3, min(max_tokens, 24), "50%"
     if a.memory_limit:
-        from .memory import parse_memory
-        limits = [parse_memory(x, 0) for x in a.memory_limit.split(",") if x.strip()]
+        from .plan import parse_memory
+        limits = [parse_memory(x, 0, auto_budget) for x in a.memory_limit.split(",") if x.strip()]
         result = run_limits(target, draft, limits, rows=modes, prompts=a.prompts, n_prompts=n_prompts or 3,
                             max_tokens=max_tokens, n_threads=a.threads, n_ctx=a.n_ctx, progress=not a.no_progress)
         if a.json:
@@ -508,7 +509,8 @@ def _second_device(row: str, limit: Optional[int], spec: dict):
         yield None
         return
     import shutil
-    from .rpc import ServerProcess, require
+    from .rpc import require
+    from .rpc.harness import ServerProcess
     require()
     cache = tempfile.mkdtemp(prefix="edgecad-rpc-cache-") if row.endswith("cached") else None
     try:

@@ -13,7 +13,7 @@ from typing import Optional
 
 from . import registry
 from .errors import EdgecadError, RemoteLostError
-from .pager import STORAGE_PROFILES
+from .plan import STORAGE_PROFILES
 
 
 def _mb(n: float) -> str:
@@ -106,7 +106,7 @@ def _engine(a: argparse.Namespace, draft: Optional[str], *, io: str = "prefetch"
     """The Engine the command's flags describe (memory, storage, devices, context, threads, seed); kw: what the
     command sets itself (mode, progress)."""
     from .engine import Engine
-    from .pager import PagerParams
+    from .plan import PagerParams
 
     return Engine(a.target, draft, memory_budget=_budget(a), target_budget=a.target_budget,
                   pager=PagerParams(io=io, storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
@@ -293,7 +293,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     g = read_gguf(registry.resolve(a.model))
     if a.memory_budget is not None:
         from .config import resolve
-        from .pager import PagerParams
+        from .plan import PagerParams
 
         cfg = resolve(a.model, a.draft, memory_budget=a.memory_budget, n_ctx=a.n_ctx, n_threads=a.threads,
                       pager=PagerParams(io=a.io), remote=_remote(a),
@@ -332,8 +332,11 @@ def cmd_rpc_server(a: argparse.Namespace) -> int:
     import threading
 
     from . import rpc
+    from .devices import cpu_device
     from .llama import default_threads
-    from .memory import cache_dir, parse_memory, process_rss
+    from .measure import auto_budget, cache_dir, process_rss
+    from .plan import parse_memory
+    from .rpc import server as rpc_server
 
     rpc.require()
     host, port = rpc.parse_endpoint(f"{a.host}:{a.port}")  # (an IPv4 address: all llama.cpp's server takes)
@@ -345,7 +348,7 @@ def cmd_rpc_server(a: argparse.Namespace) -> int:
     if not loopback:
         sys.stderr.write("edgecad: warning: the RPC protocol has no authentication and no encryption: anyone who "
                          f"reaches {a.host}:{a.port} can use this device; run it on a trusted network only\n")
-    budget = parse_memory(a.memory_budget, 0)
+    budget = parse_memory(a.memory_budget, 0, auto_budget)
     own = process_rss()
     if budget <= own:
         raise EdgecadError(f"--memory-budget {a.memory_budget} is below what the server itself holds "
@@ -354,14 +357,14 @@ def cmd_rpc_server(a: argparse.Namespace) -> int:
     if cache:
         os.makedirs(cache, exist_ok=True)
     threads = a.threads or default_threads()
-    rpc.announce(rpc.cpu_device(), budget - own, budget)
+    rpc_server.announce(cpu_device(), budget - own, budget)
     print(f"edgecad rpc-server: {a.host}:{a.port}, announcing {(budget - own) / 1e6:,.0f} MB of a "
           f"{budget / 1e6:,.0f} MB budget, CPU with {threads} threads" + (f", cache {cache}" if cache else "")
           + "; Ctrl-C stops it", flush=True)
     failed = threading.Event()
 
     def run():
-        rpc.serve(host, port, n_threads=threads, cache_dir=cache)
+        rpc_server.serve(host, port, n_threads=threads, cache_dir=cache)
         failed.set()  # (it returns only when it could not start)
 
     def on_term(*_):

@@ -2,8 +2,9 @@
 `edgecad doctor`.
 
 It checks the arguments, finds the model files (paths or registry names), checks the draft shares the
-target's vocabulary, reads the device's measured costs and plans the memory (edgecad.memory): which
-configuration runs, the budget's split, the target's paging plan, the mode and its tree parameters.
+target's vocabulary, measures the device (edgecad.measure; remote devices announce their memory), then plans
+once (edgecad.plan, pure): which configuration runs, the budget's split, the target's paging plan, the remote
+split, the mode and its tree parameters.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
-from functools import cached_property
 from pathlib import Path
 from typing import Optional, Union
 
@@ -21,10 +21,9 @@ from . import registry
 from .errors import EdgecadError, RequestError, VocabularyMismatchError
 from .gguf_file import GGUFInfo, read_gguf
 from .llama import default_threads
-from .memory import (CONFIGS, Costs, MemoryPlan, load_costs, measure_read, parse_memory, plan_memory, process_rss,
-                     plan_remote)
-from .pager import PagerParams, parse_budget
-from .rpc import connect
+from .measure import auto_budget, device
+from .plan import CONFIGS, MemoryPlan, PagerParams, parse_budget, parse_memory, plan_memory, plan_remote
+from .rpc.client import connect
 from .tree import MODE_PARAMS, TreeParams
 
 MODES = ("target", "tree", "linear", "bild")
@@ -41,8 +40,7 @@ class EngineConfig:
     draft_info: Optional[GGUFInfo]    # the draft given, even when the plan runs the target alone
     mode: str                         # one of MODES
     tree_params: Optional[TreeParams] # the mode's, fitted to n_ctx (None in target mode); see Residency.tree_params
-    plan: MemoryPlan                  # configuration, budget split, paging plan (plan.paging)
-    costs: Costs                      # the device's measured costs the plan used
+    plan: MemoryPlan                  # configuration, budget split, paging plan, remote split, the costs it used
     pager: PagerParams
     n_ctx: int
     n_threads: int
@@ -53,11 +51,10 @@ class EngineConfig:
     def speculative(self) -> bool:
         return self.mode != "target"
 
-    @cached_property
+    @property
     def local_info(self) -> GGUFInfo:
-        """The target as this device holds it: without the layers on remote devices (plan.remote)."""
-        r = self.plan.remote
-        return self.target_info.local_part(r.first) if r is not None else self.target_info
+        """The target as this device holds it (without the layers on remote devices)."""
+        return self.plan.target_info
 
 
 def check_int(name: str, value, lo: int, hi: Optional[int], note: str = "") -> None:
@@ -83,37 +80,23 @@ def check_same_vocabulary(draft: GGUFInfo, target: GGUFInfo) -> None:
 
 
 def _plan(t_info: GGUFInfo, d_info: Optional[GGUFInfo], budget: int, args: dict, remote: Optional[list],
-          n_threads: int, calibrate: bool):
-    """(the plan, the costs it was made from): measured first (the storage's read speed, once
-    per device and model, where the models do not fit the budget whole), then planned. With remote devices, the
-    target's last layers go to them where the target does not fit here resident: the remote split is the plan's
-    input, and the plan is made for the local part."""
-    costs = load_costs(t_info, d_info, n_threads)  # keyed by the pair given, whatever runs
+          n_threads: int, calibrate: bool) -> MemoryPlan:
+    """Measure (the device; the remote devices' announced memory, split into the target's last layers), then plan
+    once. With remote devices, the plan uses them where the target is not held whole here."""
+    split = plan_remote(t_info, connect(list(remote)), n_ctx=args["n_ctx"], n_batch=args["n_batch"]) if remote else None
     may_page = args["target_budget"] is not None or budget < t_info.file_size + (d_info.file_size if d_info else 0)
-    if calibrate and may_page and not costs.read_measured:
-        measure_read(costs, t_info, d_info, n_threads)
-    if not remote:
-        return plan_memory(budget, t_info, d_info, costs=costs, **args), costs
-    devices = connect(list(remote))
+    dev = device(t_info, d_info, n_threads, may_page=may_page, calibrate=calibrate,
+                 local=split.local if split else None)
     try:
-        whole = plan_memory(budget, t_info, d_info, costs=costs, **args)
-    except EdgecadError as e:  # nothing fits here: the target's layers may go to the remote devices
-        whole, too_small = None, e
-    if whole is not None and not whole.paged and args["target_budget"] is None:
-        sys.stderr.write("edgecad: the remote devices are not used: the target fits in this device's memory "
-                         "budget\n")
-        return whole, costs
-    split = plan_remote(t_info, devices, n_ctx=args["n_ctx"], n_batch=args["n_batch"])
-    if split is None:
-        if whole is None:
-            raise EdgecadError(f"{too_small}; and no remote device announces memory for one of its layers")
-        sys.stderr.write("edgecad: the remote devices are not used: none announces memory for a layer\n")
-        return whole, costs
-    local = t_info.local_part(split.first)
-    local_costs = load_costs(local, d_info, n_threads)  # (its own: passes also compute remotely)
-    if not local_costs.observed and not local_costs.read_measured:  # first time: what the whole target measured
-        local_costs = replace(costs, observed=0)
-    return plan_memory(budget, local, d_info, costs=local_costs, remote=split, **args), local_costs
+        plan = plan_memory(budget, t_info, d_info, device=dev, remote=split, **args)
+    except EdgecadError as e:
+        if remote and split is None:
+            raise EdgecadError(f"{e}; and no remote device announces memory for one of its layers") from None
+        raise
+    if remote and plan.remote is None:
+        why = "none announces memory for a layer" if split is None else "the target fits in this device's memory budget"
+        sys.stderr.write(f"edgecad: the remote devices are not used: {why}\n")
+    return plan
 
 
 def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.PathLike, None] = None, *,
@@ -148,14 +131,14 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     configs = None if mode is None else tuple(c for c in CONFIGS if c.speculative == (mode != "target"))
     nodes = (tree_params or MODE_PARAMS.get(mode if mode not in (None, "target") else "tree")).max_nodes
     budget = UNBOUNDED if memory_budget is None else parse_memory(
-        memory_budget, t_info.file_size + (d_info.file_size if d_info else 0))
+        memory_budget, t_info.file_size + (d_info.file_size if d_info else 0), auto_budget)
     if target_budget is not None:
-        target_budget = parse_budget(target_budget, t_info.file_size)
+        target_budget = parse_budget(target_budget, t_info.file_size, auto_budget)
         budget = UNBOUNDED
     grow = mode in (None, "tree") and tree_params is None  # edgecad's own tree grows where passes are IO-bound
     args = dict(n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=nodes, pager=pager, target_budget=target_budget,
-                configs=configs, grow_tree=grow, runtime=process_rss())
-    plan, costs = _plan(t_info, d_info, budget, args, remote, n_threads, calibrate)
+                configs=configs, grow_tree=grow)
+    plan = _plan(t_info, d_info, budget, args, remote, n_threads, calibrate)
     if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
         sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
     mode = mode or ("tree" if plan.speculative else "target")
@@ -169,5 +152,5 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
             tree = replace(tree, max_nodes=min(tree.max_nodes, plan.tree_nodes))
     if tree is not None and tree.max_nodes + 1 > n_ctx // 2:  # a tree's sequences and outputs fit the context
         tree = replace(tree, max_nodes=max(1, n_ctx // 2 - 1))
-    return EngineConfig(target_path, draft_path, t_info, d_info, mode, tree, plan, costs, pager, n_ctx, n_threads,
+    return EngineConfig(target_path, draft_path, t_info, d_info, mode, tree, plan, pager, n_ctx, n_threads,
                         tree_params is not None, plan.pipeline if pipeline is None else pipeline)

@@ -11,59 +11,15 @@ Vulkan (`CMAKE_ARGS="-DGGML_VULKAN=on"`) when asked. What a GPU can hold of edge
 from __future__ import annotations
 
 import ctypes
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import llama_cpp as C
 
 from .errors import EdgecadError
+from .native import ggml, ggml_base
 
 KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}  # enum ggml_backend_dev_type
-
-
-def ggml_lib(name: str) -> ctypes.CDLL:
-    """One of the ggml libraries llama_cpp loaded ("ggml", "ggml-base"), from its package directory: the very
-    copy libllama uses. (A wheel holds lib*.so, .so.0 and .so.0.x.y as three copies, not links, and libllama
-    loads the .so.0: opening another would give this process a second ggml, with its own device registry and
-    abort callback.)"""
-    libdir = Path(C.__file__).parent / "lib"
-    file = {"darwin": f"lib{name}.dylib", "win32": f"{name}.dll"}.get(sys.platform, f"lib{name}.so")
-    try:
-        with open("/proc/self/maps") as f:
-            loaded = {line.split(None, 5)[5].strip() for line in f if line.count(" ") >= 5 and "/" in line}
-        file = next((Path(p).name for p in sorted(loaded) if Path(p).parent == libdir and
-                     Path(p).name.startswith(file)), file)
-    except OSError:  # (not Linux)
-        pass
-    return ctypes.CDLL(str(libdir / file))
-
-
-_ggml, _base = ggml_lib("ggml"), ggml_lib("ggml-base")
-# size_t ggml_backend_dev_count(void);  ggml_backend_dev_t ggml_backend_dev_get(size_t index);
-_ggml.ggml_backend_dev_count.argtypes, _ggml.ggml_backend_dev_count.restype = [], ctypes.c_size_t
-_ggml.ggml_backend_dev_get.argtypes, _ggml.ggml_backend_dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
-# size_t ggml_backend_reg_count(void);  ggml_backend_reg_t ggml_backend_reg_get(size_t index);
-_ggml.ggml_backend_reg_count.argtypes, _ggml.ggml_backend_reg_count.restype = [], ctypes.c_size_t
-_ggml.ggml_backend_reg_get.argtypes, _ggml.ggml_backend_reg_get.restype = [ctypes.c_size_t], ctypes.c_void_p
-# const char *ggml_backend_reg_name(ggml_backend_reg_t reg);
-_base.ggml_backend_reg_name.argtypes, _base.ggml_backend_reg_name.restype = [ctypes.c_void_p], ctypes.c_char_p
-# const char *ggml_backend_dev_name(ggml_backend_dev_t device);  (and _description)
-_base.ggml_backend_dev_name.argtypes, _base.ggml_backend_dev_name.restype = [ctypes.c_void_p], ctypes.c_char_p
-_base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-_base.ggml_backend_dev_description.restype = ctypes.c_char_p
-# enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
-_base.ggml_backend_dev_type.argtypes, _base.ggml_backend_dev_type.restype = [ctypes.c_void_p], ctypes.c_int
-# void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t *free, size_t *total);
-_base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                          ctypes.POINTER(ctypes.c_size_t)]
-_base.ggml_backend_dev_memory.restype = None
-# ggml_backend_dev_t ggml_backend_dev_by_type(enum ggml_backend_dev_type type);
-_ggml.ggml_backend_dev_by_type.argtypes, _ggml.ggml_backend_dev_by_type.restype = [ctypes.c_int], ctypes.c_void_p
-# ggml_backend_buffer_type_t ggml_backend_dev_buffer_type(ggml_backend_dev_t device);
-_base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-_base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
 
 
 @dataclass(frozen=True)
@@ -83,31 +39,32 @@ class Device:
 def backends() -> list[str]:
     """The backends compiled into this llama.cpp: "CPU", "Vulkan", "Metal", ..."""
     C.llama_backend_init()
-    return [_base.ggml_backend_reg_name(_ggml.ggml_backend_reg_get(i)).decode()
-            for i in range(_ggml.ggml_backend_reg_count())]
+    return [ggml_base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)).decode()
+            for i in range(ggml.ggml_backend_reg_count())]
 
 
 def devices() -> list[Device]:
     C.llama_backend_init()
     out = []
-    for i in range(_ggml.ggml_backend_dev_count()):
-        d = _ggml.ggml_backend_dev_get(i)
+    for i in range(ggml.ggml_backend_dev_count()):
+        d = ggml.ggml_backend_dev_get(i)
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        _base.ggml_backend_dev_memory(d, ctypes.byref(free), ctypes.byref(total))
-        out.append(Device(_base.ggml_backend_dev_name(d).decode(), _base.ggml_backend_dev_description(d).decode(),
-                          KINDS.get(_base.ggml_backend_dev_type(d), "?"), free.value, total.value))
+        ggml_base.ggml_backend_dev_memory(d, ctypes.byref(free), ctypes.byref(total))
+        out.append(Device(ggml_base.ggml_backend_dev_name(d).decode(),
+                          ggml_base.ggml_backend_dev_description(d).decode(),
+                          KINDS.get(ggml_base.ggml_backend_dev_type(d), "?"), free.value, total.value))
     return out
 
 
 def cpu_device() -> int:
     """The CPU's ggml device (ggml_backend_dev_t)."""
     C.llama_backend_init()
-    return _ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    return ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
 
 
 def cpu_buffer_type() -> int:
     """The CPU device's buffer type: where tensors named by ModelParams.cpu_tensors stay."""
-    return _base.ggml_backend_dev_buffer_type(cpu_device())
+    return ggml_base.ggml_backend_dev_buffer_type(cpu_device())
 
 
 def gpu() -> Optional[Device]:

@@ -16,9 +16,10 @@ from .errors import EdgecadError
 from .gguf_file import read_gguf
 from .llama import default_threads
 from .config import resolve
-from .memory import MB, READ_SAMPLE, auto_budget, load_costs, measure_read, parse_memory
+from .measure import READ_SAMPLE, auto_budget, load_costs, measure_read
 from .native import can_page, capabilities
 from .pager import mincore_sees
+from .plan import MB, parse_memory
 from .tree import MODE_PARAMS
 
 
@@ -84,10 +85,10 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
     if measure:
         sys.stderr.write(f"measuring the read speed of {t_path.parent} ({min(READ_SAMPLE, t.file_size) / MB:,.0f} "
                          "MB, dropped from the page cache first)...\n")
-        measure_read(costs, t, d, n_threads)  # the engine's own calibration, done once
+        costs = measure_read(costs, t, d, n_threads)  # the engine's own calibration, done once
     say("storage", f"{costs.read_bps / 1e9:.2f} GB/s sequential read"
                    + (" (measured)" if costs.read_measured else " (a prior: run without --no-measure)"))
-    parse_memory(memory_budget, t.file_size + (d.file_size if d else 0))  # a malformed budget: the command's error
+    parse_memory(memory_budget, t.file_size + (d.file_size if d else 0), auto_budget)  # a malformed budget: the command's error
     tree = MODE_PARAMS["tree"]
     try:
         plan = resolve(t_path, d_path, memory_budget=memory_budget, n_ctx=n_ctx, n_threads=n_threads,

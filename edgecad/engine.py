@@ -25,8 +25,9 @@ from .decode import Stats, decoder_for
 from .devices import placement, placement_line
 from .errors import EdgecadError, PromptTooLongError, RequestError
 from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
-from .memory import observe, save_costs
-from .pager import Pager, PagerParams, emulate_storage, storage_bytes_read
+from .measure import emulate_storage, save_costs, storage_bytes_read
+from .pager import Pager
+from .plan import PagerParams, observe
 from .residency import Residency, residency_for
 from .responses import chat_chunks, completion_logprobs, held_back, join, response_format_grammar, stop_list
 from .sampling import SamplingParams
@@ -63,23 +64,12 @@ def stats_dict(stats: Stats, plan) -> dict:
     }
     if stats.mode == "bild":
         d["bild_divergent_tokens"] = stats.bild_divergent
-    pg, bounded = stats.paging, plan.budget < UNBOUNDED
+    bounded = plan.budget < UNBOUNDED
     d["config"], d["config_reason"] = plan.config, plan.reason
     d["budget_bytes"] = plan.budget if bounded else None
     d["memory_plan"] = plan.parts if bounded else None
-    d["target_budget_bytes"] = pg.get("target_budget_bytes")
-    d["peak_resident_target_bytes"] = pg.get("peak_resident_target_bytes")
-    # the pager's counters cover the generation (after the prompt's passes), as seconds_target does
-    d["bytes_read"] = pg.get("bytes_read", 0)
-    d["io_wait_seconds"] = pg.get("io_wait_seconds", 0.0)
-    d["io_busy_seconds"] = pg.get("io_busy_seconds", 0.0)  # the IO thread reading (overlaps compute)
-    d["draft_layers_in_pass"] = pg.get("draft_layers_in_pass", 0)  # draft layers run while a pass waited on IO
-    d["gate_wait_seconds"] = pg.get("gate_wait_seconds", 0.0)  # chain drafting held while the target computed
+    d.update(stats.paging)  # where the target lives: its residency's measurements (residency.STATS and its own)
     d["target_compute_seconds"] = stats.seconds_target - d["io_wait_seconds"]
-    if plan.remote is not None:  # (estimated: activations in and out of each remote device)
-        d["remote_layers"] = {f"{dv.name} {dv.endpoint}": c for dv, c in zip(plan.remote.devices, plan.remote.counts)}
-        d["network_bytes"] = plan.remote.net_bytes(stats.prompt_tokens - stats.prompt_reused + stats.draft_tokens
-                                                   + stats.target_passes, stats.prompt_tokens + n)
     return d
 
 
@@ -92,7 +82,7 @@ class Engine(Closing):
         mode: "tree" (edgecad: token tree + adaptive fallback), "linear" (a chain, llama.cpp's
             speculative defaults), "bild" (Big Little Decoder; not lossless) or "target" (no draft).
             None: the automatic configuration picks the fastest of target-only and draft + tree, the
-            target resident or paged, inside memory_budget (see edgecad.memory; stats say which and why).
+            target resident or paged, inside memory_budget (see edgecad.plan; stats say which and why).
         tree_params: override the mode's TreeParams (see edgecad.tree).
         memory_budget: everything the engine may hold resident (both models' weights, KV caches, compute
             buffers, the process itself): an int, "1.5GB", "60%" (of the draft + target files), "auto"
@@ -154,7 +144,7 @@ class Engine(Closing):
                                     n_threads=n_threads, remote=remote, verbose=verbose)
         self.target_path, self.draft_path, self.mode, self.n_threads = (cfg.target_path, cfg.draft_path, cfg.mode,
                                                                          cfg.n_threads)
-        self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.costs
+        self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.plan.costs
         self._residency = residency_for(cfg)
         self.tree_params = self._residency.tree_params(cfg)
         t_gpu, d_gpu = self._load(cfg, backend=backend, draft_gpu_layers=draft_gpu_layers,
@@ -174,23 +164,14 @@ class Engine(Closing):
         target is mapped without being read; the pager reads what the plan keeps). Under a --storage profile,
         what the loads read from storage takes that storage's time. Returns (target, draft) GPU layers."""
         self.device, d_gpu, t_gpu = placement(backend, draft_gpu_layers, target_gpu_layers, cfg.plan.paged)
-        remote = cfg.plan.remote
-        if remote is not None and t_gpu:
-            raise EdgecadError("target_gpu_layers with remote devices: llama.cpp offloads the target's last layers "
-                               "to one or the other; keep target_gpu_layers=0 with remote")
         if self.device is not None and (self.verbose or os.environ.get("EDGECAD_SHOW_PLAN")):
             sys.stderr.write(placement_line(self.device, d_gpu, t_gpu, cfg.plan.paged) + "\n")
         t_load, read0 = time.perf_counter(), storage_bytes_read()
         res = self._residency
+        params = res.model_params(t_gpu)
         with res.loading(cfg.target_path, self.verbose) as lazy:
-            params = res.model_params(t_gpu)
-            if remote is not None:
-                params = replace(params, **remote.model_params())
             self._target_model = Model(cfg.target_path, params, cfg.target_info,
                                        progress=f"loading {cfg.target_path.name}" if progress else None)
-        if remote is not None:  # what the load read to send them is not needed here again
-            from .rpc import forget_layers
-            forget_layers(cfg.target_path, cfg.target_info, remote.first)
         self._draft_model = decoder_for(cfg.mode).load_draft(cfg, d_gpu, progress)
         emulate_storage(storage_bytes_read(since=read0), t_load, cfg.pager.bytes_per_second)
         res.start(self._target_model, cfg.local_info)
@@ -471,7 +452,7 @@ class Engine(Closing):
             text += utf8.decode(b"", final=True)
             cut = len(text)
         stats.seconds = time.perf_counter() - t0 - stats.prompt_seconds
-        stats.paging = self._residency.completion_stats()
+        stats.paging = self._residency.completion_stats(stats)
         last = chunk(text[emitted:cut], finish)
         n = len(stats.token_ids) - (finish == "stop" and bool(stats.token_ids)
                                     and self._target_model.is_eog(stats.token_ids[-1]))
@@ -483,9 +464,11 @@ class Engine(Closing):
         yield last
 
     def _learn(self, st: dict) -> None:
-        """Correct the device's measured costs with this completion (edgecad.memory.observe)."""
-        t, d = self.config.local_info, self.config.draft_info
-        costs = observe(self._costs, self.memory_plan, st, t.pass_bytes, d.file_size if d else 0)
+        """Correct the device's measured costs with this completion (edgecad.plan.costs.observe)."""
+        t, d, plan = self.config.local_info, self.config.draft_info, self.memory_plan
+        streamed = plan.paging.streamed_bytes if plan.paging is not None else 0
+        costs = observe(self._costs, st, speculative=plan.speculative, streamed=streamed, target_bytes=t.pass_bytes,
+                        draft_bytes=d.file_size if d else 0)
         if costs is not self._costs:
             self._costs = costs
             save_costs(costs, t, d, self.n_threads)

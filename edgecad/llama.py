@@ -18,7 +18,9 @@ import llama_cpp as C
 import numpy as np
 
 from . import gbnf as gbnf_check, native
-from .errors import LlamaError, ModelFileError, RemoteLostError, RequestError
+from .devices import cpu_buffer_type
+from .errors import LlamaError, ModelFileError, RequestError
+from .gguf_file import read_gguf
 from .progress import Progress
 
 # ---------------------------------------------------------------------------- logging
@@ -39,7 +41,8 @@ def _recent_errors() -> str:
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
+    """Once per process, before llama.cpp is used: the library's version checked, llama.cpp's log captured."""
     global _backend_ready
     if not _backend_ready:
         native.check_version()  # the library and these bindings come from the same native/edgecad.h
@@ -87,7 +90,19 @@ class ModelParams:
                                      # llama.cpp's choice (every registered device)
     tensor_split: Optional[tuple] = None  # share of the offloaded layers per device (llama.cpp normalizes it)
     cpu_tensors: Optional[str] = None     # regex of tensor names kept on the CPU in offloaded layers
-    remote: bool = False           # a device is remote (edgecad.rpc): calls that may reach it run watched
+    guard: Optional["Guard"] = None  # runs the calls that may wait on another device (a remote residency's)
+
+
+class Guard:
+    """How llama.cpp's calls that may wait on another device run (the remote residency's watched threads)."""
+
+    def call(self, what: str, fn, *args):
+        """fn(*args), `what` naming the call for errors."""
+        raise NotImplementedError
+
+    def release(self, fn, ptr) -> None:
+        """fn(ptr), a free: never raises (a free that would wait for good is left to the process's exit)."""
+        raise NotImplementedError
 
 
 class _BuftOverride(ctypes.Structure):
@@ -95,21 +110,12 @@ class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def _call(remote: bool, what: str, fn, *args):
-    """fn(*args), in a watched thread when a remote device may be lost meanwhile (edgecad.rpc.watched)."""
-    if not remote:
-        return fn(*args)
-    from .rpc import watched
-    return watched(fn, *args, what=what)
+def _call(guard: Optional[Guard], what: str, fn, *args):
+    return fn(*args) if guard is None else guard.call(what, fn, *args)
 
 
-def _free(remote: bool, fn, ptr) -> None:
-    """fn(ptr) (llama_free, llama_model_free): watched when a remote device is used, and skipped once one is lost
-    (freeing would wait on it for good: what uses it is left to the process's exit)."""
-    try:
-        _call(remote, "while closing", fn, ptr)
-    except RemoteLostError:  # (watched raises it before calling once a device is lost)
-        pass
+def _free(guard: Optional[Guard], fn, ptr) -> None:
+    fn(ptr) if guard is None else guard.release(fn, ptr)
 
 
 def _identity(path: Path):
@@ -121,6 +127,26 @@ def _identity(path: Path):
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _model_params(params: ModelParams):
+    """(llama.cpp's llama_model_params for `params`, the arrays they point to: keep them alive during the load)."""
+    mp = C.llama_model_default_params()
+    mp.load_mode = C.LLAMA_LOAD_MODE_MMAP if params.use_mmap else C.LLAMA_LOAD_MODE_DIRECT_IO
+    mp.lazy_mode = C.LLAMA_LAZY_MODE_OFF
+    mp.use_extra_bufts = params.use_extra_bufts
+    mp.n_gpu_layers = params.n_gpu_layers
+    keep = []
+    if params.devices is not None:
+        keep.append((ctypes.c_void_p * (len(params.devices) + 1))(*params.devices, None))
+        mp.devices = ctypes.cast(keep[-1], ctypes.c_void_p)
+    if params.tensor_split is not None:
+        keep.append((ctypes.c_float * C.LLAMA_MAX_DEVICES)(*params.tensor_split))
+        mp.tensor_split = keep[-1]
+    if params.cpu_tensors is not None:
+        keep.append((_BuftOverride * 2)((params.cpu_tensors.encode(), cpu_buffer_type())))
+        mp.tensor_buft_overrides = ctypes.cast(keep[-1], ctypes.c_void_p)
+    return mp, keep
+
+
 class Model(Closing):
     """A loaded GGUF model and its vocabulary."""
 
@@ -129,31 +155,14 @@ class Model(Closing):
         """info: the file's GGUFInfo when already read (else it is read here: clear errors for
         missing, non-GGUF and truncated files before llama.cpp sees the file). progress: a label
         for a load progress bar on stderr. Ctrl-C during the load stops it (KeyboardInterrupt)."""
-        from .gguf_file import read_gguf
-
         self._ptr = None
         self._dependents = []  # objects using this model's mapping: closed before it is freed
-        _init_backend()
+        init_backend()
         self.path = Path(path)
         self.info = info if info is not None else read_gguf(self.path)
         self._identity = _identity(self.path)
-        mp = C.llama_model_default_params()
-        mp.load_mode = C.LLAMA_LOAD_MODE_MMAP if params.use_mmap else C.LLAMA_LOAD_MODE_DIRECT_IO
-        mp.lazy_mode = C.LLAMA_LAZY_MODE_OFF
-        mp.use_extra_bufts = params.use_extra_bufts
-        mp.n_gpu_layers = params.n_gpu_layers
-        keep = []  # the arrays mp points to, alive until the load returns
-        if params.devices is not None:
-            keep.append((ctypes.c_void_p * (len(params.devices) + 1))(*params.devices, None))
-            mp.devices = ctypes.cast(keep[-1], ctypes.c_void_p)
-        if params.tensor_split is not None:
-            keep.append((ctypes.c_float * C.LLAMA_MAX_DEVICES)(*params.tensor_split))
-            mp.tensor_split = keep[-1]
-        if params.cpu_tensors is not None:
-            from .devices import cpu_buffer_type
-            keep.append((_BuftOverride * 2)((params.cpu_tensors.encode(), cpu_buffer_type())))
-            mp.tensor_buft_overrides = ctypes.cast(keep[-1], ctypes.c_void_p)
         self.params = params
+        mp, keep = _model_params(params)  # (keep: the arrays mp points to, alive until the load returns)
         # llama.cpp calls this during the load. A Ctrl-C raised inside a ctypes callback is printed and lost,
         # so the load stops on the C library's Ctrl-C flag (native/common.c, section 6) or on a
         # KeyboardInterrupt caught here, and the interrupt is raised once llama.cpp has returned.
@@ -175,13 +184,13 @@ class Model(Closing):
         callback = C.llama_progress_callback(on_progress)
         mp.progress_callback = callback
         native.take_log_errors()  # forget older errors
-        self._ptr = _call(params.remote, f"loading {self.path.name}", C.llama_model_load_from_file,
+        self._ptr = _call(params.guard, f"loading {self.path.name}", C.llama_model_load_from_file,
                           os.fsencode(self.path), mp)
         if bar is not None:
             bar.close()
         if stop or native.lib.ec_interrupt_pending():
             if self._ptr:
-                _free(params.remote, C.llama_model_free, self._ptr)
+                _free(params.guard, C.llama_model_free, self._ptr)
                 self._ptr = None
             raise KeyboardInterrupt
         if not self._ptr:
@@ -258,7 +267,7 @@ class Model(Closing):
         while self._dependents:
             self._dependents.pop().close()
         if self._ptr:
-            _free(self.params.remote, C.llama_model_free, self._ptr)
+            _free(self.params.guard, C.llama_model_free, self._ptr)
         self._ptr = None
 
 
@@ -294,7 +303,7 @@ class Grammar(Closing):
     complete): `accept` checks first, and takes no end-of-generation token (the completion ends there)."""
 
     def __init__(self, model: Model, gbnf: str, root: str = "root"):
-        _init_backend()
+        init_backend()
         gbnf_check.check(gbnf)  # what llama.cpp's parser cannot take safely never reaches it (gbnf.py)
         # struct llama_sampler * llama_sampler_init_grammar(const struct llama_vocab *, const char * grammar_str,
         #                                                   const char * grammar_root);  NULL when it does not parse
@@ -451,8 +460,8 @@ class Context(Closing):
             cp.cb_eval_user_data = cb_eval_user_data
         self._cb_eval = cb_eval  # keep the callback alive as long as the context
         self.params = params
-        self._remote = model.params.remote
-        self._ptr = _call(self._remote, "creating a context", C.llama_init_from_model, model.ptr, cp)
+        self._guard = model.params.guard
+        self._ptr = _call(self._guard, "creating a context", C.llama_init_from_model, model.ptr, cp)
         if not self._ptr:
             raise LlamaError(f"llama_init_from_model failed (n_ctx={params.n_ctx}){_recent_errors()}")
         C.llama_set_abort_callback(self._ptr, _ABORT, None)  # Ctrl-C stops a graph between nodes
@@ -476,7 +485,7 @@ class Context(Closing):
         logits and this batch's KV cells are garbage; callers commit tokens only after decode returns, and
         the next sync drops the cells."""
         try:
-            rc = _call(self._remote, "during a pass", C.llama_decode, self.ptr, batch._b)
+            rc = _call(self._guard, "during a pass", C.llama_decode, self.ptr, batch._b)
         finally:  # also when a KeyboardInterrupt lands right after the call: the pager's pass must end
             if self._after_decode is not None:
                 self._after_decode()
@@ -560,10 +569,10 @@ class Context(Closing):
         return C.llama_memory_seq_pos_min(self._mem, seq)
 
     def clear(self) -> None:
-        _call(self._remote, "clearing the KV cache", C.llama_memory_clear, self._mem, True)
+        _call(self._guard, "clearing the KV cache", C.llama_memory_clear, self._mem, True)
         self.tokens = []
 
     def close(self) -> None:
         if self._ptr:
-            _free(getattr(self, "_remote", False), C.llama_free, self._ptr)
+            _free(getattr(self, "_guard", None), C.llama_free, self._ptr)
         self._ptr = None

@@ -1,4 +1,5 @@
-"""ctypes bindings of edgecad's C library (native/: common.c, pager.c, guard.c, remote.c; interface edgecad.h).
+"""Every foreign function edgecad calls besides llama-cpp-python's own bindings: edgecad's C library (native/:
+common.c, pager.c, guard.c, remote.c; interface edgecad.h), ggml's device registry and ggml-rpc (section 9).
 
 The library is built by `pip install .` into this package's directory;
 EDGECAD_NATIVE_LIB=/path/to/libedgecad.so overrides where it is loaded from.
@@ -11,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+import llama_cpp as C
 
 from .errors import ModelFileError, NativeError
 
@@ -258,3 +261,86 @@ def remote_lost() -> Optional[str]:
     """ggml's message when a remote device was lost in this process (ec_remote_lost), else None."""
     buf = ctypes.create_string_buffer(512)
     return buf.value.decode(errors="replace") if lib.ec_remote_lost(buf, len(buf)) else None
+
+
+# ---------------------------------------------------------------------------- ggml (section 9)
+# ggml's device registry (the compute devices of this build of llama.cpp) and its RPC backend, from the very
+# libraries llama_cpp loaded.
+
+def _ggml_lib(name: str) -> ctypes.CDLL:
+    """One of the ggml libraries llama_cpp loaded ("ggml", "ggml-base"), from its package directory: the very
+    copy libllama uses. (A wheel holds lib*.so, .so.0 and .so.0.x.y as three copies, not links, and libllama
+    loads the .so.0: opening another would give this process a second ggml, with its own device registry and
+    abort callback.)"""
+    libdir = Path(C.__file__).parent / "lib"
+    file = {"darwin": f"lib{name}.dylib", "win32": f"{name}.dll"}.get(sys.platform, f"lib{name}.so")
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = {line.split(None, 5)[5].strip() for line in f if line.count(" ") >= 5 and "/" in line}
+        file = next((Path(p).name for p in sorted(loaded) if Path(p).parent == libdir and
+                     Path(p).name.startswith(file)), file)
+    except OSError:  # (not Linux)
+        pass
+    return ctypes.CDLL(str(libdir / file))
+
+
+ggml, ggml_base = _ggml_lib("ggml"), _ggml_lib("ggml-base")
+# size_t ggml_backend_dev_count(void);  ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+ggml.ggml_backend_dev_count.argtypes, ggml.ggml_backend_dev_count.restype = [], ctypes.c_size_t
+ggml.ggml_backend_dev_get.argtypes, ggml.ggml_backend_dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
+# size_t ggml_backend_reg_count(void);  ggml_backend_reg_t ggml_backend_reg_get(size_t index);
+ggml.ggml_backend_reg_count.argtypes, ggml.ggml_backend_reg_count.restype = [], ctypes.c_size_t
+ggml.ggml_backend_reg_get.argtypes, ggml.ggml_backend_reg_get.restype = [ctypes.c_size_t], ctypes.c_void_p
+# const char *ggml_backend_reg_name(ggml_backend_reg_t reg);
+ggml_base.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+ggml_base.ggml_backend_reg_name.restype = ctypes.c_char_p
+# const char *ggml_backend_dev_name(ggml_backend_dev_t device);  (and _description)
+ggml_base.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+ggml_base.ggml_backend_dev_name.restype = ctypes.c_char_p
+ggml_base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+ggml_base.ggml_backend_dev_description.restype = ctypes.c_char_p
+# enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
+ggml_base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+ggml_base.ggml_backend_dev_type.restype = ctypes.c_int
+# void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t *free, size_t *total);
+ggml_base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                              ctypes.POINTER(ctypes.c_size_t)]
+ggml_base.ggml_backend_dev_memory.restype = None
+# ggml_backend_dev_t ggml_backend_dev_by_type(enum ggml_backend_dev_type type);
+ggml.ggml_backend_dev_by_type.argtypes, ggml.ggml_backend_dev_by_type.restype = [ctypes.c_int], ctypes.c_void_p
+# ggml_backend_buffer_type_t ggml_backend_dev_buffer_type(ggml_backend_dev_t device);
+ggml_base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+ggml_base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+# const char *ggml_get_name(const struct ggml_tensor *tensor);  (the pager names a layer's tensors by address)
+ggml_get_name_address = ctypes.cast(ggml_base.ggml_get_name, _vp).value
+
+# ggml_backend_reg_t ggml_backend_reg_by_name(const char *name);  (libggml: the registry)
+ggml.ggml_backend_reg_by_name.argtypes, ggml.ggml_backend_reg_by_name.restype = [ctypes.c_char_p], ctypes.c_void_p
+# void *ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char *name);
+ggml_base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+ggml_base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+# size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg); ggml_backend_dev_t ggml_backend_reg_dev_get(reg, i);
+ggml_base.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+ggml_base.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+ggml_base.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+ggml_base.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+# ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback);  (passed to C by address)
+set_abort_callback_address = ctypes.cast(ggml_base.ggml_set_abort_callback, ctypes.c_void_p).value
+# ggml_backend_reg_t ggml_backend_rpc_add_server(const char *endpoint);
+RPC_ADD_SERVER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
+# void ggml_backend_rpc_start_server(const char *endpoint, const char *cache_dir, size_t n_threads,
+#                                    size_t n_devices, ggml_backend_dev_t *devices);
+RPC_START_SERVER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
+                                    ctypes.POINTER(ctypes.c_void_p))
+
+
+def rpc_function(name: str, prototype):
+    """A function of ggml's RPC backend (found through its registry entry, however llama.cpp was linked) as
+    `prototype`, or None when this llama.cpp has no RPC backend."""
+    addr = rpc_address(name)
+    return prototype(addr) if addr else None
+
+
+def rpc_address(name: str) -> Optional[int]:
+    reg = ggml.ggml_backend_reg_by_name(b"RPC")
+    return ggml_base.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None

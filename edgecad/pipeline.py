@@ -4,7 +4,7 @@ While a paged target verifies a tree, a second thread drafts a chain past the tr
 (`Drafter.extend`); the C library's gate lets each of its draft layers run only while the target waits for
 a layer (two models computing at once on the same cores slow both). The next tree starts from the chain when
 the target took that branch (`Drafter.accept`). The memory plan turns it on where a pass would wait on storage
-longer than its drafting takes (`memory._waits`): 1.33x at 45 MB/s, 0.95-0.98x where compute hides the reads
+longer than its drafting takes (`plan.costs.waits`): 1.33x at 45 MB/s, 0.95-0.98x where compute hides the reads
 (docs/results.md). The speculative step calls `verify` in place of `verify_tree`.
 """
 from __future__ import annotations

@@ -1,26 +1,41 @@
 """Where the target's weights live while it runs: one interface, one implementation per way.
 
-`Resident`: llama.cpp reads the file into memory it owns (weight repacking on: faster). `Paged`: the
-native pager streams the layers the plan does not pin through a window, inside the target's share of the
-budget (edgecad.pager). The engine asks its residency for everything that differs (model parameters, the
-load, the context's hooks, what happens around a completion and its statistics); it never asks which one
-it has. A GPU or a remote residency would be one more implementation.
+`Residency` (resident): llama.cpp reads the file into memory it owns (weight repacking on: faster). `Paged`: the
+native pager streams the layers the plan does not pin through a window, inside the target's share of the budget
+(edgecad.pager). `Remote`: the plan's last layers live on other devices (edgecad.rpc), the rest here as the local
+residency it wraps says. The engine asks its residency for everything that differs (model parameters, the load,
+the context's hooks, what happens around a completion and its statistics); it never asks which one it has.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from .gguf_file import GGUFInfo
-from .llama import Model, ModelParams
-from .pager import BudgetPlan, LazyLoad, Pager, file_mappings, lazy_load, new_mapping
 from .config import EngineConfig
 from .drafter import Drafter
+from .errors import EdgecadError, RemoteLostError
+from .gguf_file import GGUFInfo
+from .llama import Guard, Model, ModelParams
+from .pager import LazyLoad, Pager, file_mappings, lazy_load, new_mapping
 from .pipeline import Pipeline
+from .plan import BudgetPlan, RemotePlan
+from .rpc.client import watched
 from .tree import TreeParams
+
+# What a residency measures of a completion (the `edgecad` stats' keys), and their values where it measures none.
+STATS = {"target_budget_bytes": None,        # the target's share of the budget (paged)
+         "peak_resident_target_bytes": None,  # the most of it resident at once (None: mincore cannot see the file)
+         "bytes_read": 0,                     # read from storage by the pager (the generation's passes)
+         "io_wait_seconds": 0.0,              # passes waiting on the pager's reads
+         "io_busy_seconds": 0.0,              # the IO thread reading (overlaps compute)
+         "draft_layers_in_pass": 0,           # draft layers run while a pass waited on IO (the pipeline)
+         "gate_wait_seconds": 0.0}            # chain drafting held while the target computed
 
 
 class Residency:
@@ -69,9 +84,10 @@ class Residency:
     def prompt_done(self) -> None:
         """The completion's prompt is processed: its measurements from here on are the generation's."""
 
-    def completion_stats(self) -> dict:
-        """What this residency measured during the completion's generation (the `edgecad` stats' paging keys)."""
-        return {}
+    def completion_stats(self, stats) -> dict:
+        """What this residency measured during the completion's generation (STATS' keys and its own), given the
+        decoder's counters (edgecad.decode.Stats)."""
+        return dict(STATS)
 
     def close(self) -> None:
         pass
@@ -121,7 +137,7 @@ class Paged(Residency):
     def prompt_done(self) -> None:
         self._before = self.pager.stats()  # (the peak stays the completion's)
 
-    def completion_stats(self) -> dict:
+    def completion_stats(self, stats) -> dict:
         after, before = self.pager.stats(), self._before
         diff = lambda k: after[k] - before[k]
         # (None when mincore cannot see this file's pages: pager.mincore_sees)
@@ -137,6 +153,102 @@ class Paged(Residency):
             self.pager = None
 
 
+class Remote(Residency):
+    """The target's last layers on remote devices (the plan's remote split), the rest here as `local` holds it."""
+
+    def __init__(self, local: Residency, plan: RemotePlan, target: GGUFInfo):
+        """target: the whole target (its layers on the devices are dropped from this device after the load)."""
+        self.local, self.plan, self.target, self.name = local, plan, target, local.name
+
+    @property
+    def pager(self) -> Optional[Pager]:
+        return self.local.pager
+
+    def model_params(self, n_gpu_layers: int) -> ModelParams:
+        """The local residency's parameters, the last layers offloaded to the devices, llama.cpp's calls watched."""
+        if n_gpu_layers:
+            raise EdgecadError("target_gpu_layers with remote devices: llama.cpp offloads the target's last layers "
+                               "to one or the other; keep target_gpu_layers=0 with remote")
+        return replace(self.local.model_params(0), **self.plan.model_params(), guard=WATCHED)
+
+    @contextmanager
+    def loading(self, path: Path, verbose: bool = False):
+        with self.local.loading(path, verbose) as how:
+            yield how
+        forget_layers(path, self.target, self.plan.first)  # what the load read to send them
+
+    def start(self, model: Model, info: GGUFInfo) -> None:
+        self.local.start(model, info)
+
+    def tree_params(self, cfg: EngineConfig) -> Optional[TreeParams]:
+        return self.local.tree_params(cfg)
+
+    def target_hooks(self) -> dict:
+        return self.local.target_hooks()
+
+    def draft_hooks(self) -> dict:
+        return self.local.draft_hooks()
+
+    def pipeline(self, drafter: Drafter) -> Optional[Pipeline]:
+        return self.local.pipeline(drafter)
+
+    def begin_completion(self) -> None:
+        self.local.begin_completion()
+
+    def prompt_done(self) -> None:
+        self.local.prompt_done()
+
+    def completion_stats(self, stats) -> dict:
+        """The local residency's, the layers on each device and the bytes the passes moved over the network
+        (estimated: activations in and out of each device)."""
+        r = self.plan
+        return {**self.local.completion_stats(stats),
+                "remote_layers": {f"{d.name} {d.endpoint}": c for d, c in zip(r.devices, r.counts)},
+                "network_bytes": r.net_bytes(stats.prompt_tokens - stats.prompt_reused + stats.draft_tokens
+                                             + stats.target_passes, stats.prompt_tokens + len(stats.token_ids))}
+
+    def close(self) -> None:
+        self.local.close()
+
+
+class _Watched(Guard):
+    """llama.cpp's calls that may reach a remote device run in watched threads (edgecad.rpc.client.watched)."""
+
+    def call(self, what: str, fn, *args):
+        return watched(fn, *args, what=what)
+
+    def release(self, fn, ptr) -> None:
+        try:
+            watched(fn, ptr, what="while closing")
+        except RemoteLostError:  # (once a device is lost, freeing would wait on it for good: left to the exit)
+            pass
+
+
+WATCHED = _Watched()
+
+
+def forget_layers(path: Path, info: GGUFInfo, first: int) -> None:
+    """Drop what the load read of layers first.. to send them (never read here again): out of this process's
+    mappings of the file (llama.cpp read them through its mapping), then out of the page cache. Whole pages
+    only: a page shared with a local layer stays."""
+    page, libc = mmap.PAGESIZE, ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes, libc.madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    spans = [(-(-l.start // page) * page, l.end // page * page) for l in info.layers()[first:]]
+    for addr, off, length in file_mappings(path):
+        for lo, hi in spans:
+            lo, hi = max(lo, off), min(hi, off + length)
+            if hi > lo:
+                libc.madvise(addr + lo - off, hi - lo, mmap.MADV_DONTNEED)  # (best effort)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for lo, hi in spans:
+            os.posix_fadvise(fd, lo, max(hi - lo, 0), os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def residency_for(cfg: EngineConfig) -> Residency:
-    """The residency a configuration asks for: paged when its plan has a paging plan (with the pipeline if it says)."""
-    return Paged(cfg.plan.paging, cfg.pipeline) if cfg.plan.paging is not None else Residency()
+    """The residency a configuration asks for: paged when its plan has a paging plan (with the pipeline if it says),
+    wrapped in Remote when the plan puts layers on remote devices."""
+    local = Paged(cfg.plan.paging, cfg.pipeline) if cfg.plan.paging is not None else Residency()
+    return Remote(local, cfg.plan.remote, cfg.target_info) if cfg.plan.remote is not None else local

@@ -307,7 +307,7 @@ static void *io_main(void *arg) {
 }
 
 /* Streamed layers the budget plan lets be resident at once: the one computing, the read-ahead, the lag
- * (edgecad/pager.py: PagerParams.window_layers). */
+ * (edgecad/plan/paging.py: PagerParams.window_layers). */
 static int window(const ec_pager *p) { return p->prm.depth + p->prm.lag + 1; }
 
 static void enqueue(ec_pager *p, int op, int layer) { /* mu held */

@@ -20,7 +20,7 @@
  * connect or handshake that fails. With the trap installed, ggml's abort callback (ggml_set_abort_callback)
  * sees such an abort first: it records the message and parks the thread that met it for good, instead of
  * returning to ggml_abort, which would abort(). Whoever waits on that thread waits forever, so edgecad makes
- * every call that may reach a server from a watched thread (edgecad.rpc.watched), and gives up on it when
+ * every call that may reach a server from a watched thread (edgecad.rpc.client.watched), and gives up on it when
  * ec_remote_lost says so. Every other abort is left as it was (the previous callback, or ggml's message). */
 
 typedef void (*abort_fn)(const char *message);
@@ -87,7 +87,7 @@ int ec_remote_lost_errno(void) {
  *   client aborts, and the trap above reports the loss with errno EAGAIN. It bounds the longest silence a healthy
  *   server may keep within one exchange: its part of a pass (a prompt batch through its layers on a slow CPU, or
  *   from a server whose memory pages to slow storage), or a tensor read from its --cache on an SD card (edgecad's
- *   default, 120 s, edgecad/rpc.py, is several times the longest such wait we estimate; a transfer that moves
+ *   default, 120 s, edgecad/rpc/__init__.py, is several times the longest such wait we estimate; a transfer that moves
  *   bytes never times out, however long it takes).
  * - TCP_USER_TIMEOUT of the same: data sent and not acknowledged for that long (the machine left mid-send) fails
  *   the connection (ETIMEDOUT), where TCP alone retransmits for about 15 minutes.

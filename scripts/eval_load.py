@@ -15,7 +15,7 @@ import sys
 def one(args: dict) -> dict:
     from edgecad import Engine, registry
     from edgecad.native import file_resident
-    from edgecad.pager import PagerParams
+    from edgecad.plan import PagerParams
     paths = [registry.resolve(args["target"]), registry.resolve(args["draft"])]
     for p in paths:  # drop the model files from the page cache (clean pages: no root needed)
         fd = os.open(p, os.O_RDONLY)

@@ -9,7 +9,7 @@
 import sys
 
 from edgecad import Engine, cgroup, registry
-from edgecad.pager import PagerParams
+from edgecad.plan import PagerParams
 from edgecad.prompts import load_prompts
 
 target = registry.resolve(sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-coder-1.5b-f16")

@@ -12,7 +12,8 @@ import statistics
 import time
 
 from edgecad import Engine, registry
-from edgecad.pager import PagerParams, read_bandwidth
+from edgecad.measure import read_bandwidth
+from edgecad.plan import PagerParams
 
 PROMPTS = ["def quicksort(xs):\n", "Explain how a hash map works.", "Once upon a time, a little robot",
            "-- the ten biggest customers\nSELECT"]

@@ -16,10 +16,10 @@ PROMPTS = ["hello the world", "Once upon a time", "def f(x):\n    return", "in a
 def budget_for(target, params, pinned_layers: int = 3) -> int:
     """A target budget that pins the essentials and `pinned_layers` layers and streams the rest."""
     from edgecad.gguf_file import read_gguf
-    from edgecad.pager import plan_budget
+    from edgecad.measure import paging_plan
     info = read_gguf(target)
     layer = max(l.n_bytes for l in info.layers())
-    return plan_budget(info, 10 ** 9, params).minimum + pinned_layers * layer
+    return paging_plan(info, 10 ** 9, params).minimum + pinned_layers * layer
 
 
 @contextmanager

@@ -315,7 +315,7 @@ def test_ctrl_c_at_any_moment_of_a_paged_tree_leaves_the_engine_usable(paging_pa
     draft computes. Each time the engine stays usable, both caches hold only the accepted path, and the next
     completion is the target's own."""
     import random
-    from edgecad.pager import PagerParams
+    from edgecad.plan import PagerParams
     draft, target = paging_pair
     p = PagerParams(throttle_bps=40e6 if storage == "throttled" else None, embd_allowance=64 << 10)
     with Engine(target, draft, mode="tree", n_ctx=512, target_budget="50%", pager=p) as e:
@@ -373,7 +373,7 @@ def test_300_generations_do_not_leak(tiny_pair, paging_pair):
     """Mixed modes, budgets, stops, streams and chat turns on three engines: after a warm-up, the process's
     RSS grows by under 5% and no branch sequence is ever left in a KV cache; then 20 engine loads."""
     import psutil
-    from edgecad.pager import PagerParams
+    from edgecad.plan import PagerParams
     draft, target = tiny_pair
     proc, prompts = psutil.Process(), PROMPTS[:4]
     engines = [Engine(target, mode="target", n_ctx=256, memory_budget=None),
@@ -580,7 +580,7 @@ def test_a_paged_quantized_target_gives_the_resident_target_s_tokens(quantized_p
     prompts give exactly the judge's tokens."""
     from edgecad.fidelity import NEAR_TIE_EPS, teacher_forced
     from edgecad.llama import Batch
-    from edgecad.pager import PagerParams
+    from edgecad.plan import PagerParams
     from helpers import budget_for
 
     draft, target = quantized_pair
@@ -626,7 +626,7 @@ def test_closing_while_another_thread_computes_a_stream_s_chunk_waits_for_it(pag
     another thread is computing at that moment finishes before the contexts are freed; the stream's next chunk
     then says the engine was closed, in one line (before: close freed the contexts under the running decode)."""
     import threading
-    from edgecad.pager import PagerParams
+    from edgecad.plan import PagerParams
     draft, target = paging_pair
     p = PagerParams(io="demand", throttle_bps=20e6, embd_allowance=64 << 10)  # a pass takes ~0.2 s
     e = Engine(target, draft, mode="tree", n_ctx=512, target_budget="50%", pager=p)

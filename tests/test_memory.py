@@ -8,44 +8,11 @@ import pytest
 from edgecad import Engine, cgroup
 from edgecad.errors import EdgecadError
 from edgecad.gguf_file import read_gguf
-from edgecad.memory import (CONFIGS, TARGET, TARGET_PAGED, TREE_PAGED, Costs, kv_bytes, observe, parse_memory,
-                            plan_memory)
+from edgecad.measure import read_ahead_bytes
+from edgecad.plan import CONFIGS, Device, plan_memory
 
 MB = 1_000_000
 CAN_CGROUP, WHY_NOT = cgroup.available()
-
-
-def test_parse_memory():
-    assert parse_memory(123, 0) == 123
-    assert parse_memory("1.5GB", 0) == 1_500_000_000 and parse_memory("900MiB", 0) == 900 << 20
-    assert parse_memory("50%", 3000) == 1500
-    assert 0 < parse_memory("auto", 0)
-    for bad in ("lots", "-5%", "0", "0%", "nan%", "12 parsecs"):
-        with pytest.raises(EdgecadError, match="budget"):
-            parse_memory(bad, 1000)
-
-
-def test_kv_bytes_follow_the_context(tiny_target):
-    info = read_gguf(tiny_target)
-    assert kv_bytes(info, 512) == 2 * kv_bytes(info, 256) > 0
-    assert kv_bytes(info, 300) == kv_bytes(info, 512)  # llama.cpp pads the cells to 256
-
-
-def _plan(target, draft, budget, **kw):
-    return plan_memory(budget, read_gguf(target), read_gguf(draft) if draft else None, n_ctx=512, n_batch=512,
-                       tree_nodes=32, costs=Costs(), runtime=50 * MB, **kw)
-
-
-def test_parts_add_up_and_the_fastest_fitting_config_wins(paging_pair):
-    draft, target = paging_pair
-    for budget in (200 * MB, 400 * MB, 10 ** 10):
-        p = _plan(target, draft, budget)
-        assert sum(p.parts.values()) == p.budget == budget and p.parts["spare"] >= 0
-        assert p.config in {c.name for c in CONFIGS} and p.reason
-        fits = {c: v for c, v in p.alternatives.items() if not isinstance(v, str)}
-        assert p.config in fits and p.tokens_per_second == pytest.approx(max(fits.values()), rel=1e-3)
-    # With room for everything, a target as cheap as the draft runs alone and resident.
-    assert _plan(target, draft, 10 ** 10).config == "target"
 
 
 def test_budget_too_small_names_the_smallest(paging_pair):
@@ -66,62 +33,12 @@ def test_engine_reports_its_configuration(paging_pair, monkeypatch, tmp_path):
     assert len(cached) == 1  # the completion's costs were written for the next engine
 
 
-def test_observe_learns_each_cost_from_the_pass_that_shows_it(budget_pair):
-    """A tree's passes calibrate the acceptance and the batch slope; 1-token passes the compute speed (resident)
-    or the paged overhead per streamed byte (paged)."""
-    draft, target = budget_pair
-    t_bytes, d_bytes = read_gguf(target).file_size, read_gguf(draft).file_size
-    p = _plan(target, draft, 10 ** 10, configs=(TREE_PAGED,), target_budget=t_bytes // 2)
-    assert p.paged and p.config == "tree-paged"
-    st = {"target_passes": 10, "n_tokens": 50, "draft_tokens": 100, "seconds_draft": 0.5,
-          "target_compute_seconds": 2.0, "io_busy_seconds": 0.0, "bytes_read": 0}
-    c = observe(Costs(), p, st, t_bytes, d_bytes)
-    assert c.observed == 1 and c.tree_tokens == pytest.approx(5.0) and c.tree_nodes == pytest.approx(10.0)
-    one = Costs().target_byte_s * t_bytes
-    assert c.batch_slope == pytest.approx((0.2 / one - 1) / 10)  # no paged overhead measured yet
-    assert c.target_pass(t_bytes, 11, p.paging.streamed_bytes) == pytest.approx(0.2)
-    assert (c.target_byte_s, c.paged_byte_s) == (Costs().target_byte_s, Costs().paged_byte_s)
-
-    tp = _plan(target, None, 10 ** 10, configs=(TARGET_PAGED,), target_budget=t_bytes // 2)
-    one_token = {"mode": "target", "target_passes": 11, "prompt_passes": 1, "n_tokens": 11,
-                 "target_compute_seconds": 10 * 2 * one}
-    c = observe(Costs(), tp, one_token, t_bytes, d_bytes)  # twice a resident pass: the rest is the paged overhead
-    assert c.paged_byte_s == pytest.approx(one / tp.paging.streamed_bytes) and c.batch_slope == Costs().batch_slope
-    r = observe(Costs(), _plan(target, None, 10 ** 10, configs=(TARGET,)), one_token, t_bytes, d_bytes)
-    assert r.target_byte_s == pytest.approx(2 * Costs().target_byte_s) and r.paged_byte_s == Costs().paged_byte_s
-
-
-def test_a_tree_that_does_not_fit_shrinks_before_giving_up(budget_pair):
-    """Below the default tree's budget, the paged tree still runs: a smaller read-ahead, smaller prompt batches,
-    a smaller tree, demand reads, in that order; what a smaller budget is told it needs is the fully shrunk one."""
-    draft, target = budget_pair
-    plans = {}
-    for mb in range(60, 300, 2):
-        try:
-            plans[mb] = _plan(target, draft, mb * MB, configs=(TREE_PAGED,))
-        except EdgecadError as e:
-            if "needs" in str(e):
-                smallest_error = str(e)
-            else:  # large enough to hold the target: not paged, said in one line
-                assert "the target fits: not paged" in str(e) and mb > min(plans), e
-    first = min(plans)
-    default = next(p for mb, p in sorted(plans.items()) if (p.n_batch, p.tree_nodes, p.paging.params.depth) ==
-                   (512, 32, 2))
-    small = plans[first]
-    assert first * MB < default.budget
-    assert (small.n_batch, small.tree_nodes, small.paging.params.depth) < (512, 32, 2)
-    assert small.paging.params.depth <= 1 and small.tree_nodes <= 32 and small.n_batch <= 512
-    assert sum(small.parts.values()) == small.budget and small.parts["spare"] >= 0
-    need = int(smallest_error.split("needs ")[1].split(" MB")[0].replace(",", ""))
-    assert first - 2 < need <= first, smallest_error
-
-
 def test_io_bound_passes_verify_larger_trees(budget_pair):
     """A pass that reads for long (slow storage) verifies a larger tree, wider and deeper too, as long as the budget
     holds it, and drafts beside the pass (the pipeline); on fast storage the tree keeps the mode's size and the
     pipeline is off; a fixed tree_params is the caller's."""
     from edgecad.config import resolve
-    from edgecad.pager import PagerParams
+    from edgecad.plan import PagerParams
     draft, target = budget_pair
     kw = dict(mode="tree", target_budget="50%", n_ctx=1024, calibrate=False)
     slow = resolve(target, draft, pager=PagerParams(throttle_bps=20e6), **kw)
@@ -133,10 +50,6 @@ def test_io_bound_passes_verify_larger_trees(budget_pair):
     assert slow.plan.pipeline  # a pass that waits on storage drafts beside it; one whose compute hides its reads not:
     dists = (slow.plan.tree_nodes + 1) * read_gguf(target).vocab_size * 4  # the tree's distributions, and a chain's
     assert slow.plan.compute >= 2 * dists and sum(slow.plan.parts.values()) == slow.plan.budget
-    t_info, d_info = read_gguf(target), read_gguf(draft)
-    busy = plan_memory(10 ** 10, t_info, d_info, n_ctx=512, n_batch=512, tree_nodes=32, runtime=50 * MB,
-                       costs=Costs(target_byte_s=1e-8), configs=(TREE_PAGED,), target_budget=t_info.file_size // 2)
-    assert busy.paged and not busy.pipeline
     from edgecad.tree import TreeParams
     mine = resolve(target, draft, pager=PagerParams(throttle_bps=20e6), tree_params=TreeParams(max_nodes=8), **kw)
     assert mine.tree_params.max_nodes == 8
@@ -171,9 +84,14 @@ def test_auto_budget_reads_the_cgroup_limit(budget_pair, tmp_path):
 
 def _runtime() -> int:
     """What an engine measures as its runtime part: a bare process's RSS once edgecad is imported."""
-    rss = subprocess.run([sys.executable, "-c", "import edgecad.engine; from edgecad.memory import process_rss; "
+    rss = subprocess.run([sys.executable, "-c", "import edgecad.engine; from edgecad.measure import process_rss; "
                           "print(process_rss())"], capture_output=True, text=True, check=True)
     return int(rss.stdout)
+
+
+def _device(target, runtime: int) -> Device:
+    """What an engine measures of this device, with the learnt costs at their priors."""
+    return Device(runtime=runtime, readahead=read_ahead_bytes(target))
 
 
 def _paging_budget(target, draft) -> int:
@@ -182,12 +100,12 @@ def _paging_budget(target, draft) -> int:
     config = {}
     for mb in range(60, 300):
         try:
-            config[mb] = plan_memory(mb * MB, t_info, d_info, n_ctx=512, n_batch=512, tree_nodes=32, costs=Costs(),
-                                     runtime=runtime).config
+            config[mb] = plan_memory(mb * MB, t_info, d_info, n_ctx=512, n_batch=512, tree_nodes=32,
+                                     device=_device(target, runtime)).kind
         except EdgecadError:
             config[mb] = None
-    paged = min(mb for mb, c in config.items() if c and c.endswith("paged"))
-    resident = min(mb for mb, c in config.items() if c and not c.endswith("paged"))
+    paged = min(mb for mb, c in config.items() if c and c.paged)
+    resident = min(mb for mb, c in config.items() if c and not c.paged)
     return (paged + resident) // 2 * MB
 
 
@@ -269,8 +187,8 @@ def _smallest_budget(config: str, target, draft, runtime: int) -> int:
     t, d = read_gguf(target), read_gguf(draft)
     for mb in range(40, 1000):
         try:
-            if plan_memory(mb * MB, t, d, n_ctx=256, n_batch=512, tree_nodes=32, costs=Costs(), runtime=runtime,
-                           configs=(config,)).config == config.name:
+            if plan_memory(mb * MB, t, d, n_ctx=256, n_batch=512, tree_nodes=32, device=_device(target, runtime),
+                           configs=(config,)).kind == config:
                 return mb * MB
         except EdgecadError:
             pass

@@ -143,7 +143,7 @@ def test_lag_0_is_refused(layer_file):
     assert "lag must be >= 1" in native.lib.ec_last_error().decode()
     h.map.close(), h.f.close()
     from edgecad.errors import EdgecadError
-    from edgecad.pager import PagerParams
+    from edgecad.plan import PagerParams
     with pytest.raises(EdgecadError, match=r"lag=0 is out of range: use 1 or more"):
         PagerParams(lag=0)
 

@@ -10,7 +10,8 @@ from edgecad import Engine, native
 from edgecad.cgroup import drop_file_cache
 from edgecad.errors import EdgecadError, ModelFileError
 from edgecad.gguf_file import read_gguf
-from edgecad.pager import PagerParams, parse_budget, plan_budget, read_bandwidth
+from edgecad.measure import read_bandwidth
+from edgecad.plan import PagerParams
 
 from helpers import PROMPTS as ALL_PROMPTS, budget_for, sigint_after
 
@@ -24,31 +25,6 @@ def reference(paging_pair):
     draft, target = paging_pair
     with Engine(target, n_ctx=512) as e:
         return {p: e.create_completion(p, temperature=0.0, max_tokens=40)["edgecad"]["token_ids"] for p in PROMPTS}
-
-
-def test_parse_budget():
-    assert parse_budget(None, 1000) is None
-    assert parse_budget(123, 1000) == 123
-    assert parse_budget("40%", 1000) == 400
-    assert parse_budget("450MB", 1) == 450_000_000 and parse_budget("1.5GiB", 1) == 3 << 29
-    assert parse_budget("2k", 1) == 2000 and parse_budget("auto", 1) > 0
-    for bad in ("lots", "12 parsecs", "-5", "0", "%"):
-        with pytest.raises(EdgecadError, match="budget"):
-            parse_budget(bad, 1000)
-
-
-def test_plan(paging_pair):
-    _, target = paging_pair
-    info = read_gguf(target)
-    p = PagerParams(**SMALL)
-    plan = plan_budget(info, budget_for(target, p, pinned_layers=3), p)
-    assert plan.pinned_layers == [0, 1, 2] and plan.streamed_layers == list(range(3, 16))
-    assert {n for n, _, _ in plan.pinned} == {"output.weight", "output_norm.weight"}
-    assert [n for n, _, _ in plan.evict_each_pass] == ["token_embd.weight"]
-    assert "streamed layers 13" in plan.describe()
-    with pytest.raises(EdgecadError, match=r"below the minimum of [\d.]+ MB"):
-        plan_budget(info, plan.minimum - 1, p)
-    assert plan_budget(info, info.file_size, p).resident_all
 
 
 @pytest.mark.parametrize("io", ["prefetch", "demand"])
@@ -119,16 +95,6 @@ def test_throttle_limits_the_read_rate(paging_pair):
     layer = max(read_gguf(target).layers(), key=lambda l: l.n_bytes).n_bytes
     assert st["bytes_read"] > 2 * layer
     assert st["prompt_seconds"] + st["seconds"] >= (st["bytes_read"] - layer) / rate
-
-
-def test_storage_profiles_and_bad_params():
-    assert PagerParams(storage="sd").bytes_per_second == 45e6
-    assert PagerParams(storage="sd", throttle_bps=1e6).bytes_per_second == 1e6
-    assert PagerParams(io="demand").window_layers == PagerParams().lag + 1
-    with pytest.raises(EdgecadError, match="storage profile"):
-        PagerParams(storage="floppy")
-    with pytest.raises(EdgecadError, match="IO mode"):
-        PagerParams(io="psychic")
 
 
 def test_read_bandwidth(paging_pair):
@@ -354,7 +320,7 @@ TRUNCATE_CHILD = """
 import os, sys, threading
 from edgecad import Engine
 from edgecad.errors import ModelFileError
-from edgecad.pager import PagerParams
+from edgecad.plan import PagerParams
 path, budget, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 p = PagerParams(io="demand", throttle_bps=2e6, embd_allowance=64 << 10)  # a pass reads ~3 MB: ~1.5 s
 e = Engine(path, sys.argv[4] if mode == "tree" else None, mode=mode, n_ctx=512, target_budget=budget, pager=p)

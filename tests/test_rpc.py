@@ -15,6 +15,8 @@ import time
 import pytest
 
 from edgecad import cgroup, rpc
+from edgecad.rpc.client import probe
+from edgecad.rpc.harness import ServerProcess, free_port
 from edgecad.errors import RemoteLostError
 
 REQUIRED = os.environ.get("EDGECAD_TEST_RPC") == "1"
@@ -31,7 +33,7 @@ ENGINE = dict(n_ctx=512, target_budget="50%", mode="tree")
 
 @pytest.fixture
 def server():
-    with rpc.ServerProcess(SERVER_BUDGET, threads=1) as s:  # (in its own memory cgroup where one can be made)
+    with ServerProcess(SERVER_BUDGET, threads=1) as s:  # (in its own memory cgroup where one can be made)
         yield s
 
 
@@ -76,7 +78,7 @@ def test_greedy_tokens_through_a_remote_device_are_the_single_device_engine_s(pa
 def test_the_server_stays_within_its_memory_budget(paging_pair):
     if not cgroup.available()[0]:
         pytest.skip(f"no memory cgroup can be made here ({cgroup.available()[1]}): the budget cannot be held")
-    s = rpc.ServerProcess(300_000_000, threads=1)
+    s = ServerProcess(300_000_000, threads=1)
     try:  # (a cgroup holds any process to its limit: what is edgecad's is never being pushed against it)
         assert _tokens(paging_pair, remote=[s.endpoint]) == _tokens(paging_pair)
         hwm = [int(l.split()[1]) * 1024 for l in open(f"/proc/{s.p.pid}/status") if l.startswith("VmHWM:")][0]
@@ -294,18 +296,18 @@ def test_serve_exits_on_the_second_ctrl_c_while_a_pass_waits_on_a_stopped_server
 def test_an_unreachable_busy_or_foreign_server_at_load_gives_its_line(paging_pair, server):
     from edgecad.engine import Engine
     draft, target = paging_pair
-    port = rpc.free_port()
+    port = free_port()
     with pytest.raises(RemoteLostError, match=f"127.0.0.1:{port} is unreachable.*rpc-server --port {port}"):
         Engine(target, draft, remote=[f"127.0.0.1:{port}"], **ENGINE)
     with socket.create_server(("127.0.0.1", 0)) as foreign:  # something else listens there: it closes at once
         import threading
         threading.Thread(target=lambda: foreign.accept()[0].close(), daemon=True).start()
         with pytest.raises(RemoteLostError, match="is not an RPC server of this llama.cpp"):
-            rpc.probe(f"127.0.0.1:{foreign.getsockname()[1]}")
+            probe(f"127.0.0.1:{foreign.getsockname()[1]}")
     with socket.create_connection(("127.0.0.1", server.port)):  # another client holds the server
         time.sleep(0.5)  # (accepted: the server serves it and nothing else)
         with pytest.raises(RemoteLostError, match="did not answer within 2 s.*one engine at a time"):
-            rpc.probe(server.endpoint, timeout=2)
+            probe(server.endpoint, timeout=2)
     for bad in ("host:port:what", "[::1]:50052", "no such host.invalid:50052"):
         with pytest.raises(Exception, match="remote device"):
             rpc.parse_endpoint(bad)
@@ -335,6 +337,6 @@ def test_a_chat_whose_server_goes_away_ends_with_one_line_and_keeps_its_transcri
 
 def test_rpc_server_refuses_a_network_address_without_the_flag():
     r = subprocess.run([sys.executable, "-m", "edgecad.cli", "rpc-server", "--host", "0.0.0.0", "--port",
-                        str(rpc.free_port())], capture_output=True, text=True, timeout=60)
+                        str(free_port())], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no authentication" in r.stderr and "--allow-network" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

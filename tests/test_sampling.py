@@ -304,7 +304,7 @@ def test_a_grammar_with_the_pipeline_gives_llama_s_greedy_tokens(paging_pair, mo
     """A paged target on throttled storage with the pipeline on: chains are drafted beside each pass and later
     trees start from them (reused_tokens > 0 under each grammar, so the kept chains did take part), and the
     greedy tokens under a grammar are llama_cpp.Llama's under the same grammar on the same (F32, exact) model."""
-    from edgecad.pager import PagerParams
+    from edgecad.plan import PagerParams
 
     draft, target = paging_pair
     llama = Llama(str(target), n_ctx=512, n_threads=1, verbose=False)  # (one thread each: fast on a loaded machine)
@@ -334,7 +334,8 @@ def test_sampling_with_a_grammar_and_kept_chains_keeps_the_masked_distribution(p
     from fails."""
     from edgecad.gguf_file import read_gguf
     from edgecad.llama import Batch, Context, ContextParams, Grammar, Model
-    from edgecad.pager import PagerParams, plan_budget
+    from edgecad.measure import paging_plan
+    from edgecad.plan import PagerParams
     from edgecad.sampling import distribution, processed
     from edgecad.tree import TreeParams
 
@@ -363,7 +364,7 @@ def test_sampling_with_a_grammar_and_kept_chains_keeps_the_masked_distribution(p
 
     info = read_gguf(target)
     pager = PagerParams(io="demand", throttle_bps=200e6, embd_allowance=64 << 10)  # 4 streamed layers: passes wait
-    budget = plan_budget(info, 10 ** 9, pager).minimum + 12 * max(l.n_bytes for l in info.layers())
+    budget = paging_plan(info, 10 ** 9, pager).minimum + 12 * max(l.n_bytes for l in info.layers())
     observed, kept = dict.fromkeys(cells, 0), 0
     with Engine(target, draft, mode="tree", tree_params=TreeParams(max_nodes=1, max_depth=1, max_width=1),
                 n_ctx=256, n_threads=1, target_budget=budget, pager=pager, pipeline=True) as e:

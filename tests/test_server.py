@@ -614,7 +614,7 @@ def test_health_says_loading_until_the_engine_is_ready(disk_dir):
     answers 200, never after. The load is slow as on a device, not by a sleep: a target read from emulated SD-card
     storage after it is dropped from the page cache; the test fails if no "loading" answer was seen."""
     from edgecad.cgroup import drop_file_cache
-    from edgecad.rpc import free_port
+    from edgecad.rpc.harness import free_port
     target = _wide_target(disk_dir)
     drop_file_cache([target])
     s = Served("--target", target, "--mode", "target", "--target-budget", "90%", "--storage", "sd", "--n-ctx", 256,

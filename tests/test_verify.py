@@ -51,7 +51,7 @@ def test_a_large_wide_tree_on_slow_storage_equals_the_target(budget_pair, disk_d
     """Trees of up to 255 nodes, 16 wide (what the plan allows where passes read for long: test_memory), drafted
     beside the passes (the plan's pipeline on slow storage): still the target's greedy tokens, with both KV
     caches clean after every step."""
-    from edgecad.pager import PagerParams
+    from edgecad.plan import PagerParams
     draft, target = budget_pair
     with Engine(target, n_ctx=1024, n_threads=2, memory_budget=None) as ref_engine:
         ref = ref_engine.create_completion(PROMPTS[0], temperature=0.0, max_tokens=24)["edgecad"]["token_ids"]
@@ -227,7 +227,8 @@ def test_sampling_from_kept_chains_keeps_the_target_distribution(paging_pair, di
     The target drafts for itself here: with the tiny pair's draft a chain is rarely kept (its first token
     must equal the target's bonus), and the test is about the kept chain's KV, positions and draws."""
     from edgecad.gguf_file import read_gguf
-    from edgecad.pager import PagerParams, plan_budget
+    from edgecad.measure import paging_plan
+    from edgecad.plan import PagerParams
 
     import shutil
 
@@ -235,7 +236,7 @@ def test_sampling_from_kept_chains_keeps_the_target_distribution(paging_pair, di
     draft = shutil.copy(target, disk_dir / "self-draft.gguf")  # a file of its own: the pager finds one mapping
     info = read_gguf(target)
     pp = PagerParams(io="demand", throttle_bps=100e6, embd_allowance=64 << 10)  # the target waits: chains get drafted
-    budget = plan_budget(info, 10 ** 9, pp).minimum + 12 * max(l.n_bytes for l in info.layers())
+    budget = paging_plan(info, 10 ** 9, pp).minimum + 12 * max(l.n_bytes for l in info.layers())
     params = TreeParams(max_nodes=1, max_depth=1, max_width=1)  # step 1: one node a; its chain x1, x2
     sp = SamplingParams(temperature=1.0, top_k=3, top_p=1.0)  # few candidates: chains are often kept
     prompt, n = "hello the world", 600

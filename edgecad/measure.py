@@ -1,0 +1,165 @@
+"""What this device measures, before planning (edgecad.plan is pure) and while running: the memory it may use,
+the process's own size, the storage's read speed and readahead, what a process read from storage, and the learnt
+costs kept across runs (~/.cache/edgecad/costs.json)."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+from . import cgroup, native
+from .gguf_file import GGUFInfo
+from .plan import BudgetPlan, Costs, Device, PagerParams, plan_budget
+from .plan.units import MB, MiB
+
+# ---------------------------------------------------------------------------- memory
+
+def process_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def auto_budget() -> int:
+    """The memory this engine may use: the smaller of what the system has available (plus what this
+    process already holds) and the process's cgroup limit, less a margin of 2% (at least 32 MB) for
+    the kernel's own charges (page tables, slab)."""
+    avail = psutil.virtual_memory().available + process_rss()
+    limit = cgroup.limit()
+    n = min(avail, limit) if limit else avail
+    return int(n - max(32 * MB, 0.02 * n))
+
+
+# ---------------------------------------------------------------------------- storage
+
+def read_ahead_bytes(path: Path) -> int:
+    """The kernel's readahead window for the device holding `path` (read_ahead_kb), 8 MiB if unknown."""
+    try:
+        dev = os.stat(path).st_dev
+        q = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        f = q / "queue" / "read_ahead_kb"
+        if not f.exists():
+            f = q.resolve().parent / "queue" / "read_ahead_kb"  # a partition: its disk's queue
+        return int(f.read_text()) * 1024
+    except (OSError, ValueError):
+        return 8 * MiB
+
+
+def read_bandwidth(path: Path, offset: int = 0, length: Optional[int] = None) -> float:
+    """Sequential read speed of a file range after dropping it from the page cache, bytes/s."""
+    out = ctypes.c_double()
+    length = os.path.getsize(path) - offset if length is None else length
+    native.check(native.lib.ec_read_bandwidth(os.fsencode(path), offset, length, ctypes.byref(out)), "ec_read_bandwidth")
+    return out.value
+
+
+def storage_bytes_read(since: Optional[int] = None) -> Optional[int]:
+    """Bytes this process has read from storage so far, or since an earlier reading `since`
+    (/proc/self/io read_bytes: page-cache hits do not count); None where the kernel does not say."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1]) - (since or 0)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def emulate_storage(bytes_read: Optional[int], since: float, bytes_per_second: float) -> float:
+    """Sleep until `bytes_read` bytes read from storage since perf_counter() `since` have taken as long as
+    at `bytes_per_second` (a --storage profile, for reads the throttled pager does not make: model loads).
+    Returns the seconds slept."""
+    if not bytes_per_second or not bytes_read:
+        return 0.0
+    wait = bytes_read / bytes_per_second - (time.perf_counter() - since)
+    if wait > 0:
+        time.sleep(wait)
+    return max(wait, 0.0)
+
+
+# ---------------------------------------------------------------------------- learnt costs
+
+def cache_dir() -> Path:
+    """edgecad's cache directory: EDGECAD_CACHE, else $XDG_CACHE_HOME/edgecad (default ~/.cache/edgecad)."""
+    return Path(os.environ.get("EDGECAD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                                os.path.expanduser("~/.cache"), "edgecad"))
+
+
+def _cache_path() -> Path:
+    return cache_dir() / "costs.json"
+
+
+def _cache_key(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> str:
+    name = lambda i: f"{i.path.name}:{i.file_size}" if i is not None else "-"
+    return f"{name(target)}|{name(draft)}|{os.cpu_count()}cpu|{n_threads}t"
+
+
+def load_costs(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> Costs:
+    try:
+        d = json.loads(_cache_path().read_text())
+        d = d.get(_cache_key(target, draft, n_threads)) if isinstance(d, dict) else None
+        if not isinstance(d, dict):
+            return Costs()
+        return Costs(**{k: v for k, v in d.items() if k in Costs.__dataclass_fields__})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return Costs()
+
+
+def save_costs(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> None:
+    """Best effort: a read-only cache directory only loses the calibration."""
+    p = _cache_path()
+    try:
+        data = json.loads(p.read_text()) if p.exists() else {}
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    data[_cache_key(target, draft, n_threads)] = asdict(costs)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, p)
+    except OSError:
+        pass
+
+
+READ_SAMPLE = 256 * 1_000_000  # bytes of the target read to measure the storage
+
+
+def measure_read(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> Costs:
+    """The costs with the storage's read bandwidth measured on the target's tensor data (dropped from the page
+    cache first), kept in this device's cache: done once per device and model (the engine, `edgecad doctor`)."""
+    costs = replace(costs, read_bps=read_bandwidth(target.path, target.data_offset,
+                                                   min(READ_SAMPLE, target.file_size - target.data_offset)),
+                    read_measured=True)
+    save_costs(costs, target, draft, n_threads)
+    return costs
+
+
+def device(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int, *, may_page: bool, calibrate: bool = True,
+           local: Optional[GGUFInfo] = None) -> Device:
+    """All the plan needs of this device, measured now: the process's size, the learnt costs (the storage's read
+    speed measured first when the plan may page and this device has not measured it: `calibrate`), the storage's
+    readahead, whether this build can page. local: the target's part this device holds when remote devices hold
+    the rest (its own costs: passes also compute remotely; the whole target's on first use)."""
+    costs = load_costs(target, draft, n_threads)  # keyed by the pair given, whatever runs
+    if calibrate and may_page and not costs.read_measured:
+        costs = measure_read(costs, target, draft, n_threads)
+    remote_costs = None
+    if local is not None:
+        remote_costs = load_costs(local, draft, n_threads)
+        if not remote_costs.observed and not remote_costs.read_measured:
+            remote_costs = replace(costs, observed=0)
+    return Device(process_rss(), costs, read_ahead_bytes(target.path), native.can_page(), remote_costs)
+
+
+def paging_plan(info: GGUFInfo, budget: int, params: PagerParams = PagerParams()) -> BudgetPlan:
+    """The target's paging plan on this device's storage (plan_budget with its readahead): for callers that plan
+    the paging alone (the bench's paging rows, tests)."""
+    return plan_budget(info, budget, params, readahead=read_ahead_bytes(info.path))
