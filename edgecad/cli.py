@@ -298,7 +298,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         cfg = resolve(a.model, a.draft, memory_budget=a.memory_budget, n_ctx=a.n_ctx, n_threads=a.threads,
                       pager=PagerParams(io=a.io), remote=_remote(a),
                       calibrate=False)  # shows the plan without running anything
-        plan, costs = cfg.plan, cfg.costs
+        plan, costs = cfg.plan, cfg.plan.costs
         print(plan.describe())
         print(f"  costs         {'measured on this device' if costs.observed or costs.read_measured else 'priors'}: "
               + ", ".join(f"{k} {v:.3g}" for k, v in vars(costs).items() if isinstance(v, float)))

@@ -344,3 +344,10 @@ def rpc_function(name: str, prototype):
 def rpc_address(name: str) -> Optional[int]:
     reg = ggml.ggml_backend_reg_by_name(b"RPC")
     return ggml_base.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+
+
+# ---------------------------------------------------------------------------- libc (section 10)
+
+libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: the C library's
+# int madvise(void *addr, size_t length, int advice);
+libc.madvise.argtypes, libc.madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int

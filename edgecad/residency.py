@@ -8,7 +8,6 @@ the context's hooks, what happens around a completion and its statistics); it ne
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import sys
@@ -17,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+from . import native
 from .config import EngineConfig
 from .drafter import Drafter
 from .errors import EdgecadError, RemoteLostError
@@ -231,14 +231,13 @@ def forget_layers(path: Path, info: GGUFInfo, first: int) -> None:
     """Drop what the load read of layers first.. to send them (never read here again): out of this process's
     mappings of the file (llama.cpp read them through its mapping), then out of the page cache. Whole pages
     only: a page shared with a local layer stays."""
-    page, libc = mmap.PAGESIZE, ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes, libc.madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    page = mmap.PAGESIZE
     spans = [(-(-l.start // page) * page, l.end // page * page) for l in info.layers()[first:]]
     for addr, off, length in file_mappings(path):
         for lo, hi in spans:
             lo, hi = max(lo, off), min(hi, off + length)
             if hi > lo:
-                libc.madvise(addr + lo - off, hi - lo, mmap.MADV_DONTNEED)  # (best effort)
+                native.libc.madvise(addr + lo - off, hi - lo, mmap.MADV_DONTNEED)  # (best effort)
     fd = os.open(path, os.O_RDONLY)
     try:
         for lo, hi in spans:
