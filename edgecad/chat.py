@@ -56,6 +56,13 @@ def read_transcript(path: Path) -> list[dict]:
     return messages
 
 
+def default_transcript() -> Path:
+    """A new transcript file in edgecad's chats directory ($XDG_DATA_HOME or ~/.local/share), named by the time."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "edgecad" / "chats"
+    base.mkdir(parents=True, exist_ok=True)
+    return base / time.strftime(f"%Y-%m-%d-%H%M%S-{os.getpid()}.jsonl")
+
+
 class Conversation:
     """Messages, and the transcript file they are appended to as they complete."""
 
@@ -177,8 +184,19 @@ def stats_line(st: dict) -> str:
             f"{st['prompt_tokens']} prompt tokens reused · {rss / 1e9:.2f} GB resident · {st['config']}")
 
 
-def run(conv: Conversation, *, tty: bool, out=sys.stdout, err=sys.stderr) -> int:
-    """The chat loop over stdin. Returns the exit status."""
+def plan_line(plan) -> str:
+    """The configuration chosen and why, without nested parentheses (plan.reason has its own): `target,
+    fastest predicted at 14.2 tok/s (tree 12.8, tree-paged 9.10 tok/s)`."""
+    head = f"{plan.config}, fastest predicted at {sig(plan.tokens_per_second)} tok/s"
+    others = [f"{c} {sig(v)}" for c, v in plan.alternatives.items() if c != plan.config and not isinstance(v, str)]
+    if not others:  # the others do not fit (their alternatives say why)
+        return f"{plan.config}, the only configuration that fits ({sig(plan.tokens_per_second)} tok/s predicted)"
+    return f"{head} ({', '.join(others)} tok/s)"
+
+
+def run(conv: Conversation, *, tty: bool, out=sys.stdout, err=sys.stderr, explain=str) -> int:
+    """The chat loop over stdin. Returns the exit status. explain: an error as the caller names its arguments
+    (the CLI: its flags)."""
     dim = (lambda s: f"\x1b[2m{s}\x1b[0m") if tty else (lambda s: s)
     if tty:
         try:
@@ -204,7 +222,7 @@ def run(conv: Conversation, *, tty: bool, out=sys.stdout, err=sys.stderr) -> int
             if _command(conv, text, err, dim) == "quit":
                 return 0
         elif text:
-            _answer(conv, text, tty, out, err, dim)
+            _answer(conv, text, tty, out, err, dim, explain)
 
 
 def _command(conv: Conversation, text: str, err, dim) -> Optional[str]:
@@ -234,7 +252,7 @@ def _command(conv: Conversation, text: str, err, dim) -> Optional[str]:
     return None
 
 
-def _answer(conv: Conversation, text: str, tty: bool, out, err, dim) -> None:
+def _answer(conv: Conversation, text: str, tty: bool, out, err, dim, explain) -> None:
     """One turn: the answer streamed as it is accepted; Ctrl-C stops it, an error is one line; the chat goes on."""
     def show(s: str) -> None:
         out.write(s)
@@ -255,7 +273,7 @@ def _answer(conv: Conversation, text: str, tty: bool, out, err, dim) -> None:
     except EdgecadError as e:  # one line, and the chat goes on
         out.write(end)
         hint = " (/reset starts a new conversation)" if "context" in str(e) else ""
-        err.write(f"edgecad: {e}{hint}\n")
+        err.write(f"edgecad: {explain(str(e))}{hint}\n")
         return
     if tty and conv.last_stats:
         err.write(dim(stats_line(conv.last_stats)) + "\n")

@@ -157,41 +157,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- chat
 
-def _default_transcript() -> Path:
-    import os
-    import time
-
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "edgecad" / "chats"
-    base.mkdir(parents=True, exist_ok=True)
-    return base / time.strftime(f"%Y-%m-%d-%H%M%S-{os.getpid()}.jsonl")
-
-
-def _plan_line(plan) -> str:
-    """The configuration chosen and why, without nested parentheses (plan.reason has its own): `target,
-    fastest predicted at 14.2 tok/s (tree 12.8, tree-paged 9.10 tok/s)`."""
-    from .chat import sig
-
-    head = f"{plan.config}, fastest predicted at {sig(plan.tokens_per_second)} tok/s"
-    others = [f"{c} {sig(v)}" for c, v in plan.alternatives.items() if c != plan.config and not isinstance(v, str)]
-    if not others:  # the others do not fit (their alternatives say why)
-        return f"{plan.config}, the only configuration that fits ({sig(plan.tokens_per_second)} tok/s predicted)"
-    return f"{head} ({', '.join(others)} tok/s)"
-
-
-class _FlagNames:
-    """stderr for the chat loop: the errors it writes (`edgecad: ...`, one write each) name this command's flags,
-    as main's do; everything else passes as written."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, s: str) -> int:
-        return self.stream.write(for_cli(s) if s.startswith("edgecad: ") else s)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
 def cmd_chat(a: argparse.Namespace) -> int:
     import time
 
@@ -200,7 +165,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     tty = sys.stdin.isatty()
     draft = _draft(a)
     transcript = Path(a.resume) if a.resume else (Path(a.transcript) if a.transcript else
-                                                  (_default_transcript() if tty else None))
+                                                  (chat.default_transcript() if tty else None))
     if a.resume:
         chat.read_transcript(transcript)  # a bad file: one line, before loading models
     if tty:
@@ -208,13 +173,13 @@ def cmd_chat(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _engine(a, draft, progress=tty) as eng:
         if tty:
-            sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {_plan_line(eng.memory_plan)}"
+            sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {chat.plan_line(eng.memory_plan)}"
                              + (f"; transcript {transcript}" if transcript else "") + "\n")
         eng.chat_tokens([{"role": "user", "content": "hi"}])  # a model without a chat template: say so now
         sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens)
         conv = chat.Conversation(eng, transcript, system=a.system, resume=bool(a.resume), sampling=sampling)
         try:
-            return chat.run(conv, tty=tty, err=_FlagNames(sys.stderr))
+            return chat.run(conv, tty=tty, err=sys.stderr, explain=for_cli)  # (its errors name the flags)
         except RemoteLostError as e:
             if transcript is None:
                 raise

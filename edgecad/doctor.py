@@ -40,25 +40,8 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
            out=sys.stdout, explain=str) -> None:
     """The report for `target` (default: the registry's default pair) with `draft` (None: the target alone, as
     an engine runs it); explain: an error as the caller names its arguments (the CLI: its flags)."""
-    import psutil
-    import llama_cpp
-
     say = lambda k, v: out.write(f"{k:<13} {v}\n")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    say("machine", f"{platform.platform()} ({platform.machine()}), {os.cpu_count()} cores ({cpus} usable), "
-                   f"Python {platform.python_version()}, llama-cpp-python {getattr(llama_cpp, '__version__', '?')}")
-    vm, limit = psutil.virtual_memory(), cgroup.limit()
-    say("memory", f"{vm.total / 1e9:.1f} GB RAM, {vm.available / 1e9:.1f} GB available; cgroup limit "
-                  + (f"{limit / 1e9:.2f} GB" if limit else "none") + "; " + explain("memory_budget='auto'")
-                  + f" = {auto_budget() / 1e9:.2f} GB")
-    say("native", ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in capabilities().items())
-        + ("" if can_page() else ": a model that does not fit cannot be paged here"))
-    devs = devices.devices()
-    gpu = devices.gpu()
-    say("backends", ", ".join(devices.backends()) + "; devices: "
-        + ", ".join(f"{d.name} ({d.description}, {d.kind})" for d in devs))
-    say("placement", f"draft on {gpu.name}, target on the CPU" if gpu else
-        "draft and target on the CPU (no GPU backend in this llama.cpp: docs/devices.md)")
+    _device(say, explain)
 
     if target is None:
         target, draft = registry.DEFAULT_TARGET, draft or registry.DEFAULT_DRAFT
@@ -104,3 +87,26 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
                     f"{tree.threshold_max}]")
     basis = "measured on this device" if costs.observed else "priors (corrected after every completion)"
     say("expected", f"{plan.tokens_per_second:.2f} tokens/s ({plan.config}; costs: {basis})")
+
+
+def _device(say, explain) -> None:
+    """The report's lines on this device, whatever the models: machine, memory, native library, backends,
+    placement."""
+    import psutil
+    import llama_cpp
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    say("machine", f"{platform.platform()} ({platform.machine()}), {os.cpu_count()} cores ({cpus} usable), "
+                   f"Python {platform.python_version()}, llama-cpp-python {getattr(llama_cpp, '__version__', '?')}")
+    vm, limit = psutil.virtual_memory(), cgroup.limit()
+    say("memory", f"{vm.total / 1e9:.1f} GB RAM, {vm.available / 1e9:.1f} GB available; cgroup limit "
+                  + (f"{limit / 1e9:.2f} GB" if limit else "none") + "; " + explain("memory_budget='auto'")
+                  + f" = {auto_budget() / 1e9:.2f} GB")
+    say("native", ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in capabilities().items())
+        + ("" if can_page() else ": a model that does not fit cannot be paged here"))
+    devs = devices.devices()
+    gpu = devices.gpu()
+    say("backends", ", ".join(devices.backends()) + "; devices: "
+        + ", ".join(f"{d.name} ({d.description}, {d.kind})" for d in devs))
+    say("placement", f"draft on {gpu.name}, target on the CPU" if gpu else
+        "draft and target on the CPU (no GPU backend in this llama.cpp: docs/devices.md)")

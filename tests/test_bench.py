@@ -53,7 +53,7 @@ def test_bench_quick(tmp_path, capsys):
 
 
 def test_plot_needs_matplotlib_or_writes_png(tmp_path):
-    from edgecad.bench import plot
+    from edgecad.bench_report import plot
     from edgecad.errors import EdgecadError
     result = {"rows": [{"mode": "target", "tokens_per_second": 2.0, "tokens_per_second_min": 1.5,
                         "tokens_per_second_max": 2.5, "seconds_draft": 0.0, "seconds_target_compute": 0.4,

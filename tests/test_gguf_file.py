@@ -1,4 +1,4 @@
-"""The GGUF header reader and the layer map."""
+"""The GGUF header reader, the layer map, and the gate in front of llama.cpp (edgecad.gguf_gate)."""
 import re
 
 import gguf
@@ -123,7 +123,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from edgecad import Engine, tiny  # noqa: E402
-from edgecad.gguf_file import MAX_LAYERS  # noqa: E402
+from edgecad.gguf_gate import MAX_LAYERS, StringInfo  # noqa: E402
 from helpers import craft_gguf, gguf_value  # noqa: E402
 
 _TOKENS, _TYPES = tiny.vocabulary()
@@ -341,7 +341,7 @@ def test_long_strings_are_measured_not_read(tiny_target, tmp_path):
     model still loads."""
     path = craft_gguf(tiny_target, tmp_path / "long.gguf", set_kv={"general.name": (8, "n" * (2 << 20))})
     g = read_gguf(path)
-    assert g.metadata["general.name"] == gguf_file.StringInfo(2 << 20, g.metadata["general.name"].start)
+    assert g.metadata["general.name"] == StringInfo(2 << 20, g.metadata["general.name"].start)
     with Engine(path, n_ctx=64) as e:
         assert e.create_completion("hello", max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
 
