@@ -2,18 +2,16 @@
 
 An Engine resolves its arguments into a configuration (edgecad.config), loads the target (and the draft)
 where its residency says (edgecad.residency), and runs the mode's decoder (edgecad.decode). This module is
-the API's edge: completion assembly (text, stop strings, streaming chunks, statistics) in one place for
-every mode, the chat template, and the engine's lifetime.
+the API's edge: a completion's run and its statistics in one place for every mode (its text, stop strings and
+chunks shaped by edgecad.responses), the chat template, and the engine's lifetime.
 """
 from __future__ import annotations
 
-import codecs
 import os
 import re
 import sys
 import threading
 import time
-import uuid
 from dataclasses import replace
 from typing import Iterator, Optional, Sequence, Union
 
@@ -28,7 +26,7 @@ from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
 from .memory import observe, save_costs
 from .pager import Pager, PagerParams, emulate_storage, storage_bytes_read
 from .residency import Residency, residency_for
-from .responses import chat_chunks, completion_logprobs, held_back, join, response_format_grammar, stop_list
+from .responses import TextChunks, chat_chunks, join, response_format_grammar, stop_list
 from .sampling import SamplingParams
 from .tree import TreeParams
 
@@ -414,9 +412,7 @@ class Engine(Closing):
 
     def _chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams, stops: list[str],
                 seed: Optional[int], echo: str = "", logprobs: Optional[int] = None, offset: int = 0) -> Iterator[dict]:
-        """The completion's chunks. echo: text that comes first (the prompt, echoed); logprobs: the alternatives
-        per token of the log-probabilities the last chunk carries (None: none); offset: where the completion's
-        text starts in the echoed text (logprobs' text_offset)."""
+        """The completion's chunks (edgecad.responses.TextChunks); logprobs: alternatives listed per token, or None."""
         if self._target is None:
             raise EdgecadError("this Engine is closed: create a new one")
         if not tokens:
@@ -431,19 +427,7 @@ class Engine(Closing):
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done,
                       logprobs=logprobs)
-        cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
-
-        def chunk(text: str, finish: Optional[str]) -> dict:
-            nonlocal echo
-            text, echo = echo + text, ""
-            return {"id": cid, "object": "text_completion", "created": created, "model": str(self.target_path),
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-
-        # text: everything decoded so far (whole UTF-8 characters only); text[:emitted] is streamed.
-        # A stop string can only start at or after `emitted` (a possible start is held back), so each
-        # token costs a search over the unstreamed tail, not over the whole text.
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as llama-cpp-python
-        text, emitted, finish, cut = "", 0, "length", None
+        text = TextChunks(self._target_model, str(self.target_path), stops, echo, offset)
         for m in (self._target_model, self._draft_model):
             if m is not None:
                 m.check_file()
@@ -451,33 +435,12 @@ class Engine(Closing):
         t0 = time.perf_counter()
         decoder = self._decoder(tokens, max_tokens, sp, rng, stats)
         try:
-            for tok in decoder:
-                stats.token_ids.append(tok)
-                if self._target_model.is_eog(tok):
-                    finish = "stop"
-                    break
-                text += utf8.decode(self._target_model.token_to_piece(tok))
-                hits = [i for i in (text.find(s, emitted) for s in stops) if i >= 0]
-                if hits:
-                    finish, cut = "stop", min(hits)
-                    break
-                safe = len(text) - held_back(text, stops, emitted)
-                if safe > emitted:
-                    yield chunk(text[emitted:safe], None)
-                    emitted = safe
+            yield from text.chunks(decoder, stats)
         finally:
             decoder.close()
-        if cut is None:
-            text += utf8.decode(b"", final=True)
-            cut = len(text)
         stats.seconds = time.perf_counter() - t0 - stats.prompt_seconds
         stats.paging = self._residency.completion_stats()
-        last = chunk(text[emitted:cut], finish)
-        n = len(stats.token_ids) - (finish == "stop" and bool(stats.token_ids)
-                                    and self._target_model.is_eog(stats.token_ids[-1]))
-        last["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
-        if logprobs is not None:
-            last["choices"][0]["logprobs"] = completion_logprobs(self._target_model, stats.token_ids[:n], stats.token_logprobs, offset)
+        last = text.last(stats)
         last["edgecad"] = stats_dict(stats, self.memory_plan)
         self._learn(last["edgecad"])
         yield last
