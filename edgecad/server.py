@@ -28,15 +28,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from .responses import join
+from .arguments import SAMPLING
 from .errors import EdgecadError, RequestError
+from .responses import join
 
 try:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, create_model
     from sse_starlette.sse import EventSourceResponse, SendTimeoutError
     from starlette.exceptions import HTTPException
 except ImportError as e:  # the optional extra
@@ -68,30 +69,25 @@ class ServerParams:
 # OpenAI's and llama-cpp-python's request fields. Unknown fields are refused, as OpenAI does; fields the Engine
 # does not implement are passed to it, and it refuses a value other than the default in one line (400).
 
-class _Body(BaseModel):
+class _Fields(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
     max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
     typical_p: Optional[float] = None
-    repeat_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[dict] = None  # include_usage: the last chunk carries `usage` anyway
     n: Optional[int] = None
-    logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     tfs_z: Optional[float] = None
     mirostat_mode: Optional[int] = None
     mirostat_tau: Optional[float] = None
     mirostat_eta: Optional[float] = None
-    grammar: Optional[str] = None
+
+
+# and the sampling arguments, as edgecad.arguments declares them (the Engine checks their ranges)
+_Body = create_model("_Body", __base__=_Fields, **{a.name: (Optional[a.json], None) for a in SAMPLING})
 
 
 class CompletionRequest(_Body):
