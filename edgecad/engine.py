@@ -2,34 +2,33 @@
 
 An Engine resolves its arguments into a configuration (edgecad.config), loads the target (and the draft)
 where its residency says (edgecad.residency), and runs the mode's decoder (edgecad.decode). This module is
-the API's edge: completion assembly (text, stop strings, streaming chunks, statistics) in one place for
-every mode, the chat template, and the engine's lifetime.
+the API's edge: a completion's run and its statistics in one place for every mode (its arguments checked by
+edgecad.arguments, its text, stop strings and chunks shaped by edgecad.responses), the chat template, and the
+engine's lifetime.
 """
 from __future__ import annotations
 
-import codecs
 import os
-import re
 import sys
 import threading
 import time
-import uuid
 from dataclasses import replace
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from . import native
+from .arguments import chat_prompt, check_logprobs, completion_length, sampling_params, token_ids, unsupported
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
-from .errors import EdgecadError, PromptTooLongError, RequestError
+from .errors import EdgecadError, RequestError
 from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
 from .measure import emulate_storage, save_costs, storage_bytes_read
 from .pager import Pager
 from .plan import PagerParams, observe
 from .residency import Residency, residency_for
-from .responses import chat_chunks, completion_logprobs, held_back, join, response_format_grammar, stop_list
+from .responses import TextChunks, chat_chunks, join, response_format_grammar, stop_list
 from .sampling import SamplingParams
 from .tree import TreeParams
 
@@ -211,93 +210,29 @@ class Engine(Closing):
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         return self._target_model.detokenize(tokens, special=special)
 
-    def _sampling(self, temperature, top_k, top_p, min_p, repeat_penalty=1.0, frequency_penalty=0.0,
-                  presence_penalty=0.0, logit_bias=None, grammar=None) -> SamplingParams:
-        """SamplingParams from llama-cpp-python's arguments, with the valid range named when one is off."""
-        checks = [("temperature", temperature, lambda v: v >= 0, ">= 0.0"),
-                  ("top_p", top_p, lambda v: 0 < v <= 1, "> 0 and <= 1"),
-                  ("min_p", min_p, lambda v: 0 <= v <= 1, ">= 0.0 and <= 1.0"),
-                  ("repeat_penalty", repeat_penalty, lambda v: 1e-6 <= v <= 1e6, "in 1e-6..1e6 (1.0 = no penalty)"),
-                  ("frequency_penalty", frequency_penalty, lambda v: abs(v) <= 1e6, "in -1e6..1e6 (0.0 = none)"),
-                  ("presence_penalty", presence_penalty, lambda v: abs(v) <= 1e6, "in -1e6..1e6 (0.0 = none)")]
-        for name, v, ok, rng in checks:
-            if not ok(float(v)):
-                raise RequestError(f"{name}={v!r} is out of range: use a value {rng}", name)
-        check_int("top_k", top_k, 0, None, "0 = off")
-        bias = {}
-        for k, v in (logit_bias or {}).items():  # (OpenAI's JSON gives the token ids as strings; the last one wins)
-            if not re.fullmatch(r"-?[0-9]{1,12}", str(k)):  # (not isdigit(): "²" is a digit to Python, not to int)
-                raise RequestError(f"logit_bias key {str(k)[:40]!r} is not a token id: use integer token ids "
-                                   "(as strings in JSON), e.g. {\"1234\": -100}", "logit_bias")
-            t = self._token_ids([int(k)], "logit_bias")[0]
-            if not abs(float(v)) <= 1e6:  # (beyond that a bias bans or forces the token: 100 is OpenAI's limit)
-                raise RequestError(f"logit_bias for token {t} is {v!r}: use a number in -1e6..1e6", "logit_bias")
-            bias[t] = float(v)
-        if grammar is not None and not isinstance(grammar, str):  # llama-cpp-python's LlamaGrammar
-            grammar = getattr(grammar, "_grammar", None)
-            if not isinstance(grammar, str):
-                raise RequestError("grammar must be GBNF text or a llama_cpp.LlamaGrammar", "grammar")
-        return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                              min_p=float(min_p), repeat_penalty=float(repeat_penalty),
-                              frequency_penalty=float(frequency_penalty), presence_penalty=float(presence_penalty),
-                              logit_bias=tuple(bias.items()), grammar=grammar)
-
-    def _token_ids(self, prompt: Sequence[int], param: str = "prompt") -> list[int]:
-        """A prompt given as token ids, each checked against the vocabulary (llama.cpp refuses a batch with one
-        outside it)."""
-        n = self._target_model.n_vocab
-        tokens = [int(t) for t in prompt]
-        bad = next((t for t in tokens if not 0 <= t < n), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is not in the model's vocabulary: use ids 0..{n - 1}", param)
-        return tokens
-
     # ------------------------------------------------------------------ completion
     # llama-cpp-python's `Llama` surface: same names, defaults and result shapes. Arguments that
-    # edgecad does not implement are accepted at their defaults and refused otherwise (_unsupported).
+    # edgecad does not implement are accepted at their defaults and refused otherwise (arguments.unsupported).
 
     def create_completion(
-        self,
-        prompt: Union[str, Sequence[int]],
-        suffix: Optional[str] = None,
-        max_tokens: Optional[int] = 16,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        logprobs: Optional[int] = None,
-        echo: bool = False,
-        stop: Union[str, Sequence[str], None] = None,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
-        top_k: int = 40,
-        stream: bool = False,
-        seed: Optional[int] = None,
-        tfs_z: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        model: Optional[str] = None,
-        stopping_criteria=None,
-        logits_processor=None,
-        grammar=None,
-        logit_bias=None,
+        self, prompt: Union[str, Sequence[int]], suffix: Optional[str] = None, max_tokens: Optional[int] = 16,
+        temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+        logprobs: Optional[int] = None, echo: bool = False, stop: Union[str, Sequence[str], None] = None,
+        frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
+        stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0, mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: Optional[str] = None, stopping_criteria=None,
+        logits_processor=None, grammar=None, logit_bias=None,
     ):
         """Complete `prompt` (text or token ids): a `text_completion` dict, or an iterator of chunks
         if stream. The dict's `edgecad` entry holds the statistics (configuration, speed, paging)."""
-        _unsupported(suffix=suffix, typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
-                     stopping_criteria=stopping_criteria, logits_processor=logits_processor)
-        if logprobs is not None:
-            check_int("logprobs", logprobs, 0, 20, "the alternatives listed per token")
-            if echo:
-                raise RequestError("logprobs with echo=True is not supported: edgecad does not compute the "
-                                   "prompt's log-probabilities; ask for one of them", "logprobs")
-        tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else self._token_ids(prompt)
+        unsupported(suffix=suffix, typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                    stopping_criteria=stopping_criteria, logits_processor=logits_processor)
+        check_logprobs("logprobs", logprobs, echo)
+        n_vocab = self._target_model.n_vocab
+        tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else token_ids(prompt, n_vocab)
         prompt_text = prompt if isinstance(prompt, str) else (
             prompt if isinstance(prompt, bytes) else self.detokenize(tokens)).decode("utf-8", "ignore")
-        sp = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
-                            logit_bias, grammar)
+        sp = sampling_params(locals(), n_vocab)  # (the sampling arguments, by their declared names)
         chunks = self._completion_chunks(tokens, max_tokens, sp, stop_list(stop), seed, stream=stream,
                                          echo=prompt_text if echo else "", logprobs=logprobs,
                                          offset=len(prompt_text))  # (logprobs never come with echo)
@@ -306,65 +241,35 @@ class Engine(Closing):
     __call__ = create_completion
 
     def create_chat_completion(
-        self,
-        messages: Sequence[dict],
-        functions=None,
-        function_call=None,
-        tools=None,
-        tool_choice=None,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        stream: bool = False,
-        stop: Union[str, Sequence[str], None] = None,
-        seed: Optional[int] = None,
-        response_format=None,
-        max_tokens: Optional[int] = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
-        tfs_z: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        model: Optional[str] = None,
-        logits_processor=None,
-        grammar=None,
-        logit_bias=None,
-        logprobs: Optional[bool] = None,
-        top_logprobs: Optional[int] = None,
+        self, messages: Sequence[dict], functions=None, function_call=None, tools=None, tool_choice=None,
+        temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
+        stream: bool = False, stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None,
+        response_format=None, max_tokens: Optional[int] = None, presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0, repeat_penalty: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: Optional[str] = None, logits_processor=None,
+        grammar=None, logit_bias=None, logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
     ):
         """Answer a conversation rendered with the model's own chat template (the GGUF's
         tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter): a
         `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream."""
-        _unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
-                     typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
-        if top_logprobs is not None:
-            check_int("top_logprobs", top_logprobs, 0, 20, "the alternatives listed per token")
+        unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
+                    typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
+        check_logprobs("top_logprobs", top_logprobs)
         tokens, stops = self.chat_tokens(messages)
         if response_format is not None and grammar is None:
             grammar = response_format_grammar(response_format)
-        sp = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
-                            logit_bias, grammar)
+        sp = sampling_params(locals(), self._target_model.n_vocab)  # (the sampling arguments, by their names)
         chunks = self._completion_chunks(tokens, max_tokens, sp, stops + stop_list(stop), seed, stream=stream,
                                          logprobs=(top_logprobs or 0) if logprobs else None)
-        chunks = chat_chunks(chunks)
-        return chunks if stream else join(chunks)
+        return chat_chunks(chunks) if stream else join(chat_chunks(chunks))
 
     def chat_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
         """The conversation as prompt tokens (ending with the assistant's turn opened), and the
         template's stop strings."""
         if self._chat_format is None:
             self._chat_format = self._target_model.chat_formatter()
-        try:
-            r = self._chat_format(messages=list(messages))
-        except Exception as e:  # the template's own checks (roles must alternate, ...): jinja2 raises
-            raise RequestError(f"the model's chat template refused these messages: {e}", "messages") from None
-        tokens = self.tokenize(r.prompt, add_bos=not r.added_special, special=True)
-        rstop = r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else []
-        return tokens, [s for s in rstop if s]
+        prompt, add_bos, stops = chat_prompt(self._chat_format, messages)
+        return self.tokenize(prompt, add_bos=add_bos, special=True), stops
 
     def _completion_chunks(self, *args, stream: bool, **kw) -> Iterator[dict]:
         """One completion at a time per Engine (both contexts' KV is one state): a call waits while another
@@ -395,36 +300,15 @@ class Engine(Closing):
 
     def _chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams, stops: list[str],
                 seed: Optional[int], echo: str = "", logprobs: Optional[int] = None, offset: int = 0) -> Iterator[dict]:
-        """The completion's chunks. echo: text that comes first (the prompt, echoed); logprobs: the alternatives
-        per token of the log-probabilities the last chunk carries (None: none); offset: where the completion's
-        text starts in the echoed text (logprobs' text_offset)."""
+        """The completion's chunks (edgecad.responses.TextChunks); logprobs: alternatives listed per token, or None."""
         if self._target is None:
             raise EdgecadError("this Engine is closed: create a new one")
-        if not tokens:
-            raise RequestError("the prompt is empty: give at least one character of text", "prompt")
-        if len(tokens) >= self.n_ctx:
-            raise PromptTooLongError(
-                f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}: "
-                f"shorten the prompt or raise n_ctx above {len(tokens)}", "prompt")
-        if max_tokens is None or max_tokens <= 0:
-            max_tokens = self.n_ctx - len(tokens)
+        max_tokens = completion_length(tokens, max_tokens, self.n_ctx)
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done,
                       logprobs=logprobs)
-        cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
-
-        def chunk(text: str, finish: Optional[str]) -> dict:
-            nonlocal echo
-            text, echo = echo + text, ""
-            return {"id": cid, "object": "text_completion", "created": created, "model": str(self.target_path),
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-
-        # text: everything decoded so far (whole UTF-8 characters only); text[:emitted] is streamed.
-        # A stop string can only start at or after `emitted` (a possible start is held back), so each
-        # token costs a search over the unstreamed tail, not over the whole text.
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as llama-cpp-python
-        text, emitted, finish, cut = "", 0, "length", None
+        text = TextChunks(self._target_model, str(self.target_path), stops, echo, offset)
         for m in (self._target_model, self._draft_model):
             if m is not None:
                 m.check_file()
@@ -432,33 +316,12 @@ class Engine(Closing):
         t0 = time.perf_counter()
         decoder = self._decoder(tokens, max_tokens, sp, rng, stats)
         try:
-            for tok in decoder:
-                stats.token_ids.append(tok)
-                if self._target_model.is_eog(tok):
-                    finish = "stop"
-                    break
-                text += utf8.decode(self._target_model.token_to_piece(tok))
-                hits = [i for i in (text.find(s, emitted) for s in stops) if i >= 0]
-                if hits:
-                    finish, cut = "stop", min(hits)
-                    break
-                safe = len(text) - held_back(text, stops, emitted)
-                if safe > emitted:
-                    yield chunk(text[emitted:safe], None)
-                    emitted = safe
+            yield from text.chunks(decoder, stats)
         finally:
             decoder.close()
-        if cut is None:
-            text += utf8.decode(b"", final=True)
-            cut = len(text)
         stats.seconds = time.perf_counter() - t0 - stats.prompt_seconds
         stats.paging = self._residency.completion_stats(stats)
-        last = chunk(text[emitted:cut], finish)
-        n = len(stats.token_ids) - (finish == "stop" and bool(stats.token_ids)
-                                    and self._target_model.is_eog(stats.token_ids[-1]))
-        last["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
-        if logprobs is not None:
-            last["choices"][0]["logprobs"] = completion_logprobs(self._target_model, stats.token_ids[:n], stats.token_logprobs, offset)
+        last = text.last(stats)
         last["edgecad"] = stats_dict(stats, self.memory_plan)
         self._learn(last["edgecad"])
         yield last
@@ -522,20 +385,6 @@ class Engine(Closing):
     def draft_context(self) -> Optional[Context]:
         """The draft's llama.cpp context, None without a draft."""
         return self._decoder.draft_context if self._decoder is not None else None
-
-
-_DEFAULTS = {"suffix": None, "typical_p": 1.0, "logprobs": None, "top_logprobs": None, "echo": False,
-             "tfs_z": 1.0, "mirostat_mode": 0}
-
-
-def _unsupported(**given) -> None:
-    """Refuse, in one line, an argument of llama-cpp-python's API that edgecad does not implement."""
-    for name, value in given.items():
-        default = _DEFAULTS.get(name)
-        empty = value is None or (isinstance(value, (str, list, dict, tuple)) and not value) or value is False
-        if value != default and not (empty and not default):
-            raise RequestError(f"{name}={value!r} is not supported by edgecad: leave {name} at its default "
-                               f"({default!r})", name)
 
 
 def _seed(seed) -> Optional[int]:

@@ -1,12 +1,17 @@
 """OpenAI's response shapes (llama-cpp-python's, which are OpenAI's): what the Engine and the server send.
 
-The Engine makes text-completion chunks (edgecad.engine); this module turns them into a chat's chunk stream,
-joins a stream into one response, lists log-probabilities in a completion's or a chat's shape, and turns a
-response_format into the grammar that makes the output valid JSON. One home for every shape a client parses.
+This module makes a completion's text-completion chunks as the Engine's decoder gives tokens (TextChunks: UTF-8
+decoded incrementally, stop strings held back, the last chunk's usage and log-probabilities), turns them into a
+chat's chunk stream, joins a stream into one response, lists log-probabilities in a completion's or a chat's
+shape, and turns a response_format into the grammar that makes the output valid JSON. One home for every shape
+a client parses.
 """
 from __future__ import annotations
 
+import codecs
 import json
+import time
+import uuid
 from typing import Iterator, Optional, Sequence
 
 from .errors import RequestError
@@ -29,6 +34,62 @@ def held_back(text: str, stops: Sequence[str], start: int) -> int:
                 n = max(n, k)
                 break
     return n
+
+
+# ---------------------------------------------------------------------------- text completion chunks
+
+class TextChunks:
+    """One completion's text_completion chunks, as its tokens come (llama-cpp-python's, which are OpenAI's).
+
+    text: everything decoded so far (whole UTF-8 characters only); text[:emitted] is streamed. A stop string can
+    only start at or after `emitted` (a possible start is held back), so each token costs a search over the
+    unstreamed tail, not over the whole text."""
+
+    def __init__(self, model, name: str, stops: list[str], echo: str = "", offset: int = 0):
+        self.model, self.name, self.stops = model, name, stops  # model: the target (its pieces, end of generation)
+        self.echo = echo  # text that comes first (the prompt, echoed)
+        self.offset = offset  # where the completion's text starts in the echoed text (logprobs' text_offset)
+        self.id, self.created = f"cmpl-{uuid.uuid4()}", int(time.time())
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as llama-cpp-python
+        self.text, self.emitted, self.finish, self.cut = "", 0, "length", None
+
+    def chunk(self, text: str, finish: Optional[str]) -> dict:
+        text, self.echo = self.echo + text, ""
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.name,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+    def chunks(self, tokens: Iterator[int], stats) -> Iterator[dict]:
+        """The chunks streamed while the decoder's `tokens` come (each one added to stats.token_ids), until an
+        end of generation or a stop string."""
+        for tok in tokens:
+            stats.token_ids.append(tok)
+            if self.model.is_eog(tok):
+                self.finish = "stop"
+                return
+            self.text += self.utf8.decode(self.model.token_to_piece(tok))
+            hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
+            if hits:
+                self.finish, self.cut = "stop", min(hits)
+                return
+            safe = len(self.text) - held_back(self.text, self.stops, self.emitted)
+            if safe > self.emitted:
+                yield self.chunk(self.text[self.emitted:safe], None)
+                self.emitted = safe
+
+    def last(self, stats) -> dict:
+        """The last chunk, once the decoder is done: the text left, the finish reason, usage, and the
+        log-probabilities when stats kept them (edgecad.decode.Stats)."""
+        if self.cut is None:
+            self.text += self.utf8.decode(b"", final=True)
+            self.cut = len(self.text)
+        last = self.chunk(self.text[self.emitted:self.cut], self.finish)
+        ids, p = stats.token_ids, stats.prompt_tokens
+        n = len(ids) - (self.finish == "stop" and bool(ids) and self.model.is_eog(ids[-1]))
+        last["usage"] = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+        if stats.logprobs is not None:
+            last["choices"][0]["logprobs"] = completion_logprobs(self.model, ids[:n], stats.token_logprobs,
+                                                                 self.offset)
+        return last
 
 
 # ---------------------------------------------------------------------------- log-probabilities

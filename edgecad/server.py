@@ -8,14 +8,13 @@ stream is closed, which leaves both KV caches holding only the accepted tokens, 
 fresh engine's tokens (and still reuses the common prompt prefix).
 
 The response shapes are the Engine's own (llama-cpp-python's, which are OpenAI's) with `model` set to the served
-name; errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+name; errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`. Every request passes the HTTP edge
+first (edgecad.edge: Host, Origin and CORS, the API key, a full queue, the body's size, the log line).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -23,25 +22,28 @@ import re
 import signal
 import socket
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from .responses import join
+from . import native
+from .arguments import SAMPLING
 from .errors import EdgecadError, RequestError
+from .responses import join
 
 try:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, create_model
     from sse_starlette.sse import EventSourceResponse, SendTimeoutError
     from starlette.exceptions import HTTPException
 except ImportError as e:  # the optional extra
     raise EdgecadError(f"`edgecad serve` needs the server extra ({e.name} is missing): "
                        "pip install \"edgecad[server]\" (from a checkout: pip install \".[server]\")") from None
+
+from .edge import Edge, error_response  # (after the extra's check: the edge is an ASGI app of starlette's)
 
 MiB = 1 << 20
 
@@ -68,30 +70,25 @@ class ServerParams:
 # OpenAI's and llama-cpp-python's request fields. Unknown fields are refused, as OpenAI does; fields the Engine
 # does not implement are passed to it, and it refuses a value other than the default in one line (400).
 
-class _Body(BaseModel):
+class _Fields(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
     max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
     typical_p: Optional[float] = None
-    repeat_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[dict] = None  # include_usage: the last chunk carries `usage` anyway
     n: Optional[int] = None
-    logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     tfs_z: Optional[float] = None
     mirostat_mode: Optional[int] = None
     mirostat_tau: Optional[float] = None
     mirostat_eta: Optional[float] = None
-    grammar: Optional[str] = None
+
+
+# and the sampling arguments, as edgecad.arguments declares them (the Engine checks their ranges)
+_Body = create_model("_Body", __base__=_Fields, **{a.name: (Optional[a.json], None) for a in SAMPLING})
 
 
 class CompletionRequest(_Body):
@@ -174,31 +171,25 @@ def _text_message(m: dict, i: int) -> dict:
 
 # ---------------------------------------------------------------------------- errors
 
-def _error(status: int, message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None,
-           headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
-                        headers=headers)
-
-
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
     """pydantic's first complaint as one line: malformed JSON, an unknown field, a value of the wrong type."""
     e = exc.errors()[0]
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     field = ".".join(loc) or None
     if e.get("type") == "json_invalid":
-        return _error(400, f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])}): "
-                           "send a JSON object", "invalid_request_error")
+        return error_response(400, f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])}): "
+                                   "send a JSON object", "invalid_request_error")
     if e.get("type") == "extra_forbidden":
-        return _error(400, f"unrecognized request argument supplied: {field}", "invalid_request_error", field)
+        return error_response(400, f"unrecognized request argument supplied: {field}", "invalid_request_error", field)
     if not loc and e.get("type") == "missing":
-        return _error(400, "the request body is empty: send a JSON object of the request's arguments",
-                      "invalid_request_error")
+        return error_response(400, "the request body is empty: send a JSON object of the request's arguments",
+                              "invalid_request_error")
     if e.get("type") == "model_attributes_type" and not loc:
-        return _error(400, "the request body must be a JSON object of the request's arguments",
-                      "invalid_request_error")
+        return error_response(400, "the request body must be a JSON object of the request's arguments",
+                              "invalid_request_error")
     if e.get("type") == "missing":
-        return _error(400, f"missing required argument: {field}", "invalid_request_error", field)
-    return _error(400, f"{field}: {e['msg']}" if field else e["msg"], "invalid_request_error", field)
+        return error_response(400, f"missing required argument: {field}", "invalid_request_error", field)
+    return error_response(400, f"{field}: {e['msg']}" if field else e["msg"], "invalid_request_error", field)
 
 
 # ---------------------------------------------------------------------------- the server
@@ -231,7 +222,7 @@ class Server:
         app = FastAPI(title="edgecad", description="OpenAI-compatible API of an edgecad engine",
                       lifespan=self._lifespan)
         app.add_exception_handler(RequestValidationError, lambda r, e: _validation_error(e))
-        app.add_exception_handler(HTTPException, lambda r, e: _error(
+        app.add_exception_handler(HTTPException, lambda r, e: error_response(
             e.status_code, f"{r.method} {r.url.path}: {e.detail}", "invalid_request_error",
             code="not_found" if e.status_code == 404 else None, headers=e.headers))
 
@@ -254,13 +245,12 @@ class Server:
         async def chat_completions(body: ChatCompletionRequest, request: Request):
             return await self._complete(request, body)
 
-        return _Edge(app, self)
+        return Edge(app, self.params, self.busy)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
         # uvicorn has its own SIGINT handler now: chain edgecad's C one in front of it, so that Ctrl-C also
         # stops C code that waits (a pass on slow storage, a load) as it does in the other commands
-        from . import native
         native.lib.ec_interrupt_install()
         asyncio.get_running_loop().run_in_executor(self.pool, self._load_engine)
         yield
@@ -292,22 +282,25 @@ class Server:
         """429 when max_queue requests wait already (checked by the edge before a body is read, and again here)."""
         if self.pending <= self.params.max_queue:
             return None
-        return _error(429, f"the server is busy: {self.pending} requests are running or waiting (--max-queue "
-                           f"{self.params.max_queue}); retry later", "rate_limit_error", headers={"Retry-After": "2"})
+        return error_response(429, f"the server is busy: {self.pending} requests are running or waiting "
+                                   f"(--max-queue {self.params.max_queue}); retry later", "rate_limit_error",
+                              headers={"Retry-After": "2"})
 
     async def _complete(self, request: Request, body: _Body):
+        """A completion request: refused now (loading, another model, bad arguments, a full queue), or run in its
+        turn and streamed as events or joined."""
         chat, name = isinstance(body, ChatCompletionRequest), body.model or self.name
         if self.engine is None:
-            return _error(503, "the model is still loading: retry in a few seconds (GET /health says when it is "
-                               "ready)", "unavailable_error", headers={"Retry-After": "5"})
+            return error_response(503, "the model is still loading: retry in a few seconds (GET /health says when "
+                                       "it is ready)", "unavailable_error", headers={"Retry-After": "5"})
         if body.model is not None and self.params.names and body.model not in self.params.names:
-            return _error(404, f"model {body.model!r} is not served here: use one of "
-                               f"{', '.join(self.params.names)} (GET /v1/models)", "invalid_request_error", "model",
-                          "model_not_found")
+            return error_response(404, f"model {body.model!r} is not served here: use one of "
+                                       f"{', '.join(self.params.names)} (GET /v1/models)", "invalid_request_error",
+                                  "model", "model_not_found")
         try:
             args = _engine_args(body, self.engine.n_ctx)
         except RequestError as e:
-            return _error(400, str(e), "invalid_request_error", e.param)
+            return error_response(400, str(e), "invalid_request_error", e.param)
         busy = self.busy()
         if busy is not None:
             return busy
@@ -338,7 +331,7 @@ class Server:
             first = await self._run(next, stream, None)
         except RequestError as e:
             done()
-            return _error(400, str(e), "invalid_request_error", e.param)
+            return error_response(400, str(e), "invalid_request_error", e.param)
         except BaseException as e:
             done()
             if isinstance(e, asyncio.CancelledError):
@@ -346,6 +339,11 @@ class Server:
             return self._failure(e, request)
         if body.stream:
             return _Stream(self._events(request, stream, first, name), done, sep="\n", ping=15, send_timeout=30)
+        return await self._joined(request, stream, first, name, done)
+
+    async def _joined(self, request: Request, stream, first, name: str, done: Callable[[], None]):
+        """The response of a request not streamed: the stream's chunks joined, once they all came; done() gives
+        the engine back however it ends."""
         try:
             chunks = [first]
             while chunks[-1] is not None:
@@ -397,7 +395,7 @@ class Server:
         request.state.log = " engine failed"
         public = _without_paths(str(e)) if isinstance(e, EdgecadError) else \
             f"{type(e).__name__} (the server's log says more)"
-        return _error(500, f"the engine failed: {public}", "server_error")
+        return error_response(500, f"the engine failed: {public}", "server_error")
 
 
 def _describe(e: BaseException) -> str:
@@ -413,8 +411,8 @@ def _without_paths(msg: str) -> str:
 
 def _cancelled(request: Request, when: str) -> JSONResponse:
     request.state.log = f" cancelled {when}"
-    return _error(503, f"the request was cancelled {when}: the client went away or the server is stopping",
-                  "unavailable_error")
+    return error_response(503, f"the request was cancelled {when}: the client went away or the server is stopping",
+                          "unavailable_error")
 
 
 class _Stream(EventSourceResponse):
@@ -435,7 +433,7 @@ class _Stream(EventSourceResponse):
 
 
 def _log_completion(request: Request, last: dict) -> None:
-    """What the access log line says of a completion (_Edge writes the line when the response ends)."""
+    """What the access log line says of a completion (the Edge writes the line when the response ends)."""
     u, st = last.get("usage") or {}, last.get("edgecad") or {}
     request.state.log = (f" prompt {u.get('prompt_tokens', 0)} + {u.get('completion_tokens', 0)} tokens, "
                          f"{st.get('tokens_per_second', 0.0):.1f} tok/s, {st.get('config', '?')}")
@@ -443,183 +441,6 @@ def _log_completion(request: Request, last: dict) -> None:
 
 def _host(h: str) -> str:
     return f"[{h}]" if ":" in h else h
-
-
-# ---------------------------------------------------------------------------- the edge
-# A server on 127.0.0.1 is reachable by every web page the user has open. A browser sends `Origin` with every
-# cross-origin POST: only loopback pages and the origins the user allows may use the server (anything else gets
-# 403 before its body is read). A request without `Origin` is not a browser's (curl, the openai client). DNS
-# rebinding (a page whose own name resolves to 127.0.0.1) is stopped by the `Host` check: a browser sends the
-# page's name there, never an IP address it did not connect to.
-
-_LOOPBACK = ("localhost", "127.0.0.1", "::1")
-COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
-
-
-def _loopback_name(name: str) -> bool:
-    return name in _LOOPBACK or name.endswith(".localhost")  # (browsers resolve *.localhost to loopback)
-
-
-def _origins(params: ServerParams) -> set[str]:
-    """The origins allowed beside loopback pages, as origin_allowed compares them ("*": any page)."""
-    return {o.rstrip("/").lower() for o in params.cors_origins}
-
-
-def _host_names(params: ServerParams) -> set[str]:
-    """The Host names allowed beside loopback names and IP addresses: the address the server was told to bind,
-    this machine's name when it listens beyond loopback, and the names the user allows."""
-    names = {params.host.lower(), *(h.lower() for h in params.allowed_hosts)}
-    if params.host not in _LOOPBACK:
-        names |= {socket.gethostname().lower(), socket.gethostname().lower() + ".local"}
-    return names
-
-
-def origin_allowed(origin: str, allowed: set[str]) -> bool:
-    """Whether a web page of this origin (scheme://host[:port]) may use the server: loopback pages, and the
-    `allowed` origins (_origins)."""
-    if "*" in allowed or origin.rstrip("/").lower() in allowed:
-        return True
-    m = re.fullmatch(r"https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?", origin)
-    return m is not None and _loopback_name(m.group(1).strip("[]").lower())
-
-
-def host_allowed(host: str, names: set[str]) -> bool:
-    """Whether a request's Host header names this server: a loopback name, an IP address (a page cannot make a
-    browser send an address it did not connect to), or one of `names` (_host_names)."""
-    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(:[0-9]{1,5})?", host)
-    if m is None:
-        return False
-    name = m.group(1).strip("[]").lower().rstrip(".")
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        pass
-    return _loopback_name(name) or name in names
-
-
-def _cors(origin: str) -> list[tuple[bytes, bytes]]:
-    return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
-
-
-class _Edge:
-    """The HTTP edge, before the app: the Host and Origin checks, CORS (preflights answered here, before the
-    key: browsers send no credentials on them), the API key (on everything but /health), a full queue refused
-    before the body is read, the body's size (read and counted before the app sees it), and one log line per
-    request (method, path, status, and for a completion its tokens and speed)."""
-
-    def __init__(self, app, server: Server):
-        self.app, self.server = app, server
-        self.origins, self.hosts = _origins(server.params), _host_names(server.params)  # (once, not per request)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, status, logged = time.perf_counter(), [0], [False]
-        scope.setdefault("state", {})
-        headers = dict(scope["headers"])
-        origin = headers.get(b"origin", b"").decode("latin-1") or None  # set: a web page's request
-        page_ok = origin is not None and origin_allowed(origin, self.origins)
-
-        def log():
-            if not logged[0]:
-                logged[0] = True
-                sys.stderr.write(f"{scope['method']} {scope['path']} {status[0]}{scope['state'].get('log', '')} "
-                                 f"({time.perf_counter() - t0:.2f} s)\n")
-
-        async def send_logged(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                if page_ok:
-                    message = {**message, "headers": [*message.get("headers", []), *_cors(origin)]}
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                log()
-
-        refusal = self._refusal(scope, headers, origin, page_ok)
-        if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            refusal, receive = await self._bounded(receive)
-            if origin is None:  # not a browser: the body is JSON whatever the client labelled it (`curl -d`)
-                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                         + [(b"content-type", b"application/json")]}
-        try:
-            await (refusal or self.app)(scope, receive, send_logged)
-        finally:
-            log()  # a response that never ended (a stream whose client went away) is logged too
-
-    def _refusal(self, scope, headers: dict, origin: Optional[str], page_ok: bool):
-        """The response that ends a request before the app sees it, or None to go on."""
-        p = self.server.params
-        host = headers.get(b"host", b"").decode("latin-1")
-        if host and not host_allowed(host, self.hosts):
-            return _error(403, f"requests for host {host!r} are refused: this server answers to localhost and "
-                               "its IP addresses (a web page may be trying DNS rebinding); to use that name, start "
-                               "it with --allowed-hosts NAME", "permission_error", code="host_not_allowed")
-        if origin is not None and not page_ok:
-            return _error(403, f"requests from the web page at {origin!r} are refused: to let that page use this "
-                               f"server, start it with --cors-origins {origin} (or EDGECAD_CORS_ORIGINS)",
-                          "permission_error", code="origin_not_allowed")
-        if page_ok and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
-            return _Preflight(headers)
-        if p.api_key is not None and scope["path"] != "/health":
-            auth = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(auth, f"Bearer {p.api_key}".encode()):
-                return _error(401, "missing or wrong API key: send the header \"Authorization: Bearer <key>\" with "
-                                   "the key the server was started with (--api-key)", "authentication_error",
-                              code="invalid_api_key")
-        busy = self.server.busy() if scope["method"] == "POST" and scope["path"] in COMPLETION_PATHS else None
-        if busy is not None:
-            return busy
-        if page_ok and scope["method"] in ("POST", "PUT", "PATCH"):
-            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-            if kind != b"application/json":
-                return _error(415, f"the request body is labelled {kind.decode('latin-1') or 'nothing'!r}: a web "
-                                   "page must send it as JSON (content-type: application/json)",
-                              "invalid_request_error")
-        return None
-
-    async def _bounded(self, receive):
-        """Read the whole body (at most max_body bytes) and hand it to the app from memory."""
-        limit, parts, size = self.server.params.max_body, [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None, receive  # the client went away: the app sees the disconnect
-            size += len(message.get("body", b""))
-            if size > limit:
-                return _error(413, f"the request body is larger than {limit:,} bytes: send a shorter prompt",
-                              "invalid_request_error"), receive
-            parts.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(parts)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return None, replay
-
-
-class _Preflight:
-    """A CORS preflight from an allowed origin: the methods and headers a page may use (its CORS origin header
-    is added by the edge, as on every response to a page)."""
-
-    def __init__(self, headers: dict):
-        asked = headers.get(b"access-control-request-headers", b"")
-        self.headers = [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-                        (b"access-control-allow-headers", asked[:1024] or b"authorization, content-type"),
-                        (b"access-control-max-age", b"600")]
-        if headers.get(b"access-control-request-private-network") == b"true":  # Chrome: a public page to loopback
-            self.headers.append((b"access-control-allow-private-network", b"true"))
-
-    async def __call__(self, scope, receive, send):
-        await send({"type": "http.response.start", "status": 204, "headers": self.headers})
-        await send({"type": "http.response.body", "body": b""})
 
 
 # ---------------------------------------------------------------------------- main

@@ -8,7 +8,7 @@ from llama_cpp import Llama
 
 import edgecad
 from edgecad import Engine
-from edgecad.errors import (EdgecadError, ModelFileError, ModelNotFetchedError, PromptTooLongError,
+from edgecad.errors import (EdgecadError, ModelFileError, ModelNotFetchedError, PromptTooLongError, RequestError,
                             UnknownModelError, VocabularyMismatchError)
 
 from helpers import PROMPTS, sigint_after
@@ -178,6 +178,17 @@ def test_unsupported_arguments_are_refused_by_name(engine):
         engine.create_chat_completion([{"role": "user", "content": "hi"}], tools=[{"type": "function"}])
     with pytest.raises(EdgecadError, match=r"top_p=5 is out of range: use a value > 0 and <= 1"):
         engine.create_completion("hi", top_p=5)
+
+
+@pytest.mark.parametrize("name, bad", [("temperature", -1), ("top_p", 0), ("min_p", 2), ("repeat_penalty", 0),
+                                       ("frequency_penalty", 2e6), ("presence_penalty", -2e6), ("top_k", 1.5)])
+def test_each_sampling_argument_out_of_range_is_refused_by_name(engine, name, bad):
+    """Both public methods pass their sampling arguments to the one check (edgecad.arguments.SAMPLING)."""
+    for create, first in ((engine.create_completion, "hi"),
+                          (engine.create_chat_completion, [{"role": "user", "content": "hi"}])):
+        with pytest.raises(RequestError, match=rf"^{name}={bad!r} is out of range: use ") as err:
+            create(first, **{name: bad})
+        assert err.value.param == name
 
 
 @pytest.mark.parametrize("mode", ["target", "tree"])

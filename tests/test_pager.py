@@ -10,7 +10,7 @@ from edgecad import Engine, native
 from edgecad.cgroup import drop_file_cache
 from edgecad.errors import EdgecadError, ModelFileError
 from edgecad.gguf_file import read_gguf
-from edgecad.measure import read_bandwidth
+from edgecad.measure import paging_plan, read_bandwidth
 from edgecad.plan import PagerParams
 
 from helpers import PROMPTS as ALL_PROMPTS, budget_for, sigint_after
@@ -289,7 +289,7 @@ def test_freeing_the_model_closes_its_pager_first(paging_pair):
     info = read_gguf(target)
     before = file_mappings(target)
     model, _ = _load_model(target, lazy=True)
-    pager = Pager(model, info, plan_budget(info, budget_for(target, p), p), new_mapping(target, before))
+    pager = Pager(model, info, paging_plan(info, budget_for(target, p), p), new_mapping(target, before))
     assert pager.handle
     model.close()
     assert not pager.handle

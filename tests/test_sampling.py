@@ -31,6 +31,20 @@ def test_draws_follow_the_distribution():
     chi_square(counts, p * 8000, tv=0.03)
 
 
+def test_the_sampling_arguments_are_declared_once():
+    """edgecad.arguments.SAMPLING names each SamplingParams field once, and each is a keyword of both public
+    methods (whose signatures are llama-cpp-python's: the one place besides the declaration a new one goes)."""
+    import inspect
+    from dataclasses import fields
+
+    from edgecad import Engine
+    from edgecad.arguments import SAMPLING
+    names = [a.name for a in SAMPLING]
+    assert sorted(names) == sorted(f.name for f in fields(SamplingParams))
+    for method in (Engine.create_completion, Engine.create_chat_completion):
+        assert set(names) <= set(inspect.signature(method).parameters), method
+
+
 # ---------------------------------------------------------------------------- Llama's arguments, in every mode
 # Greedy: each argument gives llama_cpp.Llama's own tokens on the same (F32, exact) model, in target, tree and
 # linear modes, resident and paged: in a tree each node's logits go through the chain with its own path.

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from ..errors import EdgecadError
 from ..gguf_file import GGUFInfo
-from .costs import MAX_TREE_NODES, Costs, speed, tree_size, waits
+from .costs import Costs, speed, tree_size, waits
 from .paging import BudgetPlan, PagerParams, plan_budget
 from .remote import RemotePlan
 from .sizes import compute_bytes, kv_bytes

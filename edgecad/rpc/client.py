@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import socket
-import sys
 import threading
 import time
 from typing import Callable
@@ -15,7 +14,7 @@ from .. import native
 from ..errors import RemoteLostError
 from ..native import RPC_ADD_SERVER, ggml_base
 from ..plan import RemoteDevice
-from . import GRACE, address, parse_endpoint, require, sockets, timeout
+from . import GRACE, parse_endpoint, require, sockets, timeout
 
 RPC_PROTO = (7, 0)  # (major, minor) of the pinned llama.cpp's ggml-rpc.h: RPC_PROTO_MAJOR/MINOR_VERSION
 _HELLO = 14         # RPC_CMD_HELLO ("must be always 14"); its request: 24 bytes of connection capabilities
