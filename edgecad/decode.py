@@ -17,7 +17,7 @@ from .pipeline import Pipeline
 from .sampling import SamplingParams, log_softmax, pick, processed
 from .drafter import Drafter
 from .fallback import FallbackThreshold
-from .tree import TokenTree, TreeParams
+from .tree import Acceptance, Fallback, TokenTree, TreeParams
 from .verify import Verdict, acceptance_for, keep_accepted, verify_tree
 
 
@@ -213,7 +213,7 @@ class SpeculativeDecoder:
         reused = target.reused
         if not prefix:
             stats.prompt_done(time.perf_counter() - t0, reused)
-        stats.lossless = p.acceptance == "exact"
+        stats.lossless = p.acceptance is Acceptance.EXACT
         accept, fallback, grammar = acceptance_for(p, sp), FallbackThreshold(p), _grammar(target, sp)
         if self.pipeline is not None:
             self.pipeline.start(rng)
@@ -249,7 +249,7 @@ class SpeculativeDecoder:
         finally:
             (stats.draft_passes, stats.seconds_draft, stats.seconds_chain, stats.chain_tokens,
              stats.reused_tokens) = (now - then for now, then in zip(self._counters(), d0))
-            stats.fallback = fallback.summary() if p.fallback == "adaptive" else None
+            stats.fallback = fallback.summary() if p.fallback is Fallback.ADAPTIVE else None
 
     def _counters(self) -> tuple:
         """The drafter's and the pipeline's running counts, as Stats' draft_passes, seconds_draft, seconds_chain,

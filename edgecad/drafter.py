@@ -21,7 +21,7 @@ import numpy as np
 from .errors import RequestError
 from .llama import Batch, Context
 from .sampling import SamplingParams, distribution, sample_from
-from .tree import TokenTree, TreeParams, keep_path
+from .tree import Fallback, TokenTree, TreeParams, keep_path
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class Drafter:
                 new += self._expand(g, br, sp, rng)
             if not new:
                 break
-            if self.p.fallback == "adaptive" and max(tree.conf[g.leaf[br]] for br in g.active) < threshold:
+            if self.p.fallback is Fallback.ADAPTIVE and max(tree.conf[g.leaf[br]] for br in g.active) < threshold:
                 break  # the tree is unsure enough: hand over to the target
             if tree.n_drafted >= max_nodes or all(tree.depth[g.leaf[br]] >= max_depth for br in g.active):
                 break
@@ -233,7 +233,7 @@ class Drafter:
             g.active.discard(br)  # (nothing follows an end of generation: no node is drafted past it)
             return []
         q = g.dist[node]
-        if p.fallback == "token" and q.max() < p.p_min:
+        if p.fallback is Fallback.TOKEN and q.max() < p.p_min:
             g.active.discard(br)
             return []
         d = int(tree.depth[node])
