@@ -17,7 +17,7 @@ from .pipeline import Pipeline
 from .sampling import SamplingParams, log_softmax, pick, processed
 from .drafter import Drafter
 from .fallback import FallbackThreshold
-from .tree import TokenTree, TreeParams
+from .tree import Acceptance, Fallback, TokenTree, TreeParams
 from .verify import Verdict, acceptance_for, keep_accepted, verify_tree
 
 
@@ -133,9 +133,10 @@ class SpeculativeDecoder:
                  is_eog: Callable[[int], bool], pipeline: Optional[Pipeline] = None):
         self.target, self.batch, self.drafter, self.p = target, batch, drafter, params
         self.is_eog, self.pipeline = is_eog, pipeline
-        # the target's pass: verify_tree, or with the pipeline the same while a chain is drafted beside it
+        # the target's pass: verify_tree, or with the pipeline the same while a chain is drafted beside it (offered
+        # to the drafter's accept, the third value)
         self.verify = pipeline.verify if pipeline is not None else (
-            lambda target, batch, tree, sp, room, left, prefix: verify_tree(target, batch, tree, prefix))
+            lambda target, batch, tree, sp, room, left, prefix: (*verify_tree(target, batch, tree, prefix), None))
         self.check_kv = False  # tests: assert both KV caches hold only the accepted path after every step
 
     @property
@@ -183,7 +184,7 @@ class SpeculativeDecoder:
                              fallback.break_even(), grammar)
         # verify: one target pass over root + nodes (tree attention), logits for every node
         tv = time.perf_counter()
-        logits, leaf_seq = self.verify(self.target, self.batch, tree, sp, room, left, prefix)
+        logits, leaf_seq, chain = self.verify(self.target, self.batch, tree, sp, room, left, prefix)
         seconds = time.perf_counter() - tv
         # verdict: greedy keeps drafted tokens while they are the target's argmax; sampling accepts x with
         # min(1, p(x)/q(x)), else p <- norm(max(p - q, 0)); either way each token is the target's own
@@ -191,9 +192,9 @@ class SpeculativeDecoder:
         if grammar is not None:
             grammar.accept(bonus)
         ties = tuple(top2_gap(logits[i]) < NEAR_TIE_EPS for i in [0, *path])  # the rows that chose each token
-        # commit: both KV caches keep root + path; the bonus token is the next root
+        # commit: both KV caches keep root + path (the draft's also a chain drafted past it); the bonus is the next root
         keep_accepted(self.target, tree, leaf_seq, path)
-        drafter.accept(tree, path, bonus)
+        drafter.accept(tree, path, bonus, chain)
         # adapt: LLMCad's threshold from how much of the best branch was taken, capped by the measured cost
         fallback.step(tree, path, None if prefix else time.perf_counter() - t0)  # (a prompt's pass costs more)
         return tree, Verdict(path, bonus, divergent, seconds, ties, logits[[0, *path]].copy() if rows else None)
@@ -212,21 +213,19 @@ class SpeculativeDecoder:
         reused = target.reused
         if not prefix:
             stats.prompt_done(time.perf_counter() - t0, reused)
-        stats.lossless = p.acceptance == "exact"
+        stats.lossless = p.acceptance is Acceptance.EXACT
         accept, fallback, grammar = acceptance_for(p, sp), FallbackThreshold(p), _grammar(target, sp)
         if self.pipeline is not None:
             self.pipeline.start(rng)
         root_pos, produced, generated = len(head), 0, []  # the root's position
-        counters = lambda: (drafter.decodes, drafter.seconds, drafter.seconds_extend, drafter.chain_tokens,
-                            drafter.reused_tokens)
-        d0 = counters()
+        d0 = self._counters()
         try:
             while produced < max_tokens and root_pos < target.n_ctx:
                 room, left = target.n_ctx - root_pos - 1, max_tokens - produced - 1  # KV cells, tokens after root
                 tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix, grammar,
                                           stats.logprobs is not None)
                 if prefix:  # the prompt's pass: its time is the prompt's, as the target's first pass is alone
-                    stats.prompt_passes, prefix, d0 = 1, [], counters()
+                    stats.prompt_passes, prefix, d0 = 1, [], self._counters()
                     stats.prompt_done(time.perf_counter() - t0, reused)
                 else:
                     stats.seconds_target += verdict.seconds
@@ -248,13 +247,15 @@ class SpeculativeDecoder:
                     if produced >= max_tokens or self.is_eog(tok):
                         return
         finally:
-            n, s, se, ct, rt = d0
-            stats.draft_passes = drafter.decodes - n
-            stats.seconds_draft = drafter.seconds - s
-            stats.seconds_chain = drafter.seconds_extend - se
-            stats.chain_tokens = drafter.chain_tokens - ct
-            stats.reused_tokens = drafter.reused_tokens - rt
-            stats.fallback = fallback.summary() if p.fallback == "adaptive" else None
+            (stats.draft_passes, stats.seconds_draft, stats.seconds_chain, stats.chain_tokens,
+             stats.reused_tokens) = (now - then for now, then in zip(self._counters(), d0))
+            stats.fallback = fallback.summary() if p.fallback is Fallback.ADAPTIVE else None
+
+    def _counters(self) -> tuple:
+        """The drafter's and the pipeline's running counts, as Stats' draft_passes, seconds_draft, seconds_chain,
+        chain_tokens and reused_tokens: a completion's are their differences."""
+        d, pl = self.drafter, self.pipeline
+        return d.decodes, d.seconds, pl.seconds if pl else 0.0, pl.tokens if pl else 0, d.reused_tokens
 
     def _check_kv(self, root_pos: int) -> None:
         """Both caches hold only sequence 0: the target every accepted token before the root,

@@ -5,55 +5,81 @@ llama_decode holding every node added in that iteration, each node tagged with
 the KV sequence of its branch. A branch forks from node L by copying its
 parent branch's KV up to L's position (seq_cp over a position range), so each
 branch's sequence always holds exactly the prefix + its own path.
+
+A tree may start from a kept chain (tokens drafted past the last tree's leaf beside the target's pass,
+edgecad.pipeline): it grows exactly as it would without it, but while its first branch follows the chain it
+reuses the chain's distributions and decoded KV cells instead of decoding again.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from .errors import RequestError
 from .llama import Batch, Context
 from .sampling import SamplingParams, distribution, sample_from
-from .tree import TokenTree, TreeParams, keep_path
+from .tree import Fallback, TokenTree, TreeParams, keep_path
 
 
-@dataclass
+@dataclass(frozen=True)
 class Chain:
-    """Tokens drafted past a tree's most likely leaf while the target verified the tree (Drafter.extend)."""
+    """Tokens drafted past a tree's leaf while the target verified the tree (edgecad.pipeline), offered to
+    `Drafter.accept`: kept when the target took the leaf's branch and then the chain's first token."""
     leaf: int      # the tree node the chain continues
     branch: int    # the draft KV sequence holding the leaf and the decoded chain
-    tokens: list   # x1..xm; x1..x(m-1) are decoded, at positions pos(leaf)+1..
-    qs: list       # [m] the draft distribution each token was chosen from (after the leaf, x1, ...)
+    tokens: tuple  # x1..xm; x1..x(m-1) are decoded, at positions pos(leaf)+1..
+    qs: tuple      # [m] the draft distribution each token was chosen from (after the leaf, x1, ...)
+
+
+def advanced(state, token: int):
+    """The grammar's `state` advanced by `token` (in place), or None: no grammar, or it forbids the token there
+    (nothing after it is the target's)."""
+    if state is not None:
+        try:
+            state.accept(token)  # (it checks the token first)
+        except RequestError:
+            return None
+    return state
 
 
 @dataclass
 class _Growth:
-    """One tree being grown (Drafter.draft)."""
+    """One tree being grown (Drafter.draft), kept until the next: drafting past its leaves (Drafter.past) needs
+    its distributions and grammar states."""
     tree: TokenTree
-    seed: Optional[Chain]   # the kept chain the tree starts from, if any
     max_nodes: int
     max_depth: int
-    seeded: dict = field(default_factory=dict)  # tree node -> its index in seed.tokens, while branch 1 follows it
-    seed_end: int = 0       # the last chain cell in branch 1
+    break_even: Optional[float]  # branch confidence at which a node pays (alternatives below branch_p)
+    dist: dict    # node -> the draft's distribution after it (decoded nodes)
+    states: dict  # node -> the grammar's state after its path (edgecad.llama.Grammar or None)
+    seed: Optional[Chain] = None  # the kept chain the tree starts from (branch 1 holds its decoded tokens)
+    seeded: set = field(default_factory=set)  # nodes that follow it (the node at depth d: seed.tokens[d])
     leaf: dict = field(default_factory=lambda: {1: 0})   # branch -> its newest node
     count: dict = field(default_factory=lambda: {1: 0})  # branch -> drafted tokens it owns
     active: set = field(default_factory=lambda: {1})     # branches still growing
     next_branch: int = 2    # the next draft KV sequence to fork into
-    break_even: Optional[float] = None  # branch confidence at which a node pays (alternatives below branch_p)
+
+    def state(self, node: int):
+        """The grammar's state after the path to `node` (the root: the completion's, which has taken the root
+        already), or None: no grammar, or the path holds a token the grammar forbids."""
+        if node not in self.states:
+            up = self.state(int(self.tree.parent[node]))
+            self.states[node] = advanced(up.clone(), int(self.tree.token[node])) if up is not None else None
+        return self.states[node]
 
 
 class Drafter:
     """Builds token trees with the resident draft model and keeps its KV cache in step.
 
-    The drafter owns its cache: `start(prompt)`, then per step `draft` -> (the target verifies) ->
-    `accept(tree, path, bonus)`. Between steps, sequence 0 holds the accepted tokens `ctx.tokens`
-    (n_past of them) and `pending` are the accepted tokens after them (the last is the next root); or,
-    when the target accepted a chain pre-drafted by `extend`, `seed` is that chain: its first token is
-    the next root (decoded, in ctx.tokens) and sequence 0 also holds the chain's decoded tokens after
-    it. `start` reconciles the cache with a new prompt by longest common prefix.
+    As llama.cpp's common/speculative: `start(prompt)` reconciles the cache with a new prompt by longest common
+    prefix; then per step `draft` -> (the target verifies) -> `accept(tree, path, bonus, chain)`. Between steps,
+    sequence 0 holds the accepted tokens `ctx.tokens` (n_past of them) and `pending` are the accepted tokens after
+    them (the last is the next root); or, when the target took a chain drafted past the tree, the chain is kept:
+    its first token is the next root (decoded, in ctx.tokens), sequence 0 also holds its decoded tokens after it,
+    and the next tree starts from it.
     """
 
     def __init__(self, ctx: Context, params: TreeParams, n_seq_max: int, n_batch: int):
@@ -61,16 +87,11 @@ class Drafter:
         self.n_seq_max = n_seq_max
         self.batch = Batch(max(n_batch, params.max_nodes + 1), n_seq_max)
         self.pending: list[int] = []
-        self.seed: Optional[Chain] = None   # a kept chain: the start of the next tree
-        self.chain: Optional[Chain] = None  # the chain drafted beside the current tree's verification
-        self._dist: dict[int, np.ndarray] = {}  # node -> draft distribution after it, for the current tree
-        self._tree: Optional[TokenTree] = None  # the tree being drafted
-        self._states: dict = {}  # node -> the grammar's state after its path (edgecad.llama.Grammar or None)
+        self._seed: Optional[Chain] = None  # a kept chain: the start of the next tree
+        self._g: Optional[_Growth] = None   # the last tree drafted
         self.decodes = 0
-        self.seconds = 0.0         # drafting trees (the target waits)
-        self.seconds_extend = 0.0  # drafting chains beside target passes (overlapped)
-        self.chain_tokens = 0      # tokens drafted into chains
-        self.reused_tokens = 0     # chain tokens the next tree started from
+        self.seconds = 0.0       # drafting trees (the target waits)
+        self.reused_tokens = 0   # kept chains' tokens the next trees started from
 
     def close(self) -> None:
         self.batch.close()
@@ -79,7 +100,7 @@ class Drafter:
         """A new sequence: the cache holds all of `prompt` but its last token (the first root); what it
         already held in common with it is kept."""
         self.ctx.sync(self.batch, prompt[:-1])
-        self.pending, self.seed, self.chain = [prompt[-1]], None, None
+        self.pending, self._seed = [prompt[-1]], None
 
     @property
     def n_past(self) -> int:
@@ -89,15 +110,13 @@ class Drafter:
     @property
     def kv_end(self) -> int:
         """Last position sequence 0 holds between steps."""
-        return self.n_past - 1 + (len(self.seed.tokens) - 2 if self.seed else 0)
+        return self.n_past - 1 + (len(self._seed.tokens) - 2 if self._seed else 0)
 
-    def _probs(self, logits: np.ndarray, sp: SamplingParams, node: int = -1, state=None) -> np.ndarray:
+    def _probs(self, logits: np.ndarray, sp: SamplingParams, state) -> np.ndarray:
         """The draft's distribution at a node: its own probabilities when greedy, else the sampling one, masked
-        by the grammar after the node's path when the completion has one (a token it forbids is never drafted;
-        `state`: the grammar's state, when the node is a chain's, past the tree). Kept in float32 (a tree holds
-        one per node): draws and the acceptance rule use the same vector, so exactness holds whatever the mask."""
-        if node >= 0:
-            state = self._state(node)
+        by the grammar's `state` after the node's path when the completion has one (a token it forbids is never
+        drafted). Kept in float32 (a tree holds one per node): draws and the acceptance rule use the same vector,
+        so exactness holds whatever the mask."""
         if state is not None:
             try:
                 logits = state.mask(logits, self.p.max_width if sp.greedy else sp.top_k)
@@ -128,34 +147,15 @@ class Drafter:
         draws = [first] if first is not None else []
         return draws + [sample_from(q, rng) for _ in range(k - len(draws))]
 
-    def _state(self, node: int):
-        """The grammar's state after the path to `node` (the root: the completion's, which has taken the root
-        already), or None: no grammar, or the path holds a token the grammar forbids."""
-        if node not in self._states:
-            tree, parent = self._tree, int(self._tree.parent[node])
-            up = self._state(parent) if parent >= 0 else None
-            state = up.clone() if up is not None else None
-            if state is not None:
-                try:
-                    state.accept(int(tree.token[node]))  # (it checks the token first)
-                except RequestError:  # the grammar forbids it here: nothing after it is the target's
-                    state = None
-            self._states[node] = state
-        return self._states[node]
-
     def draft(self, max_nodes: int, max_depth: int, sp: SamplingParams, rng: np.random.Generator,
               threshold: float, break_even: Optional[float] = None, grammar=None) -> TokenTree:
         """Decode what the draft has not seen, then grow a tree of at most max_nodes drafted tokens
         and max_depth levels from the root (the last accepted token). break_even: the branch confidence at
         which a node pays for its cost (FallbackThreshold.break_even): an alternative child whose branch
-        confidence reaches it joins even below branch_p (IO-bound passes: wide trees). With a kept chain
-        (`seed`), the tree grows exactly as it would without it, but a child that is the chain's next token
-        on branch 1 reuses the chain's decode instead of decoding again. grammar: the completion's (in its
-        state after the root), which masks the draft's distributions."""
+        confidence reaches it joins even below branch_p (IO-bound passes: wide trees). grammar: the
+        completion's (in its state after the root), which masks the draft's distributions."""
         t0 = time.perf_counter()
-        self._states = {0: grammar}
-        g = self._root(max_nodes, max_depth, sp)
-        g.break_even = break_even
+        g = self._g = self._root(max_nodes, max_depth, sp, break_even, grammar)
         tree = g.tree
         while g.active and tree.n_drafted < max_nodes:
             # one level: each branch due its fair share of the node budget (share proportional to its
@@ -170,58 +170,61 @@ class Drafter:
                 new += self._expand(g, br, sp, rng)
             if not new:
                 break
-            if self.p.fallback == "adaptive" and max(tree.conf[g.leaf[br]] for br in g.active) < threshold:
+            if self.p.fallback is Fallback.ADAPTIVE and max(tree.conf[g.leaf[br]] for br in g.active) < threshold:
                 break  # the tree is unsure enough: hand over to the target
             if tree.n_drafted >= max_nodes or all(tree.depth[g.leaf[br]] >= max_depth for br in g.active):
                 break
-            self._decode_level(tree, [c for c in new if not tree.decoded[c]], sp)
+            self._decode_level(g, [c for c in new if not tree.decoded[c]], sp)
         if g.seed is not None:  # chain cells past the tree's last use of them
-            used = max((tree.pos(c) for c in g.seeded if tree.decoded[c]), default=tree.root_pos)
-            if g.seed_end > used:
+            used = max(tree.pos(c) for c in g.seeded if tree.decoded[c])  # (the root is)
+            if tree.root_pos + len(g.seed.tokens) - 2 > used:
                 self.ctx.seq_rm(1, used + 1, -1)
         self.seconds += time.perf_counter() - t0
         return tree
 
-    def _root(self, max_nodes: int, max_depth: int, sp: SamplingParams) -> "_Growth":
+    def _root(self, max_nodes: int, max_depth: int, sp: SamplingParams, break_even: Optional[float],
+              grammar) -> _Growth:
         """A new tree at the root: the pending tokens decoded (in sequence 0 and branch 1), or a kept chain's
-        first token as the root with its decoded tokens in branch 1."""
-        ctx, seed = self.ctx, self.seed
-        self.seed = None
+        first token as the root (decoded) with the chain's decoded tokens after it in branch 1."""
+        seed, self._seed = self._seed, None
         if seed is None:
             tree = TokenTree(max_nodes + 1, self.pending[-1], self.n_past + len(self.pending) - 1)
-        else:  # the chain's first token is the root; its decoded tokens follow in sequence 0
+        else:
             tree = TokenTree(max_nodes + 1, seed.tokens[0], self.n_past - 1)
             tree.decoded[0] = True
             self.reused_tokens += 1
-        self._dist = {0: seed.qs[1]} if seed is not None else {}
-        self._tree = tree
-        g = _Growth(tree, seed, max_nodes, max_depth)
+        g = _Growth(tree, max_nodes, max_depth, break_even, {0: seed.qs[1]} if seed else {}, {0: grammar})
         if max_nodes <= 0 or max_depth <= 0:
             if seed is not None:
-                ctx.seq_rm(0, tree.root_pos + 1, -1)
+                self.ctx.seq_rm(0, tree.root_pos + 1, -1)  # sequence 0: accepted tokens only
             g.active = set()
             return g
-        ctx.seq_cp(0, 1)  # branch 1 starts as the accepted prefix (and the kept chain)
-        if seed is None:
-            b = self.batch
-            b.clear()
-            for j, t in enumerate(self.pending):
-                b.add(t, self.n_past + j, (0, 1), j == len(self.pending) - 1)
-            ctx.decode(b)
-            ctx.tokens += self.pending
-            self.decodes += 1
-            tree.decoded[0] = True
-            self._dist[0] = self._probs(ctx.logits(len(self.pending) - 1), sp, 0)
-        else:
-            ctx.seq_rm(0, tree.root_pos + 1, -1)  # sequence 0: accepted tokens only
-            if tree.root_pos + len(seed.tokens) - 1 + max_nodes <= ctx.n_ctx:
-                g.seeded[0] = 0
-            else:  # no KV cells for the chain beside a full tree: drop it
-                ctx.seq_rm(1, tree.root_pos + 1, -1)
-        g.seed_end = tree.root_pos + (len(seed.tokens) - 2 if g.seeded else 0)  # last chain cell in branch 1
+        self.ctx.seq_cp(0, 1)  # branch 1 starts as the accepted prefix (and the kept chain)
+        if seed is not None:
+            self._follow(g, seed)
+            return g
+        b, n = self.batch, len(self.pending)
+        b.clear()
+        for j, t in enumerate(self.pending):
+            b.add(t, self.n_past + j, (0, 1), j == n - 1)
+        self.ctx.decode(b)
+        self.ctx.tokens += self.pending
+        self.decodes += 1
+        tree.decoded[0] = True
+        g.dist[0] = self._probs(self.ctx.logits(n - 1), sp, g.state(0))
         return g
 
-    def _expand(self, g: "_Growth", br: int, sp: SamplingParams, rng: np.random.Generator) -> list[int]:
+    def _follow(self, g: _Growth, seed: Chain) -> None:
+        """Branch 1 follows the kept chain from the root (sequence 0 keeps the accepted tokens only), when the KV
+        cells it holds fit beside a full tree; else it is dropped."""
+        root_pos = g.tree.root_pos
+        self.ctx.seq_rm(0, root_pos + 1, -1)
+        if root_pos + len(seed.tokens) - 1 + g.max_nodes <= self.ctx.n_ctx:
+            g.seed, g.seeded = seed, {0}
+        else:
+            self.ctx.seq_rm(1, root_pos + 1, -1)
+
+    def _expand(self, g: _Growth, br: int, sp: SamplingParams, rng: np.random.Generator) -> list[int]:
         """Children of branch br's newest node (the first continues the branch, the others fork new ones while
         KV sequences last); returns the new nodes. A branch at its depth, at an end of generation or (token
         fallback) below p_min stops."""
@@ -229,12 +232,13 @@ class Drafter:
         if tree.depth[node] >= g.max_depth or (node and ctx.model.is_eog(int(tree.token[node]))):
             g.active.discard(br)  # (nothing follows an end of generation: no node is drafted past it)
             return []
-        q = self._dist[node]
-        if p.fallback == "token" and q.max() < p.p_min:
+        q = g.dist[node]
+        if p.fallback is Fallback.TOKEN and q.max() < p.p_min:
             g.active.discard(br)
             return []
-        i = g.seeded.get(node)
-        nxt = g.seed.tokens[i + 1] if i is not None and i + 1 < len(g.seed.tokens) else None
+        d = int(tree.depth[node])
+        # the kept chain's next token, a draw from q made earlier: the first child (greedy: q's top-1 as well)
+        nxt = g.seed.tokens[d + 1] if node in g.seeded and d + 1 < len(g.seed.tokens) else None
         floor = g.break_even / tree.conf[node] if g.break_even is not None and tree.conf[node] > 0 else None
         # At most as many draws as can be placed (each new token takes a node and, past the first, a KV sequence),
         # decided before drawing: no draw is ever cut for lack of room, so how many are kept never depends on
@@ -242,9 +246,6 @@ class Drafter:
         room = min(g.max_nodes - tree.n_drafted, 1 + max(0, self.n_seq_max - g.next_branch))
         toks = self._children(q, max(1, min(p.max_width, room)), sp, rng, nxt, floor)
         tree.q[node] = q
-        if nxt is not None and toks[0] != nxt:  # the chain stops here: drop its cells past `node`
-            ctx.seq_rm(1, tree.pos(node) + 1, -1)
-            g.seed_end = tree.pos(node)
         new = []
         for t in toks:
             if t in tree.children[node]:
@@ -263,22 +264,22 @@ class Drafter:
                 break
             tree.draws[node].append(t)
             c = tree.add(node, t, float(q[t]), child_branch)
-            if t == nxt and child_branch == 1:  # the chain's next token: already drafted
-                g.seeded[c] = i + 1
-                if tree.pos(c) <= g.seed_end:  # and decoded
+            if t == nxt:  # the chain's next token, on branch 1: drafted already, and decoded up to x(m-1)
+                g.seeded.add(c)
+                if d + 1 <= len(g.seed.tokens) - 2:
                     tree.decoded[c] = True
-                    self._dist[c] = g.seed.qs[i + 2]
+                    g.dist[c] = g.seed.qs[d + 2]
                     self.reused_tokens += 1
             g.leaf[child_branch] = c
             g.count[child_branch] += 1
             new.append(c)
         return new
 
-    def _decode_level(self, tree: TokenTree, fresh: list[int], sp: SamplingParams) -> None:
+    def _decode_level(self, g: _Growth, fresh: list[int], sp: SamplingParams) -> None:
         """One draft decode of the new nodes, each in its branch's sequence: their children's distributions."""
         if not fresh:
             return
-        b = self.batch
+        tree, b = g.tree, self.batch
         b.clear()
         for c in fresh:
             b.add(int(tree.token[c]), tree.pos(c), (int(tree.branch[c]),), True)
@@ -286,65 +287,41 @@ class Drafter:
         self.decodes += 1
         for j, c in enumerate(fresh):
             tree.decoded[c] = True
-            self._dist[c] = self._probs(self.ctx.logits(j), sp, c)
+            g.dist[c] = self._probs(self.ctx.logits(j), sp, g.state(c))
 
-    def extend(self, tree: TokenTree, sp: SamplingParams, rng: np.random.Generator, max_len: int,
-               done: Callable[[], bool]) -> None:
-        """While the target verifies `tree` (until done()), draft on past its most likely leaf: a chain
-        of the draft's top-1 (greedy) or of single draws (sampling), one token per decode. `accept`
-        keeps it as the start of the next tree when the target takes that whole branch and its bonus
-        token is the chain's first (a draw of x(i+1) from q(. | ..., xi) is a valid single draft
-        draw at that node, so the sampling acceptance stays exact). With a grammar, each distribution is
-        masked by its state after the leaf's path and the chain so far, as the tree's own nodes are: a kept
-        chain's tokens and distributions become the next tree's nodes and theirs."""
-
-        self.chain = None
-        if max_len < 2 or not tree.decoded[0]:
-            return
-        t0 = time.perf_counter()
-        leaf = max(tree.leaves(), key=lambda i: tree.conf[i])
-        br, pos, tok = int(tree.branch[leaf]), tree.pos(leaf), int(tree.token[leaf])
-        if leaf == 0:  # nothing drafted: the root is in sequence 0 (accepted); draft the chain in branch 1
+    def past(self, leaf: int) -> tuple[int, Optional[np.ndarray], object]:
+        """Where drafting goes on past `leaf` of the last tree (edgecad.pipeline's chain): the KV sequence holding
+        its path (the root's: branch 1, a copy of sequence 0), the draft's distribution after it (None: not decoded
+        yet) and a copy of the grammar's state after its path (None: no grammar, or it forbids the path)."""
+        g = self._g
+        branch = int(g.tree.branch[leaf])
+        if leaf == 0:  # nothing drafted: the root is in sequence 0 (accepted); the chain goes in branch 1
             self.ctx.seq_cp(0, 1)
-            br = 1
-        q = self._dist.get(leaf)  # known when the leaf is decoded
-        state = self._state(leaf)  # the grammar after the leaf's path (None: none, or it forbids that path)
-        state = state.clone() if state is not None else None  # (advanced along the chain)
-        chain = Chain(leaf, br, [], [])
-        while len(chain.tokens) < max_len and not done():
-            if q is None:  # decode `tok` (the leaf, then each chain token) at `pos` in the branch
-                self.batch.clear()
-                self.batch.add(tok, pos, (br,), True)
-                self.ctx.decode(self.batch)
-                self.decodes += 1
-                tree.decoded[leaf] = True
-                q = self._probs(self.ctx.logits(0), sp, state=state)
-            tok = int(np.argmax(q)) if sp.greedy else sample_from(q, rng)
-            chain.tokens.append(tok)
-            chain.qs.append(q)
-            pos, q = pos + 1, None
-            if state is not None:
-                try:
-                    state.accept(tok)
-                except RequestError:  # nothing allowed was left to mask with: what follows is not the target's
-                    state = None
-        if chain.tokens:
-            self.chain = chain
-            self.chain_tokens += len(chain.tokens)
-        self.seconds_extend += time.perf_counter() - t0
+            branch = 1
+        state = g.state(leaf)
+        return branch, g.dist.get(leaf), state.clone() if state is not None else None
 
-    def accept(self, tree: TokenTree, path: Sequence[int], bonus: int) -> None:
-        """The target took `path` (tree nodes) and then `bonus`: keep that in sequence 0."""
+    def decode_one(self, token: int, pos: int, branch: int, sp: SamplingParams, state) -> np.ndarray:
+        """Decode `token` at `pos` in sequence `branch` (past a tree: a chain's): the draft's distribution after
+        it, masked by the grammar's `state` after it."""
+        self.batch.clear()
+        self.batch.add(token, pos, (branch,), True)
+        self.ctx.decode(self.batch)
+        self.decodes += 1
+        return self._probs(self.ctx.logits(0), sp, state)
+
+    def accept(self, tree: TokenTree, path: Sequence[int], bonus: int, chain: Optional[Chain] = None) -> None:
+        """The target took `path` (tree nodes) and then `bonus`: keep that in sequence 0. `chain`: drafted past a
+        leaf of `tree` beside the target's pass; kept (the start of the next tree) when the target took that leaf's
+        whole branch and then the chain's first token."""
         tokens = [int(tree.token[i]) for i in path] + [bonus]
-        chain, self.chain = self.chain, None
         if not tree.decoded[0]:  # nothing was drafted: the pending tokens are still pending
             self.pending = self.pending + tokens
             return
         if chain and (path[-1] if path else 0) == chain.leaf and bonus == chain.tokens[0] and len(chain.tokens) >= 2:
-            # the target took the chain's branch and its first token: keep the decoded chain
             keep_path(self.ctx, chain.branch, tree.pos(chain.leaf) + len(chain.tokens) - 1)
-            self.ctx.tokens += tokens  # the path, then x1: sequence 0 also holds x2.. (the seed)
-            self.pending, self.seed = [], chain
+            self.ctx.tokens += tokens  # the path, then x1: sequence 0 also holds x2..x(m-1)
+            self.pending, self._seed = [], chain
             return
         deepest, k = 0, 0
         for j, i in enumerate(path):
@@ -353,5 +330,3 @@ class Drafter:
         keep_path(self.ctx, int(tree.branch[deepest]) if deepest else 0, tree.pos(deepest))
         self.ctx.tokens += tokens[:k]
         self.pending = tokens[k:]
-
-

@@ -8,11 +8,41 @@ stops it, edgecad.fallback.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
 import numpy as np
 
+from .errors import EdgecadError
 from .llama import Context
+
+
+class _Variant(str, Enum):
+    """A choice among TreeParams' variants: a str, so "token" and Fallback.TOKEN are equal (and print alike)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def of(cls, value, name: str):
+        """`value` (a member or its string) as a member; an unknown one names the allowed values."""
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in cls)
+            raise EdgecadError(f"unknown TreeParams.{name} {value!r}: choose one of {allowed}") from None
+
+
+class Fallback(_Variant):
+    """When the draft stops drafting and hands the tree to the target."""
+    ADAPTIVE = "adaptive"  # the best branch's cumulative confidence < the adaptive threshold (FallbackThreshold)
+    TOKEN = "token"        # the next token's draft top-1 probability < p_min (llama.cpp's speculative, BiLD)
+
+
+class Acceptance(_Variant):
+    """Which drafted tokens the target keeps (the rule: verify.acceptance_for)."""
+    EXACT = "exact"  # lossless: greedy matching, or multi-draft rejection sampling
+    BILD = "bild"    # BiLD's rollback: a drafted token unless the target's cross-entropy on it > rollback_ce
 
 
 @dataclass(frozen=True)
@@ -21,27 +51,28 @@ class TreeParams:
     max_depth: int = 16        # longest branch, in drafted tokens
     max_width: int = 3         # children per node: the top-1 plus up to max_width - 1 alternatives
     branch_p: float = 0.1      # an alternative whose draft probability is >= branch_p starts a new branch
-    fallback: str = "adaptive"  # "adaptive": verify when the best branch's cumulative confidence < threshold;
-                               # "token": verify when the next token's draft top-1 probability < p_min
-    p_min: float = 0.75        # the per-token confidence floor of fallback="token"
+    fallback: Fallback = Fallback.ADAPTIVE  # when drafting stops (a string names a member: "adaptive", "token")
+    p_min: float = 0.75        # the per-token confidence floor of Fallback.TOKEN
     threshold_init: float = 0.3  # first value of the adaptive threshold
     threshold_min: float = 0.02  # the adaptive threshold stays within [threshold_min, threshold_max]
     threshold_max: float = 0.9
     cost_aware: bool = True    # also stop at the measured break-even confidence (see FallbackThreshold)
-    acceptance: str = "exact"  # "exact": lossless (greedy match / multi-draft rejection sampling);
-                               # "bild": BiLD rollback, keeps drafted tokens unless the target's
-                               # cross-entropy on them exceeds rollback_ce (not lossless)
+    acceptance: Acceptance = Acceptance.EXACT  # the target's rule (a string names a member: "exact", "bild")
     rollback_ce: float = 5.0   # BiLD's rollback threshold, in nats
+
+    def __post_init__(self):
+        object.__setattr__(self, "fallback", Fallback.of(self.fallback, "fallback"))
+        object.__setattr__(self, "acceptance", Acceptance.of(self.acceptance, "acceptance"))
 
 
 MODE_PARAMS = {
     "tree": TreeParams(),
     # llama.cpp common/speculative defaults: a chain of up to n_max=16 tokens while top-1 p >= p_min=0.75
-    "linear": TreeParams(max_nodes=16, max_depth=16, max_width=1, fallback="token", p_min=0.75),
+    "linear": TreeParams(max_nodes=16, max_depth=16, max_width=1, fallback=Fallback.TOKEN, p_min=0.75),
     # Big Little Decoder: fall back when the small model's top probability < 0.6, at most 10 draft steps;
     # roll back a drafted token when the large model's cross-entropy on it > 5.0
-    "bild": TreeParams(max_nodes=10, max_depth=10, max_width=1, fallback="token", p_min=0.6,
-                       acceptance="bild", rollback_ce=5.0),
+    "bild": TreeParams(max_nodes=10, max_depth=10, max_width=1, fallback=Fallback.TOKEN, p_min=0.6,
+                       acceptance=Acceptance.BILD, rollback_ce=5.0),
 }
 
 

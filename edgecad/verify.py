@@ -14,7 +14,7 @@ import numpy as np
 
 from .llama import Batch, Context
 from .sampling import RAW, SamplingParams, distribution, processed, sample_from
-from .tree import TokenTree, TreeParams, keep_path
+from .tree import Acceptance, TokenTree, TreeParams, keep_path
 
 
 @dataclass
@@ -155,7 +155,7 @@ def accept_bild(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: np
 def acceptance_for(params: TreeParams, sp: SamplingParams):
     """The rule of a mode's parameters and a completion's sampling: BiLD's rollback, else greedy matching
     (greedy) or multi-draft rejection sampling (sampled): both exact."""
-    if params.acceptance == "bild":
+    if params.acceptance is Acceptance.BILD:
         return lambda tree, logits, rng, recent, g: accept_bild(tree, logits, sp, rng, params.rollback_ce, recent, g)
     if sp.greedy:
         return lambda tree, logits, rng, recent, g: (*accept_greedy(tree, logits, sp, recent, g), 0)

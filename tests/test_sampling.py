@@ -269,6 +269,7 @@ def test_every_drafted_node_is_allowed_by_the_grammar_after_its_path(tiny_pair, 
 
     from edgecad.drafter import Drafter
     from edgecad.llama import Context, ContextParams, Grammar, Model
+    from edgecad.pipeline import draft_chain
     from edgecad.tree import TreeParams
 
     draft, _ = tiny_pair
@@ -289,9 +290,8 @@ def test_every_drafted_node_is_allowed_by_the_grammar_after_its_path(tiny_pair, 
                 trees += 1
                 checked += _check_tree_against_grammar(tree, grammar)
                 seeded += d.reused_tokens > reused  # this tree started from a kept chain
-                if chains:
-                    d.extend(tree, sp, rng, 6, lambda: False)
-                leaf = d.chain.leaf if d.chain else max(tree.leaves(), key=lambda i: tree.conf[i])
+                chain = draft_chain(d, tree, sp, rng, 6, lambda: False) if chains else None
+                leaf = chain.leaf if chain else max(tree.leaves(), key=lambda i: tree.conf[i])
                 path = tree.path(leaf)
                 state = grammar.clone()
                 for i in path:
@@ -300,10 +300,10 @@ def test_every_drafted_node_is_allowed_by_the_grammar_after_its_path(tiny_pair, 
                 if any(m.is_eog(int(tree.token[i])) for i in path) or not ok:
                     break  # the completion ends here
                 # the target's bonus: the chain's first token where the grammar allows it (the chain is kept)
-                bonus = d.chain.tokens[0] if d.chain and d.chain.tokens[0] in ok else int(rng.choice(ok))
+                bonus = chain.tokens[0] if chain and chain.tokens[0] in ok else int(rng.choice(ok))
                 for tok in [int(tree.token[i]) for i in path] + [bonus]:
                     grammar.accept(tok)
-                d.accept(tree, path, bonus)
+                d.accept(tree, path, bonus, chain)
             if trees == 40:
                 break
         d.close()

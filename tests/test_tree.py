@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 
+from edgecad.errors import EdgecadError
 from edgecad.llama import Batch, Context, ContextParams, Model
 from edgecad.sampling import SamplingParams
 from edgecad.drafter import Drafter
 from edgecad.fallback import FallbackThreshold
-from edgecad.tree import MODE_PARAMS, TokenTree, TreeParams
+from edgecad.tree import MODE_PARAMS, Acceptance, Fallback, TokenTree, TreeParams
 
 
 # ---------------------------------------------------------------------------- threshold
@@ -158,4 +159,18 @@ def test_mode_parameters():
     assert MODE_PARAMS["linear"].max_width == 1 and MODE_PARAMS["linear"].max_nodes == 16
     assert MODE_PARAMS["linear"].p_min == 0.75 and MODE_PARAMS["bild"].p_min == 0.6
     assert MODE_PARAMS["bild"].max_nodes == 10 and MODE_PARAMS["bild"].rollback_ce == 5.0
-    assert MODE_PARAMS["tree"].acceptance == "exact" and MODE_PARAMS["bild"].acceptance == "bild"
+    assert MODE_PARAMS["tree"].acceptance is Acceptance.EXACT and MODE_PARAMS["bild"].acceptance is Acceptance.BILD
+    assert MODE_PARAMS["tree"].fallback is Fallback.ADAPTIVE and MODE_PARAMS["linear"].fallback is Fallback.TOKEN
+
+
+def test_tree_params_take_a_variant_by_its_name():
+    """A variant's string (user code's, from before the enums) is its member; an unknown one is refused, naming
+    the allowed values."""
+    p = TreeParams(fallback="token", acceptance="bild")
+    assert p.fallback is Fallback.TOKEN and p.acceptance is Acceptance.BILD
+    assert p.fallback == "token" and f"{p.fallback} {p.acceptance}" == "token bild"  # (as doctor prints it)
+    assert p == TreeParams(fallback=Fallback.TOKEN, acceptance=Acceptance.BILD)
+    with pytest.raises(EdgecadError, match=r"TreeParams.fallback 'tokens': choose one of 'adaptive', 'token'"):
+        TreeParams(fallback="tokens")
+    with pytest.raises(EdgecadError, match=r"TreeParams.acceptance 'lossless': choose one of 'exact', 'bild'"):
+        TreeParams(acceptance="lossless")
