@@ -102,14 +102,15 @@ def chat_prompt(formatter, messages: Sequence[dict]) -> tuple[str, bool, list[st
     return r.prompt, not r.added_special, [s for s in stops if s]
 
 
-def completion_length(tokens: list[int], max_tokens: Optional[int], n_ctx: int) -> int:
-    """The tokens a completion of this prompt may make: max_tokens, or (None, <= 0) what the context holds."""
+def completion_length(tokens: list[int], max_tokens: Optional[int], n_ctx: int, param: str = "prompt") -> int:
+    """The tokens a completion of this prompt may make: max_tokens, or (None, <= 0) what the context holds.
+    param: what the prompt came from (a chat's is its "messages")."""
     if not tokens:
-        raise RequestError("the prompt is empty: give at least one character of text", "prompt")
+        raise RequestError("the prompt is empty: give at least one character of text", param)
     if len(tokens) >= n_ctx:
         raise PromptTooLongError(
             f"the prompt has {len(tokens)} tokens but the context holds {n_ctx}: "
-            f"shorten the prompt or raise n_ctx above {len(tokens)}", "prompt")
+            f"shorten the {param} or raise n_ctx above {len(tokens)}", param)
     return n_ctx - len(tokens) if max_tokens is None or max_tokens <= 0 else max_tokens
 
 

@@ -260,7 +260,7 @@ class Engine(Closing):
             grammar = response_format_grammar(response_format)
         sp = sampling_params(locals(), self._target_model.n_vocab)  # (the sampling arguments, by their names)
         chunks = self._completion_chunks(tokens, max_tokens, sp, stops + stop_list(stop), seed, stream=stream,
-                                         logprobs=(top_logprobs or 0) if logprobs else None)
+                                         logprobs=(top_logprobs or 0) if logprobs else None, chat=True)
         return chat_chunks(chunks) if stream else join(chat_chunks(chunks))
 
     def chat_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
@@ -299,16 +299,18 @@ class Engine(Closing):
             self._lock.release()
 
     def _chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams, stops: list[str],
-                seed: Optional[int], echo: str = "", logprobs: Optional[int] = None, offset: int = 0) -> Iterator[dict]:
-        """The completion's chunks (edgecad.responses.TextChunks); logprobs: alternatives listed per token, or None."""
+                seed: Optional[int], echo: str = "", logprobs: Optional[int] = None, offset: int = 0,
+                chat: bool = False) -> Iterator[dict]:
+        """The completion's chunks (edgecad.responses.TextChunks); logprobs: alternatives listed per token, or None;
+        chat: the prompt is a chat's messages (logprobs in a chat's shape)."""
         if self._target is None:
             raise EdgecadError("this Engine is closed: create a new one")
-        max_tokens = completion_length(tokens, max_tokens, self.n_ctx)
+        max_tokens = completion_length(tokens, max_tokens, self.n_ctx, "messages" if chat else "prompt")
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done,
                       logprobs=logprobs)
-        text = TextChunks(self._target_model, str(self.target_path), stops, echo, offset)
+        text = TextChunks(self._target_model, str(self.target_path), stops, echo, offset, chat)
         for m in (self._target_model, self._draft_model):
             if m is not None:
                 m.check_file()
