@@ -684,6 +684,30 @@ def test_health_says_loading_until_the_engine_is_ready(disk_dir):
         assert s.stop() == 0, s.log
 
 
+def test_an_engine_failure_mid_stream_ends_it_with_an_error_event_and_done(paging_pair, disk_dir):
+    """The paged target's file grows under a running stream (the pager sees it and stops the pass): the stream,
+    its 200 sent, ends with an error event in OpenAI's shape and then [DONE], and the server goes on."""
+    path = disk_dir / "cut-mid-stream.gguf"
+    shutil.copy(paging_pair[1], path)
+    s = Served("--target", path, "--mode", "target", "--target-budget", "50%", "--storage", "sd", "--n-ctx", 512)
+    try:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60, json={
+                "messages": CHAT, "max_tokens": 400, "stream": True, "temperature": 0}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            with open(path, "ab") as f:
+                f.write(b"\0" * 4096)
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and len(rest) < 400, rest[-3:]
+        error = json.loads(rest[-2])["error"]
+        assert set(error) == {"message", "type", "param", "code"} and "changed" in error["message"]
+        assert all(json.loads(d)["choices"][0]["finish_reason"] is None for d in rest[:-2])
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        assert s.stop() == 0, s.log
+        path.unlink()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_during_a_stream_ends_it_and_exits_cleanly(paging_pair, sig):
     s = _slow_server(paging_pair)
