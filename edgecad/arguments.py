@@ -91,11 +91,12 @@ def token_ids(prompt: Sequence[int], n_vocab: int, param: str = "prompt") -> lis
     return tokens
 
 
-def chat_prompt(formatter, messages: Sequence[dict]) -> tuple[str, bool, list[str]]:
-    """A conversation rendered by the model's chat template (llama-cpp-python's formatter, edgecad.llama): the
-    prompt's text, whether it still needs a BOS token, and the template's stop strings."""
+def chat_prompt(formatter, messages: Sequence[dict], tools: Optional[list] = None) -> tuple[str, bool, list[str]]:
+    """A conversation rendered by the model's chat template (llama-cpp-python's formatter, edgecad.llama), with
+    the tools it may call (OpenAI's list; edgecad.tools): the prompt's text, whether it still needs a BOS token,
+    and the template's stop strings."""
     try:
-        r = formatter(messages=list(messages))
+        r = formatter(messages=list(messages), tools=tools)
     except Exception as e:  # the template's own checks (roles must alternate, ...): jinja2 raises
         raise RequestError(f"the model's chat template refused these messages: {e}", "messages") from None
     stops = r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else []

@@ -44,13 +44,14 @@ class TextChunks:
     text: everything decoded so far (whole UTF-8 characters only); text[:emitted] is streamed. A stop string can
     only start at or after `emitted` (a possible start is held back), so each token costs a search over the
     unstreamed tail, not over the whole text. Each chunk carries the log-probabilities (when asked for) of the
-    tokens whose text it completes, in a completion's shape or a chat's (`chat`: with each token's bytes)."""
+    tokens whose text it completes, in a completion's shape or a chat's (with each token's bytes)."""
 
-    def __init__(self, model, name: str, stops: list[str], echo: str = "", offset: int = 0, chat: bool = False):
+    def __init__(self, model, name: str, stops: list[str], echo: str = "", offset: int = 0, chat=None):
         self.model, self.name, self.stops = model, name, stops  # model: the target (its pieces, end of generation)
         self.echo = echo  # text that comes first (the prompt, echoed)
         self.offset = offset  # where the completion's text starts in the echoed text (logprobs' text_offset)
-        self.chat = chat  # logprobs in a chat's shape (chat_logprobs), else a completion's (completion_logprobs)
+        self.chat = chat is not None  # a chat (its tools: edgecad.tools.Tools): logprobs in a chat's shape
+        self.special = chat.special_tokens(model) if chat is not None else ()  # control tokens kept in the text
         self.id, self.created = f"cmpl-{uuid.uuid4()}", int(time.time())
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as llama-cpp-python
         self.text, self.emitted, self.finish, self.cut = "", 0, "length", None
@@ -70,7 +71,7 @@ class TextChunks:
             if self.model.is_eog(tok):
                 self.finish = "stop"
                 return
-            self.text += self.utf8.decode(self.model.token_to_piece(tok))
+            self.text += self.utf8.decode(self.model.token_to_piece(tok, special=tok in self.special))
             self.ends.append(None)
             if not self.utf8.getstate()[0]:  # no byte of a character left pending: every token so far is whole
                 for k in range(len(self.ends) - 1, -1, -1):
@@ -255,19 +256,23 @@ def response_format_grammar(response_format) -> str:
                            "{\"schema\": {...}}} or {\"type\": \"text\"}", "response_format")
     if schema is None:
         return llama_grammar.JSON_GBNF
+    return schema_grammar(schema, "response_format")
+
+
+def schema_grammar(schema, param: str, what: str = "the JSON schema") -> str:
+    """GBNF for the JSON values valid under `schema`, through llama-cpp-python's converter (its root rule `root`),
+    checked as every grammar is; a refusal names `param` (where the schema came from) and `what` it is."""
+    from llama_cpp import llama_grammar
+
     try:
         gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # the converter's own checks (unknown types, bad references...)
-        raise RequestError(f"the JSON schema cannot be turned into a grammar: {type(e).__name__}: {e}",
-                           "response_format") from None
+        raise RequestError(f"{what} cannot be turned into a grammar: {type(e).__name__}: {e}", param) from None
     # the converter lets a string hold raw control characters, which JSON forbids (json.loads refuses them): its
     # strings get the character class of llama-cpp-python's own JSON grammar
     gbnf = gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |', 1)
     try:
         check_grammar(gbnf)  # (Grammar checks it too: here the schema is named as the cause)
     except RequestError as e:
-        raise RequestError(f"the JSON schema makes a grammar llama.cpp cannot take safely: {e}",
-                           "response_format") from None
+        raise RequestError(f"{what} makes a grammar llama.cpp cannot take safely: {e}", param) from None
     return gbnf
-
-

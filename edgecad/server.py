@@ -155,8 +155,8 @@ def _text_message(m: dict, i: int) -> dict:
     """A chat message with its content as text: OpenAI's content parts of type "text" joined; other parts
     (images, audio) refused."""
     if not isinstance(m.get("role"), str):
-        raise RequestError(f"messages[{i}] has no role: give each message a \"role\" (system, user, assistant)",
-                           "messages")
+        raise RequestError(f"messages[{i}] has no role: give each message a \"role\" (system, user, assistant, "
+                           "tool)", "messages")
     content = m.get("content")
     if isinstance(content, list):
         if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)

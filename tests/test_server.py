@@ -321,7 +321,7 @@ def test_errors_have_openai_s_shape_and_status(server):
     assert "one choice" in _error(server.post("/v1/chat/completions", {"messages": CHAT, "n": 3}), 400, "n")
     msg = _error(server.post("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}), 400,
                  "tools")
-    assert "not supported" in msg
+    assert "tools[0]" in msg
     msg = _error(server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, "messages")
     assert "text only" in msg
