@@ -91,25 +91,27 @@ def token_ids(prompt: Sequence[int], n_vocab: int, param: str = "prompt") -> lis
     return tokens
 
 
-def chat_prompt(formatter, messages: Sequence[dict]) -> tuple[str, bool, list[str]]:
-    """A conversation rendered by the model's chat template (llama-cpp-python's formatter, edgecad.llama): the
-    prompt's text, whether it still needs a BOS token, and the template's stop strings."""
+def chat_prompt(formatter, messages: Sequence[dict], tools: Optional[list] = None) -> tuple[str, bool, list[str]]:
+    """A conversation rendered by the model's chat template (llama-cpp-python's formatter, edgecad.llama), with
+    the tools it may call (OpenAI's list; edgecad.tools): the prompt's text, whether it still needs a BOS token,
+    and the template's stop strings."""
     try:
-        r = formatter(messages=list(messages))
+        r = formatter(messages=list(messages), tools=tools)
     except Exception as e:  # the template's own checks (roles must alternate, ...): jinja2 raises
         raise RequestError(f"the model's chat template refused these messages: {e}", "messages") from None
     stops = r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else []
     return r.prompt, not r.added_special, [s for s in stops if s]
 
 
-def completion_length(tokens: list[int], max_tokens: Optional[int], n_ctx: int) -> int:
-    """The tokens a completion of this prompt may make: max_tokens, or (None, <= 0) what the context holds."""
+def completion_length(tokens: list[int], max_tokens: Optional[int], n_ctx: int, param: str = "prompt") -> int:
+    """The tokens a completion of this prompt may make: max_tokens, or (None, <= 0) what the context holds.
+    param: what the prompt came from (a chat's is its "messages")."""
     if not tokens:
-        raise RequestError("the prompt is empty: give at least one character of text", "prompt")
+        raise RequestError("the prompt is empty: give at least one character of text", param)
     if len(tokens) >= n_ctx:
         raise PromptTooLongError(
             f"the prompt has {len(tokens)} tokens but the context holds {n_ctx}: "
-            f"shorten the prompt or raise n_ctx above {len(tokens)}", "prompt")
+            f"shorten the {param} or raise n_ctx above {len(tokens)}", param)
     return n_ctx - len(tokens) if max_tokens is None or max_tokens <= 0 else max_tokens
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import re
 import socket
 import sys
@@ -73,6 +74,17 @@ def host_allowed(host: str, names: set[str]) -> bool:
     return _loopback_name(name) or name in names
 
 
+def _reason(body: bytes) -> str:
+    """A refusal's reason for the log line: its error message (OpenAI's shape), on one line and cut short (it may
+    quote what the client sent)."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", str(message))
+    return ": " + (text if len(text) <= 300 else text[:300] + "...")
+
+
 def _cors(origin: str) -> list[tuple[bytes, bytes]]:
     return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
 
@@ -81,7 +93,7 @@ class Edge:
     """The HTTP edge, before the app: the Host and Origin checks, CORS (preflights answered here, before the
     key: browsers send no credentials on them), the API key (on everything but /health), a full queue refused
     before the body is read, the body's size (read and counted before the app sees it), and one log line per
-    request (method, path, status, and for a completion its tokens and speed)."""
+    request (method, path, status, for a completion its tokens and speed, for a refusal (4xx) its reason)."""
 
     def __init__(self, app, params, busy: Callable[[], Optional[JSONResponse]]):
         self.app, self.params = app, params  # the server's ServerParams
@@ -91,7 +103,7 @@ class Edge:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status, logged = time.perf_counter(), [0], [False]
+        t0, status, logged, reason = time.perf_counter(), [0], [False], [""]
         scope.setdefault("state", {})
         headers = dict(scope["headers"])
         origin = headers.get(b"origin", b"").decode("latin-1") or None  # set: a web page's request
@@ -101,13 +113,15 @@ class Edge:
             if not logged[0]:
                 logged[0] = True
                 sys.stderr.write(f"{scope['method']} {scope['path']} {status[0]}{scope['state'].get('log', '')} "
-                                 f"({time.perf_counter() - t0:.2f} s)\n")
+                                 f"({time.perf_counter() - t0:.2f} s){reason[0]}\n")
 
         async def send_logged(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 if page_ok:
                     message = {**message, "headers": [*message.get("headers", []), *_cors(origin)]}
+            if message["type"] == "http.response.body" and 400 <= status[0] < 500 and not reason[0]:
+                reason[0] = _reason(message.get("body", b""))
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 log()

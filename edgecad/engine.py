@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import native
-from .arguments import chat_prompt, check_logprobs, completion_length, sampling_params, token_ids, unsupported
+from .arguments import check_logprobs, completion_length, sampling_params, token_ids, unsupported
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
@@ -28,8 +28,9 @@ from .measure import emulate_storage, save_costs, storage_bytes_read
 from .pager import Pager
 from .plan import PagerParams, observe
 from .residency import Residency, residency_for
-from .responses import TextChunks, chat_chunks, join, response_format_grammar, stop_list
+from .responses import TextChunks, chat_chunks, join, stop_list
 from .sampling import SamplingParams
+from .tools import NO_TOOLS, Tools, answer_grammar, render, tool_chunks, tools_for
 from .tree import TreeParams
 
 
@@ -251,24 +252,25 @@ class Engine(Closing):
     ):
         """Answer a conversation rendered with the model's own chat template (the GGUF's
         tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter): a
-        `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream."""
-        unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
-                    typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
+        `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream. With tools, the answer's
+        calls come as OpenAI's tool_calls (edgecad.tools)."""
+        unsupported(typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
         check_logprobs("top_logprobs", top_logprobs)
-        tokens, stops = self.chat_tokens(messages)
-        if response_format is not None and grammar is None:
-            grammar = response_format_grammar(response_format)
+        calls = tools_for(tools, tool_choice, functions, function_call)
+        tokens, stops = self.chat_tokens(messages, calls)
+        grammar = answer_grammar(calls, grammar, response_format)  # (a call's, the caller's or response_format's)
         sp = sampling_params(locals(), self._target_model.n_vocab)  # (the sampling arguments, by their names)
         chunks = self._completion_chunks(tokens, max_tokens, sp, stops + stop_list(stop), seed, stream=stream,
-                                         logprobs=(top_logprobs or 0) if logprobs else None)
-        return chat_chunks(chunks) if stream else join(chat_chunks(chunks))
+                                         logprobs=(top_logprobs or 0) if logprobs else None, chat=calls)
+        chunks = tool_chunks(chat_chunks(chunks), calls)
+        return chunks if stream else join(chunks)
 
-    def chat_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
-        """The conversation as prompt tokens (ending with the assistant's turn opened), and the
-        template's stop strings."""
+    def chat_tokens(self, messages: Sequence[dict], tools: Tools = NO_TOOLS) -> tuple[list[int], list[str]]:
+        """The conversation (with the tools it may call) as prompt tokens (ending with the assistant's turn
+        opened), and the template's stop strings."""
         if self._chat_format is None:
             self._chat_format = self._target_model.chat_formatter()
-        prompt, add_bos, stops = chat_prompt(self._chat_format, messages)
+        prompt, add_bos, stops = render(self._chat_format, messages, tools)
         return self.tokenize(prompt, add_bos=add_bos, special=True), stops
 
     def _completion_chunks(self, *args, stream: bool, **kw) -> Iterator[dict]:
@@ -299,16 +301,18 @@ class Engine(Closing):
             self._lock.release()
 
     def _chunks(self, tokens: list[int], max_tokens: Optional[int], sp: SamplingParams, stops: list[str],
-                seed: Optional[int], echo: str = "", logprobs: Optional[int] = None, offset: int = 0) -> Iterator[dict]:
-        """The completion's chunks (edgecad.responses.TextChunks); logprobs: alternatives listed per token, or None."""
+                seed: Optional[int], echo: str = "", logprobs: Optional[int] = None, offset: int = 0,
+                chat: Optional[Tools] = None) -> Iterator[dict]:
+        """The completion's chunks (edgecad.responses.TextChunks); logprobs: alternatives listed per token, or None;
+        chat: the tools of a chat (its prompt is the messages; logprobs in a chat's shape), None for a completion."""
         if self._target is None:
             raise EdgecadError("this Engine is closed: create a new one")
-        max_tokens = completion_length(tokens, max_tokens, self.n_ctx)
+        max_tokens = completion_length(tokens, max_tokens, self.n_ctx, "prompt" if chat is None else "messages")
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done,
                       logprobs=logprobs)
-        text = TextChunks(self._target_model, str(self.target_path), stops, echo, offset)
+        text = TextChunks(self._target_model, str(self.target_path), stops, echo, offset, chat)
         for m in (self._target_model, self._draft_model):
             if m is not None:
                 m.check_file()

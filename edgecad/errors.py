@@ -33,6 +33,8 @@ class RequestError(EdgecadError):
     """The caller's arguments are at fault, not the engine: a value out of range or not supported, a prompt the
     context cannot hold, messages the chat template refuses. `param` names the argument (a server answers 400)."""
 
+    code = None  # OpenAI's error code for it (the server's `code`), when it has one
+
     def __init__(self, message: str, param: str = None):
         super().__init__(message)
         self.param = param
@@ -40,6 +42,8 @@ class RequestError(EdgecadError):
 
 class PromptTooLongError(RequestError):
     """The prompt does not fit in the context window."""
+
+    code = "context_length_exceeded"
 
 
 class LlamaError(EdgecadError):

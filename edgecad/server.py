@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Union
 from . import native
 from .arguments import SAMPLING
 from .errors import EdgecadError, RequestError
-from .responses import join
+from .responses import join, openai_chunks
 
 try:
     import uvicorn
@@ -78,7 +78,7 @@ class _Fields(BaseModel):
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
-    stream_options: Optional[dict] = None  # include_usage: the last chunk carries `usage` anyway
+    stream_options: Optional[dict] = None  # {"include_usage": true}: a last chunk with the usage (no choices)
     n: Optional[int] = None
     user: Optional[str] = None
     tfs_z: Optional[float] = None
@@ -155,8 +155,8 @@ def _text_message(m: dict, i: int) -> dict:
     """A chat message with its content as text: OpenAI's content parts of type "text" joined; other parts
     (images, audio) refused."""
     if not isinstance(m.get("role"), str):
-        raise RequestError(f"messages[{i}] has no role: give each message a \"role\" (system, user, assistant)",
-                           "messages")
+        raise RequestError(f"messages[{i}] has no role: give each message a \"role\" (system, user, assistant, "
+                           "tool)", "messages")
     content = m.get("content")
     if isinstance(content, list):
         if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
@@ -233,9 +233,9 @@ class Server:
             return {"status": "ok", "running": min(self.pending, 1), "waiting": max(self.pending - 1, 0)}
 
         @app.get("/v1/models")
-        async def models():
-            return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgecad"}
-                                               for n in self.params.names]}
+        async def models():  # one entry per model (a request may name it by its other names too)
+            return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
+                                                "owned_by": "edgecad"}]}
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):
@@ -300,7 +300,7 @@ class Server:
         try:
             args = _engine_args(body, self.engine.n_ctx)
         except RequestError as e:
-            return error_response(400, str(e), "invalid_request_error", e.param)
+            return error_response(400, str(e), "invalid_request_error", e.param, e.code)
         busy = self.busy()
         if busy is not None:
             return busy
@@ -331,14 +331,16 @@ class Server:
             first = await self._run(next, stream, None)
         except RequestError as e:
             done()
-            return error_response(400, str(e), "invalid_request_error", e.param)
+            return error_response(400, str(e), "invalid_request_error", e.param, e.code)
         except BaseException as e:
             done()
             if isinstance(e, asyncio.CancelledError):
                 raise
             return self._failure(e, request)
         if body.stream:
-            return _Stream(self._events(request, stream, first, name), done, sep="\n", ping=15, send_timeout=30)
+            usage = (body.stream_options or {}).get("include_usage") is True
+            return _Stream(self._events(request, stream, first, name, usage), done, sep="\n", ping=15,
+                           send_timeout=30)
         return await self._joined(request, stream, first, name, done)
 
     async def _joined(self, request: Request, stream, first, name: str, done: Callable[[], None]):
@@ -360,30 +362,35 @@ class Server:
         _log_completion(request, result)
         return result
 
-    async def _events(self, request: Request, stream, first, name: str):
-        """Server-sent events: each chunk as `data: {json}`, then `data: [DONE]`; an engine failure mid-stream
-        as an error event (the status is sent already)."""
+    async def _events(self, request: Request, stream, first, name: str, usage: bool):
+        """Server-sent events: each chunk as `data: {json}` in OpenAI's stream shape (responses.openai_chunks;
+        usage: the request's stream_options.include_usage), then `data: [DONE]`. A stream the server cuts (an
+        engine failure, a shutdown) ends with an error event in OpenAI's shape, then `data: [DONE]`: the status
+        is sent already, and a client can tell the answer was cut."""
         sent, chunk = 0, first
         try:
             while chunk is not None:
                 if "usage" in chunk:
                     _log_completion(request, chunk)
-                yield {"data": json.dumps({**chunk, "model": name})}
+                for out in openai_chunks({**chunk, "model": name}, usage):
+                    yield {"data": json.dumps(out)}
                 sent += 1
                 if self.stopping:
-                    return
+                    break
                 chunk = await self._run(next, stream, None)
-            yield {"data": "[DONE]"}
         except (Exception, KeyboardInterrupt) as e:
-            if self.stopping or isinstance(e, KeyboardInterrupt):
-                return  # Ctrl-C stopped the pass: the server is stopping, the stream just ends
-            failure = self._failure(e, request)
-            chunk = None
-            yield {"data": failure.body.decode()}
+            if not (self.stopping or isinstance(e, KeyboardInterrupt)):  # (Ctrl-C stopped the pass: stopping)
+                chunk = None
+                yield {"data": self._failure(e, request).body.decode()}
         finally:
             if chunk is not None:  # ended early: the client went away, or the server is stopping
                 request.state.log = (f" stopped after {sent} chunks ("
                                      + ("server stopping)" if self.stopping else "client gone)"))
+        if chunk is not None:  # the server is stopping (a client gone gets nothing: the generator is closed)
+            yield {"data": json.dumps({"error": {
+                "message": f"the server is stopping: this answer was cut after {sent} chunks", "type": "server_error",
+                "param": None, "code": "server_shutdown"}})}
+        yield {"data": "[DONE]"}
 
     def _failure(self, e: BaseException, request: Request) -> JSONResponse:
         """An engine failure: 500 with its message, and the server goes on with the next request; or, when a

@@ -162,19 +162,38 @@ def test_streamed_text_joins_to_the_non_streamed_text(server):
         assert chunks[-1].choices[0].finish_reason == "length"
     whole = c.chat.completions.create(model=name, messages=CHAT, max_tokens=20, temperature=0)
     chunks = list(c.chat.completions.create(model=name, messages=CHAT, max_tokens=20, temperature=0, stream=True))
-    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
-def test_raw_sse_ends_with_done(server):
-    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 5, "stream": True},
-                      timeout=60) as r:
+def _sse(server, path: str, body: dict) -> list:
+    """A streamed request's events, raw: each `data:` line (JSON decoded, but the last `[DONE]`)."""
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
-    last = json.loads(data[-2])
-    assert last["usage"]["completion_tokens"] == 5 and "edgecad" in last
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_raw_sse_has_openai_s_stream_shapes(server):
+    """As OpenAI streams: `[DONE]` last; a chat's first delta has its role and an empty content; no usage unless
+    stream_options.include_usage, then in a last chunk of its own with no choices (and `usage: null` before)."""
+    for path, body in (("/v1/completions", {"prompt": "abc"}), ("/v1/chat/completions", {"messages": CHAT})):
+        events = _sse(server, path, {**body, "max_tokens": 5})
+        assert all("usage" not in e for e in events) and events[-1]["choices"][0]["finish_reason"] == "length"
+        assert "edgecad" in events[-1]
+        if path == "/v1/chat/completions":
+            assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        events = _sse(server, path, {**body, "max_tokens": 5, "stream_options": {"include_usage": True}})
+        *rest, last = events
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
+        assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + 5
+        assert all(e["usage"] is None for e in rest) and rest[-1]["choices"][0]["finish_reason"] == "length"
+    c = server.client()
+    chunks = list(c.chat.completions.create(model=_name(server), messages=CHAT, max_tokens=4, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 4 and not chunks[-1].choices
 
 
 def test_a_chat_s_next_turn_reuses_the_conversation_s_prefix(server):
@@ -189,7 +208,7 @@ def test_a_chat_s_next_turn_reuses_the_conversation_s_prefix(server):
 
 def test_models_health_and_the_openapi_schema(server, tiny_target):
     ids = [m.id for m in server.client().models.list().data]
-    assert ids == [str(tiny_target), tiny_target.name]
+    assert ids == [str(tiny_target)]  # one entry per model
     assert httpx.get(server.url + "/health").json() == {"status": "ok", "running": 0, "waiting": 0}
     schema = httpx.get(server.url + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(schema["paths"])
@@ -220,31 +239,45 @@ def test_json_mode_logprobs_and_echo_through_the_openai_client(server):
     assert len(r.choices[0].logprobs.token_logprobs) == 4
 
 
-def test_streamed_logprobs_equal_the_non_streamed_ones(server):
-    """logprobs in a stream come in its last chunk (as README says) and are the non-streamed request's: the same
-    tokens, offsets, values and alternatives, for completions and chats."""
+def test_streamed_logprobs_come_with_their_chunks_and_equal_the_non_streamed_ones(server):
+    """logprobs in a stream come with the chunks whose text their tokens make (each chunk its own tokens, their
+    pieces joining to its text), and together are the non-streamed request's: the same tokens, offsets, values
+    and alternatives, for completions and chats; a chat's carry each token's bytes."""
     c, name = server.client(), _name(server)
     for p in PROMPTS[:3]:
         whole = c.completions.create(model=name, prompt=p, max_tokens=12, temperature=0, logprobs=3)
         chunks = list(c.completions.create(model=name, prompt=p, max_tokens=12, temperature=0, logprobs=3,
                                            stream=True))
-        assert [ch.choices[0].logprobs is not None for ch in chunks] == [False] * (len(chunks) - 1) + [True]
-        ref, got = whole.choices[0].logprobs, chunks[-1].choices[0].logprobs
+        lps = [ch.choices[0].logprobs for ch in chunks if ch.choices[0].logprobs is not None]
+        assert len(lps) > 1  # not all in the last chunk
+        at = len(p)
+        for ch in chunks[:-1]:  # each chunk's tokens start where its text starts
+            assert ch.choices[0].logprobs.text_offset[0] == at
+            at += len(ch.choices[0].text)
+        ref = whole.choices[0].logprobs
         assert len(ref.token_logprobs) == 12 and all(v <= 0 for v in ref.token_logprobs)
         assert all(1 <= len(alt) <= 4 for alt in ref.top_logprobs)  # keyed by text: pieces of a character collide
-        assert got.tokens == ref.tokens and got.text_offset == ref.text_offset
-        assert got.token_logprobs == ref.token_logprobs and got.top_logprobs == ref.top_logprobs
+        assert [t for lp in lps for t in lp.tokens] == ref.tokens
+        assert [t for lp in lps for t in lp.text_offset] == ref.text_offset
+        assert [t for lp in lps for t in lp.token_logprobs] == ref.token_logprobs
+        assert [t for lp in lps for t in lp.top_logprobs] == ref.top_logprobs
         assert len(ref.tokens) == len(ref.text_offset) == 12
     whole = c.chat.completions.create(model=name, messages=CHAT, max_tokens=12, temperature=0, logprobs=True,
                                       top_logprobs=3)
     chunks = list(c.chat.completions.create(model=name, messages=CHAT, max_tokens=12, temperature=0, logprobs=True,
                                             top_logprobs=3, stream=True))
-    assert [ch.choices[0].logprobs is not None for ch in chunks] == [False] * (len(chunks) - 1) + [True]
-    ref, got = whole.choices[0].logprobs.content, chunks[-1].choices[0].logprobs.content
+    for ch in chunks:
+        if ch.choices[0].logprobs is not None and ch.choices[0].delta.content:
+            raw = b"".join(bytes(t.bytes) for t in ch.choices[0].logprobs.content)
+            assert raw.decode("utf-8", "ignore") == ch.choices[0].delta.content
+    ref = whole.choices[0].logprobs.content
+    got = [t for ch in chunks if ch.choices[0].logprobs is not None for t in ch.choices[0].logprobs.content]
+    assert sum(ch.choices[0].logprobs is not None for ch in chunks) > 1
     assert len(ref) == whole.usage.completion_tokens == 12
-    assert [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in got] == \
-        [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in ref]
-    assert all(1 <= len(t.top_logprobs) <= 4 and t.logprob <= 0 for t in ref)
+    assert [(t.token, t.bytes, t.logprob, [(a.token, a.bytes, a.logprob) for a in t.top_logprobs]) for t in got] == \
+        [(t.token, t.bytes, t.logprob, [(a.token, a.bytes, a.logprob) for a in t.top_logprobs]) for t in ref]
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 and t.bytes for t in ref)
+    assert all(a.bytes and a.logprob <= t.top_logprobs[0].logprob for t in ref for a in t.top_logprobs)
 
 
 def test_eight_concurrent_clients_get_the_tokens_of_sequential_runs(server):
@@ -288,13 +321,16 @@ def test_errors_have_openai_s_shape_and_status(server):
     assert "one choice" in _error(server.post("/v1/chat/completions", {"messages": CHAT, "n": 3}), 400, "n")
     msg = _error(server.post("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}), 400,
                  "tools")
-    assert "not supported" in msg
+    assert "tools[0]" in msg
     msg = _error(server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, "messages")
     assert "text only" in msg
     assert "512" in _error(server.post("/v1/completions", {"prompt": "x", "max_tokens": 100000}), 400, "max_tokens")
-    msg = _error(server.post("/v1/completions", {"prompt": "hello the world " * 400}), 400, "prompt")
-    assert "the context holds 512" in msg
+    r = server.post("/v1/completions", {"prompt": "hello the world " * 400})
+    assert "the context holds 512" in _error(r, 400, "prompt") and r.json()["error"]["code"] == "context_length_exceeded"
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello the world " * 400}]})
+    assert "the context holds 512" in _error(r, 400, "messages")
+    assert r.json()["error"]["code"] == "context_length_exceeded"
     assert "vocabulary" in _error(server.post("/v1/completions", {"prompt": [5, 10 ** 6]}), 400, "prompt")
     msg = _error(server.post("/v1/completions", {"prompt": "x", "model": "gpt-4o"}), 404, "model")
     assert "gpt-4o" in msg and "/v1/models" in msg
@@ -305,6 +341,11 @@ def test_errors_have_openai_s_shape_and_status(server):
     # the openai client raises its typed errors from these
     with pytest.raises(openai.BadRequestError, match="top_p"):
         server.client().completions.create(model=_name(server), prompt="x", top_p=7)
+    # each refusal's log line says why (one line, cut short)
+    server.wait_for(r"^POST /v1/completions 400 \(\d+\.\d+ s\): top_p=7(\.0)? is out of range: use a value > 0")
+    server.wait_for(r"^POST /v1/completions 413 \(\d+\.\d+ s\): the request body is larger than")
+    server.wait_for(r"^GET /v1/nothing 404 \(\d+\.\d+ s\): GET /v1/nothing: Not Found")
+    server.wait_for(r"^POST /v1/completions 404 \(\d+\.\d+ s\): model 'gpt-4o' is not served here")
 
 
 def test_a_json_body_without_a_json_content_type_is_read(server):
@@ -352,7 +393,7 @@ def test_an_alias_is_the_model_s_name(tiny_target):
     try:
         s.wait_for(r"serving my-coder \(")
         c = s.client()
-        assert [m.id for m in c.models.list().data] == ["my-coder", tiny_target.name]
+        assert [m.id for m in c.models.list().data] == ["my-coder"]
         assert c.completions.create(model="my-coder", prompt="abc", max_tokens=3).model == "my-coder"
         r = c.chat.completions.create(model="my-coder", messages=CHAT, max_tokens=3)
         assert r.model == "my-coder" and r.usage.completion_tokens == 3
@@ -643,6 +684,30 @@ def test_health_says_loading_until_the_engine_is_ready(disk_dir):
         assert s.stop() == 0, s.log
 
 
+def test_an_engine_failure_mid_stream_ends_it_with_an_error_event_and_done(paging_pair, disk_dir):
+    """The paged target's file grows under a running stream (the pager sees it and stops the pass): the stream,
+    its 200 sent, ends with an error event in OpenAI's shape and then [DONE], and the server goes on."""
+    path = disk_dir / "cut-mid-stream.gguf"
+    shutil.copy(paging_pair[1], path)
+    s = Served("--target", path, "--mode", "target", "--target-budget", "50%", "--storage", "sd", "--n-ctx", 512)
+    try:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60, json={
+                "messages": CHAT, "max_tokens": 400, "stream": True, "temperature": 0}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            with open(path, "ab") as f:
+                f.write(b"\0" * 4096)
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and len(rest) < 400, rest[-3:]
+        error = json.loads(rest[-2])["error"]
+        assert set(error) == {"message", "type", "param", "code"} and "changed" in error["message"]
+        assert all(json.loads(d)["choices"][0]["finish_reason"] is None for d in rest[:-2])
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        assert s.stop() == 0, s.log
+        path.unlink()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_during_a_stream_ends_it_and_exits_cleanly(paging_pair, sig):
     s = _slow_server(paging_pair)
@@ -651,9 +716,13 @@ def test_a_signal_during_a_stream_ends_it_and_exits_cleanly(paging_pair, sig):
         lines = r.iter_lines()
         next(lines)
         s.proc.send_signal(sig)
-        rest = list(lines)  # the stream ends instead of hanging
+        rest = [line[6:] for line in lines if line.startswith("data: ")]  # the stream ends instead of hanging
     assert s.wait(60) == 0, s.log
-    assert "data: [DONE]" not in rest
+    # cut, and said so: an error event in OpenAI's shape, then [DONE]
+    assert rest[-1] == "[DONE]", rest[-3:]
+    assert all(json.loads(d)["choices"][0]["finish_reason"] is None for d in rest[:-2])
+    error = json.loads(rest[-2])["error"]
+    assert "server is stopping" in error["message"] and error["code"] == "server_shutdown"
     assert "server stopping" in s.log and "server stopped" in s.log and "Traceback" not in s.log
 
 
