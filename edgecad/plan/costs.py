@@ -19,11 +19,13 @@ from .units import MB
 
 MAX_TREE_NODES = 255  # llama.cpp holds 256 sequences per context: root + 255 nodes, each at most one leaf
 
-STARVED = 0.75  # a phase (the target's timed passes, the drafting) whose computing thread was on a core less than
+STARVED = 0.7   # a phase (the target's timed passes, the drafting) whose computing thread was on a core less than
                 # this share of its wall time was starved: other processes had the cores, a CPU quota throttled it,
                 # the device took its cores away. Unstarved, that thread computes (or spins in its OpenMP team's
-                # barriers) throughout, so its CPU time is its wall time (the pager's waits, where it blocks, are
-                # not counted in either; measured beside 8 other runnable processes on 2 cores: 0.25-0.36)
+                # barriers) throughout, so its CPU time is about its wall time (the pager's waits, where it blocks,
+                # count in neither). Measured on 2 cores, the real pair: 0.98-1.00 resident, 0.92-0.93 paged at 40%,
+                # 0.85 paged with the pipeline (its chain's thread joined after the pass); beside 8 other runnable
+                # processes 0.25-0.36; one busy thread beside 2 of ours would leave 2/3
 HISTORY = 9     # observations kept per learnt cost: the cost is their median, so 4 wild ones cannot move it
                 # past the others
 STEP = 3.0      # a completion moves a learnt cost by at most this factor (the median of its first observations
