@@ -5,6 +5,8 @@
 gives the cgroup's peak memory (page cache included, as the kernel charges it) and whether the
 limit killed it. `drop_file_cache(paths)` evicts model files from the page cache first, so every
 row starts cold. Where no cgroup can be made (no permission, no controller), `available()` says why.
+`CpuQuota(share)` starves a running process of CPU (a cgroup's quota), as busy neighbours would: the tests of
+what starved passes teach the learnt costs.
 """
 from __future__ import annotations
 
@@ -40,8 +42,29 @@ def available() -> tuple[bool, str]:
                        "memory controller is delegated to you")
 
 
-class MemoryCgroup:
-    """One memory cgroup with a hard limit; `close()` removes it."""
+class _Cgroup:
+    """A cgroup this process made (its directory: path); `close()` removes it."""
+    path: Path
+
+    def close(self) -> None:
+        for _ in range(50):  # the exited child may take a moment to leave
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MemoryCgroup(_Cgroup):
+    """One memory cgroup with a hard limit."""
 
     def __init__(self, limit_bytes: int, name: str = "bench"):
         self.limit = int(limit_bytes)
@@ -107,21 +130,42 @@ class MemoryCgroup:
     def oom_kills(self) -> int:
         return self.events.get("oom_kill", 0)
 
-    def close(self) -> None:
-        for _ in range(50):  # the exited child may take a moment to leave
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)
 
-    def __enter__(self):
-        return self
+class CpuQuota(_Cgroup):
+    """One CPU cgroup whose processes may run `share` of one core (v1 cpu.cfs_quota_us per cpu.cfs_period_us, v2
+    cpu.max), in periods of `period_us`; `join(pid)` moves a running process in, all its threads. close() removes
+    it once its processes have left (exited). OSError where none can be made (no permission, no controller)."""
 
-    def __exit__(self, *exc):
-        self.close()
+    def __init__(self, share: float, period_us: int = 10_000, name: str = "test"):
+        v1 = Path("/sys/fs/cgroup/cpu")
+        if v1.is_dir() and os.access(v1, os.W_OK):
+            root = v1
+        elif "cpu" in _read(V2 / "cgroup.subtree_control").split():
+            root = V2
+        else:
+            raise OSError("no writable cgroup cpu controller")
+        self.path = root / f"edgecad-{name}-{os.getpid()}-{time.monotonic_ns()}"
+        self.path.mkdir()
+        quota = max(1000, int(share * period_us))  # (the kernel's smallest quota: 1 ms)
+        try:
+            if root == v1:
+                (self.path / "cpu.cfs_period_us").write_text(str(period_us))
+                (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                (self.path / "cpu.max").write_text(f"{quota} {period_us}")
+        except OSError:
+            self.close()
+            raise
+
+    def join(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text()
+    except OSError:
+        return ""
 
 
 def killed_by_limit(returncode: int, cg: MemoryCgroup) -> bool:

@@ -265,7 +265,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                       calibrate=False)  # shows the plan without running anything
         plan, costs = cfg.plan, cfg.plan.costs
         print(plan.describe())
-        print(f"  costs         {'measured on this device' if costs.observed or costs.read_measured else 'priors'}: "
+        print(f"  costs         {'measured on this device' if costs.history or costs.read_measured else 'priors'}: "
               + ", ".join(f"{k} {v:.3g}" for k, v in vars(costs).items() if isinstance(v, float)))
         return 0
     m = g.metadata
@@ -357,7 +357,7 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
     target = a.target or registry.DEFAULT_TARGET
     draft = _draft(argparse.Namespace(target=target, draft=a.draft))
-    report(target, draft, _budget(a), n_ctx=a.n_ctx, measure=not a.no_measure, explain=for_cli)
+    report(target, draft, _budget(a), n_ctx=a.n_ctx, measure=not a.no_measure, explain=for_cli, reset=a.reset_costs)
     return 0
 
 
@@ -571,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--n-ctx", type=_positive, default=4096, help=f"context length to plan for, >= {MIN_CTX} "
                                                                   "(default 4096)")
     dr.add_argument("--no-measure", action="store_true", help="do not measure the storage's read speed")
+    dr.add_argument("--reset-costs", nargs="?", const="pair", choices=("pair", "all"), default=None,
+                    help="forget the costs this device learnt for the pair (or all of them: all) before planning")
     dr.set_defaults(func=cmd_doctor)
     return p
 

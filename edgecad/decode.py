@@ -41,6 +41,10 @@ class Stats:
     seconds_draft: float = 0.0   # of which drafting
     seconds_target: float = 0.0  # of which target passes
     seconds_chain: float = 0.0   # drafting chains beside target passes (pipeline; overlaps seconds_target)
+    cpu_draft: float = 0.0       # CPU seconds of the computing thread (the caller's: it drafts, runs the target's
+    cpu_target: float = 0.0      # passes, spins in llama.cpp's thread team) while drafting and during the timed
+                                 # target passes: against seconds_draft and seconds_target, whether they had a core
+                                 # (starved beside busy processes, they teach the learnt costs nothing)
     chain_tokens: int = 0        # tokens drafted into chains beside target passes
     reused_tokens: int = 0       # chain tokens the next tree started from (drafted during a pass, kept)
     near_ties: int = 0           # emitted tokens where the target's top-2 logits were within NEAR_TIE_EPS:
@@ -117,10 +121,11 @@ class TargetDecoder:
                 return
             b.clear()
             b.add(tok, len(ctx.tokens), (0,), True)
-            td = time.perf_counter()
+            td, cpu = time.perf_counter(), time.thread_time()
             ctx.decode(b)
             ctx.tokens.append(tok)
             stats.seconds_target += time.perf_counter() - td
+            stats.cpu_target += time.thread_time() - cpu
             stats.target_passes += 1
             logits = ctx.logits(0)
 
@@ -183,9 +188,9 @@ class SpeculativeDecoder:
         tree = drafter.draft(min(p.max_nodes, room), min(p.max_depth, room, left), sp, rng, fallback.current(),
                              fallback.break_even(), grammar)
         # verify: one target pass over root + nodes (tree attention), logits for every node
-        tv = time.perf_counter()
+        tv, cpu = time.perf_counter(), time.thread_time()
         logits, leaf_seq, chain = self.verify(self.target, self.batch, tree, sp, room, left, prefix)
-        seconds = time.perf_counter() - tv
+        seconds, cpu = time.perf_counter() - tv, time.thread_time() - cpu
         # verdict: greedy keeps drafted tokens while they are the target's argmax; sampling accepts x with
         # min(1, p(x)/q(x)), else p <- norm(max(p - q, 0)); either way each token is the target's own
         path, bonus, divergent = accept(tree, logits, rng, recent, grammar)
@@ -197,7 +202,7 @@ class SpeculativeDecoder:
         drafter.accept(tree, path, bonus, chain)
         # adapt: LLMCad's threshold from how much of the best branch was taken, capped by the measured cost
         fallback.step(tree, path, None if prefix else time.perf_counter() - t0)  # (a prompt's pass costs more)
-        return tree, Verdict(path, bonus, divergent, seconds, ties, logits[[0, *path]].copy() if rows else None)
+        return tree, Verdict(path, bonus, divergent, seconds, ties, logits[[0, *path]].copy() if rows else None, cpu)
 
     def __call__(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
                  stats: Stats) -> Iterator[int]:
@@ -229,6 +234,7 @@ class SpeculativeDecoder:
                     stats.prompt_done(time.perf_counter() - t0, reused)
                 else:
                     stats.seconds_target += verdict.seconds
+                    stats.cpu_target += verdict.cpu
                 stats.target_passes += 1
                 stats.draft_tokens += tree.n_drafted
                 stats.bild_divergent += verdict.divergent
@@ -247,15 +253,15 @@ class SpeculativeDecoder:
                     if produced >= max_tokens or self.is_eog(tok):
                         return
         finally:
-            (stats.draft_passes, stats.seconds_draft, stats.seconds_chain, stats.chain_tokens,
+            (stats.draft_passes, stats.seconds_draft, stats.cpu_draft, stats.seconds_chain, stats.chain_tokens,
              stats.reused_tokens) = (now - then for now, then in zip(self._counters(), d0))
             stats.fallback = fallback.summary() if p.fallback is Fallback.ADAPTIVE else None
 
     def _counters(self) -> tuple:
-        """The drafter's and the pipeline's running counts, as Stats' draft_passes, seconds_draft, seconds_chain,
-        chain_tokens and reused_tokens: a completion's are their differences."""
+        """The drafter's and the pipeline's running counts, as Stats' draft_passes, seconds_draft, cpu_draft,
+        seconds_chain, chain_tokens and reused_tokens: a completion's are their differences."""
         d, pl = self.drafter, self.pipeline
-        return d.decodes, d.seconds, pl.seconds if pl else 0.0, pl.tokens if pl else 0, d.reused_tokens
+        return d.decodes, d.seconds, d.cpu, pl.seconds if pl else 0.0, pl.tokens if pl else 0, d.reused_tokens
 
     def _check_kv(self, root_pos: int) -> None:
         """Both caches hold only sequence 0: the target every accepted token before the root,

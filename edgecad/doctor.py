@@ -1,8 +1,9 @@
 """`edgecad doctor`: what this device can do, and what edgecad would run on it.
 
 Cores, memory (the process's cgroup limit too), the storage read speed of the models' directory
-(measured), the llama.cpp backends and devices of this build, and the plan the automatic configuration
-makes for a model pair inside a budget, with its predicted speed.
+(measured), the llama.cpp backends and devices of this build, the plan the automatic configuration
+makes for a model pair inside a budget, with its predicted speed, and the costs this device learnt for the
+pair (which it can forget: `reset`).
 """
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Optional
 
 from . import cgroup, devices, registry
 from .errors import EdgecadError
 from .gguf_file import read_gguf
 from .llama import default_threads
 from .config import resolve
-from .measure import READ_SAMPLE, auto_budget, load_costs, measure_read
+from .measure import READ_SAMPLE, auto_budget, load_costs, measure_read, reset_costs
 from .native import can_page, capabilities
 from .pager import mincore_sees
-from .plan import MB, parse_memory
+from .plan import MB, Costs, parse_memory
+from .plan.costs import HISTORY, STARVED
 from .tree import MODE_PARAMS
 
 
@@ -36,12 +39,26 @@ def _mount(path: Path) -> tuple[str, str]:
     return best
 
 
+COSTS = {  # the learnt costs doctor shows: what each one is (edgecad.plan.costs.Costs)
+    "read_bps": "bytes/s read from the models' storage",
+    "target_byte_s": "seconds of a resident 1-token target pass per byte",
+    "batch_slope": "a k-token pass costs 1 + slope x (k - 1) 1-token passes",
+    "paged_byte_s": "seconds a paged pass computes longer per streamed byte",
+    "draft_node_s": "seconds of drafting per node per GB of draft",
+    "tree_nodes": "drafted nodes per pass",
+    "tree_tokens": "tokens per pass of a tree",
+}
+
+
 def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, measure: bool = True,
-           out=sys.stdout, explain=str) -> None:
+           out=sys.stdout, explain=str, reset: Optional[str] = None) -> None:
     """The report for `target` (default: the registry's default pair) with `draft` (None: the target alone, as
-    an engine runs it); explain: an error as the caller names its arguments (the CLI: its flags)."""
+    an engine runs it); explain: an error as the caller names its arguments (the CLI: its flags); reset: "pair"
+    forgets the costs this device learnt for the pair first, "all" every learnt cost."""
     say = lambda k, v: out.write(f"{k:<13} {v}\n")
     _device(say, explain)
+    if reset == "all":
+        _reset(say, reset_costs, "every learnt cost")
 
     if target is None:
         target, draft = registry.DEFAULT_TARGET, draft or registry.DEFAULT_DRAFT
@@ -64,6 +81,8 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
                          "pages are in RAM (mincore): a paged target's resident figures are not reported "
                          "(peak_resident_target_bytes None); the budget still holds")
     n_threads = default_threads()
+    if reset == "pair":
+        _reset(say, lambda: reset_costs(t, d, n_threads), "the costs this device learnt for this pair")
     costs = load_costs(t, d, n_threads)
     if measure:
         sys.stderr.write(f"measuring the read speed of {t_path.parent} ({min(READ_SAMPLE, t.file_size) / MB:,.0f} "
@@ -85,8 +104,36 @@ def report(target=None, draft=None, memory_budget="auto", n_ctx: int = 4096, mea
         say("tree", f"up to {tree.max_nodes} nodes, depth {tree.max_depth}, {tree.max_width} branches per node, "
                     f"{tree.fallback} fallback threshold from {tree.threshold_init} in [{tree.threshold_min}, "
                     f"{tree.threshold_max}]")
-    basis = "measured on this device" if costs.observed else "priors (corrected after every completion)"
+    basis = "measured on this device" if costs.history else "priors (corrected after every completion)"
     say("expected", f"{plan.tokens_per_second:.2f} tokens/s ({plan.config}; costs: {basis})")
+    _costs(say, costs, [k for k in COSTS if d is not None or k in ("read_bps", "target_byte_s", "paged_byte_s")])
+
+
+def _costs(say, costs: Costs, names: list) -> None:
+    """The learnt costs: each one's value, what it is, and what it follows (observations, a measurement, the
+    prior); how many completions taught them and how many were starved."""
+    starved = (f", {costs.starved} of them starved of CPU (on a core under {STARVED:.0%} of their time: they "
+               "taught nothing)" if costs.starved else "")
+    say("costs", f"learnt from {costs.observed} completions{starved}; `edgecad doctor --reset-costs` forgets them")
+    for name in names:
+        n = len(costs.samples(name))
+        if n:
+            basis = f"learnt from the last {n} observations" if n == HISTORY else \
+                f"learnt from {n} observation{'s' * (n > 1)}"
+        else:
+            basis = "measured" if name == "read_bps" and costs.read_measured else "prior"
+        say("", f"  {name:<14} {getattr(costs, name):<10.4g} {COSTS[name]} ({basis})")
+
+
+def _reset(say, forget, what: str) -> None:
+    """Forget learnt costs (measure.reset_costs), said in one line."""
+    try:
+        path, n = forget()
+    except OSError as e:
+        say("reset", f"could not forget {what}: {e.strerror or e} ({e.filename}); remove that file by hand")
+        return
+    say("reset", f"forgot {what}: {n} entr{'y' if n == 1 else 'ies'} removed from {path}" if n else
+        f"nothing learnt to forget in {path}")
 
 
 def _device(say, explain) -> None:

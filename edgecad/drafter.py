@@ -91,6 +91,7 @@ class Drafter:
         self._g: Optional[_Growth] = None   # the last tree drafted
         self.decodes = 0
         self.seconds = 0.0       # drafting trees (the target waits)
+        self.cpu = 0.0           # the drafting thread's CPU seconds meanwhile (Stats.cpu_draft)
         self.reused_tokens = 0   # kept chains' tokens the next trees started from
 
     def close(self) -> None:
@@ -154,7 +155,7 @@ class Drafter:
         which a node pays for its cost (FallbackThreshold.break_even): an alternative child whose branch
         confidence reaches it joins even below branch_p (IO-bound passes: wide trees). grammar: the
         completion's (in its state after the root), which masks the draft's distributions."""
-        t0 = time.perf_counter()
+        t0, cpu = time.perf_counter(), time.thread_time()
         g = self._g = self._root(max_nodes, max_depth, sp, break_even, grammar)
         tree = g.tree
         while g.active and tree.n_drafted < max_nodes:
@@ -180,6 +181,7 @@ class Drafter:
             if tree.root_pos + len(g.seed.tokens) - 2 > used:
                 self.ctx.seq_rm(1, used + 1, -1)
         self.seconds += time.perf_counter() - t0
+        self.cpu += time.thread_time() - cpu
         return tree
 
     def _root(self, max_nodes: int, max_depth: int, sp: SamplingParams, break_even: Optional[float],

@@ -24,9 +24,9 @@ from .decode import Stats, decoder_for
 from .devices import placement, placement_line
 from .errors import EdgecadError, RequestError
 from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
-from .measure import emulate_storage, save_costs, storage_bytes_read
+from .measure import emulate_storage, learn, storage_bytes_read
 from .pager import Pager
-from .plan import PagerParams, observe
+from .plan import PagerParams
 from .residency import Residency, residency_for
 from .responses import TextChunks, chat_chunks, join, stop_list
 from .sampling import SamplingParams
@@ -56,6 +56,8 @@ def stats_dict(stats: Stats, plan) -> dict:
         "draft_passes": stats.draft_passes,
         "seconds_draft": stats.seconds_draft,
         "seconds_target": stats.seconds_target,
+        "cpu_draft_seconds": stats.cpu_draft,
+        "cpu_target_seconds": stats.cpu_target,
         "seconds_chain": stats.seconds_chain,
         "chain_tokens": stats.chain_tokens,
         "reused_tokens": stats.reused_tokens,
@@ -327,18 +329,9 @@ class Engine(Closing):
         stats.paging = self._residency.completion_stats(stats)
         last = text.last(stats)
         last["edgecad"] = stats_dict(stats, self.memory_plan)
-        self._learn(last["edgecad"])
+        self._costs = learn(self._costs, last["edgecad"], self.memory_plan, self.config.local_info,
+                            self.config.draft_info, self.n_threads)  # (the device's costs, for the next engine)
         yield last
-
-    def _learn(self, st: dict) -> None:
-        """Correct the device's measured costs with this completion (edgecad.plan.costs.observe)."""
-        t, d, plan = self.config.local_info, self.config.draft_info, self.memory_plan
-        streamed = plan.paging.streamed_bytes if plan.paging is not None else 0
-        costs = observe(self._costs, st, speculative=plan.speculative, streamed=streamed, target_bytes=t.pass_bytes,
-                        draft_bytes=d.file_size if d else 0)
-        if costs is not self._costs:
-            self._costs = costs
-            save_costs(costs, t, d, self.n_threads)
 
     # ------------------------------------------------------------------ lifetime
 

@@ -15,7 +15,7 @@ import psutil
 
 from . import cgroup, native
 from .gguf_file import GGUFInfo
-from .plan import BudgetPlan, Costs, Device, PagerParams, plan_budget
+from .plan import BudgetPlan, Costs, Device, MemoryPlan, PagerParams, costs_from_dict, observe, plan_budget
 from .plan.units import MB, MiB
 
 # ---------------------------------------------------------------------------- memory
@@ -100,14 +100,12 @@ def _cache_key(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> s
 
 
 def load_costs(target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> Costs:
+    """This device's learnt costs for the pair (checked: plan.costs_from_dict), or the priors."""
     try:
         d = json.loads(_cache_path().read_text())
-        d = d.get(_cache_key(target, draft, n_threads)) if isinstance(d, dict) else None
-        if not isinstance(d, dict):
-            return Costs()
-        return Costs(**{k: v for k, v in d.items() if k in Costs.__dataclass_fields__})
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError):
         return Costs()
+    return costs_from_dict(d.get(_cache_key(target, draft, n_threads)) if isinstance(d, dict) else None)
 
 
 def save_costs(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_threads: int) -> None:
@@ -121,12 +119,53 @@ def save_costs(costs: Costs, target: GGUFInfo, draft: Optional[GGUFInfo], n_thre
         data = {}
     data[_cache_key(target, draft, n_threads)] = asdict(costs)
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, p)
+        _write(p, data)
     except OSError:
         pass
+
+
+def _write(p: Path, data: dict) -> None:
+    """The cache file replaced whole (a reader never sees half of it)."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, p)
+
+
+def learn(costs: Costs, stats: dict, plan: MemoryPlan, target: GGUFInfo, draft: Optional[GGUFInfo],
+          n_threads: int) -> Costs:
+    """The costs corrected by a completion's `edgecad` stats (plan.observe), saved for the next engine. target: as
+    this device holds it (its local part with remote devices: there the passes wait on the network, which their
+    thread's CPU time cannot tell from starvation, so only the drafting is judged)."""
+    if plan.remote is not None:
+        stats = {**stats, "cpu_target_seconds": None}
+    new = observe(costs, stats, speculative=plan.speculative, target_bytes=target.pass_bytes,
+                  streamed=plan.paging.streamed_bytes if plan.paging is not None else 0,
+                  draft_bytes=draft.file_size if draft is not None else 0)
+    if new is not costs:
+        save_costs(new, target, draft, n_threads)
+    return new
+
+
+def reset_costs(target: Optional[GGUFInfo] = None, draft: Optional[GGUFInfo] = None,
+                n_threads: int = 0) -> tuple[Path, int]:
+    """Forget learnt costs: the pair's on this device (with `n_threads`), or with no target all of them (the
+    cache file goes; so does a file that is not a cache's). Returns (the cache file, entries removed); OSError
+    where the file cannot be read or changed."""
+    p = _cache_path()
+    if not p.exists():
+        return p, 0
+    try:
+        data = json.loads(p.read_text())
+    except ValueError:
+        data = None
+    if target is None or not isinstance(data, dict):
+        p.unlink()
+        return p, len(data) if isinstance(data, dict) else 1
+    if data.pop(_cache_key(target, draft, n_threads), None) is None:
+        return p, 0
+    _write(p, data)
+    return p, 1
 
 
 READ_SAMPLE = 256 * 1_000_000  # bytes of the target read to measure the storage

@@ -26,6 +26,7 @@ class Verdict:
     seconds: float = 0.0  # the target's pass
     ties: tuple = ()      # per emitted token (path, then bonus): the target's top-2 logits there were a near-tie
     rows: Optional[np.ndarray] = None  # per emitted token: the target's logits row that gave it (when asked)
+    cpu: float = 0.0      # the calling thread's CPU seconds during the pass (Stats.cpu_target)
 
 
 def leaf_sequences(tree: TokenTree) -> tuple[list[list[int]], dict[int, int]]:

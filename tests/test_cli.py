@@ -161,10 +161,57 @@ def test_doctor_on_the_tiny_pair(tiny_pair):
     r = run("doctor", "--target", target, "--draft", draft, "--memory-budget", "1GB")
     assert r.returncode == 0, r.stderr
     keys = [l.split()[0] for l in r.stdout.splitlines() if l and not l.startswith(" ")]
-    assert keys == ["machine", "memory", "native", "backends", "placement", "models", "storage", "plan", "expected"], \
-        r.stdout
+    assert keys == ["machine", "memory", "native", "backends", "placement", "models", "storage", "plan", "expected",
+                    "costs"], r.stdout
     assert "GB/s sequential read (measured)" in r.stdout and "measuring the read speed" in r.stderr
     assert "CPU" in r.stdout and "configuration" in r.stdout and "tokens/s" in r.stdout
+
+
+def test_doctor_shows_and_forgets_the_learnt_costs(tiny_pair, private_cost_cache):
+    """doctor lists the costs this device learnt for the pair (each one's value, what it is, what it follows) and
+    forgets them: --reset-costs the pair's (the cache keeps the others), --reset-costs all the whole file."""
+    from edgecad.gguf_file import read_gguf
+    from edgecad.llama import default_threads
+    from edgecad.measure import save_costs
+    from edgecad.plan import Costs, observe
+    draft, target = tiny_pair
+    t, d = read_gguf(target), read_gguf(draft)
+    compute = 4 * 1e-10 * t.pass_bytes  # 4 timed 1-token passes, the second time on a core a tenth of it
+    one_token = {"mode": "target", "target_passes": 5, "prompt_passes": 1, "n_tokens": 5,
+                 "target_compute_seconds": compute, "cpu_target_seconds": compute / 10}
+    taught = observe(Costs(), {**one_token, "cpu_target_seconds": None}, speculative=False, streamed=0,
+                     target_bytes=t.pass_bytes, draft_bytes=0)
+    taught = observe(taught, one_token, speculative=False, streamed=0, target_bytes=t.pass_bytes, draft_bytes=0)
+    save_costs(taught, t, d, default_threads())
+    save_costs(taught, t, None, default_threads())  # the target alone: another entry
+    cache = {"EDGECAD_CACHE": str(private_cost_cache)}  # (the test's own: save_costs wrote there)
+    doctor = lambda *extra: run("doctor", "--target", target, "--draft", draft, "--memory-budget", "1GB",
+                                "--no-measure", *extra, env=cache)
+    r = doctor()
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout[r.stdout.index("\ncosts "):].splitlines()[1:]
+    assert "learnt from 2 completions, 1 of them starved of CPU" in lines[0], r.stdout
+    costs = {l.split()[0]: l for l in lines[1:]}
+    assert list(costs) == ["read_bps", "target_byte_s", "batch_slope", "paged_byte_s", "draft_node_s",
+                           "tree_nodes", "tree_tokens"], r.stdout
+    assert costs["target_byte_s"].split()[1] == f"{taught.target_byte_s:.4g}", r.stdout
+    assert costs["target_byte_s"].endswith("(learnt from 1 observation)") and costs["batch_slope"].endswith("(prior)")
+
+    r = doctor("--reset-costs")
+    assert r.returncode == 0, r.stderr
+    reset = next(l for l in r.stdout.splitlines() if l.startswith("reset "))
+    assert reset.endswith(f"forgot the costs this device learnt for this pair: 1 entry removed from "
+                          f"{private_cost_cache / 'costs.json'}"), reset
+    assert "learnt from 0 completions" in r.stdout and "observation" not in r.stdout, r.stdout
+    import json
+    (left,) = json.loads((private_cost_cache / "costs.json").read_text())
+    assert "|-|" in left  # the target alone's entry stays
+    r = doctor("--reset-costs", "all")
+    assert r.returncode == 0 and "forgot every learnt cost: 1 entry removed" in r.stdout, r.stdout + r.stderr
+    assert not (private_cost_cache / "costs.json").exists()
+    r = doctor("--reset-costs", "all")
+    assert r.returncode == 0 and [l.split(None, 1) for l in r.stdout.splitlines() if l.startswith("reset ")] == \
+        [["reset", f"nothing learnt to forget in {private_cost_cache / 'costs.json'}"]], r.stdout
 
 
 def test_gpu_flags_without_a_gpu_are_one_line(tiny_pair):

@@ -9,12 +9,12 @@
 
 No module here reads a file, the clock or llama.cpp: the same inputs give the same plan.
 """
-from .costs import Costs, observe
+from .costs import Costs, costs_from_dict, observe
 from .paging import STORAGE_PROFILES, BudgetPlan, PagerParams, plan_budget
 from .remote import RemoteDevice, RemotePlan, plan_remote
 from .search import CONFIGS, TARGET, TARGET_PAGED, TREE, TREE_PAGED, Config, Device, MemoryPlan, plan_memory
 from .units import MB, MiB, parse_budget, parse_memory, parse_size
 
-__all__ = ["Costs", "observe", "STORAGE_PROFILES", "BudgetPlan", "PagerParams", "plan_budget", "RemoteDevice",
+__all__ = ["Costs", "costs_from_dict", "observe", "STORAGE_PROFILES", "BudgetPlan", "PagerParams", "plan_budget", "RemoteDevice",
            "RemotePlan", "plan_remote", "CONFIGS", "TARGET", "TARGET_PAGED", "TREE", "TREE_PAGED", "Config", "Device",
            "MemoryPlan", "plan_memory", "MB", "MiB", "parse_budget", "parse_memory", "parse_size"]

@@ -1,0 +1,59 @@
+"""What an engine learns of its device across runs (the learnt costs, edgecad.plan.costs): a busy device does not
+teach it wrong. Real llama.cpp on the tiny models, starved by a real cgroup's CPU quota."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgecad import cgroup
+from edgecad.config import resolve
+from edgecad.plan import Costs, costs_from_dict
+from edgecad.plan.costs import STARVED
+
+STARVED_CHILD = """
+import json, os, sys
+from edgecad import Engine
+target, draft, procs = sys.argv[1:4]
+with Engine(target, draft, mode="tree", memory_budget=None, n_ctx=512) as e:
+    with open(procs, "w") as f:  # from here on, a third of a core: as beside busy processes
+        f.write(str(os.getpid()))
+    sts = [e.create_completion(p, temperature=0.0, max_tokens=32)["edgecad"] for p in ("Once upon a time", "hello")]
+keys = ("target_passes", "prompt_passes", "target_compute_seconds", "cpu_target_seconds", "seconds_draft",
+        "cpu_draft_seconds")
+print(json.dumps([{k: s[k] for k in keys} for s in sts]))
+"""
+
+
+def _quota():
+    try:
+        return cgroup.CpuQuota(0.3, name="starved"), ""
+    except OSError as e:
+        return None, (f"cannot make a CPU cgroup ({e.strerror or e}): run as root, or where the cgroup v2 cpu "
+                      "controller is delegated to you")
+
+
+def test_completions_starved_of_cpu_teach_the_plan_nothing(tiny_pair, private_cost_cache):
+    """An engine whose process a CPU quota throttles to a third of a core mid-run (a busy minute): its completions
+    measure their computing thread on a core a fraction of their passes' and drafting's time, count as starved,
+    and leave every learnt cost, and so the next engine's plan, as they were."""
+    quota, why = _quota()
+    if quota is None:
+        pytest.skip(why)
+    draft, target = tiny_pair
+    fresh = resolve(target, draft, mode="tree", memory_budget=None, n_ctx=512, calibrate=False).plan
+    with quota:
+        r = subprocess.run([sys.executable, "-c", STARVED_CHILD, str(target), str(draft),
+                            str(quota.path / "cgroup.procs")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for st in json.loads(r.stdout.strip().splitlines()[-1]):
+        assert st["target_passes"] - st["prompt_passes"] >= 2, st  # (enough passes to teach)
+        assert 0 < st["cpu_target_seconds"] < STARVED * st["target_compute_seconds"], st
+        assert st["cpu_draft_seconds"] < STARVED * st["seconds_draft"], st
+    (entry,) = json.loads((private_cost_cache / "costs.json").read_text()).values()
+    costs = costs_from_dict(entry)
+    assert (costs.observed, costs.starved, costs.history) == (2, 2, ())
+    assert costs == Costs(observed=2, starved=2, read_bps=costs.read_bps, read_measured=costs.read_measured)
+    after = resolve(target, draft, mode="tree", memory_budget=None, n_ctx=512, calibrate=False).plan
+    assert (after.config, after.tokens_per_second, after.tree_nodes) == (fresh.config, fresh.tokens_per_second,
+                                                                         fresh.tree_nodes)
