@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import native
-from .arguments import chat_prompt, check_logprobs, completion_length, sampling_params, token_ids, unsupported
+from .arguments import check_logprobs, completion_length, sampling_params, token_ids, unsupported
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
@@ -31,6 +31,7 @@ from .residency import Residency, residency_for
 from .responses import TextChunks, chat_chunks, join, response_format_grammar, stop_list
 from .sampling import SamplingParams
 from .tree import TreeParams
+from .window import ChatWindow
 
 
 def stats_dict(stats: Stats, plan) -> dict:
@@ -155,7 +156,7 @@ class Engine(Closing):
         self._rng = np.random.default_rng(_seed(seed))
         self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
         self._computing = threading.Lock()  # held while a completion's next chunk is computed
-        self._chat_format = None  # the model's chat template, compiled on first use
+        self._window = ChatWindow(self._target_model, self.tokenize)  # chats' prompts (edgecad.window)
 
     def _load(self, cfg: EngineConfig, *, backend: str, draft_gpu_layers: Optional[int], target_gpu_layers: int,
               progress: bool) -> tuple[int, int]:
@@ -250,8 +251,8 @@ class Engine(Closing):
         grammar=None, logit_bias=None, logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
     ):
         """Answer a conversation rendered with the model's own chat template (the GGUF's
-        tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter): a
-        `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream."""
+        tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter; ChatML when it has
+        none): a `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream."""
         unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
                     typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
         check_logprobs("top_logprobs", top_logprobs)
@@ -264,12 +265,9 @@ class Engine(Closing):
         return chat_chunks(chunks) if stream else join(chat_chunks(chunks))
 
     def chat_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
-        """The conversation as prompt tokens (ending with the assistant's turn opened), and the
-        template's stop strings."""
-        if self._chat_format is None:
-            self._chat_format = self._target_model.chat_formatter()
-        prompt, add_bos, stops = chat_prompt(self._chat_format, messages)
-        return self.tokenize(prompt, add_bos=add_bos, special=True), stops
+        """The conversation as prompt tokens (ending with the assistant's turn opened), and the template's stop
+        strings (edgecad.window: the model's template, or ChatML)."""
+        return self._window.tokens(messages)
 
     def _completion_chunks(self, *args, stream: bool, **kw) -> Iterator[dict]:
         """One completion at a time per Engine (both contexts' KV is one state): a call waits while another

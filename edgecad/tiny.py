@@ -71,10 +71,10 @@ EOG_TOKEN = "<|im_end|>"  # the end-of-turn token: llama.cpp counts it as end of
 
 def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad-tiny",
                 vocab_tokens: list[str] | None = None, eog_like: int | None = None,
-                chat_template: str = CHATML) -> Path:
+                chat_template: str | None = CHATML) -> Path:
     """eog_like: a token id whose output row, x 1.2, becomes EOG_TOKEN's: the model then ends its output
     wherever it would have chosen that token with a positive logit (a margin of 20% of that logit).
-    chat_template: the file's tokenizer.chat_template (tests give hostile ones)."""
+    chat_template: the file's tokenizer.chat_template (tests give hostile ones; None: the file has none)."""
     import gguf
 
     tokens, types = vocabulary()
@@ -122,7 +122,8 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     wr.add_bos_token_id(n_vocab - 3)
     wr.add_eos_token_id(n_vocab - 3)
     wr.add_add_bos_token(False)
-    wr.add_chat_template(chat_template)
+    if chat_template is not None:
+        wr.add_chat_template(chat_template)
 
     add("token_embd.weight", embd, qt_io)
     for i in range(spec.n_layer):
