@@ -175,7 +175,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
         if tty:
             sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {chat.plan_line(eng.memory_plan)}"
                              + (f"; transcript {transcript}" if transcript else "") + "\n")
-        eng.chat_tokens([{"role": "user", "content": "hi"}])  # a model without a chat template: say so now
+        eng.chat_tokens([{"role": "user", "content": "hi"}])  # the template compiled now (ChatML for a model
+        #                                                       without one, said before the first question)
         sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens)
         conv = chat.Conversation(eng, transcript, system=a.system, resume=bool(a.resume), sampling=sampling)
         try:

@@ -22,7 +22,8 @@ from .arguments import check_logprobs, completion_length, sampling_params, token
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
-from .errors import EdgecadError, RequestError
+from .compat import Count, LlamaMembers, target_path
+from .errors import EdgecadError
 from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
 from .measure import emulate_storage, save_costs, storage_bytes_read
 from .pager import Pager
@@ -73,12 +74,14 @@ def stats_dict(stats: Stats, plan) -> dict:
     return d
 
 
-class Engine(Closing):
-    """Run a target model, optionally sped up by a resident draft model.
+class Engine(LlamaMembers, Closing):
+    """Run a target model, optionally sped up by a resident draft model; the rest of llama-cpp-python's `Llama`
+    members are edgecad.compat's.
 
     Args (keyword-only after `draft`):
         target, draft: a GGUF path or a registry name (see `edgecad models list`); no target: the
-            default pair (qwen2.5-coder 1.5B + 0.5B), once fetched with `edgecad models fetch`.
+            default pair (qwen2.5-coder 1.5B + 0.5B), once fetched with `edgecad models fetch`. model_path:
+            the target, by `Llama`'s name.
         mode: "tree" (edgecad: token tree + adaptive fallback), "linear" (a chain, llama.cpp's
             speculative defaults), "bild" (Big Little Decoder; not lossless) or "target" (no draft).
             None: the automatic configuration picks the fastest of target-only and draft + tree, the
@@ -133,13 +136,14 @@ class Engine(Closing):
         seed: Optional[int] = None,
         verbose: bool = False,
         progress: bool = False,
+        model_path: Union[str, os.PathLike, None] = None,
     ):
         self._target_model = self._draft_model = self._batch = self._target = self._decoder = None
         self._residency: Residency = Residency()
         native.lib.ec_interrupt_clear()
         set_verbose(verbose)
         self.verbose = verbose
-        cfg = self.config = resolve(target, draft, mode=mode, tree_params=tree_params, memory_budget=memory_budget,
+        cfg = self.config = resolve(target_path(target, model_path), draft, mode=mode, tree_params=tree_params, memory_budget=memory_budget,
                                     target_budget=target_budget, pager=pager, pipeline=pipeline, n_ctx=n_ctx,
                                     n_threads=n_threads, remote=remote, verbose=verbose)
         self.target_path, self.draft_path, self.mode, self.n_threads = (cfg.target_path, cfg.draft_path, cfg.mode,
@@ -189,27 +193,11 @@ class Engine(Closing):
         cp = ContextParams(n_ctx=cfg.n_ctx, n_batch=max(cfg.plan.n_batch, n_seq), n_seq_max=n_seq,
                            n_threads=cfg.n_threads, op_offload=t_gpu != 0)
         self._target = Context(self._target_model, cp, **self._residency.target_hooks())
-        self.n_ctx = self._target.n_ctx
+        self.n_ctx = Count(self._target.n_ctx)  # (`n_ctx()` too, as Llama's)
         self._batch = Batch(max(cp.n_batch, n_seq), n_seq)
         self._decoder = decoder.build(self._target, self._batch, self.tree_params, self._draft_model,
                                       replace(cp, op_offload=d_gpu != 0), self._residency)
         self.pipeline = self._decoder.pipeline is not None
-
-    # ------------------------------------------------------------------ tokens
-
-    def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False) -> list[int]:
-        """Token ids of `text` (llama-cpp-python's `Llama.tokenize`): BOS when the vocabulary uses one and
-        add_bos; special-token texts parsed as special tokens when `special`."""
-        if isinstance(text, str):
-            try:
-                text = text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise RequestError(f"the text is not valid Unicode ({e.reason} at character {e.start}): send UTF-8 "
-                                   "text", "prompt") from None
-        return self._target_model.tokenize(text, add_special=add_bos, parse_special=special)
-
-    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        return self._target_model.detokenize(tokens, special=special)
 
     # ------------------------------------------------------------------ completion
     # llama-cpp-python's `Llama` surface: same names, defaults and result shapes. Arguments that

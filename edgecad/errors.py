@@ -42,6 +42,10 @@ class PromptTooLongError(RequestError):
     """The prompt does not fit in the context window."""
 
 
+class NotSupportedError(EdgecadError, AttributeError):
+    """A member of llama-cpp-python's `Llama` that edgecad does not have (an AttributeError: hasattr says False)."""
+
+
 class LlamaError(EdgecadError):
     """A llama.cpp call failed; `code` is its return value."""
 

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE
 
 from .arguments import chat_prompt
+from .errors import RequestError
 
 CHATML_END = "<|im_end|>"  # ChatML's end of a turn: the answer's stop string under the default template
 
@@ -23,25 +24,28 @@ class ChatWindow:
         self.model = model  # the target (edgecad.llama.Model): its template, vocabulary and name
         self.tokenize = tokenize  # Engine.tokenize: (text, add_bos=, special=) -> token ids
         self._formatter = None  # the compiled template, once a chat needed it
-        self.default_template = False  # the model has no template of its own: ChatML stands in
+        self.default_template = model.chat_template() is None  # the model has none of its own: ChatML stands in
 
     def formatter(self):
         """The model's chat template, compiled once; ChatML when the model has none (said once)."""
         if self._formatter is None:
             template = self.model.chat_template()
             if template is None:
-                self.default_template = True
                 sys.stderr.write(f"edgecad: {self.model.path.name} has no chat template (tokenizer.chat_template): "
                                  "its chats are rendered as ChatML (<|im_start|>role ... <|im_end|>), as llama.cpp "
                                  "does\n")
-            self._formatter = self.model.chat_formatter(template or CHATML_CHAT_TEMPLATE,
-                                                        CHATML_END if template is None else None)
+            try:
+                self._formatter = self.model.chat_formatter(template or CHATML_CHAT_TEMPLATE,
+                                                            CHATML_END if template is None else None)
+            except Exception as e:  # jinja2's syntax errors: the model's template is broken, not the messages
+                raise RequestError(f"the model's chat template does not compile ({type(e).__name__}: {e}): "
+                                   "complete a prompt in the model's own format instead (create_completion, "
+                                   "/v1/completions, `edgecad generate`)", "messages") from None
         return self._formatter
 
     @property
     def chat_format(self) -> str:
         """`Llama.chat_format`'s name for the template in use: the model's own, or ChatML."""
-        self.formatter()
         return "chatml" if self.default_template else "chat_template.default"
 
     def tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:

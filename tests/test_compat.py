@@ -1,13 +1,17 @@
 """Models from elsewhere and programs written for llama-cpp-python: a model without a chat template (ChatML, as
-llama.cpp), in the API, the server and the chat; (real llama.cpp on tiny generated models)."""
+llama.cpp), in the API, the server and the chat; the members of `Llama` a program touches, supported as Llama's or
+refused in one line (real llama.cpp on tiny generated models)."""
 import ctypes
+import json
 import subprocess
 import sys
 
 import llama_cpp as C
 import pytest
+from llama_cpp import Llama
 
 from edgecad import Engine, tiny
+from edgecad.errors import NotSupportedError, RequestError
 
 from test_server import Served
 
@@ -34,6 +38,7 @@ def test_a_model_without_a_template_chats_in_chatml_said_once(untemplated, capfd
     with Engine(untemplated, mode="target", n_ctx=512, memory_budget=None) as e:
         tokens, stops = e.chat_tokens(HI)
         assert tokens == e.tokenize(llama_cpp_chatml(HI), special=True) and stops == ["<|im_end|>"]
+        assert e.chat_format == "chatml"
         r = e.create_chat_completion(HI, max_tokens=8, temperature=0)
         assert r["choices"][0]["finish_reason"] in ("stop", "length") and r["usage"]["prompt_tokens"] == len(tokens)
     err = capfd.readouterr().err
@@ -62,3 +67,68 @@ def test_the_chat_command_talks_to_a_model_without_a_template(untemplated, tmp_p
     err = r.stderr.decode()
     assert r.returncode == 0 and "create_completion" not in err and "edgecad: " in err, err
     assert err.count("has no chat template") == 1 and r.stdout.decode().count("\n\n") == 2
+
+
+# ---------------------------------------------------------------------------- Llama's members
+
+def llama_members(llm) -> dict:
+    """What a Llama program reads of its model besides completions."""
+    toks = llm.tokenize(b"hello the world")
+    return {"n_ctx": llm.n_ctx(), "n_vocab": llm.n_vocab(), "n_embd": llm.n_embd(), "bos": llm.token_bos(),
+            "eos": llm.token_eos(), "nl": llm.token_nl(), "metadata": llm.metadata, "model_path": llm.model_path,
+            "chat_format": llm.chat_format, "tokens": toks, "text": llm.detokenize(toks, prev_tokens=toks[:1]),
+            "special": llm.detokenize(toks, None, True), "verbose": llm.verbose}
+
+
+def test_a_llama_program_reads_the_same_members(tiny_target):
+    ref = llama_members(Llama(model_path=str(tiny_target), n_ctx=256, n_threads=2, verbose=False))
+    with Engine(model_path=tiny_target, mode="target", n_ctx=256, memory_budget=None) as e:
+        ours = llama_members(e)
+        assert e.n_ctx == 256 and isinstance(e.n_ctx, int) and json.dumps({"n": e.n_ctx}) == '{"n": 256}'
+    assert ours == ref
+
+
+def test_reset_set_seed_and_the_openai_types(tiny_pair):
+    draft, target = tiny_pair
+    with Engine(target, draft, mode="tree", n_ctx=256, memory_budget=None) as e:
+        first = e("hello the world", max_tokens=8, temperature=0)
+        again = e("hello the world", max_tokens=8, temperature=0)
+        assert again["edgecad"]["prompt_tokens_reused"] > 0
+        e.reset()  # both caches forgotten: the whole prompt is decoded again, to the same tokens
+        after = e("hello the world", max_tokens=8, temperature=0)
+        assert after["edgecad"]["prompt_tokens_reused"] == 0
+        assert after["choices"][0]["text"] == first["choices"][0]["text"]
+        e.set_seed(7)
+        a = e("Once upon a time", max_tokens=8)["choices"][0]["text"]
+        e.set_seed(7)
+        assert e("Once upon a time", max_tokens=8)["choices"][0]["text"] == a
+        e.set_cache(None)  # accepted: edgecad reuses the last call's prefix by itself
+        chat = e.create_chat_completion(HI, max_tokens=6, temperature=0)
+        typed = e.create_chat_completion_openai_v1(HI, max_tokens=6, temperature=0)
+        assert type(typed).__name__ == "ChatCompletion"
+        assert typed.choices[0].message.content == chat["choices"][0]["message"]["content"]
+        chunks = list(e.create_chat_completion_openai_v1(messages=HI, max_tokens=6, temperature=0, stream=True))
+        assert {type(c).__name__ for c in chunks} == {"ChatCompletionChunk"}
+
+
+def test_members_edgecad_lacks_are_one_line_each(engine_256):
+    e = engine_256
+    for name in ("eval", "save_state", "create_embedding", "ctx", "n_tokens", "tokenizer"):
+        with pytest.raises(NotSupportedError, match=rf"^Llama\.{name} is not supported by edgecad: \S") as x:
+            getattr(e, name)
+        assert "\n" not in str(x.value)
+        assert not hasattr(e, name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_member'"):
+        e.no_such_member
+    with pytest.raises(NotSupportedError, match="from_pretrained .*model_path"):
+        Engine.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "*q4_k_m.gguf")
+    with pytest.raises(RequestError, match="as target .* or as model_path"):
+        Engine(e.model_path, model_path=e.model_path)
+    with pytest.raises(RequestError, match="seed"):
+        e.set_seed(-5)
+
+
+@pytest.fixture(scope="module")
+def engine_256(tiny_target):
+    with Engine(tiny_target, mode="target", n_ctx=256, memory_budget=None) as e:
+        yield e
