@@ -127,6 +127,7 @@ class LlamaMembers:
             for ctx in (self.target_context, self.draft_context):
                 if ctx is not None:
                     ctx.clear()
+            self._window.forget()
         finally:
             self._lock.release()
 

@@ -32,7 +32,7 @@ from .residency import Residency, residency_for
 from .responses import TextChunks, chat_chunks, join, response_format_grammar, stop_list
 from .sampling import SamplingParams
 from .tree import TreeParams
-from .window import ChatWindow
+from .window import ChatWindow, overflow_policy, with_stats
 
 
 def stats_dict(stats: Stats, plan) -> dict:
@@ -109,6 +109,8 @@ class Engine(LlamaMembers, Closing):
             scripts/build_rpc.sh): where the target does not fit this device's budget, its last layers live
             there, as many as each server's announced memory holds (edgecad.rpc, docs/devices.md).
         seed: default random seed of sampled completions.
+        context_overflow: what a chat longer than the context does by default: "error", or "drop_oldest" (its
+            oldest turns are dropped, the system prompt kept: edgecad.window); create_chat_completion's own wins.
         verbose: print llama.cpp's log.
         progress: show the models' load progress on stderr.
     """
@@ -134,6 +136,7 @@ class Engine(LlamaMembers, Closing):
         n_threads: Optional[int] = None,
         remote: Optional[list] = None,
         seed: Optional[int] = None,
+        context_overflow: str = "error",
         verbose: bool = False,
         progress: bool = False,
         model_path: Union[str, os.PathLike, None] = None,
@@ -160,7 +163,8 @@ class Engine(LlamaMembers, Closing):
         self._rng = np.random.default_rng(_seed(seed))
         self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
         self._computing = threading.Lock()  # held while a completion's next chunk is computed
-        self._window = ChatWindow(self._target_model, self.tokenize)  # chats' prompts (edgecad.window)
+        self._window = ChatWindow(self._target_model, self.tokenize, self.n_ctx)  # chats' prompts (edgecad.window)
+        self.context_overflow = overflow_policy(context_overflow)  # chats' default (create_chat_completion's)
 
     def _load(self, cfg: EngineConfig, *, backend: str, draft_gpu_layers: Optional[int], target_gpu_layers: int,
               progress: bool) -> tuple[int, int]:
@@ -237,19 +241,23 @@ class Engine(LlamaMembers, Closing):
         frequency_penalty: float = 0.0, repeat_penalty: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
         mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: Optional[str] = None, logits_processor=None,
         grammar=None, logit_bias=None, logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
+        context_overflow: Optional[str] = None,
     ):
         """Answer a conversation rendered with the model's own chat template (the GGUF's
         tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter; ChatML when it has
-        none): a `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream."""
+        none): a `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream. context_overflow:
+        "drop_oldest" drops the oldest turns of a chat longer than the context ("error": refuse it; None: the
+        Engine's), `dropped_messages` in its stats."""
         unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
                     typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
         check_logprobs("top_logprobs", top_logprobs)
-        tokens, stops = self.chat_tokens(messages)
+        tokens, stops, dropped = self._window.fit(messages, max_tokens, context_overflow or self.context_overflow)
         if response_format is not None and grammar is None:
             grammar = response_format_grammar(response_format)
         sp = sampling_params(locals(), self._target_model.n_vocab)  # (the sampling arguments, by their names)
-        chunks = self._completion_chunks(tokens, max_tokens, sp, stops + stop_list(stop), seed, stream=stream,
-                                         logprobs=(top_logprobs or 0) if logprobs else None)
+        chunks = with_stats(self._completion_chunks(tokens, max_tokens, sp, stops + stop_list(stop), seed,
+                                                    stream=stream, logprobs=(top_logprobs or 0) if logprobs else None),
+                            dropped_messages=dropped)
         return chat_chunks(chunks) if stream else join(chat_chunks(chunks))
 
     def chat_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
