@@ -79,8 +79,10 @@ class LlamaMembers:
     def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
                    special: bool = False) -> bytes:
         """The text of `tokens` (llama-cpp-python's `Llama.detokenize`; prev_tokens is not needed, as for its
-        own tokenizer)."""
-        return self._target_model.detokenize(tokens, special=special)
+        own tokenizer). As Llama's, without the space an SPM vocabulary (Llama's, Gemma's) puts after BOS, before
+        the first word."""
+        text = self._target_model.detokenize(tokens, special=special)
+        return text[1:] if len(tokens) and tokens[0] == self.token_bos() and text[:1] == b" " else text
 
     def n_vocab(self) -> int:
         return self._target_model.n_vocab

@@ -2,7 +2,9 @@
 
 Both models are llama.cpp `qwen2` models over one 265-token GPT-2-style
 byte-level vocabulary (256 byte tokens, 6 merges, 3 control tokens), so they
-load, tokenize and generate on real llama.cpp in milliseconds. The F32 pair
+load, tokenize and generate on real llama.cpp in milliseconds. `write_spm_pair`
+writes a `llama` pair over a SentencePiece vocabulary instead (Llama's and
+Gemma's kind: byte fallback, a space prefix, BOS). The F32 pair
 (`write_pair`) gives control tokens near-zero logits: generation never ends
 early, and exact equality is the point. The quantized pair (`write_quantized_pair`:
 Q4_0 target layers, which llama.cpp repacks, and a Q8_0 draft) has larger layers
@@ -49,6 +51,20 @@ def vocabulary() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+SPM_PIECES = (["▁"] + list("abcdefghijklmnopqrstuvwxyz.,:()")  # characters; anything else falls back to bytes
+              + ["▁t", "he", "▁the", "in", "er", "an", "on", "▁a", "▁w", "or", "ld", "▁in", "▁on", "en", "ll", "▁h",
+                 "re", "at", "▁o", "▁s", "is", "it", "▁wor", "▁world", "▁he", "llo", "▁hello"])  # merged, best first
+
+
+def spm_vocabulary() -> tuple[list[str], list[int], list[float]]:
+    """A SentencePiece vocabulary (llama.cpp's "llama" tokenizer): <unk>, <s> (BOS), </s> (EOS), the 256 byte
+    tokens, then SPM_PIECES; each token's score (merges take the best-scored pair first)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)  # 2 unknown, 3 control, 6 byte, 1 normal
+    scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))]
+    return tokens, types, scores
+
+
 @dataclass(frozen=True)
 class TinySpec:
     n_layer: int            # transformer blocks
@@ -71,20 +87,24 @@ EOG_TOKEN = "<|im_end|>"  # the end-of-turn token: llama.cpp counts it as end of
 
 def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad-tiny",
                 vocab_tokens: list[str] | None = None, eog_like: int | None = None,
-                chat_template: str | None = CHATML) -> Path:
+                chat_template: str | None = CHATML, spm: bool = False) -> Path:
     """eog_like: a token id whose output row, x 1.2, becomes EOG_TOKEN's: the model then ends its output
     wherever it would have chosen that token with a positive logit (a margin of 20% of that logit).
-    chat_template: the file's tokenizer.chat_template (tests give hostile ones; None: the file has none)."""
+    chat_template: the file's tokenizer.chat_template (tests give hostile ones; None: the file has none).
+    spm: a `llama` model over spm_vocabulary() (no biases: Llama's layers)."""
     import gguf
 
     tokens, types = vocabulary()
+    if spm:
+        tokens, types, scores = spm_vocabulary()
     if vocab_tokens is not None:
         tokens = vocab_tokens
     n_vocab, d, dkv = len(tokens), spec.n_embd, spec.n_embd // spec.n_head * spec.n_head_kv
     shared = np.random.default_rng(SHARED_SEED)
     embd = shared.standard_normal((n_vocab, d)).astype(np.float32)
     out = (shared.standard_normal((n_vocab, d)) * LOGIT_SCALE).astype(np.float32)
-    out[-len(SPECIAL):] = 0.0  # control tokens (EOS among them) score ~0: rarely chosen, never impossible
+    out[[i for i, t in enumerate(types) if t != 1]] = 0.0  # control tokens (EOS among them; SPM's unknown and
+    #                          byte tokens too) score ~0: rarely chosen, never impossible
     if eog_like is not None:
         out[tokens.index(EOG_TOKEN)] = 1.2 * out[eog_like]
     rng = np.random.default_rng(spec.seed)
@@ -103,7 +123,7 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    wr = gguf.GGUFWriter(str(tmp), "qwen2")
+    wr = gguf.GGUFWriter(str(tmp), "llama" if spm else "qwen2")
     wr.add_name(name)
     wr.add_context_length(4096)
     wr.add_embedding_length(d)
@@ -114,14 +134,22 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     wr.add_rope_freq_base(10000.0)
     wr.add_layer_norm_rms_eps(1e-6)
     wr.add_file_type(_FILE_TYPES[spec.qtype])
-    wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("qwen2")
+    wr.add_tokenizer_model("llama" if spm else "gpt2")
+    if not spm:
+        wr.add_tokenizer_pre("qwen2")
     wr.add_token_list(tokens)
     wr.add_token_types(types[: len(tokens)] + [1] * max(0, len(tokens) - len(types)))
-    wr.add_token_merges(MERGES)
-    wr.add_bos_token_id(n_vocab - 3)
-    wr.add_eos_token_id(n_vocab - 3)
-    wr.add_add_bos_token(False)
+    if spm:  # Llama's: BOS first, a space before the text, unknown characters as their bytes
+        wr.add_token_scores(scores)
+        wr.add_bos_token_id(1)
+        wr.add_eos_token_id(2)
+        wr.add_add_bos_token(True)
+        wr.add_add_space_prefix(True)
+    else:  # Qwen's: byte-level BPE, no BOS
+        wr.add_token_merges(MERGES)
+        wr.add_bos_token_id(n_vocab - 3)
+        wr.add_eos_token_id(n_vocab - 3)
+        wr.add_add_bos_token(False)
     if chat_template is not None:
         wr.add_chat_template(chat_template)
 
@@ -129,12 +157,11 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     for i in range(spec.n_layer):
         p = f"blk.{i}."
         add(p + "attn_norm.weight", np.ones(d, np.float32))
-        add(p + "attn_q.weight", w(d, d, d ** -0.5))
-        add(p + "attn_q.bias", w(1, d, 0.1)[0])
-        add(p + "attn_k.weight", w(dkv, d, d ** -0.5))
-        add(p + "attn_k.bias", w(1, dkv, 0.1)[0])
-        add(p + "attn_v.weight", w(dkv, d, d ** -0.5))
-        add(p + "attn_v.bias", w(1, dkv, 0.1)[0])
+        for x, rows in (("q", d), ("k", dkv), ("v", dkv)):
+            add(p + f"attn_{x}.weight", w(rows, d, d ** -0.5))
+            bias = w(1, rows, 0.1)[0]
+            if not spm:  # (Llama's attention has no biases)
+                add(p + f"attn_{x}.bias", bias)
         add(p + "attn_output.weight", w(d, d, spec.layer_scale * d ** -0.5))
         add(p + "ffn_norm.weight", np.ones(d, np.float32))
         add(p + "ffn_gate.weight", w(spec.n_ff, d, d ** -0.5))
@@ -178,4 +205,16 @@ def write_quantized_pair(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     d = write_model(out_dir / "tiny-q-draft.gguf", Q_DRAFT, name="edgecad-tiny-q-draft", eog_like=EOG_LIKE)
     t = write_model(out_dir / "tiny-q-target.gguf", Q_TARGET, name="edgecad-tiny-q-target", eog_like=EOG_LIKE)
+    return d, t
+
+
+def write_spm_pair(out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write tiny-spm-draft.gguf and tiny-spm-target.gguf (`llama` models over spm_vocabulary(), without a chat
+    template) into out_dir; return (draft, target)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = write_model(out_dir / "tiny-spm-draft.gguf", TINY_DRAFT, name="edgecad-tiny-spm-draft", spm=True,
+                    chat_template=None)
+    t = write_model(out_dir / "tiny-spm-target.gguf", TINY_TARGET, name="edgecad-tiny-spm-target", spm=True,
+                    chat_template=None)
     return d, t

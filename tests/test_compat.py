@@ -1,6 +1,7 @@
 """Models from elsewhere and programs written for llama-cpp-python: a model without a chat template (ChatML, as
-llama.cpp), in the API, the server and the chat; the members of `Llama` a program touches, supported as Llama's or
-refused in one line (real llama.cpp on tiny generated models)."""
+llama.cpp), in the API, the server and the chat; an SPM vocabulary (Llama's, Gemma's) read and written as `Llama`
+does; the members of `Llama` a program touches, supported as Llama's or refused in one line (real llama.cpp on tiny
+generated models)."""
 import ctypes
 import json
 import subprocess
@@ -13,6 +14,7 @@ from llama_cpp import Llama
 from edgecad import Engine, tiny
 from edgecad.errors import NotSupportedError, RequestError
 
+from helpers import PROMPTS
 from test_server import Served
 
 HI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello the world"},
@@ -132,3 +134,38 @@ def test_members_edgecad_lacks_are_one_line_each(engine_256):
 def engine_256(tiny_target):
     with Engine(tiny_target, mode="target", n_ctx=256, memory_budget=None) as e:
         yield e
+
+
+# ---------------------------------------------------------------------------- SentencePiece vocabularies
+
+@pytest.fixture(scope="module")
+def spm_pair(tiny_dir):
+    return tiny.write_spm_pair(tiny_dir)
+
+
+def test_an_spm_vocabulary_tokenizes_and_detokenizes_as_llama(spm_pair):
+    ref = Llama(str(spm_pair[1]), n_ctx=256, n_threads=2, verbose=False)
+    with Engine(spm_pair[1], mode="target", n_ctx=256, memory_budget=None) as e:
+        for text in PROMPTS + ["Über ünïcode: ✓", " leading space"]:
+            for add_bos, special in ((True, False), (False, False), (True, True)):
+                toks = e.tokenize(text.encode(), add_bos, special)
+                assert toks == ref.tokenize(text.encode(), add_bos, special)
+                for sp in (False, True):  # (with BOS first, Llama drops the space SPM puts before the first word)
+                    assert e.detokenize(toks, special=sp) == ref.detokenize(toks, special=sp), (text, toks)
+        assert e.token_bos() == 1 and e.detokenize(e.tokenize(b"hello the world")) == b"hello the world"
+
+
+@pytest.mark.parametrize("mode", ["target", "tree"])
+def test_an_spm_model_s_greedy_text_is_llama_s(spm_pair, mode):
+    draft, target = spm_pair
+    ref = Llama(str(target), n_ctx=256, n_threads=2, verbose=False)
+    with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=256, memory_budget=None) as e:
+        for prompt in PROMPTS:
+            theirs = ref.create_completion(prompt, max_tokens=24, temperature=0)
+            ours = e.create_completion(prompt, max_tokens=24, temperature=0)
+            assert ours["choices"][0]["text"] == theirs["choices"][0]["text"] and ours["usage"] == theirs["usage"]
+            streamed = "".join(c["choices"][0]["text"] for c in e.create_completion(prompt, max_tokens=24,
+                                                                                     temperature=0, stream=True))
+            assert streamed == theirs["choices"][0]["text"]
+            echoed = e.create_completion(prompt, max_tokens=4, temperature=0, echo=True)["choices"][0]["text"]
+            assert echoed == ref.create_completion(prompt, max_tokens=4, temperature=0, echo=True)["choices"][0]["text"]
