@@ -1,8 +1,9 @@
 """Models from elsewhere and programs written for llama-cpp-python: a model without a chat template (ChatML, as
 llama.cpp), in the API, the server and the chat; an SPM vocabulary (Llama's, Gemma's) read and written as `Llama`
-does; the members of `Llama` a program touches, supported as Llama's or refused in one line (real llama.cpp on tiny
-generated models)."""
+does; a recurrent target (Mamba) in target mode, resident and paged, its draft left out or refused; the members of
+`Llama` a program touches, supported as Llama's or refused in one line (real llama.cpp on tiny generated models)."""
 import ctypes
+import itertools
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from llama_cpp import Llama
 
 from edgecad import Engine, tiny
-from edgecad.errors import NotSupportedError, RequestError
+from edgecad.errors import EdgecadError, NotSupportedError, RequestError
 
 from helpers import PROMPTS
 from test_server import Served
@@ -169,3 +170,49 @@ def test_an_spm_model_s_greedy_text_is_llama_s(spm_pair, mode):
             assert streamed == theirs["choices"][0]["text"]
             echoed = e.create_completion(prompt, max_tokens=4, temperature=0, echo=True)["choices"][0]["text"]
             assert echoed == ref.create_completion(prompt, max_tokens=4, temperature=0, echo=True)["choices"][0]["text"]
+
+
+# ---------------------------------------------------------------------------- recurrent models
+
+@pytest.fixture(scope="module")
+def mamba(tiny_dir):
+    """A 16-layer Mamba over the F32 pair's vocabulary (its draft would pass the vocabulary check)."""
+    return tiny.write_mamba(tiny_dir / "tiny-mamba.gguf", tiny.MambaSpec(n_layer=16))
+
+
+def llama_greedy(llm, prompt: str, n: int) -> list[int]:
+    llm.reset()
+    return list(itertools.islice(llm.generate(llm.tokenize(prompt.encode(), add_bos=False, special=True),
+                                              temp=0.0), n))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["resident", "paged"])
+def test_a_recurrent_target_runs_alone_with_its_own_greedy_tokens(mamba, tiny_draft, paged, capfd):
+    """A recurrent state cannot drop the tokens a speculative step rejects: with a draft, the automatic
+    configuration runs the target alone (said once); its tokens are llama.cpp's, call after call (a prompt that
+    does not continue what the state holds is decoded whole again)."""
+    ref = Llama(str(mamba), n_ctx=256, n_threads=2, verbose=False)
+    budget = dict(target_budget="60%") if paged else dict(memory_budget=None)
+    with Engine(mamba, tiny_draft, n_ctx=256, **budget) as e:
+        assert e.mode == "target" and e.memory_plan.paged == paged
+        for prompt in PROMPTS[:3] + [PROMPTS[0] + " and", PROMPTS[0]]:
+            ours = e.create_completion(prompt, max_tokens=16, temperature=0)
+            assert ours["edgecad"]["token_ids"] == llama_greedy(ref, prompt, 16), prompt
+        turn = [{"role": "user", "content": "hello the world"}]
+        a = e.create_chat_completion(turn, max_tokens=8, temperature=0)
+        turn += [a["choices"][0]["message"], {"role": "user", "content": "and then?"}]
+        b = e.create_chat_completion(turn, max_tokens=8, temperature=0)
+        with Engine(mamba, mode="target", n_ctx=256, memory_budget=None) as fresh:
+            assert b["edgecad"]["token_ids"] == fresh.create_chat_completion(turn, max_tokens=8, temperature=0)[
+                "edgecad"]["token_ids"]
+    err = capfd.readouterr().err
+    assert err.count("the draft is not used: tiny-mamba.gguf is a recurrent model (mamba)") == 1, err
+
+
+def test_speculative_modes_with_a_recurrent_model_are_refused_in_one_line(mamba, tiny_target, tiny_draft):
+    for mode in ("tree", "linear", "bild"):
+        with pytest.raises(EdgecadError, match=rf"^mode '{mode}' cannot run: tiny-mamba.gguf is a recurrent model "
+                                               r"\(mamba\): .*; use mode='target' \(or no draft\)$"):
+            Engine(mamba, tiny_draft, mode=mode, n_ctx=256, memory_budget=None)
+    with pytest.raises(EdgecadError, match="^mode 'tree' cannot run: tiny-mamba.gguf is a recurrent model"):
+        Engine(tiny_target, mamba, mode="tree", n_ctx=256, memory_budget=None)  # (a recurrent draft alike)
