@@ -374,8 +374,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: Optional[float
     p.add_argument("--seed", type=int, default=None, help=">= 0; -1 = random (the default)")
     p.add_argument("--n-ctx", type=int, default=4096, help=N_CTX_HELP)
     if overflow:
-        p.add_argument("--context-overflow", default=overflow, choices=["drop_oldest", "error"], help="a chat longer "
-                       f"than --n-ctx: drop its oldest turns (the system prompt stays) or refuse it (default {overflow})")
+        p.add_argument("--context-overflow", default=overflow, choices=["drop_oldest", "error"],
+                       help=f"a chat longer than --n-ctx: drop its oldest turns (the system prompt stays) or refuse it "
+                            f"(default {overflow})")
     p.add_argument("--threads", type=int, default=None, help="compute threads, 1..512 (default: the cores)")
     p.add_argument("--memory-budget", default="auto",
                    help="memory for the whole engine (both models, caches, buffers): 1.5GB, 900MiB, 60%% (of the "

@@ -29,7 +29,7 @@ _STATE = "the engine's state is two KV caches (target and draft) and the pager's
 REFUSED = {  # Llama's members edgecad does not have: why, and what to use
     **dict.fromkeys(("eval", "sample", "generate"), _TOKENS),
     **dict.fromkeys(("n_tokens", "input_ids", "scores", "eval_tokens", "eval_logits"),
-                    "edgecad keeps no logits of past tokens; target_context.tokens lists what the target's cache holds"),
+                    "edgecad keeps no past logits; target_context.tokens lists what the target's cache holds"),
     **dict.fromkeys(("save_state", "load_state", "cache"), _STATE),
     **dict.fromkeys(("create_embedding", "embed", "pooling_type"),
                     "edgecad's contexts compute no embeddings: use llama_cpp.Llama(embedding=True)"),

@@ -19,10 +19,10 @@ import numpy as np
 
 from . import native
 from .arguments import check_logprobs, completion_length, sampling_params, token_ids, unsupported
+from .compat import Count, LlamaMembers, target_path
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
-from .compat import Count, LlamaMembers, target_path
 from .errors import EdgecadError
 from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
 from .measure import emulate_storage, save_costs, storage_bytes_read
@@ -146,9 +146,11 @@ class Engine(LlamaMembers, Closing):
         native.lib.ec_interrupt_clear()
         set_verbose(verbose)
         self.verbose = verbose
-        cfg = self.config = resolve(target_path(target, model_path), draft, mode=mode, tree_params=tree_params, memory_budget=memory_budget,
-                                    target_budget=target_budget, pager=pager, pipeline=pipeline, n_ctx=n_ctx,
-                                    n_threads=n_threads, remote=remote, verbose=verbose)
+        self.context_overflow = overflow_policy(context_overflow)  # chats' default (create_chat_completion's)
+        cfg = self.config = resolve(target_path(target, model_path), draft, mode=mode, tree_params=tree_params,
+                                    memory_budget=memory_budget, target_budget=target_budget, pager=pager,
+                                    pipeline=pipeline, n_ctx=n_ctx, n_threads=n_threads, remote=remote,
+                                    verbose=verbose)
         self.target_path, self.draft_path, self.mode, self.n_threads = (cfg.target_path, cfg.draft_path, cfg.mode,
                                                                          cfg.n_threads)
         self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.plan.costs
@@ -164,7 +166,6 @@ class Engine(LlamaMembers, Closing):
         self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
         self._computing = threading.Lock()  # held while a completion's next chunk is computed
         self._window = ChatWindow(self._target_model, self.tokenize, self.n_ctx)  # chats' prompts (edgecad.window)
-        self.context_overflow = overflow_policy(context_overflow)  # chats' default (create_chat_completion's)
 
     def _load(self, cfg: EngineConfig, *, backend: str, draft_gpu_layers: Optional[int], target_gpu_layers: int,
               progress: bool) -> tuple[int, int]:
