@@ -4,7 +4,10 @@ A Conversation holds the messages and appends each one to a JSONL transcript as
 soon as it is complete (flushed: a crash loses at most the answer being
 written). Every turn renders the whole conversation with the model's chat
 template; the engine's KV caches keep the longest common prefix, so a turn
-decodes only what is new. The loop reads lines, runs slash commands, streams
+decodes only what is new. A conversation longer than the context loses its
+oldest turns in the model's view (the engine's context_overflow, "drop_oldest"
+by default here; the transcript keeps them), said once; an answer cut by the
+context's end says so. The loop reads lines, runs slash commands, streams
 answers, and stops an answer on Ctrl-C with the engine still usable.
 """
 from __future__ import annotations
@@ -72,6 +75,8 @@ class Conversation:
         self.sampling = sampling or {}
         self.messages: list[dict] = read_transcript(transcript) if resume and transcript else []
         self.last_stats: Optional[dict] = None
+        self.last_finish: Optional[str] = None  # the last answer's finish_reason
+        self.said_dropped = False  # the chat said that the model no longer sees its oldest turns
         self._file = open(transcript, "a", encoding="utf-8") if transcript else None
         if system and not self.messages:
             self._add({"role": "system", "content": system})
@@ -92,6 +97,7 @@ class Conversation:
         parts, interrupted, stream, failed = [], False, None, False
         try:
             self._add({"role": "user", "content": text})
+            self.last_finish = None
             stream = self.engine.create_chat_completion(self.messages, stream=True, **self.sampling)
             for chunk in stream:
                 delta = chunk["choices"][0]["delta"].get("content")
@@ -100,6 +106,7 @@ class Conversation:
                     on_text(delta)
                 if "edgecad" in chunk:
                     self.last_stats = chunk["edgecad"]
+                self.last_finish = chunk["choices"][0]["finish_reason"] or self.last_finish
         except KeyboardInterrupt:
             interrupted = True
             raise
@@ -117,6 +124,18 @@ class Conversation:
                 self._add({"role": "assistant", "content": answer},
                           **({"interrupted": True} if interrupted or failed else {}))
         return answer
+
+    def notes(self) -> list[str]:
+        """What the chat says after the last answer: the first time the model's view left out the oldest turns,
+        and an answer the context's end cut."""
+        st, n_ctx, out = self.last_stats or {}, self.engine.n_ctx, []
+        if st.get("dropped_messages") and not self.said_dropped:
+            self.said_dropped = True
+            out.append(f"(the conversation outgrew the context of {n_ctx} tokens: the model no longer sees its oldest "
+                       "turns; the transcript keeps them)")
+        if self.last_finish == "length" and st.get("prompt_tokens", 0) + st.get("n_tokens", 0) >= n_ctx:
+            out.append(f"(the answer was cut: it reached the end of the context, {n_ctx} tokens)")
+        return out
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
@@ -275,6 +294,8 @@ def _answer(conv: Conversation, text: str, tty: bool, out, err, dim, explain) ->
         hint = " (/reset starts a new conversation)" if "context" in str(e) else ""
         err.write(f"edgecad: {explain(str(e))}{hint}\n")
         return
+    for note in conv.notes():
+        err.write(dim(note) + "\n")
     if tty and conv.last_stats:
         err.write(dim(stats_line(conv.last_stats)) + "\n")
     out.flush()

@@ -171,11 +171,11 @@ def cmd_chat(a: argparse.Namespace) -> int:
     if tty:
         sys.stderr.write(f"loading {a.target}" + (f" + {draft}" if draft else "") + f" (memory budget {a.memory_budget})...\n")
     t0 = time.perf_counter()
-    with _engine(a, draft, progress=tty) as eng:
+    with _engine(a, draft, progress=tty, context_overflow=a.context_overflow) as eng:
         if tty:
             sys.stderr.write(f"ready in {time.perf_counter() - t0:.1f} s: {chat.plan_line(eng.memory_plan)}"
                              + (f"; transcript {transcript}" if transcript else "") + "\n")
-        eng.chat_tokens([{"role": "user", "content": "hi"}])  # a model without a chat template: say so now
+        eng.chat_tokens([{"role": "user", "content": "hi"}])  # the template compiled (ChatML: said now)
         sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens)
         conv = chat.Conversation(eng, transcript, system=a.system, resume=bool(a.resume), sampling=sampling)
         try:
@@ -200,7 +200,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     key = a.api_key or os.environ.get("EDGECAD_API_KEY") or None
 
     def load():
-        return _engine(a, draft, mode=a.mode, progress=sys.stderr.isatty())
+        return _engine(a, draft, mode=a.mode, progress=sys.stderr.isatty(), context_overflow=a.context_overflow)
 
     names = tuple(dict.fromkeys([a.alias or a.target, Path(str(registry.resolve(a.target))).name]))
     sys.stderr.write(f"edgecad: loading {a.target}" + (f" + {draft}" if draft else "")
@@ -363,9 +363,9 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- main
 
-def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: Optional[float]) -> None:
+def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: Optional[float], overflow: str = "") -> None:
     """The flags of every command that runs an engine (generate, chat, serve): sampling (not for serve, whose
-    requests say it), context, memory, devices."""
+    requests say it), context (a chat's overflow: chat and serve), memory, devices."""
     if temperature is not None:
         p.add_argument("--temperature", type=float, default=temperature,
                        help=f">= 0; 0 = greedy (default {temperature})")
@@ -373,6 +373,10 @@ def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: Optional[float
         p.add_argument("--top-p", type=float, default=0.95, help="0 < p <= 1; 1 = off (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help=">= 0; -1 = random (the default)")
     p.add_argument("--n-ctx", type=int, default=4096, help=N_CTX_HELP)
+    if overflow:
+        p.add_argument("--context-overflow", default=overflow, choices=["drop_oldest", "error"],
+                       help=f"a chat longer than --n-ctx: drop its oldest turns (the system prompt stays) or refuse it "
+                            f"(default {overflow})")
     p.add_argument("--threads", type=int, default=None, help="compute threads, 1..512 (default: the cores)")
     p.add_argument("--memory-budget", default="auto",
                    help="memory for the whole engine (both models, caches, buffers): 1.5GB, 900MiB, 60%% (of the "
@@ -469,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.local/share/edgecad/chats)")
     c.add_argument("-n", "--max-tokens", type=_max_tokens, default=None,
                    help="longest answer (default, or -1: until the context is full)")
-    _add_engine_flags(c, temperature=0.2)  # (0.2: llama-cpp-python's chat default)
+    _add_engine_flags(c, temperature=0.2, overflow="drop_oldest")  # (0.2: llama-cpp-python's chat default)
     c.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on this machine (/v1/chat/completions, "
@@ -495,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(e.g. behind a proxy; or set EDGECAD_ALLOWED_HOSTS); others get 403 (DNS rebinding)")
     sv.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one; more "
                                                              "get 429 (default 8)")
-    _add_engine_flags(sv, temperature=None)
+    _add_engine_flags(sv, temperature=None, overflow="error")
     sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list, fetch, verify the registry models")

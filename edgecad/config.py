@@ -79,6 +79,21 @@ def check_same_vocabulary(draft: GGUFInfo, target: GGUFInfo) -> None:
         )
 
 
+def _without_recurrent(t_info: GGUFInfo, d_info: GGUFInfo, mode: Optional[str]) -> Optional[str]:
+    """The mode with a draft: a recurrent model (or a hybrid) cannot drop the tokens a speculative step rejects
+    from its state, so a pair with one runs the target alone (said on stderr), and a speculative mode asked for is
+    refused."""
+    rec = next((i for i in (t_info, d_info) if i.recurrent), None)
+    if rec is None or mode == "target":
+        return mode
+    why = (f"{rec.path.name} is a recurrent model ({rec.architecture}): its state cannot drop the drafted tokens the "
+           "target rejects")
+    if mode is not None:
+        raise EdgecadError(f"mode {mode!r} cannot run: {why}; use mode='target' (or no draft)")
+    sys.stderr.write(f"edgecad: the draft is not used: {why}\n")
+    return "target"
+
+
 def _plan(t_info: GGUFInfo, d_info: Optional[GGUFInfo], budget: int, args: dict, remote: Optional[list],
           n_threads: int, calibrate: bool) -> MemoryPlan:
     """Measure (the device; the remote devices' announced memory, split into the target's last layers), then plan
@@ -125,6 +140,7 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     d_info = read_gguf(draft_path) if draft_path is not None else None
     if d_info is not None:
         check_same_vocabulary(d_info, t_info)
+        mode = _without_recurrent(t_info, d_info, mode)
     pager = pager or PagerParams()
 
     t0 = time.perf_counter()

@@ -19,10 +19,11 @@ import numpy as np
 
 from . import native
 from .arguments import check_logprobs, completion_length, sampling_params, token_ids, unsupported
+from .compat import Count, LlamaMembers, target_path
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
-from .errors import EdgecadError, RequestError
+from .errors import EdgecadError
 from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
 from .measure import emulate_storage, learn, storage_bytes_read
 from .pager import Pager
@@ -30,8 +31,9 @@ from .plan import PagerParams
 from .residency import Residency, residency_for
 from .responses import TextChunks, chat_chunks, join, stop_list
 from .sampling import SamplingParams
-from .tools import NO_TOOLS, Tools, answer_grammar, render, tool_chunks, tools_for
+from .tools import NO_TOOLS, Tools, answer_grammar, tool_chunks, tools_for
 from .tree import TreeParams
+from .window import ChatWindow, overflow_policy, with_stats
 
 
 def stats_dict(stats: Stats, plan) -> dict:
@@ -75,12 +77,14 @@ def stats_dict(stats: Stats, plan) -> dict:
     return d
 
 
-class Engine(Closing):
-    """Run a target model, optionally sped up by a resident draft model.
+class Engine(LlamaMembers, Closing):
+    """Run a target model, optionally sped up by a resident draft model; the rest of llama-cpp-python's `Llama`
+    members are edgecad.compat's.
 
     Args (keyword-only after `draft`):
         target, draft: a GGUF path or a registry name (see `edgecad models list`); no target: the
-            default pair (qwen2.5-coder 1.5B + 0.5B), once fetched with `edgecad models fetch`.
+            default pair (qwen2.5-coder 1.5B + 0.5B), once fetched with `edgecad models fetch`. model_path:
+            the target, by `Llama`'s name.
         mode: "tree" (edgecad: token tree + adaptive fallback), "linear" (a chain, llama.cpp's
             speculative defaults), "bild" (Big Little Decoder; not lossless) or "target" (no draft).
             None: the automatic configuration picks the fastest of target-only and draft + tree, the
@@ -108,6 +112,8 @@ class Engine(Closing):
             scripts/build_rpc.sh): where the target does not fit this device's budget, its last layers live
             there, as many as each server's announced memory holds (edgecad.rpc, docs/devices.md).
         seed: default random seed of sampled completions.
+        context_overflow: what a chat longer than the context does by default: "error", or "drop_oldest" (its
+            oldest turns are dropped, the system prompt kept: edgecad.window); create_chat_completion's own wins.
         verbose: print llama.cpp's log.
         progress: show the models' load progress on stderr.
     """
@@ -133,17 +139,21 @@ class Engine(Closing):
         n_threads: Optional[int] = None,
         remote: Optional[list] = None,
         seed: Optional[int] = None,
+        context_overflow: str = "error",
         verbose: bool = False,
         progress: bool = False,
+        model_path: Union[str, os.PathLike, None] = None,
     ):
         self._target_model = self._draft_model = self._batch = self._target = self._decoder = None
         self._residency: Residency = Residency()
         native.lib.ec_interrupt_clear()
         set_verbose(verbose)
         self.verbose = verbose
-        cfg = self.config = resolve(target, draft, mode=mode, tree_params=tree_params, memory_budget=memory_budget,
-                                    target_budget=target_budget, pager=pager, pipeline=pipeline, n_ctx=n_ctx,
-                                    n_threads=n_threads, remote=remote, verbose=verbose)
+        self.context_overflow = overflow_policy(context_overflow)  # chats' default (create_chat_completion's)
+        cfg = self.config = resolve(target_path(target, model_path), draft, mode=mode, tree_params=tree_params,
+                                    memory_budget=memory_budget, target_budget=target_budget, pager=pager,
+                                    pipeline=pipeline, n_ctx=n_ctx, n_threads=n_threads, remote=remote,
+                                    verbose=verbose)
         self.target_path, self.draft_path, self.mode, self.n_threads = (cfg.target_path, cfg.draft_path, cfg.mode,
                                                                          cfg.n_threads)
         self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.plan.costs
@@ -158,7 +168,7 @@ class Engine(Closing):
         self._rng = np.random.default_rng(_seed(seed))
         self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
         self._computing = threading.Lock()  # held while a completion's next chunk is computed
-        self._chat_format = None  # the model's chat template, compiled on first use
+        self._window = ChatWindow(self._target_model, self.tokenize, self.n_ctx)  # chats' prompts (edgecad.window)
 
     def _load(self, cfg: EngineConfig, *, backend: str, draft_gpu_layers: Optional[int], target_gpu_layers: int,
               progress: bool) -> tuple[int, int]:
@@ -191,27 +201,11 @@ class Engine(Closing):
         cp = ContextParams(n_ctx=cfg.n_ctx, n_batch=max(cfg.plan.n_batch, n_seq), n_seq_max=n_seq,
                            n_threads=cfg.n_threads, op_offload=t_gpu != 0)
         self._target = Context(self._target_model, cp, **self._residency.target_hooks())
-        self.n_ctx = self._target.n_ctx
+        self.n_ctx = Count(self._target.n_ctx)  # (`n_ctx()` too, as Llama's)
         self._batch = Batch(max(cp.n_batch, n_seq), n_seq)
         self._decoder = decoder.build(self._target, self._batch, self.tree_params, self._draft_model,
                                       replace(cp, op_offload=d_gpu != 0), self._residency)
         self.pipeline = self._decoder.pipeline is not None
-
-    # ------------------------------------------------------------------ tokens
-
-    def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False) -> list[int]:
-        """Token ids of `text` (llama-cpp-python's `Llama.tokenize`): BOS when the vocabulary uses one and
-        add_bos; special-token texts parsed as special tokens when `special`."""
-        if isinstance(text, str):
-            try:
-                text = text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise RequestError(f"the text is not valid Unicode ({e.reason} at character {e.start}): send UTF-8 "
-                                   "text", "prompt") from None
-        return self._target_model.tokenize(text, add_special=add_bos, parse_special=special)
-
-    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        return self._target_model.detokenize(tokens, special=special)
 
     # ------------------------------------------------------------------ completion
     # llama-cpp-python's `Llama` surface: same names, defaults and result shapes. Arguments that
@@ -251,29 +245,31 @@ class Engine(Closing):
         frequency_penalty: float = 0.0, repeat_penalty: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
         mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: Optional[str] = None, logits_processor=None,
         grammar=None, logit_bias=None, logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
+        context_overflow: Optional[str] = None,
     ):
         """Answer a conversation rendered with the model's own chat template (the GGUF's
-        tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter): a
-        `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream. With tools, the answer's
-        calls come as OpenAI's tool_calls (edgecad.tools)."""
+        tokenizer.chat_template, through llama-cpp-python's sandboxed Jinja2 formatter; ChatML when it has
+        none): a `chat.completion` dict, or an iterator of `chat.completion.chunk`s if stream. With tools, the
+        answer's calls come as OpenAI's tool_calls (edgecad.tools). context_overflow: "drop_oldest" drops the
+        oldest turns of a chat longer than the context ("error": refuse it; None: the Engine's),
+        `dropped_messages` in its stats."""
         unsupported(typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
         check_logprobs("top_logprobs", top_logprobs)
         calls = tools_for(tools, tool_choice, functions, function_call)
-        tokens, stops = self.chat_tokens(messages, calls)
+        tokens, stops, dropped = self._window.fit(messages, max_tokens, context_overflow or self.context_overflow,
+                                                  calls)
         grammar = answer_grammar(calls, grammar, response_format)  # (a call's, the caller's or response_format's)
         sp = sampling_params(locals(), self._target_model.n_vocab)  # (the sampling arguments, by their names)
-        chunks = self._completion_chunks(tokens, max_tokens, sp, stops + stop_list(stop), seed, stream=stream,
-                                         logprobs=(top_logprobs or 0) if logprobs else None, chat=calls)
+        chunks = with_stats(self._completion_chunks(tokens, max_tokens, sp, stops + stop_list(stop), seed,
+                                                    stream=stream, logprobs=(top_logprobs or 0) if logprobs else None,
+                                                    chat=calls), dropped_messages=dropped)
         chunks = tool_chunks(chat_chunks(chunks), calls)
         return chunks if stream else join(chunks)
 
     def chat_tokens(self, messages: Sequence[dict], tools: Tools = NO_TOOLS) -> tuple[list[int], list[str]]:
         """The conversation (with the tools it may call) as prompt tokens (ending with the assistant's turn
-        opened), and the template's stop strings."""
-        if self._chat_format is None:
-            self._chat_format = self._target_model.chat_formatter()
-        prompt, add_bos, stops = render(self._chat_format, messages, tools)
-        return self.tokenize(prompt, add_bos=add_bos, special=True), stops
+        opened), and the template's stop strings (edgecad.window: the model's template, or ChatML)."""
+        return self._window.tokens(messages, tools)
 
     def _completion_chunks(self, *args, stream: bool, **kw) -> Iterator[dict]:
         """One completion at a time per Engine (both contexts' KV is one state): a call waits while another

@@ -46,6 +46,10 @@ class PromptTooLongError(RequestError):
     code = "context_length_exceeded"
 
 
+class NotSupportedError(EdgecadError, AttributeError):
+    """A member of llama-cpp-python's `Llama` that edgecad does not have (an AttributeError: hasattr says False)."""
+
+
 class LlamaError(EdgecadError):
     """A llama.cpp call failed; `code` is its return value."""
 

@@ -92,6 +92,13 @@ class GGUFInfo:
         return int(self.arch_value("block_count", len(self.layers())))
 
     @property
+    def recurrent(self) -> bool:
+        """Some layers keep a recurrent state (Mamba, RWKV; hybrids: Jamba, Falcon-H1, Qwen3-Next, LFM2...): their
+        cache holds one state per sequence, which cannot drop its last tokens (llama.cpp's memory_recurrent)."""
+        a = self.architecture
+        return any(k.startswith(f"{a}.{p}.") for k in self.metadata for p in ("ssm", "wkv", "shortconv", "kda"))
+
+    @property
     def tied_output(self) -> bool:
         """True when there is no output.weight: the output reuses token_embd."""
         return "output.weight" not in self._by_name

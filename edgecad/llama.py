@@ -243,19 +243,41 @@ class Model(Closing):
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 
-    def chat_formatter(self):
-        """llama-cpp-python's Jinja2 chat formatter (a sandboxed environment) over the model's own
-        template, as `Llama` builds it from the GGUF's tokenizer.chat_template."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    def special_tokens(self) -> tuple[int, int, int]:
+        """The vocabulary's (BOS, EOS, newline) token ids, -1 where it has none."""
+        return C.llama_vocab_bos(self.vocab), C.llama_vocab_eos(self.vocab), C.llama_vocab_nl(self.vocab)
 
+    def n_embd(self) -> int:
+        return C.llama_model_n_embd(self.ptr)
+
+    def metadata(self) -> dict[str, str]:
+        """The GGUF's metadata as llama.cpp gives it (values as text, arrays summarized), as `Llama.metadata`."""
+        def text(fn, i: int) -> str:
+            n = 256
+            while True:
+                buf = ctypes.create_string_buffer(n)
+                k = fn(self.ptr, i, buf, n)  # (the length the whole text needs, as snprintf)
+                if k < n:
+                    return buf.value.decode("utf-8", "replace")
+                n = k + 1
+
+        return {text(C.llama_model_meta_key_by_index, i): text(C.llama_model_meta_val_str_by_index, i)
+                for i in range(C.llama_model_meta_count(self.ptr))}
+
+    def chat_template(self) -> Optional[str]:
+        """The GGUF's own chat template (tokenizer.chat_template), None when it has none."""
         # const char * llama_model_chat_template(const struct llama_model * model, const char * name);
         template = C.llama_model_chat_template(self.ptr, None)
-        if not template:
-            raise ModelFileError(f"{self.path} has no chat template (tokenizer.chat_template): use "
-                                 "create_completion with a prompt in the model's own format")
-        eos, bos = C.llama_vocab_eos(self.vocab), C.llama_vocab_bos(self.vocab)
+        return template.decode("utf-8", "replace") if template else None
+
+    def chat_formatter(self, template: str, end_of_turn: Optional[str] = None):
+        """llama-cpp-python's Jinja2 chat formatter (a sandboxed environment) over `template`, as `Llama` builds it
+        from the GGUF's tokenizer.chat_template. end_of_turn: the stop string, when not the EOS token's text."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        bos, eos, _ = self.special_tokens()
         text = lambda t: self.token_text(t).decode("utf-8", "replace") if t >= 0 else ""
-        return Jinja2ChatFormatter(template.decode("utf-8"), eos_token=text(eos), bos_token=text(bos),
+        return Jinja2ChatFormatter(template, eos_token=end_of_turn or text(eos), bos_token=text(bos),
                                    stop_token_ids=[eos] if eos >= 0 else None)
 
     def close_first(self, dependent) -> None:

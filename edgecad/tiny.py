@@ -2,7 +2,11 @@
 
 Both models are llama.cpp `qwen2` models over one 265-token GPT-2-style
 byte-level vocabulary (256 byte tokens, 6 merges, 3 control tokens), so they
-load, tokenize and generate on real llama.cpp in milliseconds. The F32 pair
+load, tokenize and generate on real llama.cpp in milliseconds. `write_spm_pair`
+writes a `llama` pair over a SentencePiece vocabulary instead (Llama's and
+Gemma's kind: byte fallback, a space prefix, BOS), and `write_mamba` a
+recurrent model (`mamba`: a state per sequence, no KV cache) over the BPE
+vocabulary, to pair with the F32 draft. The F32 pair
 (`write_pair`) gives control tokens near-zero logits: generation never ends
 early, and exact equality is the point. The quantized pair (`write_quantized_pair`:
 Q4_0 target layers, which llama.cpp repacks, and a Q8_0 draft) has larger layers
@@ -106,6 +110,20 @@ def vocabulary() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+SPM_PIECES = (["▁"] + list("abcdefghijklmnopqrstuvwxyz.,:()")  # characters; anything else falls back to bytes
+              + ["▁t", "he", "▁the", "in", "er", "an", "on", "▁a", "▁w", "or", "ld", "▁in", "▁on", "en", "ll", "▁h",
+                 "re", "at", "▁o", "▁s", "is", "it", "▁wor", "▁world", "▁he", "llo", "▁hello"])  # merged, best first
+
+
+def spm_vocabulary() -> tuple[list[str], list[int], list[float]]:
+    """A SentencePiece vocabulary (llama.cpp's "llama" tokenizer): <unk>, <s> (BOS), </s> (EOS), the 256 byte
+    tokens, then SPM_PIECES; each token's score (merges take the best-scored pair first)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)  # 2 unknown, 3 control, 6 byte, 1 normal
+    scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))]
+    return tokens, types, scores
+
+
 @dataclass(frozen=True)
 class TinySpec:
     n_layer: int            # transformer blocks
@@ -128,20 +146,24 @@ EOG_TOKEN = "<|im_end|>"  # the end-of-turn token: llama.cpp counts it as end of
 
 def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad-tiny",
                 vocab_tokens: list[str] | None = None, eog_like: int | None = None,
-                chat_template: str = CHATML) -> Path:
+                chat_template: str | None = CHATML, spm: bool = False) -> Path:
     """eog_like: a token id whose output row, x 1.2, becomes EOG_TOKEN's: the model then ends its output
     wherever it would have chosen that token with a positive logit (a margin of 20% of that logit).
-    chat_template: the file's tokenizer.chat_template (tests give hostile ones)."""
+    chat_template: the file's tokenizer.chat_template (tests give hostile ones; None: the file has none).
+    spm: a `llama` model over spm_vocabulary() (no biases: Llama's layers)."""
     import gguf
 
     tokens, types = vocabulary()
+    if spm:
+        tokens, types, scores = spm_vocabulary()
     if vocab_tokens is not None:
         tokens = vocab_tokens
     n_vocab, d, dkv = len(tokens), spec.n_embd, spec.n_embd // spec.n_head * spec.n_head_kv
     shared = np.random.default_rng(SHARED_SEED)
     embd = shared.standard_normal((n_vocab, d)).astype(np.float32)
     out = (shared.standard_normal((n_vocab, d)) * LOGIT_SCALE).astype(np.float32)
-    out[-len(SPECIAL):] = 0.0  # control tokens (EOS among them) score ~0: rarely chosen, never impossible
+    out[[i for i, t in enumerate(types) if t != 1]] = 0.0  # control tokens (EOS among them; SPM's unknown and
+    #                          byte tokens too) score ~0: rarely chosen, never impossible
     if eog_like is not None:
         out[tokens.index(EOG_TOKEN)] = 1.2 * out[eog_like]
     rng = np.random.default_rng(spec.seed)
@@ -160,7 +182,7 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    wr = gguf.GGUFWriter(str(tmp), "qwen2")
+    wr = gguf.GGUFWriter(str(tmp), "llama" if spm else "qwen2")
     wr.add_name(name)
     wr.add_context_length(4096)
     wr.add_embedding_length(d)
@@ -171,26 +193,17 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     wr.add_rope_freq_base(10000.0)
     wr.add_layer_norm_rms_eps(1e-6)
     wr.add_file_type(_FILE_TYPES[spec.qtype])
-    wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("qwen2")
-    wr.add_token_list(tokens)
-    wr.add_token_types(types[: len(tokens)] + [1] * max(0, len(tokens) - len(types)))
-    wr.add_token_merges(MERGES)
-    wr.add_bos_token_id(n_vocab - 3)
-    wr.add_eos_token_id(n_vocab - 3)
-    wr.add_add_bos_token(False)
-    wr.add_chat_template(chat_template)
+    _add_vocabulary(wr, tokens, types, scores if spm else None, chat_template)
 
     add("token_embd.weight", embd, qt_io)
     for i in range(spec.n_layer):
         p = f"blk.{i}."
         add(p + "attn_norm.weight", np.ones(d, np.float32))
-        add(p + "attn_q.weight", w(d, d, d ** -0.5))
-        add(p + "attn_q.bias", w(1, d, 0.1)[0])
-        add(p + "attn_k.weight", w(dkv, d, d ** -0.5))
-        add(p + "attn_k.bias", w(1, dkv, 0.1)[0])
-        add(p + "attn_v.weight", w(dkv, d, d ** -0.5))
-        add(p + "attn_v.bias", w(1, dkv, 0.1)[0])
+        for x, rows in (("q", d), ("k", dkv), ("v", dkv)):
+            add(p + f"attn_{x}.weight", w(rows, d, d ** -0.5))
+            bias = w(1, rows, 0.1)[0]
+            if not spm:  # (Llama's attention has no biases)
+                add(p + f"attn_{x}.bias", bias)
         add(p + "attn_output.weight", w(d, d, spec.layer_scale * d ** -0.5))
         add(p + "ffn_norm.weight", np.ones(d, np.float32))
         add(p + "ffn_gate.weight", w(spec.n_ff, d, d ** -0.5))
@@ -198,6 +211,36 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
         add(p + "ffn_down.weight", w(d, spec.n_ff, spec.layer_scale * spec.n_ff ** -0.5))
     add("output_norm.weight", np.ones(d, np.float32))
     add("output.weight", out, qt_io)
+    return _finish(wr, tmp, path)
+
+
+def _add_vocabulary(wr, tokens: list[str], types: list[int], scores: list[float] | None,
+                    chat_template: str | None) -> None:
+    """The tokenizer's keys: Qwen's byte-level BPE (no BOS), or with scores Llama's SentencePiece (BOS first, a
+    space before the text, unknown characters as their bytes); the chat template when there is one."""
+    n_vocab = len(tokens)
+    wr.add_tokenizer_model("gpt2" if scores is None else "llama")
+    if scores is None:
+        wr.add_tokenizer_pre("qwen2")
+    wr.add_token_list(tokens)
+    wr.add_token_types(types[: len(tokens)] + [1] * max(0, len(tokens) - len(types)))
+    if scores is not None:
+        wr.add_token_scores(scores)
+        wr.add_bos_token_id(1)
+        wr.add_eos_token_id(2)
+        wr.add_add_bos_token(True)
+        wr.add_add_space_prefix(True)
+    else:
+        wr.add_token_merges(MERGES)
+        wr.add_bos_token_id(n_vocab - 3)
+        wr.add_eos_token_id(n_vocab - 3)
+        wr.add_add_bos_token(False)
+    if chat_template is not None:
+        wr.add_chat_template(chat_template)
+
+
+def _finish(wr, tmp: Path, path: Path) -> Path:
+    """Write the file to tmp, synced, then rename it to path."""
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
@@ -235,3 +278,76 @@ def write_quantized_pair(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     d = write_model(out_dir / "tiny-q-draft.gguf", Q_DRAFT, name="edgecad-tiny-q-draft", eog_like=EOG_LIKE)
     t = write_model(out_dir / "tiny-q-target.gguf", Q_TARGET, name="edgecad-tiny-q-target", eog_like=EOG_LIKE)
     return d, t
+
+
+def write_spm_pair(out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write tiny-spm-draft.gguf and tiny-spm-target.gguf (`llama` models over spm_vocabulary(), without a chat
+    template) into out_dir; return (draft, target)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = write_model(out_dir / "tiny-spm-draft.gguf", TINY_DRAFT, name="edgecad-tiny-spm-draft", spm=True,
+                    chat_template=None)
+    t = write_model(out_dir / "tiny-spm-target.gguf", TINY_TARGET, name="edgecad-tiny-spm-target", spm=True,
+                    chat_template=None)
+    return d, t
+
+
+@dataclass(frozen=True)
+class MambaSpec:
+    n_layer: int = 2   # Mamba blocks
+    n_embd: int = 64   # hidden size (the F32 pair's: it shares their embeddings and output matrix)
+    d_inner: int = 128  # the SSM's inner size (2 x n_embd, as Mamba)
+    d_state: int = 16  # the SSM's state size per channel
+    d_conv: int = 4    # the causal convolution's kernel
+    dt_rank: int = 4   # the rank of the time step's projection
+    seed: int = 3      # seed of the layer weights
+
+
+def write_mamba(path: str | os.PathLike, spec: MambaSpec = MambaSpec(), *, name: str = "edgecad-tiny-mamba") -> Path:
+    """A tiny F32 `mamba` model over the BPE vocabulary (the F32 pair's embeddings and output: the same bigram
+    signal, so the F32 draft drafts for it as for the target), with the pair's chat template."""
+    import gguf
+
+    tokens, types = vocabulary()
+    d, di, ds = spec.n_embd, spec.d_inner, spec.d_state
+    shared = np.random.default_rng(SHARED_SEED)
+    embd = shared.standard_normal((len(tokens), d)).astype(np.float32)
+    out = (shared.standard_normal((len(tokens), d)) * LOGIT_SCALE).astype(np.float32)
+    out[-len(SPECIAL):] = 0.0
+    rng = np.random.default_rng(spec.seed)
+
+    def w(rows, cols, std):
+        return (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    wr = gguf.GGUFWriter(str(tmp), "mamba")
+    wr.add_name(name)
+    wr.add_context_length(4096)
+    wr.add_embedding_length(d)
+    wr.add_block_count(spec.n_layer)
+    wr.add_feed_forward_length(0)
+    wr.add_head_count(0)
+    wr.add_ssm_conv_kernel(spec.d_conv)
+    wr.add_ssm_inner_size(di)
+    wr.add_ssm_state_size(ds)
+    wr.add_ssm_time_step_rank(spec.dt_rank)
+    wr.add_layer_norm_rms_eps(1e-6)
+    wr.add_file_type(_FILE_TYPES["F32"])
+    _add_vocabulary(wr, tokens, types, None, CHATML)
+    wr.add_tensor("token_embd.weight", embd)
+    for i in range(spec.n_layer):
+        p = f"blk.{i}."
+        wr.add_tensor(p + "attn_norm.weight", np.ones(d, np.float32))
+        wr.add_tensor(p + "ssm_in.weight", w(2 * di, d, d ** -0.5))  # (x and the gate z)
+        wr.add_tensor(p + "ssm_conv1d.weight", w(di, spec.d_conv, 0.5))
+        wr.add_tensor(p + "ssm_conv1d.bias", w(1, di, 0.1)[0])
+        wr.add_tensor(p + "ssm_x.weight", w(spec.dt_rank + 2 * ds, di, di ** -0.5))  # (dt, B, C)
+        wr.add_tensor(p + "ssm_dt.weight", w(di, spec.dt_rank, spec.dt_rank ** -0.5))
+        wr.add_tensor(p + "ssm_dt.bias", w(1, di, 0.1)[0])
+        wr.add_tensor(p + "ssm_a", -np.exp(w(di, ds, 0.5)))  # A = -exp(A_log): a decaying state
+        wr.add_tensor(p + "ssm_d", np.ones(di, np.float32))
+        wr.add_tensor(p + "ssm_out.weight", w(d, di, 0.15 * di ** -0.5))
+    wr.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    wr.add_tensor("output.weight", out)
+    return _finish(wr, tmp, path)

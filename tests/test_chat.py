@@ -1,6 +1,9 @@
 """`edgecad chat` under a pseudo-terminal (real llama.cpp on the tiny pair): turns, streaming, Ctrl-C
 during an answer, /save, /reset, --resume, piped stdin; and the transcript format."""
+import io
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -19,9 +22,11 @@ def chat_cmd(pair, *extra):
 
 
 def spawn(args, tmp_path):
+    """The command in a pseudo-terminal, with an environment of its own (where edgecad comes from passed on)."""
+    where = {k: os.environ[k] for k in ("PYTHONPATH", "EDGECAD_NATIVE_LIB") if k in os.environ}
     return pexpect.spawn(args[0], args[1:], cwd=str(tmp_path), encoding="utf-8", timeout=60,
                          env={"XDG_DATA_HOME": str(tmp_path / "data"), "EDGECAD_CACHE": str(tmp_path / "cache"),
-                              "PATH": "/usr/bin:/bin"})
+                              "PATH": "/usr/bin:/bin", **where})
 
 
 def quit_chat(p) -> None:
@@ -100,8 +105,6 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(paging_pair, tmp_path):
 
 
 def test_piped_stdin_has_no_decorations(tiny_pair, tmp_path):
-    import subprocess
-
     log = tmp_path / "t.jsonl"
     r = subprocess.run(chat_cmd(tiny_pair, "-n", "6", "--transcript", str(log)), input=b"hello\nhow are you\n",
                        capture_output=True, timeout=120, cwd=tmp_path)  # (bytes: an answer may hold a \r)
@@ -140,6 +143,46 @@ def test_a_full_context_is_one_line_and_the_chat_goes_on(tiny_pair, tmp_path):
     p.expect("> ")
     quit_chat(p)
     assert [m["content"] for m in read_transcript(log) if m["role"] == "user"] == ["hi"]  # the first was withdrawn
+
+
+def test_a_chat_goes_on_past_its_context_with_its_last_turns(tiny_pair, tmp_path):
+    """Twelve turns of ~60 tokens in a context of 256: every turn is answered, the oldest turns are dropped from the
+    model's view (said once), and the prompt is the system message and the last turns (the transcript keeps all)."""
+    from edgecad import Engine
+
+    log = tmp_path / "t.jsonl"
+    p = spawn(chat_cmd(tiny_pair, "--transcript", str(log), "--n-ctx", "256", "-n", "8", "--system", "Be brief."),
+              tmp_path)
+    p.logfile_read = seen = io.StringIO()
+    for i in range(12):
+        p.expect("> ")
+        p.sendline(f"question {i}: in an inner on the other hand, hello the world")
+        if p.expect([r"tok/s generating", r"edgecad: "]) == 1:
+            pytest.fail(f"turn {i} failed: {p.readline()}")
+    p.expect("> ")
+    p.sendline("/stats")
+    p.expect(r"prompt_tokens: (\d+)\r\n")
+    prompt = int(p.match.group(1))
+    p.expect(r"dropped_messages: (\d+)\r\n")
+    dropped = int(p.match.group(1))
+    p.expect("> ")
+    quit_chat(p)
+    assert seen.getvalue().count("outgrew the context of 256 tokens") == 1
+    msgs = read_transcript(log)
+    assert len(msgs) == 25 and dropped > 0 and dropped % 2 == 0
+    with Engine(tiny_pair[1], mode="target", n_ctx=256, memory_budget=None) as e:
+        kept = msgs[:1] + msgs[1 + dropped:-1]  # the last question's prompt: the system message, the last turns
+        assert prompt == len(e.chat_tokens(kept)[0]) and prompt + 8 <= 256
+
+
+def test_the_context_s_end_cuts_an_answer_and_says_so(tiny_pair, tmp_path):
+    """Without -n an answer runs to the end of the context: the chat says it was cut, and the next turn runs."""
+    r = subprocess.run(chat_cmd(tiny_pair, "--n-ctx", "256"), input=b"hello\nand then\n", capture_output=True,
+                       timeout=120, cwd=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 0 and err.count("the answer was cut: it reached the end of the context, 256 tokens") == 2
+    assert "edgecad: " not in err, err  # (the next turn is answered: the tiny models' answers are mostly bytes
+    #                                     that are not UTF-8, so their text is short and the chat still fits)
 
 
 def test_kill_9_in_the_middle_of_an_answer_leaves_a_valid_transcript(paging_pair, tmp_path):

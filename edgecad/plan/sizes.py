@@ -19,7 +19,15 @@ def kv_bytes(info: GGUFInfo, n_ctx: int) -> int:
     n_embd = int(info.arch_value("embedding_length", 0))
     k = int(info.arch_value("attention.key_length", n_embd // max(n_head, 1)))
     v = int(info.arch_value("attention.value_length", k))
-    return cells(n_ctx) * info.n_layer * n_head_kv * (k + v) * 2
+    return cells(n_ctx) * info.n_layer * n_head_kv * (k + v) * 2 + state_bytes(info)
+
+
+def state_bytes(info: GGUFInfo) -> int:
+    """A Mamba-like model's recurrent state of one sequence (F32: the convolution's last inputs and the SSM's
+    state, every layer: llama.cpp's n_embd_r and n_embd_s); 0 for other models (RWKV's is not counted)."""
+    d_inner, d_state = int(info.arch_value("ssm.inner_size", 0)), int(info.arch_value("ssm.state_size", 0))
+    d_conv, groups = int(info.arch_value("ssm.conv_kernel", 1)), int(info.arch_value("ssm.group_count", 0))
+    return info.n_layer * ((d_conv - 1) * (d_inner + 2 * groups * d_state) + d_state * d_inner) * 4
 
 
 def activation_bytes(info: GGUFInfo, n_batch: int, n_ctx: int = 512) -> int:
