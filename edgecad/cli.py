@@ -268,23 +268,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         print(f"  costs         {'measured on this device' if costs.history or costs.read_measured else 'priors'}: "
               + ", ".join(f"{k} {v:.3g}" for k, v in vars(costs).items() if isinstance(v, float)))
         return 0
-    m = g.metadata
-    layers = g.layers()
-    print(f"file            {g.path} ({_mb(g.file_size)}, GGUF v{g.version})")
-    print(f"name            {m.get('general.name', '?')}")
-    print(f"architecture    {g.architecture}: {g.n_layer} layers, n_embd {g.arch_value('embedding_length')}, "
-          f"n_ff {g.arch_value('feed_forward_length')}, heads {g.arch_value('attention.head_count')}"
-          f"/{g.arch_value('attention.head_count_kv')} (q/kv), context {g.arch_value('context_length')}")
-    print(f"tokenizer       {m.get('tokenizer.ggml.model', '?')} (pre {m.get('tokenizer.ggml.pre', '?')}), "
-          f"{g.vocab_size} tokens")
-    print(f"output          {'tied to token_embd' if g.tied_output else 'own output.weight'}")
-    print("quantisation    " + ", ".join(f"{k} {_mb(v)}" for k, v in g.type_bytes().most_common()))
-    print("non-layer       " + ", ".join(f"{t.name} {t.type_name} {_mb(t.n_bytes)}" for t in g.non_layer_tensors()))
-    if layers:
-        sizes = [l.n_bytes for l in layers]
-        print(f"layers          {len(layers)} x {_mb(min(sizes))} .. {_mb(max(sizes))}, {_mb(sum(sizes))} in all")
-        for l in layers:
-            print(f"  blk.{l.index:<3} offset {l.start:>13,}  {_mb(l.n_bytes):>10}  ({l.n_tensors} tensors)")
+    print(g.describe())
     return 0
 
 

@@ -139,6 +139,29 @@ class GGUFInfo:
             c[t.type_name] += t.n_bytes
         return c
 
+    def describe(self) -> str:
+        """What `edgecad inspect` shows of the file: architecture, tokenizer, quantisation, layer by layer."""
+        mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+        m, layers = self.metadata, self.layers()
+        out = [f"file            {self.path} ({mb(self.file_size)}, GGUF v{self.version})",
+               f"name            {m.get('general.name', '?')}",
+               f"architecture    {self.architecture}: {self.n_layer} layers, n_embd "
+               f"{self.arch_value('embedding_length')}, n_ff {self.arch_value('feed_forward_length')}, heads "
+               f"{self.arch_value('attention.head_count')}/{self.arch_value('attention.head_count_kv')} (q/kv), "
+               f"context {self.arch_value('context_length')}",
+               f"tokenizer       {m.get('tokenizer.ggml.model', '?')} (pre {m.get('tokenizer.ggml.pre', '?')}), "
+               f"{self.vocab_size} tokens",
+               f"output          {'tied to token_embd' if self.tied_output else 'own output.weight'}",
+               "quantisation    " + ", ".join(f"{k} {mb(v)}" for k, v in self.type_bytes().most_common()),
+               "non-layer       " + ", ".join(f"{t.name} {t.type_name} {mb(t.n_bytes)}"
+                                              for t in self.non_layer_tensors())]
+        if layers:
+            sizes = [l.n_bytes for l in layers]
+            out.append(f"layers          {len(layers)} x {mb(min(sizes))} .. {mb(max(sizes))}, {mb(sum(sizes))} in all")
+            out += [f"  blk.{l.index:<3} offset {l.start:>13,}  {mb(l.n_bytes):>10}  ({l.n_tensors} tensors)"
+                    for l in layers]
+        return "\n".join(out)
+
 
 
 def _tensor_bytes(type_id: int, shape: tuple[int, ...]) -> tuple[str, int]:
