@@ -162,6 +162,7 @@ class Engine(LlamaMembers, Closing):
         t_gpu, d_gpu = self._load(cfg, backend=backend, draft_gpu_layers=draft_gpu_layers,
                                   target_gpu_layers=target_gpu_layers, progress=progress)
         self._make_contexts(cfg, t_gpu, d_gpu)
+        self._on_gpu = (t_gpu != 0, d_gpu != 0)  # (target, draft) layers on a GPU: their CPU time says nothing
         if native.lib.ec_interrupt_pending():  # a Ctrl-C while C code ran (a log callback may have eaten it)
             self.close()
             raise KeyboardInterrupt
@@ -326,7 +327,7 @@ class Engine(LlamaMembers, Closing):
         last = text.last(stats)
         last["edgecad"] = stats_dict(stats, self.memory_plan)
         self._costs = learn(self._costs, last["edgecad"], self.memory_plan, self.config.local_info,
-                            self.config.draft_info, self.n_threads)  # (the device's costs, for the next engine)
+                            self.config.draft_info, self.n_threads, self._on_gpu)  # (for the next engine)
         yield last
 
     # ------------------------------------------------------------------ lifetime

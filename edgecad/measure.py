@@ -133,12 +133,15 @@ def _write(p: Path, data: dict) -> None:
 
 
 def learn(costs: Costs, stats: dict, plan: MemoryPlan, target: GGUFInfo, draft: Optional[GGUFInfo],
-          n_threads: int) -> Costs:
+          n_threads: int, gpu: tuple[bool, bool] = (False, False)) -> Costs:
     """The costs corrected by a completion's `edgecad` stats (plan.observe), saved for the next engine. target: as
-    this device holds it (its local part with remote devices: there the passes wait on the network, which their
-    thread's CPU time cannot tell from starvation, so only the drafting is judged)."""
-    if plan.remote is not None:
+    this device holds it (its local part with remote devices). A phase whose thread waits on another device (the
+    target's passes with remote devices or target layers on a GPU, the drafting on a GPU: gpu = (target, draft)) has
+    little CPU time while it is not starved at all, so only the other phase is judged."""
+    if plan.remote is not None or gpu[0]:
         stats = {**stats, "cpu_target_seconds": None}
+    if gpu[1]:
+        stats = {**stats, "cpu_draft_seconds": None}
     new = observe(costs, stats, speculative=plan.speculative, target_bytes=target.pass_bytes,
                   streamed=plan.paging.streamed_bytes if plan.paging is not None else 0,
                   draft_bytes=draft.file_size if draft is not None else 0)

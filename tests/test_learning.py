@@ -57,3 +57,19 @@ def test_completions_starved_of_cpu_teach_the_plan_nothing(tiny_pair, private_co
     after = resolve(target, draft, mode="tree", memory_budget=None, n_ctx=512, calibrate=False).plan
     assert (after.config, after.tokens_per_second, after.tree_nodes) == (fresh.config, fresh.tokens_per_second,
                                                                          fresh.tree_nodes)
+
+
+def test_a_phase_that_waits_on_another_device_is_not_judged_by_its_cpu_time(tiny_pair, private_cost_cache):
+    """The drafting on a GPU (or the target's passes on a GPU or remote devices) leaves its thread waiting, with
+    little CPU time while nothing starves it: measure.learn judges only the other phase, so such completions still
+    teach (with the same stats counted as starved when the draft computes on the CPU)."""
+    from edgecad.measure import learn
+    draft, target = tiny_pair
+    cfg = resolve(target, draft, mode="tree", memory_budget=None, n_ctx=512, calibrate=False)
+    st = {"mode": "tree", "target_passes": 10, "prompt_passes": 1, "n_tokens": 40, "draft_tokens": 80,
+          "seconds_draft": 0.5, "cpu_draft_seconds": 0.01,  # (a GPU computed: the thread waited)
+          "target_compute_seconds": 1.0, "cpu_target_seconds": 1.0, "io_busy_seconds": 0.0, "bytes_read": 0}
+    on_cpu = learn(Costs(), st, cfg.plan, cfg.local_info, cfg.draft_info, 2)
+    on_gpu = learn(Costs(), st, cfg.plan, cfg.local_info, cfg.draft_info, 2, gpu=(False, True))
+    assert (on_cpu.starved, on_cpu.history) == (1, ())
+    assert on_gpu.starved == 0 and on_gpu.history
