@@ -107,29 +107,41 @@ class ChatWindow:
         overflow="error" (a conversation too long is then the completion's error), the oldest turns under
         "drop_oldest" (the module's docstring)."""
         overflow_policy(overflow)
-        tokens, stops = self.tokens(messages, tools)
         starts = turn_starts(messages)
         if overflow == "error" or len(starts) < 2:
-            return tokens, stops, 0
+            return (*self.tokens(messages, tools), 0)
         messages, head = list(messages), starts[0]
         room = max_tokens if max_tokens is not None and max_tokens > 0 else int(ROOM * self.n_ctx)
         last = self.kept
         start = last.start if last is not None and last.start in starts and \
             tuple(messages[:len(last.messages)]) == last.messages else head
-        fits = None  # (start, tokens, stops) of the first candidate that fits the context, if none fits within KEEP
-        for k in starts[starts.index(start):]:
-            if k != head:
-                tokens, stops = self.tokens(messages[:head] + messages[k:], tools)
-            need = len(tokens) + room
-            if (k == start and need <= self.n_ctx) or need <= KEEP * self.n_ctx or k == starts[-1]:
-                break
-            if fits is None and need <= self.n_ctx:
-                fits = (k, tokens, stops)
-        if need > KEEP * self.n_ctx and fits is not None and k != start:
-            k, tokens, stops = fits
-        self.kept = Kept(tuple(messages), k)
-        return tokens, stops, k - head
+        # the candidates: where the prompt may start, from where the last call kept. Dropping turns shortens the
+        # prompt, so its need falls candidate by candidate: each choice below is a binary search (a render each
+        # step), not a render per turn (a long chat: ~100k turns in a 4 MiB body)
+        ks, renders = starts[starts.index(start):], {}
+
+        def need(i: int) -> int:
+            if i not in renders:
+                renders[i] = self.tokens(messages[:head] + messages[ks[i]:], tools)
+            return len(renders[i][0]) + room
+
+        i = 0  # the last call's start while it still fits the context
+        if need(0) > self.n_ctx:  # else the first within KEEP, else the first that fits, else the last turn
+            i = _first(1, len(ks), lambda i: need(i) <= KEEP * self.n_ctx)
+            if i == len(ks):
+                i = min(_first(1, len(ks), lambda i: need(i) <= self.n_ctx), len(ks) - 1)
+        need(i)
+        self.kept = Kept(tuple(messages), ks[i])
+        return (*renders[i], ks[i] - head)
 
     def forget(self) -> None:
         """Forget where the last chat kept from (Engine.reset: the caches hold nothing to keep)."""
         self.kept = None
+
+
+def _first(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The first i in [lo, hi) for which ok(i), where ok is false then true; hi when there is none."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+    return lo
