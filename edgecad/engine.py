@@ -256,10 +256,11 @@ class Engine(LlamaMembers, Closing):
         unsupported(typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
         check_logprobs("top_logprobs", top_logprobs)
         calls = tools_for(tools, tool_choice, functions, function_call)
-        tokens, stops, dropped = self._window.fit(messages, max_tokens, context_overflow or self.context_overflow,
-                                                  calls)
         grammar = answer_grammar(calls, grammar, response_format)  # (a call's, the caller's or response_format's)
         sp = sampling_params(locals(), self._target_model.n_vocab)  # (the sampling arguments, by their names)
+        # fitted once the request is checked: a fit moves where the chat keeps from (a refused request must not)
+        tokens, stops, dropped = self._window.fit(messages, max_tokens, context_overflow or self.context_overflow,
+                                                  calls)
         chunks = with_stats(self._completion_chunks(tokens, max_tokens, sp, stops + stop_list(stop), seed,
                                                     stream=stream, logprobs=(top_logprobs or 0) if logprobs else None,
                                                     chat=calls), dropped_messages=dropped)

@@ -106,6 +106,31 @@ def test_a_long_chat_is_fitted_in_a_few_renders(tiny_target):
         assert max(renders) < 20  # (the kept turns only: the whole conversation is not rendered again)
 
 
+def test_a_refused_request_leaves_where_a_chat_keeps_from(tiny_target):
+    """A request refused for its arguments does not move where the chat keeps from: the chat's next call keeps the
+    same turns and reuses its whole last prompt."""
+    with Engine(tiny_target, mode="target", n_ctx=N_CTX, memory_budget=None, context_overflow="drop_oldest") as e:
+        messages = [SYSTEM]
+        for i in range(6):
+            messages += [question(i), {"role": "assistant", "content": "ok"}]
+        st = e.create_chat_completion(messages + [question(6)], max_tokens=MAX_TOKENS, temperature=0)["edgecad"]
+        assert st["dropped_messages"] > 0
+        for bad in ({"temperature": -1.0}, {"response_format": {"type": "xml"}}, {"logit_bias": {"x": 1}}):
+            with pytest.raises(RequestError):
+                e.create_chat_completion([SYSTEM, question(98), {"role": "assistant", "content": "ok"}, question(99)],
+                                         max_tokens=MAX_TOKENS, **bad)
+        # the chat goes on with a question that the kept turns still leave room for, past KEEP of the context
+        messages += [question(6), {"role": "assistant", "content": "ok"}]
+        kept = [SYSTEM] + messages[1 + st["dropped_messages"]:]
+        n = next(n for n in range(1, 200)
+                 if len(e.chat_tokens(kept + [{"role": "user", "content": "and " * n}])[0]) + MAX_TOKENS > KEEP * N_CTX)
+        messages.append({"role": "user", "content": "and " * n})
+        assert len(e.chat_tokens(kept + messages[-1:])[0]) + MAX_TOKENS <= N_CTX
+        after = e.create_chat_completion(messages, max_tokens=MAX_TOKENS, temperature=0)["edgecad"]
+        assert after["dropped_messages"] == st["dropped_messages"]
+        assert after["prompt_tokens_reused"] >= st["prompt_tokens"] - 1
+
+
 def test_the_server_drops_the_oldest_turns_when_told(tiny_target):
     s = Served("--target", tiny_target, "--mode", "target", "--n-ctx", N_CTX, "--context-overflow", "drop_oldest")
     try:
