@@ -19,7 +19,7 @@ import numpy as np
 
 from . import native
 from .arguments import check_logprobs, completion_length, sampling_params, token_ids, unsupported
-from .compat import Count, LlamaMembers, target_path
+from .compat import CLOSED, Count, LlamaMembers, target_path
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
@@ -225,7 +225,7 @@ class Engine(LlamaMembers, Closing):
         unsupported(suffix=suffix, typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                     stopping_criteria=stopping_criteria, logits_processor=logits_processor)
         check_logprobs("logprobs", logprobs, echo)
-        n_vocab = self._target_model.n_vocab
+        n_vocab = self.n_vocab()
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else token_ids(prompt, n_vocab)
         prompt_text = prompt if isinstance(prompt, str) else (
             prompt if isinstance(prompt, bytes) else self.detokenize(tokens)).decode("utf-8", "ignore")
@@ -257,7 +257,7 @@ class Engine(LlamaMembers, Closing):
         check_logprobs("top_logprobs", top_logprobs)
         calls = tools_for(tools, tool_choice, functions, function_call)
         grammar = answer_grammar(calls, grammar, response_format)  # (a call's, the caller's or response_format's)
-        sp = sampling_params(locals(), self._target_model.n_vocab)  # (the sampling arguments, by their names)
+        sp = sampling_params(locals(), self.n_vocab())  # (the sampling arguments, by their names)
         # fitted once the request is checked: a fit moves where the chat keeps from (a refused request must not)
         tokens, stops, dropped = self._window.fit(messages, max_tokens, context_overflow or self.context_overflow,
                                                   calls)
@@ -305,7 +305,7 @@ class Engine(LlamaMembers, Closing):
         """The completion's chunks (edgecad.responses.TextChunks); logprobs: alternatives listed per token, or None;
         chat: the tools of a chat (its prompt is the messages; logprobs in a chat's shape), None for a completion."""
         if self._target is None:
-            raise EdgecadError("this Engine is closed: create a new one")
+            raise EdgecadError(CLOSED)
         max_tokens = completion_length(tokens, max_tokens, self.n_ctx, "prompt" if chat is None else "messages")
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
