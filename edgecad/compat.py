@@ -74,15 +74,18 @@ class LlamaMembers:
 
     # ------------------------------------------------------------------ tokens
 
-    def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False) -> list[int]:
+    def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False, *,
+                 param: str = "prompt") -> list[int]:
         """Token ids of `text` (llama-cpp-python's `Llama.tokenize`): BOS when the vocabulary uses one and
-        add_bos; special-token texts parsed as special tokens when `special`."""
+        add_bos; special-token texts parsed as special tokens when `special`. param: the argument the text came
+        from, named by its error (a chat's prompt comes from its "messages")."""
         if isinstance(text, str):
             try:
                 text = text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise RequestError(f"the text is not valid Unicode ({e.reason} at character {e.start}): send UTF-8 "
-                                   "text", "prompt") from None
+            except UnicodeEncodeError as e:  # (a chat's position is in its rendered prompt: not said)
+                where = f"at character {e.start}" if param == "prompt" else f"in the {param}"
+                raise RequestError(f"the text is not valid Unicode ({e.reason} {where}): send UTF-8 text",
+                                   param) from None
         return self._open_target().tokenize(text, add_special=add_bos, parse_special=special)
 
     def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,

@@ -66,7 +66,7 @@ class ChatWindow:
 
     def __init__(self, model, tokenize: Callable[..., list[int]], n_ctx: int):
         self.model = model  # the target (edgecad.llama.Model): its template, vocabulary and name
-        self.tokenize = tokenize  # Engine.tokenize: (text, add_bos=, special=) -> token ids
+        self.tokenize = tokenize  # Engine.tokenize: (text, add_bos=, special=, param=) -> token ids
         self.n_ctx = n_ctx  # the context's length in tokens
         self.kept: Optional[Kept] = None  # where the last chat that could drop turns kept from
         self._formatter = None  # the compiled template, once a chat needed it
@@ -99,7 +99,8 @@ class ChatWindow:
         assistant's turn opened), and the template's stop strings. Under the default template, BOS comes as the
         vocabulary asks (as llama-cpp-python's chatml)."""
         prompt, add_bos, stops = render(self.formatter(), messages, tools)
-        return self.tokenize(prompt, add_bos=add_bos or self.default_template, special=True), stops
+        return self.tokenize(prompt, add_bos=add_bos or self.default_template, special=True,
+                             param="messages"), stops
 
     def fit(self, messages: Sequence[dict], max_tokens: Optional[int], overflow: str, tools: Tools = NO_TOOLS
             ) -> tuple[list[int], list[str], int]:
