@@ -134,11 +134,17 @@ class LlamaMembers:
 
     # ------------------------------------------------------------------ state
 
-    def reset(self) -> None:
-        """Forget what both KV caches hold (Llama.reset): the next call decodes its whole prompt."""
+    def _acquire(self, refusal: str) -> None:
+        """Take the Engine's lock (one completion at a time: both contexts' KV is one state), waiting while a
+        completion computes; refused with `refusal` while a stream is open (waiting for its reader could deadlock:
+        the reader may be the caller, or need the caller's thread)."""
         while not self._lock.acquire(timeout=0.02):
             if self._streaming:
-                raise EdgecadError("a stream of this Engine is open: read it to its end (or close it), then reset")
+                raise EdgecadError(refusal)
+
+    def reset(self) -> None:
+        """Forget what both KV caches hold (Llama.reset): the next call decodes its whole prompt."""
+        self._acquire("a stream of this Engine is open: read it to its end (or close it), then reset")
         try:
             for ctx in (self.target_context, self.draft_context):
                 if ctx is not None:

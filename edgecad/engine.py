@@ -273,13 +273,10 @@ class Engine(LlamaMembers, Closing):
         return self._window.tokens(messages, tools)
 
     def _completion_chunks(self, *args, stream: bool, **kw) -> Iterator[dict]:
-        """One completion at a time per Engine (both contexts' KV is one state): a call waits while another
-        completion computes, and is refused while a stream is open (waiting for its reader could deadlock:
-        the reader may be the caller, or need the caller's thread)."""
-        while not self._lock.acquire(timeout=0.02):
-            if self._streaming:
-                raise EdgecadError("another completion of this Engine is still streaming: read that stream to its "
-                                   "end (or close it) first, or use one Engine per concurrent stream")
+        """One completion at a time per Engine (LlamaMembers._acquire): a call waits while another completion
+        computes, and is refused while a stream is open."""
+        self._acquire("another completion of this Engine is still streaming: read that stream to its end (or close "
+                      "it) first, or use one Engine per concurrent stream")
         self._streaming = stream
         chunks = self._chunks(*args, **kw)
         try:

@@ -97,6 +97,11 @@ def test_reset_set_seed_and_the_openai_types(tiny_pair):
         first = e("hello the world", max_tokens=8, temperature=0)
         again = e("hello the world", max_tokens=8, temperature=0)
         assert again["edgecad"]["prompt_tokens_reused"] > 0
+        stream = e("hello the world", max_tokens=8, stream=True)
+        next(stream)
+        with pytest.raises(EdgecadError, match="^a stream of this Engine is open: .*, then reset$"):
+            e.reset()  # (as a completion is: waiting for the stream's reader could deadlock)
+        stream.close()
         e.reset()  # both caches forgotten: the whole prompt is decoded again, to the same tokens
         after = e("hello the world", max_tokens=8, temperature=0)
         assert after["edgecad"]["prompt_tokens_reused"] == 0
