@@ -29,11 +29,11 @@ from .measure import emulate_storage, learn, storage_bytes_read
 from .pager import Pager
 from .plan import PagerParams
 from .residency import Residency, residency_for
-from .responses import TextChunks, chat_chunks, join, stop_list
+from .responses import TextChunks, chat_chunks, join, stop_list, with_stats
 from .sampling import SamplingParams
 from .tools import NO_TOOLS, Tools, answer_grammar, tool_chunks, tools_for
 from .tree import TreeParams
-from .window import ChatWindow, overflow_policy, with_stats
+from .window import ChatWindow, overflow_policy
 
 
 def stats_dict(stats: Stats, plan) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE
 
@@ -48,17 +48,6 @@ def overflow_policy(overflow: str) -> str:
         raise RequestError(f"context_overflow={overflow!r} is not one of {', '.join(map(repr, OVERFLOW))}: use "
                            "'error' (refuse a chat longer than the context) or 'drop_oldest'", "context_overflow")
     return overflow
-
-
-def with_stats(chunks: Iterator[dict], **extra) -> Iterator[dict]:
-    """The chunks, with `extra` in the last one's `edgecad` statistics; closing it closes them."""
-    try:
-        for chunk in chunks:
-            if "edgecad" in chunk:
-                chunk["edgecad"].update(extra)
-            yield chunk
-    finally:
-        chunks.close()
 
 
 class ChatWindow:
