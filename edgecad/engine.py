@@ -3,8 +3,8 @@
 An Engine resolves its arguments into a configuration (edgecad.config), loads the target (and the draft)
 where its residency says (edgecad.residency), and runs the mode's decoder (edgecad.decode). This module is
 the API's edge: a completion's run and its statistics in one place for every mode (its arguments checked by
-edgecad.arguments, its text, stop strings and chunks shaped by edgecad.responses), the chat template, and the
-engine's lifetime.
+edgecad.arguments, its text, stop strings and chunks shaped by edgecad.responses, a chat's prompt made by
+edgecad.window), and the engine's lifetime.
 """
 from __future__ import annotations
 

@@ -58,20 +58,20 @@ class ChatWindow:
         self.tokenize = tokenize  # Engine.tokenize: (text, add_bos=, special=, param=) -> token ids
         self.n_ctx = n_ctx  # the context's length in tokens
         self.kept: Optional[Kept] = None  # where the last chat that could drop turns kept from
+        self.template = model.chat_template()  # the model's own chat template (tokenizer.chat_template), or None
+        self.default_template = self.template is None  # the model has none of its own: ChatML stands in
         self._formatter = None  # the compiled template, once a chat needed it
-        self.default_template = model.chat_template() is None  # the model has none of its own: ChatML stands in
 
     def formatter(self):
         """The model's chat template, compiled once; ChatML when the model has none (said once)."""
         if self._formatter is None:
-            template = self.model.chat_template()
-            if template is None:
+            if self.default_template:
                 sys.stderr.write(f"edgecad: {self.model.path.name} has no chat template (tokenizer.chat_template): "
                                  "its chats are rendered as ChatML (<|im_start|>role ... <|im_end|>), as llama.cpp "
                                  "does\n")
             try:
-                self._formatter = self.model.chat_formatter(template or CHATML_CHAT_TEMPLATE,
-                                                            CHATML_END if template is None else None)
+                self._formatter = self.model.chat_formatter(self.template or CHATML_CHAT_TEMPLATE,
+                                                            CHATML_END if self.default_template else None)
             except Exception as e:  # jinja2's syntax errors: the model's template is broken, not the messages
                 raise RequestError(f"the model's chat template does not compile ({type(e).__name__}: {e}): "
                                    "complete a prompt in the model's own format instead (create_completion, "
