@@ -139,6 +139,7 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
+        self.said_dropped = False  # (the new conversation's first drop is said too)
         self._write({"event": "reset"})
         for m in self.messages:
             self._write(m)

@@ -13,11 +13,8 @@ from typing import Optional
 
 from . import registry
 from .errors import EdgecadError, RemoteLostError
+from .gguf_file import mb
 from .plan import STORAGE_PROFILES
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB"
 
 
 # API argument -> the flag that sets it, for error messages (edgecad's errors name API arguments)
@@ -224,7 +221,7 @@ def cmd_models(a: argparse.Namespace) -> int:
             path = registry.model_path(sp)  # a model an earlier edgecad fetched elsewhere is used from there
             state = ("not fetched" if not path.exists() else "fetched" if path.parent == d else
                      f"fetched in {path.parent}")
-            rows.append((name, _mb(sp.size), sp.description, state))
+            rows.append((name, mb(sp.size), sp.description, state))
         # columns as wide as their widest cell; the state last, as it may be a directory
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for name, size, description, state in rows:

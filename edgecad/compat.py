@@ -24,6 +24,7 @@ class Count(int):
         return int(self)
 
 
+CLOSED = "this Engine is closed: create a new one"  # what a closed Engine's members say
 _TOKENS = "edgecad's decoders run the target (and the draft's trees) themselves: use create_completion"
 _STATE = "the engine's state is two KV caches (target and draft) and the pager's; a call reuses the last one's prefix"
 REFUSED = {  # Llama's members edgecad does not have: why, and what to use
@@ -58,6 +59,14 @@ class LlamaMembers:
             raise NotSupportedError(f"Llama.{name} is not supported by edgecad: {REFUSED[name]}")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def _open_target(self):
+        """The target (edgecad.llama.Model), or CLOSED's EdgecadError once the Engine is closed (not an
+        AttributeError: in a property, that would become __getattr__'s "no attribute")."""
+        model = getattr(self, "_target_model", None)
+        if model is None:
+            raise EdgecadError(CLOSED)
+        return model
+
     @classmethod
     def from_pretrained(cls, repo_id: str, filename: Optional[str] = None, **kwargs):
         raise NotSupportedError("Llama.from_pretrained is not supported by edgecad (it never downloads while it "
@@ -65,39 +74,42 @@ class LlamaMembers:
 
     # ------------------------------------------------------------------ tokens
 
-    def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False) -> list[int]:
+    def tokenize(self, text: Union[str, bytes], add_bos: bool = True, special: bool = False, *,
+                 param: str = "prompt") -> list[int]:
         """Token ids of `text` (llama-cpp-python's `Llama.tokenize`): BOS when the vocabulary uses one and
-        add_bos; special-token texts parsed as special tokens when `special`."""
+        add_bos; special-token texts parsed as special tokens when `special`. param: the argument the text came
+        from, named by its error (a chat's prompt comes from its "messages")."""
         if isinstance(text, str):
             try:
                 text = text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise RequestError(f"the text is not valid Unicode ({e.reason} at character {e.start}): send UTF-8 "
-                                   "text", "prompt") from None
-        return self._target_model.tokenize(text, add_special=add_bos, parse_special=special)
+            except UnicodeEncodeError as e:  # (a chat's position is in its rendered prompt: not said)
+                where = f"at character {e.start}" if param == "prompt" else f"in the {param}"
+                raise RequestError(f"the text is not valid Unicode ({e.reason} {where}): send UTF-8 text",
+                                   param) from None
+        return self._open_target().tokenize(text, add_special=add_bos, parse_special=special)
 
     def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
                    special: bool = False) -> bytes:
         """The text of `tokens` (llama-cpp-python's `Llama.detokenize`; prev_tokens is not needed, as for its
         own tokenizer). As Llama's, without the space an SPM vocabulary (Llama's, Gemma's) puts after BOS, before
         the first word."""
-        text = self._target_model.detokenize(tokens, special=special)
+        text = self._open_target().detokenize(tokens, special=special)
         return text[1:] if len(tokens) and tokens[0] == self.token_bos() and text[:1] == b" " else text
 
     def n_vocab(self) -> int:
-        return self._target_model.n_vocab
+        return self._open_target().n_vocab
 
     def n_embd(self) -> int:
-        return self._target_model.n_embd()
+        return self._open_target().n_embd()
 
     def token_bos(self) -> int:
-        return self._target_model.special_tokens()[0]
+        return self._open_target().special_tokens()[0]
 
     def token_eos(self) -> int:
-        return self._target_model.special_tokens()[1]
+        return self._open_target().special_tokens()[1]
 
     def token_nl(self) -> int:
-        return self._target_model.special_tokens()[2]
+        return self._open_target().special_tokens()[2]
 
     # ------------------------------------------------------------------ the model
 
@@ -109,22 +121,30 @@ class LlamaMembers:
     @property
     def metadata(self) -> dict[str, str]:
         """The target's GGUF metadata as llama.cpp gives it (Llama's metadata)."""
+        model = self._open_target()
         if getattr(self, "_metadata", None) is None:
-            self._metadata = self._target_model.metadata()
+            self._metadata = model.metadata()
         return self._metadata
 
     @property
     def chat_format(self) -> str:
         """The chat template in use: "chat_template.default" (the model's own) or "chatml" (it has none)."""
+        self._open_target()
         return self._window.chat_format
 
     # ------------------------------------------------------------------ state
 
-    def reset(self) -> None:
-        """Forget what both KV caches hold (Llama.reset): the next call decodes its whole prompt."""
+    def _acquire(self, refusal: str) -> None:
+        """Take the Engine's lock (one completion at a time: both contexts' KV is one state), waiting while a
+        completion computes; refused with `refusal` while a stream is open (waiting for its reader could deadlock:
+        the reader may be the caller, or need the caller's thread)."""
         while not self._lock.acquire(timeout=0.02):
             if self._streaming:
-                raise EdgecadError("a stream of this Engine is open: read it to its end (or close it), then reset")
+                raise EdgecadError(refusal)
+
+    def reset(self) -> None:
+        """Forget what both KV caches hold (Llama.reset): the next call decodes its whole prompt."""
+        self._acquire("a stream of this Engine is open: read it to its end (or close it), then reset")
         try:
             for ctx in (self.target_context, self.draft_context):
                 if ctx is not None:

@@ -3,8 +3,8 @@
 An Engine resolves its arguments into a configuration (edgecad.config), loads the target (and the draft)
 where its residency says (edgecad.residency), and runs the mode's decoder (edgecad.decode). This module is
 the API's edge: a completion's run and its statistics in one place for every mode (its arguments checked by
-edgecad.arguments, its text, stop strings and chunks shaped by edgecad.responses), the chat template, and the
-engine's lifetime.
+edgecad.arguments, its text, stop strings and chunks shaped by edgecad.responses, a chat's prompt made by
+edgecad.window), and the engine's lifetime.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from . import native
 from .arguments import check_logprobs, completion_length, sampling_params, token_ids, unsupported
-from .compat import Count, LlamaMembers, target_path
+from .compat import CLOSED, Count, LlamaMembers, target_path
 from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
@@ -29,11 +29,11 @@ from .measure import emulate_storage, learn, storage_bytes_read
 from .pager import Pager
 from .plan import PagerParams
 from .residency import Residency, residency_for
-from .responses import TextChunks, chat_chunks, join, stop_list
+from .responses import TextChunks, chat_chunks, join, stop_list, with_stats
 from .sampling import SamplingParams
 from .tools import NO_TOOLS, Tools, answer_grammar, tool_chunks, tools_for
 from .tree import TreeParams
-from .window import ChatWindow, overflow_policy, with_stats
+from .window import ChatWindow, overflow_policy
 
 
 def stats_dict(stats: Stats, plan) -> dict:
@@ -226,7 +226,7 @@ class Engine(LlamaMembers, Closing):
         unsupported(suffix=suffix, typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                     stopping_criteria=stopping_criteria, logits_processor=logits_processor)
         check_logprobs("logprobs", logprobs, echo)
-        n_vocab = self._target_model.n_vocab
+        n_vocab = self.n_vocab()
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, (str, bytes)) else token_ids(prompt, n_vocab)
         prompt_text = prompt if isinstance(prompt, str) else (
             prompt if isinstance(prompt, bytes) else self.detokenize(tokens)).decode("utf-8", "ignore")
@@ -257,10 +257,11 @@ class Engine(LlamaMembers, Closing):
         unsupported(typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor)
         check_logprobs("top_logprobs", top_logprobs)
         calls = tools_for(tools, tool_choice, functions, function_call)
+        grammar = answer_grammar(calls, grammar, response_format)  # (a call's, the caller's or response_format's)
+        sp = sampling_params(locals(), self.n_vocab())  # (the sampling arguments, by their names)
+        # fitted once the request is checked: a fit moves where the chat keeps from (a refused request must not)
         tokens, stops, dropped = self._window.fit(messages, max_tokens, context_overflow or self.context_overflow,
                                                   calls)
-        grammar = answer_grammar(calls, grammar, response_format)  # (a call's, the caller's or response_format's)
-        sp = sampling_params(locals(), self._target_model.n_vocab)  # (the sampling arguments, by their names)
         chunks = with_stats(self._completion_chunks(tokens, max_tokens, sp, stops + stop_list(stop), seed,
                                                     stream=stream, logprobs=(top_logprobs or 0) if logprobs else None,
                                                     chat=calls), dropped_messages=dropped)
@@ -273,13 +274,10 @@ class Engine(LlamaMembers, Closing):
         return self._window.tokens(messages, tools)
 
     def _completion_chunks(self, *args, stream: bool, **kw) -> Iterator[dict]:
-        """One completion at a time per Engine (both contexts' KV is one state): a call waits while another
-        completion computes, and is refused while a stream is open (waiting for its reader could deadlock:
-        the reader may be the caller, or need the caller's thread)."""
-        while not self._lock.acquire(timeout=0.02):
-            if self._streaming:
-                raise EdgecadError("another completion of this Engine is still streaming: read that stream to its "
-                                   "end (or close it) first, or use one Engine per concurrent stream")
+        """One completion at a time per Engine (LlamaMembers._acquire): a call waits while another completion
+        computes, and is refused while a stream is open."""
+        self._acquire("another completion of this Engine is still streaming: read that stream to its end (or close "
+                      "it) first, or use one Engine per concurrent stream")
         self._streaming = stream
         chunks = self._chunks(*args, **kw)
         try:
@@ -305,7 +303,7 @@ class Engine(LlamaMembers, Closing):
         """The completion's chunks (edgecad.responses.TextChunks); logprobs: alternatives listed per token, or None;
         chat: the tools of a chat (its prompt is the messages; logprobs in a chat's shape), None for a completion."""
         if self._target is None:
-            raise EdgecadError("this Engine is closed: create a new one")
+            raise EdgecadError(CLOSED)
         max_tokens = completion_length(tokens, max_tokens, self.n_ctx, "prompt" if chat is None else "messages")
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng

@@ -27,6 +27,11 @@ from .gguf_gate import (MAX_ALIGNMENT, MAX_DIMS, MAX_HEADER, MAX_KV, MAX_NAME, M
 GGUF_MAGIC = b"GGUF"
 
 
+def mb(n: float) -> str:
+    """A size as edgecad prints a model's: "1,234.5 MB" (`edgecad inspect`, `models list`, a paging plan)."""
+    return f"{n / 1e6:,.1f} MB"
+
+
 def _block(name: str) -> int | None:
     """The block (layer) number of a tensor named blk.<n>.*, else None."""
     m = re.match(r"blk\.(\d+)\.", name)
@@ -141,7 +146,6 @@ class GGUFInfo:
 
     def describe(self) -> str:
         """What `edgecad inspect` shows of the file: architecture, tokenizer, quantisation, layer by layer."""
-        mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
         m, layers = self.metadata, self.layers()
         out = [f"file            {self.path} ({mb(self.file_size)}, GGUF v{self.version})",
                f"name            {m.get('general.name', '?')}",

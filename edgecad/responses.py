@@ -2,9 +2,9 @@
 
 This module makes a completion's text-completion chunks as the Engine's decoder gives tokens (TextChunks: UTF-8
 decoded incrementally, stop strings held back, each chunk's log-probabilities, the last chunk's usage), turns them
-into a chat's chunk stream, joins a stream into one response, lists log-probabilities in a completion's or a
-chat's shape, maps a stream onto OpenAI's (the server's events), and turns a response_format into the grammar
-that makes the output valid JSON. One home for every shape a client parses.
+into a chat's chunk stream, adds to a stream's statistics (with_stats), joins a stream into one response, lists
+log-probabilities in a completion's or a chat's shape, maps a stream onto OpenAI's (the server's events), and turns
+a response_format into the grammar that makes the output valid JSON. One home for every shape a client parses.
 """
 from __future__ import annotations
 
@@ -198,6 +198,17 @@ def chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
         yield from _chat_chunk_stream(chunks)
     finally:
         chunks.close()  # closing the chat stream ends the decoder
+
+
+def with_stats(chunks: Iterator[dict], **extra) -> Iterator[dict]:
+    """The chunks, with `extra` in the last one's `edgecad` statistics; closing it closes them."""
+    try:
+        for chunk in chunks:
+            if "edgecad" in chunk:
+                chunk["edgecad"].update(extra)
+            yield chunk
+    finally:
+        chunks.close()
 
 
 def _chat_chunk_stream(chunks: Iterator[dict]) -> Iterator[dict]:

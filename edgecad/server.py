@@ -375,9 +375,12 @@ class Server:
                 for out in openai_chunks({**chunk, "model": name}, usage):
                     yield {"data": json.dumps(out)}
                 sent += 1
-                if self.stopping:
+                if chunk["choices"][0]["finish_reason"] is not None:  # the last chunk: the answer is whole (even
+                    chunk = None  # if the server began stopping while it was sent); done() closes the stream
+                elif self.stopping:
                     break
-                chunk = await self._run(next, stream, None)
+                else:
+                    chunk = await self._run(next, stream, None)
         except (Exception, KeyboardInterrupt) as e:
             if not (self.stopping or isinstance(e, KeyboardInterrupt)):  # (Ctrl-C stopped the pass: stopping)
                 chunk = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE
 
@@ -50,39 +50,28 @@ def overflow_policy(overflow: str) -> str:
     return overflow
 
 
-def with_stats(chunks: Iterator[dict], **extra) -> Iterator[dict]:
-    """The chunks, with `extra` in the last one's `edgecad` statistics; closing it closes them."""
-    try:
-        for chunk in chunks:
-            if "edgecad" in chunk:
-                chunk["edgecad"].update(extra)
-            yield chunk
-    finally:
-        chunks.close()
-
-
 class ChatWindow:
     """A chat's prompt tokens for one model: its chat template (compiled on first use) and the tokenizer."""
 
     def __init__(self, model, tokenize: Callable[..., list[int]], n_ctx: int):
         self.model = model  # the target (edgecad.llama.Model): its template, vocabulary and name
-        self.tokenize = tokenize  # Engine.tokenize: (text, add_bos=, special=) -> token ids
+        self.tokenize = tokenize  # Engine.tokenize: (text, add_bos=, special=, param=) -> token ids
         self.n_ctx = n_ctx  # the context's length in tokens
         self.kept: Optional[Kept] = None  # where the last chat that could drop turns kept from
+        self.template = model.chat_template()  # the model's own chat template (tokenizer.chat_template), or None
+        self.default_template = self.template is None  # the model has none of its own: ChatML stands in
         self._formatter = None  # the compiled template, once a chat needed it
-        self.default_template = model.chat_template() is None  # the model has none of its own: ChatML stands in
 
     def formatter(self):
         """The model's chat template, compiled once; ChatML when the model has none (said once)."""
         if self._formatter is None:
-            template = self.model.chat_template()
-            if template is None:
+            if self.default_template:
                 sys.stderr.write(f"edgecad: {self.model.path.name} has no chat template (tokenizer.chat_template): "
                                  "its chats are rendered as ChatML (<|im_start|>role ... <|im_end|>), as llama.cpp "
                                  "does\n")
             try:
-                self._formatter = self.model.chat_formatter(template or CHATML_CHAT_TEMPLATE,
-                                                            CHATML_END if template is None else None)
+                self._formatter = self.model.chat_formatter(self.template or CHATML_CHAT_TEMPLATE,
+                                                            CHATML_END if self.default_template else None)
             except Exception as e:  # jinja2's syntax errors: the model's template is broken, not the messages
                 raise RequestError(f"the model's chat template does not compile ({type(e).__name__}: {e}): "
                                    "complete a prompt in the model's own format instead (create_completion, "
@@ -99,7 +88,8 @@ class ChatWindow:
         assistant's turn opened), and the template's stop strings. Under the default template, BOS comes as the
         vocabulary asks (as llama-cpp-python's chatml)."""
         prompt, add_bos, stops = render(self.formatter(), messages, tools)
-        return self.tokenize(prompt, add_bos=add_bos or self.default_template, special=True), stops
+        return self.tokenize(prompt, add_bos=add_bos or self.default_template, special=True,
+                             param="messages"), stops
 
     def fit(self, messages: Sequence[dict], max_tokens: Optional[int], overflow: str, tools: Tools = NO_TOOLS
             ) -> tuple[list[int], list[str], int]:
@@ -107,29 +97,41 @@ class ChatWindow:
         overflow="error" (a conversation too long is then the completion's error), the oldest turns under
         "drop_oldest" (the module's docstring)."""
         overflow_policy(overflow)
-        tokens, stops = self.tokens(messages, tools)
         starts = turn_starts(messages)
         if overflow == "error" or len(starts) < 2:
-            return tokens, stops, 0
+            return (*self.tokens(messages, tools), 0)
         messages, head = list(messages), starts[0]
         room = max_tokens if max_tokens is not None and max_tokens > 0 else int(ROOM * self.n_ctx)
         last = self.kept
         start = last.start if last is not None and last.start in starts and \
             tuple(messages[:len(last.messages)]) == last.messages else head
-        fits = None  # (start, tokens, stops) of the first candidate that fits the context, if none fits within KEEP
-        for k in starts[starts.index(start):]:
-            if k != head:
-                tokens, stops = self.tokens(messages[:head] + messages[k:], tools)
-            need = len(tokens) + room
-            if (k == start and need <= self.n_ctx) or need <= KEEP * self.n_ctx or k == starts[-1]:
-                break
-            if fits is None and need <= self.n_ctx:
-                fits = (k, tokens, stops)
-        if need > KEEP * self.n_ctx and fits is not None and k != start:
-            k, tokens, stops = fits
-        self.kept = Kept(tuple(messages), k)
-        return tokens, stops, k - head
+        # the candidates: where the prompt may start, from where the last call kept. Dropping turns shortens the
+        # prompt, so its need falls candidate by candidate: each choice below is a binary search (a render each
+        # step), not a render per turn (a long chat: ~100k turns in a 4 MiB body)
+        ks, renders = starts[starts.index(start):], {}
+
+        def need(i: int) -> int:
+            if i not in renders:
+                renders[i] = self.tokens(messages[:head] + messages[ks[i]:], tools)
+            return len(renders[i][0]) + room
+
+        i = 0  # the last call's start while it still fits the context
+        if need(0) > self.n_ctx:  # else the first within KEEP, else the first that fits, else the last turn
+            i = _first(1, len(ks), lambda i: need(i) <= KEEP * self.n_ctx)
+            if i == len(ks):
+                i = min(_first(1, len(ks), lambda i: need(i) <= self.n_ctx), len(ks) - 1)
+        need(i)
+        self.kept = Kept(tuple(messages), ks[i])
+        return (*renders[i], ks[i] - head)
 
     def forget(self) -> None:
         """Forget where the last chat kept from (Engine.reset: the caches hold nothing to keep)."""
         self.kept = None
+
+
+def _first(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The first i in [lo, hi) for which ok(i), where ok is false then true; hi when there is none."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+    return lo

@@ -175,6 +175,22 @@ def test_a_chat_goes_on_past_its_context_with_its_last_turns(tiny_pair, tmp_path
         assert prompt == len(e.chat_tokens(kept)[0]) and prompt + 8 <= 256
 
 
+def test_a_reset_chat_says_again_when_it_outgrows_its_context(tiny_target):
+    """The drop is said once per conversation: after /reset, the new conversation's first drop is said too."""
+    from edgecad import Engine
+    from edgecad.chat import Conversation
+
+    with Engine(tiny_target, mode="target", n_ctx=256, memory_budget=None, context_overflow="drop_oldest") as e:
+        conv = Conversation(e, system="Be brief.", sampling={"max_tokens": 8, "temperature": 0})
+        for _ in range(2):
+            said = []
+            for i in range(12):
+                conv.ask(f"question {i}: in an inner on the other hand, hello the world", lambda s: None)
+                said += [n for n in conv.notes() if "outgrew the context of 256 tokens" in n]
+            assert len(said) == 1 and conv.last_stats["dropped_messages"] > 0
+            conv.reset()
+
+
 def test_the_context_s_end_cuts_an_answer_and_says_so(tiny_pair, tmp_path):
     """Without -n an answer runs to the end of the context: the chat says it was cut, and the next turn runs."""
     r = subprocess.run(chat_cmd(tiny_pair, "--n-ctx", "256"), input=b"hello\nand then\n", capture_output=True,

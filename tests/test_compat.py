@@ -97,6 +97,11 @@ def test_reset_set_seed_and_the_openai_types(tiny_pair):
         first = e("hello the world", max_tokens=8, temperature=0)
         again = e("hello the world", max_tokens=8, temperature=0)
         assert again["edgecad"]["prompt_tokens_reused"] > 0
+        stream = e("hello the world", max_tokens=8, stream=True)
+        next(stream)
+        with pytest.raises(EdgecadError, match="^a stream of this Engine is open: .*, then reset$"):
+            e.reset()  # (as a completion is: waiting for the stream's reader could deadlock)
+        stream.close()
         e.reset()  # both caches forgotten: the whole prompt is decoded again, to the same tokens
         after = e("hello the world", max_tokens=8, temperature=0)
         assert after["edgecad"]["prompt_tokens_reused"] == 0
@@ -129,6 +134,23 @@ def test_members_edgecad_lacks_are_one_line_each(engine_256):
         Engine(e.model_path, model_path=e.model_path)
     with pytest.raises(RequestError, match="seed"):
         e.set_seed(-5)
+
+
+def test_a_closed_engine_says_so(tiny_target):
+    """Once closed, the members that need the model say the Engine is closed (a property's error was "'Engine'
+    object has no attribute 'metadata'", a method's about NoneType)."""
+    e = Engine(tiny_target, mode="target", n_ctx=256, memory_budget=None)
+    assert e.metadata and e.chat_format  # (read before: a closed Engine does not answer from what it read)
+    e.close()
+    for member in ("metadata", "chat_format"):
+        with pytest.raises(EdgecadError, match="^this Engine is closed: create a new one$") as x:
+            getattr(e, member)
+        assert not isinstance(x.value, AttributeError)
+    for call in (lambda: e.tokenize(b"hello"), lambda: e.detokenize([1]), e.n_vocab, e.n_embd, e.token_eos,
+                 lambda: e("hello", max_tokens=2), lambda: e.create_chat_completion(HI, max_tokens=2)):
+        with pytest.raises(EdgecadError, match="^this Engine is closed: create a new one$"):
+            call()
+    assert e.model_path == str(tiny_target)  # (what needs no model still answers)
 
 
 @pytest.fixture(scope="module")

@@ -308,6 +308,8 @@ def test_errors_have_openai_s_shape_and_status(server):
     assert "not valid JSON" in _error(server.post("/v1/completions", b'{"prompt": '), 400)
     assert "empty" in _error(server.post("/v1/completions", b""), 400)
     assert "Unicode" in _error(server.post("/v1/completions", {"prompt": "a\ud800b"}), 400, "prompt")
+    assert "Unicode" in _error(server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]}),
+                               400, "messages")
     assert "at most 16" in _error(server.post("/v1/completions", {"prompt": "x", "stop": ["a"] * 17}), 400, "stop")
     assert server.post("/v1/chat/completions", {"messages": CHAT, "n": None, "max_tokens": 2}).status_code == 200
     assert "JSON object" in _error(server.post("/v1/completions", b"[1, 2]"), 400)

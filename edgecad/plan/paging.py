@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import EdgecadError
-from ..gguf_file import GGUFInfo
+from ..gguf_file import GGUFInfo, mb
 from .units import MiB
 
 STORAGE_PROFILES = {  # bytes per second the IO thread may read; 0 = as fast as the device goes
@@ -92,7 +92,6 @@ class BudgetPlan:
         return sum(self.layer_bytes[i] for i in self.streamed_layers)
 
     def describe(self) -> str:
-        mb = lambda n: f"{n / 1e6:,.1f} MB"
         lines = [f"budget          {mb(self.budget)} of a {mb(self.file_size)} model "
                  f"({100 * self.budget / self.file_size:.0f}%), minimum {mb(self.minimum)}"]
         if self.resident_all:
