@@ -76,7 +76,8 @@ def tools_for(tools=None, tool_choice=None, functions=None, function_call=None) 
     if choice is None or (choice == "auto" and not fns):
         return Tools(fns, "auto" if fns else "none", old)
     if isinstance(choice, dict):
-        name = choice.get("name") if old else (choice.get("function") or {}).get("name")
+        fn = choice.get("function")  # (a name alone, not {"name": ...}, is not understood)
+        name = choice.get("name") if old else fn.get("name") if isinstance(fn, dict) else None
         if (not old and choice.get("type") != "function") or not isinstance(name, str):
             form = '{"name": NAME}' if old else '{"type": "function", "function": {"name": NAME}}'
             raise RequestError(f"{choice_param}={_short(choice)} is not understood: give {choices}or {form}",

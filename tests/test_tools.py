@@ -167,6 +167,8 @@ def test_refusals_are_one_line_400s_naming_the_param(server):
     msg = _refused(server, {"tools": TOOLS, "tool_choice": named}, "tool_choice")
     assert "get_stock" in msg and "get_weather, get_time" in msg
     assert "not understood" in _refused(server, {"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice")
+    bare = {"type": "function", "function": "get_time"}  # (the function's name, not an object: was a 500)
+    assert "not understood" in _refused(server, {"tools": TOOLS, "tool_choice": bare}, "tool_choice")
     assert "tools[0]" in _refused(server, {"tools": [{"type": "function"}]}, "tools")
     assert "tools[1]" in _refused(server, {"tools": [WEATHER, {"type": "code_interpreter"}]}, "tools")
     bad_name = {"type": "function", "function": {"name": "get weather!", "parameters": {}}}
@@ -253,3 +255,13 @@ def test_the_hermes_parser_holds_back_what_may_begin_a_call():
     p = HermesCalls({"get_time"})  # a call whose closing tag never came, at the end of the answer
     assert p.feed('<tool_call>\n{"name": "get_time", "arguments": "{}"}', final=True)[1][0]["function"] == \
         {"name": "get_time", "arguments": "{}"}
+
+
+def test_malformed_choices_calls_and_answers_in_the_python_api(tiny_pair):
+    """The Python API (tiny's ChatML template: the fallback renders the calls as text): a tool_choice whose
+    function is a bare name is a one-line refusal."""
+    _, target = tiny_pair
+    with Engine(target, mode="target", n_ctx=4096, memory_budget=None) as e:
+        with pytest.raises(RequestError, match="not understood") as err:
+            e.create_chat_completion(ASK, tools=TOOLS, tool_choice={"type": "function", "function": "get_time"})
+        assert err.value.param == "tool_choice" and "\n" not in str(err.value)
