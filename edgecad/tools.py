@@ -29,6 +29,9 @@ from .responses import held_back, response_format_grammar, schema_grammar
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"  # the Hermes format's call tags (Qwen2.5's template asks for them)
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
+# json.loads's failures on text from outside: not JSON, or JSON nested deeper than Python's recursion limit
+# ("[" * 5000: RecursionError, no ValueError); both mean the text is no JSON we can read
+_UNREADABLE = (ValueError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def _function(f, i: int, param: str) -> dict:
         raise RequestError(f"{where}.description must be text", param)
     try:
         json.dumps(f)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:  # (the Python API's objects, cycles, deep nesting)
         raise RequestError(f"{where} is not JSON: {e}", param) from None
     return f
 
@@ -176,8 +179,8 @@ def _for_template(m, i: int) -> dict:
         args = fn.get("arguments")
         try:
             args = json.loads(args) if isinstance(args, str) else args
-        except ValueError:
-            pass  # (not JSON: the text as it is)
+        except _UNREADABLE:
+            pass  # (no JSON we read: the text as it is)
         out.append({**c, "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return {**{k: v for k, v in m.items() if k != "function_call"}, "tool_calls": out}
 
@@ -334,7 +337,7 @@ class HermesCalls:
     def _call(self, body: str) -> Optional[dict]:
         try:
             d = json.loads(body)
-        except ValueError:
+        except _UNREADABLE:
             return None
         if not isinstance(d, dict) or d.get("name") not in self.names:
             return None
@@ -342,7 +345,7 @@ class HermesCalls:
         if isinstance(args, str):  # (some models write the arguments as a JSON string)
             try:
                 args = json.loads(args)
-            except ValueError:
+            except _UNREADABLE:
                 return None
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                 "function": {"name": d["name"], "arguments": json.dumps(args, ensure_ascii=False)}}

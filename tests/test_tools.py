@@ -255,13 +255,35 @@ def test_the_hermes_parser_holds_back_what_may_begin_a_call():
     p = HermesCalls({"get_time"})  # a call whose closing tag never came, at the end of the answer
     assert p.feed('<tool_call>\n{"name": "get_time", "arguments": "{}"}', final=True)[1][0]["function"] == \
         {"name": "get_time", "arguments": "{}"}
+    deep = "[" * 5000 + "]" * 5000  # deeper than Python's json reads (RecursionError): text, not a call
+    assert HermesCalls({"get_time"}).feed(f"<tool_call>{deep}</tool_call>", final=True) == \
+        (f"<tool_call>{deep}</tool_call>", [])
+    for text in (f'<tool_call>{{"name": "get_time", "arguments": {json.dumps(deep)}}}</tool_call>',
+                 f'{{"name": "get_time", "arguments": {deep}}}'):  # (arguments as a JSON string; no tags)
+        assert HermesCalls({"get_time"}).feed(text, final=True) == (text, [])
 
 
 def test_malformed_choices_calls_and_answers_in_the_python_api(tiny_pair):
     """The Python API (tiny's ChatML template: the fallback renders the calls as text): a tool_choice whose
-    function is a bare name is a one-line refusal."""
+    function is a bare name is a one-line refusal; arguments nested deeper than Python's json reads stay text, as
+    arguments that are not JSON do, and an answer that is such a call is text (a grammar makes the random weights
+    write it); functions nested that deep are a one-line refusal."""
     _, target = tiny_pair
     with Engine(target, mode="target", n_ctx=4096, memory_budget=None) as e:
         with pytest.raises(RequestError, match="not understood") as err:
             e.create_chat_completion(ASK, tools=TOOLS, tool_choice={"type": "function", "function": "get_time"})
         assert err.value.param == "tool_choice" and "\n" not in str(err.value)
+        params = {"type": "object"}
+        for _ in range(5000):
+            params = {"type": "array", "items": params}
+        with pytest.raises(RequestError, match=r"tools\[0\]\.function is not JSON"):
+            e.create_chat_completion(ASK, tools=[{"type": "function", "function": {"name": "f", "parameters": params}}])
+        deep = "[" * 1200
+        call = {**AFTER[1]["tool_calls"][0], "function": {"name": "get_weather", "arguments": deep}}
+        prompt = e.detokenize(e.chat_tokens([*ASK, {**AFTER[1], "tool_calls": [call]}, AFTER[2]],
+                                            tools_for(TOOLS))[0], special=True).decode()
+        assert f'"arguments": "{deep}"' in prompt
+        out = e.create_chat_completion(ASK, tools=TOOLS, grammar='root ::= "<tool_call>\\n" "["{1200}',
+                                       max_tokens=1300, temperature=0)
+        ch = out["choices"][0]
+        assert ch["message"]["content"] == "<tool_call>\n" + deep and "tool_calls" not in ch["message"]
