@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
-from .arguments import chat_prompt
+from .arguments import chat_prompt, text_message
 from .errors import RequestError
 from .gbnf import check as check_grammar
 from .responses import held_back, response_format_grammar, schema_grammar
@@ -197,9 +197,12 @@ def _history_shown(prompt: str, msgs: list) -> bool:
 
 def _as_text(msgs: list) -> list:
     """Calls and results as text in the Hermes format: an assistant's calls as <tool_call> blocks after its
-    content, tool results (consecutive ones together) as <tool_response> blocks in a user turn."""
+    content, tool results (consecutive ones together) as <tool_response> blocks in a user turn (their content
+    parts joined, as the server joins them)."""
     out = []
-    for m in msgs:
+    for i, m in enumerate(msgs):
+        if m.get("tool_calls") or m["role"] == "tool":
+            m = text_message(m, i)
         if m.get("tool_calls"):
             blocks = [_call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
             out.append({"role": "assistant", "content": "\n".join([m["content"]] * bool(m.get("content")) + blocks)})

@@ -267,7 +267,8 @@ def test_malformed_choices_calls_and_answers_in_the_python_api(tiny_pair):
     """The Python API (tiny's ChatML template: the fallback renders the calls as text): a tool_choice whose
     function is a bare name is a one-line refusal; arguments nested deeper than Python's json reads stay text, as
     arguments that are not JSON do, and an answer that is such a call is text (a grammar makes the random weights
-    write it); functions nested that deep are a one-line refusal."""
+    write it); functions nested that deep are a one-line refusal; an assistant message with calls and content
+    parts, and a tool result in parts, have their text joined (as the server joins them)."""
     _, target = tiny_pair
     with Engine(target, mode="target", n_ctx=4096, memory_budget=None) as e:
         with pytest.raises(RequestError, match="not understood") as err:
@@ -287,3 +288,12 @@ def test_malformed_choices_calls_and_answers_in_the_python_api(tiny_pair):
                                        max_tokens=1300, temperature=0)
         ch = out["choices"][0]
         assert ch["message"]["content"] == "<tool_call>\n" + deep and "tool_calls" not in ch["message"]
+        parts = [{"type": "text", "text": "Let me "}, {"type": "text", "text": "look."}]
+        msgs = [*ASK, {**AFTER[1], "content": parts}, {**AFTER[2], "content": parts}]
+        prompt = e.detokenize(e.chat_tokens(msgs, tools_for(TOOLS))[0], special=True).decode()
+        assert "<|im_start|>assistant\nLet me look.\n<tool_call>\n{\"name\": \"get_weather\"" in prompt
+        assert "<tool_response>\nLet me look.\n</tool_response>" in prompt
+        image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
+        with pytest.raises(RequestError, match="not text") as err:
+            e.chat_tokens([*ASK, {**AFTER[1], "content": image}], tools_for(TOOLS))
+        assert err.value.param == "messages"
