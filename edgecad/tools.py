@@ -272,14 +272,16 @@ def answer_grammar(tools: Tools, grammar, response_format) -> Optional[str]:
     return gbnf
 
 
-_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[A-Za-z0-9_-]+|.', re.S)
+# GBNF's lexemes as llama.cpp reads them: a literal, a character class, a comment, a token <...>, a repetition's
+# braces {m,n}, a word (a rule's name: llama.cpp's word characters; the converter's names may begin with "-" or a
+# digit: property `_id` -> `-id-kv`, `2fa` -> `2fa-kv`), any other character
+_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|<[^>]*>|\{[^}]*\}|([A-Za-z0-9-]+)|.', re.S)
 
 
 def _prefixed(gbnf: str, prefix: str) -> str:
-    """A grammar's rule names prefixed (its literals, character classes and comments untouched): several schemas'
-    grammars in one."""
-    return "".join(prefix + t if re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", t) else t
-                   for t in _GBNF_TOKEN.findall(gbnf))
+    """A grammar's rule names prefixed, every word outside literals, classes, comments, tokens and repetition
+    braces: several schemas' grammars in one, none sharing a rule."""
+    return _GBNF_TOKEN.sub(lambda m: prefix + m[0] if m[1] else m[0], gbnf)
 
 
 # ---------------------------------------------------------------------------- the answer

@@ -7,12 +7,14 @@ makes it write one (the parser does not know that)."""
 import json
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
 from edgecad import Engine, tiny
 from edgecad.errors import RequestError
-from edgecad.tools import HermesCalls, tools_for
+from edgecad.llama import Grammar, Model
+from edgecad.tools import HermesCalls, answer_grammar, tools_for
 
 from test_server import Served
 
@@ -297,3 +299,49 @@ def test_malformed_choices_calls_and_answers_in_the_python_api(tiny_pair):
         with pytest.raises(RequestError, match="not text") as err:
             e.chat_tokens([*ASK, {**AFTER[1], "content": image}], tools_for(TOOLS))
         assert err.value.param == "messages"
+
+
+SHARED_ID = [{"type": "function", "function": {"name": "by_name", "parameters": {
+                 "type": "object", "properties": {"_id": {"type": "string", "enum": ["x"]}, "2fa": {"type": "null"}},
+                 "required": ["_id", "2fa"]}}},
+             {"type": "function", "function": {"name": "by_number", "parameters": {
+                 "type": "object", "properties": {"_id": {"type": "integer"}, "2fa": {"type": "boolean"}},
+                 "required": ["_id", "2fa"]}}}]
+
+
+def _fits(call: dict) -> bool:
+    args = json.loads(call["arguments"])
+    if call["name"] == "by_number":
+        return isinstance(args["_id"], int) and isinstance(args["2fa"], bool)
+    return args == {"_id": "x", "2fa": None}
+
+
+def test_required_calls_keep_each_function_s_own_rules(qwen_target):
+    """Two functions with properties of the same names, which the converter names as rules beginning with "-" or
+    a digit (`_id` -> `-id-kv`, `2fa` -> `2fa-kv`): under "required" each call is held to its own function's
+    schema (llama.cpp's grammar, fed the call's tokens), also as the model answers (the tiny model calls the first
+    function, whose rules the second's had replaced)."""
+    gbnf = answer_grammar(tools_for(SHARED_ID, "required"), None, None)
+    with Model(qwen_target) as m:
+        eos = m.special_tokens()[1]
+
+        def takes(text: str) -> bool:
+            g = Grammar(m, gbnf)
+            try:
+                for t in m.tokenize(text, add_special=False, parse_special=False):
+                    if not g.allowed(np.array([t], dtype=np.int32))[0]:
+                        return False
+                    g.accept(t)
+                return bool(g.allowed(np.array([eos], dtype=np.int32))[0])  # (complete: it may end here)
+            finally:
+                g.close()
+
+        call = '<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>'
+        assert takes(call % ("by_number", '{"_id": 7, "2fa": true}'))
+        assert takes(call % ("by_name", '{"_id": "x", "2fa": null}'))
+        assert not takes(call % ("by_number", '{"_id": "x", "2fa": null}'))
+        assert not takes(call % ("by_name", '{"_id": 7, "2fa": true}'))
+    with Engine(qwen_target, mode="target", n_ctx=2048, memory_budget=None) as e:
+        r = e.create_chat_completion(ASK, tools=SHARED_ID, tool_choice="required", max_tokens=100, temperature=0)
+    (c,) = r["choices"][0]["message"]["tool_calls"]
+    assert c["function"]["name"] == "by_name" and _fits(c["function"]), c
