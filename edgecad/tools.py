@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 
 from .arguments import chat_prompt, text_message
 from .errors import RequestError
-from .gbnf import check as check_grammar
+from .gbnf import MAX_LENGTH, check as check_grammar
 from .responses import held_back, response_format_grammar, schema_grammar
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"  # the Hermes format's call tags (Qwen2.5's template asks for them)
@@ -255,12 +255,16 @@ def answer_grammar(tools: Tools, grammar, response_format) -> Optional[str]:
         raise RequestError(f"{param}={tools.choice!r} constrains the answer to a call: leave grammar and "
                            "response_format out (or use tool_choice \"auto\")", param)
     fns = [f for f in tools.functions if tools.choice in ("required", f["name"])]
-    rules, alts = [], []
+    where = "functions" if tools.old_form else "tools"
+    rules, alts, size = [], [], 0
     for i, f in enumerate(fns):
         schema = f.get("parameters") or {"type": "object"}
-        args = _prefixed(schema_grammar(schema, "tools" if not tools.old_form else "functions",
-                                        f"the parameters of {f['name']!r}"), f"f{i}-")
+        args = _prefixed(schema_grammar(schema, where, f"the parameters of {f['name']!r}"), f"f{i}-")
         rules.append(args)
+        size += len(args)
+        if size > MAX_LENGTH:  # (each function's grammar passed alone: thousands must not pile up before the check)
+            raise RequestError(f"the functions' schemas make a grammar over {MAX_LENGTH} characters: give fewer "
+                               "or smaller functions", where)
         head = json.dumps(f"{OPEN}\n{{\"name\": \"{f['name']}\", \"arguments\": ")
         alts.append(f"{head} f{i}-root {json.dumps('}' + chr(10) + CLOSE)}")
     gbnf = "root ::= " + " | ".join(alts) + "\n" + "\n".join(rules)

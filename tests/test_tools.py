@@ -185,6 +185,14 @@ def test_refusals_are_one_line_400s_naming_the_param(server):
     unknown_ref = {"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"$ref": "#/$defs/nowhere"}}}}}
     assert "parameters of 'f'" in _refused(server, {"tools": [unknown_ref], "tool_choice": "required"}, "tools")
+    huge = {"type": "function", "function": {"name": "f", "parameters": {  # (the converter wrote 10**9 copies)
+        "type": "object", "properties": {"s": {"type": "string", "minLength": 10 ** 9}}}}}
+    assert "minLength" in _refused(server, {"tools": [huge], "tool_choice": "required"}, "tools")
+    many = [{"type": "function", "function": {"name": f"f{i}", "parameters": {  # (~20,000 characters each)
+        "type": "array", "items": {"type": "integer"}, "minItems": 1000}}} for i in range(20)]
+    assert "fewer or smaller functions" in _refused(server, {"tools": many, "tool_choice": "required"}, "tools")
+    assert "maxItems" in _refused(server, {"response_format": {"type": "json_object", "schema": {
+        "type": "array", "items": {"type": "integer"}, "maxItems": 10 ** 9}}}, "response_format")
     bad_call = ASK + [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}]
     assert "tool_calls[0]" in _refused(server, {"messages": bad_call, "tools": TOOLS}, "messages")
     with pytest.raises(openai.BadRequestError, match="get_stock"):
