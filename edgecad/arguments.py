@@ -103,6 +103,24 @@ def chat_prompt(formatter, messages: Sequence[dict], tools: Optional[list] = Non
     return r.prompt, not r.added_special, [s for s in stops if s]
 
 
+def text_message(m: dict, i: int) -> dict:
+    """A chat message with its content as text: OpenAI's content parts of type "text" joined; other parts
+    (images, audio) refused. The server's messages, and those edgecad.tools writes as text itself."""
+    if not isinstance(m.get("role"), str):
+        raise RequestError(f"messages[{i}] has no role: give each message a \"role\" (system, user, assistant, "
+                           "tool)", "messages")
+    content = m.get("content")
+    if isinstance(content, list):
+        if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
+               for p in content):
+            raise RequestError(f"messages[{i}] has a content part that is not text: this model reads text only",
+                               "messages")
+        m = {**m, "content": "".join(p["text"] for p in content)}
+    elif content is not None and not isinstance(content, str):
+        raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
+    return m
+
+
 def completion_length(tokens: list[int], max_tokens: Optional[int], n_ctx: int, param: str = "prompt") -> int:
     """The tokens a completion of this prompt may make: max_tokens, or (None, <= 0) what the context holds.
     param: what the prompt came from (a chat's is its "messages")."""

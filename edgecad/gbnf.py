@@ -8,13 +8,20 @@ recursion by recursing along rule references, a frame per rule: a deep enough te
 makes that expansion endless. `measure` scans the text as llama.cpp's parser reads it (literals "..." and classes
 [...] with their escapes, tokens <...>, comments #...) and counts what the parser would build.
 
+A JSON schema is bounded before llama-cpp-python's converter writes it as GBNF (`check_schema`, called by
+responses.schema_grammar): the converter writes a repetition out in Python, so a count of 10**9 would take
+gigabytes before `check` sees the text.
+
 Not bounded here: the time of ambiguous grammars. llama.cpp enumerates every stack a grammar may be in, and its
 left-recursion check revisits shared rules: 20 rules `r0 ::= "" | r1 r1`, `r1 ::= "" | r2 r2`, ... take minutes
-to set up, doubling with each rule (`scripts/eval_grammar.py --limits` does not try them).
+to set up, doubling with each rule (`scripts/eval_grammar.py --limits` does not try them). Nor the converter's own
+time on some schemas: it re-visits an allOf's components each time (the walk bounds that by what it walks), and
+looks for a free rule name one by one (thousands of property names that become the same name take seconds).
 """
 from __future__ import annotations
 
 import re
+from typing import Iterator
 
 from .errors import RequestError
 
@@ -105,3 +112,116 @@ def check(text: str) -> None:
 
 def _count(digits: str) -> int:
     return int(digits) if len(digits) < 10 else 10 ** 10  # int() refuses very long digit strings
+
+
+# ---------------------------------------------------------------------------- JSON schemas
+
+# llama-cpp-python's converter (0.3.36's json_schema_to_gbnf) writes each repetition out: [item] * minItems copies
+# (minLength: a copy of its `char` rule per character; a pattern's x{m,n}: m copies), then a nested optional group
+# per copy up to the maximum. A count is refused above _REPEAT_CAP, llama.cpp's own cap on a grammar's x{m,n} (a
+# grammar cannot repeat more by hand either; maxLength 2000 nests its groups as deep as MAX_NESTING allows).
+# minProperties and maxProperties count too, although 0.3.36's converter ignores them (a later one may write them);
+# minimum and maximum are not counts (a later converter writes digit ranges, a rule per digit). Every object
+# counts, const and enum values too: a $ref may point into them, and the converter visits what it points to.
+# Each copy writes its item's rule name, which the converter builds from the names on the way to it (property
+# names, "-item", "$defs" names...), so the total written is bounded too: count x (the path's length + 16) summed
+# over the schema, at most MAX_SCHEMA_TEXT characters. The path's length (keys such as "properties" included)
+# over-counts the name at most ~7 times, so a schema refused for it would write a grammar several times
+# MAX_LENGTH, which `check` refuses anyway; within it the converter writes a few MB at most.
+MAX_SCHEMA_TEXT = 32 * MAX_LENGTH
+# The converter writes an allOf's components' properties again under the allOf's own name each time, a component
+# given by $ref too: the walk follows those references (where they lead is walked again, as the converter does).
+# It walks at most MAX_SCHEMA_OBJECTS objects and lists, references followed each time (a chain of allOfs that
+# each name the next twice would double the walk, and the converter's time, per link): a property's rule alone is
+# some 20 characters of grammar, so a grammar within MAX_LENGTH comes from far fewer (~13,000 properties).
+MAX_SCHEMA_OBJECTS = 4 * MAX_RULES
+# The converter, its reference resolver and json.dumps recurse in Python: up to ~1.5 frames per level of the
+# schema's JSON (anyOf: visit, _generate_union_rule and its generator per two levels), under Python's recursion
+# limit (1000 by default) with the caller's frames beneath. 128 levels stay under 200 frames (a RecursionError
+# deeper would only say so less clearly) and are far deeper than real schemas.
+MAX_SCHEMA_DEPTH = 128
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+
+
+def check_schema(schema, param: str, what: str = "the JSON schema") -> None:
+    """Raise a RequestError naming `param` if llama-cpp-python's converter cannot write `schema` safely (see the
+    bounds above): one walk, iterative, of its JSON."""
+    written = walked = 0  # the copies' estimated characters; objects and lists walked
+    # (an object or list, its depth, its path's length, its path: (key, parent) links)
+    stack = [(schema, 1, 0, None)] if isinstance(schema, (dict, list, tuple)) else []  # (true, a number...: nothing)
+    while stack:
+        node, depth, length, path = stack.pop()
+        walked += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise RequestError(f"{what} nests more than {MAX_SCHEMA_DEPTH} levels deep (at {_pointer(path)}): "
+                               "flatten it", param)
+        entries = node.items() if isinstance(node, dict) else enumerate(node)
+        stack += [(v, depth + 1, length + len(str(k)) + 1, (k, path))
+                  for k, v in entries if isinstance(v, (dict, list, tuple))]
+        if not isinstance(node, dict):
+            continue
+        stack += [(target, depth + 1, length, ("allOf", path)) for target in _components(schema, node)]
+        for key, n in _counts(node):
+            if not n <= _REPEAT_CAP:  # (NaN too: Python's json reads it)
+                raise RequestError(f"{what} repeats {n} times ({key} at {_pointer(path)}): llama.cpp's grammars "
+                                   f"repeat at most {_REPEAT_CAP} times, so give {_REPEAT_CAP} or less", param)
+            written += max(n, 0) * (8 if key.endswith("Length") else length + 16)  # (a string's copies: `char`)
+        if written > MAX_SCHEMA_TEXT or walked > MAX_SCHEMA_OBJECTS:
+            raise RequestError(f"{what} is too large for a grammar: "
+                               + ("its repetitions (minItems, maxLength...) would write its rules' names (built "
+                                  "from its property names) over and over; repeat less, or use shorter names"
+                                  if written > MAX_SCHEMA_TEXT else f"over {MAX_SCHEMA_OBJECTS} objects and lists "
+                                  "(allOf's references counted each time); make it smaller"), param)
+
+
+def _counts(node: dict) -> list:
+    """(keyword, count) for each repetition a schema object asks for."""
+    counts = [(k, node[k]) for k in _COUNTS if isinstance(node.get(k), (int, float))]
+    if isinstance(node.get("pattern"), str):
+        counts += [("pattern", n) for n in _quantifiers(node["pattern"])]
+    return counts
+
+
+def _components(root, node: dict) -> list:
+    """What an allOf's components given by a local $ref ("#/...") lead to, as the converter finds it (those it
+    cannot find, it refuses itself); an allOf's anyOf counts its alternatives."""
+    out = []
+    for c in node.get("allOf") if isinstance(node.get("allOf"), list) else ():
+        for part in c.get("anyOf") if isinstance(c, dict) and isinstance(c.get("anyOf"), list) else [c]:
+            ref = part.get("$ref") if isinstance(part, dict) else None
+            target = root if isinstance(ref, str) and ref.startswith("#/") else None
+            for key in ref.split("#")[-1].split("/")[1:] if target is not None else ():
+                target = target.get(key) if isinstance(target, dict) else None
+            if isinstance(target, (dict, list)):
+                out.append(target)
+    return out
+
+
+def _quantifiers(pattern: str) -> Iterator[int]:
+    """The counts of a regular expression's x{m}, x{m,} and x{m,n}, read as llama-cpp-python's converter reads
+    them (outside escapes and classes [...]; what int() does not read, the converter refuses itself)."""
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] == "\\":
+            i += 1
+        elif pattern[i] == "[":
+            while i + 1 < n and pattern[i + 1] != "]":
+                i += 2 if pattern[i + 1] == "\\" else 1
+        elif pattern[i] == "{" and (end := pattern.find("}", i)) > 0:
+            for part in pattern[i + 1:end].split(","):
+                try:
+                    yield int(part.strip() or 0)
+                except ValueError:
+                    pass
+            i = end
+        i += 1
+
+
+def _pointer(path) -> str:
+    """A JSON pointer to a value in the walk above ((key, parent) links), shortened."""
+    keys = []
+    while path is not None:
+        keys.append(str(path[0]))
+        path = path[1]
+    p = "/" + "/".join(reversed(keys))
+    return p if len(p) <= 80 else p[:77] + "..."

@@ -15,7 +15,7 @@ import uuid
 from typing import Iterator, Optional, Sequence
 
 from .errors import RequestError
-from .gbnf import check as check_grammar
+from .gbnf import check as check_grammar, check_schema
 
 
 # ---------------------------------------------------------------------------- stop strings
@@ -271,10 +271,12 @@ def response_format_grammar(response_format) -> str:
 
 
 def schema_grammar(schema, param: str, what: str = "the JSON schema") -> str:
-    """GBNF for the JSON values valid under `schema`, through llama-cpp-python's converter (its root rule `root`),
-    checked as every grammar is; a refusal names `param` (where the schema came from) and `what` it is."""
+    """GBNF for the JSON values valid under `schema`, through llama-cpp-python's converter (its root rule `root`):
+    the schema bounded first (gbnf.check_schema), the grammar checked as every grammar is; a refusal names `param`
+    (where the schema came from) and `what` it is."""
     from llama_cpp import llama_grammar
 
+    check_schema(schema, param, what)  # (before the converter writes its repetitions out)
     try:
         gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # the converter's own checks (unknown types, bad references...)

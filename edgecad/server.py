@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from . import native
-from .arguments import SAMPLING
+from .arguments import SAMPLING, text_message
 from .errors import EdgecadError, RequestError
 from .responses import join, openai_chunks
 
@@ -139,7 +139,7 @@ def _engine_args(body: _Body, n_ctx: int) -> dict:
                                "max_tokens")
         args["max_tokens"] = limit
     if isinstance(body, ChatCompletionRequest):
-        args["messages"] = [_text_message(m, i) for i, m in enumerate(body.messages)]
+        args["messages"] = [text_message(m, i) for i, m in enumerate(body.messages)]
     else:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -149,24 +149,6 @@ def _engine_args(body: _Body, n_ctx: int) -> dict:
             prompt = prompt[0]
         args["prompt"] = prompt
     return args
-
-
-def _text_message(m: dict, i: int) -> dict:
-    """A chat message with its content as text: OpenAI's content parts of type "text" joined; other parts
-    (images, audio) refused."""
-    if not isinstance(m.get("role"), str):
-        raise RequestError(f"messages[{i}] has no role: give each message a \"role\" (system, user, assistant, "
-                           "tool)", "messages")
-    content = m.get("content")
-    if isinstance(content, list):
-        if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
-               for p in content):
-            raise RequestError(f"messages[{i}] has a content part that is not text: this model reads text only",
-                               "messages")
-        m = {**m, "content": "".join(p["text"] for p in content)}
-    elif content is not None and not isinstance(content, str):
-        raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
-    return m
 
 
 # ---------------------------------------------------------------------------- errors

@@ -22,13 +22,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
-from .arguments import chat_prompt
+from .arguments import chat_prompt, text_message
 from .errors import RequestError
-from .gbnf import check as check_grammar
+from .gbnf import MAX_LENGTH, check as check_grammar
 from .responses import held_back, response_format_grammar, schema_grammar
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"  # the Hermes format's call tags (Qwen2.5's template asks for them)
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
+# json.loads's failures on text from outside: not JSON, or JSON nested deeper than Python's recursion limit
+# ("[" * 5000: RecursionError, no ValueError); both mean the text is no JSON we can read
+_UNREADABLE = (ValueError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ def tools_for(tools=None, tool_choice=None, functions=None, function_call=None) 
     if choice is None or (choice == "auto" and not fns):
         return Tools(fns, "auto" if fns else "none", old)
     if isinstance(choice, dict):
-        name = choice.get("name") if old else (choice.get("function") or {}).get("name")
+        fn = choice.get("function")  # (a name alone, not {"name": ...}, is not understood)
+        name = choice.get("name") if old else fn.get("name") if isinstance(fn, dict) else None
         if (not old and choice.get("type") != "function") or not isinstance(name, str):
             form = '{"name": NAME}' if old else '{"type": "function", "function": {"name": NAME}}'
             raise RequestError(f"{choice_param}={_short(choice)} is not understood: give {choices}or {form}",
@@ -123,7 +127,7 @@ def _function(f, i: int, param: str) -> dict:
         raise RequestError(f"{where}.description must be text", param)
     try:
         json.dumps(f)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:  # (the Python API's objects, cycles, deep nesting)
         raise RequestError(f"{where} is not JSON: {e}", param) from None
     return f
 
@@ -175,8 +179,8 @@ def _for_template(m, i: int) -> dict:
         args = fn.get("arguments")
         try:
             args = json.loads(args) if isinstance(args, str) else args
-        except ValueError:
-            pass  # (not JSON: the text as it is)
+        except _UNREADABLE:
+            pass  # (no JSON we read: the text as it is)
         out.append({**c, "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return {**{k: v for k, v in m.items() if k != "function_call"}, "tool_calls": out}
 
@@ -193,9 +197,12 @@ def _history_shown(prompt: str, msgs: list) -> bool:
 
 def _as_text(msgs: list) -> list:
     """Calls and results as text in the Hermes format: an assistant's calls as <tool_call> blocks after its
-    content, tool results (consecutive ones together) as <tool_response> blocks in a user turn."""
+    content, tool results (consecutive ones together) as <tool_response> blocks in a user turn (their content
+    parts joined, as the server joins them)."""
     out = []
-    for m in msgs:
+    for i, m in enumerate(msgs):
+        if m.get("tool_calls") or m["role"] == "tool":
+            m = text_message(m, i)
         if m.get("tool_calls"):
             blocks = [_call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
             out.append({"role": "assistant", "content": "\n".join([m["content"]] * bool(m.get("content")) + blocks)})
@@ -248,12 +255,16 @@ def answer_grammar(tools: Tools, grammar, response_format) -> Optional[str]:
         raise RequestError(f"{param}={tools.choice!r} constrains the answer to a call: leave grammar and "
                            "response_format out (or use tool_choice \"auto\")", param)
     fns = [f for f in tools.functions if tools.choice in ("required", f["name"])]
-    rules, alts = [], []
+    where = "functions" if tools.old_form else "tools"
+    rules, alts, size = [], [], 0
     for i, f in enumerate(fns):
         schema = f.get("parameters") or {"type": "object"}
-        args = _prefixed(schema_grammar(schema, "tools" if not tools.old_form else "functions",
-                                        f"the parameters of {f['name']!r}"), f"f{i}-")
+        args = _prefixed(schema_grammar(schema, where, f"the parameters of {f['name']!r}"), f"f{i}-")
         rules.append(args)
+        size += len(args)
+        if size > MAX_LENGTH:  # (each function's grammar passed alone: thousands must not pile up before the check)
+            raise RequestError(f"the functions' schemas make a grammar over {MAX_LENGTH} characters: give fewer "
+                               "or smaller functions", where)
         head = json.dumps(f"{OPEN}\n{{\"name\": \"{f['name']}\", \"arguments\": ")
         alts.append(f"{head} f{i}-root {json.dumps('}' + chr(10) + CLOSE)}")
     gbnf = "root ::= " + " | ".join(alts) + "\n" + "\n".join(rules)
@@ -265,14 +276,16 @@ def answer_grammar(tools: Tools, grammar, response_format) -> Optional[str]:
     return gbnf
 
 
-_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[A-Za-z0-9_-]+|.', re.S)
+# GBNF's lexemes as llama.cpp reads them: a literal, a character class, a comment, a token <...>, a repetition's
+# braces {m,n}, a word (a rule's name: llama.cpp's word characters; the converter's names may begin with "-" or a
+# digit: property `_id` -> `-id-kv`, `2fa` -> `2fa-kv`), any other character
+_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|<[^>]*>|\{[^}]*\}|([A-Za-z0-9-]+)|.', re.S)
 
 
 def _prefixed(gbnf: str, prefix: str) -> str:
-    """A grammar's rule names prefixed (its literals, character classes and comments untouched): several schemas'
-    grammars in one."""
-    return "".join(prefix + t if re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", t) else t
-                   for t in _GBNF_TOKEN.findall(gbnf))
+    """A grammar's rule names prefixed, every word outside literals, classes, comments, tokens and repetition
+    braces: several schemas' grammars in one, none sharing a rule."""
+    return _GBNF_TOKEN.sub(lambda m: prefix + m[0] if m[1] else m[0], gbnf)
 
 
 # ---------------------------------------------------------------------------- the answer
@@ -333,7 +346,7 @@ class HermesCalls:
     def _call(self, body: str) -> Optional[dict]:
         try:
             d = json.loads(body)
-        except ValueError:
+        except _UNREADABLE:
             return None
         if not isinstance(d, dict) or d.get("name") not in self.names:
             return None
@@ -341,7 +354,7 @@ class HermesCalls:
         if isinstance(args, str):  # (some models write the arguments as a JSON string)
             try:
                 args = json.loads(args)
-            except ValueError:
+            except _UNREADABLE:
                 return None
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                 "function": {"name": d["name"], "arguments": json.dumps(args, ensure_ascii=False)}}

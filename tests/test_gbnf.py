@@ -9,8 +9,9 @@ import pytest
 
 from edgecad import Engine
 from edgecad.errors import RequestError
-from edgecad.gbnf import MAX_ELEMENTS, MAX_NESTING, MAX_RULES, measure
+from edgecad.gbnf import MAX_ELEMENTS, MAX_NESTING, MAX_RULES, MAX_SCHEMA_DEPTH, measure
 from edgecad.llama import Grammar, Model
+from edgecad.responses import response_format_grammar
 
 
 def nested(n: int, inner: str = '"a"') -> str:
@@ -91,17 +92,64 @@ def test_grammars_at_the_bounds_work(tiny_pair, model):
 
 
 def test_json_schemas_go_through_the_same_check(tiny_pair):
-    """llama-cpp-python's converter nests a group per character of maxLength: 20,000 would crash llama.cpp."""
+    """llama-cpp-python's converter nests a group per group of a pattern and per character of x{0,n}: 600 groups
+    around a{0,1500} would nest 2,100 deep."""
     draft, target = tiny_pair
     chat = [{"role": "user", "content": "hi"}]
     with Engine(target, draft, mode="tree", n_ctx=128, memory_budget=None) as e:
         with pytest.raises(RequestError, match="nests parentheses") as err:
             e.create_chat_completion(chat, response_format={"type": "json_object", "schema": {
-                "type": "string", "maxLength": 20_000}})
+                "type": "string", "pattern": "^" + "(" * 600 + "a{0,1500}" + ")" * 600 + "$"}})
         assert err.value.param == "response_format"  # (the schema is what the client sent)
         out = e.create_chat_completion(chat, response_format={"type": "json_object", "schema": {
             "type": "string", "maxLength": 100}}, temperature=0, max_tokens=8)
         assert out["choices"][0]["message"]["content"].startswith('"')
+
+
+def schema_refused(schema, match: str) -> str:
+    with pytest.raises(RequestError, match=match) as e:
+        response_format_grammar({"type": "json_object", "schema": schema})
+    assert e.value.param == "response_format" and "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_json_schemas_are_bounded_before_the_converter_writes_them(model):
+    """llama-cpp-python's converter writes a schema's repetitions out in Python ([item] * minItems, ...): a count
+    of 10**9 was gigabytes (MemoryError or the OOM killer) before the grammar's check could refuse the text.
+    Counts over llama.cpp's repetition cap, schemas nested too deep and repetitions of long rule names are
+    refused before it runs; schemas at the bounds convert and parse."""
+    big = 10 ** 9
+    for key, schema in [("minLength", {"type": "string"}), ("maxLength", {"type": "string"}),
+                        ("minItems", {"type": "array", "items": {"type": "integer"}}), ("maxItems", {"type": "array"}),
+                        ("minProperties", {"type": "object"}), ("maxProperties", {"type": "object"})]:
+        msg = schema_refused({"type": "object", "properties": {"p": {**schema, key: big}}}, key)
+        assert "/properties/p" in msg and "2000" in msg
+    for pattern in ("^a{1000000000}$", "^(ab){2,1_000_000_000}$", "^[a-z]{3000,}$"):
+        schema_refused({"type": "string", "pattern": pattern}, "pattern")
+    deep = {"type": "integer"}
+    for _ in range(10_000):  # (json.dumps and the converter would raise RecursionError)
+        deep = {"type": "array", "items": deep}
+    schema_refused(deep, f"more than {MAX_SCHEMA_DEPTH} levels")
+    long_names = {"type": "object", "properties": {  # 2,000 copies of a 2,000-character rule name, ten times
+        f"{i}{'p' * 2000}": {"type": "array", "items": {"type": "integer"}, "minItems": 2000} for i in range(10)}}
+    schema_refused(long_names, "repetitions")
+    repeated = {"type": "object", "properties": {f"p{i}": {"allOf": [{"$ref": "#/$defs/D"}]} for i in range(10)},
+                "$defs": {"D": {"properties": {"p" * 500: {"type": "array", "items": {}, "minItems": 2000}}}}}
+    schema_refused(repeated, "repetitions")  # (the converter writes D's repetitions again for each allOf)
+    chain = {f"d{i}": {"properties": {"x": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 4}}} for i in range(12)}
+    chain["d12"] = {"properties": {"y": {"type": "integer"}}}  # 4**12 visits: minutes of the converter's time
+    schema_refused({"type": "object", "allOf": [{"$ref": "#/$defs/d0"}], "$defs": chain}, "64000 objects")
+    for schema in (True, "x", 5):  # (no objects to walk: the converter's own refusal)
+        schema_refused(schema, "cannot be turned into a grammar")
+    fine = {"type": "object", "properties": {"s": {"type": "string", "minLength": 2000, "maxLength": 2000},
+                                             "a": {"type": "array", "items": {"type": "integer"}, "minItems": 2000,
+                                                   "maxItems": 2000},
+                                             "p": {"type": "string", "pattern": "^a{2000}$"}}}
+    deep = {"type": "integer"}
+    for _ in range(MAX_SCHEMA_DEPTH // 2 - 4):  # (two levels of JSON per level of properties)
+        deep = {"type": "object", "properties": {"d": deep}}
+    for schema in (fine, deep):
+        Grammar(model, response_format_grammar({"type": "json_object", "schema": schema})).close()
 
 
 def test_bad_grammars_keep_llama_cpp_s_one_line_refusal(model):

@@ -495,7 +495,8 @@ def test_cors_origins_and_the_key_for_a_web_ui(tiny_target):
 def test_a_grammar_nested_20000_deep_is_a_400_and_the_server_goes_on(server):
     deep = "root ::= " + "(" * 20000 + '"a"' + ")" * 20000
     _error(server.post("/v1/completions", {"prompt": "x", "grammar": deep, "max_tokens": 2}), 400, "grammar")
-    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 20000}}}  # a group per character
+    schema = {"type": "object", "properties": {"a": {  # a group per group, and per character of a{0,n}: 2,100 deep
+        "type": "string", "pattern": "^" + "(" * 600 + "a{0,1500}" + ")" * 600 + "$"}}}
     r = server.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2,
                                              "response_format": {"type": "json_object", "schema": schema}})
     assert "2000 deep" in _error(r, 400, "response_format")

@@ -7,12 +7,14 @@ makes it write one (the parser does not know that)."""
 import json
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
 from edgecad import Engine, tiny
 from edgecad.errors import RequestError
-from edgecad.tools import HermesCalls, tools_for
+from edgecad.llama import Grammar, Model
+from edgecad.tools import HermesCalls, answer_grammar, tools_for
 
 from test_server import Served
 
@@ -167,6 +169,8 @@ def test_refusals_are_one_line_400s_naming_the_param(server):
     msg = _refused(server, {"tools": TOOLS, "tool_choice": named}, "tool_choice")
     assert "get_stock" in msg and "get_weather, get_time" in msg
     assert "not understood" in _refused(server, {"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice")
+    bare = {"type": "function", "function": "get_time"}  # (the function's name, not an object: was a 500)
+    assert "not understood" in _refused(server, {"tools": TOOLS, "tool_choice": bare}, "tool_choice")
     assert "tools[0]" in _refused(server, {"tools": [{"type": "function"}]}, "tools")
     assert "tools[1]" in _refused(server, {"tools": [WEATHER, {"type": "code_interpreter"}]}, "tools")
     bad_name = {"type": "function", "function": {"name": "get weather!", "parameters": {}}}
@@ -181,6 +185,14 @@ def test_refusals_are_one_line_400s_naming_the_param(server):
     unknown_ref = {"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"$ref": "#/$defs/nowhere"}}}}}
     assert "parameters of 'f'" in _refused(server, {"tools": [unknown_ref], "tool_choice": "required"}, "tools")
+    huge = {"type": "function", "function": {"name": "f", "parameters": {  # (the converter wrote 10**9 copies)
+        "type": "object", "properties": {"s": {"type": "string", "minLength": 10 ** 9}}}}}
+    assert "minLength" in _refused(server, {"tools": [huge], "tool_choice": "required"}, "tools")
+    many = [{"type": "function", "function": {"name": f"f{i}", "parameters": {  # (~20,000 characters each)
+        "type": "array", "items": {"type": "integer"}, "minItems": 1000}}} for i in range(20)]
+    assert "fewer or smaller functions" in _refused(server, {"tools": many, "tool_choice": "required"}, "tools")
+    assert "maxItems" in _refused(server, {"response_format": {"type": "json_object", "schema": {
+        "type": "array", "items": {"type": "integer"}, "maxItems": 10 ** 9}}}, "response_format")
     bad_call = ASK + [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}]
     assert "tool_calls[0]" in _refused(server, {"messages": bad_call, "tools": TOOLS}, "messages")
     with pytest.raises(openai.BadRequestError, match="get_stock"):
@@ -253,3 +265,91 @@ def test_the_hermes_parser_holds_back_what_may_begin_a_call():
     p = HermesCalls({"get_time"})  # a call whose closing tag never came, at the end of the answer
     assert p.feed('<tool_call>\n{"name": "get_time", "arguments": "{}"}', final=True)[1][0]["function"] == \
         {"name": "get_time", "arguments": "{}"}
+    deep = "[" * 5000 + "]" * 5000  # deeper than Python's json reads (RecursionError): text, not a call
+    assert HermesCalls({"get_time"}).feed(f"<tool_call>{deep}</tool_call>", final=True) == \
+        (f"<tool_call>{deep}</tool_call>", [])
+    for text in (f'<tool_call>{{"name": "get_time", "arguments": {json.dumps(deep)}}}</tool_call>',
+                 f'{{"name": "get_time", "arguments": {deep}}}'):  # (arguments as a JSON string; no tags)
+        assert HermesCalls({"get_time"}).feed(text, final=True) == (text, [])
+
+
+def test_malformed_choices_calls_and_answers_in_the_python_api(tiny_pair):
+    """The Python API (tiny's ChatML template: the fallback renders the calls as text): a tool_choice whose
+    function is a bare name is a one-line refusal; arguments nested deeper than Python's json reads stay text, as
+    arguments that are not JSON do, and an answer that is such a call is text (a grammar makes the random weights
+    write it); functions nested that deep are a one-line refusal; an assistant message with calls and content
+    parts, and a tool result in parts, have their text joined (as the server joins them)."""
+    _, target = tiny_pair
+    with Engine(target, mode="target", n_ctx=4096, memory_budget=None) as e:
+        with pytest.raises(RequestError, match="not understood") as err:
+            e.create_chat_completion(ASK, tools=TOOLS, tool_choice={"type": "function", "function": "get_time"})
+        assert err.value.param == "tool_choice" and "\n" not in str(err.value)
+        params = {"type": "object"}
+        for _ in range(5000):
+            params = {"type": "array", "items": params}
+        with pytest.raises(RequestError, match=r"tools\[0\]\.function is not JSON"):
+            e.create_chat_completion(ASK, tools=[{"type": "function", "function": {"name": "f", "parameters": params}}])
+        deep = "[" * 1200
+        call = {**AFTER[1]["tool_calls"][0], "function": {"name": "get_weather", "arguments": deep}}
+        prompt = e.detokenize(e.chat_tokens([*ASK, {**AFTER[1], "tool_calls": [call]}, AFTER[2]],
+                                            tools_for(TOOLS))[0], special=True).decode()
+        assert f'"arguments": "{deep}"' in prompt
+        out = e.create_chat_completion(ASK, tools=TOOLS, grammar='root ::= "<tool_call>\\n" "["{1200}',
+                                       max_tokens=1300, temperature=0)
+        ch = out["choices"][0]
+        assert ch["message"]["content"] == "<tool_call>\n" + deep and "tool_calls" not in ch["message"]
+        parts = [{"type": "text", "text": "Let me "}, {"type": "text", "text": "look."}]
+        msgs = [*ASK, {**AFTER[1], "content": parts}, {**AFTER[2], "content": parts}]
+        prompt = e.detokenize(e.chat_tokens(msgs, tools_for(TOOLS))[0], special=True).decode()
+        assert "<|im_start|>assistant\nLet me look.\n<tool_call>\n{\"name\": \"get_weather\"" in prompt
+        assert "<tool_response>\nLet me look.\n</tool_response>" in prompt
+        image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
+        with pytest.raises(RequestError, match="not text") as err:
+            e.chat_tokens([*ASK, {**AFTER[1], "content": image}], tools_for(TOOLS))
+        assert err.value.param == "messages"
+
+
+SHARED_ID = [{"type": "function", "function": {"name": "by_name", "parameters": {
+                 "type": "object", "properties": {"_id": {"type": "string", "enum": ["x"]}, "2fa": {"type": "null"}},
+                 "required": ["_id", "2fa"]}}},
+             {"type": "function", "function": {"name": "by_number", "parameters": {
+                 "type": "object", "properties": {"_id": {"type": "integer"}, "2fa": {"type": "boolean"}},
+                 "required": ["_id", "2fa"]}}}]
+
+
+def _fits(call: dict) -> bool:
+    args = json.loads(call["arguments"])
+    if call["name"] == "by_number":
+        return isinstance(args["_id"], int) and isinstance(args["2fa"], bool)
+    return args == {"_id": "x", "2fa": None}
+
+
+def test_required_calls_keep_each_function_s_own_rules(qwen_target):
+    """Two functions with properties of the same names, which the converter names as rules beginning with "-" or
+    a digit (`_id` -> `-id-kv`, `2fa` -> `2fa-kv`): under "required" each call is held to its own function's
+    schema (llama.cpp's grammar, fed the call's tokens), also as the model answers (the tiny model calls the first
+    function, whose rules the second's had replaced)."""
+    gbnf = answer_grammar(tools_for(SHARED_ID, "required"), None, None)
+    with Model(qwen_target) as m:
+        eos = m.special_tokens()[1]
+
+        def takes(text: str) -> bool:
+            g = Grammar(m, gbnf)
+            try:
+                for t in m.tokenize(text, add_special=False, parse_special=False):
+                    if not g.allowed(np.array([t], dtype=np.int32))[0]:
+                        return False
+                    g.accept(t)
+                return bool(g.allowed(np.array([eos], dtype=np.int32))[0])  # (complete: it may end here)
+            finally:
+                g.close()
+
+        call = '<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>'
+        assert takes(call % ("by_number", '{"_id": 7, "2fa": true}'))
+        assert takes(call % ("by_name", '{"_id": "x", "2fa": null}'))
+        assert not takes(call % ("by_number", '{"_id": "x", "2fa": null}'))
+        assert not takes(call % ("by_name", '{"_id": 7, "2fa": true}'))
+    with Engine(qwen_target, mode="target", n_ctx=2048, memory_budget=None) as e:
+        r = e.create_chat_completion(ASK, tools=SHARED_ID, tool_choice="required", max_tokens=100, temperature=0)
+    (c,) = r["choices"][0]["message"]["tool_calls"]
+    assert c["function"]["name"] == "by_name" and _fits(c["function"]), c
