@@ -156,8 +156,8 @@ def write_model(path: str | os.PathLike, spec: TinySpec, *, name: str = "edgecad
     tokens, types = vocabulary()
     if spm:
         tokens, types, scores = spm_vocabulary()
-    if vocab_tokens is not None:
-        tokens = vocab_tokens
+    if vocab_tokens is not None:  # (their types as _add_vocabulary writes them)
+        tokens, types = vocab_tokens, types[:len(vocab_tokens)] + [1] * max(0, len(vocab_tokens) - len(types))
     n_vocab, d, dkv = len(tokens), spec.n_embd, spec.n_embd // spec.n_head * spec.n_head_kv
     shared = np.random.default_rng(SHARED_SEED)
     embd = shared.standard_normal((n_vocab, d)).astype(np.float32)

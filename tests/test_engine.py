@@ -174,8 +174,9 @@ def test_a_llama_cpp_python_program_runs_unchanged(tiny_target):
 def test_unsupported_arguments_are_refused_by_name(engine):
     with pytest.raises(EdgecadError, match=r"mirostat_mode=2 is not supported by edgecad: leave mirostat_mode"):
         engine.create_completion("hi", mirostat_mode=2)
-    with pytest.raises(EdgecadError, match=r"tools=.* not supported"):
-        engine.create_chat_completion([{"role": "user", "content": "hi"}], tools=[{"type": "function"}])
+    with pytest.raises(RequestError, match=r"tools\[0\] is .*: give \{\"type\": \"function\"") as e:  # (tools are
+        engine.create_chat_completion([{"role": "user", "content": "hi"}], tools=[{"type": "function"}])  # taken:
+    assert e.value.param == "tools"  # a malformed one is refused naming them: tests/test_tools.py)
     with pytest.raises(EdgecadError, match=r"top_p=5 is out of range: use a value > 0 and <= 1"):
         engine.create_completion("hi", top_p=5)
 
