@@ -1,10 +1,17 @@
 """Shared fixtures: a tiny draft/target GGUF pair written to a real disk directory."""
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
-from edgecad import tiny
+# A run started in the background by a shell without job control inherits SIGINT ignored (bash ignores it for
+# asynchronous commands), and Python then never raises KeyboardInterrupt: every Ctrl-C test, and the children they
+# start, would fail. The tests need Ctrl-C as a terminal delivers it; set before edgecad installs its own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+from edgecad import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
