@@ -1,7 +1,8 @@
 """Issue 35's probe: does a pass compute slower from the page cache than from memory the engine owns?
 
 One process, the target mapped as a paged target is (no repacking), everything resident. 1-token passes are timed
-with the weights in four states, interleaved (the machine's speed drifts):
+with the weights in four states (cache and churn interleaved, two rounds; then the owned states, two rounds each:
+moving the memory is one-way):
   cache     the file's pages in the page cache, mapped by llama.cpp (what a pinned layer is)
   owned     the same address range replaced by anonymous memory holding the same bytes (mremap over the mapping:
             tensor pointers do not change), transparent huge pages refused (MADV_NOHUGEPAGE)
