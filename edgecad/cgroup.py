@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import native
+from .pager import mincore_sees
+
 V1 = Path("/sys/fs/cgroup/memory")
 V2 = Path("/sys/fs/cgroup")
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number
@@ -173,14 +176,18 @@ def killed_by_limit(returncode: int, cg: MemoryCgroup) -> bool:
     return cg.oom_kills > 0 or (returncode == -signal.SIGKILL and not getattr(cg, "timed_out", False))
 
 
-def drop_file_cache(paths: Sequence[os.PathLike]) -> None:
-    """Evict files from the page cache (pages mapped by a running process stay)."""
+def drop_file_cache(paths: Sequence[os.PathLike]) -> Optional[int]:
+    """Evict files from the page cache. Returns the bytes of them that stay there: the pages a running process maps
+    cannot be dropped (measured with mincore; None where this process cannot see them: pager.mincore_sees)."""
+    left = 0
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+        left = None if left is None or not mincore_sees(p) else left + native.file_resident(p)
+    return left
 
 
 def _own_cgroups() -> list[tuple[Path, list[str], bool]]:

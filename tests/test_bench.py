@@ -104,3 +104,29 @@ def test_bench_at_equal_device_memory(tmp_path, capsys):
 
 def test_bench_rejects_unknown_limit_rows():
     assert main(["bench", "--quick", "--memory-limit", "400MB", "--modes", "nonsense", "--no-progress"]) == 1
+
+
+def test_dropping_files_says_what_a_mapping_keeps(disk_dir):
+    """The bench drops the model files before each row; pages another process maps cannot be dropped, and
+    drop_file_cache says how many stay (a row would not start cold: the bench warns)."""
+    import mmap
+    import os
+    import subprocess
+    import sys
+
+    from edgecad.cgroup import drop_file_cache
+    p = disk_dir / "mapped.bin"
+    p.write_bytes(os.urandom(8 << 20))
+    with open(p, "rb") as f:
+        os.fsync(f.fileno())  # (dirty pages cannot be dropped either)
+    assert drop_file_cache([p]) == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import mmap, sys\nf = open(sys.argv[1], 'rb')\n"
+                               "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\nsum(m[::mmap.PAGESIZE])\n"
+                               "print('mapped', flush=True)\nsys.stdin.read()", str(p)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        assert drop_file_cache([p]) >= (8 << 20) - mmap.PAGESIZE  # the other process's pages stay
+    finally:
+        holder.communicate("", timeout=60)
+    assert drop_file_cache([p]) == 0  # nothing maps them: all dropped
