@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import subprocess
@@ -33,9 +34,11 @@ from .errors import EdgecadError
 from .fidelity import NEAR_TIE_EPS, Fidelity, teacher_forced
 from .gguf_file import read_gguf
 from .measure import auto_budget, paging_plan, read_bandwidth, storage_bytes_read
-from .plan import PagerParams, parse_budget
+from .plan import PagerParams, parse_budget, parse_memory
 from .progress import Progress
 from .prompts import load_prompts
+from .rpc import require
+from .rpc.harness import ServerProcess
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,6 @@ def main_bench(a) -> int:
         draft, target = quick_models()
         n_prompts, max_tokens, budget = 3, min(max_tokens, 24), "50%"
     if a.memory_limit:
-        from .plan import parse_memory
         limits = [parse_memory(x, 0, auto_budget) for x in a.memory_limit.split(",") if x.strip()]
         result = run_limits(target, draft, limits, rows=modes, prompts=a.prompts, n_prompts=n_prompts or 3,
                             max_tokens=max_tokens, n_threads=a.threads, n_ctx=a.n_ctx, progress=not a.no_progress)
@@ -431,9 +433,6 @@ def _second_device(row: str, limit: Optional[int], spec: dict):
     if not row.startswith("edgecad-2dev"):
         yield None
         return
-    import shutil
-    from .rpc import require
-    from .rpc.harness import ServerProcess
     require()
     cache = tempfile.mkdtemp(prefix="edgecad-rpc-cache-") if row.endswith("cached") else None
     try:

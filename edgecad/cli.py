@@ -14,7 +14,7 @@ from typing import Optional
 from . import registry
 from .errors import EdgecadError, RemoteLostError
 from .gguf_file import mb
-from .plan import STORAGE_PROFILES
+from .plan import STORAGE_PROFILES, PagerParams, parse_memory
 
 
 # API argument -> the flag that sets it, for error messages (edgecad's errors name API arguments)
@@ -103,7 +103,6 @@ def _engine(a: argparse.Namespace, draft: Optional[str], *, io: str = "prefetch"
     """The Engine the command's flags describe (memory, storage, devices, context, threads, seed); kw: what the
     command sets itself (mode, progress)."""
     from .engine import Engine
-    from .plan import PagerParams
 
     return Engine(a.target, draft, memory_budget=_budget(a), target_budget=a.target_budget,
                   pager=PagerParams(io=io, storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
@@ -255,7 +254,6 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     g = read_gguf(registry.resolve(a.model))
     if a.memory_budget is not None:
         from .config import resolve
-        from .plan import PagerParams
 
         cfg = resolve(a.model, a.draft, memory_budget=a.memory_budget, n_ctx=a.n_ctx, n_threads=a.threads,
                       pager=PagerParams(io=a.io), remote=_remote(a),
@@ -281,7 +279,6 @@ def cmd_rpc_server(a: argparse.Namespace) -> int:
     from .devices import cpu_device
     from .llama import default_threads
     from .measure import auto_budget, cache_dir, process_rss
-    from .plan import parse_memory
     from .rpc import server as rpc_server
 
     rpc.require()
