@@ -6,7 +6,7 @@ from typing import Optional
 
 from ..gguf_file import GGUFInfo
 from .sizes import activation_bytes, cells, kv_bytes
-from .units import MB
+from .units import MB, mb
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,6 @@ class RemotePlan:
         return tokens * (2 * self.n_embd * 4 + (cells(kv_len) if kv_len else 0) * 4) * len(self.devices)
 
     def describe(self) -> str:
-        mb = lambda n: f"{n / MB:,.0f} MB"  # noqa: E731
         out, start = [], self.first
         for d, c, w, kv in zip(self.devices, self.counts, self.weight_bytes, self.kv_bytes):
             out.append(f"remote          {d.name} at {d.endpoint}: layers "

@@ -20,7 +20,7 @@ from .costs import Costs, speed, tree_size, waits
 from .paging import BudgetPlan, PagerParams, plan_budget
 from .remote import RemotePlan
 from .sizes import compute_bytes, kv_bytes
-from .units import MB
+from .units import mb
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,6 @@ class MemoryPlan:
                 "spare": self.budget - self.runtime - self.draft_weights - self.kv - self.compute - self.target}
 
     def describe(self) -> str:
-        mb = lambda n: f"{n / MB:,.0f} MB"
         lines = [f"memory budget   {mb(self.budget)} for the whole engine: configuration {self.config} "
                  f"(predicted {self.tokens_per_second:.2f} tok/s, prompt batches of {self.n_batch}"
                  + (f", trees of up to {self.tree_nodes} nodes" if self.speculative else "")
@@ -185,13 +184,13 @@ def _search(budget: int, ask: _Ask, configs: Optional[tuple]) -> MemoryPlan:
 
 
 def _nothing_fits(budget: int, ask: _Ask, why_not: dict, smallest: Optional[int]) -> EdgecadError:
-    head = ((f"memory budget {budget / MB:,.0f} MB" if ask.target_budget is None else
-             f"target budget {ask.target_budget / MB:,.0f} MB") + f" cannot run {ask.target.path.name}"
+    head = ((f"memory budget {mb(budget)}" if ask.target_budget is None else
+             f"target budget {mb(ask.target_budget)}") + f" cannot run {ask.target.path.name}"
             + (f" (with draft {ask.draft.path.name})" if ask.draft is not None else ""))
     if smallest is None:  # every configuration asked for was ruled out by something else
         return EdgecadError(head + ": " + "; ".join(f"{c}: {w}" for c, w in why_not.items())
                             + ": choose another configuration (mode) or budget")
-    return EdgecadError(head + f": the smallest configuration needs {smallest / MB:,.0f} MB; give a larger "
+    return EdgecadError(head + f": the smallest configuration needs {mb(smallest)}; give a larger "
                         + ("memory_budget" if ask.target_budget is None else "target_budget") + " or a smaller n_ctx")
 
 
@@ -255,7 +254,7 @@ def _resident(cfg: Config, budget: int, ask: _Ask, s: _Split) -> Union[_Split, t
         s = _split(cfg, budget, ask, s.n_batch // 2, s.nodes)  # prompts longer than n_batch take more passes
     if not fits(s):
         need = _split(cfg, budget, ask, ask.n_batch, s.nodes).fixed + tgt
-        return f"needs {need / MB:,.0f} MB", need
+        return f"needs {mb(need)}", need
     return s
 
 
@@ -270,7 +269,7 @@ def _paged(cfg: Config, budget: int, ask: _Ask, s: _Split) -> Union[_Split, tupl
         paging, s, pager = _fit_paged(cfg, budget, ask, s)
         if paging is None:  # the smallest it shrinks to
             need = s.fixed + _plan_budget(ask, 1 << 62, pager).minimum
-            return f"needs {need / MB:,.0f} MB", need
+            return f"needs {mb(need)}", need
     if paging.resident_all:
         return "the target fits: not paged", None
     if cfg.speculative and ask.grow_tree:  # IO-bound passes verify larger trees, as large as the budget holds

@@ -13,6 +13,11 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, 
           "g": 1e9, "gb": 1e9, "gib": 1 << 30}
 
 
+def mb(n: float) -> str:
+    """Bytes as whole megabytes, as the plan's lines and errors say them: "1,234 MB"."""
+    return f"{n / MB:,.0f} MB"
+
+
 def parse_size(s: str) -> Optional[int]:
     """Bytes of a size such as "450MB", "1.5GiB", "2k" or "123"; None when `s` is not a size."""
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s.strip().lower())
