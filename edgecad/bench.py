@@ -48,6 +48,7 @@ class Row:
     paged: bool               # under the budget
     io: str = "prefetch"      # pager IO mode when paged
     pipeline: bool = False    # draft while the paged target waits on storage (Engine(pipeline=...))
+    memory: str = "owned"     # where streamed layers live when paged (PagerParams.memory)
 
 
 ROWS = {r.name: r for r in [
@@ -58,6 +59,8 @@ ROWS = {r.name: r for r in [
     Row("bild-paged", "bild", True),
     Row("edgecad-paged", "tree", True),
     Row("edgecad-paged-pipeline", "tree", True, pipeline=True),
+    Row("target-paged-cache", "target", True, "demand", memory="cache"),  # the page cache's residency, to compare
+    Row("edgecad-paged-cache", "tree", True, memory="cache"),
     Row("edgecad", "tree", False),
 ]}
 LOSSLESS = {"target", "tree", "linear"}
@@ -118,6 +121,7 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
             row[key] = row["tokens_per_second"] / by[base]["tokens_per_second"] if base in by else None
     speedups = {}
     for a, b in [("edgecad-paged", "target-paged"), ("edgecad-paged-pipeline", "edgecad-paged"),
+                 ("target-paged", "target-paged-cache"), ("edgecad-paged", "edgecad-paged-cache"),
                  ("edgecad-paged", "target-prefetch"),
                  ("edgecad-paged", "linear-paged"), ("edgecad-paged", "bild-paged"), ("edgecad", "target")]:
         if a in by and b in by:
@@ -148,7 +152,8 @@ def _run_rows(target, draft, rows, prompt_set, *, budget_bytes, storage, max_tok
             for r in rows:
                 if bar:
                     bar.update(0, note=f"{pr['id']} {r.name}")
-                kw = (dict(target_budget=budget_bytes, pager=PagerParams(io=r.io, storage=storage)) if r.paged
+                kw = (dict(target_budget=budget_bytes, pager=PagerParams(io=r.io, storage=storage, memory=r.memory))
+                      if r.paged
                       else dict(memory_budget=None, pager=PagerParams(storage=storage)))
                 _drop([target, draft])
                 with Engine(target, draft if r.mode != "target" else None, mode=r.mode, n_threads=n_threads,

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from . import registry
+from . import native, registry
 from .errors import EdgecadError, RequestError, VocabularyMismatchError
 from .gguf_file import GGUFInfo, read_gguf
 from .llama import default_threads
@@ -142,6 +142,10 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
         check_same_vocabulary(d_info, t_info)
         mode = _without_recurrent(t_info, d_info, mode)
     pager = pager or PagerParams()
+    if pager.memory == "owned" and not native.owned_supported():  # (a llama.cpp whose tensors edgecad cannot point)
+        sys.stderr.write("edgecad: this llama.cpp's tensor layout is not the one edgecad knows: streamed layers go "
+                         "through the page cache\n")
+        pager = replace(pager, memory="cache")
 
     t0 = time.perf_counter()
     configs = None if mode is None else tuple(c for c in CONFIGS if c.speculative == (mode != "target"))

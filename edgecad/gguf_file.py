@@ -32,7 +32,7 @@ def mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def _block(name: str) -> int | None:
+def block_of(name: str) -> int | None:
     """The block (layer) number of a tensor named blk.<n>.*, else None."""
     m = re.match(r"blk\.(\d+)\.", name)
     return int(m.group(1)) if m else None
@@ -117,7 +117,7 @@ class GGUFInfo:
         """Byte range of every block; a block's tensors must be contiguous in the file."""
         spans: dict[int, list[Tensor]] = {}
         for t in self.tensors:
-            i = _block(t.name)
+            i = block_of(t.name)
             if i is not None:
                 spans.setdefault(i, []).append(t)
         out = []
@@ -132,7 +132,7 @@ class GGUFInfo:
     def local_part(self, first_remote: int) -> GGUFInfo:
         """The model as this device holds it when layers first_remote.. live on remote devices (edgecad.rpc):
         their tensors, bytes and KV cache are the remote devices'. The file is the same."""
-        kept = [t for t in self.tensors if (i := _block(t.name)) is None or i < first_remote]
+        kept = [t for t in self.tensors if (i := block_of(t.name)) is None or i < first_remote]
         gone = sum(t.n_bytes for t in self.tensors) - sum(t.n_bytes for t in kept)
         meta = {**self.metadata, f"{self.architecture}.block_count": first_remote}
         return replace(self, file_size=self.file_size - gone, metadata=meta, tensors=kept, _by_name={},

@@ -46,7 +46,7 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(found[0]))
 
 
-EC_VERSION = 14  # native/edgecad.h: the interface these bindings are written for
+EC_VERSION = 15  # native/edgecad.h: the interface these bindings are written for
 lib = _load()
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -123,13 +123,18 @@ class Range(ctypes.Structure):  # ec_range
 
 class PagerParams(ctypes.Structure):  # ec_pager_params
     _fields_ = [("depth", ctypes.c_int), ("lag", ctypes.c_int), ("throttle_bps", ctypes.c_double),
-                ("measure", ctypes.c_int), ("readahead", ctypes.c_int)]
+                ("measure", ctypes.c_int), ("readahead", ctypes.c_int), ("owned", ctypes.c_int)]
 
 
 class PagerStats(ctypes.Structure):  # ec_pager_stats
     _fields_ = [(n, ctypes.c_uint64) for n in ("bytes_read", "io_wait_ns", "io_busy_ns", "resident_now",
                                                 "peak_resident", "boundaries", "passes", "advise_failures",
-                                                "gate_wait_ns", "draft_layers_in_pass", "populate_ignored")]
+                                                "gate_wait_ns", "draft_layers_in_pass", "populate_ignored",
+                                                "owned_bytes", "direct_reads")]
+
+
+class Tensor(ctypes.Structure):  # ec_tensor
+    _fields_ = [("name", ctypes.c_char_p), ("off", ctypes.c_uint64), ("layer", ctypes.c_int)]
 
 
 _RP, _vp = ctypes.POINTER(Range), ctypes.c_void_p
@@ -139,7 +144,8 @@ class PagerSpec(ctypes.Structure):  # ec_pager_spec
     _fields_ = [("path", ctypes.c_char_p), ("map_addr", ctypes.c_uint64), ("map_offset", ctypes.c_uint64),
                 ("map_len", ctypes.c_uint64), ("layers", _RP), ("streamed", ctypes.POINTER(ctypes.c_uint8)),
                 ("n_layers", ctypes.c_int), ("pinned", _RP), ("n_pinned", ctypes.c_int), ("evict_each_pass", _RP),
-                ("n_evict", ctypes.c_int), ("params", PagerParams), ("name_fn", _vp)]
+                ("n_evict", ctypes.c_int), ("params", PagerParams), ("name_fn", _vp),
+                ("tensors", ctypes.POINTER(Tensor)), ("n_tensors", ctypes.c_int)]
 
 
 # int ec_pager_open(const ec_pager_spec *spec, ec_pager **out);
@@ -167,6 +173,9 @@ lib.ec_pager_inject_fault.argtypes, lib.ec_pager_inject_fault.restype = [_vp, ct
 lib.ec_pager_set_throttle.argtypes, lib.ec_pager_set_throttle.restype = [_vp, ctypes.c_double], ctypes.c_int
 # int ec_pager_error(ec_pager *p);
 lib.ec_pager_error.argtypes, lib.ec_pager_error.restype = [_vp], ctypes.c_int
+# int ec_tensor_layout(uint64_t *offsets, int n);
+lib.ec_tensor_layout.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
+lib.ec_tensor_layout.restype = ctypes.c_int
 pager_cb_eval_address = ctypes.cast(lib.ec_pager_cb_eval, _vp).value
 gate_cb_eval_address = ctypes.cast(lib.ec_pager_gate_cb_eval, _vp).value
 
@@ -313,6 +322,48 @@ ggml_base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
 ggml_base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
 # const char *ggml_get_name(const struct ggml_tensor *tensor);  (the pager names a layer's tensors by address)
 ggml_get_name_address = ctypes.cast(ggml_base.ggml_get_name, _vp).value
+
+
+
+class GgmlInitParams(ctypes.Structure):  # struct ggml_init_params
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+# struct ggml_context *ggml_init(struct ggml_init_params params);  void ggml_free(struct ggml_context *ctx);
+ggml_base.ggml_init.argtypes, ggml_base.ggml_init.restype = [GgmlInitParams], ctypes.c_void_p
+ggml_base.ggml_free.argtypes, ggml_base.ggml_free.restype = [ctypes.c_void_p], None
+# struct ggml_tensor *ggml_new_tensor_1d(struct ggml_context *ctx, enum ggml_type type, int64_t ne0);
+ggml_base.ggml_new_tensor_1d.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+ggml_base.ggml_new_tensor_1d.restype = ctypes.c_void_p
+# struct ggml_tensor *ggml_add(struct ggml_context *ctx, struct ggml_tensor *a, struct ggml_tensor *b);
+ggml_base.ggml_add.argtypes, ggml_base.ggml_add.restype = [ctypes.c_void_p] * 3, ctypes.c_void_p
+# struct ggml_tensor *ggml_view_1d(struct ggml_context *ctx, struct ggml_tensor *a, int64_t ne0, size_t offset);
+ggml_base.ggml_view_1d.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t]
+ggml_base.ggml_view_1d.restype = ctypes.c_void_p
+# void *ggml_get_data(const struct ggml_tensor *tensor);  const char *ggml_get_name(...): by value, and by address
+ggml_base.ggml_get_data.argtypes, ggml_base.ggml_get_data.restype = [ctypes.c_void_p], ctypes.c_void_p
+ggml_base.ggml_get_name.argtypes, ggml_base.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_void_p
+
+
+def owned_supported() -> bool:
+    """Whether the owned residency (native/owned.c) may point this ggml's tensors at its slots: the offsets of
+    struct ggml_tensor's fields it was built with, checked on tensors of the ggml this process runs."""
+    off = (ctypes.c_uint64 * 5)()
+    check(lib.ec_tensor_layout(off, 5), "ec_tensor_layout")
+    src, view_src, view_offs, data, name = off
+    ctx = ggml_base.ggml_init(GgmlInitParams(1 << 16, None, False))
+    if not ctx:
+        return False
+    try:
+        a, b = ggml_base.ggml_new_tensor_1d(ctx, 0, 4), ggml_base.ggml_new_tensor_1d(ctx, 0, 4)  # GGML_TYPE_F32
+        c, v = ggml_base.ggml_add(ctx, a, b), ggml_base.ggml_view_1d(ctx, a, 2, 8)
+        at = lambda t, o: ctypes.c_void_p.from_address(t + o).value
+        return (at(c, src) == a and at(c, src + ctypes.sizeof(ctypes.c_void_p)) == b and at(v, view_src) == a
+                and ctypes.c_size_t.from_address(v + view_offs).value == 8
+                and at(a, data) == ggml_base.ggml_get_data(a) and a + name == ggml_base.ggml_get_name(a))
+    finally:
+        ggml_base.ggml_free(ctx)
+
 
 # ggml_backend_reg_t ggml_backend_reg_by_name(const char *name);  (libggml: the registry)
 ggml.ggml_backend_reg_by_name.argtypes, ggml.ggml_backend_reg_by_name.restype = [ctypes.c_char_p], ctypes.c_void_p

@@ -19,7 +19,7 @@ import llama_cpp as C
 
 from . import native
 from .errors import EdgecadError, NativeError
-from .gguf_file import GGUFInfo
+from .gguf_file import GGUFInfo, block_of
 from .plan import BudgetPlan
 
 _lib = native.lib
@@ -125,12 +125,19 @@ class Pager:
         streamed = (ctypes.c_uint8 * n)(*[int(i in plan.streamed_layers) for i in range(n)])
         pinned = (native.Range * max(1, len(plan.pinned)))(*[(o, b) for _, o, b in plan.pinned])
         per_pass = (native.Range * max(1, len(plan.evict_each_pass)))(*[(o, b) for _, o, b in plan.evict_each_pass])
-        pp = plan.params
-        self.measured = pp.measure and mincore_sees(self.path)  # (else residency would read as "all of it")
-        params = native.PagerParams(pp.read_ahead, pp.lag, pp.bytes_per_second, int(self.measured),
-                                    int(plan.readahead_bytes > 0))
+        pp, owned = plan.params, plan.params.memory == "owned"
+        sees = pp.measure and mincore_sees(self.path)  # (else residency would read as "all of it")
+        # owned: the streamed layers' bytes are counted exactly, the pinned ones by size where mincore cannot see
+        self.measured = owned or sees
+        params = native.PagerParams(pp.read_ahead, pp.lag, pp.bytes_per_second, int(sees),
+                                    int(plan.readahead_bytes > 0), int(owned))
+        streamed_set = set(plan.streamed_layers)
+        weights = [(t.name.encode(), t.offset, block_of(t.name)) for t in info.tensors
+                   if owned and block_of(t.name) in streamed_set]
+        self._tensors = (native.Tensor * max(1, len(weights)))(*weights)  # (C copies the names; kept for the call)
         spec = native.PagerSpec(os.fsencode(self.path), addr, map_off, map_len, layers, streamed, n, pinned,
-                                len(plan.pinned), per_pass, len(plan.evict_each_pass), params, native.ggml_get_name_address)
+                                len(plan.pinned), per_pass, len(plan.evict_each_pass), params, native.ggml_get_name_address,
+                                self._tensors, len(weights))
         h = ctypes.c_void_p()
         native.check(_lib.ec_pager_open(ctypes.byref(spec), ctypes.byref(h)), "ec_pager_open")
         self._h = h

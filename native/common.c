@@ -310,6 +310,27 @@ int populate_pages(void *addr, size_t len) {
 #endif
 }
 
+int open_direct(const char *path, int *err) {
+#if defined(O_DIRECT)
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+    *err = fd < 0 ? errno : 0;
+    return fd;
+#elif defined(F_NOCACHE)
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0 && fcntl(fd, F_NOCACHE, 1) != 0) {
+        *err = errno;
+        close(fd);
+        return -1;
+    }
+    *err = fd < 0 ? errno : 0;
+    return fd;
+#else
+    (void)path;
+    *err = ENOTSUP;
+    return -1;
+#endif
+}
+
 int ec_capabilities(void) {
     int caps = 0;
 #ifdef POSIX_FADV_DONTNEED

@@ -6,7 +6,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define EC_VERSION 14
+#define EC_VERSION 15
 
 /* Status codes: every function returns one; ec_last_error() explains a failure. */
 enum {
@@ -57,6 +57,8 @@ typedef struct {
     int measure;         /* 1 = mincore residency of the window at every layer boundary; 2 = of every layer */
     int readahead;       /* 1 = the kernel's readahead on the pager's reads (fast; reads up to read_ahead_kb past
                             a range); 0 = exact reads (POSIX_FADV_RANDOM) */
+    int owned;           /* 1 = the owned residency: streamed layers read with direct IO into slots the pager owns,
+                            their tensors pointed there (needs the tensor table); 0 = the page cache's */
 } ec_pager_params;
 
 typedef struct {
@@ -71,9 +73,20 @@ typedef struct {
     uint64_t gate_wait_ns;   /* time a gated draft held while the target computed */
     uint64_t draft_layers_in_pass; /* draft layers computed during a target pass (while it waited on IO) */
     uint64_t populate_ignored; /* 1 once MADV_POPULATE_READ was seen to return without reading: reads are preads */
+    uint64_t owned_bytes;    /* bytes of the slots the owned residency holds (0: the page cache's residency) */
+    uint64_t direct_reads;   /* 1 = the owned residency's reads bypass the page cache (O_DIRECT / F_NOCACHE); 0 =
+                                plain reads, dropped from the page cache after each (a file system without it) */
 } ec_pager_stats;
 
 typedef struct ec_pager ec_pager; /* opaque */
+
+/* A weight tensor of a streamed layer, for the owned residency: the graph's tensor of that name is pointed at its
+ * layer's slot while the layer is read, at the file's mapping otherwise. */
+typedef struct {
+    const char *name; /* the GGUF tensor name, as llama.cpp names the tensor */
+    uint64_t off;     /* its first byte, as a file offset */
+    int layer;        /* its layer (streamed) */
+} ec_tensor;
 
 /* What a pager streams, and how. */
 typedef struct {
@@ -90,6 +103,8 @@ typedef struct {
     int n_evict;
     ec_pager_params params;
     void *name_fn;                  /* ggml_get_name */
+    const ec_tensor *tensors;       /* [n_tensors] the streamed layers' tensors (params.owned) */
+    int n_tensors;
 } ec_pager_spec;
 
 int ec_pager_open(const ec_pager_spec *spec, ec_pager **out);
@@ -120,6 +135,11 @@ int ec_pager_set_throttle(ec_pager *p, double bytes_per_second);
 /* EC_OK, or the first error the IO thread met (then cb_eval aborts the graph; ec_pager_settle recovers);
  * ec_last_error() then gives the IO thread's message. */
 int ec_pager_error(ec_pager *p);
+
+/* The byte offsets in ggml's struct ggml_tensor the owned residency reads and writes, as this library was built:
+ * offsets[0..4] = src[0], view_src, view_offs, data, name. The caller checks them against a real tensor of the
+ * ggml it runs with before asking for params.owned (edgecad/native.py: owned_supported). */
+int ec_tensor_layout(uint64_t *offsets, int n);
 
 /* Sequential read bandwidth of a file range after dropping it from the page cache (bytes/s), read the way
  * the pager reads large layers: mapped and faulted in with MADV_POPULATE_READ (4 MB preads without it). */

@@ -52,6 +52,9 @@ int interrupted(void);                    /* 1 once a SIGINT came since the last
 int drop_file_pages(int fd, uint64_t off, uint64_t len); /* posix_fadvise(DONTNEED): out of the page cache */
 int no_readahead(int fd);                 /* POSIX_FADV_RANDOM; macOS: fcntl(F_RDAHEAD, 0) */
 int populate_pages(void *addr, size_t len); /* madvise(MADV_POPULATE_READ): fault a mapped span in (Linux) */
+/* path opened read-only for reads that bypass the page cache: O_DIRECT (Linux), F_NOCACHE (macOS); -1 with *err
+ * where the file system refuses (tmpfs) or the platform has neither. */
+int open_direct(const char *path, int *err);
 
 #ifdef __linux__
 /* Import slots (guard.c): the GOT entries through which a loaded object calls named functions, patched to hooks

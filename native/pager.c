@@ -3,78 +3,13 @@
  * thread reads ahead and evicts, driven by llama.cpp's cb_eval at every layer boundary. (common.c has the
  * shared helpers and the other sections.)
  */
-#include "internal.h"
+#include "pager.h"
 
 /* ------------------------------------------------------------------------ */
 /* 3. pager                                                                 */
 /* ------------------------------------------------------------------------ */
 
-enum { OP_LOAD = 1, OP_EVICT = 2, OP_EVICT_PASS = 3, OP_STOP = 4 };
-
-typedef struct {
-    int op;    /* OP_* */
-    int layer; /* layer index for OP_LOAD / OP_EVICT */
-} io_op;
-
-struct ec_pager {
-    int fd;                  /* the GGUF file: fstat, fadvise, pread */
-    uint64_t file_size;      /* size at open; a change means the file was replaced or truncated */
-    uint8_t *map;            /* llama.cpp's mapping: address of file offset map_off */
-    uint64_t map_off;        /* file offset of the mapping's first byte */
-    uint64_t map_len;        /* bytes mapped */
-    int n_layers;
-    ec_range *layers;        /* [n_layers] file range of each layer */
-    uint8_t *streamed;       /* [n_layers] 1 = streamed, 0 = pinned */
-    int n_stream;
-    int *ring;               /* [n_stream] layer index of the j-th streamed layer, in compute order */
-    int *ring_pos;           /* [n_layers] position of the layer in ring, -1 if pinned */
-    int *next_ring;          /* [n_layers] ring position of the first streamed layer after layer il */
-    int *file_prev;          /* [n_layers] the streamed layer just before layer il in the file, -1 if none */
-    int *file_next;          /* [n_layers] the streamed layer just after layer il in the file, -1 if none */
-    ec_range *pinned;        /* [n_pinned] ranges kept resident (output, norms) */
-    int n_pinned;
-    ec_range *evict_pass;    /* [n_evict] ranges dropped once per pass (token embeddings) */
-    int n_evict;
-    ec_pager_params prm;
-    const char *(*name_fn)(const void *); /* ggml_get_name */
-
-    /* IO thread and its FIFO queue, all guarded by mu */
-    pthread_t io;
-    int io_started;
-    int sync_ready;          /* mu and the condition variables are initialised */
-    pthread_mutex_t mu;
-    pthread_cond_t work;     /* signalled when an op is queued */
-    pthread_cond_t done;     /* broadcast when an op completes */
-    pthread_cond_t gate;     /* broadcast when the target starts waiting on IO or its pass ends */
-    int in_pass;             /* 1 from the target's first layer boundary until ec_pager_pass_end */
-    int closing;             /* 1 once ec_pager_close started: reads stop, the gate lets go (atomic) */
-    int gate_users;          /* draft threads inside ec_pager_gate_cb_eval (close waits for them to leave) */
-    int waiting;             /* 1 while the target waits at a boundary for a layer to be read */
-    io_op *q;                /* [q_cap] ring buffer of queued ops */
-    int q_cap, q_head, q_len;
-    uint64_t queued;         /* tickets handed out (ops queued so far) */
-    uint64_t completed;      /* ops completed; ops complete in queue order */
-    uint8_t *want;           /* [n_layers] 1 = loaded once the queue drains */
-    uint64_t *load_ticket;   /* [n_layers] ticket of the latest LOAD of the layer */
-    int error;               /* first EC_* error of the IO thread; cb_eval then aborts the graph */
-    char error_text[512];    /* the IO thread's message for `error` */
-    int inject;              /* tests: the next read fails with this EC_* code (ec_pager_inject_fault) */
-    double next_free_s;      /* throttle: when the next chunk may start (IO thread only) */
-    double throttle_bps;     /* the throttle now: prm.throttle_bps, or what ec_pager_set_throttle set (atomic) */
-    int use_populate;        /* 1 while MADV_POPULATE_READ works (IO thread only) */
-    int populate_checked;    /* 1 once a populate was seen to bring its pages in (IO thread only) */
-    int fake_populate;       /* tests: populate returns success without reading (EC_FAULT_POPULATE_NOOP) */
-    uint8_t *scratch;        /* [CHUNK] pread fallback buffer (IO thread only) */
-
-    /* residency, in bytes, last measured (compute thread only) */
-    uint64_t *layer_res;     /* [n_layers] */
-    uint8_t *remeasure;      /* [n_layers] 1 = evicted since last measured (set by the IO thread, under mu) */
-    uint64_t fixed_res;      /* pinned ranges + pinned layers + evict_pass ranges */
-    ec_pager_stats st;       /* guarded by mu */
-};
-
-
-static void warn_once(ec_pager *p, const char *what, int err) {
+void warn_once(ec_pager *p, const char *what, int err) {
     pthread_mutex_lock(&p->mu);
     int first = p->st.advise_failures++ == 0;
     pthread_mutex_unlock(&p->mu);
@@ -198,7 +133,7 @@ static int read_chunk(ec_pager *p, uint64_t off, uint64_t n) {
 }
 
 /* Stops between chunks on Ctrl-C or close (EC_ECANCELED), in the caller's thread and in the IO thread. */
-static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
+int read_range(ec_pager *p, uint64_t off, uint64_t len, uint8_t *dst) {
     struct stat st;
     if (fstat(p->fd, &st) != 0) return fail(EC_ESTAT, errno, "fstat of the model file");
     if ((uint64_t)st.st_size != p->file_size)
@@ -211,7 +146,7 @@ static int read_range(ec_pager *p, uint64_t off, uint64_t len) {
         uint64_t n = len - done < CHUNK ? len - done : CHUNK;
         if (stopped(p)) return fail(EC_ECANCELED, 0, "interrupted");
         int rc = throttle(p, n);
-        if (!rc) rc = read_chunk(p, off + done, n);
+        if (!rc) rc = dst ? read_direct(p, dst + done, off + done, n) : read_chunk(p, off + done, n);
         if (rc) return rc;
         __atomic_add_fetch(&p->st.bytes_read, n, __ATOMIC_RELAXED);
     }
@@ -234,7 +169,7 @@ static void evict_range(ec_pager *p, uint64_t off, uint64_t len) {
  * reaches up to folio_max() into a file neighbour that is streamed and not wanted (evicted, or not yet read). */
 static uint64_t folio_max(void) { return (uint64_t)page_size() * (page_size() / 8); } /* PMD: a page of 8-byte entries */
 
-static void evict_layer(ec_pager *p, int il) {
+void evict_layer(ec_pager *p, int il) {
     uint64_t lo = p->layers[il].off, hi = lo + p->layers[il].len, fm = folio_max();
     int a = p->file_prev[il], b = p->file_next[il];
     pthread_mutex_lock(&p->mu);
@@ -250,6 +185,13 @@ static void evict_layer(ec_pager *p, int il) {
     pthread_mutex_unlock(&p->mu);
     evict_range(p, lo, hi - lo);
 }
+
+/* The page cache's residency: a layer is its file pages in llama.cpp's mapping. */
+static int cache_load(ec_pager *p, int il) { return read_range(p, p->layers[il].off, p->layers[il].len, NULL); }
+
+static uint64_t cache_resident(const ec_pager *p, int il) { return resident(p, p->layers[il].off, p->layers[il].len); }
+
+const layer_io cache_io = {cache_load, evict_layer, cache_resident};
 
 /* The pager's first error and this thread's message for it: cb_eval then aborts the graph. (mu held) */
 static void record_error(ec_pager *p, int rc) {
@@ -288,9 +230,9 @@ static void *io_main(void *arg) {
         double t0 = now_s();
         if (failed) {
         } else if (op.op == OP_LOAD) {
-            rc = read_range(p, p->layers[op.layer].off, p->layers[op.layer].len);
+            rc = p->lio->load(p, op.layer);
         } else if (op.op == OP_EVICT) {
-            evict_layer(p, op.layer);
+            p->lio->evict(p, op.layer);
             __atomic_store_n(&p->remeasure[op.layer], 1, __ATOMIC_RELAXED);
         } else {
             for (int i = 0; i < p->n_evict; i++) evict_range(p, p->evict_pass[i].off, p->evict_pass[i].len);
@@ -331,8 +273,16 @@ static void request_evict(ec_pager *p, int il) { /* mu held */
     enqueue(p, OP_EVICT, il);
 }
 
+/* What stays resident whatever the pass: by mincore, or (the owned residency, where mincore cannot see this file)
+ * by the sizes the settle read. */
 static uint64_t fixed_resident(const ec_pager *p) {
     uint64_t r = 0;
+    if (!p->prm.measure) {
+        for (int i = 0; i < p->n_pinned; i++) r += p->pinned[i].len;
+        for (int il = 0; il < p->n_layers; il++)
+            if (!p->streamed[il]) r += p->layers[il].len;
+        return r;
+    }
     for (int i = 0; i < p->n_pinned; i++) r += resident(p, p->pinned[i].off, p->pinned[i].len);
     for (int i = 0; i < p->n_evict; i++) r += resident(p, p->evict_pass[i].off, p->evict_pass[i].len);
     for (int il = 0; il < p->n_layers; il++)
@@ -347,11 +297,11 @@ static void measure(ec_pager *p, int j, int pass_start) {
     for (int k = lo; k <= hi; k++) {
         int il = p->ring[((k % p->n_stream) + p->n_stream) % p->n_stream];
         __atomic_store_n(&p->remeasure[il], 0, __ATOMIC_RELAXED);
-        p->layer_res[il] = resident(p, p->layers[il].off, p->layers[il].len);
+        p->layer_res[il] = p->lio->resident(p, il);
     }
     for (int il = 0; il < p->n_layers; il++) /* evictions that finished after their layer left the window */
         if (__atomic_exchange_n(&p->remeasure[il], 0, __ATOMIC_RELAXED))
-            p->layer_res[il] = resident(p, p->layers[il].off, p->layers[il].len);
+            p->layer_res[il] = p->lio->resident(p, il);
     uint64_t total = p->fixed_res;
     for (int il = 0; il < p->n_layers; il++)
         if (p->streamed[il]) total += p->layer_res[il];
@@ -394,7 +344,7 @@ static int boundary(ec_pager *p, int il) {
     note_interrupt(p);
     int err = p->error;
     pthread_mutex_unlock(&p->mu);
-    if (!err && p->prm.measure && p->n_stream > 0) measure(p, j >= 0 ? j : p->next_ring[il], pass_start);
+    if (!err && (p->prm.measure || p->own) && p->n_stream > 0) measure(p, j >= 0 ? j : p->next_ring[il], pass_start);
     return err;
 }
 
@@ -403,7 +353,10 @@ bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data) {
     const char *name = p->name_fn(tensor);
     int is_boundary = name && strncmp(name, "attn_norm-", 10) == 0;
     int il = is_boundary ? atoi(name + 10) : -1;
-    if (ask) return is_boundary && il < p->n_layers; /* (layers past the pager's live elsewhere: a remote device) */
+    if (ask) {
+        if (p->own) owned_place(p, tensor); /* before the node runs: its weights at their slots */
+        return is_boundary && il < p->n_layers; /* (layers past the pager's live elsewhere: a remote device) */
+    }
     if (!is_boundary) return true;
     if (il < 0 || il >= p->n_layers) return true;
     return boundary(p, il) == EC_OK; /* false aborts the graph: never touch a changed file */
@@ -483,6 +436,7 @@ void ec_pager_close(ec_pager *p) {
         pthread_cond_destroy(&p->done);
         pthread_cond_destroy(&p->gate);
     }
+    owned_close(p);
     if (p->fd >= 0) close(p->fd);
     free(p->layers); free(p->streamed); free(p->ring); free(p->ring_pos); free(p->next_ring);
     free(p->file_prev); free(p->file_next);
@@ -559,11 +513,17 @@ static void advise(ec_pager *p) {
     for (int i = 0; p->prm.readahead && i < p->n_evict; i++)
         if (span(p, p->evict_pass[i].off, p->evict_pass[i].len, 1, &ma, &mn) && madvise(ma, mn, MADV_RANDOM) != 0)
             warn_once(p, "madvise(MADV_RANDOM)", errno);
+    /* owned: a streamed layer's tensor used through the mapping before its read completed (a norm before the
+     * layer's boundary) faults in its own page, not a read-around of the layer */
+    for (int il = 0; p->own && il < p->n_layers; il++)
+        if (p->streamed[il] && span(p, p->layers[il].off, p->layers[il].len, 1, &ma, &mn) && madvise(ma, mn, MADV_RANDOM) != 0)
+            warn_once(p, "madvise(MADV_RANDOM)", errno);
 }
 
 int ec_pager_open(const ec_pager_spec *s, ec_pager **out) {
     if (!s || !out || !s->path || !s->map_addr || !s->layers || !s->streamed || s->n_layers <= 0 || !s->name_fn ||
-        s->params.depth < 0 || s->params.lag < 1 || s->n_pinned < 0 || s->n_evict < 0)
+        s->params.depth < 0 || s->params.lag < 1 || s->n_pinned < 0 || s->n_evict < 0 ||
+        (s->params.owned && (s->n_tensors < 0 || (s->n_tensors && !s->tensors))))
         return fail(EC_EINVAL, 0, "ec_pager_open: bad argument%s",
                     s && s->params.lag < 1 ? " (lag must be >= 1: lag 0 evicts the layer about to run)" : "");
     *out = NULL;
@@ -613,6 +573,8 @@ int ec_pager_open(const ec_pager_spec *s, ec_pager **out) {
         rc = fail(EC_ETHREAD, prc, "initialising the pager's mutex and condition variables");
         goto fail;
     }
+    p->lio = s->params.owned ? &owned_io : &cache_io;
+    if (s->params.owned && (rc = owned_open(p, s)) != EC_OK) goto fail;
     advise(p);
     if ((prc = pthread_create(&p->io, NULL, io_main, p)) != 0) {
         rc = fail(EC_ETHREAD, prc, "pthread_create(IO thread)");
@@ -636,9 +598,10 @@ int ec_pager_settle(ec_pager *p) {
         if (p->streamed[il]) p->want[il] = 0;
     pthread_mutex_unlock(&p->mu);
     int rc = EC_OK;
-    for (int i = 0; i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len);
+    if (p->own) owned_reset(p); /* every slot free, the tensors back at the mapping */
+    for (int i = 0; i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len, NULL);
     for (int il = 0; il < p->n_layers && !rc; il++)
-        if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len);
+        if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len, NULL);
     char why[sizeof ec_errbuf]; /* the failure's message, before the evictions below can overwrite it */
     snprintf(why, sizeof why, "%s", rc ? ec_errbuf : "");
     /* then drop the rest: what a whole-file load read, and what the kernel read ahead past the pinned ranges */
@@ -647,7 +610,7 @@ int ec_pager_settle(ec_pager *p) {
     for (int i = 0; i < p->n_evict; i++) evict_range(p, p->evict_pass[i].off, p->evict_pass[i].len);
     p->fixed_res = fixed_resident(p);
     for (int il = 0; il < p->n_layers; il++)
-        p->layer_res[il] = p->streamed[il] ? resident(p, p->layers[il].off, p->layers[il].len) : 0;
+        p->layer_res[il] = p->streamed[il] ? p->lio->resident(p, il) : 0;
     if (rc) { /* a failed settle (EIO, Ctrl-C) is the pager's error until a settle succeeds: recover again */
         snprintf(ec_errbuf, sizeof ec_errbuf, "%s", why);
         pthread_mutex_lock(&p->mu);

@@ -286,7 +286,7 @@ def test_the_c_library_compiles_and_links_for_each_platform(target, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ziglang", "cc", "-target", target, "-std=gnu11", "-O2", "-fPIC",
                         "-Wall", "-Wextra", "-Werror", "-D_FILE_OFFSET_BITS=64", "-shared", "-o",
                         str(tmp_path / "libedgecad.so"),
-                        *[str(root / f) for f in ("common.c", "pager.c", "guard.c", "remote.c")],
+                        *[str(root / f) for f in ("common.c", "pager.c", "owned.c", "guard.c", "remote.c")],
                         "-lpthread"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "libedgecad.so").stat().st_size > 10_000
@@ -305,7 +305,7 @@ def _driver(tmp_path, target=None, static=True):
     load guard is checked on: one importing mmap, one (64-bit file offsets) mmap64."""
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent / "native"
-    srcs = [str(root / f) for f in ("test_driver.c", "common.c", "pager.c", "guard.c", "remote.c")]
+    srcs = [str(root / f) for f in ("test_driver.c", "common.c", "pager.c", "owned.c", "guard.c", "remote.c")]
     warn = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
     flags = [*warn, "-D_FILE_OFFSET_BITS=64", f"-I{root}"]
     cc = [os.environ.get("CC", "cc")] if target is None else [sys.executable, "-m", "ziglang", "cc", "-target", target]

@@ -34,10 +34,14 @@ class PagerParams:
     throttle_bps: Optional[float] = None  # explicit throttle in bytes/s; overrides the profile
     measure: bool = True     # mincore residency at every layer boundary (peak_resident_target_bytes)
     embd_allowance: int = 4 * MiB  # budget kept for token-embedding rows read by a pass (untied output)
+    memory: str = "owned"    # where streamed layers live: "owned", slots the pager owns, read with direct IO (no
+                             # page cache, no readahead); "cache", the file's pages in the page cache
 
     def __post_init__(self):
         if self.io not in ("prefetch", "demand"):
             raise EdgecadError(f"unknown IO mode {self.io!r}: use 'prefetch' or 'demand'")
+        if self.memory not in ("owned", "cache"):
+            raise EdgecadError(f"unknown pager memory {self.memory!r}: use 'owned' or 'cache'")
         if self.storage not in STORAGE_PROFILES:
             raise EdgecadError(f"unknown storage profile {self.storage!r}: use one of {', '.join(STORAGE_PROFILES)}")
         if self.depth < 0:
@@ -142,7 +146,8 @@ def plan_budget(info: GGUFInfo, budget: int, params: PagerParams = PagerParams()
     # neighbours in the file, at most two each; and the kernel's readahead on the pager's reads may
     # bring in up to read_ahead_kb past a range.
     largest = max(layer_bytes.values(), default=0)
-    ra = readahead if largest >= 2 * readahead else 0  # small layers: exact reads, no readahead (see docs/paging.md)
+    # small layers: exact reads, no readahead (see docs/paging.md); owned slots are read directly: none either
+    ra = readahead if largest >= 2 * readahead and params.memory == "cache" else 0
     slack = 2 * mmap.PAGESIZE * len(layers) + ra
     window = min(params.window_layers, len(layers)) * largest + slack
     plan = BudgetPlan(budget, info.file_size, pinned, per_pass, [], [], layer_bytes, window, essentials + window,
