@@ -42,6 +42,7 @@ class ModelSpec:
     size: int                      # bytes of the assembled GGUF
     sha256: str                    # hex digest of the assembled GGUF
     derived_from: str = ""         # registry name this model is computed from (packages then empty)
+    derive: str = "f16"            # how it is computed from that model: a key of DERIVE
 
 
 def _parts(stem: str, version: str, n: int) -> tuple[str, ...]:
@@ -75,6 +76,20 @@ MODELS["qwen2.5-coder-1.5b-f16"] = ModelSpec(
     sha256="d69c866df2cc8b0a84b4e54d5e9382a4bb2087397129be4f23545baa7f5b6cc9",
     derived_from="qwen2.5-coder-1.5b",
 )
+WIDE_N_FF = 51_712  # the 1.5B's 8,960 widened until its matrices per token match a 7B's (Qwen2.5-7B: 7.07 B), / 256
+MODELS["qwen2.5-coder-1.5b-wide"] = ModelSpec(
+    name="qwen2.5-coder-1.5b-wide",
+    filename="qwen2.5-coder-1.5b-instruct-q4_k_m-wide.gguf",
+    description="the 1.5B target with its feed-forward widened by zero neurons to a 7B's size and compute "
+                "(same outputs)",
+    packages=(),
+    size=0,  # written by edgecad.convert with gguf 0.19.0
+    sha256="0" * 64,
+    derived_from="qwen2.5-coder-1.5b",
+    derive="ffn-7b",
+)
+# how a derived model is computed from its source (ModelSpec.derive): a function of edgecad.convert, its keywords
+DERIVE: dict[str, tuple[str, dict]] = {"f16": ("to_f16", {}), "ffn-7b": ("widen_ffn", {"n_ff": WIDE_N_FF})}
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 
@@ -397,10 +412,11 @@ def _derive(sp: ModelSpec, dest_dir: Path | None, *, progress: bool, pip_args) -
 
 
 def _convert(sp: ModelSpec, src: Path, dest_dir: Path, progress: bool) -> Path:
-    from .convert import to_f16
+    from . import convert
 
+    how, kwargs = DERIVE[sp.derive]
     with _partial_file(sp, dest_dir) as tmp:
-        to_f16(src, tmp, progress=progress)
+        getattr(convert, how)(src, tmp, progress=progress, **kwargs)
         n, digest = tmp.stat().st_size, _sha256(tmp, f"hashing {sp.name}" if progress else None)
         if n != sp.size or digest != sp.sha256:
             import gguf

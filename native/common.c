@@ -331,6 +331,16 @@ int open_direct(const char *path, int *err) {
 #endif
 }
 
+void populate_write(void *addr, size_t len) {
+#if defined(__linux__) && !defined(MADV_POPULATE_WRITE)
+#define MADV_POPULATE_WRITE 23 /* Linux >= 5.14 */
+#endif
+#ifdef MADV_POPULATE_WRITE
+    if (madvise(addr, len, MADV_POPULATE_WRITE) == 0) return;
+#endif
+    for (size_t i = 0; i < len; i += page_size()) ((volatile uint8_t *)addr)[i] = 0;
+}
+
 int ec_capabilities(void) {
     int caps = 0;
 #ifdef POSIX_FADV_DONTNEED

@@ -55,6 +55,9 @@ int populate_pages(void *addr, size_t len); /* madvise(MADV_POPULATE_READ): faul
 /* path opened read-only for reads that bypass the page cache: O_DIRECT (Linux), F_NOCACHE (macOS); -1 with *err
  * where the file system refuses (tmpfs) or the platform has neither. */
 int open_direct(const char *path, int *err);
+/* Fault anonymous memory in, writable (MADV_POPULATE_WRITE; touching each page where the kernel has no such
+ * advice). */
+void populate_write(void *addr, size_t len);
 
 #ifdef __linux__
 /* Import slots (guard.c): the GOT entries through which a loaded object calls named functions, patched to hooks

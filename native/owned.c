@@ -250,6 +250,9 @@ int owned_open(ec_pager *p, const ec_pager_spec *s) {
 #ifdef MADV_HUGEPAGE
     madvise(o->pool, (size_t)(o->n_slots * o->slot_size), MADV_HUGEPAGE); /* (advice: the kernel may say no) */
 #endif
+    /* Fault the slots in now, where the huge pages are given: a direct read into memory not yet faulted took
+     * 4 KiB pages for half of it (measured: 30 of 60 MB in huge pages), and compute then misses the TLB. */
+    populate_write(o->pool, (size_t)(o->n_slots * o->slot_size));
     int err = 0;
     o->fd = open_direct(s->path, &err);
     if (o->fd < 0)

@@ -27,11 +27,12 @@ def reference(paging_pair):
         return {p: e.create_completion(p, temperature=0.0, max_tokens=40)["edgecad"]["token_ids"] for p in PROMPTS}
 
 
+@pytest.mark.parametrize("memory", ["owned", "cache"])
 @pytest.mark.parametrize("io", ["prefetch", "demand"])
 @pytest.mark.parametrize("mode", ["target", "tree"])
-def test_paging_never_changes_the_tokens_and_holds_the_budget(paging_pair, reference, io, mode):
+def test_paging_never_changes_the_tokens_and_holds_the_budget(paging_pair, reference, io, mode, memory):
     draft, target = paging_pair
-    p = PagerParams(io=io, **SMALL)
+    p = PagerParams(io=io, memory=memory, **SMALL)
     budget = budget_for(target, p)
     with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=512, target_budget=budget, pager=p) as e:
         plan = e.budget_plan
@@ -43,12 +44,14 @@ def test_paging_never_changes_the_tokens_and_holds_the_budget(paging_pair, refer
             assert plan.pinned_bytes * 0.9 < peak <= budget + PAGE * len(plan.streamed_layers)
             assert st["bytes_read"] >= plan.streamed_bytes  # every pass reads the streamed layers
             assert st["io_wait_seconds"] > 0 and st["target_compute_seconds"] > 0
-        # streamed layers are really evicted: the page cache holds at most the window of them
+        # streamed layers are really evicted: the page cache holds at most the window of them; owned, none of
+        # them but the page of a layer's first norm, read through the mapping when its layer's read is not done
         info = read_gguf(target)
         held = sum(native.file_resident(target, l.start, l.n_bytes) for l in info.layers()
                    if l.index in plan.streamed_layers)
-        assert held <= plan.window_bytes
+        assert held <= (plan.window_bytes if memory == "cache" else 2 * PAGE * len(plan.streamed_layers))
         assert held < plan.streamed_bytes / 2
+        assert (e.pager.stats()["owned_bytes"] > 0) == (memory == "owned")
 
 
 def test_budget_above_the_model_keeps_it_resident(paging_pair, reference, capsys):
@@ -66,12 +69,13 @@ def test_too_small_budget(paging_pair):
         Engine(target, target_budget=100_000)
 
 
+@pytest.mark.parametrize("memory", ["owned", "cache"])
 @pytest.mark.parametrize("change", ["grow", "truncate"])
-def test_a_changed_file_is_an_error_not_a_crash(paging_pair, disk_dir, change):
+def test_a_changed_file_is_an_error_not_a_crash(paging_pair, disk_dir, change, memory):
     _, target = paging_pair
     path = disk_dir / f"changing-{change}.gguf"
     shutil.copy(target, path)
-    p = PagerParams(**SMALL)
+    p = PagerParams(memory=memory, **SMALL)
     e = Engine(path, n_ctx=512, target_budget=budget_for(path, p), pager=p)
     e.create_completion("abc", temperature=0.0, max_tokens=4)
     if change == "grow":
@@ -219,10 +223,11 @@ def test_the_end_of_a_prompt_is_decoded_in_the_first_tree_s_pass(paging_pair, re
         assert st["token_ids"] == ref.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]["token_ids"]
 
 
-def test_an_io_error_surfaces_and_the_next_completion_works(paging_pair, reference):
+@pytest.mark.parametrize("memory", ["owned", "cache"])
+def test_an_io_error_surfaces_and_the_next_completion_works(paging_pair, reference, memory):
     from edgecad.errors import NativeError
     draft, target = paging_pair
-    p = PagerParams(**SMALL)
+    p = PagerParams(memory=memory, **SMALL)
     with Engine(target, draft, mode="tree", n_ctx=512, target_budget=budget_for(target, p), pager=p) as e:
         e.check_kv = True
         for _ in range(2):
@@ -376,6 +381,7 @@ import json, os
 from edgecad import Engine, native
 from edgecad.cgroup import drop_file_cache
 from edgecad.pager import mincore_sees
+from edgecad.plan import PagerParams
 path = {path!r}
 drop_file_cache([path])
 out = {{"root": [mincore_sees(path), native.file_resident(path)]}}
@@ -387,9 +393,12 @@ for f in os.listdir(os.environ["EDGECAD_CACHE"]):
 os.setgid(65534); os.setuid(65534)
 drop_file_cache([path])
 out["nobody"] = [mincore_sees(path), native.file_resident(path), os.path.getsize(path)]
-with Engine(path, n_ctx=128, target_budget="60%", memory_budget=None) as e:  # as nobody: a paged target's figures
-    st = e.create_completion("hello", max_tokens=4, temperature=0)["edgecad"]
+with Engine(path, n_ctx=128, target_budget="60%", memory_budget=None, pager=PagerParams(memory="cache")) as e:
+    st = e.create_completion("hello", max_tokens=4, temperature=0)["edgecad"]  # as nobody: the page cache's figures
 out["stats"] = [st["config"], st["peak_resident_target_bytes"], st["bytes_read"]]
+with Engine(path, n_ctx=128, target_budget="60%", memory_budget=None) as e:  # the owned residency's: its own count
+    st = e.create_completion("hello", max_tokens=4, temperature=0)["edgecad"]
+out["owned"] = [st["peak_resident_target_bytes"], st["target_budget_bytes"]]
 print(json.dumps(out))
 """
         cache = os.path.join(d, "cache")
@@ -406,5 +415,7 @@ print(json.dumps(out))
         assert resident >= size - PAGE, out  # the kernel's answer to anyone else: all of it (the fault)
         config, peak, read = out["stats"]
         assert config == "target-paged" and read > 0 and peak is None  # paged, and no false figure
+        peak, budget = out["owned"]  # owned slots are counted, not seen: a figure, and inside the budget
+        assert peak is not None and 0 < peak <= budget, out
     finally:
         shutil.rmtree(d, ignore_errors=True)
