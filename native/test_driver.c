@@ -66,7 +66,7 @@ static void paging(const char *path, int readahead) {
     uint8_t streamed[N_LAYERS];
     for (int l = 0; l < N_LAYERS; l++) layers[l] = (ec_range){(uint64_t)l * LAYER, LAYER}, streamed[l] = 1;
     ec_pager_spec spec = {path, (uint64_t)(uintptr_t)map, 0, (uint64_t)N_LAYERS * LAYER, layers, streamed, N_LAYERS,
-                          NULL, 0, NULL, 0, {2, readahead ? N_LAYERS : 1, 0.0, 1, readahead}, (void *)name_of};
+                          NULL, 0, NULL, 0, {2, readahead ? N_LAYERS : 1, 0.0, 1, readahead, 0}, (void *)name_of, NULL, 0};
     /* (populated: no eviction during the pass, lag = every layer. These 64 KB layers are far smaller than the
      * folios the kernel's readahead makes, so evicting a neighbour would drop part of the layer being checked;
      * the engine never populates layers that small.) */

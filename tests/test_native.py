@@ -85,7 +85,7 @@ class Harness:
     """A pager over `path` whose layers are LAYER bytes each, all streamed unless `pinned` says otherwise."""
 
     def __init__(self, path, *, throttle=0.0, depth=2, lag=2, evict_pass=(), map_len=None, streamed=None,
-                 readahead=0):
+                 readahead=0, owned=False):
         self.f = open(path, "rb")
         size = os.path.getsize(path)
         self.map = mmap.mmap(self.f.fileno(), size if map_len is None else map_len, prot=mmap.PROT_READ)
@@ -93,7 +93,7 @@ class Harness:
         layers = (native.Range * N_LAYERS)(*[(i * LAYER, LAYER) for i in range(N_LAYERS)])
         flags = (ctypes.c_uint8 * N_LAYERS)(*(streamed or [1] * N_LAYERS))
         ev = (native.Range * max(1, len(evict_pass)))(*evict_pass)
-        params = native.PagerParams(depth, lag, throttle, 1, readahead)
+        params = native.PagerParams(depth, lag, throttle, 1, readahead, int(owned))
         self.h = ctypes.c_void_p()
         spec = native.PagerSpec(os.fsencode(path), self.addr, 0, len(self.map), layers, flags, N_LAYERS, None, 0,
                                 ev, len(evict_pass), params, ctypes.cast(NAME_FN, ctypes.c_void_p))
@@ -135,6 +135,29 @@ def _returns(fn, seconds: float = 60.0):
     th.start()
     th.join(seconds)
     assert not th.is_alive(), f"{fn} did not return within {seconds} s"
+
+
+def test_the_owned_residency_reads_into_its_slots_past_the_page_cache(layer_file):
+    """Owned: the window's layers are read into slots the pager holds (counted to the byte), with direct reads
+    that leave nothing in the page cache, and the pass runs as with the page cache's residency."""
+    from edgecad.cgroup import drop_file_cache
+    drop_file_cache([layer_file])
+    h = Harness(layer_file, depth=1, lag=1, owned=True)  # a window of 3 layers out of 8
+    try:
+        assert h.code == 0, native.lib.ec_last_error()
+        assert native.lib.ec_pager_settle(h.h) == 0
+        for _ in range(2):
+            for il in range(N_LAYERS):
+                assert h.boundary(il)
+            assert native.lib.ec_pager_pass_end(h.h) == 0
+        s = native.PagerStats()
+        assert native.lib.ec_pager_get_stats(h.h, ctypes.byref(s)) == 0
+        assert s.owned_bytes == 3 * LAYER and s.direct_reads == 1
+        assert s.bytes_read >= 2 * N_LAYERS * LAYER
+        assert 0 < s.peak_resident <= 3 * LAYER
+        assert native.file_resident(layer_file) == 0  # (the reads bypassed the page cache)
+    finally:
+        h.close()
 
 
 def test_lag_0_is_refused(layer_file):
