@@ -321,6 +321,8 @@ LIMIT_ROWS = {  # row -> what its process runs inside the memory cgroup
     "target-paged": "edgecad, target only (mode='target'), memory_budget='auto'",
     "tree-paged": "edgecad, draft + tree (mode='tree'), memory_budget='auto'",
     "edgecad": "edgecad's automatic configuration, memory_budget='auto'",
+    "edgecad-cache": "edgecad, memory_budget='auto', streamed layers through the page cache "
+                     "(PagerParams(memory='cache'): the residency before the owned one, to compare)",
     "edgecad-2dev": "edgecad's automatic configuration with a second device of the same memory: an `edgecad "
                     "rpc-server` in a cgroup of its own on loopback (remote=[...]; needs the RPC build)",
     "edgecad-2dev-cached": "edgecad-2dev, its server's cache (--cache) filled by a load before: the weights are not "
@@ -347,8 +349,9 @@ def _worker(spec: dict) -> dict:
         llm.close()
     else:
         mode = {"target-paged": "target", "tree-paged": "tree"}.get(row)
+        pager = PagerParams(memory="cache") if row == "edgecad-cache" else None
         with Engine(spec["target"], spec["draft"] if mode != "target" else None, mode=mode, memory_budget="auto",
-                    n_ctx=spec["n_ctx"], n_threads=spec["n_threads"], remote=spec.get("remote")) as eng:
+                    n_ctx=spec["n_ctx"], n_threads=spec["n_threads"], remote=spec.get("remote"), pager=pager) as eng:
             load, load_read = time.perf_counter() - t0, eng.load_bytes_read
             info = eng.memory_plan.as_dict()
             reset = cgroup.reset_own_peak()
