@@ -131,9 +131,11 @@ class Pager:
         self.measured = owned or sees
         params = native.PagerParams(pp.read_ahead, pp.lag, pp.bytes_per_second, int(sees),
                                     int(plan.readahead_bytes > 0), int(owned))
-        streamed_set = set(plan.streamed_layers)
-        weights = [(t.name.encode(), t.offset, block_of(t.name)) for t in info.tensors
-                   if owned and block_of(t.name) in streamed_set]
+        # owned: every weight the pager holds, by block (a layer, or pinned range i as block n + i); the token
+        # embeddings read by row stay the mapping's
+        block = {name: n + i for i, (name, _, _) in enumerate(plan.pinned)}
+        block.update((t.name, block_of(t.name)) for t in info.tensors if block_of(t.name) in ranges)
+        weights = [(t.name.encode(), t.offset, block[t.name]) for t in info.tensors if owned and t.name in block]
         self._tensors = (native.Tensor * max(1, len(weights)))(*weights)  # (C copies the names; kept for the call)
         spec = native.PagerSpec(os.fsencode(self.path), addr, map_off, map_len, layers, streamed, n, pinned,
                                 len(plan.pinned), per_pass, len(plan.evict_each_pass), params, native.ggml_get_name_address,

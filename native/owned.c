@@ -2,9 +2,12 @@
  * edgecad native library, section 3b: the owned residency. The pager's streamed layers are read with direct IO
  * (O_DIRECT on Linux, F_NOCACHE on macOS) into slots of anonymous memory the pager owns (huge pages where the
  * kernel gives them), and llama.cpp's weight tensors of a layer are pointed at its slot as the graph reaches them
- * (cb_eval's ask, before the node runs; at the file's mapping while the layer is not read). A pass puts nothing
- * in the page cache, the pager knows to the byte what it holds, and a slot is reused without being freed,
- * zeroed or faulted again. (pager.c has the queue, the boundaries and the page cache's residency.)
+ * (cb_eval's ask, before the node runs; at the file's mapping while the layer is not read). The pinned layers and
+ * ranges are read the same way, once per settle, into a fixed pool. A pass puts nothing in the page cache, the
+ * pager knows to the byte what it holds (and a memory cgroup cannot reclaim a pinned output matrix that every pass
+ * reads: measured in a 2 GB cgroup, the page cache's residency re-read it, 467 MB in 4 KiB faults, every pass),
+ * and a slot is reused without being freed, zeroed or faulted again. (pager.c has the queue, the boundaries and the
+ * page cache's residency.)
  */
 #include <stddef.h>
 
@@ -36,10 +39,12 @@ typedef struct gt {
 #define DIO_ALIGN ((uint64_t)4096) /* buffer, offset and length alignment of a direct read (a page, >= a sector) */
 #define HUGE_ALIGN ((uint64_t)2 << 20) /* the pool's alignment: a PMD huge page */
 
+/* A block is where a weight lives: layer il (0 <= il < n_layers; streamed through the slots, or pinned), or the
+ * pinned range n_layers + i (p->pinned[i]). */
 typedef struct {
     char *name;   /* the tensor's name */
     uint64_t off; /* its file offset */
-    int layer;
+    int block;
     gt *t;        /* the graph's tensor of that name, once seen (NULL before) */
     void *orig;   /* t->data as llama.cpp set it: in the file's mapping */
 } weight;
@@ -54,6 +59,12 @@ struct owned_state {
     int *slot_of;        /* [n_layers] the slot holding layer il, -1 if none (IO thread writes, under mu) */
     int *free_slots;     /* [n_slots] stack of free slots (IO thread, or settle with the queue drained) */
     int n_free;
+    uint8_t *fixed;      /* [fixed_len] the pinned blocks, read at settle */
+    uint8_t *fixed_map;  /* its mapping (fixed_map_len bytes from here) */
+    size_t fixed_map_len;
+    uint64_t fixed_len;
+    uint64_t *fixed_at;  /* [n_layers + n_pinned] offset in fixed of each pinned block's span */
+    int fixed_ready;     /* 1 once the settle read them (compute thread and settle) */
     weight *w;           /* [n_w] sorted by name */
     int n_w;
     gt **hkey;           /* [hcap] open-addressed table: tensor -> index in w (compute thread) */
@@ -61,10 +72,37 @@ struct owned_state {
     int hcap;
 };
 
-static uint64_t span_lo(const ec_pager *p, int il) { return p->layers[il].off & ~(DIO_ALIGN - 1); }
+static const ec_range *block_range(const ec_pager *p, int b) {
+    return b < p->n_layers ? &p->layers[b] : &p->pinned[b - p->n_layers];
+}
 
-static uint64_t span_hi(const ec_pager *p, int il) {
-    return (p->layers[il].off + p->layers[il].len + DIO_ALIGN - 1) & ~(DIO_ALIGN - 1);
+static int is_fixed(const ec_pager *p, int b) { return b >= p->n_layers || !p->streamed[b]; }
+
+/* A block's bytes as read: DIO_ALIGN-aligned outward (within the file). */
+static uint64_t span_lo(const ec_pager *p, int b) { return block_range(p, b)->off & ~(DIO_ALIGN - 1); }
+
+static uint64_t span_hi(const ec_pager *p, int b) {
+    const ec_range *r = block_range(p, b);
+    return (r->off + r->len + DIO_ALIGN - 1) & ~(DIO_ALIGN - 1);
+}
+
+/* Anonymous memory of len bytes, HUGE_ALIGN aligned inside its mapping (*map, *map_len), given huge pages where
+ * the kernel has them and faulted in: a direct read into memory not yet faulted took 4 KiB pages for half of it
+ * (measured: 30 of 60 MB in huge pages), and compute then misses the TLB more. */
+static int alloc_pool(uint64_t len, uint8_t **pool, uint8_t **map, size_t *map_len, const char *what) {
+    *map_len = (size_t)(len + HUGE_ALIGN);
+    void *m = mmap(NULL, *map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+        *map_len = 0;
+        return fail(EC_EMMAP, errno, "mmap of %llu bytes for %s", (unsigned long long)len, what);
+    }
+    *map = m;
+    *pool = (uint8_t *)(((uintptr_t)m + HUGE_ALIGN - 1) & ~(uintptr_t)(HUGE_ALIGN - 1));
+#ifdef MADV_HUGEPAGE
+    madvise(*pool, (size_t)len, MADV_HUGEPAGE); /* (advice: the kernel may say no) */
+#endif
+    populate_write(*pool, (size_t)len);
+    return EC_OK;
 }
 
 static uint8_t *slot_addr(const owned_state *o, int slot) { return o->pool + (uint64_t)slot * o->slot_size; }
@@ -158,7 +196,7 @@ static int weight_of(owned_state *o, gt *t) {
     unsigned h = hash_of(o, t);
     for (; o->hkey[h]; h = (h + 1) & (unsigned)(o->hcap - 1))
         if (o->hkey[h] == t) return o->hval[h];
-    if (strncmp(t->name, "blk.", 4) != 0) return -1;
+    if (t->op != 0) return -1; /* (a weight is a leaf: GGML_OP_NONE) */
     char name[sizeof t->name + 1];
     memcpy(name, t->name, sizeof t->name);
     name[sizeof t->name] = 0;
@@ -171,11 +209,13 @@ static int weight_of(owned_state *o, gt *t) {
     return k;
 }
 
-/* Where weight k's bytes are now: in its layer's slot once that layer's read completed, else in the mapping. */
+/* Where weight k's bytes are now: in its block's slot (or the fixed pool) once its read completed, else in the
+ * mapping. */
 static void *where(ec_pager *p, int k) {
     owned_state *o = p->own;
     weight *w = &o->w[k];
-    int il = w->layer;
+    int il = w->block;
+    if (is_fixed(p, il)) return o->fixed_ready ? o->fixed + o->fixed_at[il] + (w->off - span_lo(p, il)) : w->orig;
     pthread_mutex_lock(&p->mu);
     int slot = p->want[il] && p->completed >= p->load_ticket[il] ? o->slot_of[il] : -1;
     pthread_mutex_unlock(&p->mu);
@@ -200,6 +240,7 @@ void owned_place(ec_pager *p, void *node) {
 
 void owned_reset(ec_pager *p) {
     owned_state *o = p->own;
+    o->fixed_ready = 0;
     for (int k = 0; k < o->n_w; k++)
         if (o->w[k].t) o->w[k].t->data = o->w[k].orig;
     pthread_mutex_lock(&p->mu);
@@ -208,6 +249,21 @@ void owned_reset(ec_pager *p) {
     o->n_free = 0;
     for (int s = o->n_slots - 1; s >= 0; s--) o->free_slots[o->n_free++] = s;
 }
+
+int owned_settle(ec_pager *p) {
+    owned_state *o = p->own;
+    owned_reset(p);
+    for (int b = 0; b < p->n_layers + p->n_pinned; b++) {
+        if (!is_fixed(p, b) || !block_range(p, b)->len) continue;
+        uint64_t lo = span_lo(p, b), hi = span_hi(p, b) < p->file_size ? span_hi(p, b) : p->file_size;
+        int rc = read_range(p, lo, hi - lo, o->fixed + o->fixed_at[b]);
+        if (rc) return rc;
+    }
+    o->fixed_ready = 1;
+    return EC_OK;
+}
+
+uint64_t owned_fixed_bytes(const ec_pager *p) { return p->own->fixed_ready ? p->own->fixed_len : 0; }
 
 /* ---- open / close ---- */
 
@@ -228,37 +284,35 @@ int owned_open(ec_pager *p, const ec_pager_spec *s) {
     o->hkey = calloc(o->hcap, sizeof *o->hkey);
     o->hval = calloc(o->hcap, sizeof *o->hval);
     if (!o->slot_of || !o->free_slots || !o->w || !o->hkey || !o->hval) return fail(EC_ENOMEM, ENOMEM, "allocating the owned residency");
+    int n_blocks = p->n_layers + p->n_pinned;
     for (int k = 0; k < s->n_tensors; k++) {
         const ec_tensor *t = &s->tensors[k];
-        if (!t->name || t->layer < 0 || t->layer >= p->n_layers || !p->streamed[t->layer] ||
-            t->off < p->layers[t->layer].off || t->off >= p->layers[t->layer].off + p->layers[t->layer].len)
-            return fail(EC_EINVAL, 0, "ec_pager_open: tensor %d is not inside a streamed layer", k);
+        const ec_range *r = t->name && t->layer >= 0 && t->layer < n_blocks ? block_range(p, t->layer) : NULL;
+        if (!r || t->off < r->off || t->off >= r->off + r->len)
+            return fail(EC_EINVAL, 0, "ec_pager_open: tensor %d is not inside its layer or pinned range", k);
         if (!(o->w[o->n_w].name = strdup(t->name))) return fail(EC_ENOMEM, ENOMEM, "allocating the owned residency");
         o->w[o->n_w].off = t->off;
-        o->w[o->n_w++].layer = t->layer;
+        o->w[o->n_w++].block = t->layer;
     }
     qsort(o->w, o->n_w, sizeof *o->w, by_name);
-    o->map_len = (size_t)(o->n_slots * o->slot_size + HUGE_ALIGN);
-    void *m = mmap(NULL, o->map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED) {
-        int rc = fail(EC_EMMAP, errno, "mmap of %llu bytes for the streamed layers' slots", (unsigned long long)o->map_len);
-        o->map_len = 0;
-        return rc;
-    }
-    o->map = m;
-    o->pool = (uint8_t *)(((uintptr_t)m + HUGE_ALIGN - 1) & ~(uintptr_t)(HUGE_ALIGN - 1));
-#ifdef MADV_HUGEPAGE
-    madvise(o->pool, (size_t)(o->n_slots * o->slot_size), MADV_HUGEPAGE); /* (advice: the kernel may say no) */
-#endif
-    /* Fault the slots in now, where the huge pages are given: a direct read into memory not yet faulted took
-     * 4 KiB pages for half of it (measured: 30 of 60 MB in huge pages), and compute then misses the TLB. */
-    populate_write(o->pool, (size_t)(o->n_slots * o->slot_size));
+    if (!(o->fixed_at = calloc(n_blocks, sizeof *o->fixed_at))) return fail(EC_ENOMEM, ENOMEM, "allocating the owned residency");
+    for (int b = 0; b < n_blocks; b++)
+        if (is_fixed(p, b) && block_range(p, b)->len) {
+            o->fixed_at[b] = o->fixed_len;
+            o->fixed_len += span_hi(p, b) - span_lo(p, b);
+        }
+    size_t fixed_map_len;
+    uint8_t *fixed_map;
+    int rc = alloc_pool(o->n_slots * o->slot_size, &o->pool, &o->map, &o->map_len, "the streamed layers' slots");
+    if (!rc && o->fixed_len) rc = alloc_pool(o->fixed_len, &o->fixed, &fixed_map, &fixed_map_len, "the pinned weights");
+    if (rc) return rc;
+    if (o->fixed_len) o->fixed_map = fixed_map, o->fixed_map_len = fixed_map_len;
     int err = 0;
     o->fd = open_direct(s->path, &err);
     if (o->fd < 0)
         fprintf(stderr, "edgecad: warning: %s cannot be read directly (%s): the pager reads through the page cache "
                 "and drops what it read\n", s->path, strerror(err));
-    p->st.owned_bytes = (uint64_t)o->n_slots * o->slot_size;
+    p->st.owned_bytes = (uint64_t)o->n_slots * o->slot_size + o->fixed_len;
     p->st.direct_reads = o->fd >= 0;
     owned_reset(p);
     return EC_OK;
@@ -272,8 +326,9 @@ void owned_close(ec_pager *p) {
         free(o->w[k].name);
     }
     if (o->map) munmap(o->map, o->map_len);
+    if (o->fixed_map) munmap(o->fixed_map, o->fixed_map_len);
     if (o->fd >= 0) close(o->fd);
-    free(o->slot_of); free(o->free_slots); free(o->w); free(o->hkey); free(o->hval);
+    free(o->slot_of); free(o->free_slots); free(o->w); free(o->hkey); free(o->hval); free(o->fixed_at);
     free(o);
     p->own = NULL;
 }

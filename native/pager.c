@@ -277,6 +277,10 @@ static void request_evict(ec_pager *p, int il) { /* mu held */
  * by the sizes the settle read. */
 static uint64_t fixed_resident(const ec_pager *p) {
     uint64_t r = 0;
+    if (p->own) { /* (owned: the pinned weights are its fixed pool; the per-pass ranges are page cache) */
+        for (int i = 0; p->prm.measure && i < p->n_evict; i++) r += resident(p, p->evict_pass[i].off, p->evict_pass[i].len);
+        return r + owned_fixed_bytes(p);
+    }
     if (!p->prm.measure) {
         for (int i = 0; i < p->n_pinned; i++) r += p->pinned[i].len;
         for (int il = 0; il < p->n_layers; il++)
@@ -598,9 +602,9 @@ int ec_pager_settle(ec_pager *p) {
         if (p->streamed[il]) p->want[il] = 0;
     pthread_mutex_unlock(&p->mu);
     int rc = EC_OK;
-    if (p->own) owned_reset(p); /* every slot free, the tensors back at the mapping */
-    for (int i = 0; i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len, NULL);
-    for (int il = 0; il < p->n_layers && !rc; il++)
+    if (p->own) rc = owned_settle(p); /* every slot free; the pinned weights read into memory it owns */
+    for (int i = 0; !p->own && i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len, NULL);
+    for (int il = 0; !p->own && il < p->n_layers && !rc; il++)
         if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len, NULL);
     char why[sizeof ec_errbuf]; /* the failure's message, before the evictions below can overwrite it */
     snprintf(why, sizeof why, "%s", rc ? ec_errbuf : "");

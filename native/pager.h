@@ -99,7 +99,9 @@ void evict_layer(ec_pager *p, int il);           /* out of the page cache and th
 /* owned.c */
 int owned_open(ec_pager *p, const ec_pager_spec *s); /* the slots, the direct descriptor, the tensor table */
 void owned_close(ec_pager *p);                       /* tensors pointed back at the mapping; slots freed */
-void owned_reset(ec_pager *p);                       /* settle: every slot free, tensors back at the mapping */
+void owned_reset(ec_pager *p);                       /* every slot free, tensors back at the mapping */
+int owned_settle(ec_pager *p);                       /* owned_reset, then read the pinned blocks into the fixed pool */
+uint64_t owned_fixed_bytes(const ec_pager *p);       /* bytes of the fixed pool read */
 void owned_place(ec_pager *p, void *node);           /* cb_eval's ask: point node's weights at their slots */
 int read_direct(ec_pager *p, uint8_t *dst, uint64_t off, uint64_t n);
 
