@@ -102,7 +102,7 @@ def run_bench(target, draft, *, modes=None, budget="40%", storage="native", prom
     if unknown:
         raise EdgecadError(f"unknown bench rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
     target, draft = registry.resolve(target), registry.resolve(draft)
-    rows = [ROWS[m] for m in (modes or ROWS)]
+    rows = [ROWS[m] for m in (modes or [m for m in ROWS if not m.endswith("-cache")])]  # (the fallback: on request)
     info = read_gguf(target)
     budget_bytes = parse_budget(budget, info.file_size, auto_budget)
     plans = {io: paging_plan(info, budget_bytes, PagerParams(io=io, storage=storage)) for io in ("demand", "prefetch")}
@@ -391,7 +391,7 @@ def run_limits(target, draft, limits, *, rows=None, prompts=None, n_prompts=3, m
     """Each row in its own process, alone in a memory cgroup of each size, model files dropped from the
     page cache first. Without cgroups, says so in one line and runs every row without a limit."""
 
-    rows = list(rows or LIMIT_ROWS)
+    rows = list(rows or [r for r in LIMIT_ROWS if not r.endswith("-cache")])
     unknown = set(rows) - set(LIMIT_ROWS)
     if unknown:
         raise EdgecadError(f"unknown rows {sorted(unknown)} for --memory-limit: choose from {', '.join(LIMIT_ROWS)}")

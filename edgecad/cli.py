@@ -490,8 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--draft", default=registry.DEFAULT_DRAFT)
     b.add_argument("--modes", nargs="+", default=None,
                    help="rows (spaces or commas): target target-paged target-prefetch linear-paged bild-paged "
-                        "edgecad-paged edgecad-paged-pipeline edgecad; with --memory-limit: llama-cpp-python "
-                        "target-paged tree-paged edgecad")
+                        "edgecad-paged edgecad-paged-pipeline edgecad, and on request target-paged-cache "
+                        "edgecad-paged-cache (streamed through the page cache); with --memory-limit: "
+                        "llama-cpp-python target-paged tree-paged edgecad, and edgecad-cache")
     b.add_argument("--target-budget", default="40%", help="target share kept resident in the paged rows "
                                                           "(default 40%%)")
     b.add_argument("--memory-limit", default=None, metavar="SIZES",

@@ -83,8 +83,8 @@ MODELS["qwen2.5-coder-1.5b-wide"] = ModelSpec(
     description="the 1.5B target with its feed-forward widened by zero neurons to a 7B's size and compute "
                 "(same outputs)",
     packages=(),
-    size=0,  # written by edgecad.convert with gguf 0.19.0
-    sha256="0" * 64,
+    size=4_457_107_008,  # written by edgecad.convert with gguf 0.19.0
+    sha256="58b6e83cf705b72ce7c564f3d6b9c70136bb4e45e081db8b020aff5327443128",
     derived_from="qwen2.5-coder-1.5b",
     derive="ffn-7b",
 )

@@ -27,14 +27,18 @@ def test_plan(paging_pair):
 
 def test_the_kernel_readahead_is_reserved_where_layers_are_large_enough(paging_pair):
     """The storage's readahead (an input: measured by edgecad.measure) is kept in the window when a layer is at
-    least twice as large; smaller layers are read exactly (docs/paging.md)."""
+    least twice as large and the layers go through the page cache; smaller layers are read exactly
+    (docs/paging.md), and the owned residency's direct reads never read ahead."""
     _, target = paging_pair
     info = read_gguf(target)
     largest = max(l.n_bytes for l in info.layers())
-    exact = plan_budget(info, 10 ** 9, PagerParams(), readahead=2 * largest)
-    some = plan_budget(info, 10 ** 9, PagerParams(), readahead=4096)
+    cache = PagerParams(memory="cache")
+    exact = plan_budget(info, 10 ** 9, cache, readahead=2 * largest)
+    some = plan_budget(info, 10 ** 9, cache, readahead=4096)
     assert exact.readahead_bytes == 0 and some.readahead_bytes == 4096
     assert some.window_bytes == exact.window_bytes + 4096 and some.minimum == exact.minimum + 4096
+    owned = plan_budget(info, 10 ** 9, PagerParams(), readahead=4096)
+    assert owned.readahead_bytes == 0 and owned.window_bytes == exact.window_bytes
 
 
 def test_storage_profiles_and_bad_params():
