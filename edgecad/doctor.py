@@ -19,7 +19,7 @@ from .gguf_file import read_gguf
 from .llama import default_threads
 from .config import resolve
 from .measure import READ_SAMPLE, auto_budget, load_costs, measure_read, reset_costs
-from .native import can_page, capabilities
+from .native import can_page, capabilities, owned_supported
 from .pager import mincore_sees
 from .plan import MB, Costs, parse_memory
 from .plan.costs import HISTORY, STARVED
@@ -151,6 +151,9 @@ def _device(say, explain) -> None:
                   + f" = {auto_budget() / 1e9:.2f} GB")
     say("native", ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in capabilities().items())
         + ("" if can_page() else ": a model that does not fit cannot be paged here"))
+    say("paging", "streamed layers in memory edgecad owns, read with direct IO (PagerParams(memory='owned'))"
+        if owned_supported() else "streamed layers through the page cache: this llama.cpp's tensor layout is not "
+        "the one edgecad knows (reinstall edgecad against this llama-cpp-python)")
     devs = devices.devices()
     gpu = devices.gpu()
     say("backends", ", ".join(devices.backends()) + "; devices: "

@@ -8,6 +8,7 @@ Each binding is declared once, with its C prototype beside it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from pathlib import Path
@@ -345,6 +346,7 @@ ggml_base.ggml_get_data.argtypes, ggml_base.ggml_get_data.restype = [ctypes.c_vo
 ggml_base.ggml_get_name.argtypes, ggml_base.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_void_p
 
 
+@functools.cache
 def owned_supported() -> bool:
     """Whether the owned residency (native/owned.c) may point this ggml's tensors at its slots: the offsets of
     struct ggml_tensor's fields it was built with, checked on tensors of the ggml this process runs."""

@@ -192,7 +192,7 @@ static unsigned hash_of(const owned_state *o, const gt *t) {
 }
 
 /* The weight `t` is (index in w), -1 if none: by address once seen, else by name (the first time). */
-static int weight_of(owned_state *o, gt *t) {
+static int weight_of(const ec_pager *p, owned_state *o, gt *t) {
     unsigned h = hash_of(o, t);
     for (; o->hkey[h]; h = (h + 1) & (unsigned)(o->hcap - 1))
         if (o->hkey[h] == t) return o->hval[h];
@@ -201,7 +201,9 @@ static int weight_of(owned_state *o, gt *t) {
     memcpy(name, t->name, sizeof t->name);
     name[sizeof t->name] = 0;
     int k = find_name(o, name);
-    if (k < 0 || o->w[k].t) return -1; /* (not streamed; or a second tensor of that name: left alone) */
+    /* (not the pager's; a second tensor of that name; or one llama.cpp put elsewhere than the file's mapping,
+     * a remote or GPU device's buffer: left alone) */
+    if (k < 0 || o->w[k].t || (uint8_t *)t->data < p->map || (uint8_t *)t->data >= p->map + p->map_len) return -1;
     o->w[k].t = t;
     o->w[k].orig = t->data;
     o->hkey[h] = t; /* (the table holds 2x the weights: never full) */
@@ -223,10 +225,10 @@ static void *where(ec_pager *p, int k) {
 }
 
 static void place(ec_pager *p, gt *t) {
-    int k = weight_of(p->own, t);
+    int k = weight_of(p, p->own, t);
     if (k >= 0) {
         t->data = where(p, k);
-    } else if (t->view_src && (k = weight_of(p->own, t->view_src)) >= 0) { /* a view of a weight */
+    } else if (t->view_src && (k = weight_of(p, p->own, t->view_src)) >= 0) { /* a view of a weight */
         t->view_src->data = where(p, k);
         t->data = (uint8_t *)t->view_src->data + t->view_offs;
     }
@@ -240,7 +242,6 @@ void owned_place(ec_pager *p, void *node) {
 
 void owned_reset(ec_pager *p) {
     owned_state *o = p->own;
-    o->fixed_ready = 0;
     for (int k = 0; k < o->n_w; k++)
         if (o->w[k].t) o->w[k].t->data = o->w[k].orig;
     pthread_mutex_lock(&p->mu);
@@ -250,10 +251,11 @@ void owned_reset(ec_pager *p) {
     for (int s = o->n_slots - 1; s >= 0; s--) o->free_slots[o->n_free++] = s;
 }
 
+/* The fixed pool is read once (a settle after an error or a Ctrl-C keeps what an earlier one read whole). */
 int owned_settle(ec_pager *p) {
     owned_state *o = p->own;
     owned_reset(p);
-    for (int b = 0; b < p->n_layers + p->n_pinned; b++) {
+    for (int b = 0; !o->fixed_ready && b < p->n_layers + p->n_pinned; b++) {
         if (!is_fixed(p, b) || !block_range(p, b)->len) continue;
         uint64_t lo = span_lo(p, b), hi = span_hi(p, b) < p->file_size ? span_hi(p, b) : p->file_size;
         int rc = read_range(p, lo, hi - lo, o->fixed + o->fixed_at[b]);
