@@ -393,3 +393,15 @@ def test_the_c_library_s_own_behaviour_natively_and_under_emulation(tmp_path, ar
     if arch == "native":  # a real pass: residency shows what the guard dropped
         for name in ("load-guard-mmap", "load-guard-mmap64"):
             assert "guarded mapping 0 of" in found[name] and "not compared" not in found[name], found[name]
+
+
+def test_openmp_workers_spin_through_a_layer_boundary_unless_the_user_says(tmp_path):
+    """edgecad sets GOMP_SPINCOUNT before llama.cpp loads libgomp (docs/paging.md: a paged pass's compute); a value
+    the user set stays."""
+    code = "import os, edgecad; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    mine = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "5"}, capture_output=True,
+                            text=True, timeout=120)
+    assert mine.stdout.split() == ["1000000"], mine.stderr[-2000:]
+    assert theirs.stdout.split() == ["5"], theirs.stderr[-2000:]
