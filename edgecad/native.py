@@ -131,7 +131,7 @@ class PagerStats(ctypes.Structure):  # ec_pager_stats
     _fields_ = [(n, ctypes.c_uint64) for n in ("bytes_read", "io_wait_ns", "io_busy_ns", "resident_now",
                                                 "peak_resident", "boundaries", "passes", "advise_failures",
                                                 "gate_wait_ns", "draft_layers_in_pass", "populate_ignored",
-                                                "owned_bytes", "direct_reads")]
+                                                "owned_bytes", "direct_reads", "owned_weights")]
 
 
 class Tensor(ctypes.Structure):  # ec_tensor
@@ -210,9 +210,10 @@ def capabilities() -> dict:
 
 
 def can_page() -> bool:
-    """Paging a target needs dropping a file's pages and finding llama.cpp's mapping of it."""
+    """Paging a target needs the owned residency (native/owned.c: direct reads into memory it owns; a Mac's build
+    too), or else dropping a file's pages and finding llama.cpp's mapping of it (the page cache's)."""
     caps = capabilities()
-    return caps["drop_pages"] and caps["find_mapping"]
+    return owned_supported() or (caps["drop_pages"] and caps["find_mapping"])
 
 
 # ---------------------------------------------------------------------------- interrupt (section 6)

@@ -14,6 +14,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import llama_cpp as C
 
@@ -44,9 +45,18 @@ def file_mappings(path: Path) -> set:
     return out
 
 
-def new_mapping(path: Path, before: set) -> tuple[int, int, int]:
+def finds_mappings() -> bool:
+    """Whether this platform tells where llama.cpp mapped a file (/proc/self/maps: Linux, Android). Without it
+    (macOS) only the owned residency pages, learning the mapping from the weights' own buffer (native/owned.c)."""
+    return native.capabilities()["find_mapping"]
+
+
+def new_mapping(path: Path, before: Optional[set]) -> tuple[int, int, int]:
     """The mapping of `path` that appeared since `before`: the one llama.cpp just made for this
-    model (another Model of the same file, or a gguf reader, has its own)."""
+    model (another Model of the same file, or a gguf reader, has its own). (0, 0, 0) where the platform cannot
+    tell (before is None: finds_mappings)."""
+    if before is None:
+        return 0, 0, 0
     new = file_mappings(path) - before
     if len(new) != 1:
         raise NativeError(f"cannot tell llama.cpp's mapping of {path} apart ({len(new)} new mappings): "
@@ -137,6 +147,7 @@ class Pager:
         block.update((t.name, block_of(t.name)) for t in info.tensors if block_of(t.name) in ranges)
         weights = [(t.name.encode(), t.offset, block[t.name]) for t in info.tensors if owned and t.name in block]
         self._tensors = (native.Tensor * max(1, len(weights)))(*weights)  # (C copies the names; kept for the call)
+        self.n_weights = len(weights)  # the weights the owned residency holds (0: the page cache's)
         spec = native.PagerSpec(os.fsencode(self.path), addr, map_off, map_len, layers, streamed, n, pinned,
                                 len(plan.pinned), per_pass, len(plan.evict_each_pass), params, native.ggml_get_name_address,
                                 self._tensors, len(weights))

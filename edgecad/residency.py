@@ -22,7 +22,7 @@ from .drafter import Drafter
 from .errors import EdgecadError, RemoteLostError
 from .gguf_file import GGUFInfo
 from .llama import Guard, Model, ModelParams
-from .pager import LazyLoad, Pager, file_mappings, lazy_load, new_mapping
+from .pager import LazyLoad, Pager, file_mappings, finds_mappings, lazy_load, new_mapping
 from .pipeline import Pipeline
 from .plan import BudgetPlan, RemotePlan
 from .rpc.client import watched
@@ -107,7 +107,7 @@ class Paged(Residency):
     @contextmanager
     def loading(self, path: Path, verbose: bool = False):
         """llama.cpp maps the file without reading it (lazy_load): the pager reads what the plan keeps."""
-        self._mappings = file_mappings(path)
+        self._mappings = file_mappings(path) if finds_mappings() else None
         with lazy_load(path) as how:
             yield how
         if not how.applied and verbose:

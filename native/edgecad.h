@@ -76,6 +76,7 @@ typedef struct {
     uint64_t owned_bytes;    /* bytes of the slots the owned residency holds (0: the page cache's residency) */
     uint64_t direct_reads;   /* 1 = the owned residency's reads bypass the page cache (O_DIRECT / F_NOCACHE); 0 =
                                 plain reads, dropped from the page cache after each (a file system without it) */
+    uint64_t owned_weights;  /* weight tensors the owned residency found in the graphs and points at its memory */
 } ec_pager_stats;
 
 typedef struct ec_pager ec_pager; /* opaque */

@@ -67,6 +67,7 @@ struct owned_state {
     int fixed_ready;     /* 1 once the settle read them (compute thread and settle) */
     weight *w;           /* [n_w] sorted by name */
     int n_w;
+    void *buffer;        /* without a known mapping: the ggml buffer of layer 0's weights, the file's mapping */
     gt **hkey;           /* [hcap] open-addressed table: tensor -> index in w (compute thread) */
     int *hval;
     int hcap;
@@ -191,8 +192,17 @@ static unsigned hash_of(const owned_state *o, const gt *t) {
     return (unsigned)((((uintptr_t)t >> 4) * 0x9E3779B97F4A7C15ull) >> 32) & (unsigned)(o->hcap - 1);
 }
 
+/* Whether t's bytes are in the file's mapping, where the pager may point them elsewhere: inside llama.cpp's mapping
+ * where the pager knows it; else (macOS) in the ggml buffer of layer 0's weights, which a paged target computes
+ * here (llama.cpp offloads the last layers). Anything else is a remote or GPU device's buffer. */
+static int in_mapping(const ec_pager *p, owned_state *o, const gt *t, int k) {
+    if (p->map) return (const uint8_t *)t->data >= p->map && (const uint8_t *)t->data < p->map + p->map_len;
+    if (!o->buffer && o->w[k].block == 0) o->buffer = t->buffer;
+    return o->buffer && t->buffer == o->buffer;
+}
+
 /* The weight `t` is (index in w), -1 if none: by address once seen, else by name (the first time). */
-static int weight_of(const ec_pager *p, owned_state *o, gt *t) {
+static int weight_of(ec_pager *p, owned_state *o, gt *t) {
     unsigned h = hash_of(o, t);
     for (; o->hkey[h]; h = (h + 1) & (unsigned)(o->hcap - 1))
         if (o->hkey[h] == t) return o->hval[h];
@@ -201,13 +211,13 @@ static int weight_of(const ec_pager *p, owned_state *o, gt *t) {
     memcpy(name, t->name, sizeof t->name);
     name[sizeof t->name] = 0;
     int k = find_name(o, name);
-    /* (not the pager's; a second tensor of that name; or one llama.cpp put elsewhere than the file's mapping,
-     * a remote or GPU device's buffer: left alone) */
-    if (k < 0 || o->w[k].t || (uint8_t *)t->data < p->map || (uint8_t *)t->data >= p->map + p->map_len) return -1;
+    /* (not the pager's; a second tensor of that name; or not in the file's mapping yet known: left alone) */
+    if (k < 0 || o->w[k].t || !in_mapping(p, o, t, k)) return -1;
     o->w[k].t = t;
     o->w[k].orig = t->data;
     o->hkey[h] = t; /* (the table holds 2x the weights: never full) */
     o->hval[h] = k;
+    __atomic_add_fetch(&p->st.owned_weights, 1, __ATOMIC_RELAXED);
     return k;
 }
 

@@ -19,6 +19,7 @@ void warn_once(ec_pager *p, const char *what, int err) {
 /* Page-aligned span of the mapping covering a file range: outward (to read) or inward (to drop). */
 static int span(const ec_pager *p, uint64_t off, uint64_t len, int outward, uint8_t **addr, size_t *n) {
     uint64_t ps = page_size();
+    if (!p->map) return 0; /* (owned, where this platform cannot tell where llama.cpp mapped the file: macOS) */
     if (off < p->map_off) { len = len > p->map_off - off ? len - (p->map_off - off) : 0; off = p->map_off; }
     if (off - p->map_off >= p->map_len) return 0;
     if (off - p->map_off + len > p->map_len) len = p->map_len - (off - p->map_off);
@@ -160,7 +161,8 @@ static void evict_range(ec_pager *p, uint64_t off, uint64_t len) {
     if (len == 0) return; /* posix_fadvise reads a length of 0 as "to the end of the file" */
     if (span(p, off, len, 0, &a, &n) && madvise(a, n, MADV_DONTNEED) != 0) warn_once(p, "madvise(MADV_DONTNEED)", errno);
     int rc = drop_file_pages(p->fd, off, len);
-    if (rc != 0) warn_once(p, "posix_fadvise(POSIX_FADV_DONTNEED)", rc);
+    if (rc != 0 && !(rc == ENOTSUP && p->own)) /* (owned holds no layer there: only what a load read stays) */
+        warn_once(p, "posix_fadvise(POSIX_FADV_DONTNEED)", rc);
 }
 
 /* The page cache holds a file in folios of up to PMD size (2 MiB with 4 KiB pages) that can straddle two
@@ -525,7 +527,7 @@ static void advise(ec_pager *p) {
 }
 
 int ec_pager_open(const ec_pager_spec *s, ec_pager **out) {
-    if (!s || !out || !s->path || !s->map_addr || !s->layers || !s->streamed || s->n_layers <= 0 || !s->name_fn ||
+    if (!s || !out || !s->path || (!s->map_addr && !s->params.owned) || !s->layers || !s->streamed || s->n_layers <= 0 || !s->name_fn ||
         s->params.depth < 0 || s->params.lag < 1 || s->n_pinned < 0 || s->n_evict < 0 ||
         (s->params.owned && (s->n_tensors < 0 || (s->n_tensors && !s->tensors))))
         return fail(EC_EINVAL, 0, "ec_pager_open: bad argument%s",
@@ -634,6 +636,7 @@ int ec_pager_get_stats(ec_pager *p, ec_pager_stats *out) {
     pthread_mutex_lock(&p->mu);
     *out = p->st;
     out->bytes_read = __atomic_load_n(&p->st.bytes_read, __ATOMIC_RELAXED);
+    out->owned_weights = __atomic_load_n(&p->st.owned_weights, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&p->mu);
     return EC_OK;
 }

@@ -52,6 +52,28 @@ def test_paging_never_changes_the_tokens_and_holds_the_budget(paging_pair, refer
         assert held <= (plan.window_bytes if memory == "cache" else 2 * PAGE * len(plan.streamed_layers))
         assert held < plan.streamed_bytes / 2
         assert (e.pager.stats()["owned_bytes"] > 0) == (memory == "owned")
+        assert e.pager.stats()["owned_weights"] == (e.pager.n_weights if memory == "owned" else 0)
+
+
+@pytest.mark.parametrize("mode", ["target", "tree"])
+def test_the_owned_residency_pages_where_the_platform_cannot_tell_the_mapping(paging_pair, reference, mode,
+                                                                              monkeypatch):
+    """As on macOS (no /proc/self/maps): the pager is given no mapping; it learns which tensors are the file's from
+    their ggml buffer, and gives the same tokens inside the same budget."""
+    import edgecad.residency
+    monkeypatch.setattr(edgecad.residency, "finds_mappings", lambda: False)
+    draft, target = paging_pair
+    p = PagerParams(**SMALL)
+    budget = budget_for(target, p)
+    with Engine(target, draft if mode == "tree" else None, mode=mode, n_ctx=512, target_budget=budget, pager=p) as e:
+        for prompt in PROMPTS:
+            st = e.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]
+            assert st["token_ids"] == reference[prompt]
+            assert e.budget_plan.pinned_bytes * 0.9 < st["peak_resident_target_bytes"] <= budget
+            assert st["bytes_read"] >= e.budget_plan.streamed_bytes
+        # every weight the pager holds was found in the graph and pointed at its memory (else it would have been
+        # read through llama.cpp's mapping, giving the same tokens)
+        assert e.pager.stats()["owned_weights"] == e.pager.n_weights > 0
 
 
 def test_budget_above_the_model_keeps_it_resident(paging_pair, reference, capsys):
