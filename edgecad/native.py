@@ -326,7 +326,6 @@ ggml_base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
 ggml_get_name_address = ctypes.cast(ggml_base.ggml_get_name, _vp).value
 
 
-
 class GgmlInitParams(ctypes.Structure):  # struct ggml_init_params
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 

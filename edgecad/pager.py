@@ -2,9 +2,11 @@
 paging plan says (edgecad.plan.paging).
 
 The target stays memory-mapped by llama.cpp (no weight repacking). At each layer boundary (llama.cpp's cb_eval, in
-C: native/pager.c) the IO thread reads ahead and evicts the layer `lag` behind. llama.cpp's loader would read the
-whole file (mmap with MAP_POPULATE, then POSIX_MADV_WILLNEED): `lazy_load` turns both off for the paged target
-while it loads (native/guard.c), so a load reads the header and the pager then reads what the plan keeps.
+C: native/pager.c) the IO thread reads ahead and evicts the layer `lag` behind: by default into slots of memory the
+pager owns, read with direct IO, the weights pointed there (native/owned.c); else through the page cache.
+llama.cpp's loader would read the whole file (mmap with MAP_POPULATE, then POSIX_MADV_WILLNEED): `lazy_load` turns
+both off for the paged target while it loads (native/guard.c), so a load reads the header and the pager then reads
+what the plan keeps.
 """
 from __future__ import annotations
 
@@ -137,7 +139,7 @@ class Pager:
         per_pass = (native.Range * max(1, len(plan.evict_each_pass)))(*[(o, b) for _, o, b in plan.evict_each_pass])
         pp, owned = plan.params, plan.params.memory == "owned"
         sees = pp.measure and mincore_sees(self.path)  # (else residency would read as "all of it")
-        # owned: the streamed layers' bytes are counted exactly, the pinned ones by size where mincore cannot see
+        # owned: what the pager holds is counted exactly, mincore or not (only the per-pass rows are the cache's)
         self.measured = owned or sees
         params = native.PagerParams(pp.read_ahead, pp.lag, pp.bytes_per_second, int(sees),
                                     int(plan.readahead_bytes > 0), int(owned))
