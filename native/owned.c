@@ -4,9 +4,8 @@
  * kernel gives them), and llama.cpp's weight tensors of a layer are pointed at its slot as the graph reaches them
  * (cb_eval's ask, before the node runs; at the file's mapping while the layer is not read). The pinned layers and
  * ranges are read the same way, once per settle, into a fixed pool. A pass puts nothing in the page cache, the
- * pager knows to the byte what it holds (and a memory cgroup cannot reclaim a pinned output matrix that every pass
- * reads: measured in a 2 GB cgroup, the page cache's residency re-read it, 467 MB in 4 KiB faults, every pass),
- * and a slot is reused without being freed, zeroed or faulted again. (pager.c has the queue, the boundaries and the
+ * pager knows to the byte what it holds (anonymous memory, which a memory cgroup cannot reclaim from under a pass
+ * as it can the page cache), and a slot is reused without being freed, zeroed or faulted again. (pager.c has the queue, the boundaries and the
  * page cache's residency.)
  */
 #include <stddef.h>
