@@ -170,8 +170,6 @@ static uint64_t owned_resident(const ec_pager *p, int il) {
     return p->own->slot_of[il] >= 0 ? span_hi(p, il) - span_lo(p, il) : 0;
 }
 
-const layer_io owned_io = {owned_load, owned_evict, owned_resident};
-
 /* ---- tensors ---- */
 
 static int by_name(const void *a, const void *b) { return strcmp(((const weight *)a)->name, ((const weight *)b)->name); }
@@ -243,13 +241,14 @@ static void place(ec_pager *p, gt *t) {
     }
 }
 
-void owned_place(ec_pager *p, void *node) {
+static void owned_place(ec_pager *p, void *node) {
     gt *n = node;
     for (int i = 0; i < 10; i++)
         if (n->src[i]) place(p, n->src[i]);
 }
 
-void owned_reset(ec_pager *p) {
+/* Every slot free, the tensors back at the mapping. */
+static void owned_reset(ec_pager *p) {
     owned_state *o = p->own;
     for (int k = 0; k < o->n_w; k++)
         if (o->w[k].t) o->w[k].t->data = o->w[k].orig;
@@ -261,7 +260,7 @@ void owned_reset(ec_pager *p) {
 }
 
 /* The fixed pool is read once (a settle after an error or a Ctrl-C keeps what an earlier one read whole). */
-int owned_settle(ec_pager *p) {
+static int owned_settle(ec_pager *p) {
     owned_state *o = p->own;
     owned_reset(p);
     for (int b = 0; !o->fixed_ready && b < p->n_layers + p->n_pinned; b++) {
@@ -274,7 +273,9 @@ int owned_settle(ec_pager *p) {
     return EC_OK;
 }
 
-uint64_t owned_fixed_bytes(const ec_pager *p) { return p->own->fixed_ready ? p->own->fixed_len : 0; }
+static uint64_t owned_pinned(const ec_pager *p) { return p->own->fixed_ready ? p->own->fixed_len : 0; }
+
+const layer_io owned_io = {owned_load, owned_evict, owned_resident, owned_settle, owned_pinned, owned_place};
 
 /* ---- open / close ---- */
 

@@ -171,7 +171,7 @@ static void evict_range(ec_pager *p, uint64_t off, uint64_t len) {
  * reaches up to folio_max() into a file neighbour that is streamed and not wanted (evicted, or not yet read). */
 static uint64_t folio_max(void) { return (uint64_t)page_size() * (page_size() / 8); } /* PMD: a page of 8-byte entries */
 
-void evict_layer(ec_pager *p, int il) {
+static void evict_layer(ec_pager *p, int il) {
     uint64_t lo = p->layers[il].off, hi = lo + p->layers[il].len, fm = folio_max();
     int a = p->file_prev[il], b = p->file_next[il];
     pthread_mutex_lock(&p->mu);
@@ -188,12 +188,29 @@ void evict_layer(ec_pager *p, int il) {
     evict_range(p, lo, hi - lo);
 }
 
-/* The page cache's residency: a layer is its file pages in llama.cpp's mapping. */
+/* The page cache's residency: a layer, and the pinned part, are file pages in llama.cpp's mapping. */
 static int cache_load(ec_pager *p, int il) { return read_range(p, p->layers[il].off, p->layers[il].len, NULL); }
 
 static uint64_t cache_resident(const ec_pager *p, int il) { return resident(p, p->layers[il].off, p->layers[il].len); }
 
-const layer_io cache_io = {cache_load, evict_layer, cache_resident};
+static int cache_settle(ec_pager *p) {
+    int rc = EC_OK;
+    for (int i = 0; i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len, NULL);
+    for (int il = 0; il < p->n_layers && !rc; il++)
+        if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len, NULL);
+    return rc;
+}
+
+/* By mincore; where mincore cannot see this file, by the sizes the settle read. */
+static uint64_t cache_pinned(const ec_pager *p) {
+    uint64_t r = 0;
+    for (int i = 0; i < p->n_pinned; i++) r += p->prm.measure ? resident(p, p->pinned[i].off, p->pinned[i].len) : p->pinned[i].len;
+    for (int il = 0; il < p->n_layers; il++)
+        if (!p->streamed[il]) r += p->prm.measure ? cache_resident(p, il) : p->layers[il].len;
+    return r;
+}
+
+const layer_io cache_io = {cache_load, evict_layer, cache_resident, cache_settle, cache_pinned, NULL};
 
 /* The pager's first error and this thread's message for it: cb_eval then aborts the graph. (mu held) */
 static void record_error(ec_pager *p, int rc) {
@@ -275,24 +292,11 @@ static void request_evict(ec_pager *p, int il) { /* mu held */
     enqueue(p, OP_EVICT, il);
 }
 
-/* What stays resident whatever the pass: by mincore, or (the owned residency, where mincore cannot see this file)
- * by the sizes the settle read. */
+/* What stays resident whatever the pass: the pinned part as the residency holds it, and the rows of the per-pass
+ * ranges a pass read (the page cache's: by mincore, where it can see this file). */
 static uint64_t fixed_resident(const ec_pager *p) {
-    uint64_t r = 0;
-    if (p->own) { /* (owned: the pinned weights are its fixed pool; the per-pass ranges are page cache) */
-        for (int i = 0; p->prm.measure && i < p->n_evict; i++) r += resident(p, p->evict_pass[i].off, p->evict_pass[i].len);
-        return r + owned_fixed_bytes(p);
-    }
-    if (!p->prm.measure) {
-        for (int i = 0; i < p->n_pinned; i++) r += p->pinned[i].len;
-        for (int il = 0; il < p->n_layers; il++)
-            if (!p->streamed[il]) r += p->layers[il].len;
-        return r;
-    }
-    for (int i = 0; i < p->n_pinned; i++) r += resident(p, p->pinned[i].off, p->pinned[i].len);
-    for (int i = 0; i < p->n_evict; i++) r += resident(p, p->evict_pass[i].off, p->evict_pass[i].len);
-    for (int il = 0; il < p->n_layers; il++)
-        if (!p->streamed[il]) r += resident(p, p->layers[il].off, p->layers[il].len);
+    uint64_t r = p->lio->pinned(p);
+    for (int i = 0; p->prm.measure && i < p->n_evict; i++) r += resident(p, p->evict_pass[i].off, p->evict_pass[i].len);
     return r;
 }
 
@@ -360,7 +364,7 @@ bool ec_pager_cb_eval(void *tensor, bool ask, void *user_data) {
     int is_boundary = name && strncmp(name, "attn_norm-", 10) == 0;
     int il = is_boundary ? atoi(name + 10) : -1;
     if (ask) {
-        if (p->own) owned_place(p, tensor); /* before the node runs: its weights at their slots */
+        if (p->lio->place) p->lio->place(p, tensor); /* before the node runs: its weights where they are */
         return is_boundary && il < p->n_layers; /* (layers past the pager's live elsewhere: a remote device) */
     }
     if (!is_boundary) return true;
@@ -603,11 +607,7 @@ int ec_pager_settle(ec_pager *p) {
     for (int il = 0; il < p->n_layers; il++)
         if (p->streamed[il]) p->want[il] = 0;
     pthread_mutex_unlock(&p->mu);
-    int rc = EC_OK;
-    if (p->own) rc = owned_settle(p); /* every slot free; the pinned weights read into memory it owns */
-    for (int i = 0; !p->own && i < p->n_pinned && !rc; i++) rc = read_range(p, p->pinned[i].off, p->pinned[i].len, NULL);
-    for (int il = 0; !p->own && il < p->n_layers && !rc; il++)
-        if (!p->streamed[il]) rc = read_range(p, p->layers[il].off, p->layers[il].len, NULL);
+    int rc = p->lio->settle(p); /* the pinned part read in (owned: every slot free too) */
     char why[sizeof ec_errbuf]; /* the failure's message, before the evictions below can overwrite it */
     snprintf(why, sizeof why, "%s", rc ? ec_errbuf : "");
     /* then drop the rest: what a whole-file load read, and what the kernel read ahead past the pinned ranges */

@@ -7,12 +7,15 @@
 
 typedef struct owned_state owned_state; /* owned.c */
 
-/* Where a streamed layer lives while it is wanted: one implementation per residency. The IO thread calls load
- * and evict, in queue order; resident is called by the compute thread. */
+/* Where the weights live: one implementation per residency. The IO thread calls load and evict, in queue order;
+ * settle runs with the queue drained; resident, pinned and place are called by the compute thread. */
 typedef struct {
-    int (*load)(ec_pager *p, int il);              /* read layer il; EC_OK or an EC_* error (message set) */
+    int (*load)(ec_pager *p, int il);              /* read streamed layer il; EC_OK or an EC_* error (message set) */
     void (*evict)(ec_pager *p, int il);            /* drop it (best effort: a failure warns once) */
     uint64_t (*resident)(const ec_pager *p, int il); /* bytes of it held now */
+    int (*settle)(ec_pager *p);                    /* read the pinned layers and ranges in; EC_OK or an EC_* error */
+    uint64_t (*pinned)(const ec_pager *p);         /* bytes of them held now */
+    void (*place)(ec_pager *p, void *node);        /* cb_eval's ask, before node runs (NULL: nothing to do) */
 } layer_io;
 
 enum { OP_LOAD = 1, OP_EVICT = 2, OP_EVICT_PASS = 3, OP_STOP = 4 };
@@ -94,15 +97,10 @@ void warn_once(ec_pager *p, const char *what, int err);
 /* Read [off, off+len) of the file: into llama.cpp's mapping (dst NULL) or into dst (direct reads, DIO_ALIGN
  * aligned; owned.c: read_direct). Checks the file's size first, throttles, stops on Ctrl-C or close. */
 int read_range(ec_pager *p, uint64_t off, uint64_t len, uint8_t *dst);
-void evict_layer(ec_pager *p, int il);           /* out of the page cache and the mapping */
 
 /* owned.c */
 int owned_open(ec_pager *p, const ec_pager_spec *s); /* the slots, the direct descriptor, the tensor table */
 void owned_close(ec_pager *p);                       /* tensors pointed back at the mapping; slots freed */
-void owned_reset(ec_pager *p);                       /* every slot free, tensors back at the mapping */
-int owned_settle(ec_pager *p);                       /* owned_reset, then read the pinned blocks into the fixed pool */
-uint64_t owned_fixed_bytes(const ec_pager *p);       /* bytes of the fixed pool read */
-void owned_place(ec_pager *p, void *node);           /* cb_eval's ask: point node's weights at their slots */
 int read_direct(ec_pager *p, uint8_t *dst, uint64_t off, uint64_t n);
 
 #pragma GCC visibility pop
