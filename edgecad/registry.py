@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from . import convert
 from .errors import ChecksumError, FetchError, ModelNotFetchedError, UnknownModelError
 from .progress import Progress
 
@@ -412,8 +413,6 @@ def _derive(sp: ModelSpec, dest_dir: Path | None, *, progress: bool, pip_args) -
 
 
 def _convert(sp: ModelSpec, src: Path, dest_dir: Path, progress: bool) -> Path:
-    from . import convert
-
     how, kwargs = DERIVE[sp.derive]
     with _partial_file(sp, dest_dir) as tmp:
         getattr(convert, how)(src, tmp, progress=progress, **kwargs)
