@@ -207,18 +207,43 @@ def _own_cgroups() -> list[tuple[Path, list[str], bool]]:
     return out
 
 
-def limit() -> Optional[int]:
-    """The smallest memory limit of this process's cgroups and their ancestors (v1 or v2), or None."""
+LIMIT_FILES = {True: ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),  # v1: hard, soft
+               False: ("memory.max", "memory.high")}                            # v2: hard (kills), high (throttles)
+
+
+def tightest() -> Optional[tuple[int, str]]:
+    """(bytes, which file) of the smallest memory limit of this process's cgroups and their ancestors, hard or soft
+    (v1 memory.limit_in_bytes / memory.soft_limit_in_bytes, v2 memory.max / memory.high: the limit a manager lowers
+    first, above which the kernel reclaims and throttles), or None. Read between passes: a few small files."""
     best = None
     for root, parts, v1 in _own_cgroups():
         for k in range(len(parts), -1, -1):
-            try:
-                s = root.joinpath(*parts[:k], "memory.limit_in_bytes" if v1 else "memory.max").read_text().strip()
-            except OSError:
-                continue
-            if s and s != "max" and int(s) < _UNLIMITED:
-                best = int(s) if best is None else min(best, int(s))
+            for name in LIMIT_FILES[v1]:
+                s = _read(root.joinpath(*parts[:k], name)).strip()
+                if s and s != "max" and s.isdigit() and int(s) < _UNLIMITED and (best is None or int(s) < best[0]):
+                    best = (int(s), name)
     return best
+
+
+def limit() -> Optional[int]:
+    """The smallest memory limit (hard or soft) of this process's cgroups and their ancestors, or None."""
+    t = tightest()
+    return t[0] if t else None
+
+
+def own_events() -> Optional[int]:
+    """How many times this process's cgroup reached a limit so far (v2 memory.events high + max, v1
+    memory.failcnt), None where it cannot tell: a rise says memory was taken back from it."""
+    cgs = _own_cgroups()
+    if not cgs:
+        return None
+    root, parts, v1 = cgs[0]
+    d = root.joinpath(*parts)
+    if v1:
+        s = _read(d / "memory.failcnt").strip()
+        return int(s) if s.isdigit() else None
+    ev = dict(line.split(" ", 1) for line in _read(d / "memory.events").splitlines() if " " in line)
+    return int(ev.get("high", 0)) + int(ev.get("max", 0)) if ev else None
 
 
 def _own_dir() -> Optional[Path]:

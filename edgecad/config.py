@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -22,7 +22,7 @@ from .errors import EdgecadError, RequestError, VocabularyMismatchError
 from .gguf_file import GGUFInfo, read_gguf
 from .llama import default_threads
 from .measure import auto_budget, device
-from .plan import CONFIGS, MemoryPlan, PagerParams, parse_budget, parse_memory, plan_memory, plan_remote
+from .plan import CONFIGS, Device, MemoryPlan, PagerParams, parse_budget, parse_memory, plan_memory, plan_remote
 from .rpc.client import connect
 from .tree import MODE_PARAMS, TreeParams
 
@@ -44,12 +44,23 @@ class EngineConfig:
     pager: PagerParams
     n_ctx: int
     n_threads: int
-    tree_params_given: bool = False   # the caller fixed tree_params (no residency adjustment then)
     pipeline: bool = False            # draft beside a paged target's passes: the caller's choice, else the plan's
+    mode_given: Optional[str] = None          # the caller's mode (None: the plan's)
+    tree_given: Optional[TreeParams] = None   # the caller's tree_params (no residency adjustment then)
+    pipeline_given: Optional[bool] = None     # the caller's pipeline (None: the plan's)
+    ceiling: Optional[int] = None     # an explicit memory_budget (moving memory only lowers it); None: "auto"
+    follows: bool = False             # the plan may be re-made while running (replan): a whole-engine budget, not
+                                      # memory_budget=None, target_budget or remote devices
+    device: Optional[Device] = field(default=None, repr=False, compare=False)  # what the plan knew of this device
+    plan_args: Optional[dict] = field(default=None, repr=False, compare=False)  # the plan's other arguments
 
     @property
     def speculative(self) -> bool:
         return self.mode != "target"
+
+    @property
+    def tree_params_given(self) -> bool:
+        return self.tree_given is not None
 
     @property
     def local_info(self) -> GGUFInfo:
@@ -95,7 +106,7 @@ def _without_recurrent(t_info: GGUFInfo, d_info: GGUFInfo, mode: Optional[str]) 
 
 
 def _plan(t_info: GGUFInfo, d_info: Optional[GGUFInfo], budget: int, args: dict, remote: Optional[list],
-          n_threads: int, calibrate: bool) -> MemoryPlan:
+          n_threads: int, calibrate: bool) -> tuple[MemoryPlan, Device]:
     """Measure (the device; the remote devices' announced memory, split into the target's last layers), then plan
     once. With remote devices, the plan uses them where the target is not held whole here."""
     split = plan_remote(t_info, connect(list(remote)), n_ctx=args["n_ctx"], n_batch=args["n_batch"]) if remote else None
@@ -111,7 +122,7 @@ def _plan(t_info: GGUFInfo, d_info: Optional[GGUFInfo], budget: int, args: dict,
     if remote and plan.remote is None:
         why = "none announces memory for a layer" if split is None else "the target fits in this device's memory budget"
         sys.stderr.write(f"edgecad: the remote devices are not used: {why}\n")
-    return plan
+    return plan, dev
 
 
 def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.PathLike, None] = None, *,
@@ -158,11 +169,33 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     grow = mode in (None, "tree") and tree_params is None  # edgecad's own tree grows where passes are IO-bound
     args = dict(n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=nodes, pager=pager, target_budget=target_budget,
                 configs=configs, grow_tree=grow)
-    plan = _plan(t_info, d_info, budget, args, remote, n_threads, calibrate)
+    plan, dev = _plan(t_info, d_info, budget, args, remote, n_threads, calibrate)
     if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
         sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
-    mode = mode or ("tree" if plan.speculative else "target")
-    tree = tree_params or MODE_PARAMS.get(mode)
+    explicit = memory_budget not in (None, "auto")
+    cfg = EngineConfig(target_path, draft_path, t_info, d_info, mode or "target", None, plan, pager, n_ctx, n_threads,
+                       mode_given=mode, tree_given=tree_params, pipeline_given=pipeline,
+                       ceiling=budget if explicit else None,
+                       follows=memory_budget is not None and target_budget is None and not remote,
+                       device=dev, plan_args=args)
+    return _configured(cfg, plan)
+
+
+def replan(cfg: EngineConfig, budget: int) -> EngineConfig:
+    """The configuration at another whole-engine budget (memory that moved: edgecad.follow): the same arguments,
+    the same device as measured (with its costs as `cfg.device` holds them), planned again. Raises EdgecadError
+    where nothing runs inside `budget` (the error names the smallest budget that does)."""
+    plan = plan_memory(budget, cfg.target_info, cfg.draft_info, device=cfg.device, **cfg.plan_args)
+    return _configured(cfg, plan)
+
+
+def _configured(cfg: EngineConfig, plan: MemoryPlan) -> EngineConfig:
+    """cfg with `plan`: its mode (a speculative plan runs the tree unless a mode was given) and the mode's tree,
+    fitted to the plan and the context."""
+    given = cfg.mode_given
+    mode = given or ("tree" if plan.speculative else "target")
+    grow = given in (None, "tree") and not cfg.tree_params_given  # edgecad's own tree grows where passes are IO-bound
+    tree = cfg.tree_given or MODE_PARAMS.get(mode)
     if tree is not None and plan.tree_nodes:  # the plan's tree size: smaller to fit the budget, larger where
         if grow and plan.tree_nodes > tree.max_nodes:  # IO-bound; wider and deeper alike (the break-even
             f = plan.tree_nodes // tree.max_nodes      # decides how much of it a pass uses: drafter, fallback)
@@ -170,7 +203,7 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
                            max_depth=min(plan.tree_nodes, tree.max_depth * f))
         else:
             tree = replace(tree, max_nodes=min(tree.max_nodes, plan.tree_nodes))
-    if tree is not None and tree.max_nodes + 1 > n_ctx // 2:  # a tree's sequences and outputs fit the context
-        tree = replace(tree, max_nodes=max(1, n_ctx // 2 - 1))
-    return EngineConfig(target_path, draft_path, t_info, d_info, mode, tree, plan, pager, n_ctx, n_threads,
-                        tree_params is not None, plan.pipeline if pipeline is None else pipeline)
+    if tree is not None and tree.max_nodes + 1 > cfg.n_ctx // 2:  # a tree's sequences and outputs fit the context
+        tree = replace(tree, max_nodes=max(1, cfg.n_ctx // 2 - 1))
+    pipeline = plan.pipeline if cfg.pipeline_given is None else cfg.pipeline_given
+    return replace(cfg, mode=mode, tree_params=tree, plan=plan, pipeline=pipeline)

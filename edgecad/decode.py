@@ -54,6 +54,9 @@ class Stats:
     fallback: Optional[dict] = None  # summary of the fallback threshold's history
     paging: dict = field(default_factory=dict)  # the residency's measurements (Residency.completion_stats)
     on_prompt_done: Optional[Callable[[], None]] = None  # the residency's mark between prompt and generation
+    between_passes: Optional[Callable[[], None]] = None  # called before each pass after the prompt's, once the
+                                 # tokens before it were yielded: the engine's moves (edgecad.follow) raise there
+    moves: list = field(default_factory=list)  # the engine's moves during the completion (Engine._move)
 
     def note(self, logits: np.ndarray, token: int) -> None:
         """The target's logits row that gave an emitted token (kept only when logprobs were asked for)."""
@@ -65,10 +68,16 @@ class Stats:
             self.token_logprobs.append((float(lp[token]), [(int(t), float(lp[t])) for t in top]))
 
     def prompt_done(self, seconds: float, reused: int) -> None:
-        """The prompt is in the target's KV cache: what follows is generation."""
-        self.prompt_seconds, self.prompt_reused = seconds, reused
+        """The prompt is in the target's KV cache: what follows is generation. After a move (the decoder resumed
+        on another plan), its new prompt pass is generation time: the move's cost."""
+        if not self.moves:
+            self.prompt_seconds, self.prompt_reused = seconds, reused
         if self.on_prompt_done is not None:
             self.on_prompt_done()
+
+    def before_pass(self) -> None:
+        if self.between_passes is not None:
+            self.between_passes()
 
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold, so leaves per tree < 256
@@ -101,14 +110,17 @@ class TargetDecoder:
         pass
 
     def __call__(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
-                 stats: Stats) -> Iterator[int]:
+                 stats: Stats, done: Sequence[int] = ()) -> Iterator[int]:
+        """The completion's tokens after `prompt` and the tokens already `done` (a completion resumed after a
+        move: they are context, seen by penalties and grammar as generated); max_tokens: how many more."""
         ctx, b = self.target, self.batch
-        grammar = _grammar(ctx, sp)
+        grammar = _grammar(ctx, sp, done)
         t0 = time.perf_counter()
-        logits = ctx.sync(b, prompt, logits=True)
+        logits = ctx.sync(b, list(prompt) + list(done), logits=True)
         stats.prompt_done(time.perf_counter() - t0, ctx.reused)
-        stats.target_passes = stats.prompt_passes = 1  # the prompt's pass gives the first token
-        generated = []
+        stats.target_passes += 1  # the prompt's pass gives the first token
+        stats.prompt_passes += 1
+        generated = list(done)
         for i in range(max_tokens):
             tok = pick(processed(logits, generated, sp, grammar), sp, rng)
             stats.near_ties += top2_gap(logits) < NEAR_TIE_EPS
@@ -119,6 +131,7 @@ class TargetDecoder:
             yield tok
             if self.is_eog(tok) or i + 1 == max_tokens or len(ctx.tokens) >= ctx.n_ctx:
                 return
+            stats.before_pass()
             b.clear()
             b.add(tok, len(ctx.tokens), (0,), True)
             td, cpu = time.perf_counter(), time.thread_time()
@@ -205,8 +218,10 @@ class SpeculativeDecoder:
         return tree, Verdict(path, bonus, divergent, seconds, ties, logits[[0, *path]].copy() if rows else None, cpu)
 
     def __call__(self, prompt: Sequence[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
-                 stats: Stats) -> Iterator[int]:
+                 stats: Stats, done: Sequence[int] = ()) -> Iterator[int]:
+        """As TargetDecoder's."""
         p, drafter, target = self.p, self.drafter, self.target
+        prompt = list(prompt) + list(done)
         t0 = time.perf_counter()
         # the target's KV: every accepted token but the root; the last of them not held yet (up to a batch beside
         # the first tree) are decoded in the first tree's pass: a paged target streams its weights once for both
@@ -219,10 +234,10 @@ class SpeculativeDecoder:
         if not prefix:
             stats.prompt_done(time.perf_counter() - t0, reused)
         stats.lossless = p.acceptance is Acceptance.EXACT
-        accept, fallback, grammar = acceptance_for(p, sp), FallbackThreshold(p), _grammar(target, sp)
+        accept, fallback, grammar = acceptance_for(p, sp), FallbackThreshold(p), _grammar(target, sp, done)
         if self.pipeline is not None:
             self.pipeline.start(rng)
-        root_pos, produced, generated = len(head), 0, []  # the root's position
+        root_pos, produced, generated = len(head), 0, list(done)  # the root's position
         d0 = self._counters()
         try:
             while produced < max_tokens and root_pos < target.n_ctx:
@@ -230,7 +245,7 @@ class SpeculativeDecoder:
                 tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix, grammar,
                                           stats.logprobs is not None)
                 if prefix:  # the prompt's pass: its time is the prompt's, as the target's first pass is alone
-                    stats.prompt_passes, prefix, d0 = 1, [], self._counters()
+                    stats.prompt_passes, prefix, d0 = stats.prompt_passes + 1, [], self._counters()
                     stats.prompt_done(time.perf_counter() - t0, reused)
                 else:
                     stats.seconds_target += verdict.seconds
@@ -252,9 +267,12 @@ class SpeculativeDecoder:
                     produced += 1
                     if produced >= max_tokens or self.is_eog(tok):
                         return
+                stats.before_pass()
         finally:
             (stats.draft_passes, stats.seconds_draft, stats.cpu_draft, stats.seconds_chain, stats.chain_tokens,
-             stats.reused_tokens) = (now - then for now, then in zip(self._counters(), d0))
+             stats.reused_tokens) = (before + now - then for before, now, then in zip(
+                (stats.draft_passes, stats.seconds_draft, stats.cpu_draft, stats.seconds_chain, stats.chain_tokens,
+                 stats.reused_tokens), self._counters(), d0))
             stats.fallback = fallback.summary() if p.fallback is Fallback.ADAPTIVE else None
 
     def _counters(self) -> tuple:
@@ -273,9 +291,15 @@ class SpeculativeDecoder:
             assert not left, f"branch sequences {left} were left in the KV cache"
 
 
-def _grammar(target: Context, sp: SamplingParams) -> Optional[Grammar]:
-    """The completion's grammar, in its start state, when its sampling has one."""
-    return Grammar(target.model, sp.grammar) if sp.grammar is not None else None
+def _grammar(target: Context, sp: SamplingParams, done: Sequence[int] = ()) -> Optional[Grammar]:
+    """The completion's grammar, in its state after the tokens `done` (its start state without), when its sampling
+    has one."""
+    if sp.grammar is None:
+        return None
+    g = Grammar(target.model, sp.grammar)
+    for tok in done:
+        g.accept(tok)
+    return g
 
 
 def decoder_for(mode: str) -> type:

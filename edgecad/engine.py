@@ -20,14 +20,16 @@ import numpy as np
 from . import native
 from .arguments import check_logprobs, completion_length, sampling_params, token_ids, unsupported
 from .compat import CLOSED, Count, LlamaMembers, target_path
-from .config import UNBOUNDED, EngineConfig, check_int, resolve
+from .config import UNBOUNDED, EngineConfig, check_int, replan, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
-from .errors import EdgecadError
-from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
+from .errors import BudgetTooSmallError, EdgecadError, MemoryFloorError
+from .follow import Due, FollowParams, Watch
+from .llama import Batch, Closing, Context, ContextParams, Model, ModelParams, set_verbose
 from .measure import emulate_storage, learn, storage_bytes_read
 from .pager import Pager
 from .plan import PagerParams
+from .plan.units import mb
 from .residency import Residency, residency_for
 from .responses import TextChunks, chat_chunks, join, stop_list, with_stats
 from .sampling import SamplingParams
@@ -69,7 +71,8 @@ def stats_dict(stats: Stats, plan) -> dict:
     if stats.mode == "bild":
         d["bild_divergent_tokens"] = stats.bild_divergent
     bounded = plan.budget < UNBOUNDED
-    d["config"], d["config_reason"] = plan.config, plan.reason
+    d["config"], d["config_reason"] = plan.config, plan.reason  # (the last plan, after any move)
+    d["moves"] = list(stats.moves)
     d["budget_bytes"] = plan.budget if bounded else None
     d["memory_plan"] = plan.parts if bounded else None
     d.update(stats.paging)  # where the target lives: its residency's measurements (residency.STATS and its own)
@@ -96,6 +99,11 @@ class Engine(LlamaMembers, Closing):
         target_budget: fix the target's share instead: bytes of the target file kept resident ("450MB",
             "40%" of the target); the rest of the engine comes on top. For experiments and tests.
         pager: how the target is streamed under a budget (IO mode, read-ahead, storage profile).
+        follow_memory: how the engine follows the memory it may use while it runs (edgecad.follow): between passes
+            it re-plans when the room shrinks (at once) or grows (after a while), and moves to the new plan without
+            losing the completion; below what it needs at the least, a completion stops with MemoryFloorError and
+            the engine frees its models until the room comes back. None: plan once. Not with memory_budget=None,
+            target_budget or remote devices; an explicit memory_budget is a ceiling the room never exceeds.
         pipeline: with a paged target and a draft, draft on while the target's pass waits on storage
             (a chain past the tree's best leaf, kept when the target accepts that branch). None (the
             default): the memory plan decides from the measured costs, on where a pass would wait on
@@ -130,6 +138,7 @@ class Engine(LlamaMembers, Closing):
         memory_budget: Union[int, str, None] = "auto",
         target_budget: Union[int, str, None] = None,
         pager: Optional[PagerParams] = None,
+        follow_memory: Optional[FollowParams] = FollowParams(),
         pipeline: Optional[bool] = None,
         n_ctx: int = 4096,
         # compute
@@ -154,15 +163,14 @@ class Engine(LlamaMembers, Closing):
                                     memory_budget=memory_budget, target_budget=target_budget, pager=pager,
                                     pipeline=pipeline, n_ctx=n_ctx, n_threads=n_threads, remote=remote,
                                     verbose=verbose)
-        self.target_path, self.draft_path, self.mode, self.n_threads = (cfg.target_path, cfg.draft_path, cfg.mode,
-                                                                         cfg.n_threads)
-        self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.plan.costs
-        self._residency = residency_for(cfg)
-        self.tree_params = self._residency.tree_params(cfg)
-        t_gpu, d_gpu = self._load(cfg, backend=backend, draft_gpu_layers=draft_gpu_layers,
-                                  target_gpu_layers=target_gpu_layers, progress=progress)
-        self._make_contexts(cfg, t_gpu, d_gpu)
-        self._on_gpu = (t_gpu != 0, d_gpu != 0)  # (target, draft) layers on a GPU: their CPU time says nothing
+        self.target_path, self.draft_path, self.n_threads = cfg.target_path, cfg.draft_path, cfg.n_threads
+        self._placement = dict(backend=backend, draft_gpu_layers=draft_gpu_layers, target_gpu_layers=target_gpu_layers)
+        self._configure(cfg)
+        t0, read0 = time.perf_counter(), storage_bytes_read()
+        self._load_target(cfg, progress)
+        self._draft_model = decoder_for(cfg.mode).load_draft(cfg, self._gpu[1], progress)
+        self._loaded(cfg, t0, read0)
+        self._make_contexts(cfg)
         if native.lib.ec_interrupt_pending():  # a Ctrl-C while C code ran (a log callback may have eaten it)
             self.close()
             raise KeyboardInterrupt
@@ -170,32 +178,48 @@ class Engine(LlamaMembers, Closing):
         self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
         self._computing = threading.Lock()  # held while a completion's next chunk is computed
         self._window = ChatWindow(self._target_model, self.tokenize, self.n_ctx)  # chats' prompts (edgecad.window)
+        self._watch = (Watch(follow_memory, cfg.ceiling, cfg.plan.budget, time.monotonic)
+                       if follow_memory is not None and cfg.follows else None)
+        self.moves: list = []  # every move of this engine (edgecad.follow): the completions' `moves` stats
+        self._freed = False  # the floor freed the models (the vocabulary kept): the next completion loads again
 
-    def _load(self, cfg: EngineConfig, *, backend: str, draft_gpu_layers: Optional[int], target_gpu_layers: int,
-              progress: bool) -> tuple[int, int]:
-        """Load the models where they compute (edgecad.devices), the target as its residency says (a paged
-        target is mapped without being read; the pager reads what the plan keeps). Under a --storage profile,
-        what the loads read from storage takes that storage's time. Returns (target, draft) GPU layers."""
-        self.device, d_gpu, t_gpu = placement(backend, draft_gpu_layers, target_gpu_layers, cfg.plan.paged)
+    def _configure(self, cfg: EngineConfig) -> None:
+        """What a configuration sets: its plan, mode, residency and tree, where its models compute."""
+        self.config, self.mode = cfg, cfg.mode
+        self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.plan.costs
+        self._residency = residency_for(cfg)
+        self.tree_params = self._residency.tree_params(cfg)
+        self.device, d_gpu, t_gpu = placement(self._placement["backend"], self._placement["draft_gpu_layers"],
+                                              self._placement["target_gpu_layers"], cfg.plan.paged)
+        self._gpu = (t_gpu, d_gpu)
+        self._on_gpu = (t_gpu != 0, d_gpu != 0)  # (target, draft) layers on a GPU: their CPU time says nothing
         if self.device is not None and (self.verbose or os.environ.get("EDGECAD_SHOW_PLAN")):
             sys.stderr.write(placement_line(self.device, d_gpu, t_gpu, cfg.plan.paged) + "\n")
-        t_load, read0 = time.perf_counter(), storage_bytes_read()
+
+    def _load_target(self, cfg: EngineConfig, progress: bool) -> None:
+        """Load the target as its residency says (a paged target is mapped without being read; the pager reads
+        what the plan keeps); a move reloads the same Model object (Model.reload)."""
         res = self._residency
-        params = res.model_params(t_gpu)
+        params = res.model_params(self._gpu[0])
         with res.loading(cfg.target_path, self.verbose) as lazy:
-            self._target_model = Model(cfg.target_path, params, cfg.target_info,
-                                       progress=f"loading {cfg.target_path.name}" if progress else None)
-        self._draft_model = decoder_for(cfg.mode).load_draft(cfg, d_gpu, progress)
-        emulate_storage(storage_bytes_read(since=read0), t_load, cfg.pager.bytes_per_second)
+            label = f"loading {cfg.target_path.name}" if progress else None
+            if self._target_model is None:
+                self._target_model = Model(cfg.target_path, params, cfg.target_info, progress=label)
+            else:
+                self._target_model.reload(params, label)
         res.start(self._target_model, cfg.local_info)
         self.lazy_load = lazy
-        self.load_seconds = time.perf_counter() - t_load  # models loaded, pinned layers read
-        self.load_bytes_read = storage_bytes_read(since=read0)  # from storage (page-cache hits: 0)
-        return t_gpu, d_gpu
 
-    def _make_contexts(self, cfg: EngineConfig, t_gpu: int, d_gpu: int) -> None:
+    def _loaded(self, cfg: EngineConfig, t0: float, read0: Optional[int]) -> None:
+        """Under a --storage profile, what the loads read from storage takes that storage's time."""
+        emulate_storage(storage_bytes_read(since=read0), t0, cfg.pager.bytes_per_second)
+        self.load_seconds = time.perf_counter() - t0  # models loaded, pinned layers read
+        self.load_bytes_read = storage_bytes_read(since=read0)  # from storage (page-cache hits: 0)
+
+    def _make_contexts(self, cfg: EngineConfig) -> None:
         """The target's context (with its residency's hooks) and the mode's decoder, which makes what it needs
         besides (the draft's context and drafter)."""
+        t_gpu, d_gpu = self._gpu
         decoder = decoder_for(cfg.mode)
         n_seq = decoder.sequences(self.tree_params)
         # llama.cpp reserves max(outputs, sequences) logit rows and allows n_batch outputs: n_batch >= n_seq
@@ -207,6 +231,81 @@ class Engine(LlamaMembers, Closing):
         self._decoder = decoder.build(self._target, self._batch, self.tree_params, self._draft_model,
                                       replace(cp, op_offload=d_gpu != 0), self._residency)
         self.pipeline = self._decoder.pipeline is not None
+
+    # ------------------------------------------------------------------ moves
+    # Memory that moves (edgecad.follow): between passes the Watch reads the room; a plan made for it that differs
+    # from the running one replaces it. The target's side is freed first, then loaded as the new plan says; the
+    # draft stays loaded while the plan keeps it. The completion resumes from its tokens so far (the new KV caches
+    # are filled from them in one prompt pass), so its tokens are the ones it would have given without the move.
+
+    def _between_passes(self) -> None:
+        """Stats.between_passes: raise _Move when the Watch calls for a plan that differs from the running one;
+        MemoryFloorError when none fits the room."""
+        due = self._watch.due(self._holds())
+        if due is None:
+            return
+        cfg = replace(self.config, device=replace(self.config.device, costs=self._costs))
+        try:
+            new = replan(cfg, due.budget)
+        except BudgetTooSmallError as e:
+            if not due.down:
+                self._watch.planned(due.budget, False)
+                return
+            raise MemoryFloorError(f"edgecad stopped: {due.why}, and {_floor(e)}: free memory (close other apps) or "
+                                   "raise the limit, then send the request again (it was kept)") from None
+        if _same(new.plan, self.memory_plan):
+            self._watch.planned(due.budget, False)
+            return
+        raise _Move(new, due)
+
+    def _holds(self) -> int:
+        """Bytes the running plan holds: its budget less its spare."""
+        return self.memory_plan.budget - max(self.memory_plan.parts["spare"], 0)
+
+    def _move(self, new: EngineConfig, due: Due, at_token: int, t0: float) -> dict:
+        """Free the target's side, load it as `new` says (the draft loaded or freed as it asks), and say so."""
+        old, t = self.memory_plan, time.perf_counter()
+        self._free_target_side(keep_draft=new.speculative)
+        self._configure(new)
+        self._load_target(new, False)
+        if new.speculative and self._draft_model is None:
+            self._draft_model = decoder_for(new.mode).load_draft(new, self._gpu[1], False)
+        self._make_contexts(new)
+        self._watch.planned(due.budget, not due.down)
+        move = {"seconds": round(time.perf_counter() - t0, 3), "at_token": at_token,
+                "from": _describe(old), "to": _describe(new.plan), "why": due.why,
+                "move_seconds": round(time.perf_counter() - t, 3)}
+        self.moves.append(move)
+        if self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
+            sys.stderr.write(f"edgecad: moved from {move['from']} to {move['to']}: {move['why']}\n")
+        return move
+
+    def _free_target_side(self, keep_draft: bool) -> None:
+        """Free the decoder (the draft's context), the target's context and weights (and the draft's unless
+        kept): what a move or the floor gives back."""
+        for name in ("_decoder", "_batch", "_target") + (() if keep_draft else ("_draft_model",)):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+                setattr(self, name, None)
+        if self._target_model is not None:
+            self._target_model.close()  # (its dependents first: the pager)
+        self._residency.close()
+
+    def _reload_if_freed(self) -> None:
+        """After the floor freed the models: plan for the room there is now and load again (MemoryFloorError
+        while it is still too small)."""
+        if not self._freed:
+            return
+        room, why = self._watch.room()
+        cfg = replace(self.config, device=replace(self.config.device, costs=self._costs))
+        try:
+            new = replan(cfg, room)
+        except BudgetTooSmallError as e:
+            raise MemoryFloorError(f"edgecad cannot run: {why} is {mb(room)}, and {_floor(e)}: free memory (close "
+                                   "other apps) or raise the limit, then send the request again") from None
+        self._freed = False
+        self._move(new, Due(room, f"{why} is {mb(room)} again", False), 0, time.perf_counter())
 
     # ------------------------------------------------------------------ completion
     # llama-cpp-python's `Llama` surface: same names, defaults and result shapes. Arguments that
@@ -284,7 +383,7 @@ class Engine(LlamaMembers, Closing):
             native.lib.ec_interrupt_clear()  # a Ctrl-C before this completion is not this one's
             while True:
                 with self._computing:  # (close waits for a chunk being computed; a paused stream does not hold it)
-                    if self._target is None:
+                    if self._target_model is None:
                         raise EdgecadError("this Engine was closed while the stream was open: create a new one")
                     try:
                         chunk = next(chunks)
@@ -302,31 +401,55 @@ class Engine(LlamaMembers, Closing):
                 chat: Optional[Tools] = None) -> Iterator[dict]:
         """The completion's chunks (edgecad.responses.TextChunks); logprobs: alternatives listed per token, or None;
         chat: the tools of a chat (its prompt is the messages; logprobs in a chat's shape), None for a completion."""
-        if self._target is None:
+        if self._target_model is None:
             raise EdgecadError(CLOSED)
         max_tokens = completion_length(tokens, max_tokens, self.n_ctx, "prompt" if chat is None else "messages")
+        self._reload_if_freed()
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done,
-                      logprobs=logprobs)
+                      logprobs=logprobs, between_passes=self._between_passes if self._watch is not None else None)
         text = TextChunks(self._target_model, str(self.target_path), stops, echo, offset, chat)
         for m in (self._target_model, self._draft_model):
             if m is not None:
                 m.check_file()
         self._residency.begin_completion()
         t0 = time.perf_counter()
-        decoder = self._decoder(tokens, max_tokens, sp, rng, stats)
-        try:
-            yield from text.chunks(decoder, stats)
-        finally:
-            decoder.close()
+        yield from text.chunks(self._tokens(tokens, max_tokens, sp, rng, stats, t0), stats)
         stats.seconds = time.perf_counter() - t0 - stats.prompt_seconds
         stats.paging = self._residency.completion_stats(stats)
         last = text.last(stats)
         last["edgecad"] = stats_dict(stats, self.memory_plan)
-        self._costs = learn(self._costs, last["edgecad"], self.memory_plan, self.config.local_info,
-                            self.config.draft_info, self.n_threads, self._on_gpu)  # (for the next engine)
+        if not stats.moves:  # (a completion that moved ran two plans: it teaches neither)
+            self._costs = learn(self._costs, last["edgecad"], self.memory_plan, self.config.local_info,
+                                self.config.draft_info, self.n_threads, self._on_gpu)  # (for the next engine)
         yield last
+
+    def _tokens(self, tokens: list[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
+                stats: Stats, t0: float) -> Iterator[int]:
+        """The decoder's tokens. A move between passes (_between_passes) stops the decoder, moves, and resumes
+        on the new plan from the tokens so far; at the floor the engine frees its models (MemoryFloorError)."""
+        done: list[int] = []
+        while True:
+            decoder = self._decoder(tokens, max_tokens - len(done), sp, rng, stats, done=list(done))
+            try:
+                for tok in decoder:
+                    done.append(tok)
+                    yield tok
+                return
+            except _Move as m:
+                move = m
+            except MemoryFloorError:
+                decoder.close()
+                self._free_target_side(keep_draft=False)
+                self._target_model.reload(ModelParams(vocab_only=True))  # (tokenizing, chat templates go on)
+                self._freed = True
+                raise
+            finally:
+                decoder.close()
+            stats.moves.append(self._move(move.config, move.due, len(done), t0))
+            stats.on_prompt_done = self._residency.prompt_done
+            self._residency.begin_completion()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -338,7 +461,7 @@ class Engine(LlamaMembers, Closing):
             pass
         try:
             # an open stream's chunk that another thread is computing finishes first; its next chunk then sees
-            # the engine closed (_target is None, read under the same lock)
+            # the engine closed (_target_model is None, read under the same lock)
             with getattr(self, "_computing", None) or threading.Lock():
                 for name in ("_decoder", "_batch", "_target", "_target_model", "_draft_model"):
                     obj = getattr(self, name, None)
@@ -386,4 +509,35 @@ def _seed(seed) -> Optional[int]:
     check_int("seed", seed, 0, None, "or -1 for a random seed")
     return int(seed)
 
+
+class _Move(Exception):
+    """Raised between passes (Engine._between_passes): move to `config`, as `due` asks."""
+
+    def __init__(self, config: EngineConfig, due: Due):
+        super().__init__(due.why)
+        self.config, self.due = config, due
+
+
+def _same(a, b) -> bool:
+    """Two plans run the same way: same configuration, target share and pinned layers, tree and batches."""
+    return (a.kind, a.n_batch, a.tree_nodes, a.pipeline) == (b.kind, b.n_batch, b.tree_nodes, b.pipeline) and (
+        (a.paging is None) == (b.paging is None)) and (
+        a.paging is None or (a.paging.budget, a.paging.pinned_layers) == (b.paging.budget, b.paging.pinned_layers))
+
+
+def _describe(plan) -> str:
+    """A plan in a few words: "tree-paged in 700 MB (9 of 24 layers streamed, trees of 16)"."""
+    s = f"{plan.config} in {mb(plan.budget)}"
+    extra = []
+    if plan.paging is not None:
+        extra.append(f"{len(plan.paging.streamed_layers)} of "
+                     f"{len(plan.paging.streamed_layers) + len(plan.paging.pinned_layers)} layers streamed")
+    if plan.speculative:
+        extra.append(f"trees of {plan.tree_nodes}")
+    return s + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _floor(e: BudgetTooSmallError) -> str:
+    """What the engine needs at the least, as the plan found it."""
+    return f"it needs at least {mb(e.smallest)}" if e.smallest is not None else f"nothing runs in it ({e})"
 

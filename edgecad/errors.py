@@ -68,3 +68,17 @@ class NativeError(EdgecadError):
 
 class RemoteLostError(EdgecadError):
     """A remote device (edgecad.rpc) is unreachable or went away: its layers of the target went with it."""
+
+
+class BudgetTooSmallError(EdgecadError):
+    """No configuration runs inside the memory budget; `smallest` is the smallest budget that runs one (None where
+    something else ruled every one out)."""
+
+    def __init__(self, message: str, smallest: int = None):
+        super().__init__(message)
+        self.smallest = smallest
+
+
+class MemoryFloorError(EdgecadError):
+    """The memory the engine may use fell below what it needs at the least (edgecad.follow): it stopped the
+    completion and freed its models rather than be killed; the next request loads them again if memory came back."""

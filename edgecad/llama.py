@@ -91,6 +91,7 @@ class ModelParams:
     tensor_split: Optional[tuple] = None  # share of the offloaded layers per device (llama.cpp normalizes it)
     cpu_tensors: Optional[str] = None     # regex of tensor names kept on the CPU in offloaded layers
     guard: Optional["Guard"] = None  # runs the calls that may wait on another device (a remote residency's)
+    vocab_only: bool = False         # the vocabulary alone, no weights (an engine that freed its models: tokenizing)
 
 
 class Guard:
@@ -133,6 +134,7 @@ def _model_params(params: ModelParams):
     mp.load_mode = C.LLAMA_LOAD_MODE_MMAP if params.use_mmap else C.LLAMA_LOAD_MODE_DIRECT_IO
     mp.lazy_mode = C.LLAMA_LAZY_MODE_OFF
     mp.use_extra_bufts = params.use_extra_bufts
+    mp.vocab_only = params.vocab_only
     mp.n_gpu_layers = params.n_gpu_layers
     keep = []
     if params.devices is not None:
@@ -161,6 +163,17 @@ class Model(Closing):
         self.path = Path(path)
         self.info = info if info is not None else read_gguf(self.path)
         self._identity = _identity(self.path)
+        self._load(params, progress)
+
+    def reload(self, params: ModelParams, progress: Optional[str] = None) -> None:
+        """Load the same file again with other params (the engine moving between residencies: edgecad.follow):
+        the weights held now are freed first (the room shrank), and this object stays the one its holders have
+        (a completion's text, the chat window)."""
+        self.check_file()
+        self.close()
+        self._load(params, progress)
+
+    def _load(self, params: ModelParams, progress: Optional[str]) -> None:
         self.params = params
         mp, keep = _model_params(params)  # (keep: the arrays mp points to, alive until the load returns)
         # llama.cpp calls this during the load. A Ctrl-C raised inside a ctypes callback is printed and lost,

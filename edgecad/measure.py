@@ -24,14 +24,34 @@ def process_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def memory_room() -> tuple[int, str]:
+    """(bytes, what set them) of the memory this engine may use now: the smaller of what the system has available
+    (plus what this process already holds) and its cgroup's tightest limit, hard or soft (edgecad.cgroup.tightest),
+    less a margin of 2% (at least 32 MB) for the kernel's own charges (page tables, slab). Cheap (a few small
+    files): the engine reads it between passes (edgecad.follow)."""
+    n, why = psutil.virtual_memory().available + process_rss(), "available memory"
+    lim = cgroup.tightest()
+    if lim is not None and lim[0] < n:
+        n, why = lim[0], f"cgroup {lim[1]}"
+    return int(n - max(32 * MB, 0.02 * n)), why
+
+
 def auto_budget() -> int:
-    """The memory this engine may use: the smaller of what the system has available (plus what this
-    process already holds) and the process's cgroup limit, less a margin of 2% (at least 32 MB) for
-    the kernel's own charges (page tables, slab)."""
-    avail = psutil.virtual_memory().available + process_rss()
-    limit = cgroup.limit()
-    n = min(avail, limit) if limit else avail
-    return int(n - max(32 * MB, 0.02 * n))
+    """memory_budget="auto": the memory this engine may use now (memory_room)."""
+    return memory_room()[0]
+
+
+PSI_MEMORY = Path("/proc/pressure/memory")
+
+
+def memory_pressure() -> Optional[float]:
+    """The kernel's memory pressure (PSI): the share of the last 10 s in which some task waited for memory, in %;
+    None where the kernel has no PSI (CONFIG_PSI off, or psi=0)."""
+    try:
+        some = PSI_MEMORY.read_text().splitlines()[0]
+        return float(dict(f.split("=") for f in some.split()[1:])["avg10"])
+    except (OSError, IndexError, KeyError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------- storage

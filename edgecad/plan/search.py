@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
-from ..errors import EdgecadError
+from ..errors import BudgetTooSmallError, EdgecadError
 from ..gguf_file import GGUFInfo
 from .costs import Costs, speed, tree_size, waits
 from .paging import BudgetPlan, PagerParams, plan_budget
@@ -183,15 +183,16 @@ def _search(budget: int, ask: _Ask, configs: Optional[tuple]) -> MemoryPlan:
                            "fastest predicted (vs " + ", ".join(others) + " tok/s)"))
 
 
-def _nothing_fits(budget: int, ask: _Ask, why_not: dict, smallest: Optional[int]) -> EdgecadError:
+def _nothing_fits(budget: int, ask: _Ask, why_not: dict, smallest: Optional[int]) -> BudgetTooSmallError:
     head = ((f"memory budget {mb(budget)}" if ask.target_budget is None else
              f"target budget {mb(ask.target_budget)}") + f" cannot run {ask.target.path.name}"
             + (f" (with draft {ask.draft.path.name})" if ask.draft is not None else ""))
     if smallest is None:  # every configuration asked for was ruled out by something else
-        return EdgecadError(head + ": " + "; ".join(f"{c}: {w}" for c, w in why_not.items())
-                            + ": choose another configuration (mode) or budget")
-    return EdgecadError(head + f": the smallest configuration needs {mb(smallest)}; give a larger "
-                        + ("memory_budget" if ask.target_budget is None else "target_budget") + " or a smaller n_ctx")
+        return BudgetTooSmallError(head + ": " + "; ".join(f"{c}: {w}" for c, w in why_not.items())
+                                   + ": choose another configuration (mode) or budget")
+    return BudgetTooSmallError(head + f": the smallest configuration needs {mb(smallest)}; give a larger "
+                               + ("memory_budget" if ask.target_budget is None else "target_budget")
+                               + " or a smaller n_ctx", smallest)
 
 
 # Shrinking steps for a paged configuration that does not fit, tried cumulatively in this order: each frees

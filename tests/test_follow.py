@@ -1,0 +1,242 @@
+"""Memory that moves (edgecad.follow): an engine in a real memory cgroup whose limits the test moves while a
+completion streams, on the tiny budget pair (real llama.cpp).
+
+The child streams one completion and waits for the test's word before each next chunk, so the test moves the limit
+between two given tokens. It lowers the cgroup's soft limit first (v1 memory.soft_limit_in_bytes, v2 memory.high:
+what a manager lowers first, and what the engine follows), then the hard limit to the same value once the engine
+moved: a v1 kernel refuses to lower a hard limit under what the cgroup holds (EBUSY), so that write succeeding is
+the kernel's word that the engine gave its memory back; a v2 kernel would kill.
+"""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edgecad import Engine, cgroup
+from edgecad.errors import EdgecadError
+from edgecad.follow import FollowParams, Watch, slack
+from edgecad.gguf_file import read_gguf
+from edgecad.measure import memory_room, read_ahead_bytes
+from edgecad.plan import Device, plan_memory
+
+MB = 1_000_000
+CAN_CGROUP, WHY_NOT = cgroup.available()
+needs_cgroup = pytest.mark.skipif(not CAN_CGROUP, reason=f"no memory cgroup: {WHY_NOT}")
+
+CHILD = r"""
+import json, sys
+from edgecad import Engine
+from edgecad.errors import MemoryFloorError
+from edgecad.follow import FollowParams
+target, draft, n, grow_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+say = lambda **kw: print(json.dumps(kw), flush=True)
+hwm = lambda: [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+e = Engine(target, draft, n_ctx=512, follow_memory=FollowParams(interval=0.0, grow_after=grow_after))
+say(ready=e.memory_plan.config, budget=e.memory_plan.budget)
+for prompt in ("Once upon a time", "Once upon a time"):   # the second: after the floor, memory back
+    moves, peaks = 0, []
+    try:
+        for ch in e.create_completion(prompt, max_tokens=n, temperature=0, stream=True):
+            if "edgecad" in ch:
+                st = ch["edgecad"]
+                say(done=st["token_ids"], moves=st["moves"], config=st["config"], peaks=peaks)
+                break
+            if len(e.moves) > moves:  # a move came before this token: the peak from here is the new plan's
+                moves = len(e.moves)
+                peaks.append([e.memory_plan.budget, 0])
+                open("/proc/self/clear_refs", "w").write("5")  # (resets VmHWM)
+            if peaks:
+                peaks[-1][1] = hwm()
+            say(token=ch["choices"][0]["text"], config=e.memory_plan.config)
+            sys.stdin.readline()
+    except MemoryFloorError as err:
+        say(floor=str(err), rss=[int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:")][0])
+        sys.stdin.readline()
+"""
+
+
+def _runtime() -> int:
+    rss = subprocess.run([sys.executable, "-c", "import edgecad.engine; from edgecad.measure import process_rss; "
+                          "print(process_rss())"], capture_output=True, text=True, check=True)
+    return int(rss.stdout)
+
+
+def _sizes(target, draft) -> dict:
+    """The smallest whole-engine budgets (1 MB steps) that run the target resident, and paged, and run anything."""
+    t, d, runtime = read_gguf(target), read_gguf(draft), _runtime()
+    dev = Device(runtime=runtime, readahead=read_ahead_bytes(target))
+    out = {}
+    for mb in range(40, 400):
+        try:
+            plan = plan_memory(mb * MB, t, d, n_ctx=512, n_batch=512, tree_nodes=32, device=dev)
+        except EdgecadError:
+            continue
+        out.setdefault("any", mb * MB)
+        out.setdefault("paged" if plan.paged else "resident", mb * MB)
+    return out
+
+
+class Child:
+    """The child in its cgroup: its lines as they come, the test's word before each next chunk."""
+
+    def __init__(self, cg, target, draft, n: int, grow_after: float):
+        self.p = cg.start([sys.executable, "-c", CHILD, str(target), str(draft), str(n), str(grow_after)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def line(self) -> dict:
+        s = self.p.stdout.readline()
+        assert s, f"the child ended: rc {self.p.poll()}: {self.p.stderr.read()[-3000:]}"
+        return json.loads(s)
+
+    def go(self) -> None:
+        self.p.stdin.write("\n")
+        self.p.stdin.flush()
+
+    def close(self) -> int:
+        try:
+            self.p.stdin.close()
+        except BrokenPipeError:
+            pass
+        return self.p.wait(timeout=120)
+
+
+def _reference(target, draft, n: int) -> list:
+    """The unconstrained target's greedy tokens."""
+    with Engine(target, None, mode="target", memory_budget=None, n_ctx=512) as e:
+        return e.create_completion("Once upon a time", max_tokens=n, temperature=0)["edgecad"]["token_ids"]
+
+
+def _limits(cg, soft: int, hard: int = None) -> None:
+    names = cgroup.LIMIT_FILES[cg.v1]
+    if hard is not None and hard < soft:
+        (cg.path / names[0]).write_text(str(hard))
+    (cg.path / names[1]).write_text(str(soft))
+    if hard is not None and hard >= soft:
+        (cg.path / names[0]).write_text(str(hard))
+
+
+@needs_cgroup
+def test_an_engine_moves_down_when_its_limit_falls_and_up_when_it_rises(budget_pair):
+    """Lowered under the resident plan mid-completion, the engine moves to a paged plan before the next pass, is
+    not killed, holds the new budget (peak RSS after the move) and lets the kernel take the hard limit down too;
+    raised again, it moves back up after grow_after; its tokens are the unconstrained target's throughout."""
+    draft, target = budget_pair
+    sizes, n = _sizes(target, draft), 96
+    high = sizes["resident"] + 100 * MB
+    low = (sizes["paged"] + sizes["resident"]) // 2 + 32 * MB  # (auto keeps 32 MB under the limit)
+    with cgroup.MemoryCgroup(high, "follow") as cg:
+        child = Child(cg, target, draft, n, grow_after=0.5)
+        try:
+            ready = child.line()
+            assert not ready["ready"].endswith("paged"), ready
+            configs, got, raised = [], None, None
+            for i in range(n + 1):
+                msg = child.line()
+                if "done" in msg:
+                    got = msg
+                    break
+                configs.append(msg["config"])
+                if i == 4:
+                    _limits(cg, low)
+                elif i == 5:
+                    assert configs[-1].endswith("paged"), configs  # moved before the next pass
+                    _limits(cg, low, low)  # (v1: EBUSY unless the engine gave its memory back)
+                elif i == 8:
+                    _limits(cg, high, high)
+                    raised = i
+                if raised is not None and configs[-1].endswith("paged"):
+                    time.sleep(0.15)  # (the room must stay larger for grow_after)
+                child.go()
+            assert child.close() == 0 and not cgroup.killed_by_limit(0, cg)
+        finally:
+            child.p.kill()
+    assert got is not None, configs
+    downs = [m for m in got["moves"] if "fell" in m["why"]]
+    ups = [m for m in got["moves"] if "rose" in m["why"]]
+    assert len(downs) == 1 and len(ups) == 1, got["moves"]
+    assert "paged" in downs[0]["to"] and "paged" not in ups[0]["to"], got["moves"]
+    assert not configs[-1].endswith("paged"), configs
+    assert len(got["peaks"]) == 2
+    for budget, peak in got["peaks"]:
+        assert 0 < peak <= budget, got["peaks"]
+    assert got["done"] == _reference(target, draft, n)
+
+
+@needs_cgroup
+def test_a_flapping_limit_moves_the_engine_down_once(budget_pair):
+    """A limit that drops and comes back every few tokens: the engine moves down at the first drop and stays
+    down (the room never stays larger for grow_after); its tokens are the target's."""
+    draft, target = budget_pair
+    sizes, n = _sizes(target, draft), 30
+    high = sizes["resident"] + 100 * MB
+    low = (sizes["paged"] + sizes["resident"]) // 2 + 32 * MB
+    with cgroup.MemoryCgroup(high, "follow") as cg:
+        child = Child(cg, target, draft, n, grow_after=1.0)
+        try:
+            child.line()
+            got = None
+            for i in range(n + 1):
+                msg = child.line()
+                if "done" in msg:
+                    got = msg
+                    break
+                if i >= 3:
+                    _limits(cg, low if i % 2 else high)
+                time.sleep(0.1)
+                child.go()
+            assert child.close() == 0
+        finally:
+            child.p.kill()
+    assert got is not None
+    assert ["fell" in m["why"] for m in got["moves"]] == [True], got["moves"]
+    assert got["done"] == _reference(target, draft, n)
+
+
+@needs_cgroup
+def test_below_its_floor_the_engine_stops_with_one_line_and_frees_its_memory(budget_pair):
+    """A limit under what any plan needs: the completion stops with MemoryFloorError (one line naming what it
+    needs and what to do), the engine frees its models (its RSS back near the runtime's); once the limit comes
+    back, the same request runs again on the same engine."""
+    draft, target = budget_pair
+    sizes, n = _sizes(target, draft), 16
+    high = sizes["resident"] + 100 * MB
+    with cgroup.MemoryCgroup(high, "follow") as cg:
+        child = Child(cg, target, draft, n, grow_after=0.5)
+        try:
+            child.line()
+            floor, got = None, None
+            for i in range(2 * n + 4):
+                msg = child.line()
+                if "floor" in msg:
+                    floor = msg
+                    _limits(cg, high)
+                elif "done" in msg:
+                    got = msg
+                    break
+                elif i == 3:
+                    _limits(cg, sizes["any"] // 2)
+                child.go()
+            assert child.close() == 0
+        finally:
+            child.p.kill()
+    assert floor is not None, got
+    line = floor["floor"]
+    assert "\n" not in line and "it needs at least" in line and "raise the limit" in line, line
+    assert floor["rss"] < _runtime() + 40 * MB, floor
+    assert got is not None and got["done"] == _reference(target, draft, n)
+
+
+def test_the_watch_reads_the_room_and_keeps_the_ceiling():
+    """The Watch's room is memory_room's, under an explicit budget's ceiling; a plan that holds more than the room
+    (beyond the slack) is due down at once; a room at the plan's budget asks for nothing."""
+    room, why = memory_room()
+    assert room > 0 and why
+    w = Watch(FollowParams(interval=0.0), None, room, time.monotonic)
+    assert w.due(room) is None
+    due = w.due(room + 2 * slack(room))
+    assert due is not None and due.down and "fell" in due.why
+    capped = Watch(FollowParams(interval=0.0), 200 * MB, 200 * MB, time.monotonic)
+    assert capped.room() == (200 * MB, "the memory_budget given")
+    assert capped.due(400 * MB).down
