@@ -190,7 +190,7 @@ def drop_file_cache(paths: Sequence[os.PathLike]) -> Optional[int]:
     return left
 
 
-def _own_cgroups() -> list[tuple[Path, list[str], bool]]:
+def own_cgroups() -> list[tuple[Path, list[str], bool]]:
     """(hierarchy root, path parts, is v1) of this process's memory cgroups, from /proc/self/cgroup."""
     out = []
     try:
@@ -216,7 +216,7 @@ def tightest() -> Optional[tuple[int, str]]:
     (v1 memory.limit_in_bytes / memory.soft_limit_in_bytes, v2 memory.max / memory.high: the limit a manager lowers
     first, above which the kernel reclaims and throttles), or None. Read between passes: a few small files."""
     best = None
-    for root, parts, v1 in _own_cgroups():
+    for root, parts, v1 in own_cgroups():
         for k in range(len(parts), -1, -1):
             for name in LIMIT_FILES[v1]:
                 s = _read(root.joinpath(*parts[:k], name)).strip()
@@ -234,7 +234,7 @@ def limit() -> Optional[int]:
 def own_events() -> Optional[int]:
     """How many times this process's cgroup reached a limit so far (v2 memory.events high + max, v1
     memory.failcnt), None where it cannot tell: a rise says memory was taken back from it."""
-    cgs = _own_cgroups()
+    cgs = own_cgroups()
     if not cgs:
         return None
     root, parts, v1 = cgs[0]
@@ -247,7 +247,7 @@ def own_events() -> Optional[int]:
 
 
 def _own_dir() -> Optional[Path]:
-    cgs = _own_cgroups()
+    cgs = own_cgroups()
     return cgs[0][0].joinpath(*cgs[0][1]) if cgs else None
 
 

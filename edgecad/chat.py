@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import EdgecadError, RemoteLostError
+from .errors import EdgecadError, MemoryFloorError, RemoteLostError
 
 HELP = """commands:
   /reset        forget the conversation (the transcript file keeps it)
@@ -107,7 +107,7 @@ class Conversation:
                 if "edgecad" in chunk:
                     self.last_stats = chunk["edgecad"]
                 self.last_finish = chunk["choices"][0]["finish_reason"] or self.last_finish
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, MemoryFloorError):  # (the floor: the engine freed its memory; as Ctrl-C)
             interrupted = True
             raise
         except EdgecadError:  # e.g. the conversation no longer fits the context: the question is withdrawn
@@ -200,8 +200,10 @@ def stats_line(st: dict) -> str:
     import psutil
 
     rss = psutil.Process().memory_info().rss
+    moves = st.get("moves") or []
     return (f"{speeds(st)} · {st['mean_accepted_per_pass']:.1f} tokens/pass · {st['prompt_tokens_reused']}/"
-            f"{st['prompt_tokens']} prompt tokens reused · {rss / 1e9:.2f} GB resident · {st['config']}")
+            f"{st['prompt_tokens']} prompt tokens reused · {rss / 1e9:.2f} GB resident · {st['config']}"
+            + (f" · moved {len(moves)}x, last to {moves[-1]['to']}: {moves[-1]['why']}" if moves else ""))
 
 
 def plan_line(plan) -> str:

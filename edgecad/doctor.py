@@ -15,6 +15,7 @@ from typing import Optional
 
 from . import cgroup, devices, registry
 from .errors import EdgecadError
+from .follow import signals
 from .gguf_file import read_gguf
 from .llama import default_threads
 from .config import resolve
@@ -149,6 +150,7 @@ def _device(say, explain) -> None:
     say("memory", f"{vm.total / 1e9:.1f} GB RAM, {vm.available / 1e9:.1f} GB available; cgroup limit "
                   + (f"{limit / 1e9:.2f} GB" if limit else "none") + "; " + explain("memory_budget='auto'")
                   + f" = {auto_budget() / 1e9:.2f} GB")
+    say("signals", "a running engine follows " + signals() + " (Engine(follow_memory=...))")
     say("native", ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in capabilities().items())
         + ("" if can_page() else ": a model that does not fit cannot be paged here"))
     say("paging", "streamed layers in memory edgecad owns, read with direct IO (PagerParams(memory='owned'))"

@@ -15,6 +15,7 @@ Watch's budget and moves only when the plan differs (edgecad.engine).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,6 +32,21 @@ class FollowParams:
     grow_margin: float = 0.15   # how much larger than the budget the running plan was made for (a fraction)
     max_wait: float = 60.0      # the longest grow_after becomes on a flapping signal (doubled at each flap)
     pressure: float = 10.0      # PSI "some" avg10 (%) at or above which the engine does not move up
+
+
+def signals() -> str:
+    """What this device tells a running engine of its memory (`edgecad doctor`)."""
+    out = ["available memory (/proc/meminfo)" if sys.platform.startswith("linux") else "available memory"]
+    lim = cgroup.tightest()
+    cgs = cgroup.own_cgroups()
+    if cgs:
+        v1 = cgs[0][2]
+        files = " and ".join(cgroup.LIMIT_FILES[v1])
+        out.append(f"cgroup {'v1' if v1 else 'v2'} limits ({files}; "
+                   + (f"now {mb(lim[0])} by {lim[1]})" if lim else "none set now)"))
+    out.append("memory pressure (/proc/pressure/memory)" if memory_pressure() is not None else
+               "no memory pressure (PSI: the kernel has none)")
+    return ", ".join(out)
 
 
 @dataclass(frozen=True)

@@ -428,7 +428,9 @@ def _log_completion(request: Request, last: dict) -> None:
     """What the access log line says of a completion (the Edge writes the line when the response ends)."""
     u, st = last.get("usage") or {}, last.get("edgecad") or {}
     request.state.log = (f" prompt {u.get('prompt_tokens', 0)} + {u.get('completion_tokens', 0)} tokens, "
-                         f"{st.get('tokens_per_second', 0.0):.1f} tok/s, {st.get('config', '?')}")
+                         f"{st.get('tokens_per_second', 0.0):.1f} tok/s, {st.get('config', '?')}"
+                         + "".join(f"; moved at token {m['at_token']} from {m['from']} to {m['to']}: {m['why']}"
+                                   for m in st.get("moves") or ()))
 
 
 def _host(h: str) -> str:

@@ -162,7 +162,8 @@ def test_doctor_on_the_tiny_pair(tiny_pair):
     assert r.returncode == 0, r.stderr
     keys = [l.split()[0] for l in r.stdout.splitlines() if l and not l.startswith(" ")]
     assert "paging        streamed layers in memory edgecad owns" in r.stdout  # (this llama.cpp's layout checks out)
-    assert keys == ["machine", "memory", "native", "paging", "backends", "placement", "models", "storage", "plan", "expected",
+    assert "signals       a running engine follows available memory" in r.stdout
+    assert keys == ["machine", "memory", "signals", "native", "paging", "backends", "placement", "models", "storage", "plan", "expected",
                     "costs"], r.stdout
     assert "GB/s sequential read (measured)" in r.stdout and "measuring the read speed" in r.stderr
     assert "CPU" in r.stdout and "configuration" in r.stdout and "tokens/s" in r.stdout
