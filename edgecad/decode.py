@@ -12,7 +12,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .fidelity import NEAR_TIE_EPS, top2_gap
-from .llama import Batch, Context, Grammar, Model, ModelParams
+from .grammar import Grammar
+from .llama import Batch, Context, Model, ModelParams
 from .pipeline import Pipeline
 from .sampling import SamplingParams, log_softmax, pick, processed
 from .drafter import Drafter

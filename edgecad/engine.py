@@ -20,16 +20,16 @@ import numpy as np
 from . import native
 from .arguments import check_logprobs, completion_length, sampling_params, token_ids, unsupported
 from .compat import CLOSED, Count, LlamaMembers, target_path
-from .config import UNBOUNDED, EngineConfig, check_int, replan, resolve
+from .config import UNBOUNDED, EngineConfig, check_int, resolve
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
-from .errors import BudgetTooSmallError, EdgecadError, MemoryFloorError
-from .follow import Due, FollowParams, Watch
-from .llama import Batch, Closing, Context, ContextParams, Model, ModelParams, set_verbose
+from .errors import EdgecadError
+from .follow import FollowParams, Watch
+from .llama import Batch, Closing, Context, ContextParams, Model, set_verbose
 from .measure import emulate_storage, learn, storage_bytes_read
+from .moves import Moves
 from .pager import Pager
 from .plan import PagerParams
-from .plan.units import mb
 from .residency import Residency, residency_for
 from .responses import TextChunks, chat_chunks, join, stop_list, with_stats
 from .sampling import SamplingParams
@@ -80,7 +80,7 @@ def stats_dict(stats: Stats, plan) -> dict:
     return d
 
 
-class Engine(LlamaMembers, Closing):
+class Engine(LlamaMembers, Moves, Closing):
     """Run a target model, optionally sped up by a resident draft model; the rest of llama-cpp-python's `Llama`
     members are edgecad.compat's.
 
@@ -232,81 +232,6 @@ class Engine(LlamaMembers, Closing):
                                       replace(cp, op_offload=d_gpu != 0), self._residency)
         self.pipeline = self._decoder.pipeline is not None
 
-    # ------------------------------------------------------------------ moves
-    # Memory that moves (edgecad.follow): between passes the Watch reads the room; a plan made for it that differs
-    # from the running one replaces it. The target's side is freed first, then loaded as the new plan says; the
-    # draft stays loaded while the plan keeps it. The completion resumes from its tokens so far (the new KV caches
-    # are filled from them in one prompt pass), so its tokens are the ones it would have given without the move.
-
-    def _between_passes(self) -> None:
-        """Stats.between_passes: raise _Move when the Watch calls for a plan that differs from the running one;
-        MemoryFloorError when none fits the room."""
-        due = self._watch.due(self._holds())
-        if due is None:
-            return
-        cfg = replace(self.config, device=replace(self.config.device, costs=self._costs))
-        try:
-            new = replan(cfg, due.budget)
-        except BudgetTooSmallError as e:
-            if not due.down:
-                self._watch.planned(due.budget, False)
-                return
-            raise MemoryFloorError(f"edgecad stopped: {due.why}, and {_floor(e)}: free memory (close other apps) or "
-                                   "raise the limit, then send the request again (it was kept)") from None
-        if _same(new.plan, self.memory_plan):
-            self._watch.planned(due.budget, False)
-            return
-        raise _Move(new, due)
-
-    def _holds(self) -> int:
-        """Bytes the running plan holds: its budget less its spare."""
-        return self.memory_plan.budget - max(self.memory_plan.parts["spare"], 0)
-
-    def _move(self, new: EngineConfig, due: Due, at_token: int, t0: float) -> dict:
-        """Free the target's side, load it as `new` says (the draft loaded or freed as it asks), and say so."""
-        old, t = self.memory_plan, time.perf_counter()
-        self._free_target_side(keep_draft=new.speculative)
-        self._configure(new)
-        self._load_target(new, False)
-        if new.speculative and self._draft_model is None:
-            self._draft_model = decoder_for(new.mode).load_draft(new, self._gpu[1], False)
-        self._make_contexts(new)
-        self._watch.planned(due.budget, not due.down)
-        move = {"seconds": round(time.perf_counter() - t0, 3), "at_token": at_token,
-                "from": _describe(old), "to": _describe(new.plan), "why": due.why,
-                "move_seconds": round(time.perf_counter() - t, 3)}
-        self.moves.append(move)
-        if self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
-            sys.stderr.write(f"edgecad: moved from {move['from']} to {move['to']}: {move['why']}\n")
-        return move
-
-    def _free_target_side(self, keep_draft: bool) -> None:
-        """Free the decoder (the draft's context), the target's context and weights (and the draft's unless
-        kept): what a move or the floor gives back."""
-        for name in ("_decoder", "_batch", "_target") + (() if keep_draft else ("_draft_model",)):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.close()
-                setattr(self, name, None)
-        if self._target_model is not None:
-            self._target_model.close()  # (its dependents first: the pager)
-        self._residency.close()
-
-    def _reload_if_freed(self) -> None:
-        """After the floor freed the models: plan for the room there is now and load again (MemoryFloorError
-        while it is still too small)."""
-        if not self._freed:
-            return
-        room, why = self._watch.room()
-        cfg = replace(self.config, device=replace(self.config.device, costs=self._costs))
-        try:
-            new = replan(cfg, room)
-        except BudgetTooSmallError as e:
-            raise MemoryFloorError(f"edgecad cannot run: {why} is {mb(room)}, and {_floor(e)}: free memory (close "
-                                   "other apps) or raise the limit, then send the request again") from None
-        self._freed = False
-        self._move(new, Due(room, f"{why} is {mb(room)} again", False), 0, time.perf_counter())
-
     # ------------------------------------------------------------------ completion
     # llama-cpp-python's `Llama` surface: same names, defaults and result shapes. Arguments that
     # edgecad does not implement are accepted at their defaults and refused otherwise (arguments.unsupported).
@@ -425,32 +350,6 @@ class Engine(LlamaMembers, Closing):
                                 self.config.draft_info, self.n_threads, self._on_gpu)  # (for the next engine)
         yield last
 
-    def _tokens(self, tokens: list[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
-                stats: Stats, t0: float) -> Iterator[int]:
-        """The decoder's tokens. A move between passes (_between_passes) stops the decoder, moves, and resumes
-        on the new plan from the tokens so far; at the floor the engine frees its models (MemoryFloorError)."""
-        done: list[int] = []
-        while True:
-            decoder = self._decoder(tokens, max_tokens - len(done), sp, rng, stats, done=list(done))
-            try:
-                for tok in decoder:
-                    done.append(tok)
-                    yield tok
-                return
-            except _Move as m:
-                move = m
-            except MemoryFloorError:
-                decoder.close()
-                self._free_target_side(keep_draft=False)
-                self._target_model.reload(ModelParams(vocab_only=True))  # (tokenizing, chat templates go on)
-                self._freed = True
-                raise
-            finally:
-                decoder.close()
-            stats.moves.append(self._move(move.config, move.due, len(done), t0))
-            stats.on_prompt_done = self._residency.prompt_done
-            self._residency.begin_completion()
-
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
@@ -508,36 +407,3 @@ def _seed(seed) -> Optional[int]:
         return None
     check_int("seed", seed, 0, None, "or -1 for a random seed")
     return int(seed)
-
-
-class _Move(Exception):
-    """Raised between passes (Engine._between_passes): move to `config`, as `due` asks."""
-
-    def __init__(self, config: EngineConfig, due: Due):
-        super().__init__(due.why)
-        self.config, self.due = config, due
-
-
-def _same(a, b) -> bool:
-    """Two plans run the same way: same configuration, target share and pinned layers, tree and batches."""
-    return (a.kind, a.n_batch, a.tree_nodes, a.pipeline) == (b.kind, b.n_batch, b.tree_nodes, b.pipeline) and (
-        (a.paging is None) == (b.paging is None)) and (
-        a.paging is None or (a.paging.budget, a.paging.pinned_layers) == (b.paging.budget, b.paging.pinned_layers))
-
-
-def _describe(plan) -> str:
-    """A plan in a few words: "tree-paged in 700 MB (9 of 24 layers streamed, trees of 16)"."""
-    s = f"{plan.config} in {mb(plan.budget)}"
-    extra = []
-    if plan.paging is not None:
-        extra.append(f"{len(plan.paging.streamed_layers)} of "
-                     f"{len(plan.paging.streamed_layers) + len(plan.paging.pinned_layers)} layers streamed")
-    if plan.speculative:
-        extra.append(f"trees of {plan.tree_nodes}")
-    return s + (f" ({', '.join(extra)})" if extra else "")
-
-
-def _floor(e: BudgetTooSmallError) -> str:
-    """What the engine needs at the least, as the plan found it."""
-    return f"it needs at least {mb(e.smallest)}" if e.smallest is not None else f"nothing runs in it ({e})"
-

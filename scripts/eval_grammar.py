@@ -88,7 +88,8 @@ def limits() -> None:
     import llama_cpp as C
 
     from edgecad import gbnf, tiny
-    from edgecad.llama import Grammar, Model
+    from edgecad.grammar import Grammar
+    from edgecad.llama import Model
     model = str(tiny.write_pair(tempfile.mkdtemp())[1])
     print(f"threading.stack_size() = {threading.stack_size()}; real stacks: main thread {stack_bytes()} bytes, "
           "a Python thread ", end="")

@@ -10,7 +10,8 @@ import pytest
 from edgecad import Engine
 from edgecad.errors import RequestError
 from edgecad.gbnf import MAX_ELEMENTS, MAX_NESTING, MAX_RULES, MAX_SCHEMA_DEPTH, measure
-from edgecad.llama import Grammar, Model
+from edgecad.grammar import Grammar
+from edgecad.llama import Model
 from edgecad.responses import response_format_grammar
 
 
@@ -162,7 +163,8 @@ import resource, sys, threading
 import llama_cpp as C
 sys.path.insert(0, {tests!r})
 from test_gbnf import chain, nested
-from edgecad.llama import Grammar, Model
+from edgecad.grammar import Grammar
+from edgecad.llama import Model
 m = Model({model!r})
 case = sys.argv[1]
 if case == "checked on a 128 KiB thread":  # edgecad: llama.cpp parses on a thread of its own

@@ -158,7 +158,8 @@ def test_json_mode_and_a_schema_give_output_that_parses(tiny_pair):
 
 def test_sampling_with_a_grammar_keeps_the_constrained_distribution(tiny_pair):
     """First token under a grammar, sampled in tree mode, against the target's masked distribution."""
-    from edgecad.llama import Batch, Context, ContextParams, Grammar, Model
+    from edgecad.grammar import Grammar
+    from edgecad.llama import Batch, Context, ContextParams, Model
     from edgecad.sampling import distribution, processed
     from helpers import chi_square
 
@@ -268,7 +269,8 @@ def test_every_drafted_node_is_allowed_by_the_grammar_after_its_path(tiny_pair, 
     from llama_cpp import llama_grammar
 
     from edgecad.drafter import Drafter
-    from edgecad.llama import Context, ContextParams, Grammar, Model
+    from edgecad.grammar import Grammar
+    from edgecad.llama import Context, ContextParams, Model
     from edgecad.pipeline import draft_chain
     from edgecad.tree import TreeParams
 
@@ -347,7 +349,8 @@ def test_sampling_with_a_grammar_and_kept_chains_keeps_the_masked_distribution(p
     > 0.2), so a sampler that leaked the chain's draws or used a distribution other than the one they were drawn
     from fails."""
     from edgecad.gguf_file import read_gguf
-    from edgecad.llama import Batch, Context, ContextParams, Grammar, Model
+    from edgecad.grammar import Grammar
+    from edgecad.llama import Batch, Context, ContextParams, Model
     from edgecad.measure import paging_plan
     from edgecad.plan import PagerParams
     from edgecad.sampling import distribution, processed

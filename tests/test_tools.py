@@ -13,7 +13,8 @@ import pytest
 
 from edgecad import Engine, tiny
 from edgecad.errors import RequestError
-from edgecad.llama import Grammar, Model
+from edgecad.grammar import Grammar
+from edgecad.llama import Model
 from edgecad.tools import HermesCalls, answer_grammar, tools_for
 
 from test_server import Served
