@@ -94,6 +94,23 @@ class MemoryCgroup(_Cgroup):
             self.close()
             raise
 
+    def set_limits(self, hard: Optional[int] = None, soft: Optional[int] = None) -> None:
+        """Move the limits while the command runs (None: that one stays), as a manager does: the soft limit (v1
+        memory.soft_limit_in_bytes, v2 memory.high) first when it falls. OSError where the kernel refuses: a v1
+        hard limit cannot fall under what the cgroup holds (EBUSY); v2 kills instead."""
+        hard_file, soft_file = LIMIT_FILES[self.v1]
+        if soft is not None:
+            (self.path / soft_file).write_text(str(soft))
+        if hard is not None:
+            swap = "memory.memsw.limit_in_bytes" if self.v1 else None
+            up = hard > self.limit
+            if swap and up and (self.path / swap).exists():  # (v1: memory + swap >= memory, raised first)
+                (self.path / swap).write_text(str(hard))
+            (self.path / hard_file).write_text(str(hard))
+            if swap and not up and (self.path / swap).exists():
+                (self.path / swap).write_text(str(hard))
+            self.limit = hard
+
     def _join(self) -> None:  # runs in the child between fork and exec
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 

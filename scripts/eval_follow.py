@@ -24,8 +24,9 @@ from edgecad import cgroup, registry
 from edgecad.plan import parse_memory
 
 PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWrite a Python function "
-          "that checks whether a string is a palindrome, ignoring case and spaces, with a docstring and two "
-          "examples.<|im_end|>\n<|im_start|>assistant\n")
+          "that returns the n-th Fibonacci number iteratively, with a docstring.<|im_end|>\n<|im_start|>assistant\n")
+# (a prompt where the target's resident kernels (repacked) and paged ones (not) agree for 128 tokens: on 4 of 5 others
+# tried they part at a near-tie within the first 50, as any two plans may: README, "What is guaranteed")
 
 EDGECAD = r"""
 import json, sys, time
@@ -63,17 +64,12 @@ print(json.dumps({"t": time.monotonic(), "done": text}), flush=True)
 
 def _set(cg, soft: int, hard: int = None) -> str:
     """Move the cgroup's limits; what the kernel said."""
-    hard_file, soft_file = cgroup.LIMIT_FILES[cg.v1]
-    out = []
-    for name, v in ((soft_file, soft), (hard_file, hard)):
-        if v is None:
-            continue
-        try:
-            (cg.path / name).write_text(str(v))
-            out.append(f"{name}={v / 1e9:.2f} GB")
-        except OSError as e:
-            out.append(f"{name}={v / 1e9:.2f} GB refused ({e.strerror})")
-    return ", ".join(out)
+    what = f"soft {soft / 1e9:.2f} GB" + (f", hard {hard / 1e9:.2f} GB" if hard is not None else "")
+    try:
+        cg.set_limits(hard, soft)
+        return what
+    except OSError as e:
+        return f"{what}: refused ({e.strerror})"
 
 
 def run(cmd: list, start: int, move_to: int, after: int, hard_delay: float, files: list) -> dict:
@@ -110,14 +106,14 @@ def report(name: str, r: dict, reference: str) -> None:
     print(f"\n## {name}: rc {r['rc']}{' (killed by the limit)' if r['killed'] else ''}")
     for t, what in r["events"]:
         print(f"  {t:7.2f} s  limits: {what}")
-    last_cfg, n_at = None, []
+    last_cfg, n = None, 0
     for m in r["lines"]:
         if "ready" in m:
             print(f"  {m['t']:7.2f} s  loaded: {m['ready']}")
         elif "text" in m:
-            n_at.append((m["t"], len(m["text"])))
+            n += 1
             if m["config"] != last_cfg:
-                print(f"  {m['t']:7.2f} s  chunk {len(n_at)}: {m['config']}")
+                print(f"  {m['t']:7.2f} s  chunk {n}: {m['config']}")
                 last_cfg = m["config"]
         elif "done" in m:
             same = m["done"] == reference
@@ -129,14 +125,12 @@ def report(name: str, r: dict, reference: str) -> None:
             print(f"  {m['t']:7.2f} s  stopped: {m['floor']}")
     if r["rc"] != 0 and not r["killed"]:
         print("  stderr: " + r["stderr"][-600:])
-    if r["events"] and len(n_at) > 4:
-        t_move = r["events"][0][0]
-        before = [x for x in n_at if x[0] <= t_move]
-        after = [x for x in n_at if x[0] > t_move + 1.0]
-        for label, xs in (("before the move", before), ("1 s after the move on", after)):
-            if len(xs) > 1:
-                rate = (xs[-1][1] - xs[0][1]) / max(xs[-1][0] - xs[0][0], 1e-9)
-                print(f"  {label}: {rate:.1f} characters/s over {xs[-1][0] - xs[0][0]:.1f} s")
+    chunks = [m for m in r["lines"] if "text" in m]
+    for label, part in (("before the move", [m for m in chunks if m["config"] == chunks[0]["config"]][1:]),
+                        ("after the move", [m for m in chunks if m["config"] != chunks[0]["config"]][1:])):
+        if len(part) > 1:  # (from the second chunk of each: the first one's time holds the prompt's pass or the move)
+            rate = (len(part[-1]["text"]) - len(part[0]["text"])) / max(part[-1]["t"] - part[0]["t"], 1e-9)
+            print(f"  {label} ({part[0]['config']}): {rate:.1f} characters/s over {part[-1]['t'] - part[0]['t']:.1f} s")
 
 
 def main() -> None:
@@ -145,7 +139,7 @@ def main() -> None:
     ap.add_argument("--draft", default=registry.DEFAULT_DRAFT)
     ap.add_argument("--high", default="1.6GB")
     ap.add_argument("--low", default="1.07GB")
-    ap.add_argument("-n", type=int, default=96)
+    ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--after", type=int, default=8, help="chunks before the limit moves")
     ap.add_argument("--runs", default="down,up,llama-down")
     a = ap.parse_args()

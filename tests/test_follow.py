@@ -109,12 +109,7 @@ def _reference(target, draft, n: int) -> list:
 
 
 def _limits(cg, soft: int, hard: int = None) -> None:
-    names = cgroup.LIMIT_FILES[cg.v1]
-    if hard is not None and hard < soft:
-        (cg.path / names[0]).write_text(str(hard))
-    (cg.path / names[1]).write_text(str(soft))
-    if hard is not None and hard >= soft:
-        (cg.path / names[0]).write_text(str(hard))
+    cg.set_limits(hard, soft)
 
 
 @needs_cgroup
