@@ -235,3 +235,56 @@ def test_the_watch_reads_the_room_and_keeps_the_ceiling():
     capped = Watch(FollowParams(interval=0.0), 200 * MB, 200 * MB, time.monotonic)
     assert capped.room() == (200 * MB, "the memory_budget given")
     assert capped.due(400 * MB).down
+
+
+CHAT_CHILD = r"""
+import json, sys
+from pathlib import Path
+from edgecad import Engine
+from edgecad.chat import Conversation
+from edgecad.errors import MemoryFloorError
+say = lambda **kw: print(json.dumps(kw), flush=True)
+e = Engine(sys.argv[1], sys.argv[2], n_ctx=512)
+conv = Conversation(e, Path(sys.argv[3]), sampling=dict(max_tokens=48, temperature=0))
+def on_text(s):
+    say(text=s)
+    sys.stdin.readline()
+try:
+    conv.ask("hello the world", on_text)
+except MemoryFloorError as err:
+    say(floor=str(err))
+conv.close()
+say(messages=conv.messages)
+"""
+
+
+@needs_cgroup
+def test_a_chat_that_meets_the_floor_keeps_its_question_and_the_answer_so_far(budget_pair, tmp_path):
+    """The chat's answer stopped by the floor is kept as Ctrl-C keeps it: the question, the answer so far marked
+    interrupted, in the conversation and its transcript."""
+    draft, target = budget_pair
+    sizes = _sizes(target, draft)
+    transcript = tmp_path / "chat.jsonl"
+    with cgroup.MemoryCgroup(sizes["resident"] + 100 * MB, "follow") as cg:
+        p = cg.start([sys.executable, "-c", CHAT_CHILD, str(target), str(draft), str(transcript)],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            msgs, texts = [], 0
+            for raw in p.stdout:
+                msgs.append(json.loads(raw))
+                if "text" in msgs[-1]:
+                    texts += 1
+                    if texts == 2:
+                        cg.set_limits(soft=sizes["any"] // 2)
+                    p.stdin.write("\n")
+                    p.stdin.flush()
+            assert p.wait(timeout=120) == 0, p.stderr.read()[-3000:]
+        finally:
+            p.kill()
+    floor = next(m["floor"] for m in msgs if "floor" in m)
+    assert "it needs at least" in floor
+    answer = "".join(m["text"] for m in msgs if "text" in m)
+    messages = msgs[-1]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] == answer != ""
+    lines = [json.loads(l) for l in transcript.read_text().splitlines()]
+    assert [l.get("role") for l in lines] == ["user", "assistant"] and lines[1].get("interrupted") is True
