@@ -126,8 +126,15 @@ def report(name: str, r: dict, reference: str) -> None:
     if r["rc"] != 0 and not r["killed"]:
         print("  stderr: " + r["stderr"][-600:])
     chunks = [m for m in r["lines"] if "text" in m]
-    for label, part in (("before the move", [m for m in chunks if m["config"] == chunks[0]["config"]][1:]),
-                        ("after the move", [m for m in chunks if m["config"] != chunks[0]["config"]][1:])):
+    moved = any(m["config"] != chunks[0]["config"] for m in chunks)
+    if moved:  # edgecad: by configuration
+        halves = (("before the move", [m for m in chunks if m["config"] == chunks[0]["config"]][1:]),
+                  ("after the move", [m for m in chunks if m["config"] != chunks[0]["config"]][1:]))
+    else:  # llama-cpp-python: by the last limit's time
+        t = r["events"][-1][0] if r["events"] else float("inf")
+        halves = (("before the last limit", [m for m in chunks if m["t"] <= t][1:]),
+                  ("after the last limit", [m for m in chunks if m["t"] > t][1:]))
+    for label, part in halves:
         if len(part) > 1:  # (from the second chunk of each: the first one's time holds the prompt's pass or the move)
             rate = (len(part[-1]["text"]) - len(part[0]["text"])) / max(part[-1]["t"] - part[0]["t"], 1e-9)
             print(f"  {label} ({part[0]['config']}): {rate:.1f} characters/s over {part[-1]['t'] - part[0]['t']:.1f} s")
