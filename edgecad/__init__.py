@@ -14,12 +14,14 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
 
 from .engine import Engine
+from .follow import FollowParams
 from .plan import PagerParams
 from .tree import TreeParams
-from .errors import (ChecksumError, EdgecadError, FetchError, LlamaError, ModelFileError, ModelNotFetchedError,
-                     NativeError, PromptTooLongError, UnknownModelError, VocabularyMismatchError)
+from .errors import (ChecksumError, EdgecadError, FetchError, LlamaError, MemoryFloorError, ModelFileError,
+                     ModelNotFetchedError, NativeError, PromptTooLongError, UnknownModelError, VocabularyMismatchError)
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "PagerParams", "TreeParams", "EdgecadError", "ChecksumError", "FetchError", "LlamaError", "ModelFileError",
+__all__ = ["Engine", "FollowParams", "PagerParams", "TreeParams", "EdgecadError", "ChecksumError", "FetchError",
+           "LlamaError", "MemoryFloorError", "ModelFileError",
            "ModelNotFetchedError", "NativeError", "PromptTooLongError", "UnknownModelError",
            "VocabularyMismatchError", "__version__"]

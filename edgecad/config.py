@@ -52,7 +52,7 @@ class EngineConfig:
     follows: bool = False             # the plan may be re-made while running (replan): a whole-engine budget, not
                                       # memory_budget=None, target_budget or remote devices
     device: Optional[Device] = field(default=None, repr=False, compare=False)  # what the plan knew of this device
-    plan_args: Optional[dict] = field(default=None, repr=False, compare=False)  # the plan's other arguments
+    plan_args: tuple = field(default=(), repr=False, compare=False)  # the plan's other arguments, (name, value)
 
     @property
     def speculative(self) -> bool:
@@ -106,11 +106,12 @@ def _without_recurrent(t_info: GGUFInfo, d_info: GGUFInfo, mode: Optional[str]) 
 
 
 def _plan(t_info: GGUFInfo, d_info: Optional[GGUFInfo], budget: int, args: dict, remote: Optional[list],
-          n_threads: int, calibrate: bool) -> tuple[MemoryPlan, Device]:
+          n_threads: int, calibrate: bool, follows: bool) -> tuple[MemoryPlan, Device]:
     """Measure (the device; the remote devices' announced memory, split into the target's last layers), then plan
     once. With remote devices, the plan uses them where the target is not held whole here."""
     split = plan_remote(t_info, connect(list(remote)), n_ctx=args["n_ctx"], n_batch=args["n_batch"]) if remote else None
-    may_page = args["target_budget"] is not None or budget < t_info.file_size + (d_info.file_size if d_info else 0)
+    may_page = follows or args["target_budget"] is not None or budget < t_info.file_size + (
+        d_info.file_size if d_info else 0)  # (an engine that follows its memory may page after a move)
     dev = device(t_info, d_info, n_threads, may_page=may_page, calibrate=calibrate,
                  local=split.local if split else None)
     try:
@@ -130,10 +131,12 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
             memory_budget: Union[int, str, None] = "auto", target_budget: Union[int, str, None] = None,
             pager: Optional[PagerParams] = None, pipeline: Optional[bool] = None, n_ctx: int = 4096,
             n_threads: Optional[int] = None, remote: Optional[list] = None, calibrate: bool = True,
-            verbose: bool = False) -> EngineConfig:
+            follow: bool = False, verbose: bool = False) -> EngineConfig:
     """The configuration an Engine with these arguments runs (see Engine for each argument). calibrate: measure
     the storage's read speed when the plan pages and this device has not measured it yet (once per device and
-    model; `edgecad inspect` plans without it)."""
+    model; `edgecad inspect` plans without it). follow: the engine follows its memory while it runs
+    (edgecad.follow): an explicit memory_budget is then a ceiling on the room there is now (inspect and doctor
+    plan the budget given)."""
     if target is None:  # the default pair (`edgecad models fetch` brings it)
         target = registry.DEFAULT_TARGET
         draft = draft or (registry.DEFAULT_DRAFT if mode != "target" else None)
@@ -163,21 +166,23 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     nodes = (tree_params or MODE_PARAMS.get(mode if mode not in (None, "target") else "tree")).max_nodes
     budget = UNBOUNDED if memory_budget is None else parse_memory(
         memory_budget, t_info.file_size + (d_info.file_size if d_info else 0), auto_budget)
+    auto = isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto"
+    follows = follow and memory_budget is not None and target_budget is None and not remote
+    ceiling = None if auto or not follows else budget
+    if ceiling is not None:  # an explicit budget is a ceiling: the room there is now may be smaller
+        budget = min(budget, auto_budget())
     if target_budget is not None:
         target_budget = parse_budget(target_budget, t_info.file_size, auto_budget)
         budget = UNBOUNDED
     grow = mode in (None, "tree") and tree_params is None  # edgecad's own tree grows where passes are IO-bound
     args = dict(n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=nodes, pager=pager, target_budget=target_budget,
                 configs=configs, grow_tree=grow)
-    plan, dev = _plan(t_info, d_info, budget, args, remote, n_threads, calibrate)
+    plan, dev = _plan(t_info, d_info, budget, args, remote, n_threads, calibrate, follows)
     if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
         sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
-    explicit = memory_budget not in (None, "auto")
     cfg = EngineConfig(target_path, draft_path, t_info, d_info, mode or "target", None, plan, pager, n_ctx, n_threads,
-                       mode_given=mode, tree_given=tree_params, pipeline_given=pipeline,
-                       ceiling=budget if explicit else None,
-                       follows=memory_budget is not None and target_budget is None and not remote,
-                       device=dev, plan_args=args)
+                       mode_given=mode, tree_given=tree_params, pipeline_given=pipeline, ceiling=ceiling,
+                       follows=follows, device=dev, plan_args=tuple(args.items()))
     return _configured(cfg, plan)
 
 
@@ -185,7 +190,7 @@ def replan(cfg: EngineConfig, budget: int) -> EngineConfig:
     """The configuration at another whole-engine budget (memory that moved: edgecad.follow): the same arguments,
     the same device as measured (with its costs as `cfg.device` holds them), planned again. Raises EdgecadError
     where nothing runs inside `budget` (the error names the smallest budget that does)."""
-    plan = plan_memory(budget, cfg.target_info, cfg.draft_info, device=cfg.device, **cfg.plan_args)
+    plan = plan_memory(budget, cfg.target_info, cfg.draft_info, device=cfg.device, **dict(cfg.plan_args))
     return _configured(cfg, plan)
 
 

@@ -57,7 +57,8 @@ class Stats:
     on_prompt_done: Optional[Callable[[], None]] = None  # the residency's mark between prompt and generation
     between_passes: Optional[Callable[[], None]] = None  # called before each pass after the prompt's, once the
                                  # tokens before it were yielded: the engine's moves (edgecad.follow) raise there
-    moves: list = field(default_factory=list)  # the engine's moves during the completion (Engine._move)
+    moves: list = field(default_factory=list)  # the engine's moves during the completion (edgecad.moves)
+    paging_parts: list = field(default_factory=list)  # the residency's measurements of each plan moved from
 
     def note(self, logits: np.ndarray, token: int) -> None:
         """The target's logits row that gave an emitted token (kept only when logprobs were asked for)."""
@@ -120,7 +121,7 @@ class TargetDecoder:
         logits = ctx.sync(b, list(prompt) + list(done), logits=True)
         stats.prompt_done(time.perf_counter() - t0, ctx.reused)
         stats.target_passes += 1  # the prompt's pass gives the first token
-        stats.prompt_passes += 1
+        stats.prompt_passes += not stats.moves  # (after a move, a pass of the move's)
         generated = list(done)
         for i in range(max_tokens):
             tok = pick(processed(logits, generated, sp, grammar), sp, rng)
@@ -246,7 +247,7 @@ class SpeculativeDecoder:
                 tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix, grammar,
                                           stats.logprobs is not None)
                 if prefix:  # the prompt's pass: its time is the prompt's, as the target's first pass is alone
-                    stats.prompt_passes, prefix, d0 = stats.prompt_passes + 1, [], self._counters()
+                    stats.prompt_passes, prefix, d0 = stats.prompt_passes + (not stats.moves), [], self._counters()
                     stats.prompt_done(time.perf_counter() - t0, reused)
                 else:
                     stats.seconds_target += verdict.seconds

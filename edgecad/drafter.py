@@ -54,7 +54,7 @@ class _Growth:
     max_depth: int
     break_even: Optional[float]  # branch confidence at which a node pays (alternatives below branch_p)
     dist: dict    # node -> the draft's distribution after it (decoded nodes)
-    states: dict  # node -> the grammar's state after its path (edgecad.llama.Grammar or None)
+    states: dict  # node -> the grammar's state after its path (edgecad.grammar.Grammar or None)
     seed: Optional[Chain] = None  # the kept chain the tree starts from (branch 1 holds its decoded tokens)
     seeded: set = field(default_factory=set)  # nodes that follow it (the node at depth d: seed.tokens[d])
     leaf: dict = field(default_factory=lambda: {1: 0})   # branch -> its newest node

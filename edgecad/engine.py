@@ -30,7 +30,7 @@ from .measure import emulate_storage, learn, storage_bytes_read
 from .moves import Moves
 from .pager import Pager
 from .plan import PagerParams
-from .residency import Residency, residency_for
+from .residency import Residency, merged_stats, residency_for
 from .responses import TextChunks, chat_chunks, join, stop_list, with_stats
 from .sampling import SamplingParams
 from .tools import NO_TOOLS, Tools, answer_grammar, tool_chunks, tools_for
@@ -162,9 +162,9 @@ class Engine(LlamaMembers, Moves, Closing):
         cfg = self.config = resolve(target_path(target, model_path), draft, mode=mode, tree_params=tree_params,
                                     memory_budget=memory_budget, target_budget=target_budget, pager=pager,
                                     pipeline=pipeline, n_ctx=n_ctx, n_threads=n_threads, remote=remote,
-                                    verbose=verbose)
+                                    follow=follow_memory is not None, verbose=verbose)
         self.target_path, self.draft_path, self.n_threads = cfg.target_path, cfg.draft_path, cfg.n_threads
-        self._placement = dict(backend=backend, draft_gpu_layers=draft_gpu_layers, target_gpu_layers=target_gpu_layers)
+        self._placement = (backend, draft_gpu_layers, target_gpu_layers)  # (placement's arguments but the plan's)
         self._configure(cfg)
         t0, read0 = time.perf_counter(), storage_bytes_read()
         self._load_target(cfg, progress)
@@ -178,8 +178,7 @@ class Engine(LlamaMembers, Moves, Closing):
         self._lock, self._streaming = threading.Lock(), False  # one completion at a time; it is an open stream
         self._computing = threading.Lock()  # held while a completion's next chunk is computed
         self._window = ChatWindow(self._target_model, self.tokenize, self.n_ctx)  # chats' prompts (edgecad.window)
-        self._watch = (Watch(follow_memory, cfg.ceiling, cfg.plan.budget, time.monotonic)
-                       if follow_memory is not None and cfg.follows else None)
+        self._watch = Watch(follow_memory, cfg.ceiling, cfg.plan.budget, time.monotonic) if cfg.follows else None
         self.moves: list = []  # every move of this engine (edgecad.follow): the completions' `moves` stats
         self._freed = False  # the floor freed the models (the vocabulary kept): the next completion loads again
 
@@ -189,8 +188,7 @@ class Engine(LlamaMembers, Moves, Closing):
         self.memory_plan, self.budget_plan, self._costs = cfg.plan, cfg.plan.paging, cfg.plan.costs
         self._residency = residency_for(cfg)
         self.tree_params = self._residency.tree_params(cfg)
-        self.device, d_gpu, t_gpu = placement(self._placement["backend"], self._placement["draft_gpu_layers"],
-                                              self._placement["target_gpu_layers"], cfg.plan.paged)
+        self.device, d_gpu, t_gpu = placement(*self._placement, cfg.plan.paged)
         self._gpu = (t_gpu, d_gpu)
         self._on_gpu = (t_gpu != 0, d_gpu != 0)  # (target, draft) layers on a GPU: their CPU time says nothing
         if self.device is not None and (self.verbose or os.environ.get("EDGECAD_SHOW_PLAN")):
@@ -342,7 +340,7 @@ class Engine(LlamaMembers, Moves, Closing):
         t0 = time.perf_counter()
         yield from text.chunks(self._tokens(tokens, max_tokens, sp, rng, stats, t0), stats)
         stats.seconds = time.perf_counter() - t0 - stats.prompt_seconds
-        stats.paging = self._residency.completion_stats(stats)
+        stats.paging = merged_stats(stats.paging_parts + [self._residency.completion_stats(stats)])
         last = text.last(stats)
         last["edgecad"] = stats_dict(stats, self.memory_plan)
         if not stats.moves:  # (a completion that moved ran two plans: it teaches neither)
@@ -379,7 +377,7 @@ class Engine(LlamaMembers, Moves, Closing):
     @property
     def check_kv(self) -> bool:
         """Set True: after every speculative step, assert both KV caches hold only the accepted path."""
-        return self._decoder.check_kv
+        return self._decoder is not None and self._decoder.check_kv
 
     @check_kv.setter
     def check_kv(self, on: bool) -> None:

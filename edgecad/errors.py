@@ -1,4 +1,5 @@
 """edgecad's exceptions: each names the file or value at fault and what to do."""
+from typing import Optional
 
 
 class EdgecadError(Exception):
@@ -74,7 +75,7 @@ class BudgetTooSmallError(EdgecadError):
     """No configuration runs inside the memory budget; `smallest` is the smallest budget that runs one (None where
     something else ruled every one out)."""
 
-    def __init__(self, message: str, smallest: int = None):
+    def __init__(self, message: str, smallest: Optional[int] = None):
         super().__init__(message)
         self.smallest = smallest
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import cgroup
-from .measure import memory_pressure, memory_room
-from .plan.units import MB, mb
+from .measure import margin, memory_pressure, memory_room
+from .plan.units import mb
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,11 @@ class Due:
     down: bool    # the room shrank (else it grew)
 
 
-def slack(budget: int) -> int:
-    """How far the room may fall under what a plan holds before the engine moves: the margin an automatic budget
-    keeps under the limit anyway (2%, at least 16 MB), so a small drift of available memory moves nothing."""
-    return max(16 * MB, int(0.02 * budget))
+def slack(holds: int) -> int:
+    """How far the room may fall under what a plan holds before the engine moves: the margin a budget keeps under
+    the memory it was made from anyway (edgecad.measure.margin), so a small drift of available memory moves
+    nothing."""
+    return margin(holds)
 
 
 class Watch:
@@ -92,6 +93,8 @@ class Watch:
             self.larger_since = None
             if self.last_up is not None and now - self.last_up < 2 * self.wait:  # down soon after up: a flap
                 self.wait = min(2 * self.wait, self.p.max_wait)
+            elif self.last_up is not None:  # down long after up: the signal settled, the wait comes back
+                self.wait = self.p.grow_after
             return Due(room, f"{why} fell to {mb(room)} (the plan holds {mb(holds)})", True)
         pressure = memory_pressure()
         if room < self.budget * (1 + self.p.grow_margin) or (pressure or 0.0) >= self.p.pressure:

@@ -1,4 +1,4 @@
-"""GBNF text checked before llama.cpp sees it (`check`, called by `llama.Grammar`): what llama.cpp's grammar
+"""GBNF text checked before llama.cpp sees it (`check`, called by `grammar.Grammar`): what llama.cpp's grammar
 parser cannot take safely is refused as a RequestError naming `grammar`, whether the text came from a request's
 `grammar` or from a JSON schema's conversion.
 
@@ -30,7 +30,7 @@ from .errors import RequestError
 # thread's: threading.stack_size() is 0, glibc's default; ~450 bytes a level) and at 274 on 128 KiB (musl's
 # default thread stack); a chain of rules `r0 ::= r1`, `r1 ::= r2`, ... crashes the left-recursion check at
 # 65,625 rules on 8 MiB and at 964 on 128 KiB (~128 bytes a rule). llama.cpp parses on a thread of its own with
-# an 8 MiB stack (llama.PARSE_STACK), so these bounds hold whatever stack the caller's thread has (a bound safe on
+# an 8 MiB stack (grammar.PARSE_STACK), so these bounds hold whatever stack the caller's thread has (a bound safe on
 # 128 KiB would be ~64 levels, and llama-cpp-python's JSON-schema converter nests a group per character of a
 # string's maxLength: a schema with maxLength 100 would be refused).
 MAX_NESTING = 2000  # ~0.9 MiB of the 8 MiB: 1/9 of the crash depth (maxLength 2000 still passes)

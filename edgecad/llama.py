@@ -207,14 +207,20 @@ class Model(Closing):
             raise KeyboardInterrupt
         if not self._ptr:
             raise ModelFileError(f"llama.cpp could not load {self.path}{recent_errors()}")
-        self.vocab = C.llama_model_get_vocab(self._ptr)
-        self.n_vocab: int = C.llama_vocab_n_tokens(self.vocab)
+        self._vocab = C.llama_model_get_vocab(self._ptr)
+        self.n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
 
     @property
     def ptr(self):
         if not self._ptr:
             raise LlamaError(f"model {self.path} is closed")
         return self._ptr
+
+    @property
+    def vocab(self):
+        """llama.cpp's vocabulary of this model (the model's own: freed with it)."""
+        self.ptr  # (raises once closed)
+        return self._vocab
 
     def check_file(self) -> None:
         """Raise before using a model whose file changed or vanished since the load: llama.cpp maps it, and

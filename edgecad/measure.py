@@ -24,16 +24,24 @@ def process_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def margin(n: int) -> int:
+    """What a budget keeps under the memory it was made from: 2% (at least 32 MB), for the kernel's own charges
+    (page tables, slab)."""
+    return int(max(32 * MB, 0.02 * n))
+
+
 def memory_room() -> tuple[int, str]:
     """(bytes, what set them) of the memory this engine may use now: the smaller of what the system has available
-    (plus what this process already holds) and its cgroup's tightest limit, hard or soft (edgecad.cgroup.tightest),
-    less a margin of 2% (at least 32 MB) for the kernel's own charges (page tables, slab). Cheap (a few small
-    files): the engine reads it between passes (edgecad.follow)."""
-    n, why = psutil.virtual_memory().available + process_rss(), "available memory"
+    (plus the anonymous memory this process already holds: its file pages are in "available" already) and its
+    cgroup's tightest limit, hard or soft (edgecad.cgroup.tightest), less the margin. Cheap (a few small files):
+    the engine reads it between passes (edgecad.follow). The limit is the cgroup's whole: other processes in the
+    same cgroup are not subtracted."""
+    mi = psutil.Process().memory_info()
+    n, why = psutil.virtual_memory().available + mi.rss - getattr(mi, "shared", 0), "available memory"
     lim = cgroup.tightest()
     if lim is not None and lim[0] < n:
         n, why = lim[0], f"cgroup {lim[1]}"
-    return int(n - max(32 * MB, 0.02 * n)), why
+    return n - margin(n), why
 
 
 def auto_budget() -> int:

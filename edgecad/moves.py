@@ -3,7 +3,9 @@
 Between passes the Watch reads the room; a plan made for it that differs from the running one replaces it. The
 target's side is freed first, then loaded as the new plan says; the draft stays loaded while the plan keeps it. The
 completion resumes from its tokens so far (the new KV caches are filled from them in one prompt pass; penalties
-and grammar see them as generated), so its tokens are the ones it would have given without the move. Below what
+and grammar see them as generated), so it goes on as the target would: greedy, the target's own argmax at every
+position, sampled, a draw from its distribution (the numerics differ between plans by up to a near-tie, as between
+any two plans: README, "What is guaranteed"). Below what
 any plan needs, the completion stops (MemoryFloorError) and the engine keeps only its vocabulary until the room
 comes back. `Moves` is a part of Engine (which inherits it), as compat.LlamaMembers is.
 """
@@ -19,10 +21,12 @@ import numpy as np
 
 from .config import EngineConfig, replan
 from .decode import Stats, decoder_for
-from .errors import BudgetTooSmallError, MemoryFloorError
+from .devices import placement
+from .errors import BudgetTooSmallError, EdgecadError, MemoryFloorError
 from .follow import Due
 from .llama import ModelParams
 from .plan.units import mb
+from .residency import residency_for
 from .sampling import SamplingParams
 
 
@@ -42,36 +46,44 @@ class Moves:
                     yield tok
                 return
             except _Move as m:
-                move = m
+                new, due = m.config, m.due  # (not the exception: its traceback holds the old decoder's frame)
             except MemoryFloorError:
                 decoder.close()
                 self._keep_vocabulary()
                 raise
             finally:
                 decoder.close()
-            stats.moves.append(self._move(move.config, move.due, len(done), t0))
-            stats.on_prompt_done = self._residency.prompt_done
+            stats.paging_parts.append(self._residency.completion_stats(stats))  # (the plan moved from)
+            try:
+                stats.moves.append(self._move(new, due, len(done), t0))
+            except EdgecadError as e:  # (a context llama.cpp could not allocate: no memory after all)
+                raise MemoryFloorError(f"edgecad stopped: moving to {_describe(new.plan)} failed ({e}); "
+                                       + _FIX) from e
+            stats.mode, stats.on_prompt_done = self.mode, self._residency.prompt_done
             self._residency.begin_completion()
 
     def _between_passes(self) -> None:
-        """Stats.between_passes: raise _Move when the Watch calls for a plan that differs from the running one;
-        MemoryFloorError when none fits the room."""
+        """Stats.between_passes: raise _Move when the Watch calls for a plan that runs differently from the
+        running one; MemoryFloorError when none fits the room (or none that can run here)."""
         due = self._watch.due(self._holds())
         if due is None:
             return
-        cfg = replace(self.config, device=replace(self.config.device, costs=self._costs))
         try:
-            new = replan(cfg, due.budget)
-        except BudgetTooSmallError as e:
+            new = replan(self._replannable(), due.budget)
+            placement(*self._placement, new.plan.paged)  # (raises where the new plan cannot run: paging offloaded
+        except EdgecadError as e:                         # layers on a device that copies them)
             if not due.down:
                 self._watch.planned(due.budget, False)
                 return
-            raise MemoryFloorError(f"edgecad stopped: {due.why}, and {_floor(e)}: free memory (close other apps) or "
-                                   "raise the limit, then send the request again (it was kept)") from None
-        if _same(new.plan, self.memory_plan):
+            raise MemoryFloorError(f"edgecad stopped: {due.why}, and {_floor(e)}; {_FIX}") from None
+        if _runs_as(new) == _runs_as(self.config):
             self._watch.planned(due.budget, False)
             return
         raise _Move(new, due)
+
+    def _replannable(self) -> EngineConfig:
+        """The running configuration with the costs learnt since it was planned."""
+        return replace(self.config, device=replace(self.config.device, costs=self._costs))
 
     def _holds(self) -> int:
         """Bytes the running plan holds: its budget less its spare."""
@@ -94,7 +106,7 @@ class Moves:
         move = {"seconds": round(time.perf_counter() - t0, 3), "at_token": at_token,
                 "from": _describe(old), "to": _describe(new.plan), "why": due.why,
                 "move_seconds": round(time.perf_counter() - t, 3)}
-        self.moves.append(move)
+        self.moves = (self.moves + [move])[-MOVES_KEPT:]
         if self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
             sys.stderr.write(f"edgecad: moved from {move['from']} to {move['to']}: {move['why']}\n")
         return move
@@ -130,29 +142,32 @@ class Moves:
         if not self._freed:
             return
         room, why = self._watch.room()
-        cfg = replace(self.config, device=replace(self.config.device, costs=self._costs))
         try:
-            new = replan(cfg, room)
+            new = replan(self._replannable(), room)
         except BudgetTooSmallError as e:
-            raise MemoryFloorError(f"edgecad cannot run: {why} is {mb(room)}, and {_floor(e)}: free memory (close "
-                                   "other apps) or raise the limit, then send the request again") from None
+            raise MemoryFloorError(f"edgecad cannot run: {why} is {mb(room)}, and {_floor(e)}; {_FIX}") from None
         self._freed = False
         self._move(new, Due(room, f"{why} is {mb(room)} again", False), 0, time.perf_counter())
 
 
+MOVES_KEPT = 100  # Engine.moves keeps the last ones (a server runs for long)
+_FIX = "free memory (close other apps) or raise the limit, then send the request again"
+
+
 class _Move(Exception):
-    """Raised between passes (Engine._between_passes): move to `config`, as `due` asks."""
+    """Raised between passes (Moves._between_passes): move to `config`, as `due` asks."""
 
     def __init__(self, config: EngineConfig, due: Due):
         super().__init__(due.why)
         self.config, self.due = config, due
 
 
-def _same(a, b) -> bool:
-    """Two plans run the same way: same configuration, target share and pinned layers, tree and batches."""
-    return (a.kind, a.n_batch, a.tree_nodes, a.pipeline) == (b.kind, b.n_batch, b.tree_nodes, b.pipeline) and (
-        (a.paging is None) == (b.paging is None)) and (
-        a.paging is None or (a.paging.budget, a.paging.pinned_layers) == (b.paging.budget, b.paging.pinned_layers))
+def _runs_as(cfg: EngineConfig) -> tuple:
+    """What a configuration runs: two that agree need no move (the mode, the tree its residency uses, the
+    pipeline, prompt batches, the target's share and pinned layers)."""
+    p = cfg.plan
+    paging = None if p.paging is None else (p.paging.budget, tuple(p.paging.pinned_layers), p.paging.params)
+    return cfg.mode, p.kind, residency_for(cfg).tree_params(cfg), cfg.pipeline, p.n_batch, paging
 
 
 def _describe(plan) -> str:
@@ -167,7 +182,7 @@ def _describe(plan) -> str:
     return s + (f" ({', '.join(extra)})" if extra else "")
 
 
-def _floor(e: BudgetTooSmallError) -> str:
+def _floor(e: EdgecadError) -> str:
     """What the engine needs at the least, as the plan found it."""
-    return f"it needs at least {mb(e.smallest)}" if e.smallest is not None else f"nothing runs in it ({e})"
-
+    smallest = getattr(e, "smallest", None)
+    return f"it needs at least {mb(smallest)}" if smallest is not None else f"it cannot run in it ({e})"

@@ -246,6 +246,19 @@ def forget_layers(path: Path, info: GGUFInfo, first: int) -> None:
         os.close(fd)
 
 
+def merged_stats(parts: list[dict]) -> dict:
+    """A completion's residency measurements across the plans it moved through (edgecad.moves): counts and
+    seconds summed, the highest peak, the last plan's share."""
+    out = dict(parts[-1])
+    for k, v in STATS.items():
+        if k == "peak_resident_target_bytes":
+            peaks = [p[k] for p in parts if p.get(k) is not None]
+            out[k] = max(peaks) if peaks else None
+        elif v is not None:
+            out[k] = sum(p.get(k, 0) for p in parts)
+    return out
+
+
 def residency_for(cfg: EngineConfig) -> Residency:
     """The residency a configuration asks for: paged when its plan has a paging plan (with the pipeline if it says),
     wrapped in Remote when the plan puts layers on remote devices."""

@@ -53,7 +53,7 @@ def processed(logits: np.ndarray, recent, sp: SamplingParams, grammar=None) -> n
     penalties: each distinct token among the last PENALTY_LAST_N generated ones (`recent`: the tokens generated
     so far in this completion) has its logit divided by repeat_penalty when positive, multiplied when negative,
     then minus frequency_penalty x its count and presence_penalty; then the grammar's mask (an
-    edgecad.llama.Grammar in the state after `recent`), checking as many tokens as the pick needs."""
+    edgecad.grammar.Grammar in the state after `recent`), checking as many tokens as the pick needs."""
     x = logits
     if sp.logit_bias:
         ids, b = sp.bias

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Union
 
 from . import native
 from .arguments import SAMPLING, text_message
-from .errors import EdgecadError, RequestError
+from .errors import EdgecadError, MemoryFloorError, RequestError
 from .responses import join, openai_chunks
 
 try:
@@ -384,6 +384,10 @@ class Server:
             return _cancelled(request, "by Ctrl-C")
         msg = _describe(e)
         sys.stderr.write(f"edgecad: error in {request.method} {request.url.path}: {msg}\n")
+        if isinstance(e, MemoryFloorError):  # the device's memory fell under what the engine needs: try later
+            request.state.log = " stopped at the memory floor"
+            return error_response(503, _without_paths(str(e)), "server_error", code="insufficient_memory",
+                                  headers={"Retry-After": "10"})
         request.state.log = " engine failed"
         public = _without_paths(str(e)) if isinstance(e, EdgecadError) else \
             f"{type(e).__name__} (the server's log says more)"

@@ -10,6 +10,7 @@ the kernel's word that the engine gave its memory back; a v2 kernel would kill.
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from edgecad import Engine, cgroup
 from edgecad.errors import EdgecadError
 from edgecad.follow import FollowParams, Watch, slack
 from edgecad.gguf_file import read_gguf
-from edgecad.measure import memory_room, read_ahead_bytes
+from edgecad.measure import margin, memory_room, read_ahead_bytes
 from edgecad.plan import Device, plan_memory
 
 MB = 1_000_000
@@ -102,6 +103,11 @@ class Child:
         return self.p.wait(timeout=120)
 
 
+def _limit_for(budget: int) -> int:
+    """The limit whose room (less the margin a budget keeps) is `budget`."""
+    return budget + margin(budget) + 1 * MB
+
+
 def _reference(target, draft, n: int) -> list:
     """The unconstrained target's greedy tokens."""
     with Engine(target, None, mode="target", memory_budget=None, n_ctx=512) as e:
@@ -120,7 +126,7 @@ def test_an_engine_moves_down_when_its_limit_falls_and_up_when_it_rises(budget_p
     draft, target = budget_pair
     sizes, n = _sizes(target, draft), 96
     high = sizes["resident"] + 100 * MB
-    low = (sizes["paged"] + sizes["resident"]) // 2 + 32 * MB  # (auto keeps 32 MB under the limit)
+    low = _limit_for((sizes["paged"] + sizes["resident"]) // 2)
     with cgroup.MemoryCgroup(high, "follow") as cg:
         child = Child(cg, target, draft, n, grow_after=0.5)
         try:
@@ -161,14 +167,25 @@ def test_an_engine_moves_down_when_its_limit_falls_and_up_when_it_rises(budget_p
 
 @needs_cgroup
 def test_a_flapping_limit_moves_the_engine_down_once(budget_pair):
-    """A limit that drops and comes back every few tokens: the engine moves down at the first drop and stays
-    down (the room never stays larger for grow_after); its tokens are the target's."""
+    """A limit that drops and comes back every 0.4 s for longer than three times grow_after: the engine moves down
+    at the first drop and stays down (the room never stays larger for grow_after: the engine reads it at every pass,
+    and its passes come faster than the flaps); its tokens are the target's."""
     draft, target = budget_pair
-    sizes, n = _sizes(target, draft), 30
+    sizes, n = _sizes(target, draft), 128
     high = sizes["resident"] + 100 * MB
-    low = (sizes["paged"] + sizes["resident"]) // 2 + 32 * MB
+    low = _limit_for((sizes["paged"] + sizes["resident"]) // 2)
+    stop = threading.Event()
+
+    def flap(cg):
+        while not stop.wait(0.4):
+            _limits(cg, low)
+            if stop.wait(0.4):
+                break
+            _limits(cg, high)
+
     with cgroup.MemoryCgroup(high, "follow") as cg:
         child = Child(cg, target, draft, n, grow_after=1.0)
+        flapper = threading.Thread(target=flap, args=(cg,), daemon=True)
         try:
             child.line()
             got = None
@@ -177,14 +194,18 @@ def test_a_flapping_limit_moves_the_engine_down_once(budget_pair):
                 if "done" in msg:
                     got = msg
                     break
-                if i >= 3:
-                    _limits(cg, low if i % 2 else high)
-                time.sleep(0.1)
+                if i == 2:
+                    _limits(cg, low)
+                    flapper.start()
+                    t0 = time.monotonic()
+                time.sleep(0.04)
                 child.go()
+            stop.set()
             assert child.close() == 0
         finally:
+            stop.set()
             child.p.kill()
-    assert got is not None
+    assert got is not None and time.monotonic() - t0 > 3.0  # (a steady larger room would have moved it up)
     assert ["fell" in m["why"] for m in got["moves"]] == [True], got["moves"]
     assert got["done"] == _reference(target, draft, n)
 
