@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from edgecad import Engine
+from edgecad import Engine, cgroup
 
 from helpers import PROMPTS
 
@@ -27,10 +27,12 @@ class Served:
     may not be read yet when the response arrives). One compute thread: the test process runs engines too, and
     llama.cpp's threads spin at barriers when they outnumber the cores. env: variables to set for it."""
 
-    def __init__(self, *args: str, ready: bool = True, env: Optional[dict] = None, port: int = 0):
+    def __init__(self, *args: str, ready: bool = True, env: Optional[dict] = None, port: int = 0, cg=None):
+        """cg: a memory cgroup (edgecad.cgroup.MemoryCgroup) the server starts in."""
         cmd = [sys.executable, "-m", "edgecad.cli", "serve", "--port", str(port), "--threads", "1", *map(str, args)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env=None if env is None else {**os.environ, **env})
+        self.proc = (cg.start if cg is not None else subprocess.Popen)(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=None if env is None else {**os.environ, **env})
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._changed = threading.Condition()
@@ -740,3 +742,27 @@ def test_the_server_binds_loopback_by_default_and_warns_without_a_key_elsewhere(
         assert any("without an API key" in l for l in s.lines), s.log
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.skipif(not cgroup.available()[0], reason=f"no memory cgroup: {cgroup.available()[1]}")
+def test_at_the_memory_floor_the_server_answers_503_and_serves_again_once_memory_is_back(budget_pair):
+    """The server's cgroup soft limit falls under what any plan needs (the runtime alone is more): a completion
+    stops at its first pass with 503 in OpenAI's shape (Retry-After, code insufficient_memory, what it needs), the
+    log says so, and the server goes on: once the limit is back, the same request is answered."""
+    draft, target = budget_pair
+    with cgroup.MemoryCgroup(2 * 10 ** 9, "serve") as cg:
+        srv = Served("--target", target, "--draft", draft, "--n-ctx", "512", cg=cg)
+        try:
+            body = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0}
+            cg.set_limits(soft=40 * 10 ** 6)
+            r = srv.post("/v1/completions", body)
+            assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+            err = r.json()["error"]
+            assert err["code"] == "insufficient_memory" and "it needs at least" in err["message"], err
+            srv.wait_for("stopped at the memory floor")
+            cg.set_limits(soft=2 * 10 ** 9)
+            r = srv.post("/v1/completions", body)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+        finally:
+            srv.stop()
+
