@@ -107,7 +107,7 @@ def _engine(a: argparse.Namespace, draft: Optional[str], *, io: str = "prefetch"
     return Engine(a.target, draft, memory_budget=_budget(a), target_budget=a.target_budget,
                   pager=PagerParams(io=io, storage=a.storage), backend=a.backend, draft_gpu_layers=a.draft_gpu_layers,
                   target_gpu_layers=a.target_gpu_layers, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed,
-                  remote=_remote(a), verbose=a.verbose, **kw)
+                  remote=_remote(a), verbose=a.verbose, **({"follow_memory": None} if a.fixed_plan else {}), **kw)
 
 
 def _remote(a: argparse.Namespace) -> Optional[list]:
@@ -358,8 +358,10 @@ def _add_engine_flags(p: argparse.ArgumentParser, *, temperature: Optional[float
     p.add_argument("--threads", type=int, default=None, help="compute threads, 1..512 (default: the cores)")
     p.add_argument("--memory-budget", default="auto",
                    help="memory for the whole engine (both models, caches, buffers): 1.5GB, 900MiB, 60%% (of the "
-                        "model files), auto (available memory or the cgroup limit, less a margin; the default), "
-                        "none (no limit)")
+                        "model files), auto (available memory or the cgroup limit, less a margin, followed while the "
+                        "engine runs; the default), none (no limit)")
+    p.add_argument("--fixed-plan", action="store_true",
+                   help="plan once at load: do not follow the memory while running (README, Memory that moves)")
     p.add_argument("--target-budget", default=None, help="instead of --memory-budget: the target's share kept "
                                                          "resident (450MB, 40%%), the rest on top; for experiments")
     p.add_argument("--storage", default="native", choices=list(STORAGE_PROFILES),

@@ -38,8 +38,9 @@ from .tree import TreeParams
 from .window import ChatWindow, overflow_policy
 
 
-def stats_dict(stats: Stats, plan) -> dict:
-    """A completion's `edgecad` entry: its decoder's counters, its residency's measurements, the plan."""
+def stats_dict(stats: Stats, plan, follows: bool = False) -> dict:
+    """A completion's `edgecad` entry: its decoder's counters, its residency's measurements, the plan; follows:
+    the engine follows its memory (moves may come)."""
     n, passes = len(stats.token_ids), max(stats.target_passes, 1)
     d = {
         "mode": stats.mode,
@@ -72,7 +73,7 @@ def stats_dict(stats: Stats, plan) -> dict:
         d["bild_divergent_tokens"] = stats.bild_divergent
     bounded = plan.budget < UNBOUNDED
     d["config"], d["config_reason"] = plan.config, plan.reason  # (the last plan, after any move)
-    d["moves"] = list(stats.moves)
+    d["follows_memory"], d["moves"] = follows, list(stats.moves)
     d["budget_bytes"] = plan.budget if bounded else None
     d["memory_plan"] = plan.parts if bounded else None
     d.update(stats.paging)  # where the target lives: its residency's measurements (residency.STATS and its own)
@@ -342,7 +343,7 @@ class Engine(LlamaMembers, Moves, Closing):
         stats.seconds = time.perf_counter() - t0 - stats.prompt_seconds
         stats.paging = merged_stats(stats.paging_parts + [self._residency.completion_stats(stats)])
         last = text.last(stats)
-        last["edgecad"] = stats_dict(stats, self.memory_plan)
+        last["edgecad"] = stats_dict(stats, self.memory_plan, self._watch is not None)
         if not stats.moves:  # (a completion that moved ran two plans: it teaches neither)
             self._costs = learn(self._costs, last["edgecad"], self.memory_plan, self.config.local_info,
                                 self.config.draft_info, self.n_threads, self._on_gpu)  # (for the next engine)

@@ -24,6 +24,11 @@ def test_generate_prints_the_greedy_completion(tiny_target, capsys):
     out, err = capsys.readouterr()
     assert out == expected + "\n"
     assert "tokens_per_second" in err and "target_passes: 16" in err
+    assert "follows_memory: true" in err  # (the default: the engine follows the memory it may use)
+    assert main(["generate", "--target", str(tiny_target), "-p", "hello", "-n", "16", "--threads", "2", "--stats",
+                 "--fixed-plan"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n" and "follows_memory: false" in err and "moves: []" in err
 
 
 @pytest.mark.parametrize("target,message", [
