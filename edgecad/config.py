@@ -135,8 +135,7 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     """The configuration an Engine with these arguments runs (see Engine for each argument). calibrate: measure
     the storage's read speed when the plan pages and this device has not measured it yet (once per device and
     model; `edgecad inspect` plans without it). follow: the engine follows its memory while it runs
-    (edgecad.follow): an explicit memory_budget is then a ceiling on the room there is now (inspect and doctor
-    plan the budget given)."""
+    (edgecad.follow): an explicit memory_budget is then a ceiling the room never exceeds."""
     if target is None:  # the default pair (`edgecad models fetch` brings it)
         target = registry.DEFAULT_TARGET
         draft = draft or (registry.DEFAULT_DRAFT if mode != "target" else None)
@@ -168,9 +167,7 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
         memory_budget, t_info.file_size + (d_info.file_size if d_info else 0), auto_budget)
     auto = isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto"
     follows = follow and memory_budget is not None and target_budget is None and not remote
-    ceiling = None if auto or not follows else budget
-    if ceiling is not None:  # an explicit budget is a ceiling: the room there is now may be smaller
-        budget = min(budget, auto_budget())
+    ceiling = None if auto or not follows else budget  # (planned as given: a smaller room moves it down)
     if target_budget is not None:
         target_budget = parse_budget(target_budget, t_info.file_size, auto_budget)
         budget = UNBOUNDED

@@ -180,7 +180,7 @@ class Engine(LlamaMembers, Moves, Closing):
         self._computing = threading.Lock()  # held while a completion's next chunk is computed
         self._window = ChatWindow(self._target_model, self.tokenize, self.n_ctx)  # chats' prompts (edgecad.window)
         self._watch = Watch(follow_memory, cfg.ceiling, cfg.plan.budget, time.monotonic) if cfg.follows else None
-        self.moves: list = []  # every move of this engine (edgecad.follow): the completions' `moves` stats
+        self.moves: list = []  # this engine's moves, the last MOVES_KEPT (edgecad.moves; completions' `moves` stats)
         self._freed = False  # the floor freed the models (the vocabulary kept): the next completion loads again
 
     def _configure(self, cfg: EngineConfig) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from .config import EngineConfig, replan
 from .decode import Stats, decoder_for
 from .devices import placement
-from .errors import BudgetTooSmallError, EdgecadError, MemoryFloorError
+from .errors import EdgecadError, MemoryFloorError
 from .follow import Due
 from .llama import ModelParams
 from .plan.units import mb
@@ -106,7 +106,8 @@ class Moves:
         move = {"seconds": round(time.perf_counter() - t0, 3), "at_token": at_token,
                 "from": _describe(old), "to": _describe(new.plan), "why": due.why,
                 "move_seconds": round(time.perf_counter() - t, 3)}
-        self.moves = (self.moves + [move])[-MOVES_KEPT:]
+        self.moves.append(move)
+        del self.moves[:-MOVES_KEPT]
         if self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
             sys.stderr.write(f"edgecad: moved from {move['from']} to {move['to']}: {move['why']}\n")
         return move
@@ -144,10 +145,11 @@ class Moves:
         room, why = self._watch.room()
         try:
             new = replan(self._replannable(), room)
-        except BudgetTooSmallError as e:
+            placement(*self._placement, new.plan.paged)
+            self._freed = False
+            self._move(new, Due(room, f"{why} is {mb(room)} again", False), 0, time.perf_counter())
+        except EdgecadError as e:  # (nothing fits here, or a load failed: _move kept only the vocabulary)
             raise MemoryFloorError(f"edgecad cannot run: {why} is {mb(room)}, and {_floor(e)}; {_FIX}") from None
-        self._freed = False
-        self._move(new, Due(room, f"{why} is {mb(room)} again", False), 0, time.perf_counter())
 
 
 MOVES_KEPT = 100  # Engine.moves keeps the last ones (a server runs for long)
