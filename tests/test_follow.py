@@ -132,7 +132,7 @@ def test_an_engine_moves_down_when_its_limit_falls_and_up_when_it_rises(budget_p
         try:
             ready = child.line()
             assert not ready["ready"].endswith("paged"), ready
-            configs, got, raised = [], None, None
+            configs, got, moved, raised = [], None, None, None
             for i in range(n + 1):
                 msg = child.line()
                 if "done" in msg:
@@ -141,10 +141,10 @@ def test_an_engine_moves_down_when_its_limit_falls_and_up_when_it_rises(budget_p
                 configs.append(msg["config"])
                 if i == 4:
                     _limits(cg, low)
-                elif i == 5:
-                    assert configs[-1].endswith("paged"), configs  # moved before the next pass
+                elif i > 4 and moved is None and configs[-1].endswith("paged"):
+                    moved = i  # (the next pass moved: the tokens of the step before it may come first)
                     _limits(cg, low, low)  # (v1: EBUSY unless the engine gave its memory back)
-                elif i == 8:
+                elif moved is not None and i == moved + 3:
                     _limits(cg, high, high)
                     raised = i
                 if raised is not None and configs[-1].endswith("paged"):
@@ -153,7 +153,7 @@ def test_an_engine_moves_down_when_its_limit_falls_and_up_when_it_rises(budget_p
             assert child.close() == 0 and not cgroup.killed_by_limit(0, cg)
         finally:
             child.p.kill()
-    assert got is not None, configs
+    assert got is not None and moved is not None and moved <= 12, configs
     downs = [m for m in got["moves"] if "fell" in m["why"]]
     ups = [m for m in got["moves"] if "rose" in m["why"]]
     assert len(downs) == 1 and len(ups) == 1, got["moves"]
