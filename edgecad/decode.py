@@ -82,6 +82,9 @@ class Stats:
             self.between_passes()
 
 
+COUNTED = ("draft_passes", "seconds_draft", "cpu_draft", "seconds_chain", "chain_tokens", "reused_tokens")  # the
+# Stats a speculative decoder counts from its drafter's and pipeline's running counts (SpeculativeDecoder._counters)
+
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold, so leaves per tree < 256
 
 
@@ -271,15 +274,13 @@ class SpeculativeDecoder:
                         return
                 stats.before_pass()
         finally:
-            (stats.draft_passes, stats.seconds_draft, stats.cpu_draft, stats.seconds_chain, stats.chain_tokens,
-             stats.reused_tokens) = (before + now - then for before, now, then in zip(
-                (stats.draft_passes, stats.seconds_draft, stats.cpu_draft, stats.seconds_chain, stats.chain_tokens,
-                 stats.reused_tokens), self._counters(), d0))
+            for name, now, then in zip(COUNTED, self._counters(), d0):  # (added: a resumed decoder's too)
+                setattr(stats, name, getattr(stats, name) + now - then)
             stats.fallback = fallback.summary() if p.fallback is Fallback.ADAPTIVE else None
 
     def _counters(self) -> tuple:
-        """The drafter's and the pipeline's running counts, as Stats' draft_passes, seconds_draft, cpu_draft,
-        seconds_chain, chain_tokens and reused_tokens: a completion's are their differences."""
+        """The drafter's and the pipeline's running counts, as Stats' COUNTED: a completion's are their
+        differences."""
         d, pl = self.drafter, self.pipeline
         return d.decodes, d.seconds, d.cpu, pl.seconds if pl else 0.0, pl.tokens if pl else 0, d.reused_tokens
 
