@@ -48,7 +48,6 @@ class Moves:
             except _Move as m:
                 new, due = m.config, m.due  # (not the exception: its traceback holds the old decoder's frame)
             except MemoryFloorError:
-                decoder.close()
                 self._keep_vocabulary()
                 raise
             finally:
@@ -69,9 +68,8 @@ class Moves:
         if due is None:
             return
         try:
-            new = replan(self._replannable(), due.budget)
-            placement(*self._placement, new.plan.paged)  # (raises where the new plan cannot run: paging offloaded
-        except EdgecadError as e:                         # layers on a device that copies them)
+            new = self._plan_for(due.budget)
+        except EdgecadError as e:
             if not due.down:
                 self._watch.planned(due.budget, False)
                 return
@@ -81,9 +79,13 @@ class Moves:
             return
         raise _Move(new, due)
 
-    def _replannable(self) -> EngineConfig:
-        """The running configuration with the costs learnt since it was planned."""
-        return replace(self.config, device=replace(self.config.device, costs=self._costs))
+    def _plan_for(self, budget: int) -> EngineConfig:
+        """The configuration at `budget`: the running one re-planned with the costs learnt since, checked to run
+        here. EdgecadError where nothing fits (BudgetTooSmallError) or the plan cannot run here (placement:
+        paging offloaded layers on a device that copies them)."""
+        new = replan(replace(self.config, device=replace(self.config.device, costs=self._costs)), budget)
+        placement(*self._placement, new.plan.paged)
+        return new
 
     def _holds(self) -> int:
         """Bytes the running plan holds: its budget less its spare."""
@@ -144,8 +146,7 @@ class Moves:
             return
         room, why = self._watch.room()
         try:
-            new = replan(self._replannable(), room)
-            placement(*self._placement, new.plan.paged)
+            new = self._plan_for(room)
             self._freed = False
             self._move(new, Due(room, f"{why} is {mb(room)} again", False), 0, time.perf_counter())
         except EdgecadError as e:  # (nothing fits here, or a load failed: _move kept only the vocabulary)
