@@ -57,13 +57,6 @@ class Due:
     down: bool    # the room shrank (else it grew)
 
 
-def slack(holds: int) -> int:
-    """How far the room may fall under what a plan holds before the engine moves: the margin a budget keeps under
-    the memory it was made from anyway (edgecad.measure.margin), so a small drift of available memory moves
-    nothing."""
-    return margin(holds)
-
-
 class Watch:
     """Readings between passes, and the moves they call for (see the module)."""
 
@@ -89,7 +82,7 @@ class Watch:
             return None
         self.next, self.events = now + self.p.interval, events
         room, why = self.room()
-        if room < holds - slack(holds):
+        if room < holds - margin(holds):  # (within the margin a budget keeps anyway, a drift moves nothing)
             self.larger_since = None
             if self.last_up is not None and now - self.last_up < 2 * self.wait:  # down soon after up: a flap
                 self.wait = min(2 * self.wait, self.p.max_wait)

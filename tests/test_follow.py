@@ -17,7 +17,7 @@ import pytest
 
 from edgecad import Engine, cgroup
 from edgecad.errors import EdgecadError
-from edgecad.follow import FollowParams, Watch, slack
+from edgecad.follow import FollowParams, Watch
 from edgecad.gguf_file import read_gguf
 from edgecad.measure import margin, memory_room, read_ahead_bytes
 from edgecad.plan import Device, plan_memory
@@ -114,10 +114,6 @@ def _reference(target, draft, n: int) -> list:
         return e.create_completion("Once upon a time", max_tokens=n, temperature=0)["edgecad"]["token_ids"]
 
 
-def _limits(cg, soft: int, hard: int = None) -> None:
-    cg.set_limits(hard, soft)
-
-
 @needs_cgroup
 def test_an_engine_moves_down_when_its_limit_falls_and_up_when_it_rises(budget_pair):
     """Lowered under the resident plan mid-completion, the engine moves to a paged plan before the next pass, is
@@ -140,12 +136,12 @@ def test_an_engine_moves_down_when_its_limit_falls_and_up_when_it_rises(budget_p
                     break
                 configs.append(msg["config"])
                 if i == 4:
-                    _limits(cg, low)
+                    cg.set_limits(soft=low)
                 elif i > 4 and moved is None and configs[-1].endswith("paged"):
                     moved = i  # (the next pass moved: the tokens of the step before it may come first)
-                    _limits(cg, low, low)  # (v1: EBUSY unless the engine gave its memory back)
+                    cg.set_limits(low, low)  # (v1: EBUSY unless the engine gave its memory back)
                 elif moved is not None and i == moved + 3:
-                    _limits(cg, high, high)
+                    cg.set_limits(high, high)
                     raised = i
                 if raised is not None and configs[-1].endswith("paged"):
                     time.sleep(0.15)  # (the room must stay larger for grow_after)
@@ -178,10 +174,10 @@ def test_a_flapping_limit_moves_the_engine_down_once(budget_pair):
 
     def flap(cg):
         while not stop.wait(0.4):
-            _limits(cg, low)
+            cg.set_limits(soft=low)
             if stop.wait(0.4):
                 break
-            _limits(cg, high)
+            cg.set_limits(soft=high)
 
     with cgroup.MemoryCgroup(high, "follow") as cg:
         child = Child(cg, target, draft, n, grow_after=1.0)
@@ -195,7 +191,7 @@ def test_a_flapping_limit_moves_the_engine_down_once(budget_pair):
                     got = msg
                     break
                 if i == 2:
-                    _limits(cg, low)
+                    cg.set_limits(soft=low)
                     flapper.start()
                     t0 = time.monotonic()
                 time.sleep(0.04)
@@ -227,12 +223,12 @@ def test_below_its_floor_the_engine_stops_with_one_line_and_frees_its_memory(bud
                 msg = child.line()
                 if "floor" in msg:
                     floor = msg
-                    _limits(cg, high)
+                    cg.set_limits(soft=high)
                 elif "done" in msg:
                     got = msg
                     break
                 elif i == 3:
-                    _limits(cg, sizes["any"] // 2)
+                    cg.set_limits(soft=sizes["any"] // 2)
                 child.go()
             assert child.close() == 0
         finally:
@@ -246,12 +242,12 @@ def test_below_its_floor_the_engine_stops_with_one_line_and_frees_its_memory(bud
 
 def test_the_watch_reads_the_room_and_keeps_the_ceiling():
     """The Watch's room is memory_room's, under an explicit budget's ceiling; a plan that holds more than the room
-    (beyond the slack) is due down at once; a room at the plan's budget asks for nothing."""
+    (beyond the margin) is due down at once; a room at the plan's budget asks for nothing."""
     room, why = memory_room()
     assert room > 0 and why
     w = Watch(FollowParams(interval=0.0), None, room, time.monotonic)
     assert w.due(room) is None
-    due = w.due(room + 2 * slack(room))
+    due = w.due(room + 2 * margin(room))
     assert due is not None and due.down and "fell" in due.why
     capped = Watch(FollowParams(interval=0.0), 200 * MB, 200 * MB, time.monotonic)
     assert capped.room() == (200 * MB, "the memory_budget given")
