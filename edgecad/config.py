@@ -183,11 +183,14 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     return _configured(cfg, plan)
 
 
-def replan(cfg: EngineConfig, budget: int) -> EngineConfig:
+def replan(cfg: EngineConfig, budget: int, configs: Optional[tuple] = None) -> EngineConfig:
     """The configuration at another whole-engine budget (memory that moved: edgecad.follow): the same arguments,
-    the same device as measured (with its costs as `cfg.device` holds them), planned again. Raises EdgecadError
-    where nothing runs inside `budget` (the error names the smallest budget that does)."""
-    plan = plan_memory(budget, cfg.target_info, cfg.draft_info, device=cfg.device, **dict(cfg.plan_args))
+    the same device as measured (with its costs as `cfg.device` holds them), planned again; `configs`: only among
+    these (a doubted choice's rival: edgecad.plan.doubt). Raises EdgecadError where nothing runs inside `budget`
+    (the error names the smallest budget that does)."""
+    args = dict(cfg.plan_args)
+    args["configs"] = configs or args["configs"]
+    plan = plan_memory(budget, cfg.target_info, cfg.draft_info, device=cfg.device, **args)
     return _configured(cfg, plan)
 
 

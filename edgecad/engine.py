@@ -328,7 +328,7 @@ class Engine(LlamaMembers, Moves, Closing):
         if self._target_model is None:
             raise EdgecadError(CLOSED)
         max_tokens = completion_length(tokens, max_tokens, self.n_ctx, "prompt" if chat is None else "messages")
-        self._reload_if_freed()
+        self._between_completions()
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done,

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from .devices import placement
 from .errors import EdgecadError, MemoryFloorError
 from .follow import Due
 from .llama import ModelParams
+from .plan import CONFIGS, doubts
 from .plan.units import mb
 from .residency import residency_for
 from .sampling import SamplingParams
@@ -32,6 +33,10 @@ from .sampling import SamplingParams
 
 class Moves:
     """The engine's moves (Engine inherits them): `_tokens` runs a completion's decoder across them."""
+
+    _completions = 0            # completions this engine began
+    _trial: Optional[str] = None  # a doubted choice's rival runs this completion: its name (edgecad.plan.doubt)
+    _checked = False            # this engine checked its doubted choice (once per engine)
 
     def _tokens(self, tokens: list[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
                 stats: Stats, t0: float) -> Iterator[int]:
@@ -53,11 +58,7 @@ class Moves:
             finally:
                 decoder.close()
             stats.paging_parts.append(self._residency.completion_stats(stats))  # (the plan moved from)
-            try:
-                stats.moves.append(self._move(new, due, len(done), t0))
-            except EdgecadError as e:  # (a context llama.cpp could not allocate: no memory after all)
-                raise MemoryFloorError(f"edgecad stopped: moving to {_describe(new.plan)} failed ({e}); "
-                                       + _FIX) from e
+            stats.moves.append(self._move(new, due, len(done), t0))
             stats.mode, stats.on_prompt_done = self.mode, self._residency.prompt_done
             self._residency.begin_completion()
 
@@ -79,11 +80,48 @@ class Moves:
             return
         raise _Move(new, due)
 
-    def _plan_for(self, budget: int) -> EngineConfig:
-        """The configuration at `budget`: the running one re-planned with the costs learnt since, checked to run
-        here. EdgecadError where nothing fits (BudgetTooSmallError) or the plan cannot run here (placement:
-        paging offloaded layers on a device that copies them)."""
-        new = replan(replace(self.config, device=replace(self.config.device, costs=self._costs)), budget)
+    def _between_completions(self) -> None:
+        """At a completion's start: load again after the floor (_reload_if_freed); or check a doubted choice, once
+        per engine (edgecad.plan.doubt): where the running plan pages (there a wrong choice costs most, and a move
+        reloads no repacked target) and the engine's second completion finds the rival doubted, that completion
+        runs the rival, which measures its costs; the next one runs whichever the measured costs predict faster."""
+        self._completions += 1
+        if self._freed:
+            return self._reload_if_freed()
+        if self._watch is None or self.config.mode_given is not None or self.config.draft_info is None:
+            return
+        budget, running = self.memory_plan.budget, self.memory_plan
+        if self._trial is not None:  # the rival ran: keep the faster
+            rival, self._trial, self._checked = self._trial, None, True
+            try:
+                new = self._plan_for(budget)
+            except EdgecadError:
+                return  # (nothing else runs here now: stay)
+            verdict = f"checked {rival}: {new.plan.config}, {new.plan.reason} on measured costs"
+            if new.plan.kind != running.kind:
+                self._move(new, Due(budget, verdict, True), 0, time.perf_counter())
+            elif self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
+                sys.stderr.write(f"edgecad: kept {running.config}: {verdict}\n")
+            return
+        if self._checked or self._completions < 2 or not running.paged:
+            return
+        try:
+            mine = self._plan_for(budget, (running.kind,))
+            rival = self._plan_for(budget, tuple(c for c in CONFIGS if c.speculative != running.speculative))
+        except EdgecadError:
+            self._checked = True  # (the rival cannot run here: nothing to doubt)
+            return
+        why = doubts(mine.plan, rival.plan)
+        self._checked = why is None
+        if why is not None:
+            self._trial = rival.plan.config
+            self._move(rival, Due(budget, why, True), 0, time.perf_counter())
+
+    def _plan_for(self, budget: int, configs: Optional[tuple] = None) -> EngineConfig:
+        """The configuration at `budget` (among `configs`: edgecad.config.replan): the running one re-planned with
+        the costs learnt since, checked to run here. EdgecadError where nothing fits (BudgetTooSmallError) or the
+        plan cannot run here (placement: paging offloaded layers on a device that copies them)."""
+        new = replan(replace(self.config, device=replace(self.config.device, costs=self._costs)), budget, configs)
         placement(*self._placement, new.plan.paged)
         return new
 
@@ -92,7 +130,8 @@ class Moves:
         return self.memory_plan.budget - max(self.memory_plan.parts["spare"], 0)
 
     def _move(self, new: EngineConfig, due: Due, at_token: int, t0: float) -> dict:
-        """Free the target's side, load it as `new` says (the draft loaded or freed as it asks), and say so."""
+        """Free the target's side, load it as `new` says (the draft loaded or freed as it asks), and say so.
+        MemoryFloorError where llama.cpp could not allocate (no memory after all)."""
         old, t = self.memory_plan, time.perf_counter()
         self._free_target_side(keep_draft=new.speculative)
         try:
@@ -101,8 +140,11 @@ class Moves:
             if new.speculative and self._draft_model is None:
                 self._draft_model = decoder_for(new.mode).load_draft(new, self._gpu[1], False)
             self._make_contexts(new)
-        except BaseException:  # (a file changed, a Ctrl-C during the load): nothing half loaded stays
+        except BaseException as e:  # (a file changed, a Ctrl-C during the load): nothing half loaded stays
             self._keep_vocabulary()
+            if isinstance(e, EdgecadError) and not isinstance(e, MemoryFloorError):
+                raise MemoryFloorError(f"edgecad stopped: moving to {_describe(new.plan)} failed ({e}); "
+                                       + _FIX) from e
             raise
         self._watch.planned(due.budget, not due.down)
         move = {"seconds": round(time.perf_counter() - t0, 3), "at_token": at_token,

@@ -6,10 +6,16 @@ import sys
 
 import pytest
 
-from edgecad import cgroup
-from edgecad.config import resolve
-from edgecad.plan import Costs, costs_from_dict
+from dataclasses import replace
+
+from edgecad import Engine, cgroup
+from edgecad.config import replan, resolve
+from edgecad.errors import EdgecadError
+from edgecad.gguf_file import read_gguf
+from edgecad.measure import device, load_costs, save_costs
+from edgecad.plan import TARGET_PAGED, TREE_PAGED, Costs, costs_from_dict, doubts, plan_memory
 from edgecad.plan.costs import STARVED
+from edgecad.plan.doubt import measured
 
 STARVED_CHILD = """
 import json, os, sys
@@ -73,3 +79,41 @@ def test_a_phase_that_waits_on_another_device_is_not_judged_by_its_cpu_time(tiny
     on_gpu = learn(Costs(), st, cfg.plan, cfg.local_info, cfg.draft_info, 2, gpu=(False, True))
     assert (on_cpu.starved, on_cpu.history) == (1, ())
     assert on_gpu.starved == 0 and on_gpu.history
+
+
+def test_a_doubted_choice_is_checked_by_running_its_rival_once(budget_pair, private_cost_cache):
+    """This device measured the paged tree's acceptance (a poor one) but never the target alone, predicted within
+    DOUBT of it: the engine's second completion runs the target alone, which measures its costs, the third runs
+    whichever the costs then predict faster, and no later completion checks again. Every token is the target's."""
+    draft, target = budget_pair
+    t, d, n = read_gguf(target), read_gguf(draft), 2
+    save_costs(Costs(tree_tokens=2.0, tree_nodes=4.0, history=(("tree_nodes", (4.0,)), ("tree_tokens", (2.0,))),
+                     read_bps=1e9, read_measured=True), t, d, n)  # (the storage as measured: the plan is the same
+    dev = device(t, d, n, may_page=True)                           # on any disk)
+    doubted = []
+    for mb in range(100, 300, 2):
+        try:
+            tree, alone = (plan_memory(mb * 1_000_000, t, d, n_ctx=512, n_batch=512, tree_nodes=32, device=dev,
+                                       configs=(c,)) for c in (TREE_PAGED, TARGET_PAGED))
+        except EdgecadError:  # (too small for one, or the target fits: not paged)
+            continue
+        if tree.tokens_per_second > alone.tokens_per_second and doubts(tree, alone):
+            doubted.append(mb * 1_000_000)
+    assert len(doubted) >= 3, "no budget where the measured tree doubts the target alone"
+    budget = doubted[len(doubted) // 2]
+    with Engine(target, mode="target", memory_budget=None, n_ctx=512, n_threads=n) as ref:
+        want = ref.create_completion("Once upon a time", max_tokens=24, temperature=0)["edgecad"]["token_ids"]
+    runs = []
+    with Engine(target, draft, memory_budget=budget, n_ctx=512, n_threads=n) as e:
+        assert e.memory_plan.config == "tree-paged"
+        for i in range(4):
+            if i == 2:  # what the costs measured so far predict fastest at this budget
+                costs = load_costs(t, d, n)
+                assert measured(costs, TARGET_PAGED)
+                best = replan(replace(e.config, device=replace(e.config.device, costs=costs)), budget).plan.config
+            st = e.create_completion("Once upon a time", max_tokens=24, temperature=0)["edgecad"]
+            runs.append((st["config"], len(e.moves)))
+            assert st["token_ids"] == want, (i, st["config"])
+        assert runs[:2] == [("tree-paged", 0), ("target-paged", 1)]
+        assert e.moves[0]["why"].startswith("checking target-paged") and e.moves[0]["to"].startswith("target-paged")
+        assert runs[2][0] == best and runs[3] == runs[2]  # (kept, or moved back once: never checked again)

@@ -114,10 +114,12 @@ import json, sys
 from edgecad import Engine
 target, draft, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with Engine(target, draft, memory_budget=budget, n_ctx=512, verbose=True) as e:
+    print("LOADED", file=sys.stderr, flush=True)  # (llama.cpp's buffers before this are the first plan's)
     sts = [e.create_completion(p, temperature=0.0, max_tokens=24)["edgecad"] for p in ("hello the world", "Once upon a time")]
     print(json.dumps({"config": sts[0]["config"], "parts": sts[0]["memory_plan"], "n": [s["n_tokens"] for s in sts],
-                      "peak_target": max(s["peak_resident_target_bytes"] or 0 for s in sts),
-                      "target_budget": sts[0]["target_budget_bytes"],
+                      "peak_target": [s["peak_resident_target_bytes"] or 0 for s in sts],
+                      "target_budget": [s["target_budget_bytes"] for s in sts],  # (the second may run a doubted
+                                                                                # choice's rival: plan.doubt)
                       "max_rss": [int(l.split()[1]) * 1024 for l in open("/proc/self/status")  # peak RSS of this
                                   if l.startswith("VmHWM:")][0]}))  # program (ru_maxrss counts the parent's at fork)
 """
@@ -148,10 +150,11 @@ def test_a_whole_engine_budget_that_pages_the_target_holds_inside_a_cgroup_of_it
     assert sum(out["parts"].values()) == budget
     assert abs(out["parts"]["runtime"] - runtime) <= 10 * MB  # the process before any model, as measured here
     assert out["max_rss"] <= budget, f"peak RSS {out['max_rss'] / MB:.1f} MB over the {budget / MB:.0f} MB budget: {out}"
-    assert 0 < out["peak_target"] <= out["target_budget"] + 64 * 4096
-    kv = _llama_buffers(alone.stderr, "KV")
+    assert all(0 < peak <= share + 64 * 4096 for peak, share in zip(out["peak_target"], out["target_budget"])), out
+    loaded = alone.stderr.split("LOADED")[0]  # (the buffers of the plan loaded first)
+    kv = _llama_buffers(loaded, "KV")
     assert kv > 0 and abs(out["parts"]["kv_caches"] - kv) <= 0.05 * kv, (out["parts"], kv)
-    compute = _llama_buffers(alone.stderr, "compute") + _llama_buffers(alone.stderr, "output")
+    compute = _llama_buffers(loaded, "compute") + _llama_buffers(loaded, "output")
     contexts = 2 if out["config"].startswith("tree") else 1  # the fixed allowance is per context
     assert compute > 0 and compute <= out["parts"]["compute_buffers"] <= compute + contexts * 24 * MB + 8 * MB, (
         out["parts"], compute)
