@@ -260,8 +260,9 @@ from pathlib import Path
 from edgecad import Engine
 from edgecad.chat import Conversation
 from edgecad.errors import MemoryFloorError
+from edgecad.follow import FollowParams
 say = lambda **kw: print(json.dumps(kw), flush=True)
-e = Engine(sys.argv[1], sys.argv[2], n_ctx=512)
+e = Engine(sys.argv[1], sys.argv[2], n_ctx=512, follow_memory=FollowParams(interval=0.0))  # (a reading every pass)
 conv = Conversation(e, Path(sys.argv[3]), sampling=dict(max_tokens=48, temperature=0))
 def on_text(s):
     say(text=s)
