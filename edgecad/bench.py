@@ -360,7 +360,7 @@ def _worker(spec: dict) -> dict:
                 out = eng.create_completion(pr, max_tokens=spec["max_tokens"], temperature=0.0)
                 st = out["edgecad"]
                 passes = max(1, st["target_passes"] - st["prompt_passes"])
-                runs.append({"seconds": time.perf_counter() - t, "tokens": st["n_tokens"],
+                runs.append({"seconds": time.perf_counter() - t, "tokens": st["n_tokens"], "config": st["config"],
                              "text": out["choices"][0]["text"], "tokens_per_pass": st["mean_accepted_per_pass"],
                              "peak_resident_target_bytes": st["peak_resident_target_bytes"],
                              "read_per_pass": st["bytes_read"] / passes,
@@ -480,11 +480,15 @@ def _limit_row(spec: dict, limit: Optional[int], timeout: float) -> dict:
         return res
     w = json.loads(r.stdout.strip().splitlines()[-1])
     tps = [x["tokens"] / x["seconds"] for x in w["runs"] if x["seconds"] > 0]
+    ran = [x["config"] for x in w["runs"] if x.get("config")]  # (a doubted choice's check runs its rival once)
     res.update(peak_generating_bytes=w["peak_generating_bytes"], peak_rss_bytes=w["peak_rss_bytes"],
                tokens_per_second=statistics.median(tps), tokens_per_second_min=min(tps),
                tokens_per_second_max=max(tps), load_seconds=w["load_seconds"],
                load_bytes_read=w["load_bytes_read"],
-               config=w["plan"].get("config", "llama.cpp defaults"), plan=w["plan"],
+               config=" / ".join(ran) if len(set(ran)) > 1 else w["plan"].get("config", "llama.cpp defaults"),
+               plan=w["plan"],
+               completions=[{"config": x.get("config"), "tokens_per_second": x["tokens"] / x["seconds"]}
+                            for x in w["runs"] if x["seconds"] > 0],
                texts=[x["text"] for x in w["runs"]],
                tokens_per_pass=statistics.mean(x.get("tokens_per_pass") or 1.0 for x in w["runs"]),
                read_per_pass=statistics.mean(x.get("read_per_pass") or 0 for x in w["runs"]),
