@@ -87,11 +87,12 @@ def test_a_doubted_choice_is_checked_by_running_its_rival_once(budget_pair, priv
     whichever the costs then predict faster, and no later completion checks again. Every token is the target's."""
     draft, target = budget_pair
     t, d, n = read_gguf(target), read_gguf(draft), 2
-    save_costs(Costs(tree_tokens=2.0, tree_nodes=4.0, history=(("tree_nodes", (4.0,)), ("tree_tokens", (2.0,))),
+    save_costs(Costs(tree_tokens=2.5, tree_nodes=4.0, history=(("tree_nodes", (4.0,)), ("tree_tokens", (2.5,))),
                      read_bps=1e9, read_measured=True), t, d, n)  # (the storage as measured: the plan is the same
     dev = device(t, d, n, may_page=True)                           # on any disk)
     doubted = []
-    for mb in range(100, 300, 2):
+    base = dev.runtime // 1_000_000  # (this process's size: the engine below runs in it)
+    for mb in range(base + 60, base + 180, 2):
         try:
             tree, alone = (plan_memory(mb * 1_000_000, t, d, n_ctx=512, n_batch=512, tree_nodes=32, device=dev,
                                        configs=(c,)) for c in (TREE_PAGED, TARGET_PAGED))

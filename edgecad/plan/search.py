@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from ..errors import BudgetTooSmallError, EdgecadError
 from ..gguf_file import GGUFInfo
-from .costs import Costs, speed, tree_size, waits
+from .costs import Costs, io_seconds, speed, tree_size, waits
 from .paging import BudgetPlan, PagerParams, plan_budget
 from .remote import RemotePlan
 from .sizes import compute_bytes, kv_bytes
@@ -282,6 +282,8 @@ def _paged(cfg: Config, budget: int, ask: _Ask, s: _Split) -> Union[_Split, tupl
                 s, paging = _split(cfg, budget, ask, s.n_batch, bigger), grown
                 break
             bigger = max(s.nodes, bigger // 2)
+    if not fixed_target:
+        s, paging = _smaller_batches(cfg, budget, ask, s, paging)
     pipeline = cfg.speculative and waits(ask.device.costs, ask.target, ask.draft, paging, paging.params, s.nodes)
     if pipeline:  # a chain's distributions beside the tree's (a chain is no deeper than the tree has nodes)
         chain = (s.nodes + 1) * ask.target.vocab_size * 4
@@ -291,6 +293,23 @@ def _paged(cfg: Config, budget: int, ask: _Ask, s: _Split) -> Union[_Split, tupl
         else:
             paging, s = smaller, replace(s, compute=s.compute + chain, fixed=s.fixed + chain, room=s.room - chain)
     return replace(s, paging=paging, pipeline=pipeline)
+
+
+def _smaller_batches(cfg: Config, budget: int, ask: _Ask, s: _Split, paging: BudgetPlan) -> tuple:
+    """(split, paging plan) with prompt batches halved, down to 64 and never under a tree's pass, while a pass of
+    that many tokens still computes longer than it reads (a prompt's passes then stay compute-bound, their reads
+    hidden under the compute: more of them cost about what fewer cost) and the activations it frees pin more of
+    the target (every decoding pass then streams less). Read-ahead only: demand reads overlap nothing."""
+    costs = ask.device.costs
+    while paging.params.read_ahead and s.n_batch // 2 >= max(64, s.nodes + 1):
+        smaller = _split(cfg, budget, ask, s.n_batch // 2, s.nodes)
+        fit = _fit(ask, smaller.room, paging.params)
+        if fit is None or fit.streamed_bytes >= paging.streamed_bytes or (
+                costs.target_pass(ask.target.pass_bytes, smaller.n_batch, fit.streamed_bytes)
+                < io_seconds(costs, fit, fit.params)):
+            break
+        s, paging = smaller, fit
+    return s, paging
 
 
 def _plan_budget(ask: _Ask, budget: int, params: PagerParams) -> BudgetPlan:

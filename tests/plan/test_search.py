@@ -8,7 +8,7 @@ import pytest
 from edgecad import Engine
 from edgecad.errors import EdgecadError
 from edgecad.gguf_file import read_gguf
-from edgecad.plan import (CONFIGS, TREE_PAGED, Costs, Device, MemoryPlan, RemoteDevice, plan_memory,
+from edgecad.plan import (CONFIGS, TARGET_PAGED, TREE_PAGED, Costs, Device, MemoryPlan, RemoteDevice, plan_memory,
                           plan_remote)
 from edgecad.plan.sizes import activation_bytes
 
@@ -46,8 +46,7 @@ def test_a_tree_that_does_not_fit_shrinks_before_giving_up(budget_pair):
             else:  # large enough to hold the target: not paged, said in one line
                 assert "the target fits: not paged" in str(e) and mb > min(plans), e
     first = min(plans)
-    default = next(p for mb, p in sorted(plans.items()) if (p.n_batch, p.tree_nodes, p.paging.params.depth) ==
-                   (512, 32, 2))
+    default = next(p for mb, p in sorted(plans.items()) if (p.tree_nodes, p.paging.params.depth) == (32, 2))
     small = plans[first]
     assert first * MB < default.budget
     assert (small.n_batch, small.tree_nodes, small.paging.params.depth) < (512, 32, 2)
@@ -55,6 +54,21 @@ def test_a_tree_that_does_not_fit_shrinks_before_giving_up(budget_pair):
     assert sum(small.parts.values()) == small.budget and small.parts["spare"] >= 0
     need = int(smallest_error.split("needs ")[1].split(" MB")[0].replace(",", ""))
     assert first - 2 < need <= first, smallest_error
+
+
+def test_prompt_batches_shrink_while_their_passes_hide_the_reads(budget_pair):
+    """A paged plan halves its prompt batches (to 64) while a pass of that many tokens computes longer than it
+    reads: the activations freed pin more of the target, so every decoding pass streams less, and a prompt's
+    passes stay compute-bound. Where a pass would wait on its reads (an SD card), they stay at 512."""
+    draft, target = budget_pair
+    t, d = read_gguf(target), read_gguf(draft)
+    plan = lambda costs: plan_memory(150 * MB, t, d, n_ctx=512, n_batch=512, tree_nodes=32,  # noqa: E731
+                                     device=Device(runtime=50 * MB, costs=costs), configs=(TARGET_PAGED,))
+    slow, fast = plan(Costs(read_bps=5e6)), plan(Costs())
+    assert (slow.n_batch, fast.n_batch) == (512, 64)
+    assert fast.target > slow.target and fast.paging.streamed_bytes < slow.paging.streamed_bytes
+    assert fast.costs.target_pass(t.pass_bytes, 64, fast.paging.streamed_bytes) >= fast.paging.streamed_bytes / 1.2e9
+    assert sum(fast.parts.values()) == fast.budget and fast.parts["spare"] >= 0
 
 
 def test_a_busy_device_does_not_pipeline(budget_pair):
