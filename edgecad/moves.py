@@ -115,7 +115,7 @@ class Moves:
         self._checked = why is None
         if why is not None:
             self._trial = rival.plan.config
-            self._move(rival, Due(budget, why, True), 0, time.perf_counter())
+            self._move(rival, Due(budget, why, True), 0, time.perf_counter())  # (not an up: no flap wait)
 
     def _plan_for(self, budget: int, configs: Optional[tuple] = None) -> EngineConfig:
         """The configuration at `budget` (among `configs`: edgecad.config.replan): the running one re-planned with

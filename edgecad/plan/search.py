@@ -300,16 +300,17 @@ def _smaller_batches(cfg: Config, budget: int, ask: _Ask, s: _Split, paging: Bud
     that many tokens still computes longer than it reads (a prompt's passes then stay compute-bound, their reads
     hidden under the compute: more of them cost about what fewer cost) and the activations it frees pin more of
     the target (every decoding pass then streams less). Read-ahead only: demand reads overlap nothing."""
-    costs = ask.device.costs
-    while paging.params.read_ahead and s.n_batch // 2 >= max(64, s.nodes + 1):
-        smaller = _split(cfg, budget, ask, s.n_batch // 2, s.nodes)
+    costs, best, nb = ask.device.costs, (s, paging), s.n_batch
+    while paging.params.read_ahead and nb // 2 >= max(64, s.nodes + 1):
+        nb //= 2
+        smaller = _split(cfg, budget, ask, nb, s.nodes)
         fit = _fit(ask, smaller.room, paging.params)
-        if fit is None or fit.streamed_bytes >= paging.streamed_bytes or (
-                costs.target_pass(ask.target.pass_bytes, smaller.n_batch, fit.streamed_bytes)
-                < io_seconds(costs, fit, fit.params)):
+        if fit is None or (costs.target_pass(ask.target.pass_bytes, nb, fit.streamed_bytes)
+                           < io_seconds(costs, fit, fit.params)):
             break
-        s, paging = smaller, fit
-    return s, paging
+        if fit.streamed_bytes < best[1].streamed_bytes:  # (a halving may free less than a layer: the next may not)
+            best = (smaller, fit)
+    return best
 
 
 def _plan_budget(ask: _Ask, budget: int, params: PagerParams) -> BudgetPlan:
