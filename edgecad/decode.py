@@ -226,6 +226,8 @@ class SpeculativeDecoder:
                  stats: Stats, done: Sequence[int] = ()) -> Iterator[int]:
         """As TargetDecoder's."""
         p, drafter, target = self.p, self.drafter, self.target
+        if self.pipeline is not None:
+            self.pipeline.settle()  # (a chain a Ctrl-C left drafting must be gone before the draft decodes)
         prompt = list(prompt) + list(done)
         t0 = time.perf_counter()
         # the target's KV: every accepted token but the root; the last of them not held yet (up to a batch beside

@@ -57,7 +57,7 @@ class Pipeline:
     core counts."""
 
     def __init__(self, pager: Pager, drafter: Drafter):
-        self.pager, self.drafter, self.rng, self._thread = pager, drafter, None, None
+        self.pager, self.drafter, self.rng, self._thread, self._done = pager, drafter, None, None, None
         self.seconds = 0.0  # drafting chains beside target passes (overlapped with them)
         self.tokens = 0     # tokens drafted into chains
 
@@ -70,13 +70,17 @@ class Pipeline:
         """verify_tree, drafting a chain beside it: (logits, leaf -> sequence, the chain or None). room: KV cells
         left after the root; left: tokens still wanted after the root's. The chain is useful up to the next tree's
         depth, in the draft KV cells beside the tree."""
+        self.settle()
         depth = int(tree.depth[: tree.n].max())
         chain_len = min(self.drafter.p.max_depth + 1, room - tree.n_drafted - 1, left - depth)
         if chain_len < 2:
             return (*verify_tree(target, batch, tree, prefix), None)
         done, box = threading.Event(), {}
+        self._done = done
 
         def chain():
+            if done.is_set():  # (started late, after the pass was cut short: the draft is the caller's again)
+                return
             try:
                 t0 = time.perf_counter()
                 box["chain"] = c = draft_chain(self.drafter, tree, sp, self.rng, chain_len, done.is_set)
@@ -99,6 +103,14 @@ class Pipeline:
         if "err" in box:
             raise box["err"]
         return (*out, box.get("chain"))
+
+    def settle(self) -> None:
+        """Before the draft's context is used again: what a verify cut short left (a Ctrl-C can land anywhere,
+        in its finally too): the chain told to stop, the draft ungated, the chain's thread gone."""
+        if self._done is not None:
+            self._done.set()
+        self.pager.end_pass()
+        self.join()
 
     def join(self) -> None:
         """Wait for the chain thread, if one was started: it drafts in the draft's context and passes the
