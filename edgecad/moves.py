@@ -25,7 +25,8 @@ from .devices import placement
 from .errors import EdgecadError, MemoryFloorError
 from .follow import Due
 from .llama import ModelParams
-from .plan import CONFIGS, doubts
+from .plan import CONFIGS, Config, doubts
+from .plan.doubt import measured
 from .plan.units import mb
 from .residency import residency_for
 from .sampling import SamplingParams
@@ -35,7 +36,7 @@ class Moves:
     """The engine's moves (Engine inherits them): `_tokens` runs a completion's decoder across them."""
 
     _completions = 0            # completions this engine began
-    _trial: Optional[str] = None  # a doubted choice's rival runs this completion: its name (edgecad.plan.doubt)
+    _trial: Optional[Config] = None  # a doubted choice's rival runs this completion (edgecad.plan.doubt)
     _checked = False            # this engine checked its doubted choice (once per engine)
 
     def _tokens(self, tokens: list[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
@@ -82,40 +83,56 @@ class Moves:
 
     def _between_completions(self) -> None:
         """At a completion's start: load again after the floor (_reload_if_freed); or check a doubted choice, once
-        per engine (edgecad.plan.doubt): where the running plan pages (there a wrong choice costs most, and a move
-        reloads no repacked target) and the engine's second completion finds the rival doubted, that completion
-        runs the rival, which measures its costs; the next one runs whichever the measured costs predict faster."""
+        per engine (edgecad.plan.doubt): where the running plan pages and the engine's second completion finds its
+        paged rival doubted, that completion runs the rival, which measures its costs; the next one runs whichever
+        the costs then predict faster (_keep_faster)."""
         self._completions += 1
         if self._freed:
             return self._reload_if_freed()
         if self._watch is None or self.config.mode_given is not None or self.config.draft_info is None:
             return
-        budget, running = self.memory_plan.budget, self.memory_plan
-        if self._trial is not None:  # the rival ran: keep the faster
-            rival, self._trial, self._checked = self._trial, None, True
-            try:
-                new = self._plan_for(budget)
-            except EdgecadError:
-                return  # (nothing else runs here now: stay)
-            verdict = f"checked {rival}: {new.plan.config}, {new.plan.reason} on measured costs"
-            if new.plan.kind != running.kind:
-                self._move(new, Due(budget, verdict, True), 0, time.perf_counter())
-            elif self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
-                sys.stderr.write(f"edgecad: kept {running.config}: {verdict}\n")
-            return
-        if self._checked or self._completions < 2 or not running.paged:
-            return
+        if self._trial is not None:
+            self._keep_faster(self._trial)
+        elif not self._checked and self._completions >= 2 and self.memory_plan.paged:
+            self._check_doubt()
+
+    def _check_doubt(self) -> None:
+        """Move to the rival of a doubted choice for this completion (paged: a move reloads no repacked target)."""
+        running, self._checked = self.memory_plan, True  # (once per engine, whatever follows)
         try:
-            mine = self._plan_for(budget, (running.kind,))
-            rival = self._plan_for(budget, tuple(c for c in CONFIGS if c.speculative != running.speculative))
+            mine = self._plan_for(running.budget, (running.kind,))
+            rival = self._plan_for(running.budget, tuple(c for c in CONFIGS
+                                                         if c.paged and c.speculative != running.speculative))
         except EdgecadError:
-            self._checked = True  # (the rival cannot run here: nothing to doubt)
-            return
+            return  # (the rival cannot run here: nothing to doubt)
         why = doubts(mine.plan, rival.plan)
-        self._checked = why is None
-        if why is not None:
-            self._trial = rival.plan.config
-            self._move(rival, Due(budget, why, True), 0, time.perf_counter())  # (not an up: no flap wait)
+        if why is not None and self._moved_between(rival, why):
+            self._trial = rival.plan.kind
+
+    def _keep_faster(self, rival: Config) -> None:
+        """After the rival's completion: the configuration the costs now predict fastest, kept or moved back to."""
+        running, self._trial = self.memory_plan, None
+        try:
+            new = self._plan_for(running.budget)
+        except EdgecadError:
+            return  # (nothing else runs here now: stay)
+        how = ("on measured costs" if measured(self._costs, rival) else
+               f"on priors: {rival.name}'s completion measured nothing (too short, starved of CPU, or it moved)")
+        verdict = f"checked {rival.name}: {new.plan.config}, {new.plan.reason} {how}"
+        if new.plan.kind != running.kind:
+            self._moved_between(new, verdict)
+        elif self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
+            sys.stderr.write(f"edgecad: kept {running.config}: {verdict}\n")
+
+    def _moved_between(self, new: EngineConfig, why: str) -> bool:
+        """A move between completions for a check (not an up: no flap wait). Where its load fails, the engine loads
+        again for the room there is, so the request still runs (MemoryFloorError where even that fails): False."""
+        try:
+            self._move(new, Due(new.plan.budget, why, True), 0, time.perf_counter())
+            return True
+        except MemoryFloorError:
+            self._reload_if_freed()
+            return False
 
     def _plan_for(self, budget: int, configs: Optional[tuple] = None) -> EngineConfig:
         """The configuration at `budget` (among `configs`: edgecad.config.replan): the running one re-planned with
@@ -191,6 +208,8 @@ class Moves:
             new = self._plan_for(room)
             self._freed = False
             self._move(new, Due(room, f"{why} is {mb(room)} again", False), 0, time.perf_counter())
+        except MemoryFloorError:
+            raise  # (its own line: the load failed)
         except EdgecadError as e:  # (nothing fits here, or a load failed: _move kept only the vocabulary)
             raise MemoryFloorError(f"edgecad cannot run: {why} is {mb(room)}, and {_floor(e)}; {_FIX}") from None
 

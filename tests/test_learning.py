@@ -82,16 +82,19 @@ def test_a_phase_that_waits_on_another_device_is_not_judged_by_its_cpu_time(tiny
 
 
 def test_a_doubted_choice_is_checked_by_running_its_rival_once(budget_pair, private_cost_cache):
-    """This device measured the paged tree's acceptance (a poor one) but never the target alone, predicted within
+    """This device measured the paged tree's costs (a poor acceptance) but never the target alone, predicted within
     DOUBT of it: the engine's second completion runs the target alone, which measures its costs, the third runs
     whichever the costs then predict faster, and no later completion checks again. Every token is the target's."""
     draft, target = budget_pair
     t, d, n = read_gguf(target), read_gguf(draft), 2
-    save_costs(Costs(tree_tokens=2.5, tree_nodes=4.0, history=(("tree_nodes", (4.0,)), ("tree_tokens", (2.5,))),
-                     read_bps=1e9, read_measured=True), t, d, n)  # (the storage as measured: the plan is the same
-    dev = device(t, d, n, may_page=True)                           # on any disk)
-    doubted = []
-    base = dev.runtime // 1_000_000  # (this process's size: the engine below runs in it)
+    with Engine(target, mode="target", memory_budget=None, n_ctx=512, n_threads=n) as ref:
+        want = ref.create_completion("Once upon a time", max_tokens=24, temperature=0)["edgecad"]["token_ids"]
+    seen = {"tree_tokens": 2.5, "tree_nodes": 4.0, "batch_slope": 0.45, "draft_node_s": 0.035}  # (3 observations
+    save_costs(Costs(**seen, history=tuple((k, (v,) * 3) for k, v in sorted(seen.items())),  # each: one more
+                     read_bps=1e9, read_measured=True), t, d, n)  # barely moves their median; the storage as if
+    dev = device(t, d, n, may_page=True)  # measured, so the plan is the same on any disk; measured here as the
+    doubted = []                          # engine below measures it, in this process
+    base = dev.runtime // 1_000_000
     for mb in range(base + 60, base + 180, 2):
         try:
             tree, alone = (plan_memory(mb * 1_000_000, t, d, n_ctx=512, n_batch=512, tree_nodes=32, device=dev,
@@ -100,17 +103,15 @@ def test_a_doubted_choice_is_checked_by_running_its_rival_once(budget_pair, priv
             continue
         if tree.tokens_per_second > alone.tokens_per_second and doubts(tree, alone):
             doubted.append(mb * 1_000_000)
-    assert len(doubted) >= 3, "no budget where the measured tree doubts the target alone"
+    assert len(doubted) >= 5, "no range of budgets where the measured tree doubts the target alone"
     budget = doubted[len(doubted) // 2]
-    with Engine(target, mode="target", memory_budget=None, n_ctx=512, n_threads=n) as ref:
-        want = ref.create_completion("Once upon a time", max_tokens=24, temperature=0)["edgecad"]["token_ids"]
     runs = []
     with Engine(target, draft, memory_budget=budget, n_ctx=512, n_threads=n) as e:
         assert e.memory_plan.config == "tree-paged"
         for i in range(4):
             if i == 2:  # what the costs measured so far predict fastest at this budget
                 costs = load_costs(t, d, n)
-                assert measured(costs, TARGET_PAGED)
+                assert measured(costs, TARGET_PAGED) or costs.starved, costs  # (a starved completion teaches nothing)
                 best = replan(replace(e.config, device=replace(e.config.device, costs=costs)), budget).plan.config
             st = e.create_completion("Once upon a time", max_tokens=24, temperature=0)["edgecad"]
             runs.append((st["config"], len(e.moves)))

@@ -305,8 +305,9 @@ def _smaller_batches(cfg: Config, budget: int, ask: _Ask, s: _Split, paging: Bud
         nb //= 2
         smaller = _split(cfg, budget, ask, nb, s.nodes)
         fit = _fit(ask, smaller.room, paging.params)
-        if fit is None or (costs.target_pass(ask.target.pass_bytes, nb, fit.streamed_bytes)
-                           < io_seconds(costs, fit, fit.params)):
+        if fit is None or fit.resident_all or not fit.reads_every_pass or (  # (the target's reads would stop:
+                costs.target_pass(ask.target.pass_bytes, nb, fit.streamed_bytes)  # a plan of its own)
+                < io_seconds(costs, fit, fit.params)):
             break
         if fit.streamed_bytes < best[1].streamed_bytes:  # (a halving may free less than a layer: the next may not)
             best = (smaller, fit)
