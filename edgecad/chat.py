@@ -200,7 +200,7 @@ def stats_line(st: dict) -> str:
     import psutil
 
     rss = psutil.Process().memory_info().rss
-    moves = st.get("moves") or []
+    moves = (st.get("moves_before") or []) + (st.get("moves") or [])
     return (f"{speeds(st)} · {st['mean_accepted_per_pass']:.1f} tokens/pass · {st['prompt_tokens_reused']}/"
             f"{st['prompt_tokens']} prompt tokens reused · {rss / 1e9:.2f} GB resident · {st['config']}"
             + (f" · moved {len(moves)}x, last to {moves[-1]['to']}: {moves[-1]['why']}" if moves else ""))

@@ -58,6 +58,8 @@ class Stats:
     between_passes: Optional[Callable[[], None]] = None  # called before each pass after the prompt's, once the
                                  # tokens before it were yielded: the engine's moves (edgecad.follow) raise there
     moves: list = field(default_factory=list)  # the engine's moves during the completion (edgecad.moves)
+    moves_before: list = field(default_factory=list)  # its moves since the last completion and before this one (a
+                                 # doubted choice checked, a reload after the floor): this completion still teaches
     paging_parts: list = field(default_factory=list)  # the residency's measurements of each plan moved from
 
     def note(self, logits: np.ndarray, token: int) -> None:

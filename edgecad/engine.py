@@ -73,7 +73,7 @@ def stats_dict(stats: Stats, plan, follows: bool = False) -> dict:
         d["bild_divergent_tokens"] = stats.bild_divergent
     bounded = plan.budget < UNBOUNDED
     d["config"], d["config_reason"] = plan.config, plan.reason  # (the last plan, after any move)
-    d["follows_memory"], d["moves"] = follows, list(stats.moves)
+    d["follows_memory"], d["moves"], d["moves_before"] = follows, list(stats.moves), list(stats.moves_before)
     d["budget_bytes"] = plan.budget if bounded else None
     d["memory_plan"] = plan.parts if bounded else None
     d.update(stats.paging)  # where the target lives: its residency's measurements (residency.STATS and its own)
@@ -328,11 +328,12 @@ class Engine(LlamaMembers, Moves, Closing):
         if self._target_model is None:
             raise EdgecadError(CLOSED)
         max_tokens = completion_length(tokens, max_tokens, self.n_ctx, "prompt" if chat is None else "messages")
-        self._between_completions()
+        before = self._between_completions()
         seed = _seed(seed)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         stats = Stats(mode=self.mode, prompt_tokens=len(tokens), on_prompt_done=self._residency.prompt_done,
-                      logprobs=logprobs, between_passes=self._between_passes if self._watch is not None else None)
+                      logprobs=logprobs, between_passes=self._between_passes if self._watch is not None else None,
+                      moves_before=before)
         text = TextChunks(self._target_model, str(self.target_path), stops, echo, offset, chat)
         for m in (self._target_model, self._draft_model):
             if m is not None:

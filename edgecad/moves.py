@@ -38,6 +38,7 @@ class Moves:
     _completions = 0            # completions this engine began
     _trial: Optional[Config] = None  # a doubted choice's rival runs this completion (edgecad.plan.doubt)
     _checked = False            # this engine checked its doubted choice (once per engine)
+    _since: tuple = ()          # moves since the last completion began (a list from then on)
 
     def _tokens(self, tokens: list[int], max_tokens: int, sp: SamplingParams, rng: np.random.Generator,
                 stats: Stats, t0: float) -> Iterator[int]:
@@ -81,20 +82,21 @@ class Moves:
             return
         raise _Move(new, due)
 
-    def _between_completions(self) -> None:
+    def _between_completions(self) -> list:
         """At a completion's start: load again after the floor (_reload_if_freed); or check a doubted choice, once
         per engine (edgecad.plan.doubt): where the running plan pages and the engine's second completion finds its
         paged rival doubted, that completion runs the rival, which measures its costs; the next one runs whichever
-        the costs then predict faster (_keep_faster)."""
-        self._completions += 1
+        the costs then predict faster (_keep_faster). Returns the moves made (the completion's moves_before)."""
+        self._completions, self._since = self._completions + 1, []
         if self._freed:
-            return self._reload_if_freed()
-        if self._watch is None or self.config.mode_given is not None or self.config.draft_info is None:
-            return
-        if self._trial is not None:
+            self._reload_if_freed()
+        elif self._watch is None or self.config.mode_given is not None or self.config.draft_info is None:
+            pass
+        elif self._trial is not None:
             self._keep_faster(self._trial)
         elif not self._checked and self._completions >= 2 and self.memory_plan.paged:
             self._check_doubt()
+        return self._since
 
     def _check_doubt(self) -> None:
         """Move to the rival of a doubted choice for this completion (paged: a move reloads no repacked target)."""
@@ -168,6 +170,7 @@ class Moves:
                 "from": _describe(old), "to": _describe(new.plan), "why": due.why,
                 "move_seconds": round(time.perf_counter() - t, 3)}
         self.moves.append(move)
+        self._since = [*self._since, move]
         del self.moves[:-MOVES_KEPT]
         if self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
             sys.stderr.write(f"edgecad: moved from {move['from']} to {move['to']}: {move['why']}\n")

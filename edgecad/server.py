@@ -434,7 +434,9 @@ def _log_completion(request: Request, last: dict) -> None:
     request.state.log = (f" prompt {u.get('prompt_tokens', 0)} + {u.get('completion_tokens', 0)} tokens, "
                          f"{st.get('tokens_per_second', 0.0):.1f} tok/s, {st.get('config', '?')}"
                          + "".join(f"; moved at token {m['at_token']} from {m['from']} to {m['to']}: {m['why']}"
-                                   for m in st.get("moves") or ()))
+                                   for m in st.get("moves") or ())
+                         + "".join(f"; before it, moved from {m['from']} to {m['to']}: {m['why']}"
+                                   for m in st.get("moves_before") or ()))
 
 
 def _host(h: str) -> str:

@@ -113,9 +113,11 @@ def test_a_doubted_choice_is_checked_by_running_its_rival_once(budget_pair, priv
                 costs = load_costs(t, d, n)
                 assert measured(costs, TARGET_PAGED) or costs.starved, costs  # (a starved completion teaches nothing)
                 best = replan(replace(e.config, device=replace(e.config.device, costs=costs)), budget).plan.config
+            moved = len(e.moves)
             st = e.create_completion("Once upon a time", max_tokens=24, temperature=0)["edgecad"]
             runs.append((st["config"], len(e.moves)))
             assert st["token_ids"] == want, (i, st["config"])
+            assert st["moves_before"] == e.moves[moved:] and not st["moves"]  # (between completions: it teaches)
         assert runs[:2] == [("tree-paged", 0), ("target-paged", 1)]
         assert e.moves[0]["why"].startswith("checking target-paged") and e.moves[0]["to"].startswith("target-paged")
         assert runs[2][0] == best and runs[3] == runs[2]  # (kept, or moved back once: never checked again)
