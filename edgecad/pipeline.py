@@ -106,7 +106,10 @@ class Pipeline:
 
     def settle(self) -> None:
         """Before the draft's context is used again: what a verify cut short left (a Ctrl-C can land anywhere,
-        in its finally too): the chain told to stop, the draft ungated, the chain's thread gone."""
+        in its finally too, leaving the thread not joined): the chain told to stop, the draft ungated, the chain's
+        thread gone. Nothing to do after a verify that ran to its end."""
+        if self._thread is None:
+            return
         if self._done is not None:
             self._done.set()
         self.pager.end_pass()
