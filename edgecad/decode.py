@@ -189,9 +189,9 @@ class SpeculativeDecoder:
         return cls(target, batch, drafter, params, target.model.is_eog, residency.pipeline(drafter))
 
     def close(self) -> None:
-        """Join the pipeline's thread (it drafts in the draft's context), free the drafter and the context."""
+        """Settle the pipeline (its thread drafts in the draft's context), free the drafter and the context."""
         if self.pipeline is not None:
-            self.pipeline.join()
+            self.pipeline.settle()
         self.drafter.close()
         self.drafter.ctx.close()
 

@@ -70,7 +70,6 @@ class Pipeline:
         """verify_tree, drafting a chain beside it: (logits, leaf -> sequence, the chain or None). room: KV cells
         left after the root; left: tokens still wanted after the root's. The chain is useful up to the next tree's
         depth, in the draft KV cells beside the tree."""
-        self.settle()
         depth = int(tree.depth[: tree.n].max())
         chain_len = min(self.drafter.p.max_depth + 1, room - tree.n_drafted - 1, left - depth)
         if chain_len < 2:
@@ -95,30 +94,27 @@ class Pipeline:
             th.start()
             out = verify_tree(target, batch, tree, prefix)
         finally:
-            done.set()
-            try:
-                self.pager.end_pass()  # never leave the draft gated (the decode may not have run)
-            finally:
-                self.join()
+            self.settle()
         if "err" in box:
             raise box["err"]
         return (*out, box.get("chain"))
 
     def settle(self) -> None:
-        """Before the draft's context is used again: what a verify cut short left (a Ctrl-C can land anywhere,
-        in its finally too, leaving the thread not joined): the chain told to stop, the draft ungated, the chain's
-        thread gone. Nothing to do after a verify that ran to its end."""
+        """The chain told to stop, the draft ungated (never left gated: the decode may not have run), the chain's
+        thread gone: at the end of every verify, and before the draft's context is used again or freed (the
+        decoder's start and close), should a Ctrl-C have landed in verify's finally and left the thread not
+        joined. Nothing to do once the thread was joined."""
         if self._thread is None:
             return
-        if self._done is not None:
-            self._done.set()
-        self.pager.end_pass()
-        self.join()
+        self._done.set()
+        try:
+            self.pager.end_pass()
+        finally:
+            self._join()
 
-    def join(self) -> None:
+    def _join(self) -> None:
         """Wait for the chain thread, if one was started: it drafts in the draft's context and passes the
-        pager's gate, so it must be gone before either is freed (the engine's close joins it too, should a
-        Ctrl-C have landed between its start and the join in verify)."""
+        pager's gate, so it must be gone before either is freed."""
         th = self._thread
         if th is not None and th.ident is not None:
             interrupted = False
