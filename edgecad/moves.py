@@ -90,11 +90,10 @@ class Moves:
         self._completions, self._since = self._completions + 1, []
         if self._freed:
             self._reload_if_freed()
-        elif self._watch is None or self.config.mode_given is not None or self.config.draft_info is None:
-            pass
-        elif self._trial is not None:
+        elif self._trial is not None:  # (set only by a check)
             self._keep_faster(self._trial)
-        elif not self._checked and self._completions >= 2 and self.memory_plan.paged:
+        elif (not self._checked and self._completions >= 2 and self.memory_plan.paged and self._watch is not None
+              and self.config.mode_given is None and self.config.draft_info is not None):
             self._check_doubt()
         return self._since
 
