@@ -205,7 +205,8 @@ class SpeculativeDecoder:
         p, drafter, t0 = self.p, self.drafter, time.perf_counter()
         # draft: a tree of at most max_nodes tokens below the root, until its best branch's confidence < T; an
         # alternative child joins when its draft probability >= branch_p or its branch confidence pays its cost
-        tree = drafter.draft(min(p.max_nodes, room), min(p.max_depth, room, left), sp, rng, fallback.current(),
+        nodes = min(p.max_nodes, room, self.batch.capacity - 1 - len(prefix))  # (a prompt's pass: beside it)
+        tree = drafter.draft(nodes, min(p.max_depth, room, left), sp, rng, fallback.current(),
                              fallback.break_even(), grammar)
         # verify: one target pass over root + nodes (tree attention), logits for every node
         tv, cpu = time.perf_counter(), time.thread_time()
@@ -232,10 +233,10 @@ class SpeculativeDecoder:
             self.pipeline.settle()  # (a chain a Ctrl-C left drafting must be gone before the draft decodes)
         prompt = list(prompt) + list(done)
         t0 = time.perf_counter()
-        # the target's KV: every accepted token but the root; the last of them not held yet (up to a batch beside
-        # the first tree) are decoded in the first tree's pass: a paged target streams its weights once for both
+        # the target's KV: every accepted token but the root; the last of them not held yet are decoded in the
+        # first tree's pass (a paged target streams its weights once for both)
         head = prompt[:-1]
-        cut = max(target.common_prefix(head), len(head) - (self.batch.capacity - p.max_nodes - 1))
+        cut = first_pass_cut(len(head), target.common_prefix(head), self.batch.capacity, p.max_nodes)
         target.sync(self.batch, head[:cut])
         prefix = list(head[cut:])
         drafter.start(prompt)
@@ -296,6 +297,18 @@ class SpeculativeDecoder:
                 f"sequence 0 holds {ctx.seq_pos_min(0)}..{ctx.seq_pos_max(0)}, expected 0..{n - 1}")
             left = [s for s in range(1, ctx.params.n_seq_max) if ctx.seq_pos_max(s) != -1]
             assert not left, f"branch sequences {left} were left in the KV cache"
+
+
+def first_pass_cut(n_head: int, held: int, capacity: int, max_nodes: int) -> int:
+    """How much of a prompt's head (all its tokens but the last, the first tree's root) the target decodes before
+    the first tree's pass, of which it holds `held` already: the rest goes beside that tree. As few passes as
+    carry head and root: full batches first, then the rest with the tree, shrunk to the room left when a full
+    tree would not fit (a paged target's pass of its own streams every weight once more for no token; a smaller
+    first tree only drafts a few tokens less)."""
+    n = n_head - held
+    k = -(-(n + 1) // capacity)  # passes that carry the head's rest and the root
+    beside = max(min(n, capacity - 1 - max_nodes), n - (k - 1) * capacity)
+    return n_head - beside
 
 
 def _grammar(target: Context, sp: SamplingParams, done: Sequence[int] = ()) -> Optional[Grammar]:

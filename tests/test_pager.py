@@ -227,22 +227,31 @@ def test_a_paged_load_reads_only_what_the_plan_keeps(paging_pair, reference, mod
 
 
 def test_the_end_of_a_prompt_is_decoded_in_the_first_tree_s_pass(paging_pair, reference):
-    """A paged target streams its weights once per pass: the prompt's last tokens (up to a batch beside the tree)
-    join the first tree's pass instead of a pass of their own. A prompt longer than that takes its earlier
-    chunks first; the output is the target's either way, with both KV caches clean."""
+    """A paged target streams its weights once per pass: a prompt takes as few passes as carry it, its last tokens
+    beside the first tree (shrunk to the room left when a whole tree would not fit) instead of a pass of their
+    own. A prompt longer than a batch takes its earlier chunks first; the output is the target's either way, with
+    both KV caches clean."""
     draft, target = paging_pair
     p = PagerParams(**SMALL)
     with Engine(target, draft, mode="tree", n_ctx=1024, target_budget=budget_for(target, p), pager=p) as e:
         e.check_kv = True
-        for prompt, extra in ((PROMPTS[0], 0), (PROMPTS[0], 0), ("hello the world " * 40, 1)):
+        n_batch, nodes = e.memory_plan.n_batch, e.tree_params.max_nodes
+        word = len(e.tokenize(" hello", add_bos=False))
+        fits = "hello" + " hello" * ((n_batch - nodes // 2) // word - 2)  # a batch, but not beside a whole tree
+        longer = "hello" + " hello" * ((n_batch + nodes) // word)  # more than a batch
+        done = {}
+        for prompt in (PROMPTS[0], PROMPTS[0], fits, longer):
             before = e.pager.stats()["passes"]
-            st = e.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]
-            assert e.pager.stats()["passes"] - before == st["target_passes"] + extra, (prompt[:20], st)
+            st = done[prompt] = e.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]
+            fresh = st["prompt_tokens"] - st["prompt_tokens_reused"]
+            assert e.pager.stats()["passes"] - before == st["target_passes"] + (fresh - 1) // n_batch, (prompt, st)
             if prompt in reference:
                 assert st["token_ids"] == reference[prompt]
-        assert st["prompt_tokens"] > e.memory_plan.n_batch - e.tree_params.max_nodes - 1
+        assert n_batch - nodes - 1 < done[fits]["prompt_tokens"] <= n_batch < done[longer]["prompt_tokens"]
     with Engine(target, n_ctx=1024) as ref:
-        assert st["token_ids"] == ref.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]["token_ids"]
+        for prompt in (fits, longer):
+            ids = ref.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]["token_ids"]
+            assert done[prompt]["token_ids"] == ids, prompt
 
 
 @pytest.mark.parametrize("memory", ["owned", "cache"])
