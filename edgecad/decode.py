@@ -34,6 +34,8 @@ class Stats:
     prompt_passes: int = 0       # of which the prompt's: its first pass (target mode; speculative when the
                                  # prompt's end was decoded in the first tree's pass), timed in prompt_seconds
     draft_tokens: int = 0        # tree nodes drafted, roots excluded
+    prompt_draft_tokens: int = 0  # of which in the prompt's pass (its tree shrunk to the room the prompt left)
+    prompt_pass_tokens: int = 0  # tokens the prompt's pass emitted (speculative; the timed passes emitted the rest)
     accepted_tokens: int = 0     # drafted tokens accepted and emitted
     draft_passes: int = 0        # draft llama_decode calls after the prompt
     bild_divergent: int = 0      # bild: accepted drafted tokens that differ from the target's argmax
@@ -70,6 +72,15 @@ class Stats:
             top = np.argpartition(-lp, k - 1)[:k] if k else []
             top = sorted(top, key=lambda t: -lp[t])
             self.token_logprobs.append((float(lp[token]), [(int(t), float(lp[t])) for t in top]))
+
+    def prompt_pass(self, seconds: float, reused: int, drafted: int, emitted: int) -> None:
+        """The prompt's pass ran: its last tokens beside the first tree, which drafted `drafted` nodes and emitted
+        `emitted` tokens (a pass after a move is the move's, in generation time)."""
+        if not self.moves:
+            self.prompt_passes += 1
+            self.prompt_draft_tokens += drafted
+            self.prompt_pass_tokens += emitted
+        self.prompt_done(seconds, reused)
 
     def prompt_done(self, seconds: float, reused: int) -> None:
         """The prompt is in the target's KV cache: what follows is generation. After a move (the decoder resumed
@@ -254,9 +265,10 @@ class SpeculativeDecoder:
                 room, left = target.n_ctx - root_pos - 1, max_tokens - produced - 1  # KV cells, tokens after root
                 tree, verdict = self.step(fallback, accept, sp, rng, generated, room, left, prefix, grammar,
                                           stats.logprobs is not None)
+                tokens = [int(tree.token[i]) for i in verdict.path] + [verdict.bonus]
                 if prefix:  # the prompt's pass: its time is the prompt's, as the target's first pass is alone
-                    stats.prompt_passes, prefix, d0 = stats.prompt_passes + (not stats.moves), [], self._counters()
-                    stats.prompt_done(time.perf_counter() - t0, reused)
+                    stats.prompt_pass(time.perf_counter() - t0, reused, tree.n_drafted, min(len(tokens), left + 1))
+                    prefix, d0 = [], self._counters()
                 else:
                     stats.seconds_target += verdict.seconds
                     stats.cpu_target += verdict.cpu
@@ -266,7 +278,6 @@ class SpeculativeDecoder:
                 root_pos = len(target.tokens)
                 if self.check_kv:
                     self._check_kv(root_pos)
-                tokens = [int(tree.token[i]) for i in verdict.path] + [verdict.bonus]
                 for j, (tok, tie) in enumerate(zip(tokens, verdict.ties)):
                     stats.near_ties += tie
                     stats.accepted_tokens += j < len(verdict.path)  # drafted tokens emitted (none past an end)
@@ -302,9 +313,9 @@ class SpeculativeDecoder:
 def first_pass_cut(n_head: int, held: int, capacity: int, max_nodes: int) -> int:
     """How much of a prompt's head (all its tokens but the last, the first tree's root) the target decodes before
     the first tree's pass, of which it holds `held` already: the rest goes beside that tree. As few passes as
-    carry head and root: full batches first, then the rest with the tree, shrunk to the room left when a full
-    tree would not fit (a paged target's pass of its own streams every weight once more for no token; a smaller
-    first tree only drafts a few tokens less)."""
+    carry head and root; in them, the passes before the tree's carry what leaves a whole tree room, and when no
+    fewer passes could, the tree shrinks to the room left, to none at worst (a paged target's pass of its own
+    streams every weight once more for no token; a smaller first tree drafts fewer tokens)."""
     n = n_head - held
     k = -(-(n + 1) // capacity)  # passes that carry the head's rest and the root
     beside = max(min(n, capacity - 1 - max_nodes), n - (k - 1) * capacity)

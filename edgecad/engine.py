@@ -56,6 +56,8 @@ def stats_dict(stats: Stats, plan, follows: bool = False) -> dict:
         "prompt_passes": stats.prompt_passes,
         "mean_accepted_per_pass": n / passes,
         "draft_tokens": stats.draft_tokens,
+        "prompt_draft_tokens": stats.prompt_draft_tokens,
+        "prompt_pass_tokens": stats.prompt_pass_tokens,
         "accepted_tokens": stats.accepted_tokens,
         "tree_nodes_per_pass": stats.draft_tokens / passes,
         "draft_passes": stats.draft_passes,

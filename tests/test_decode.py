@@ -12,6 +12,9 @@ from edgecad.decode import first_pass_cut
     (100, 0, 64, 32, 64),    # two passes: a full batch, then 36 beside 27 nodes
     (100, 90, 64, 32, 90),   # held: only the new ten, beside a whole tree
     (100, 100, 64, 32, 100), # all held: the first pass is the tree's
+    (0, 0, 64, 32, 0),       # a one-token prompt: its token is the root
+    (10, 0, 16, 32, 0),      # a batch smaller than a tree: ten beside a tree of five
+    (3, 0, 1, 0, 3),         # batches of one: three passes, then the root's
 ])
 def test_a_prompt_takes_the_fewest_passes_and_the_first_tree_the_room_left(n_head, held, capacity, nodes, cut):
     got = first_pass_cut(n_head, held, capacity, nodes)

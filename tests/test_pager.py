@@ -235,23 +235,25 @@ def test_the_end_of_a_prompt_is_decoded_in_the_first_tree_s_pass(paging_pair, re
     p = PagerParams(**SMALL)
     with Engine(target, draft, mode="tree", n_ctx=1024, target_budget=budget_for(target, p), pager=p) as e:
         e.check_kv = True
-        n_batch, nodes = e.memory_plan.n_batch, e.tree_params.max_nodes
-        word = len(e.tokenize(" hello", add_bos=False))
-        fits = "hello" + " hello" * ((n_batch - nodes // 2) // word - 2)  # a batch, but not beside a whole tree
-        longer = "hello" + " hello" * ((n_batch + nodes) // word)  # more than a batch
+        cap, nodes = e._batch.capacity, e.tree_params.max_nodes
+        a, b = e.tokenize("hello", add_bos=False)[0], e.tokenize("world", add_bos=False)[0]
+        fits = [a] * (cap - nodes // 2)  # a batch, but not beside a whole tree
+        longer = [b] * (cap + nodes)     # more than a batch (and nothing in common with `fits`)
         done = {}
         for prompt in (PROMPTS[0], PROMPTS[0], fits, longer):
             before = e.pager.stats()["passes"]
-            st = done[prompt] = e.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]
-            fresh = st["prompt_tokens"] - st["prompt_tokens_reused"]
-            assert e.pager.stats()["passes"] - before == st["target_passes"] + (fresh - 1) // n_batch, (prompt, st)
-            if prompt in reference:
+            st = done[str(prompt)] = e.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]
+            fresh = st["prompt_tokens"] - st["prompt_tokens_reused"]  # its head's new tokens and the root
+            assert e.pager.stats()["passes"] - before == st["target_passes"] + (fresh - 1) // cap, (prompt, st)
+            if isinstance(prompt, str):
                 assert st["token_ids"] == reference[prompt]
-        assert n_batch - nodes - 1 < done[fits]["prompt_tokens"] <= n_batch < done[longer]["prompt_tokens"]
+        f, g = done[str(fits)], done[str(longer)]
+        assert cap - nodes - 1 < f["prompt_tokens"] - f["prompt_tokens_reused"] - 1 < cap  # the tree shrank
+        assert g["prompt_tokens_reused"] == 0 and (g["prompt_tokens"] - 1) // cap >= 1  # a pass before the tree's
     with Engine(target, n_ctx=1024) as ref:
         for prompt in (fits, longer):
             ids = ref.create_completion(prompt, temperature=0.0, max_tokens=40)["edgecad"]["token_ids"]
-            assert done[prompt]["token_ids"] == ids, prompt
+            assert done[str(prompt)]["token_ids"] == ids, prompt[:4]
 
 
 @pytest.mark.parametrize("memory", ["owned", "cache"])

@@ -149,12 +149,13 @@ def observe(costs: Costs, stats: dict, *, speculative: bool, streamed: int, targ
             or speculative and _starved(stats.get("cpu_draft_seconds"), stats.get("seconds_draft"))):
         return replace(costs, observed=costs.observed + 1, starved=costs.starved + 1)
     seen = {}  # cost -> what this completion measured of it
-    if speculative and stats.get("draft_tokens"):
-        seen["tree_tokens"] = stats["n_tokens"] / passes
-        seen["tree_nodes"] = max(1.0, stats["draft_tokens"] / passes)
-        timed_nodes = stats["draft_tokens"] * timed / passes
-        seen["draft_node_s"] = stats["seconds_draft"] / timed_nodes / (draft_bytes / 1e9)
-    k = (stats["draft_tokens"] / passes + 1) if speculative else 1
+    # the timed passes' own trees (the prompt's pass drafts a tree shrunk to the room its prompt tokens leave)
+    nodes = (stats.get("draft_tokens") or 0) - (stats.get("prompt_draft_tokens") or 0)
+    if speculative and nodes > 0:
+        seen["tree_tokens"] = (stats["n_tokens"] - (stats.get("prompt_pass_tokens") or 0)) / timed
+        seen["tree_nodes"] = max(1.0, nodes / timed)
+        seen["draft_node_s"] = stats["seconds_draft"] / nodes / (draft_bytes / 1e9)
+    k = (nodes / timed + 1) if speculative else 1
     per_pass = max(stats.get("target_compute_seconds", 0.0), 1e-6) / timed
     one = costs.target_byte_s * target_bytes  # a resident 1-token pass
     if k < 1.5 and streamed:

@@ -59,6 +59,25 @@ def test_costs_are_values():
 # A busy minute. Measured: after a few completions beside other processes the cache held a drafting cost 20x the
 # pair's and a batch slope of 1.07, and every later engine planned the F16 target without its tree.
 
+def test_a_prompt_s_pass_with_a_shrunk_tree_teaches_nothing_of_the_tree(budget_pair):
+    """The prompt's pass drafts a tree shrunk to the room its prompt tokens leave (decode.first_pass_cut): the tree's
+    acceptance, size, drafting cost and batch slope are the timed passes' own, however small that first tree was."""
+    draft, target = budget_pair
+    t_bytes, d_bytes = read_gguf(target).file_size, read_gguf(draft).file_size
+    p = _plan(target, draft, 10 ** 10, configs=(TREE_PAGED,), target_budget=t_bytes // 2)
+    one = Costs().target_byte_s * t_bytes
+    learnt = []
+    for first_nodes, first_tokens in ((10, 5), (1, 2), (0, 1)):  # a whole first tree, a shrunk one, none
+        st = {"mode": "tree", "target_passes": 21, "prompt_passes": 1, "n_tokens": 100 + first_tokens,
+              "draft_tokens": 200 + first_nodes, "prompt_draft_tokens": first_nodes,
+              "prompt_pass_tokens": first_tokens, "seconds_draft": 0.05 * 200 * d_bytes / 1e9,
+              "target_compute_seconds": 20 * one * (1 + 0.3 * 10), "io_busy_seconds": 0.0, "bytes_read": 0}
+        c = _observe(p, st, t_bytes, d_bytes)
+        learnt.append((c.tree_tokens, c.tree_nodes, c.draft_node_s, c.batch_slope))
+    assert learnt[0] == pytest.approx((5.0, 10.0, 0.05, 0.3))
+    assert learnt[1] == learnt[2] == learnt[0]
+
+
 def _tree_stats(t_bytes, d_bytes, *, slope=0.3, node_s=0.05, cpu_share=1.0, draft_share=1.0, slower=1.0):
     """A tree completion's stats (20 timed passes of 10 nodes, 5 tokens each): its target passes compute with
     `slope` at the prior's 1-token pass, its drafting takes `node_s` per node per GB, both `slower` times longer
@@ -66,6 +85,7 @@ def _tree_stats(t_bytes, d_bytes, *, slope=0.3, node_s=0.05, cpu_share=1.0, draf
     one = Costs().target_byte_s * t_bytes
     compute, draft = slower * 20 * one * (1 + slope * 10), slower * node_s * 200 * d_bytes / 1e9
     return {"mode": "tree", "target_passes": 21, "prompt_passes": 1, "n_tokens": 105, "draft_tokens": 210,
+            "prompt_draft_tokens": 10, "prompt_pass_tokens": 5,
             "seconds_draft": draft, "target_compute_seconds": compute, "cpu_target_seconds": cpu_share * compute,
             "cpu_draft_seconds": draft_share * draft, "io_busy_seconds": 0.0, "bytes_read": 0}
 
