@@ -175,12 +175,18 @@ def resolve(target: Union[str, os.PathLike, None] = None, draft: Union[str, os.P
     args = dict(n_ctx=n_ctx, n_batch=min(512, n_ctx), tree_nodes=nodes, pager=pager, target_budget=target_budget,
                 configs=configs, grow_tree=grow)
     plan, dev = _plan(t_info, d_info, budget, args, remote, n_threads, calibrate, follows)
-    if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
-        sys.stderr.write(plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)\n")
+    show_plan(verbose, plan.describe() + f"\n  (planned in {time.perf_counter() - t0:.2f} s)")
     cfg = EngineConfig(target_path, draft_path, t_info, d_info, mode or "target", None, plan, pager, n_ctx, n_threads,
                        mode_given=mode, tree_given=tree_params, pipeline_given=pipeline, ceiling=ceiling,
                        follows=follows, device=dev, plan_args=tuple(args.items()))
     return _configured(cfg, plan)
+
+
+def show_plan(verbose: bool, text: str) -> None:
+    """Write a line of the engine's plan (what it chose, where it runs, how it moved) on stderr, where the user asked
+    for it: `verbose`, or EDGECAD_SHOW_PLAN set."""
+    if verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
+        sys.stderr.write(text + "\n")
 
 
 def replan(cfg: EngineConfig, budget: int, configs: Optional[tuple] = None) -> EngineConfig:

@@ -9,7 +9,6 @@ edgecad.window), and the engine's lifetime.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -20,7 +19,7 @@ import numpy as np
 from . import native
 from .arguments import check_logprobs, completion_length, sampling_params, token_ids, unsupported
 from .compat import CLOSED, Count, LlamaMembers, target_path
-from .config import UNBOUNDED, EngineConfig, check_int, resolve
+from .config import UNBOUNDED, EngineConfig, check_int, resolve, show_plan
 from .decode import Stats, decoder_for
 from .devices import placement, placement_line
 from .errors import EdgecadError
@@ -194,8 +193,8 @@ class Engine(LlamaMembers, Moves, Closing):
         self.device, d_gpu, t_gpu = placement(*self._placement, cfg.plan.paged)
         self._gpu = (t_gpu, d_gpu)
         self._on_gpu = (t_gpu != 0, d_gpu != 0)  # (target, draft) layers on a GPU: their CPU time says nothing
-        if self.device is not None and (self.verbose or os.environ.get("EDGECAD_SHOW_PLAN")):
-            sys.stderr.write(placement_line(self.device, d_gpu, t_gpu, cfg.plan.paged) + "\n")
+        if self.device is not None:
+            show_plan(self.verbose, placement_line(self.device, d_gpu, t_gpu, cfg.plan.paged))
 
     def _load_target(self, cfg: EngineConfig, progress: bool) -> None:
         """Load the target as its residency says (a paged target is mapped without being read; the pager reads

@@ -11,15 +11,13 @@ comes back. `Moves` is a part of Engine (which inherits it), as compat.LlamaMemb
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import replace
 from typing import Iterator, Optional
 
 import numpy as np
 
-from .config import EngineConfig, replan
+from .config import EngineConfig, replan, show_plan
 from .decode import Stats, decoder_for
 from .devices import placement
 from .errors import EdgecadError, MemoryFloorError
@@ -122,8 +120,8 @@ class Moves:
         verdict = f"checked {rival.name}: {new.plan.config}, {new.plan.reason} {how}"
         if new.plan.kind != running.kind:
             self._moved_between(new, verdict)
-        elif self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
-            sys.stderr.write(f"edgecad: kept {running.config}: {verdict}\n")
+        else:
+            show_plan(self.verbose, f"edgecad: kept {running.config}: {verdict}")
 
     def _moved_between(self, new: EngineConfig, why: str) -> bool:
         """A move between completions for a check (not an up: no flap wait). Where its load fails, the engine loads
@@ -169,10 +167,9 @@ class Moves:
                 "from": _describe(old), "to": _describe(new.plan), "why": due.why,
                 "move_seconds": round(time.perf_counter() - t, 3)}
         self.moves.append(move)
-        self._since = [*self._since, move]
+        self._since = [*self._since, move]  # (a new list: the one a completion's stats took stays as it began)
         del self.moves[:-MOVES_KEPT]
-        if self.verbose or os.environ.get("EDGECAD_SHOW_PLAN"):
-            sys.stderr.write(f"edgecad: moved from {move['from']} to {move['to']}: {move['why']}\n")
+        show_plan(self.verbose, f"edgecad: moved from {move['from']} to {move['to']}: {move['why']}")
         return move
 
     def _free_target_side(self, keep_draft: bool) -> None:
