@@ -3,10 +3,9 @@ teach it wrong. Real llama.cpp on the tiny models, starved by a real cgroup's CP
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
-
-from dataclasses import replace
 
 from edgecad import Engine, cgroup
 from edgecad.config import replan, resolve
