@@ -57,7 +57,8 @@ class Pipeline:
     core counts."""
 
     def __init__(self, pager: Pager, drafter: Drafter):
-        self.pager, self.drafter, self.rng, self._thread, self._done = pager, drafter, None, None, None
+        self.pager, self.drafter, self.rng, self._thread = pager, drafter, None, None
+        self._done = self._finished = None  # the running chain's events: told to stop, and stopped
         self.seconds = 0.0  # drafting chains beside target passes (overlapped with them)
         self.tokens = 0     # tokens drafted into chains
 
@@ -74,19 +75,21 @@ class Pipeline:
         chain_len = min(self.drafter.p.max_depth + 1, room - tree.n_drafted - 1, left - depth)
         if chain_len < 2:
             return (*verify_tree(target, batch, tree, prefix), None)
-        done, box = threading.Event(), {}
-        self._done = done
+        done, finished, box = threading.Event(), threading.Event(), {}
+        self._done, self._finished = done, finished
 
         def chain():
-            if done.is_set():  # (started late, after the pass was cut short: the draft is the caller's again)
-                return
             try:
+                if done.is_set():  # (started late, after the pass was cut short: the draft is the caller's again)
+                    return
                 t0 = time.perf_counter()
                 box["chain"] = c = draft_chain(self.drafter, tree, sp, self.rng, chain_len, done.is_set)
                 self.seconds += time.perf_counter() - t0
                 self.tokens += len(c.tokens) if c else 0
             except BaseException as e:  # re-raised in this thread
                 box["err"] = e
+            finally:
+                finished.set()  # (the draft's context is the caller's again)
 
         th = self._thread = threading.Thread(target=chain, name="edgecad-chain")
         try:
@@ -101,9 +104,9 @@ class Pipeline:
 
     def settle(self) -> None:
         """The chain told to stop, the draft ungated (never left gated: the decode may not have run), the chain's
-        thread gone: at the end of every verify, and before the draft's context is used again or freed (the
-        decoder's start and close), should a Ctrl-C have landed in verify's finally and left the thread not
-        joined. Nothing to do once the thread was joined."""
+        thread done with the draft: at the end of every verify, and before the draft's context is used again or
+        freed (the decoder's start and close), should a Ctrl-C have landed in verify's finally and left it not
+        waited for. Nothing to do once it was."""
         if self._thread is None:
             return
         self._done.set()
@@ -113,17 +116,19 @@ class Pipeline:
             self._join()
 
     def _join(self) -> None:
-        """Wait for the chain thread, if one was started: it drafts in the draft's context and passes the
-        pager's gate, so it must be gone before either is freed."""
-        th = self._thread
+        """Wait for the chain thread, if one was started, to be done with the draft: it drafts in the draft's
+        context and passes the pager's gate, so it must be done before either is used again or freed. It says so
+        itself (`finished`), not Thread.join: a Ctrl-C inside Thread.join can mark a thread that still runs as
+        stopped (CPython 3.11's _wait_for_tstate_lock releases the running thread's lock when an interrupt cuts
+        its acquire short), and a second decode in the draft's context crashes llama.cpp. A thread not yet
+        bootstrapped (no ident: a Ctrl-C inside Thread.start) finds its chain told to stop and returns."""
+        th, interrupted = self._thread, False
         if th is not None and th.ident is not None:
-            interrupted = False
-            while th.is_alive():  # a Ctrl-C inside the join must not leave the thread running
+            while not self._finished.is_set():  # (a Ctrl-C inside the wait must not leave the chain drafting)
                 try:
-                    th.join()
+                    self._finished.wait(0.01)
                 except KeyboardInterrupt:
                     interrupted = True
-            self._thread = None
-            if interrupted:
-                raise KeyboardInterrupt
         self._thread = None
+        if interrupted:
+            raise KeyboardInterrupt
